@@ -1,0 +1,1 @@
+"""Training building blocks that do not depend on ORT artifacts: data, schedules, run IO."""
