@@ -1,0 +1,197 @@
+"""The quantize pipeline: model -> forward passes -> ORT artifacts -> training/eval-graph passes -> artifact dir.
+
+The directory is assembled in a temporary sibling and renamed into place only when complete, so a failure
+never leaves a half-written artifact directory (and `--force` replaces an old one only on success).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .analysis.blocks import find_blocks
+from .analysis.optable import gemm_table
+from .errors import FracgraphError
+from .manifest import Block, LayerDecision, Manifest
+from .model import data_input, load_model
+from .passes.act_range_ema import ActRangeEmaPass
+from .passes.base import run_passes
+from .passes.bw_marker import BwMarkerPass
+from .passes.bw_quant import BwQuantPass
+from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
+from .passes.fw_quant import FwQuantPass
+from .policy import LayerPolicy
+from .quantizers import float_input
+
+PRECISION_INPUT = "fracgraph_bits"
+LABELS = "labels"
+TRAINING, EVAL, OPTIMIZER, CHECKPOINT = "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"
+OPTIMIZERS = ("sgd", "adamw")
+# Ops whose float initializers (by input index) are trainable parameters.
+_PARAM_INPUTS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
+    "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "PRelu": (1,),
+    "Add": (0, 1), "Mul": (0, 1),
+}
+_FROZEN_INPUTS = {"BatchNormalization": (3, 4)}
+
+
+@dataclass
+class BuildOptions:
+    fw: float = 8
+    bw: float = 8
+    policy: LayerPolicy = field(default_factory=LayerPolicy)
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    act_range_momentum: float = 0.9      # train_pfq's --momentum_act
+    expose_noise: bool = False           # BW noise as graph outputs (exact replay in tests)
+
+
+def _register_gradients() -> None:
+    """STE for Round; ReduceMin/Max detached (no gradient through the range). Process-global, build time only."""
+    from onnxruntime.capi import _pybind_state as C
+
+    identity = C.GradientNodeDefinition()
+    identity.op_type, identity.domain, identity.inputs, identity.outputs, identity.attributes = "Identity", "", ["GO(0)"], ["GI(0)"], []
+    C.register_gradient_definition("::Round", [identity])
+    C.register_gradient_definition("::ReduceMin", [])
+    C.register_gradient_definition("::ReduceMax", [])
+
+
+def classify_initializers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """(trainable, frozen) initializer names; everything else stays a graph constant."""
+    inits = {t.name: t for t in model.graph.initializer}
+    trainable, frozen = [], []
+    for node in model.graph.node:
+        for i, x in enumerate(node.input):
+            t = inits.get(x)
+            if t is None or t.data_type != onnx.TensorProto.FLOAT or x.startswith("fg::"):
+                continue
+            if i in _FROZEN_INPUTS.get(node.op_type, ()):
+                if x not in frozen:
+                    frozen.append(x)
+            elif i in _PARAM_INPUTS.get(node.op_type, ()) and int(np.prod(t.dims)) > 1 and x not in trainable:
+                trainable.append(x)
+    trainable = [x for x in trainable if x not in frozen]
+    return trainable, frozen
+
+
+def _refuse_undifferentiable(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        if node.op_type in ("ReduceMin", "ReduceMax", "Round"):
+            raise FracgraphError(f"node {node.name} ({node.op_type}): onnxruntime-training cannot differentiate it and fracgraph reserves it for its quantizers; remove it from the model")
+
+
+def plan(model: onnx.ModelProto, policy: LayerPolicy):
+    """Decisions, blocks and the op table for a normalized model (pure analysis; no rewriting)."""
+    ops = gemm_table(model)
+    decided = policy.decide(ops)
+    member = {op.name for op, q, _ in decided if q}
+    blocks = find_blocks(model, ops, member)
+    block_of = {name: i for i, b in enumerate(blocks) for name in b.ops}
+    decisions = [LayerDecision(op.name, q, reason, block_of.get(op.name)) for op, q, reason in decided]
+    op_dicts = [dict(op.to_dict(), block=block_of.get(op.name), quantized=op.name in member) for op in ops]
+    return ops, blocks, decisions, op_dicts
+
+
+def _output_classes(model: onnx.ModelProto) -> int:
+    out = model.graph.output[0]
+    dims = out.type.tensor_type.shape.dim
+    if len(dims) != 2 or not dims[1].HasField("dim_value"):
+        raise FracgraphError(f"output {out.name} must be logits [batch, classes] with a static class count")
+    return dims[1].dim_value
+
+
+def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, force: bool = False) -> Manifest:
+    """Run the whole pipeline and write the artifact directory `out_dir`."""
+    opts = options or BuildOptions()
+    if opts.optimizer not in OPTIMIZERS:
+        raise FracgraphError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise FracgraphError(f"{out} already exists; pass --force to replace it")
+    model = load_model(model_path)
+    _refuse_undifferentiable(model)
+    x_in = data_input(model)
+    classes = _output_classes(model)
+    ops, blocks, decisions, op_dicts = plan(model, opts.policy)
+    if not blocks:
+        raise FracgraphError("the layer policy leaves no GEMM quantized; nothing to do")
+
+    trainable, frozen = classify_initializers(model)   # before the passes hide weights behind quantizers
+    model.graph.input.append(float_input(PRECISION_INPUT, [len(blocks), 3]))
+    fw = FwQuantPass([(d, d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT)
+    quantized = [d["name"] for d in op_dicts if d["quantized"]]
+    model, notes = run_passes(model, [fw, BwMarkerPass(quantized)])
+    frozen += [f"{p.name}.{buf}" for p in fw.points if p.kind == "act" for buf in ("run_min", "run_range")]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _generate(model, tmp, trainable, frozen, opts)
+        train_model = onnx.load(str(tmp / TRAINING))
+        train_model, n2 = run_passes(train_model, [
+            BwQuantPass([(d["name"], d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT, opts.expose_noise),
+            ActRangeEmaPass(fw.points, opts.act_range_momentum),
+        ])
+        onnx.save(train_model, str(tmp / TRAINING))
+        eval_model = onnx.load(str(tmp / EVAL))
+        eval_model, n3 = run_passes(eval_model, [EvalRangesPass(fw.points), BnEvalFixPass()])
+        onnx.save(eval_model, str(tmp / EVAL))
+        shape = [None if not d.HasField("dim_value") else d.dim_value for d in x_in.type.tensor_type.shape.dim][1:]
+        manifest = Manifest(
+            source_model=str(model_path if not isinstance(model_path, onnx.ModelProto) else "<in-memory>"),
+            input_name=x_in.name, input_shape=shape, label_name=LABELS, num_classes=classes,
+            precision_input=PRECISION_INPUT, default_bits=[float(opts.fw), float(opts.fw), float(opts.bw)],
+            blocks=[Block(b.name, b.ops, b.kind) for b in blocks], ops=op_dicts, quant_points=fw.points,
+            decisions=decisions,
+            optimizer={"type": opts.optimizer, "momentum": opts.momentum, "weight_decay": opts.weight_decay},
+            act_range_momentum=opts.act_range_momentum, grad_noise="exposed" if opts.expose_noise else "random",
+            files={"training": TRAINING, "eval": EVAL, "checkpoint": CHECKPOINT,
+                   "optimizer": OPTIMIZER if opts.optimizer == "adamw" else None},
+            extra={"trainable": trainable, "frozen": frozen, "notes": notes + n2 + n3},
+        )
+        manifest.write(tmp)
+        _install(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions) -> None:
+    from onnxruntime.training import artifacts
+
+    _register_gradients()
+    optimizer = artifacts.OptimType.AdamW if opts.optimizer == "adamw" else None
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            artifacts.generate_artifacts(
+                model, requires_grad=trainable, frozen_params=frozen, loss=artifacts.LossType.CrossEntropyLoss,
+                optimizer=optimizer, artifact_directory=str(directory),
+                additional_output_names=[model.graph.output[0].name],
+            )
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        raise FracgraphError(f"onnxruntime-training could not build the training graph: {msg}")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished directory into place; an existing one is replaced only now, after success."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""Insert forward (FW) quant points on both operands of every quantized Conv/Gemm/MatMul.
+
+Activations: per-tensor min/max of the current batch, nearest rounding (spec §1.2); each gets two frozen
+scalar buffers (`<point>.run_min`, `<point>.run_range`) that training keeps as an EMA and evaluation uses.
+Weights: per-output-channel min/max, nearest rounding. Each point reads its bits from the precision input
+row of its block: the act column for activations, the weight column for weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..manifest import QuantPoint
+from ..quantizers import Emitter, bits_scalar, fake_quant
+from .base import Pass, PassResult, node_by_name, opset
+
+
+def weight_channel_axes(op_type: str, rank: int, trans_b: int) -> list[int]:
+    """The axes to reduce so that one range remains per output channel."""
+    if op_type == "Conv":
+        return list(range(1, rank))
+    if op_type == "Gemm":
+        return [1] if trans_b else [0]
+    return [rank - 2] if rank >= 2 else [0]   # MatMul [.., K, N]: one range per output column
+
+
+class FwQuantPass(Pass):
+    name = "fw-quant"
+
+    def __init__(self, plan: list[tuple[dict, int]], precision_input: str):
+        self.plan = plan                      # (GemmOp dict, block index) for every quantized GEMM
+        self.precision_input = precision_input
+        self.points: list[QuantPoint] = []
+
+    def requires(self, model):
+        names = {i.name for i in model.graph.input}
+        assert self.precision_input in names, f"precision input {self.precision_input} missing"
+
+    def call(self, model):
+        em = Emitter(model.graph, opset(model))
+        nodes = node_by_name(model)
+        inits = {t.name: t for t in model.graph.initializer}
+        notes = []
+        for op, block in self.plan:
+            node = nodes[op["name"]]
+            # activation operand (and a second activation operand, e.g. attention's MatMul)
+            operands = [(0, "act")] + [(1, "weight" if op["weight_is_param"] else "act")]
+            for idx, kind in operands:
+                x = node.input[idx]
+                prefix = f"{node.name}::fq_{'w' if kind == 'weight' else 'a'}{idx}"
+                out = f"{prefix}/out"
+                if kind == "weight":
+                    rank = len(inits[x].dims)
+                    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                    axes = weight_channel_axes(node.op_type, rank, trans_b)
+                    fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, block, "weight"), axes=axes)
+                    self.points.append(QuantPoint(prefix, "weight", x, node.name, block, "per_channel", "nearest"))
+                else:
+                    fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, block, "act"))
+                    for buf in ("run_min", "run_range"):
+                        model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), f"{prefix}.{buf}"))
+                    self.points.append(QuantPoint(prefix, "act", x, node.name, block, "per_tensor", "nearest"))
+                node.input[idx] = out
+            notes.append(f"{node.name}: FW quant on input and weight (block {block})")
+        em.flush()
+        return PassResult(model, bool(self.plan), notes)
+
+    def ensures(self, model):
+        nodes = node_by_name(model)
+        for op, _ in self.plan:
+            n = nodes[op["name"]]
+            assert n.input[0].endswith("/out") and n.input[1].endswith("/out"), f"{n.name} operands not quantized"

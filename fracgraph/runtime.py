@@ -1,0 +1,136 @@
+"""The onnxruntime-training adapter: the only module that talks to ORT's training API.
+
+A `TrainSession` holds the checkpoint state, the train/eval module and the optimizer, and runs one step at a
+time with the precisions as a runtime input. SGD with momentum (FracTrain's optimizer, which ORT's built-in SGD
+lacks) updates the parameters in place through their live numpy views: m = mu*m + g + wd*w; w -= lr*m
+(PyTorch's SGD semantics). AdamW uses ORT's own optimizer model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FracgraphError
+from .manifest import Manifest
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or int(os.environ.get("FRACGRAPH_THREADS", "0")) or (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+class SGDMomentum:
+    """PyTorch-equivalent SGD (momentum, weight decay, no dampening) over ORT's live parameter buffers."""
+
+    def __init__(self, state, names: list[str], momentum: float, weight_decay: float):
+        self.state = state
+        self.names = names
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.buffers: dict[str, np.ndarray] = {}
+        self.lr = 0.1
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.lr = lr
+
+    def step(self) -> None:
+        mu, wd, lr = self.momentum, self.weight_decay, self.lr
+        for name in self.names:
+            p = self.state.parameters[name]
+            w, g = p.data, p.grad
+            d = g + wd * w if wd else g.copy()
+            m = self.buffers.get(name)
+            if m is None:
+                self.buffers[name] = m = d
+            else:
+                m *= mu
+                m += d
+            w -= lr * m
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {f"momentum/{k}": v for k, v in self.buffers.items()}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.buffers = {k[len("momentum/"):]: np.array(v, np.float32) for k, v in arrays.items() if k.startswith("momentum/")}
+
+
+class TrainSession:
+    """One training run's ORT objects; `step` trains on a batch, `evaluate` predicts with running statistics."""
+
+    def __init__(self, art_dir, checkpoint: str | os.PathLike | None = None, threads: int | None = None, seed: int | None = None):
+        import onnxruntime as ort
+        from onnxruntime.training import api
+
+        self.art = Path(art_dir)
+        self.manifest = Manifest.read(self.art)
+        if seed is not None:
+            ort.set_seed(int(seed))   # seeds the stochastic-rounding noise kernels created below
+        ckpt = Path(checkpoint) if checkpoint else self.art / self.manifest.files["checkpoint"]
+        try:
+            self.state = api.CheckpointState.load_checkpoint(str(ckpt))
+            self.module = api.Module(str(self.art / self.manifest.files["training"]), self.state,
+                                     str(self.art / self.manifest.files["eval"]), device="cpu",
+                                     session_options=session_options(threads))
+        except Exception as e:
+            raise FracgraphError(f"{self.art}: onnxruntime cannot load the artifacts ({str(e).splitlines()[0][:200]}); re-run `fracgraph quantize`")
+        opt = self.manifest.optimizer
+        trainable = self.manifest.extra["trainable"]
+        if opt["type"] == "adamw":
+            self.optimizer = api.Optimizer(str(self.art / self.manifest.files["optimizer"]), self.module)
+        else:
+            self.optimizer = SGDMomentum(self.state, trainable, opt["momentum"], opt["weight_decay"])
+        self.trainable = trainable
+        self._mode = None
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def _set_mode(self, mode: str) -> None:
+        if mode != self._mode:
+            self.module.train() if mode == "train" else self.module.eval()
+            self._mode = mode
+
+    def forward_backward(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray):
+        """Loss, logits (and any extra outputs); gradients are left in the parameters' .grad buffers."""
+        self._set_mode("train")
+        return self.module(x, np.ascontiguousarray(bits, np.float32), y)
+
+    def step(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, lr: float):
+        outs = self.forward_backward(x, y, bits)
+        self.optimizer.set_learning_rate(lr)
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return float(outs[0]), outs[1]
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray):
+        self._set_mode("eval")
+        outs = self.module(x, np.ascontiguousarray(bits, np.float32), y)
+        return float(outs[0]), outs[1]
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def parameter(self, name: str) -> np.ndarray:
+        return np.array(self.state.parameters[name].data, copy=True)
+
+    def gradient(self, name: str) -> np.ndarray:
+        return np.array(self.state.parameters[name].grad, copy=True)
+
+    def parameter_names(self) -> list[str]:
+        return [name for name, _ in self.state.parameters]
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        from onnxruntime.training import api
+
+        api.CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=True)
+
+    def export_inference(self, path: str | os.PathLike) -> None:
+        """The eval graph with trained weights as initializers: runs in a plain InferenceSession."""
+        out_name = self.module.output_names()[1] if len(self.module.output_names()) > 1 else self.module.output_names()[0]
+        self._set_mode("eval")
+        self.module.export_model_for_inferencing(str(path), [out_name])
