@@ -169,8 +169,10 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions) -> None:
+    import onnxruntime as ort
     from onnxruntime.training import artifacts
 
+    ort.set_default_logger_severity(3)   # the builder logs every transformer at INFO
     _register_gradients()
     optimizer = artifacts.OptimType.AdamW if opts.optimizer == "adamw" else None
     log = io.StringIO()

@@ -43,6 +43,7 @@ class FwQuantPass(Pass):
         nodes = node_by_name(model)
         inits = {t.name: t for t in model.graph.initializer}
         notes = []
+        shared: dict[tuple[str, int], str] = {}   # (activation, block) -> its quantized tensor
         for op, block in self.plan:
             node = nodes[op["name"]]
             # activation operand (and a second activation operand, e.g. attention's MatMul)
@@ -57,7 +58,12 @@ class FwQuantPass(Pass):
                     axes = weight_channel_axes(node.op_type, rank, trans_b)
                     fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, block, "weight"), axes=axes)
                     self.points.append(QuantPoint(prefix, "weight", x, node.name, block, "per_channel", "nearest"))
+                elif (x, block) in shared:
+                    # same tensor, same bits (e.g. a block's conv1 and its downsample conv): one quantizer,
+                    # which is also what ORT's common-subexpression elimination would leave
+                    out = shared[(x, block)]
                 else:
+                    shared[(x, block)] = out
                     fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, block, "act"))
                     for buf in ("run_min", "run_range"):
                         model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), f"{prefix}.{buf}"))

@@ -1,0 +1,60 @@
+"""Shared fixtures: a small CNN with every layer kind the passes must handle, exported the verified way."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+class SmallResNet(nn.Module):
+    """conv-BN-ReLU stem, one residual block with a downsample conv, global pooling, FC."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.down = nn.Conv2d(8, 12, 1, stride=2, bias=False)
+        self.bn3 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        x = torch.relu(y + self.bn3(self.down(x)))
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def export(model, path, shape=(2, 3, 8, 8)):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), torch.randn(*shape), str(path), dynamo=False, training=torch.onnx.TrainingMode.EVAL,
+            do_constant_folding=False, input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SmallResNet()
+    path = export(model, tmp_path_factory.mktemp("small") / "small.onnx")
+    return model, path
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((8, 3, 8, 8)).astype(np.float32), rng.integers(0, 5, 8).astype(np.int64)
