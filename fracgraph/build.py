@@ -175,9 +175,8 @@ def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: 
     ort.set_default_logger_severity(3)   # the builder logs every transformer at INFO
     _register_gradients()
     optimizer = artifacts.OptimType.AdamW if opts.optimizer == "adamw" else None
-    log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):
+        with _quiet_native_output():
             artifacts.generate_artifacts(
                 model, requires_grad=trainable, frozen_params=frozen, loss=artifacts.LossType.CrossEntropyLoss,
                 optimizer=optimizer, artifact_directory=str(directory),
@@ -186,6 +185,23 @@ def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: 
     except Exception as e:
         msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         raise FracgraphError(f"onnxruntime-training could not build the training graph: {msg}")
+
+
+@contextlib.contextmanager
+def _quiet_native_output():
+    """The gradient builder's C++ logger writes to fd 1/2 directly (expected warnings for detached ranges)."""
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def _install(tmp: Path, out: Path) -> None:

@@ -161,6 +161,32 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise FracgraphError(f"shape inference failed: {str(e).splitlines()[0][:300]}")
 
 
+def _global_average_pools(model: onnx.ModelProto) -> None:
+    """AveragePool over the whole (static) spatial extent -> GlobalAveragePool (same values).
+
+    onnxruntime-training 1.19.2's AveragePoolGrad returns a gradient with batch 0 for such pools (seen with
+    CIFAR ResNets' AvgPool(8)), which breaks the step; GlobalAveragePool's gradient is right.
+    """
+    from .analysis.optable import value_shapes
+
+    shapes = value_shapes(model)
+    for node in model.graph.node:
+        if node.op_type != "AveragePool":
+            continue
+        attrs = {a.name: helper_value(a) for a in node.attribute}
+        xs = shapes.get(node.input[0], ())
+        if len(xs) < 3 or None in xs[2:] or list(attrs.get("kernel_shape", [])) != list(xs[2:]):
+            continue
+        if any(attrs.get("pads", [0]) ) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            continue
+        node.op_type = "GlobalAveragePool"
+        del node.attribute[:]
+
+
+def helper_value(a: onnx.AttributeProto):
+    return onnx.helper.get_attribute_value(a)
+
+
 def load_model(path: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read (if a path) and normalize a model; see the module docstring for the normal form."""
     model = read_model(path) if not isinstance(path, onnx.ModelProto) else onnx.ModelProto.FromString(path.SerializeToString())
@@ -176,6 +202,7 @@ def load_model(path: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.input[:]
     model.graph.input.extend(ins)
     model = _infer_shapes(model)
+    _global_average_pools(model)
     if not any(n.op_type in GEMM_OPS for n in model.graph.node):
         raise FracgraphError("the model has no Conv, Gemm or MatMul: there is nothing to quantize")
     return model

@@ -1,0 +1,62 @@
+"""`fracgraph inspect`: what the passes did (or would do) to a model, with every decision's reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .manifest import FILENAME, Manifest
+from .policy import LayerPolicy
+
+
+def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
+    """A JSON-able summary of an artifact directory, or of the plan for a plain model."""
+    p = Path(target)
+    if p.is_dir() or (p / FILENAME).exists():
+        m = Manifest.read(p)
+        blocks, decisions, ops, points = m.blocks, m.decisions, m.ops, m.quant_points
+        source, kind = m.source_model, "artifacts"
+        blocks = [{"name": b.name, "kind": b.kind, "ops": b.ops} for b in blocks]
+        decisions = [d.__dict__ for d in decisions]
+        points = [q.__dict__ for q in points]
+        precision = {"input": m.precision_input, "shape": [m.n_blocks, 3], "columns": ["act", "weight", "grad"],
+                     "default_bits": m.default_bits}
+    else:
+        from .build import plan
+        from .model import load_model
+
+        model = load_model(p)
+        _, blist, dlist, ops = plan(model, policy or LayerPolicy())
+        blocks = [{"name": b.name, "kind": b.kind, "ops": b.ops} for b in blist]
+        decisions = [d.__dict__ for d in dlist]
+        points, source, kind, precision = [], str(p), "model (plan only)", None
+    total = sum(d["macs"] for d in ops)
+    quant = sum(d["macs"] for d in ops if d["quantized"])
+    return {
+        "source": source, "kind": kind, "blocks": blocks, "decisions": decisions, "quant_points": points,
+        "precision_input": precision,
+        "ops": [{k: d[k] for k in ("name", "op_type", "macs", "block", "quantized")} for d in ops],
+        "macs_per_sample": total, "quantized_macs_fraction": quant / total if total else 0.0,
+    }
+
+
+def render(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]{summary['source']}[/bold] ({summary['kind']}): {len(summary['blocks'])} blocks, "
+              f"{summary['macs_per_sample'] / 1e6:.2f} M forward MACs/sample, "
+              f"{100 * summary['quantized_macs_fraction']:.1f}% of them quantized")
+    if summary["precision_input"]:
+        pi = summary["precision_input"]
+        con.print(f"precision input [cyan]{pi['input']}[/cyan] {pi['shape']} columns {pi['columns']}; "
+                  f"{len(summary['quant_points'])} FW quant points + BW on every quantized GEMM output")
+    t = Table(title="layers")
+    for col in ("layer", "op", "MACs/sample", "block", "decision"):
+        t.add_column(col)
+    macs = {d["name"]: d["macs"] for d in summary["ops"]}
+    types = {d["name"]: d["op_type"] for d in summary["ops"]}
+    for d in summary["decisions"]:
+        t.add_row(d["op"], types[d["op"]], f"{macs[d['op']]:,}", "-" if d["block"] is None else str(d["block"]),
+                  d["reason"], style=None if d["quantized"] else "yellow")
+    con.print(t)
