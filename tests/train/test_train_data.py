@@ -329,8 +329,9 @@ def test_digits_default_and_spec_errors(tmp_path):
 
 
 @pytest.mark.skipif(not REAL.exists(), reason=f"shared dataset {REAL} is absent on this machine")
-def test_real_cifar10_jpeg(request):
-    cache = request.config.cache.mkdir("fracgraph-data")  # persists across sessions: decoded once
+def test_real_cifar10_jpeg(request, tmp_path):
+    # pytest's cache dir persists across sessions, so the ~10 s decode happens once per checkout
+    cache = request.config.cache.mkdir("fracgraph-data") if request.config.cache is not None else tmp_path
     ds = D.load_dataset(f"imagefolder:{REAL}", cache_dir=cache)
     assert ds.x_train.shape == (50000, 3, 32, 32) and ds.x_test.shape == (10000, 3, 32, 32)
     assert ds.class_names == D.CIFAR10_CLASSES and ds.mean == D.CIFAR_MEAN
