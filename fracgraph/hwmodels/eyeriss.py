@@ -112,86 +112,84 @@ def rs_layer(C, K, P, Q, R, S, stride, N, arr_h, arr_w, gbuf_words, regf_words, 
         uacc["itcn"] = [acc["itcn"][d] * rsz * aocc[d] for d in range(3)]
         uops = ops_u * rsz * locc[0] * locc[1]
         usize_gbuf = np.array([sz_gbuf_u[d] * rcnt[d] for d in range(3)], dtype=np.float64)
-        r = _blocking(lcnt, usize_gbuf, sz_regf, gbuf_words, regf_words)
-        if r is None:
-            continue
-        fetch_g, fetch_r = r                          # [M, 3] candidate fetch counts (GBUF level, REGF level)
         tot = {m: np.array([uacc[m][d] * np.prod([lcnt[l] for l in DATA_LOOPS[d]]) for d in range(3)])
                for m in uacc}
-        dram = fetch_g * tot["dram"]
-        gbuf = fetch_r * tot["gbuf"]
-        itcn = fetch_r * tot["itcn"]
+        r = _blocking(lcnt, usize_gbuf, sz_regf, gbuf_words, regf_words, tot["dram"] * c_dram,
+                      tot["gbuf"] * c_gbuf + tot["itcn"] * c_itcn)
+        if r is None:
+            continue
+        fg, fr = r
+        dram = fg * tot["dram"]
+        gbuf = fr * tot["gbuf"]
+        itcn = fr * tot["itcn"]
         lc = lcnt[0] * lcnt[1] * lcnt[2]
         ops = uops * lc
         regf = np.array([uops * lc, uops * lc, 2 * uops * lc])
-        energy = ops * c_mac + regf.sum() * c_regf + dram.sum(1) * c_dram + gbuf.sum(1) * c_gbuf \
-            + itcn.sum(1) * c_itcn
-        i = int(np.argmin(energy))
-        if best is None or energy[i] < best["energy"]:
-            best = {"energy": float(energy[i]), "cycles": int(time_u * lc), "ops": float(ops), "util": util,
-                    "dram": dram[i].tolist(), "gbuf": gbuf[i].tolist(), "itcn": itcn[i].tolist(),
+        energy = ops * c_mac + regf.sum() * c_regf + dram.sum() * c_dram + gbuf.sum() * c_gbuf + itcn.sum() * c_itcn
+        if best is None or energy < best["energy"]:
+            best = {"energy": float(energy), "cycles": int(time_u * lc), "ops": float(ops), "util": util,
+                    "dram": dram.tolist(), "gbuf": gbuf.tolist(), "itcn": itcn.tolist(),
                     "regf": regf.tolist(), "lcnt": lcnt, "fold": (fold_h, fold_w), "repl": (repl_h, repl_w)}
     if best is None:
         raise ValueError("no loop blocking fits the buffers")
     return best
 
 
-def _blocking(lcnt, usize_gbuf, usize_regf, gbuf_words, regf_words):
-    """All valid blockings x loop orders; returns their fetch counts at the GBUF and REGF levels.
+def _blocking(lcnt, usize_gbuf, usize_regf, gbuf_words, regf_words, w_dram, w_regf_fetch):
+    """Min-energy blocking x loop orders; returns its fetch counts at the GBUF and REGF levels ([3] each).
 
     bl_ts[level][loop], levels 0 (outside GBUF), 1 (GBUF), 2 (REGF); fetch rule of `LoopBlockingScheme._set_fetch`.
+    Energy of the data movement = sum_d fetch_gbuf[d] * w_dram[d] + fetch_regf[d] * w_regf_fetch[d].
     """
     F = [_factorizations(int(n)) for n in lcnt]
+    # REGF capacity depends on level-2 factors only: prune per loop pair before the full product
     idx = np.stack(np.meshgrid(*[np.arange(len(f)) for f in F], indexing="ij"), -1).reshape(-1, 3)
-    t = np.stack([F[l][idx[:, l]] for l in range(3)], axis=1)      # [M, loop, level]
-    # buffered data counts: REGF holds level-2 blocks, GBUF holds level 1*2 blocks
-    below_g = t[:, :, 1] * t[:, :, 2]
-    below_r = t[:, :, 2]
+    t2 = np.stack([F[l][idx[:, l], 2] for l in range(3)], axis=1)
 
     def data_cnt(b):
         return np.stack([b[:, IFM_L] * b[:, OFM_L], b[:, IFM_L] * b[:, BAT_L], b[:, OFM_L] * b[:, BAT_L]], 1)
 
-    ok = (data_cnt(below_r) * usize_regf).sum(1) <= regf_words
-    ok &= (data_cnt(below_g) * usize_gbuf).sum(1) <= gbuf_words
+    ok = (data_cnt(t2) * usize_regf).sum(1) <= regf_words
+    idx = idx[ok]
+    t = np.stack([F[l][idx[:, l]] for l in range(3)], axis=1)      # [M, loop, level]
+    ok = (data_cnt(t[:, :, 1] * t[:, :, 2]) * usize_gbuf).sum(1) <= gbuf_words
     t = t[ok]
     if len(t) == 0:
         return None
-    fetch_g, fetch_r = [], []
-    for o0 in _ORDERS:
-        for o1 in _ORDERS:
-            fg = _fetch_level(t, 0, o0, None)
-            fr = _fetch_level(t, 1, o1, fg)
-            fetch_g.append(fg)
-            fetch_r.append(fr)
-    return np.concatenate(fetch_g), np.concatenate(fetch_r)
+    fgs = [_fetch_level(t, 0, o0) for o0 in _ORDERS]                # (fetch, trivial) per GBUF-level order
+    frs = [_fetch_level(t, 1, o1) for o1 in _ORDERS]
+    best = None
+    for fg, _ in fgs:
+        eg = fg @ w_dram
+        for fr_raw, triv in frs:
+            fr = np.where(triv, fg, fr_raw)
+            e = eg + fr @ w_regf_fetch
+            i = int(np.argmin(e))
+            if best is None or e[i] < best[0]:
+                best = (float(e[i]), fg[i], fr[i])
+    return best[1], best[2]
 
 
-def _fetch_level(t, bl, order, prev):
-    """Fetch counts at blocking level `bl` for every candidate `t` ([M, loop, level]) under loop `order`."""
+def _fetch_level(t, bl, order):
+    """Fetch counts at blocking level `bl` for every candidate `t` ([M, loop, level]) under loop `order`,
+    and the mask of data whose dimension loops are all trivial at this level (they inherit the outer fetch)."""
     M = len(t)
     out = np.empty((M, 3))
+    trivial = np.empty((M, 3), bool)
     above = np.prod(t[:, :, :bl], axis=2) if bl > 0 else np.ones((M, 3), np.int64)   # levels < bl
     incl = above * t[:, :, bl]                                                          # levels <= bl
     lvl = t[:, :, bl]
     for d, dims in DATA_LOOPS.items():
         (other,) = [l for l in range(3) if l not in dims]
-        # innermost non-trivial dimension loop at this level
-        nontriv = [lvl[:, l] > 1 for l in dims]
-        pos_of = {l: order[l] for l in dims}
-        # candidates sorted by position (inner first); pick the first non-trivial
-        l_in, l_out = sorted(dims, key=lambda l: pos_of[l])
-        has_in, has_out = nontriv[dims.index(l_in)], nontriv[dims.index(l_out)]
+        l_in, l_out = sorted(dims, key=lambda l: order[l])          # inner first
+        has_in, has_out = lvl[:, l_in] > 1, lvl[:, l_out] > 1
         innt_pos = np.where(has_in, order[l_in], np.where(has_out, order[l_out], -1))
         f = np.where(order[other] > innt_pos, incl[:, other], above[:, other]).astype(np.float64)
         if d == OFM:
             f = 2 * f - 1
-        trivial = ~(has_in | has_out)
-        if prev is not None:
-            f = np.where(trivial, prev[:, d], f)
-        else:
-            f = np.where(trivial, 1.0, f)
-        out[:, d] = f
-    return out
+        trivial[:, d] = ~(has_in | has_out)
+        out[:, d] = np.where(trivial[:, d], 1.0, f)
+    return out, trivial
 
 
 class Eyeriss:
