@@ -115,3 +115,130 @@ def inspect(
     from fracgraph.inspect import render
 
     render(summary)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{what} must be comma-separated integers, e.g. 3,4,6,8")
+
+
+@app.command()
+@cli_errors
+def train(
+    target: str = typer.Argument(..., help="An artifact directory, or an ONNX model (quantized into RUN/artifacts)."),
+    output: str = typer.Option(..., "-o", "--output", help="Run directory."),
+    schedule: str = typer.Option("static", "--schedule", help="static or pfq."),
+    fw: int = typer.Option(8, "--fw", help="Static FW bits (0 = FP32)."),
+    bw: int = typer.Option(8, "--bw", help="Static BW bits (0 = FP32)."),
+    fw_schedule: str = typer.Option("3,4,6,8", "--fw-schedule", help="PFQ FW bits per stage."),
+    bw_schedule: str = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage."),
+    eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
+    alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
+    data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH; default: scikit-learn digits."),
+    iters: int = typer.Option(200, "--iters", help="Training iterations."),
+    epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),
+    batch: int = typer.Option(128, "--batch"),
+    lr: float = typer.Option(0.1, "--lr"),
+    lr_schedule: str = typer.Option("step", "--lr-schedule", help="step (x0.1 at 50%/75%), cosine or constant."),
+    seed: int = typer.Option(0, "--seed"),
+    eval_batches: int = typer.Option(None, "--eval-batches", help="Limit test batches per evaluation."),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default: an epoch)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Train quantized artifacts under a static or PFQ precision schedule."""
+    from pathlib import Path as _P
+
+    from fracgraph.train.loop import TrainConfig
+    from fracgraph.train.loop import train as run_train
+
+    is_art = (_P(target) / "manifest.json").exists()
+    cfg = TrainConfig(
+        run_dir=output, artifacts=target if is_art else None, model=None if is_art else target, schedule=schedule,
+        fw=fw, bw=bw, fw_schedule=_int_list(fw_schedule, "--fw-schedule"), bw_schedule=_int_list(bw_schedule, "--bw-schedule"),
+        eps=eps, alpha=alpha, data=data, iters=iters, epoch_iters=epoch_iters, batch=batch, lr=lr,
+        lr_schedule=lr_schedule, seed=seed, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
+    )
+    if as_json:
+        summary = run_train(cfg, resume=resume)
+        typer.echo(json.dumps(summary, indent=1, default=str))
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    con = Console()
+    with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=con, transient=True) as bar:
+        task = bar.add_task("train", total=iters, info="")
+
+        def on_step(rec: dict) -> None:
+            acc = f" test {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else ""
+            bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{acc}")
+            if "transition" in rec:
+                t = rec["transition"]
+                con.print(f"step {t['step']}: FW/BW {t['old'][0]}/{t['old'][1]} -> {t['new'][0]}/{t['new'][1]} ({t['reason']})")
+
+        summary = run_train(cfg, resume=resume, progress=on_step)
+    t = Table(title=f"run {output}")
+    t.add_column("metric")
+    t.add_column("value")
+    for k in ("steps", "final_test_acc", "best_test_acc", "cum_eff_gmacs", "fp32_gmacs", "mean_cp", "wall_s"):
+        v = summary[k]
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    con.print(t)
+
+
+@app.command()
+@cli_errors
+def export(
+    run: str = typer.Argument(..., help="A run directory written by `fracgraph train`."),
+    output: str = typer.Option(..., "-o", "--output", help="Inference model to write."),
+    which: str = typer.Option("best", "--which", help="best (highest test accuracy) or last."),
+) -> None:
+    """Write the run's best or last model for inference (plain onnxruntime)."""
+    from fracgraph.train.loop import export_run
+
+    typer.echo(str(export_run(run, output, which)))
+
+
+@app.command()
+@cli_errors
+def estimate(
+    target: str = typer.Argument(..., help="An artifact directory or a plain ONNX model."),
+    hw: str = typer.Option("all", "--hw", help="bitfusion, eyeriss, fpga or all."),
+    trace: str = typer.Option(None, "--trace", help="A run directory: integrate over its precision trace."),
+    fw: float = typer.Option(None, "--fw", help="Forward bits (activations and weights) for every block."),
+    bw: float = typer.Option(None, "--bw", help="Backward (error) bits for every block."),
+    batch: int = typer.Option(128, "--batch", help="Mini-batch size of a step."),
+    steps: int = typer.Option(None, "--steps", help="Steps of the run without a trace (default 64000)."),
+    baseline: str = typer.Option("fw8bw8", "--baseline", help="Static baseline, e.g. fw8bw8."),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    overlap: bool = typer.Option(False, "--overlap", help="Overlap independent ops (default: sequential)."),
+    strided: str = typer.Option("ideal", "--strided-error", help="Strided error conv: ideal (s^2 sub-convs) or naive."),
+    mem_bits: int = typer.Option(32, "--eltwise-bits", help="Data width of BN/ReLU/pool/elementwise ops."),
+) -> None:
+    """Cost a training step and a training run on hardware models (Bit-Fusion, Eyeriss, ZC706 FPGA)."""
+    from fracgraph.analysis.estimate import report
+    from fracgraph.hwmodels import MODEL_NAMES
+
+    if fmt not in ("table", "json", "csv"):
+        _fail("--format must be table, json or csv")
+    names = list(MODEL_NAMES) if hw == "all" else [h.strip() for h in hw.split(",")]
+    bad = [h for h in names if h not in MODEL_NAMES]
+    if bad:
+        _fail(f"--hw {bad[0]!r}: choose bitfusion, eyeriss, fpga or all")
+    rep = report(target, names, trace_dir=trace, fw=fw, bw=bw, batch=batch, steps=steps, baseline=baseline,
+                 overlap=overlap, strided_bw=strided, mem_bits=mem_bits)
+    if fmt == "json":
+        typer.echo(json.dumps(rep, indent=1))
+    elif fmt == "csv":
+        from fracgraph.analysis.render import to_csv
+
+        typer.echo(to_csv(rep), nl=False)
+    else:
+        from fracgraph.analysis.render import render_table
+
+        render_table(rep)
