@@ -508,7 +508,7 @@ def _cache_key(path: Path) -> str:
     """Archive: its resolved path, size and mtime. Directory: every image's path, size and mtime."""
     h = hashlib.sha256(f"v{CACHE_VERSION}|{path.resolve()}".encode())
     if path.is_dir():
-        for root, dirs, files in os.walk(path):
+        for root, dirs, files in os.walk(path, followlinks=True):
             dirs.sort()
             for f in sorted(files):
                 st = os.stat(os.path.join(root, f))
@@ -548,17 +548,18 @@ def load_imagefolder(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
 
 def _load_cached(cache_file: Path, path: Path, memory_limit: int | None) -> Dataset | None:
     try:
+        nbytes = _npz_nbytes(cache_file)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        log.warning("dataset cache %s is unusable (%s); decoding again", cache_file, exc)
+        return None
+    check_fits_in_memory(nbytes, f"imagefolder {path}", memory_limit)
+    try:
         with np.load(cache_file, allow_pickle=False) as z:
-            check_fits_in_memory(_npz_nbytes(cache_file), f"imagefolder {path}", memory_limit)
             classes = tuple(str(c) for c in z["classes"])
             return Dataset(f"imagefolder:{path.name}", z["x_train"], z["y_train"], z["x_test"], z["y_test"],
                            len(classes), tuple(z["mean"].tolist()), tuple(z["std"].tolist()), classes,
                            augment_default=True, source=f"{path} (cache {cache_file.name})")
-    except FracgraphError as exc:
-        if "memory" in str(exc):
-            raise
-        log.warning("dataset cache %s is unusable (%s); decoding again", cache_file, exc)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+    except (FracgraphError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         log.warning("dataset cache %s is unusable (%s); decoding again", cache_file, exc)
     return None
 
@@ -566,13 +567,9 @@ def _load_cached(cache_file: Path, path: Path, memory_limit: int | None) -> Data
 def _decode_imagefolder(path: Path, memory_limit: int | None) -> Dataset:
     Image = _decoder()
     if path.is_dir():
-        rel = []
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for f in files:
-                full = os.path.join(root, f)
-                if not os.path.islink(full) or os.path.realpath(full).startswith(str(path.resolve()) + os.sep):
-                    rel.append(os.path.relpath(full, path).replace(os.sep, "/"))
+        # a directory is the user's own filesystem: symlinked class folders are followed (archives are not trusted)
+        rel = [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+               for root, _dirs, files in os.walk(path, followlinks=True) for f in files]
         layout, _ = _split_layout(rel, str(path))
 
         def opener(r: str) -> bytes:

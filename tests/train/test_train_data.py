@@ -331,7 +331,8 @@ def test_digits_default_and_spec_errors(tmp_path):
 @pytest.mark.skipif(not REAL.exists(), reason=f"shared dataset {REAL} is absent on this machine")
 def test_real_cifar10_jpeg(request, tmp_path):
     # pytest's cache dir persists across sessions, so the ~10 s decode happens once per checkout
-    cache = request.config.cache.mkdir("fracgraph-data") if request.config.cache is not None else tmp_path
+    cache = (request.config.cache.mkdir("fracgraph-data") if getattr(request.config, "cache", None)
+             else tmp_path)
     ds = D.load_dataset(f"imagefolder:{REAL}", cache_dir=cache)
     assert ds.x_train.shape == (50000, 3, 32, 32) and ds.x_test.shape == (10000, 3, 32, 32)
     assert ds.class_names == D.CIFAR10_CLASSES and ds.mean == D.CIFAR_MEAN
@@ -340,3 +341,15 @@ def test_real_cifar10_jpeg(request, tmp_path):
     ds2 = D.load_dataset(f"imagefolder:{REAL}", cache_dir=cache)
     assert "cache" in ds2.source and time.perf_counter() - t < 5
     assert np.array_equal(ds2.y_train, ds.y_train)
+
+
+def test_imagefolder_dir_follows_symlinked_class_folder(tmp_path):
+    _tree(tmp_path / "real")
+    (tmp_path / "view" / "train").mkdir(parents=True)
+    for c in ("a_cat", "b_dog"):
+        (tmp_path / "view" / "train" / c).symlink_to(tmp_path / "real" / "train" / c)
+    (tmp_path / "view" / "test").symlink_to(tmp_path / "real" / "test")
+    ds = D.load_imagefolder(tmp_path / "view", use_cache=False)
+    ref = D.load_imagefolder(tmp_path / "real", use_cache=False)
+    np.testing.assert_array_equal(ds.x_train, ref.x_train)
+    np.testing.assert_array_equal(ds.y_test, ref.y_test)
