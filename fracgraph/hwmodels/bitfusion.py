@@ -74,14 +74,22 @@ def _search(N, M, pmax, pmin, sram_w, sram_a, sram_o, ifw, e_core, e_wr, e_ww, e
     oh = np.minimum(o, OH)
     num = np.stack([_cdiv(B, b), _cdiv(OW, ow), _cdiv(OH, oh), _cdiv(IC, ic), _cdiv(OC, oc)])  # [5, T]
 
-    wgt0 = _cdiv(kh * kw * ic, NPF) * NPF * oc * wprec
-    if im2col:
-        act0 = ow * oh * kh * kw * ic * b * iprec
-    else:
-        act0 = (kw + (ow - 1) * S) * (kh + (oh - 1) * S) * ic * b * iprec
-    out0 = ow * oh * _cdiv(oc, M) * M * b * OPRECISION
+    def sizes(b, ow, oh, ic, oc):
+        wgt = _cdiv(kh * kw * ic, NPF) * NPF * oc * wprec
+        if im2col:
+            act = ow * oh * kh * kw * ic * b * iprec
+        else:
+            act = (kw + (ow - 1) * S) * (kh + (oh - 1) * S) * ic * b * iprec
+        return wgt, act, ow * oh * _cdiv(oc, M) * M * b * OPRECISION
+
     cap = {"wgt": sram_w * 8 // 2, "act": sram_a * 8 // 2, "out": sram_o * 8 // 2}
+    wgt0, act0, out0 = sizes(b, ow, oh, ic, oc)
     valid = (wgt0 <= cap["wgt"]) & (act0 <= cap["act"]) & (out0 <= cap["out"])
+    if not valid.any():
+        raise ValueError("no tiling fits the buffers")
+    # drop overflowing tilings up front (the simulator skips them); enumeration order is kept for tie-breaks
+    b, ow, oh, ic, oc, num = b[valid], ow[valid], oh[valid], ic[valid], oc[valid], num[:, valid]
+    wgt0, act0, out0 = wgt0[valid], act0[valid], out0[valid]
 
     # Outer-loop DRAM traffic, for all orders at once: [P, T]
     P, T = len(_ORDERS), len(b)
@@ -147,10 +155,8 @@ def _search(N, M, pmax, pmin, sram_w, sram_a, sram_o, ifw, e_core, e_wr, e_ww, e
     e_dr = (dram_rd + dram_wr) * e_dram
     energy = e_comp + e_buf + e_dr
 
-    cyc = np.where(valid[None, :], total, np.iinfo(np.int64).max).ravel()
-    en = np.where(valid[None, :], energy, np.inf).ravel()
-    if not valid.any():
-        raise ValueError("no tiling fits the buffers")
+    cyc = total.ravel()
+    en = energy.ravel()
     best = int(np.lexsort((en, cyc))[0])
     p, t = divmod(best, T)
     return {
