@@ -164,12 +164,16 @@ def training_step(model: onnx.ModelProto, batch: int, op_block: dict[str, int | 
         for d in deps:
             dag.add_edge(d, i)
 
-    nodes = [n for n in model.graph.node if not skip_nodes(n)]
+    nodes = list(model.graph.node)       # skipped nodes (added by passes) only pass dependencies through
     ready: dict[str, set] = {}
     fw_of: dict[str, int] = {}
     layer_order = []
     for n in nodes:
         deps = set().union(*[ready.get(i, set()) for i in n.input if i])
+        if skip_nodes(n):
+            for o in n.output:
+                ready[o] = deps
+            continue
         if n.name in gemms:
             g = gemms[n.name]
             blk = (op_block or {}).get(n.name, 0) if op_block is not None else 0
@@ -200,6 +204,11 @@ def training_step(model: onnx.ModelProto, batch: int, op_block: dict[str, int | 
         gin = set().union(*[gready.get(o, set()) for o in n.output])
         if not gin:
             continue                                   # nothing downstream needs a gradient through this node
+        if skip_nodes(n):
+            for x in n.input:
+                if x and x not in params and x not in inputs:
+                    gready.setdefault(x, set()).update(gin)
+            continue
         if n.name in gemms:
             g = gemms[n.name]
             blk = (op_block or {}).get(n.name, 0) if op_block is not None else 0
