@@ -68,7 +68,6 @@ def test_three_gemms_sum_to_step_macs(small):
 
 
 def test_strided_error_lowering():
-    model_op = type("G", (), {})()
     from fracgraph.analysis.optable import GemmOp
     g = GemmOp("c", "Conv", "x", "w", "y", True, 16, 32, kernel=(3, 3), stride=(2, 2), padding=(1, 1, 1, 1),
                in_hw=(16, 16), out_hw=(8, 8))
@@ -77,7 +76,6 @@ def test_strided_error_lowering():
     assert sorted((c.kh, c.kw, c.repeat) for c in ideal) == [(1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 2, 1)]
     assert sum(c.macs for c in ideal) == g.macs * 4
     assert sum(c.macs for c in naive) == g.macs * 4 * 4       # zero insertion: stride^2 x
-    del model_op
 
 
 def test_dag_and_schedules(small):
@@ -206,8 +204,6 @@ def test_artifacts_match_plain_model_and_eval_fallback(small, tmp_path):
     assert b["memory_ops"]["energy_pj"] == pytest.approx(plain["memory_ops"]["energy_pj"])
     # per-block bits: block 1 at 8/8/8 costs more than all blocks at 4/4/8
     bits = np.array([[4, 4, 8]] * Manifest.read(art).n_blocks, dtype=np.float64)
-    est = Estimator(from_onnx(small, B).step, get_model("bitfusion"))
-    del est
     from fracgraph.analysis.estimate import from_artifacts
     s = from_artifacts(art, B)
     e = Estimator(s.step, get_model("bitfusion"))
