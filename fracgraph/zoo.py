@@ -215,6 +215,25 @@ class MobileNetV2(nn.Module):
 
 # --- registry and export -------------------------------------------------------------------------------------------
 
+class DigitNet(nn.Module):
+    """A small residual CNN for 1x8x8 inputs (scikit-learn's digits, the embedded default data): stem conv 1->16,
+    two BasicBlocks (16 -> 16, 16 -> 32 stride 2), global pooling, FC. Same layer kinds as the CIFAR ResNets."""
+
+    input_shape = (1, 8, 8)
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = _conv3x3(1, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 32, 2))
+        self.fc = nn.Linear(32, classes)
+        _init_authors(self)
+
+    def forward(self, x):
+        x = self.layer1(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 _BUILDERS = {
     "resnet20": lambda classes: CifarResNet(3, classes),
     "resnet38": lambda classes: CifarResNet(6, classes),
@@ -222,6 +241,7 @@ _BUILDERS = {
     "resnet110": lambda classes: CifarResNet(18, classes),
     "resnet164": lambda classes: PreActResNet(18, classes),
     "mobilenetv2": lambda classes: MobileNetV2(classes),
+    "digitnet": lambda classes: DigitNet(classes),
 }
 MODELS: tuple[str, ...] = tuple(_BUILDERS)
 
@@ -281,7 +301,7 @@ def export_model(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     if model.training:
         raise FracgraphError("export_model needs a model in eval mode (call model.eval())")
-    x = torch.zeros(1, *INPUT_SHAPE)
+    x = torch.zeros(1, *getattr(model, "input_shape", INPUT_SHAPE))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -1,0 +1,265 @@
+"""The training loop: artifacts + data + precision schedule -> a run directory that can always be resumed.
+
+Determinism: data order comes from (seed, epoch, position); the stochastic-rounding noise comes from ORT's
+random kernels, seeded when the session is created. The session is therefore re-created, with a seed derived
+from (seed, step), right after every checkpoint, in an uninterrupted run as in a resumed one, so a run resumed
+from the checkpoint of step S draws exactly the noise the uninterrupted run drew after S.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import FracgraphError
+from ..manifest import Manifest
+from ..runtime import TrainSession
+from ..trace import TraceRecorder
+from . import runio
+from .data import BatchStream, check_input_shape, check_num_classes, eval_batches, load_dataset
+from .schedules import LRSchedule, PFQSchedule, StaticSchedule
+
+ARTIFACTS = "artifacts"
+ORT_CHECKPOINT = "ort_checkpoint"
+MOMENTUM = "momentum.npz"
+BEST_MODEL, LAST_MODEL = "best.onnx", "last.onnx"
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str
+    artifacts: str | None = None          # an artifact directory ...
+    model: str | None = None              # ... or a model to quantize into RUN/artifacts
+    schedule: str = "static"              # static | pfq
+    fw: int = 8
+    bw: int = 8
+    fw_schedule: list[int] = field(default_factory=lambda: [3, 4, 6, 8])
+    bw_schedule: list[int] = field(default_factory=lambda: [6, 6, 8, 8])
+    eps: float = 0.05
+    alpha: float = 0.3
+    data: str | None = None
+    iters: int = 200
+    epoch_iters: int = 50
+    batch: int = 128
+    lr: float = 0.1
+    lr_schedule: str = "step"
+    seed: int = 0
+    eval_every: int | None = None         # default: every epoch
+    checkpoint_every: int | None = None   # default: every epoch
+    eval_batches: int | None = None       # limit test batches per evaluation (None = whole test set)
+    threads: int | None = None
+
+
+def _session_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**31 - 1)
+
+
+class CostMeter:
+    """Effective MACs of a step's forward, error and weight-gradient GEMMs at the bits used (fractrain §4)."""
+
+    def __init__(self, manifest: Manifest):
+        ops = manifest.ops
+        self.block_macs = np.zeros(manifest.n_blocks)
+        self.fp32_macs = 0.0
+        for d in ops:
+            if d["quantized"]:
+                self.block_macs[d["block"]] += d["macs"]
+            else:
+                self.fp32_macs += d["macs"]
+        self.total = float(self.block_macs.sum() + self.fp32_macs)
+
+    def step(self, bits: np.ndarray, batch: int) -> dict:
+        b = np.where(bits > 0, bits, 32.0) / 32.0          # 0 bits = FP32
+        a, w, g = b[:, 0], b[:, 1], b[:, 2]
+        fw = float(self.block_macs @ (a * w) + self.fp32_macs) * batch
+        err = float(self.block_macs @ (g * w) + self.fp32_macs) * batch
+        wg = float(self.block_macs @ (a * g) + self.fp32_macs) * batch
+        return {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.total * batch)}
+
+
+def _bits(manifest: Manifest, fw: int, bw: int) -> np.ndarray:
+    return np.tile(np.array([fw, fw, bw], np.float32), (manifest.n_blocks, 1))
+
+
+def evaluate(session: TrainSession, dataset, bits: np.ndarray, batch: int, limit: int | None = None) -> tuple[float, float]:
+    correct = total = 0
+    loss_sum = 0.0
+    for i, (x, y) in enumerate(eval_batches(dataset, batch)):
+        if limit is not None and i >= limit:
+            break
+        loss, logits = session.evaluate(x, y, bits)
+        correct += int((np.argmax(logits, 1) == y).sum())
+        loss_sum += loss * len(y)
+        total += len(y)
+    return correct / max(total, 1), loss_sum / max(total, 1)
+
+
+def _prepare_artifacts(cfg: TrainConfig, run: Path, resume: bool) -> Path:
+    if cfg.artifacts:
+        return Path(cfg.artifacts)
+    if not cfg.model:
+        raise FracgraphError("give an artifact directory or a model to train")
+    art = run / ARTIFACTS
+    if not (resume and (art / "manifest.json").exists()):
+        from ..build import BuildOptions, build_artifacts
+
+        build_artifacts(cfg.model, art, BuildOptions(fw=cfg.fw, bw=cfg.bw), force=True)
+    return art
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) training; returns the summary also written to RUN/summary.json."""
+    run = Path(cfg.run_dir)
+    store = runio.CheckpointStore(run)
+    latest = store.latest() if resume else None
+    if resume and latest is None and (run / "metrics.jsonl").exists():
+        raise FracgraphError(f"{run}: no complete checkpoint to resume from; start a new run directory")
+    if not resume and store.latest() is not None:
+        raise FracgraphError(f"{run} already holds a run; pass --resume to continue it, or use a new -o directory")
+    run.mkdir(parents=True, exist_ok=True)
+    if latest is not None:
+        cfg = TrainConfig(**{**asdict(cfg), **latest[1]["config"], "run_dir": str(run)})
+    art = _prepare_artifacts(cfg, run, resume)
+    manifest = Manifest.read(art)
+    dataset = load_dataset(cfg.data)
+    check_num_classes(dataset, manifest.num_classes)
+    check_input_shape(dataset, tuple(manifest.input_shape))
+    if cfg.iters < 1 or cfg.epoch_iters < 1 or cfg.batch < 1:
+        raise FracgraphError("--iters, --epoch-iters and --batch must be at least 1")
+
+    if cfg.schedule == "static":
+        sched = StaticSchedule(cfg.fw, cfg.bw, cfg.epoch_iters)
+    elif cfg.schedule == "pfq":
+        sched = PFQSchedule(cfg.fw_schedule, cfg.bw_schedule, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha)
+    else:
+        raise FracgraphError(f"--schedule {cfg.schedule!r} is not available; use static or pfq")
+    lrs = LRSchedule(cfg.lr_schedule, cfg.lr, cfg.iters)
+    stream = BatchStream(dataset, cfg.batch, cfg.seed)
+    meter = CostMeter(manifest)
+    eval_every = cfg.eval_every or cfg.epoch_iters
+    ckpt_every = cfg.checkpoint_every or cfg.epoch_iters
+
+    step, best_acc, cum = 0, -1.0, {"fw": 0.0, "err": 0.0, "wgrad": 0.0}
+    recorder = TraceRecorder()
+    ckpt = None
+    if latest is not None:
+        step, st, ckpt_dir = latest
+        stream.load_state_dict(st["stream"])
+        sched.load_state_dict(st["schedule"])
+        best_acc, cum = st["best_acc"], st["cum_macs"]
+        recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step)
+        ckpt = ckpt_dir / ORT_CHECKPOINT
+    session = TrainSession(art, checkpoint=ckpt, threads=cfg.threads, seed=_session_seed(cfg.seed, step))
+    if latest is not None and hasattr(session.optimizer, "load_state_arrays"):
+        with np.load(latest[2] / MOMENTUM) as z:
+            session.optimizer.load_state_arrays(dict(z))
+    metrics = runio.MetricsWriter(run, resume_step=step if latest is not None else None)
+    t0 = time.perf_counter()
+    last_acc = None
+
+    def save_checkpoint(at: int) -> None:
+        nonlocal session
+        metrics.sync()
+        trace = recorder.trace()
+        state = {"config": asdict(cfg), "stream": stream.state_dict(), "schedule": sched.state_dict(),
+                 "best_acc": best_acc, "cum_macs": cum,
+                 "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist()}}
+        files = {ORT_CHECKPOINT: session.save_checkpoint}
+        if hasattr(session.optimizer, "state_arrays"):
+            arrays = session.optimizer.state_arrays()
+            files[MOMENTUM] = lambda p: np.savez(open(p, "wb"), **arrays)
+        saved = store.save(at, state, files)
+        # a fresh session seeded from the step: the noise from here on no longer depends on whether we resumed
+        momentum = session.optimizer.state_arrays() if hasattr(session.optimizer, "state_arrays") else None
+        session = TrainSession(art, checkpoint=saved / ORT_CHECKPOINT, threads=cfg.threads, seed=_session_seed(cfg.seed, at))
+        if momentum is not None:
+            session.optimizer.load_state_arrays(momentum)
+
+    try:
+        if latest is None:
+            save_checkpoint(0)      # a run is resumable from its first moment
+        while step < cfg.iters:
+            fw, bw = sched.bits(step)
+            bits = _bits(manifest, fw, bw)
+            x, y = next(stream)
+            lr = lrs(step)
+            loss, logits = session.step(x, y, bits, lr)
+            if not math.isfinite(loss):
+                raise FracgraphError(f"loss became {loss} at step {step}; the run stopped and its last checkpoint "
+                                     f"(step {latest_step(store)}) is kept: lower --lr or raise the precision")
+            cost = meter.step(bits, len(y))
+            for k in cum:
+                cum[k] += cost[k]
+            recorder.record(step, bits)
+            ended = sched.observe(step, loss)
+            step += 1
+            rec = {"step": step, "epoch": step / cfg.epoch_iters, "loss": loss, "lr": lr, "fw": fw, "bw": bw,
+                   "bits": bits.astype(int).tolist(), "train_acc": float((np.argmax(logits, 1) == y).mean()),
+                   "eff_gmacs": (cost["fw"] + cost["err"] + cost["wgrad"]) / 1e9, "cp": cost["cp"],
+                   "cum_gmacs": sum(cum.values()) / 1e9, "wall": time.perf_counter() - t0}
+            if ended is not None and ended.transition is not None:
+                rec["transition"] = ended.transition.as_dict()
+            if step % eval_every == 0 or step == cfg.iters:
+                acc, tloss = evaluate(session, dataset, bits, cfg.batch, cfg.eval_batches)
+                rec.update(test_acc=acc, test_loss=tloss)
+                last_acc = acc
+                if acc > best_acc:
+                    best_acc = acc
+                    _export_atomic(session, run / BEST_MODEL)
+            metrics.write(rec)
+            if progress:
+                progress(rec)
+            if step % ckpt_every == 0 or step == cfg.iters:
+                save_checkpoint(step)
+    finally:
+        stream.close()
+        metrics.close()
+
+    _export_atomic(session, run / LAST_MODEL)
+    recorder.trace().write(run)
+    per_block = np.array([b for b in recorder.trace().bits]) if len(recorder.trace().bits) else None
+    summary = {
+        "run_dir": str(run), "artifacts": str(art), "schedule": cfg.schedule, "steps": step,
+        "final_test_acc": last_acc, "best_test_acc": best_acc,
+        "cum_eff_gmacs": sum(cum.values()) / 1e9, "cum_eff_gmacs_by_gemm": {k: v / 1e9 for k, v in cum.items()},
+        "fp32_gmacs": 3 * meter.total * cfg.batch * step / 1e9,
+        "mean_cp": 100 * sum(cum.values()) / (3 * meter.total * cfg.batch * step) if step else None,
+        "transitions": [t.as_dict() for t in sched.transitions],
+        "precision_segments": int(per_block.shape[0]) if per_block is not None else 0,
+        "wall_s": time.perf_counter() - t0, "config": asdict(cfg),
+    }
+    runio.write_summary(run, summary)
+    return summary
+
+
+def _export_atomic(session: TrainSession, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        session.export_inference(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FracgraphError(f"cannot write {path}: {e.strerror}")
+
+
+def latest_step(store: runio.CheckpointStore) -> int | None:
+    got = store.latest()
+    return got[0] if got else None
+
+
+def export_run(run_dir: str, output: str, which: str = "best") -> Path:
+    """Copy the run's best (or last) inference model to `output`."""
+    src = Path(run_dir) / (BEST_MODEL if which == "best" else LAST_MODEL)
+    if which not in ("best", "last"):
+        raise FracgraphError("--which must be best or last")
+    if not src.exists():
+        raise FracgraphError(f"{src} does not exist: is {run_dir} a finished `fracgraph train` run?")
+    return runio.atomic_write_bytes(output, src.read_bytes(), what="exported model")
