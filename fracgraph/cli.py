@@ -43,7 +43,7 @@ def main() -> None:
 @app.command()
 @cli_errors
 def zoo(
-    name: str = typer.Argument(..., help="Model name: resnet20/38/74/110, resnet164, mobilenetv2."),
+    name: str = typer.Argument(..., help="Model name: resnet20/38/74/110, resnet164, mobilenetv2, digitnet (1x8x8, for the default digits data)."),
     output: str = typer.Option(..., "-o", "--output", help="Where to write the ONNX model."),
     classes: int = typer.Option(10, "--classes", help="Number of classes: 10 or 100."),
     seed: int = typer.Option(0, "--seed", help="Init seed; the same seed gives the same bytes."),
