@@ -242,3 +242,30 @@ def estimate(
         from fracgraph.analysis.render import render_table
 
         render_table(rep)
+
+
+@app.command()
+@cli_errors
+def demo(
+    output: str = typer.Option("fracgraph-demo", "-o", "--output", help="Directory for the model, artifacts and run."),
+    iters: int = typer.Option(300, "--iters"),
+) -> None:
+    """Run the whole toolchain on embedded defaults: zoo digitnet, quantize, PFQ training on digits, estimate."""
+    from rich.console import Console
+
+    from fracgraph.analysis.render import render_table
+    from fracgraph.demo import run_demo
+
+    con = Console()
+    con.print(f"[bold]fracgraph demo[/bold] -> {output}: digitnet on scikit-learn digits, PFQ FW(3,4,6,8)/BW(6,6,8,8)")
+
+    def on_step(rec: dict) -> None:
+        if "test_acc" in rec:
+            con.print(f"step {rec['step']:4d}  loss {rec['loss']:.3f}  FW{rec['fw']}/BW{rec['bw']}  "
+                      f"test {100 * rec['test_acc']:.2f}%  cum {rec['cum_gmacs']:.2f} eff. GMACs")
+
+    res = run_demo(output, iters, progress=on_step)
+    s = res["train"]
+    con.print(f"trained {s['steps']} steps: best test accuracy {100 * s['best_test_acc']:.2f}%, "
+              f"{s['cum_eff_gmacs']:.2f} effective GMACs = {s['mean_cp']:.2f}% of FP32 ({s['fp32_gmacs']:.1f} GMACs)")
+    render_table(res["estimate"])
