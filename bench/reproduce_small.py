@@ -1,0 +1,74 @@
+"""Small-scale reproduction of FracTrain's PFQ result: FP32, static FW8/BW8 and PFQ FW(3,4,6,8)/BW(6,6,8,8) with the
+same iterations each, on CIFAR-10 from ../shared/data. Prints and saves a table of test accuracy and cumulative
+effective GMACs (MACs x bits_a/32 x bits_b/32 over the forward, error and weight-gradient GEMMs).
+
+    python bench/reproduce_small.py --iters 1200 --epoch-iters 60 -o bench-out/repro
+Paper scale (spec §5.6): --model resnet38 --iters 64000 --epoch-iters 400 --batch 128 (the LR steps at 50%/75%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+ROWS = {
+    "FP32": dict(schedule="static", fw=0, bw=0),
+    "FW8/BW8": dict(schedule="static", fw=8, bw=8),
+    "PFQ FW(3,4,6,8)/BW(6,6,8,8)": dict(schedule="pfq", fw_schedule=[3, 4, 6, 8], bw_schedule=[6, 6, 8, 8]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", default=f"imagefolder:{DEFAULT_DATA}")
+    ap.add_argument("--iters", type=int, default=1200)
+    ap.add_argument("--epoch-iters", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--eps", type=float, default=0.05)
+    ap.add_argument("--alpha", type=float, default=0.3)
+    ap.add_argument("--eval-batches", type=int, default=None, help="test batches per evaluation (None = all 10,000 images)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--out", default="bench-out/reproduce_small")
+    a = ap.parse_args()
+
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.train.loop import TrainConfig, train
+    from fracgraph.zoo import export
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = export(a.model, out / f"{a.model}.onnx")
+    build_artifacts(model, out / "artifacts", BuildOptions(), force=True)
+    results = {}
+    for name, row in ROWS.items():
+        run = out / name.split(" ")[0].replace("/", "_").lower()
+        t = time.perf_counter()
+        s = train(TrainConfig(run_dir=str(run), artifacts=str(out / "artifacts"), data=a.data, iters=a.iters,
+                              epoch_iters=a.epoch_iters, batch=a.batch, lr=a.lr, eps=a.eps, alpha=a.alpha,
+                              seed=a.seed, eval_batches=a.eval_batches, **row),
+                  resume=(run / "checkpoints").exists())
+        results[name] = {"final_acc": s["final_test_acc"], "best_acc": s["best_test_acc"],
+                         "cum_eff_gmacs": s["cum_eff_gmacs"], "mean_cp": s["mean_cp"],
+                         "transitions": [t_["step"] for t_ in s["transitions"]], "wall_s": time.perf_counter() - t}
+        print(f"{name}: {results[name]}", flush=True)
+    base = results["FW8/BW8"]
+    lines = [f"{a.model}, CIFAR-10, {a.iters} iterations x batch {a.batch} each, seed {a.seed}", "",
+             "| method | final acc % | best acc % | cum. eff. GMACs | saving vs FW8/BW8 | PFQ switches at |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        saving = 100 * (1 - r["cum_eff_gmacs"] / base["cum_eff_gmacs"])
+        lines.append(f"| {name} | {100 * r['final_acc']:.2f} | {100 * r['best_acc']:.2f} | {r['cum_eff_gmacs']:.1f} | "
+                     f"{saving:+.1f}% | {r['transitions'] or '-'} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
