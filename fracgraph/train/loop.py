@@ -22,7 +22,7 @@ from ..manifest import Manifest
 from ..runtime import TrainSession
 from ..trace import TraceRecorder
 from . import runio
-from .data import BatchStream, check_input_shape, check_num_classes, eval_batches, load_dataset
+from .data import BatchStream, check_input_shape, check_num_classes, load_dataset
 from .schedules import LRSchedule, PFQSchedule, StaticSchedule
 
 ARTIFACTS = "artifacts"
@@ -88,11 +88,16 @@ def _bits(manifest: Manifest, fw: int, bw: int) -> np.ndarray:
 
 
 def evaluate(session: TrainSession, dataset, bits: np.ndarray, batch: int, limit: int | None = None) -> tuple[float, float]:
+    """Test accuracy and loss; with `limit`, on a fixed random subset of limit*batch images (test sets are often
+    stored sorted by class, so the first batches would be one class)."""
+    x_all, y_all = dataset.x_test, dataset.y_test
+    if limit is not None and limit * batch < len(y_all):
+        idx = np.sort(np.random.default_rng(0).permutation(len(y_all))[: limit * batch])
+        x_all, y_all = x_all[idx], y_all[idx]
     correct = total = 0
     loss_sum = 0.0
-    for i, (x, y) in enumerate(eval_batches(dataset, batch)):
-        if limit is not None and i >= limit:
-            break
+    for i in range(0, len(y_all), batch):
+        x, y = dataset.normalize(x_all[i:i + batch]), y_all[i:i + batch]
         loss, logits = session.evaluate(x, y, bits)
         correct += int((np.argmax(logits, 1) == y).sum())
         loss_sum += loss * len(y)
