@@ -90,14 +90,9 @@ class Manifest:
         return json.dumps(asdict(self), indent=1)
 
     def write(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / FILENAME
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        from .train.runio import atomic_write_bytes
+
+        return atomic_write_bytes(Path(directory) / FILENAME, self.to_json().encode(), what="manifest")
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> "Manifest":

@@ -32,14 +32,10 @@ class Trace:
                 yield int(e - s), b
 
     def write(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / FILENAME
-        tmp = Path(directory) / (FILENAME + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, starts=self.starts, bits=self.bits, total_steps=np.int64(self.total_steps))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        from .train.runio import atomic_write_bytes
+
+        return atomic_write_bytes(Path(directory) / FILENAME, lambda f: np.savez(
+            f, starts=self.starts, bits=self.bits, total_steps=np.int64(self.total_steps)), what="trace")
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Trace":
