@@ -211,7 +211,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
             if ended is not None and ended.transition is not None:
                 rec["transition"] = ended.transition.as_dict()
             if step % eval_every == 0 or step == cfg.iters:
-                acc, tloss = evaluate(session, dataset, bits, cfg.batch, cfg.eval_batches)
+                # the final evaluation always covers the whole test set, so the reported accuracy is the real one
+                limit = None if step == cfg.iters else cfg.eval_batches
+                acc, tloss = evaluate(session, dataset, bits, cfg.batch, limit)
                 rec.update(test_acc=acc, test_loss=tloss)
                 last_acc = acc
                 if acc > best_acc:
