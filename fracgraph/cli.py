@@ -145,6 +145,9 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     eval_batches: int = typer.Option(None, "--eval-batches", help="Limit test batches per evaluation."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default: an epoch)."),
+    momentum: float = typer.Option(None, "--momentum", help="SGD momentum (default: the artifacts', 0.9)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="SGD weight decay (default: the artifacts', 1e-4)."),
+    threads: int = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -160,6 +163,7 @@ def train(
         fw=fw, bw=bw, fw_schedule=_int_list(fw_schedule, "--fw-schedule"), bw_schedule=_int_list(bw_schedule, "--bw-schedule"),
         eps=eps, alpha=alpha, data=data, iters=iters, epoch_iters=epoch_iters, batch=batch, lr=lr,
         lr_schedule=lr_schedule, seed=seed, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
+        momentum=momentum, weight_decay=weight_decay, threads=threads,
     )
     if as_json:
         summary = run_train(cfg, resume=resume)

@@ -54,6 +54,8 @@ class TrainConfig:
     checkpoint_every: int | None = None   # default: every epoch
     eval_batches: int | None = None       # limit test batches per evaluation (None = whole test set)
     threads: int | None = None
+    momentum: float | None = None         # SGD momentum / weight decay; None = the artifacts' (quantize) values
+    weight_decay: float | None = None
 
 
 def _session_seed(seed: int, step: int) -> int:
@@ -160,7 +162,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         best_acc, cum = st["best_acc"], st["cum_macs"]
         recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step)
         ckpt = ckpt_dir / ORT_CHECKPOINT
-    session = TrainSession(art, checkpoint=ckpt, threads=cfg.threads, seed=_session_seed(cfg.seed, step))
+    session = _open_session(art, ckpt, cfg, step)
     if latest is not None and hasattr(session.optimizer, "load_state_arrays"):
         with np.load(latest[2] / MOMENTUM) as z:
             session.optimizer.load_state_arrays(dict(z))
@@ -182,7 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         saved = store.save(at, state, files)
         # a fresh session seeded from the step: the noise from here on no longer depends on whether we resumed
         momentum = session.optimizer.state_arrays() if hasattr(session.optimizer, "state_arrays") else None
-        session = TrainSession(art, checkpoint=saved / ORT_CHECKPOINT, threads=cfg.threads, seed=_session_seed(cfg.seed, at))
+        session = _open_session(art, saved / ORT_CHECKPOINT, cfg, at)
         if momentum is not None:
             session.optimizer.load_state_arrays(momentum)
 
@@ -243,6 +245,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     }
     runio.write_summary(run, summary)
     return summary
+
+
+def _open_session(art: Path, checkpoint, cfg: TrainConfig, step: int) -> TrainSession:
+    session = TrainSession(art, checkpoint=checkpoint, threads=cfg.threads, seed=_session_seed(cfg.seed, step))
+    opt = session.optimizer
+    if (cfg.momentum is not None or cfg.weight_decay is not None) and not hasattr(opt, "momentum"):
+        raise FracgraphError("--momentum/--weight-decay apply to SGD artifacts; these were built with AdamW")
+    if cfg.momentum is not None:
+        opt.momentum = cfg.momentum
+    if cfg.weight_decay is not None:
+        opt.weight_decay = cfg.weight_decay
+    return session
 
 
 def _export_atomic(session: TrainSession, path: Path) -> None:

@@ -115,3 +115,16 @@ def test_nan_loss_stops_with_step_named_and_checkpoint_kept(digitnet, tmp_path):
     from fracgraph.train.runio import CheckpointStore
 
     assert CheckpointStore(tmp_path / "n").latest() is not None
+
+
+def test_momentum_and_weight_decay_override_the_artifacts(digitnet, tmp_path):
+    from fracgraph.train.loop import _open_session
+
+    art = digitnet / "art"
+    s = _open_session(art, None, _cfg(tmp_path / "x", art, momentum=0.5, weight_decay=0.0), 0)
+    assert (s.optimizer.momentum, s.optimizer.weight_decay) == (0.5, 0.0)
+    a = train(_cfg(tmp_path / "a", art, iters=6, momentum=0.0, weight_decay=0.0))
+    b = train(_cfg(tmp_path / "b", art, iters=6))
+    wa, wb = _weights(tmp_path / "a" / "last.onnx"), _weights(tmp_path / "b" / "last.onnx")
+    assert a["config"]["momentum"] == 0.0 and b["config"]["momentum"] is None
+    assert any(not np.array_equal(wa[k], wb[k]) for k in wa)
