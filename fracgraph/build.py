@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .analysis.blocks import find_blocks
-from .analysis.optable import gemm_table
+from .analysis.optable import gemm_table, uncosted_gemms
 from .errors import FracgraphError
 from .manifest import Block, LayerDecision, Manifest
 from .model import data_input, load_model
@@ -99,6 +99,7 @@ def plan(model: onnx.ModelProto, policy: LayerPolicy):
     blocks = find_blocks(model, ops, member)
     block_of = {name: i for i, b in enumerate(blocks) for name in b.ops}
     decisions = [LayerDecision(op.name, q, reason, block_of.get(op.name)) for op, q, reason in decided]
+    decisions += [LayerDecision(name, False, why, None) for name, _, why in uncosted_gemms(model)]
     op_dicts = [dict(op.to_dict(), block=block_of.get(op.name), quantized=op.name in member) for op in ops]
     return ops, blocks, decisions, op_dicts
 

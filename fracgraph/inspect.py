@@ -57,6 +57,7 @@ def render(summary: dict) -> None:
     macs = {d["name"]: d["macs"] for d in summary["ops"]}
     types = {d["name"]: d["op_type"] for d in summary["ops"]}
     for d in summary["decisions"]:
-        t.add_row(d["op"], types[d["op"]], f"{macs[d['op']]:,}", "-" if d["block"] is None else str(d["block"]),
+        mac = f"{macs[d['op']]:,}" if d["op"] in macs else "not costed"
+        t.add_row(d["op"], types.get(d["op"], "-"), mac, "-" if d["block"] is None else str(d["block"]),
                   d["reason"], style=None if d["quantized"] else "yellow")
     con.print(t)

@@ -119,3 +119,30 @@ def test_zoo_models_quantize_and_train_three_steps(name, tmp_path):
     bits = np.tile(np.array([8, 8, 8], np.float32), (m.n_blocks, 1))
     losses = [sess.step(x, y, bits, lr=0.05)[0] for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_gemms_fracgraph_cannot_cost_are_listed_as_kept_fp32_with_reason(tmp_path):
+    import torch
+
+    from fracgraph.inspect import summarize
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv1d(4, 8, 3)
+            self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8 * 14 * 1, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.c1(x)).unsqueeze(-1)
+            return self.fc(torch.relu(self.c2(y)).flatten(1))
+
+    p = tmp_path / "c1d.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(2, 4, 16), str(p), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}}, training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False)
+    s = summarize(str(p))
+    conv1d = [d for d in s["decisions"] if "only 2-D convolutions" in d["reason"]]
+    assert len(conv1d) == 1 and not conv1d[0]["quantized"] and conv1d[0]["reason"].startswith("kept FP32")
+    assert len(s["decisions"]) == 3
+    r = runner.invoke(app, ["inspect", str(p)])
+    assert r.exit_code == 0 and "not costed" in r.output

@@ -149,6 +149,30 @@ def gemm_table(model: onnx.ModelProto) -> list[GemmOp]:
     return ops
 
 
+_GEMM_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def uncosted_gemms(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """(node, op type, why) for every GEMM-like node `gemm_table` leaves out; they run FP32 and uncosted.
+
+    Listing them keeps the "every layer decision has a reason" promise for layers fracgraph cannot handle yet.
+    """
+    costed = {op.name for op in gemm_table(model)}
+    shapes = value_shapes(model)
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in _GEMM_TYPES or node.name in costed:
+            continue
+        if node.op_type == "ConvTranspose":
+            why = "ConvTranspose is not quantized or costed yet"
+        elif node.op_type == "Conv" and len(shapes.get(node.input[1], ())) not in (0, 4):
+            why = f"only 2-D convolutions are quantized (weight rank {len(shapes[node.input[1]])})"
+        else:
+            why = "operand or output shapes are not static after shape inference"
+        out.append((node.name, node.op_type, f"kept FP32: {why}"))
+    return out
+
+
 def initializer_array(model: onnx.ModelProto, name: str):
     for init in model.graph.initializer:
         if init.name == name:
