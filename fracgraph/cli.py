@@ -273,3 +273,22 @@ def demo(
     con.print(f"trained {s['steps']} steps: best test accuracy {100 * s['best_test_acc']:.2f}%, "
               f"{s['cum_eff_gmacs']:.2f} effective GMACs = {s['mean_cp']:.2f}% of FP32 ({s['fp32_gmacs']:.1f} GMACs)")
     render_table(res["estimate"])
+
+
+@app.command()
+@cli_errors
+def report(
+    runs: list[str] = typer.Argument(..., help="Run directories written by `fracgraph train` (one or more)."),
+    output: str = typer.Option(..., "-o", "--output", help="Report directory: index.html plus the PNG figures."),
+    baseline: str = typer.Option(None, "--baseline", help="The run (name or directory) savings are measured against; default the first."),
+    hw: str = typer.Option("all", "--hw", help="Hardware models for the energy/latency bars: bitfusion, eyeriss, fpga (comma-separated) or all."),
+) -> None:
+    """One self-contained HTML page (no network fetches) comparing runs: accuracy vs cost, precision, choices, energy."""
+    from fracgraph.hwmodels import MODEL_NAMES
+    from fracgraph.report import write_report
+
+    names = list(MODEL_NAMES) if hw == "all" else [h.strip() for h in hw.split(",")]
+    bad = [h for h in names if h not in MODEL_NAMES]
+    if bad:
+        _fail(f"--hw {bad[0]!r}: choose bitfusion, eyeriss, fpga or all")
+    typer.echo(str(write_report(runs, output, baseline=baseline, hw_names=names)))

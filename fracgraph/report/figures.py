@@ -1,0 +1,230 @@
+"""The report's figures, drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display).
+
+Each function takes loaded runs (or estimate reports) and returns a Figure; `png` turns one into bytes. Colors
+follow the run's position in the report, so a run has the same color in every figure.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+
+from .rundata import RunData
+
+MAX_COLUMNS = 1200   # precision heatmaps sample at most this many steps (a DFQ trace can change every step)
+
+
+def color(i: int):
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](i % 10)
+
+
+def sequential(n: int) -> list:
+    """n colors from low to high bits (viridis, without its darkest and lightest ends)."""
+    from matplotlib import colormaps
+
+    return [colormaps["viridis"](v) for v in np.linspace(0.15, 0.9, n)] if n > 1 else [colormaps["viridis"](0.5)]
+
+
+def png(fig: Figure, dpi: int = 110) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def bits_label(b: float) -> str:
+    return "32" if b == 0 else f"{b:g}"
+
+
+def choice_label(act: float, weight: float, grad: float) -> str:
+    w = "" if weight == act else f" W{bits_label(weight)}"
+    return f"FW{bits_label(act)}{w}/BW{bits_label(grad)}"
+
+
+def trajectory(runs: list[RunData]) -> Figure:
+    """Test accuracy against cumulative effective GMACs, one line per run (FracTrain's trajectory figure)."""
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, r in enumerate(runs):
+        ev = r.evals
+        if not ev:
+            continue
+        x = [e["cum_gmacs"] for e in ev]
+        y = [100 * e["test_acc"] for e in ev]
+        ax.plot(x, y, marker="o", ms=3, lw=1.5, color=color(i), label=r.name)
+        ax.plot(x[-1], y[-1], marker="*", ms=12, color=color(i))
+    ax.set_xlabel("cumulative effective GMACs (forward + error + weight-gradient GEMMs)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Test accuracy vs training cost (star: final evaluation)")
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
+def _sampled_steps(total: int) -> np.ndarray:
+    if total <= MAX_COLUMNS:
+        return np.arange(total)
+    return np.linspace(0, total - 1, MAX_COLUMNS).round().astype(np.int64)
+
+
+def precision(run: RunData) -> Figure:
+    """FW/BW bits over the run: block means as lines with stage transitions marked, then one heatmap row per block."""
+    tr = run.trace
+    total = max(tr.total_steps, 1)
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    ax_line, ax_fw, ax_bw = fig.subplots(3, 1, sharex=True, height_ratios=[1.2, 1, 1])
+    edges = np.append(tr.starts, total)
+    shown = np.where(tr.bits == 0, 32.0, tr.bits)       # FP32 passthrough drawn at 32 bits
+    series = [("FW (activations)", 0, "tab:blue", "-"), ("BW (errors)", 2, "tab:red", "--")]
+    if not np.array_equal(tr.bits[:, :, 1], tr.bits[:, :, 0]):
+        series.insert(1, ("weights", 1, "tab:green", ":"))
+    for label, k, c, ls in series:
+        mean = shown[:, :, k].mean(axis=1)
+        ax_line.step(edges, np.append(mean, mean[-1]), where="post", color=c, ls=ls, lw=2, label=f"{label}, block mean")
+        lo, hi = shown[:, :, k].min(axis=1), shown[:, :, k].max(axis=1)
+        if np.any(lo != hi):
+            ax_line.fill_between(edges, np.append(lo, lo[-1]), np.append(hi, hi[-1]), step="post", color=c, alpha=0.15)
+    for t in run.transitions:
+        for ax in (ax_line, ax_fw, ax_bw):
+            ax.axvline(t["step"], color="black", ls="--", lw=0.9)
+        ax_line.annotate(f"FW{t['new'][0]}/BW{t['new'][1]}", (t["step"], 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(3, -12), textcoords="offset points", fontsize="small")
+    ax_line.set_ylabel("bits")
+    ax_line.set_ylim(0, shown.max() + 2)
+    ax_line.set_yticks(np.unique(shown[:, :, [k for _, k, _, _ in series]]))
+    ax_line.set_title(f"{run.name}: precision over time ({len(run.transitions)} stage transition(s), dashed)")
+    ax_line.legend(fontsize="small", loc="lower right")
+    ax_line.grid(alpha=0.3)
+
+    steps = _sampled_steps(total)
+    grid = run.bits_at(steps)                            # [cols, blocks, 3]
+    levels = np.unique(grid[:, :, [0, 2]])
+    cmap = ListedColormap(sequential(len(levels)))
+    index = np.searchsorted(levels, grid)
+    norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
+    n_blocks = grid.shape[1]
+    for ax, k, what in ((ax_fw, 0, "FW"), (ax_bw, 2, "BW")):
+        im = ax.imshow(index[:, :, k].T, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
+                       extent=(0, total, n_blocks - 0.5, -0.5))
+        ax.set_ylabel(f"{what} bits\nblock")
+        if n_blocks <= 12:
+            ax.set_yticks(range(n_blocks))
+    cb = fig.colorbar(im, ax=[ax_fw, ax_bw], ticks=range(len(levels)), fraction=0.04)
+    cb.ax.set_yticklabels([bits_label(v) for v in levels])
+    cb.set_label("bits (32 = FP32)")
+    sampled = "" if len(steps) == total else f" (sampled at {len(steps)} steps)"
+    ax_bw.set_xlabel(f"training step{sampled}")
+    return fig
+
+
+def choice_histogram(run: RunData) -> tuple[dict[tuple, np.ndarray], int]:
+    """Steps spent at each (act, weight, grad) choice, per block, from the trace: {choice: steps[n_blocks]}."""
+    tr = run.trace
+    counts: dict[tuple, np.ndarray] = {}
+    n_blocks = tr.bits.shape[1]
+    for n, bits in tr.segments():
+        for b in range(n_blocks):
+            key = tuple(float(v) if v > 0 else 32.0 for v in bits[b])
+            counts.setdefault(key, np.zeros(n_blocks, np.int64))[b] += n
+    return dict(sorted(counts.items())), n_blocks
+
+
+def choices(run: RunData) -> Figure:
+    """Per block, the share of steps at each precision choice, as one stacked bar per block."""
+    counts, n_blocks = choice_histogram(run)
+    total = max(run.trace.total_steps, 1)
+    fig = Figure(figsize=(9, 1.2 + 0.35 * n_blocks + 0.2 * len(counts)), layout="constrained")
+    ax = fig.add_subplot()
+    left = np.zeros(n_blocks)
+    for col, (key, c) in zip(sequential(len(counts)), counts.items()):
+        share = 100 * c / total
+        ax.barh(np.arange(n_blocks), share, left=left, color=col, label=choice_label(*key), height=0.7)
+        left += share
+    ax.set_yticks(range(n_blocks), [f"block {b}" for b in range(n_blocks)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of training steps (%)")
+    ax.set_title(f"{run.name}: precision choices per block")
+    ax.legend(fontsize="small", ncols=min(len(counts), 5), loc="upper center", bbox_to_anchor=(0.5, -0.25 if n_blocks < 4 else -0.1))
+    return fig
+
+
+def pick_unit(values, units):
+    top = max((abs(v) for v in values), default=0.0)
+    for name, scale in units:
+        if top >= scale:
+            return name, scale
+    return units[-1]
+
+
+ENERGY_UNITS = (("J", 1e12), ("mJ", 1e9), ("uJ", 1e6), ("nJ", 1e3), ("pJ", 1.0))
+TIME_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
+
+
+def hardware(estimates: dict[str, dict], order: list[str]) -> Figure:
+    """Energy and latency of each run on each hardware model, beside the static baseline of the same length."""
+    hw_names = sorted({h for rep in estimates.values() for h in rep["hw"]})
+    fig = Figure(figsize=(4.2 * max(len(hw_names), 1) + 1, 7), layout="constrained")
+    axes = fig.subplots(2, max(len(hw_names), 1), squeeze=False)
+    runs = [n for n in order if n in estimates]
+    width = 0.38
+    for j, hw in enumerate(hw_names):
+        for row, (key, base_key, units, what) in enumerate((
+                ("energy_total_pj", "energy_total_pj", ENERGY_UNITS, "energy"),
+                ("latency_s", "latency_s", TIME_UNITS, "latency"))):
+            ax = axes[row][j]
+            vals = [estimates[n]["hw"][hw]["run"][key] for n in runs if hw in estimates[n]["hw"]]
+            bases = [estimates[n]["hw"][hw]["baseline_run"][base_key] for n in runs if hw in estimates[n]["hw"]]
+            uname, scale = pick_unit(vals + bases, units)
+            names = [n for n in runs if hw in estimates[n]["hw"]]
+            x = np.arange(len(names))
+            for i, n in enumerate(names):
+                k = order.index(n)
+                ax.bar(x[i] - width / 2, vals[i] / scale, width, color=color(k))
+                ax.bar(x[i] + width / 2, bases[i] / scale, width, color="lightgray", hatch="//", edgecolor="gray")
+                if bases[i] > 0:
+                    ax.annotate(f"{100 * (vals[i] / bases[i] - 1):+.0f}%", (x[i] - width / 2, vals[i] / scale),
+                                xytext=(0, 2), textcoords="offset points", ha="center", fontsize="small")
+            base_name = estimates[names[0]]["baseline"] if names else "baseline"
+            ax.set_xticks(x, names, rotation=20, ha="right", fontsize="small")
+            ax.set_ylabel(f"{what} per run ({uname})")
+            ax.set_title(f"{hw}: {what} (hatched: static {base_name})", fontsize="medium")
+            ax.grid(axis="y", alpha=0.3)
+            ax.margins(y=0.12)
+    return fig
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (cost, accuracy) no other point beats on both (lower cost, higher accuracy)."""
+    front = []
+    for i, (c, a) in enumerate(points):
+        if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto(labels: list[str], cost: list[float], acc: list[float], title: str) -> Figure:
+    """Accuracy against cost for sweep points, the Pareto front joined and labeled."""
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    pts = list(zip(cost, acc))
+    front = pareto_front(pts)
+    ax.scatter(cost, [100 * a for a in acc], color="gray", s=30, zorder=2, label="grid point")
+    ax.plot([cost[i] for i in front], [100 * acc[i] for i in front], "-o", color="tab:red", zorder=3,
+            label="Pareto front")
+    for i, lab in enumerate(labels):
+        ax.annotate(lab, (cost[i], 100 * acc[i]), xytext=(4, 4), textcoords="offset points", fontsize="x-small",
+                    color="tab:red" if i in front else "dimgray")
+    ax.set_xlabel("cumulative effective GMACs of the run")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    return fig

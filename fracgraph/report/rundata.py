@@ -1,0 +1,114 @@
+"""Read a finished run directory (metrics.jsonl, trace.npz, summary.json) into one object the report draws from.
+
+A report is usually made long after the run, maybe on another machine, so everything that can be missing or
+damaged is checked here once and named in one line; the figures never see a half-read run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FracgraphError
+from ..trace import FILENAME as TRACE_FILE
+from ..trace import Trace
+from ..train.runio import METRICS_FILE, SUMMARY_FILE, read_json
+
+_NOT_A_RUN = "is it a run directory written by `fracgraph train`?"
+
+
+@dataclass
+class RunData:
+    name: str                 # label in plots and tables (unique within a report)
+    path: Path
+    summary: dict
+    records: list[dict]       # metrics.jsonl, one per step
+    trace: Trace
+
+    @property
+    def config(self) -> dict:
+        return self.summary.get("config") or {}
+
+    @property
+    def evals(self) -> list[dict]:
+        """The records that carry a test evaluation, in step order."""
+        return [r for r in self.records if r.get("test_acc") is not None]
+
+    @property
+    def transitions(self) -> list[dict]:
+        return list(self.summary.get("transitions") or [])
+
+    def bits_at(self, steps: np.ndarray) -> np.ndarray:
+        """Bits [len(steps), n_blocks, 3] in use at each 0-based step, from the run-length-encoded trace."""
+        seg = np.searchsorted(self.trace.starts, np.asarray(steps), side="right") - 1
+        return self.trace.bits[np.clip(seg, 0, len(self.trace.bits) - 1)]
+
+    def artifacts_dir(self) -> Path | None:
+        """The artifact directory the run trained, wherever the recorded (possibly relative) path resolves."""
+        recorded = self.summary.get("artifacts") or self.config.get("artifacts")
+        candidates = []
+        if recorded:
+            p = Path(recorded)
+            candidates += [p] if p.is_absolute() else [Path.cwd() / p, self.path.parent / p, self.path / p]
+        candidates.append(self.path / "artifacts")
+        return next((c for c in candidates if (c / "manifest.json").is_file()), None)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    records = []
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+    except FileNotFoundError:
+        raise FracgraphError(f"{path} does not exist: {_NOT_A_RUN}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.endswith(b"\n"):
+            break                       # a torn last line of a killed run
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FracgraphError(f"{path} line {i} is not JSON: the metrics file is damaged") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise FracgraphError(f"{path} line {i} has no integer 'step': not a fracgraph metrics file")
+        records.append(rec)
+    if not records:
+        raise FracgraphError(f"{path} holds no steps: the run has not trained yet")
+    return records
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunData:
+    """Load one finished run; any missing or damaged file is a FracgraphError naming it."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FracgraphError(f"{p}: no such run directory")
+    summary = read_json(p / SUMMARY_FILE, what="run summary")
+    if not isinstance(summary, dict) or "steps" not in summary:
+        raise FracgraphError(f"{p / SUMMARY_FILE} is not a run summary (no 'steps'): {_NOT_A_RUN}")
+    records = _read_metrics(p / METRICS_FILE)
+    if not (p / TRACE_FILE).is_file():
+        raise FracgraphError(f"{p / TRACE_FILE} does not exist: {_NOT_A_RUN}")
+    trace = Trace.read(p / TRACE_FILE)
+    if len(trace.bits) == 0:
+        raise FracgraphError(f"{p / TRACE_FILE} is empty: the run recorded no steps")
+    return RunData(name or p.resolve().name, p, summary, records, trace)
+
+
+def load_runs(paths) -> list[RunData]:
+    """Load several runs, naming each by its directory (with parents added where two names would clash)."""
+    if not paths:
+        raise FracgraphError("give at least one run directory")
+    resolved = [Path(p).resolve() for p in paths]
+    depth = 1
+    while depth < 6:
+        names = ["/".join(r.parts[-depth:]) for r in resolved]
+        if len(set(names)) == len(names):
+            break
+        depth += 1
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):       # the same directory given twice
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            names[i] = f"{n} ({seen[n]})"
+    return [load_run(p, n) for p, n in zip(paths, names)]
