@@ -26,8 +26,11 @@ from .passes.act_range_ema import ActRangeEmaPass
 from .passes.base import run_passes
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
+from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
+from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fw_quant import FwQuantPass
+from .passes.ste_grad import SteGradPass
 from .policy import LayerPolicy
 from .quantizers import float_input
 
@@ -54,6 +57,8 @@ class BuildOptions:
     weight_decay: float = 1e-4
     act_range_momentum: float = 0.9      # train_pfq's --momentum_act
     expose_noise: bool = False           # BW noise as graph outputs (exact replay in tests)
+    fast_backward: bool = True           # speed passes on the generated backward (ste-grad, conv-grad-split)
+    dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
 
 
 def _register_gradients() -> None:
@@ -130,20 +135,29 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
 
     trainable, frozen = classify_initializers(model)   # before the passes hide weights behind quantizers
     model.graph.input.append(float_input(PRECISION_INPUT, [len(blocks), 3]))
+    gate = None
+    if opts.dfq is not None:
+        # before the quantizers: the gates read the blocks' unquantized inputs and provide the act/grad bits
+        gate = DfqGatePass(blocks, op_dicts, opts.dfq, PRECISION_INPUT)
+        model, gate_notes = run_passes(model, [gate])
+        trainable += gate.params
     fw = FwQuantPass([(d, d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT)
     quantized = [d["name"] for d in op_dicts if d["quantized"]]
     model, notes = run_passes(model, [fw, BwMarkerPass(quantized)])
+    if gate is not None:
+        notes = gate_notes + notes
     frozen += [f"{p.name}.{buf}" for p in fw.points if p.kind == "act" for buf in ("run_min", "run_range")]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _generate(model, tmp, trainable, frozen, opts)
+        shapes = forward_shapes(model) if opts.fast_backward else {}
+        _generate(model, tmp, trainable, frozen, opts, gate)
         train_model = onnx.load(str(tmp / TRAINING))
         train_model, n2 = run_passes(train_model, [
             BwQuantPass([(d["name"], d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT, opts.expose_noise),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
-        ])
+        ] + ([SteGradPass(fw.points), ConvGradSplitPass(shapes)] if opts.fast_backward else []))
         onnx.save(train_model, str(tmp / TRAINING))
         eval_model = onnx.load(str(tmp / EVAL))
         eval_model, n3 = run_passes(eval_model, [EvalRangesPass(fw.points), BnEvalFixPass()])
@@ -160,6 +174,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             files={"training": TRAINING, "eval": EVAL, "checkpoint": CHECKPOINT,
                    "optimizer": OPTIMIZER if opts.optimizer == "adamw" else None},
             extra={"trainable": trainable, "frozen": frozen, "notes": notes + n2 + n3},
+            dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
         )
         manifest.write(tmp)
         _install(tmp, out)
@@ -169,19 +184,24 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         raise
 
 
-def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions) -> None:
+def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None) -> None:
     import onnxruntime as ort
     from onnxruntime.training import artifacts
 
     ort.set_default_logger_severity(3)   # the builder logs every transformer at INFO
     _register_gradients()
     optimizer = artifacts.OptimType.AdamW if opts.optimizer == "adamw" else None
+    loss, loss_inputs, extra_outputs = artifacts.LossType.CrossEntropyLoss, None, []
+    if gate is not None:   # CE + the DFQ cost term; cp, bits and choice counts as extra outputs
+        from .passes.dfq_gate import COST_TERM, loss_block
+
+        loss, loss_inputs, extra_outputs = loss_block(), [model.graph.output[0].name, COST_TERM], gate.extra_outputs
     try:
         with _quiet_native_output():
             artifacts.generate_artifacts(
-                model, requires_grad=trainable, frozen_params=frozen, loss=artifacts.LossType.CrossEntropyLoss,
-                optimizer=optimizer, artifact_directory=str(directory),
-                additional_output_names=[model.graph.output[0].name],
+                model, requires_grad=trainable, frozen_params=frozen, loss=loss,
+                optimizer=optimizer, artifact_directory=str(directory), loss_input_names=loss_inputs,
+                additional_output_names=[model.graph.output[0].name] + extra_outputs,
             )
     except Exception as e:
         msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__

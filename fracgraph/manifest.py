@@ -70,6 +70,7 @@ class Manifest:
     grad_noise: str              # "random" (production) | "input" (noise fed as inputs, for exact tests)
     files: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    dfq: dict | None = None      # DFQ artifacts: options, weight bits, granularity, cost weights (passes/dfq_gate.py)
     format: str = FORMAT
     version: int = VERSION
 

@@ -93,6 +93,17 @@ def levels(em: Emitter, bits: str) -> str:
     return name
 
 
+PER_SAMPLE_NODE = "/per_sample_bits"
+
+
+def per_sample_bits(em: Emitter, bits: str) -> bool:
+    """True when `bits` holds one value per sample (DFQ per-sample gates name their producer `...PER_SAMPLE_NODE`)."""
+    producers = getattr(em, "_producers", None)
+    if producers is None:
+        producers = em._producers = {o: n.name for n in em.graph.node for o in n.output}
+    return producers.get(bits, "").endswith(PER_SAMPLE_NODE)
+
+
 def detach_scalar(em: Emitter, x: str, output: str) -> str:
     """Stop-gradient for a scalar: Clip's bounds are stop-gradient edges in ORT's gradient builder."""
     return em.node("Clip", [em.const(0.0), x, x], output)
@@ -141,7 +152,10 @@ def _quantize_with_range(em, x, out, prefix, bits, mn, rg, *, stochastic, train_
         hi = em.node("Add", [lv, em.const(CLAMP_SLACK)], f"{prefix}/hi")
     else:
         lo, hi = em.const(0.0), lv
-    uc = em.node("Clip", [u, lo, hi], f"{prefix}/clamped")
+    if per_sample_bits(em, bits):   # Clip takes scalar bounds only; per-sample levels clamp with Max/Min
+        uc = em.node("Min", [em.node("Max", [u, lo], f"{prefix}/clamped_lo"), hi], f"{prefix}/clamped")
+    else:
+        uc = em.node("Clip", [u, lo, hi], f"{prefix}/clamped")
     r = em.node("Round", [uc], f"{prefix}/rounded")
     d = em.node("Mul", [r, s], f"{prefix}/descaled")
     q = em.node("Add", [d, mn], f"{prefix}/q")

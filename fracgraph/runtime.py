@@ -15,17 +15,25 @@ import numpy as np
 
 from .errors import FracgraphError
 from .manifest import Manifest
+from .passes.dfq_gate import COEF_INPUT as DFQ_COEF_INPUT
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or int(os.environ.get("FRACGRAPH_THREADS", "0")) or (os.cpu_count() or 1)
+    so.intra_op_num_threads = resolve_threads(threads)
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
     return so
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    return threads or int(os.environ.get("FRACGRAPH_THREADS", "0")) or (os.cpu_count() or 1)
 
 
 class SGDMomentum:
@@ -66,11 +74,14 @@ class SGDMomentum:
 class TrainSession:
     """One training run's ORT objects; `step` trains on a batch, `evaluate` predicts with running statistics."""
 
-    def __init__(self, art_dir, checkpoint: str | os.PathLike | None = None, threads: int | None = None, seed: int | None = None):
+    def __init__(self, art_dir, checkpoint: str | os.PathLike | None = None, threads: int | None = None, seed: int | None = None,
+                 profile_prefix: str | None = None):
         import onnxruntime as ort
         from onnxruntime.training import api
 
         self.art = Path(art_dir)
+        self.threads = resolve_threads(threads)
+        # profiling loads no eval session: onnxruntime would name both sessions' traces alike and one would be lost
         self.manifest = Manifest.read(self.art)
         if seed is not None:
             ort.set_seed(int(seed))   # seeds the stochastic-rounding noise kernels created below
@@ -78,8 +89,8 @@ class TrainSession:
         try:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))
             self.module = api.Module(str(self.art / self.manifest.files["training"]), self.state,
-                                     str(self.art / self.manifest.files["eval"]), device="cpu",
-                                     session_options=session_options(threads))
+                                     None if profile_prefix else str(self.art / self.manifest.files["eval"]), device="cpu",
+                                     session_options=session_options(threads, profile_prefix))
         except Exception as e:
             raise FracgraphError(f"{self.art}: onnxruntime cannot load the artifacts ({str(e).splitlines()[0][:200]}); re-run `fracgraph quantize`")
         opt = self.manifest.optimizer
@@ -90,6 +101,8 @@ class TrainSession:
             self.optimizer = SGDMomentum(self.state, trainable, opt["momentum"], opt["weight_decay"])
         self.trainable = trainable
         self._mode = None
+        self._input_names: list[str] | None = None
+        self.last_outputs: dict[str, np.ndarray] = {}
 
     # -- steps ---------------------------------------------------------------------------------------------
     def _set_mode(self, mode: str) -> None:
@@ -97,21 +110,34 @@ class TrainSession:
             self.module.train() if mode == "train" else self.module.eval()
             self._mode = mode
 
-    def forward_backward(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray):
-        """Loss, logits (and any extra outputs); gradients are left in the parameters' .grad buffers."""
-        self._set_mode("train")
-        return self.module(x, np.ascontiguousarray(bits, np.float32), y)
+    def _feed(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, coef: float) -> list:
+        """Positional Module inputs: (x, bits, labels), plus the DFQ cost coefficient (reg * beta) where present."""
+        if self._input_names is None:
+            self._input_names = self.module.input_names()
+        by_name = {self.manifest.input_name: x, self.manifest.precision_input: np.ascontiguousarray(bits, np.float32),
+                   self.manifest.label_name: y, DFQ_COEF_INPUT: np.array(coef, np.float32)}
+        return [by_name[n] for n in self._input_names]
 
-    def step(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, lr: float):
-        outs = self.forward_backward(x, y, bits)
+    def forward_backward(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, coef: float = 0.0):
+        """Loss, logits (and any extra outputs); gradients are left in the parameters' .grad buffers.
+        The outputs of the last call are also kept by name in `last_outputs` (DFQ: cp, bits, choice counts)."""
+        self._set_mode("train")
+        outs = self.module(*self._feed(x, y, bits, coef))
+        self.last_outputs = dict(zip(self.module.output_names(), outs))
+        return outs
+
+    def step(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, lr: float, coef: float = 0.0):
+        outs = self.forward_backward(x, y, bits, coef)
         self.optimizer.set_learning_rate(lr)
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return float(outs[0]), outs[1]
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray):
+        """Test loss and logits (DFQ: the loss without the cost term, coef 0)."""
         self._set_mode("eval")
-        outs = self.module(x, np.ascontiguousarray(bits, np.float32), y)
+        outs = self.module(*self._feed(x, y, bits, 0.0))
+        self.last_outputs = dict(zip(self.module.output_names(), outs))
         return float(outs[0]), outs[1]
 
     # -- state ---------------------------------------------------------------------------------------------

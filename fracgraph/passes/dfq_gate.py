@@ -1,0 +1,360 @@
+"""DFQ: a precision gate per block and the cost output (spec fractrain.md §3.1-§3.4, granularity §5.5).
+
+For block l with input x_l (the tensor at the block's fork point; a single layer's GEMM input):
+
+    e_l = W2·relu(W1·GAP(x_l) + b1) + b2            1x1 convs on the pooled input, written as MatMul (FP32)
+    (h_l, c_l) = LSTMCell(e_l, (h_{l-1}, c_{l-1}))   one cell shared by all blocks, state zero at block 0
+    p_l = softmax(W_o·h_l + b_o)                     over the K (act, grad) options; weights at static bits
+
+Granularity "batch" (default, the rebuttal's hardware-friendly mode): one choice per block per mini-batch,
+c_l = argmax of the batch-mean probability pbar_l = mean_n p_l[n]. The argmax of the mean (rather than a
+majority vote of per-sample one-hots) is the argmax of the very quantity the straight-through mask
+differentiates, and it cannot tie the way votes of a small batch do. Only the chosen precision is computed:
+the block's quantizers read act/grad bits sum_k onehot_k * bits_k computed in-graph from the hard one-hot,
+which carries no gradient. The task loss reaches the gate through the block output multiplied by the chosen
+entry of the ST mask m = onehot + (pbar - stopgrad(pbar)), which is exactly 1 in the forward pass
+(dL/dpbar_c = <dL/dy, y>), the cost through C below.
+
+Granularity "sample" (the released CIFAR code decides per sample): the same gate, one choice per sample; each
+quantizer reads a bits value per sample (broadcast over the sample's elements) against the whole batch's
+range, which is what mixing per-sample the K candidates quantized over the full batch computes (the imnet
+variant, spec §3.3); the output of sample n is multiplied by m[n, c_n]. See `dfq_granularity_note`.
+
+Cost (spec §3.4): cost_k = (a_k w + g_k w + a_k g_k) / 1024 per MAC; C = sum_{l,n,k} m[l,n,k] cost_k F_l (in batch
+mode m[l,n,k] = m_l[k], so C = B sum_{l,k} m_l[k] cost_k F_l); cp = 100 C / (3 B sum_l F_l); the graph output
+`COST_TERM` = coef * C / mean(F), where `coef` (= reg * beta, reg the host's sign controller) is a runtime input.
+F_l = the block's forward MACs ("macs", default: cp is then the gated blocks' real effective-MAC fraction) or 1
+("uniform", the ResNet CIFAR code).
+
+Stop-gradient: ONNX has none; `ReduceMax` over an added axis of size 1 is the identity with no gradient,
+because the build registers an empty gradient for ReduceMax (the quantizer ranges rely on the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..analysis.blocks import _SOURCE, dataflow_graph
+from ..errors import FracgraphError
+from ..quantizers import PER_SAMPLE_NODE, Emitter
+from .base import Pass, PassResult, opset
+
+PREFIX = "dfq::"
+COEF_INPUT = "fracgraph_dfq_coef"          # runtime scalar reg * beta
+COST_TERM = "fracgraph::dfq_cost_term"    # coef * C / mean(F), added to the CE loss
+CP_OUTPUT = "fracgraph::dfq_cp"           # cp of this mini-batch (%), over the gated blocks
+BITS_OUTPUT = "fracgraph::dfq_bits"       # [n_blocks, 3] act, weight, grad bits used (batch mode)
+COUNTS_OUTPUT = "fracgraph::dfq_counts"   # [n_blocks, K] samples per option
+CIFAR_OPTIONS = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
+GRANULARITIES = ("batch", "sample")
+WEIGHTINGS = ("macs", "uniform")
+
+
+@dataclass
+class DfqOptions:
+    options: list = field(default_factory=lambda: [list(o) for o in CIFAR_OPTIONS])   # (act bits, grad bits)
+    weight_bits: int = 4
+    granularity: str = "batch"
+    cost_weighting: str = "macs"
+    gate_dim: int = 32
+    embed_dim: int = 16
+    hidden: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        self.options = [[int(a), int(g)] for a, g in self.options]
+        if len(self.options) < 2:
+            raise FracgraphError(f"DFQ needs at least 2 precision options, got {self.options}")
+        for a, g in self.options:
+            if not (1 <= a <= 32 and 1 <= g <= 32):
+                raise FracgraphError(f"DFQ option {a}/{g}: FW and BW bits must be in 1..32 (a skip option is not "
+                                     f"supported)")
+        if not 1 <= int(self.weight_bits) <= 32:
+            raise FracgraphError(f"--weight-bits must be in 1..32, got {self.weight_bits}")
+        if self.granularity not in GRANULARITIES:
+            raise FracgraphError(f"DFQ granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.cost_weighting not in WEIGHTINGS:
+            raise FracgraphError(f"DFQ cost weighting must be one of {', '.join(WEIGHTINGS)}, got {self.cost_weighting!r}")
+
+    def unit_costs(self) -> np.ndarray:
+        """[K, 3] fraction of an FP32 MAC of the forward, error and weight-gradient GEMM of each option."""
+        w = float(self.weight_bits)
+        return np.array([[a * w, g * w, a * g] for a, g in self.options], np.float64) / 1024.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_options(text: str) -> list[list[int]]:
+    """'3/6,4/6,4/8' -> [[3, 6], [4, 6], [4, 8]]."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            a, g = item.split("/")
+            out.append([int(a), int(g)])
+        except ValueError:
+            raise FracgraphError(f"--options item {item!r} is not FW/BW bits like 4/8; write e.g. 3/6,4/6,4/8,6/8,6/12")
+    return out
+
+
+def block_ports(model: onnx.ModelProto, blocks, gemm_inputs: dict[str, str]) -> list[tuple[str, str]]:
+    """(input tensor, output tensor) of every block: a residual block's fork output and its Add's output;
+    a single layer's GEMM input and output."""
+    g = dataflow_graph(model)
+    idom = nx.immediate_dominators(g, _SOURCE)
+    nodes = {n.name: n for n in model.graph.node}
+    data_in = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    ports = []
+    for b in blocks:
+        if b.kind == "residual":
+            add = nodes[b.name.split("@", 1)[1]]
+            fork = idom[add.name]
+            if fork == _SOURCE:
+                x = data_in
+            else:
+                inside = nx.descendants(g, fork)
+                outs = [o for o in nodes[fork].output if any(o in nodes[c].input for c in g.successors(fork) if c in inside)]
+                x = outs[0]
+            ports.append((x, add.output[0]))
+        else:
+            gemm = nodes[b.ops[0]]
+            ports.append((gemm_inputs[gemm.name], gemm.output[0]))
+    return ports
+
+
+class DfqGatePass(Pass):
+    """Insert the gates, the shared LSTM, the per-block bits and the cost outputs (forward graph)."""
+
+    name = "dfq-gate"
+
+    def __init__(self, blocks, op_dicts: list[dict], options: DfqOptions, precision_input: str):
+        self.blocks = blocks
+        self.op_dicts = op_dicts
+        self.opts = options
+        self.precision_input = precision_input
+        self.params: list[str] = []           # trainable gate parameters (FP32)
+        self.block_macs = np.zeros(len(blocks))
+        for d in op_dicts:
+            if d.get("quantized") and d.get("block") is not None:
+                self.block_macs[d["block"]] += d["macs"]
+
+    def requires(self, model):
+        names = {i.name for i in model.graph.input}
+        assert self.precision_input in names, f"precision input {self.precision_input} missing"
+        assert self.blocks, "no blocks to gate"
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def _param(self, model, name: str, value: np.ndarray) -> str:
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+        self.params.append(name)
+        return name
+
+    def call(self, model):
+        o = self.opts
+        K = len(o.options)
+        rng = np.random.default_rng(o.seed)
+        shapes = _channel_counts(model)
+        em = Emitter(model.graph, opset(model))
+        P = PREFIX
+        gemm_inputs = {n.name: n.input[0] for n in model.graph.node}
+        ports = block_ports(model, self.blocks, gemm_inputs)
+        nodes_by_output = {out: n for n in model.graph.node for out in n.output}
+
+        H, E, G = o.hidden, o.embed_dim, o.gate_dim
+        bound = 1.0 / np.sqrt(H)          # PyTorch's LSTM default init
+        w_ih = self._param(model, f"{P}lstm/w_ih", rng.uniform(-bound, bound, (E, 4 * H)))
+        w_hh_init = rng.uniform(-bound, bound, (H, 4 * H))   # drawn even when unused: same init for any depth
+        b_ih = self._param(model, f"{P}lstm/b_ih", rng.uniform(-bound, bound, (4 * H,)))
+        b_hh = self._param(model, f"{P}lstm/b_hh", rng.uniform(-bound, bound, (4 * H,)))
+        lstm_bias = em.node("Add", [b_ih, b_hh], f"{P}lstm/bias")
+        w_o = self._param(model, f"{P}proj/w", rng.normal(0, np.sqrt(2.0 / (H * K)), (H, K)))
+        b_o = self._param(model, f"{P}proj/b", np.zeros(K))
+
+        acts = em.const(np.array([[a] for a, _ in o.options], np.float32))     # [K, 1]
+        grads = em.const(np.array([[g] for _, g in o.options], np.float32))
+        unit = o.unit_costs().sum(1)                     # cost_fw + cost_eb + cost_gc per option
+        F = self.block_macs if o.cost_weighting == "macs" else np.ones(len(self.blocks))
+        batch = em.node("Shape", [ports[0][0]], f"{P}batch/shape", start=0, end=1) if em.opset >= 15 else \
+            em.node("Slice", [em.node("Shape", [ports[0][0]], f"{P}batch/shape_all"), em.const([0], np.int64),
+                              em.const([1], np.int64)], f"{P}batch/shape")
+        batch_f = em.node("Cast", [batch], f"{P}batch/f", to=TensorProto.FLOAT)
+        batch_s = em.node("Reshape", [batch_f, em.const([], np.int64)], f"{P}batch/n")
+        h = c = None
+        cost_terms, bits_rows, counts_rows = [], [], []
+        notes = []
+        for l, (b, (x, y)) in enumerate(zip(self.blocks, ports)):
+            q = f"{P}b{l}"
+            C_in = shapes.get(x)
+            if C_in is None:
+                raise ValueError(f"channel count of block {l} input {x} unknown (shape inference)")
+            w1 = self._param(model, f"{q}/w1", rng.normal(0, np.sqrt(2.0 / G), (C_in, G)))
+            b1 = self._param(model, f"{q}/b1", np.zeros(G))
+            w2 = self._param(model, f"{q}/w2", rng.normal(0, np.sqrt(2.0 / E), (G, E)))
+            b2 = self._param(model, f"{q}/b2", np.zeros(E))
+            rank = shapes.get(("rank", x))
+            pooled = em.node("GlobalAveragePool", [x], f"{q}/gap") if rank and rank > 2 else x
+            flat = em.node("Flatten", [pooled], f"{q}/flat", axis=1)
+            z1 = em.node("Add", [em.node("MatMul", [flat, w1], f"{q}/mm1"), b1], f"{q}/z1")
+            r1 = em.node("Relu", [z1], f"{q}/r1")
+            emb = em.node("Add", [em.node("MatMul", [r1, w2], f"{q}/mm2"), b2], f"{q}/emb")
+            # LSTM cell, PyTorch gate order i, f, g, o
+            gx = em.node("MatMul", [emb, w_ih], f"{q}/lstm/mx")
+            if h is not None:
+                w_hh = f"{P}lstm/w_hh"
+                if w_hh not in self.params:
+                    self._param(model, w_hh, w_hh_init)
+                gx = em.node("Add", [gx, em.node("MatMul", [h, w_hh], f"{q}/lstm/mh")], f"{q}/lstm/mxh")
+            # zero state at block 0: W_hh h = 0; one bias sum for all blocks (a parameter used by several
+            # broadcasting Adds gets gradients whose shapes ORT's accumulation cannot reconcile)
+            gates = em.node("Add", [gx, lstm_bias], f"{q}/lstm/gates")
+            parts = [em.node("Slice", [gates, em.const([j * H], np.int64), em.const([(j + 1) * H], np.int64),
+                                       em.const([1], np.int64)], f"{q}/lstm/{s}_pre") for j, s in enumerate("ifgo")]
+            i_g = em.node("Sigmoid", [parts[0]], f"{q}/lstm/i")
+            g_g = em.node("Tanh", [parts[2]], f"{q}/lstm/g")
+            o_g = em.node("Sigmoid", [parts[3]], f"{q}/lstm/o")
+            ig = em.node("Mul", [i_g, g_g], f"{q}/lstm/ig")
+            # f * c with c = 0 at block 0 (written out: ORT fuses the Slices into a Split, whose gradient drops
+            # the slot of an unused output)
+            f_g = em.node("Sigmoid", [parts[1]], f"{q}/lstm/f")
+            c = em.node("Add", [em.node("Mul", [f_g, c if c is not None else em.const(0.0)], f"{q}/lstm/fc"), ig],
+                        f"{q}/lstm/c")
+            h = em.node("Mul", [o_g, em.node("Tanh", [c], f"{q}/lstm/tc")], f"{q}/lstm/h")
+            logits = em.node("Add", [em.node("MatMul", [h, w_o], f"{q}/proj/mm"), b_o], f"{q}/logits")
+            p = em.node("Softmax", [logits], f"{q}/p", axis=-1)
+            # a trailing axis of size 1 throughout, so the stop-gradient is ReduceMax over it on the very tensor
+            # (a ReduceMax input must have another consumer that carries its gradient)
+            p3 = em.node("Unsqueeze", [p, em.const([-1], np.int64)], f"{q}/p3")           # [B, K, 1]
+            batch_mode = o.granularity == "batch"
+            if batch_mode:
+                soft = _reduce_mean(em, p3, f"{q}/pbar", [0])                             # [K, 1]
+                opt_axis, all_axes, keep_axes = 0, [0, 1], [0, 1]
+            else:
+                soft = p3
+                opt_axis, all_axes, keep_axes = 1, [0, 1, 2], [1, 2]
+            idx = em.node("ArgMax", [soft], f"{q}/choice", axis=opt_axis, keepdims=0)     # [1] or [B, 1]
+            hard = em.node("OneHot", [idx, em.const(K, np.int64), em.const([0.0, 1.0])], f"{q}/hard",
+                           axis=opt_axis)                                                 # like soft
+            sg = em.reduce("ReduceMax", soft, f"{q}/soft_sg", [-1], 1)
+            mask = em.node("Add", [hard, em.node("Sub", [soft, sg], f"{q}/st")], f"{q}/mask")   # = hard forward
+            # the chosen entry of the mask (1 forward) scales the block output: the task-loss path into the gate
+            m_c = em.node("ReduceSum", [em.node("Mul", [mask, hard], f"{q}/mask_sel"), em.const(keep_axes, np.int64)],
+                          f"{q}/m_chosen", keepdims=0)                                    # [] or [B]
+            # bits per block (or per sample), from the hard one-hot only: no gradient
+            a_bits = em.node("ReduceSum", [em.node("Mul", [hard, acts], f"{q}/a_k"), em.const(keep_axes, np.int64)],
+                             f"{q}/a_bits", keepdims=0)
+            g_bits = em.node("ReduceSum", [em.node("Mul", [hard, grads], f"{q}/g_k"), em.const(keep_axes, np.int64)],
+                             f"{q}/g_bits", keepdims=0)
+            bits_name = f"{self.precision_input}::b{l}"
+            if batch_mode:
+                em.node("Identity", [a_bits], f"{bits_name}.act")
+                em.node("Identity", [g_bits], f"{bits_name}.grad")
+                a_row, g_row = a_bits, g_bits
+                counts = em.node("Reshape", [em.node("Mul", [hard, batch_s], f"{q}/counts_k1"), em.const([K], np.int64)],
+                                 f"{q}/counts")
+            else:   # per-sample values broadcast over each sample's elements
+                in_rank, out_rank = shapes.get(("rank", x)) or 4, shapes.get(("rank", y)) or 4
+                for col, v, rank in (("act", a_bits, in_rank), ("grad", g_bits, out_rank)):
+                    em.node("Identity", [v], f"{bits_name}.{col}/v")   # reserve the name
+                    em.nodes.append(helper.make_node("Reshape", [v, em.const([-1] + [1] * (rank - 1), np.int64)],
+                                                     [f"{bits_name}.{col}"], name=f"{q}/{col}{PER_SAMPLE_NODE}"))
+                m_c = em.node("Reshape", [m_c, em.const([-1] + [1] * (out_rank - 1), np.int64)], f"{q}/m_chosen_b")
+                a_row, g_row = _reduce_mean(em, a_bits, f"{q}/a_mean", [0], 0), _reduce_mean(em, g_bits, f"{q}/g_mean", [0], 0)
+                counts = em.node("ReduceSum", [hard, em.const([0, 2], np.int64)], f"{q}/counts", keepdims=0)
+            # rewire: the producer of y writes y::dfq_pre; y = y::dfq_pre * m_c
+            prod = nodes_by_output[y]
+            pre = f"{y}::dfq_pre"
+            prod.output[list(prod.output).index(y)] = pre
+            em.nodes.append(helper.make_node("Mul", [pre, m_c], [y], name=f"{q}/scale_output"))   # y keeps its name
+            # cost: sum over samples and options of mask * unit cost, times F_l / mean(F)
+            unit_c = em.const(unit.reshape(K, 1).astype(np.float32))
+            per = em.node("ReduceSum", [em.node("Mul", [mask, unit_c], f"{q}/cost_k"), em.const(all_axes, np.int64)],
+                          f"{q}/cost_unit", keepdims=0)
+            if batch_mode:
+                per = em.node("Mul", [per, batch_s], f"{q}/cost_batch")
+            cost_terms.append(em.node("Mul", [per, em.const(np.float32(F[l] / F.mean()))], f"{q}/cost"))
+            counts_rows.append(em.node("Unsqueeze", [counts, em.const([0], np.int64)], f"{q}/counts_row"))
+            row = em.node("Concat", [em.node("Reshape", [v, em.const([1], np.int64)], f"{q}/row{j}")
+                                     for j, v in enumerate((a_row, em.const([float(o.weight_bits)]), g_row))],
+                          f"{q}/bits_row", axis=0)
+            bits_rows.append(em.node("Unsqueeze", [row, em.const([0], np.int64)], f"{q}/bits_row2"))
+            notes.append(f"{b.name}: gate on {x}, output {y} scaled by the chosen mask entry ({o.granularity})")
+
+        total = cost_terms[0]
+        for l, term in enumerate(cost_terms[1:], 1):    # Add chain: ORT has no gradient for Sum
+            total = em.node("Add", [total, term], f"{P}C_norm/{l}")
+        total = em.node("Identity", [total], f"{P}C_norm")
+        # C_norm = C / mean(F); cp = 100 C / (3 B sum F) = 100 C_norm mean(F) / (3 B sum F) = 100 C_norm / (3 B n)
+        cp = em.node("Div", [total, em.node("Mul", [batch_s, em.const(np.float32(3.0 * len(self.blocks) / 100.0))],
+                                            f"{P}cp_den")], CP_OUTPUT)
+        em.node("Mul", [total, COEF_INPUT], COST_TERM)
+        em.node("Concat", bits_rows, BITS_OUTPUT, axis=0)
+        em.node("Concat", counts_rows, COUNTS_OUTPUT, axis=0)
+        # the per-sample grad bits have no forward consumer; an output keeps them in the training graph
+        keep = []
+        if o.granularity == "sample":
+            keep = [em.node("Concat", [em.node("Reshape", [f"{self.precision_input}::b{l}.grad", em.const([-1], np.int64)],
+                                               f"{P}b{l}/g_flat") for l in range(len(self.blocks))], f"{P}grad_bits", axis=0)]
+        em.flush()
+        model.graph.input.append(helper.make_tensor_value_info(COEF_INPUT, TensorProto.FLOAT, []))
+        n = len(self.blocks)
+        model.graph.output.extend([
+            helper.make_tensor_value_info(COST_TERM, TensorProto.FLOAT, []),
+            helper.make_tensor_value_info(CP_OUTPUT, TensorProto.FLOAT, []),
+            helper.make_tensor_value_info(BITS_OUTPUT, TensorProto.FLOAT, [n, 3]),
+            helper.make_tensor_value_info(COUNTS_OUTPUT, TensorProto.FLOAT, [n, K]),
+        ] + [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["grad_bits"]) for k in keep])
+        self.extra_outputs = [CP_OUTPUT, BITS_OUTPUT, COUNTS_OUTPUT] + keep
+        self.cost_scale = {"F": F.tolist(), "mean_F": float(F.mean()), "unit_costs": o.unit_costs().tolist()}
+        return PassResult(model, True, notes)
+
+    def ensures(self, model):
+        outs = {n for node in model.graph.node for n in node.output}
+        for l in range(len(self.blocks)):
+            for col in ("act", "grad"):
+                assert f"{self.precision_input}::b{l}.{col}" in outs, f"block {l} {col} bits not produced"
+        assert COST_TERM in outs and CP_OUTPUT in outs
+
+
+def _reduce_mean(em: Emitter, x: str, output: str, axes: list[int], keepdims: int = 0) -> str:
+    if em.opset >= 18:
+        return em.node("ReduceMean", [x, em.const(axes, np.int64)], output, keepdims=keepdims)
+    return em.node("ReduceMean", [x], output, axes=axes, keepdims=keepdims)
+
+
+def _channel_counts(model: onnx.ModelProto) -> dict:
+    """tensor -> channel count (dim 1) and ("rank", tensor) -> rank, from shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) >= 2 and dims[1].HasField("dim_value"):
+            out[vi.name] = dims[1].dim_value
+        if vi.type.tensor_type.HasField("shape"):
+            out[("rank", vi.name)] = len(dims)
+    return out
+
+
+def loss_block(cost_term: str = COST_TERM):
+    """An onnxblock loss: mean cross-entropy of the logits plus the graph's cost term (both rank 0)."""
+    from onnxruntime.training import onnxblock
+
+    class CrossEntropyPlusCost(onnxblock.Block):
+        def __init__(self):
+            super().__init__()
+            self.ce = onnxblock.loss.CrossEntropyLoss()
+
+        def build(self, logits_name: str, cost_name: str):
+            ce = self.ce(logits_name)
+            out = "fracgraph::ce_plus_cost"
+            self.base.graph.node.append(helper.make_node("Add", [ce, cost_name], [out], name=out))
+            return out
+
+    return CrossEntropyPlusCost()
