@@ -13,8 +13,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pret
 
 def _fail(message: str, code: int = 2):
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets (paths, "fracgraph[ray]") that rich would read as markup
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -292,3 +294,69 @@ def report(
     if bad:
         _fail(f"--hw {bad[0]!r}: choose bitfusion, eyeriss, fpga or all")
     typer.echo(str(write_report(runs, output, baseline=baseline, hw_names=names)))
+
+
+@app.command()
+@cli_errors
+def sweep(
+    target: str = typer.Argument(..., help="An artifact directory, or an ONNX model (quantized once into SWEEP/artifacts)."),
+    output: str = typer.Option(..., "-o", "--output", help="Sweep directory: points/NAME/ runs, results.json/.csv, pareto.png, report/."),
+    grid: list[str] = typer.Option(..., "--grid", help="NAME=V1,V2,... over a training parameter (repeatable; list values as 3:4:6:8)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster to use: auto or HOST:PORT (default: a local Ray instance)."),
+    workers: int = typer.Option(None, "--workers", help="Points trained at once (default: CPUs / --threads)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads per point (default: CPUs / --workers)."),
+    baseline: str = typer.Option(None, "--baseline", help="Point the report measures savings against (default: the first)."),
+    schedule: str = typer.Option("static", "--schedule", help="static or pfq."),
+    fw: int = typer.Option(8, "--fw", help="Static FW bits (0 = FP32)."),
+    bw: int = typer.Option(8, "--bw", help="Static BW bits (0 = FP32)."),
+    fw_schedule: str = typer.Option("3,4,6,8", "--fw-schedule", help="PFQ FW bits per stage."),
+    bw_schedule: str = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage."),
+    eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
+    alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
+    data: str = typer.Option(None, "--data", help="As for train; default: scikit-learn digits."),
+    iters: int = typer.Option(200, "--iters", help="Training iterations per point."),
+    epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),
+    batch: int = typer.Option(128, "--batch"),
+    lr: float = typer.Option(0.1, "--lr"),
+    lr_schedule: str = typer.Option("step", "--lr-schedule", help="step, cosine or constant."),
+    seed: int = typer.Option(0, "--seed"),
+    eval_batches: int = typer.Option(None, "--eval-batches", help="Limit test batches per evaluation."),
+) -> None:
+    """Train a grid of configurations as Ray tasks; results table, accuracy-vs-cost Pareto plot and HTML report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rich.markup import escape
+
+    from fracgraph.sweep import run_sweep
+
+    base = dict(schedule=schedule, fw=fw, bw=bw, fw_schedule=_int_list(fw_schedule, "--fw-schedule"),
+                bw_schedule=_int_list(bw_schedule, "--bw-schedule"), eps=eps, alpha=alpha, data=data, iters=iters,
+                epoch_iters=epoch_iters, batch=batch, lr=lr, lr_schedule=lr_schedule, seed=seed,
+                eval_batches=eval_batches)
+    con = Console()
+
+    def on_point(p) -> None:
+        if p.status == "failed":
+            con.print(f"[red]failed[/red] {escape(p.name)}: {escape(p.error or '')}", highlight=False, soft_wrap=True)
+        else:
+            s = p.summary
+            con.print(f"{'skipped (finished)' if p.status == 'skipped' else 'done'} {p.name}: final test "
+                      f"{100 * (s['final_test_acc'] or 0):.2f}% at {s['cum_eff_gmacs']:.4g} eff. GMACs "
+                      f"({s['wall_s']:.1f} s)", highlight=False, soft_wrap=True)
+
+    res = run_sweep(target, output, base, grid, address=address, workers=workers, threads=threads,
+                    baseline=baseline, on_point=on_point)
+    t = Table(title=f"sweep {output}")
+    for col in ("point", "status", "final acc", "eff. GMACs", "mean cp", "Pareto"):
+        t.add_column(col)
+    for r in res["table"]:
+        t.add_row(r["point"], r["status"], "-" if r["final_test_acc"] is None else f"{100 * r['final_test_acc']:.2f}%",
+                  "-" if r["cum_eff_gmacs"] is None else f"{r['cum_eff_gmacs']:.4g}",
+                  "-" if r["mean_cp"] is None else f"{r['mean_cp']:.2f}%", "*" if r["pareto"] else "")
+    con.print(t)
+    for k in ("results_csv", "pareto", "report"):
+        if res[k]:
+            con.print(f"{k}: {res[k]}", highlight=False)
+    if res["failed"]:
+        _fail(f"{res['failed']} of {len(res['points'])} point(s) failed (see above); the others are in the results", 1)

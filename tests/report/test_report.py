@@ -32,14 +32,14 @@ def runs(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("report")
     build_artifacts(export("digitnet", d / "dn.onnx"), d / "art")
-    common = dict(artifacts=str(d / "art"), iters=24, epoch_iters=4, batch=64, lr=0.1)
+    common = dict(artifacts=str(d / "art"), iters=16, epoch_iters=4, batch=64, lr=0.1)
     train(TrainConfig(run_dir=str(d / "static8"), schedule="static", **common))
     train(TrainConfig(run_dir=str(d / "pfq"), schedule="pfq", eps=0.5, alpha=0.5, **common))
     # per-block choices that change every few steps, as a DFQ run records them
     shutil.copytree(d / "static8", d / "dfq")
     rng = np.random.default_rng(1)
     options = np.array([[3, 4, 6], [4, 4, 8], [6, 4, 8]], np.float32)
-    per_step = [options[rng.integers(0, 3, 3)] for _ in range(24)]
+    per_step = [options[rng.integers(0, 3, 3)] for _ in range(16)]
     rec = TraceRecorder()
     for s, b in enumerate(per_step):
         rec.record(s, b)
@@ -53,12 +53,12 @@ def runs(tmp_path_factory):
 def test_trace_lookup_and_choice_histogram_match_a_per_step_count(runs):
     d, per_step = runs
     run = load_run(d / "dfq")
-    assert np.array_equal(run.bits_at(np.arange(24)), np.stack(per_step))
+    assert np.array_equal(run.bits_at(np.arange(16)), np.stack(per_step))
     counts, n_blocks = figures.choice_histogram(run)
     expected = collections.Counter((b, tuple(float(v) for v in bits[b])) for bits in per_step for b in range(3))
     got = {(b, key): int(c[b]) for key, c in counts.items() for b in range(n_blocks) if c[b]}
     assert got == dict(expected)
-    assert sum(c.sum() for c in counts.values()) == 24 * 3
+    assert sum(c.sum() for c in counts.values()) == 16 * 3
 
 
 def test_pareto_front_by_hand():
@@ -73,11 +73,17 @@ def _section(page: str, sid: str) -> str:
     return m.group(1)
 
 
-def test_report_page_is_self_contained_and_shows_the_run_numbers(runs, tmp_path):
+@pytest.fixture(scope="module")
+def report_page(runs):
     d, _ = runs
-    page_path = write_report([d / "static8", d / "pfq", d / "dfq"], tmp_path / "rep", baseline="static8",
-                             hw_names=["bitfusion", "eyeriss"])
-    page = page_path.read_text()
+    return write_report([d / "static8", d / "pfq", d / "dfq"], d / "rep", baseline="static8",
+                        hw_names=["bitfusion", "eyeriss"])
+
+
+def test_report_page_is_self_contained_and_shows_the_run_numbers(runs, report_page):
+    d, _ = runs
+    page = report_page.read_text()
+    rep_dir = report_page.parent
     for sid in ("summary", "trajectory", "precision", "choices", "hardware"):
         _section(page, sid)
     # nothing fetched: no scripts, no stylesheets, every image an embedded PNG identical to the file beside it
@@ -87,10 +93,10 @@ def test_report_page_is_self_contained_and_shows_the_run_numbers(runs, tmp_path)
     assert len(srcs) == len(re.findall(r"<img ", page)) >= 7
     for b64, name in srcs:
         data = base64.b64decode(b64)
-        assert data.startswith(PNG_MAGIC) and data == (tmp_path / "rep" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and data == (rep_dir / name).read_bytes()
     from PIL import Image
 
-    with Image.open(tmp_path / "rep" / "trajectory.png") as im:
+    with Image.open(rep_dir / "trajectory.png") as im:
         assert im.size[0] > 500 and len(np.unique(np.asarray(im.convert("L")))) > 20
 
     # summary: the numbers of summary.json, and the saving computed against the chosen baseline
@@ -103,7 +109,7 @@ def test_report_page_is_self_contained_and_shows_the_run_numbers(runs, tmp_path)
     # choices: the DFQ-like run gets a histogram, the static run one line
     choices = _section(page, "choices")
     assert "choices-dfq.png" in choices and "choices-static8.png" not in choices
-    assert "used FW8/BW8 for all 24 steps" in choices
+    assert "used FW8/BW8 for all 16 steps" in choices
     # hardware: the estimate over each run's trace
     from fracgraph.analysis.estimate import report
 
@@ -189,11 +195,10 @@ def _page_requests(netlog: Path) -> list[str]:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install chromium; "
                                                    ".ci/run installs it when it runs as root)")
-def test_html_renders_in_headless_chromium_without_network(runs, tmp_path):
+def test_html_renders_in_headless_chromium_without_network(report_page, tmp_path):
     from PIL import Image
 
-    d, _ = runs
-    page = write_report([d / "static8", d / "pfq", d / "dfq"], tmp_path / "rep", hw_names=["bitfusion"])
+    page = report_page
     shot = tmp_path / "shot.png"
     r = _chromium(tmp_path, page, f"--screenshot={shot}", "--window-size=1400,2400",
                   f"--log-net-log={tmp_path / 'net.json'}")
