@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import FracgraphError
 from .manifest import Manifest
-from .passes.dfq_gate import COEF_INPUT as DFQ_COEF_INPUT
+from .passes.dfq_gate import BETA_INPUT, TARGET_INPUT
 
 
 def session_options(threads: int | None = None, profile_prefix: str | None = None):
@@ -110,33 +110,34 @@ class TrainSession:
             self.module.train() if mode == "train" else self.module.eval()
             self._mode = mode
 
-    def _feed(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, coef: float) -> list:
-        """Positional Module inputs: (x, bits, labels), plus the DFQ cost coefficient (reg * beta) where present."""
+    def _feed(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, target: float, beta: float) -> list:
+        """Positional Module inputs: (x, bits, labels), plus the DFQ cp target and cost weight where present."""
         if self._input_names is None:
             self._input_names = self.module.input_names()
         by_name = {self.manifest.input_name: x, self.manifest.precision_input: np.ascontiguousarray(bits, np.float32),
-                   self.manifest.label_name: y, DFQ_COEF_INPUT: np.array(coef, np.float32)}
+                   self.manifest.label_name: y, TARGET_INPUT: np.array(target, np.float32),
+                   BETA_INPUT: np.array(beta, np.float32)}
         return [by_name[n] for n in self._input_names]
 
-    def forward_backward(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, coef: float = 0.0):
+    def forward_backward(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, target: float = 0.0, beta: float = 0.0):
         """Loss, logits (and any extra outputs); gradients are left in the parameters' .grad buffers.
         The outputs of the last call are also kept by name in `last_outputs` (DFQ: cp, bits, choice counts)."""
         self._set_mode("train")
-        outs = self.module(*self._feed(x, y, bits, coef))
+        outs = self.module(*self._feed(x, y, bits, target, beta))
         self.last_outputs = dict(zip(self.module.output_names(), outs))
         return outs
 
-    def step(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, lr: float, coef: float = 0.0):
-        outs = self.forward_backward(x, y, bits, coef)
+    def step(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray, lr: float, target: float = 0.0, beta: float = 0.0):
+        outs = self.forward_backward(x, y, bits, target, beta)
         self.optimizer.set_learning_rate(lr)
         self.optimizer.step()
         self.module.lazy_reset_grad()
         return float(outs[0]), outs[1]
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, bits: np.ndarray):
-        """Test loss and logits (DFQ: the loss without the cost term, coef 0)."""
+        """Test loss and logits (DFQ: the loss without the cost term, beta 0)."""
         self._set_mode("eval")
-        outs = self.module(*self._feed(x, y, bits, 0.0))
+        outs = self.module(*self._feed(x, y, bits, 0.0, 0.0))
         self.last_outputs = dict(zip(self.module.output_names(), outs))
         return float(outs[0]), outs[1]
 

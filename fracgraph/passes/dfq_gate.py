@@ -22,7 +22,8 @@ variant, spec §3.3); the output of sample n is multiplied by m[n, c_n]. See `df
 
 Cost (spec §3.4): cost_k = (a_k w + g_k w + a_k g_k) / 1024 per MAC; C = sum_{l,n,k} m[l,n,k] cost_k F_l (in batch
 mode m[l,n,k] = m_l[k], so C = B sum_{l,k} m_l[k] cost_k F_l); cp = 100 C / (3 B sum_l F_l); the graph output
-`COST_TERM` = coef * C / mean(F), where `coef` (= reg * beta, reg the host's sign controller) is a runtime input.
+`COST_TERM` = reg * beta * C / mean(F) with the sign controller reg = -1 if cp < target else +1 computed in-graph
+from this very batch's cp, as the reference does; target (cp %) and beta are runtime inputs (beta 0: no cost term).
 F_l = the block's forward MACs ("macs", default: cp is then the gated blocks' real effective-MAC fraction) or 1
 ("uniform", the ResNet CIFAR code).
 
@@ -45,8 +46,9 @@ from ..quantizers import PER_SAMPLE_NODE, Emitter
 from .base import Pass, PassResult, opset
 
 PREFIX = "dfq::"
-COEF_INPUT = "fracgraph_dfq_coef"          # runtime scalar reg * beta
-COST_TERM = "fracgraph::dfq_cost_term"    # coef * C / mean(F), added to the CE loss
+TARGET_INPUT = "fracgraph_dfq_target"     # runtime scalar: the cp target (%)
+BETA_INPUT = "fracgraph_dfq_beta"         # runtime scalar: the cost weight beta (0 = no cost term)
+COST_TERM = "fracgraph::dfq_cost_term"    # reg * beta * C / mean(F), added to the CE loss
 CP_OUTPUT = "fracgraph::dfq_cp"           # cp of this mini-batch (%), over the gated blocks
 BITS_OUTPUT = "fracgraph::dfq_bits"       # [n_blocks, 3] act, weight, grad bits used (batch mode)
 COUNTS_OUTPUT = "fracgraph::dfq_counts"   # [n_blocks, K] samples per option
@@ -294,7 +296,9 @@ class DfqGatePass(Pass):
         # C_norm = C / mean(F); cp = 100 C / (3 B sum F) = 100 C_norm mean(F) / (3 B sum F) = 100 C_norm / (3 B n)
         cp = em.node("Div", [total, em.node("Mul", [batch_s, em.const(np.float32(3.0 * len(self.blocks) / 100.0))],
                                             f"{P}cp_den")], CP_OUTPUT)
-        em.node("Mul", [total, COEF_INPUT], COST_TERM)
+        below = em.node("Less", [cp, TARGET_INPUT], f"{P}below_target")
+        reg = em.node("Where", [below, em.const(-1.0), em.const(1.0)], f"{P}reg")
+        em.node("Mul", [em.node("Mul", [total, reg], f"{P}reg_C"), BETA_INPUT], COST_TERM)
         em.node("Concat", bits_rows, BITS_OUTPUT, axis=0)
         em.node("Concat", counts_rows, COUNTS_OUTPUT, axis=0)
         # the per-sample grad bits have no forward consumer; an output keeps them in the training graph
@@ -303,7 +307,8 @@ class DfqGatePass(Pass):
             keep = [em.node("Concat", [em.node("Reshape", [f"{self.precision_input}::b{l}.grad", em.const([-1], np.int64)],
                                                f"{P}b{l}/g_flat") for l in range(len(self.blocks))], f"{P}grad_bits", axis=0)]
         em.flush()
-        model.graph.input.append(helper.make_tensor_value_info(COEF_INPUT, TensorProto.FLOAT, []))
+        model.graph.input.extend([helper.make_tensor_value_info(TARGET_INPUT, TensorProto.FLOAT, []),
+                                  helper.make_tensor_value_info(BETA_INPUT, TensorProto.FLOAT, [])])
         n = len(self.blocks)
         model.graph.output.extend([
             helper.make_tensor_value_info(COST_TERM, TensorProto.FLOAT, []),
