@@ -90,7 +90,7 @@ def test_report_page_is_self_contained_and_shows_the_run_numbers(runs, report_pa
     assert "<script" not in page and "<link" not in page and "@import" not in page
     assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', page)
     srcs = re.findall(r'<img src="data:image/png;base64,([^"]+)"[^>]*title="([^"]+)"', page)
-    assert len(srcs) == len(re.findall(r"<img ", page)) >= 7
+    assert len(srcs) == len(re.findall(r"<img ", page)) >= 6
     for b64, name in srcs:
         data = base64.b64decode(b64)
         assert data.startswith(PNG_MAGIC) and data == (rep_dir / name).read_bytes()
@@ -211,7 +211,7 @@ def test_html_renders_in_headless_chromium_without_network(report_page, tmp_path
     dom = _chromium(tmp_path, page, "--dump-dom").stdout.decode()
     for sid in ("summary", "trajectory", "precision", "choices", "hardware"):
         assert f'<section id="{sid}">' in dom
-    assert dom.count('<img src="data:image/png;base64,') >= 7
+    assert dom.count('<img src="data:image/png;base64,') >= 6
 
     # the detector itself: a page with a remote image and stylesheet is caught
     bad = tmp_path / "bad.html"
