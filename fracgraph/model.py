@@ -16,6 +16,7 @@ from onnx import numpy_helper, shape_inference, version_converter
 
 from .analysis.optable import GEMM_OPS
 from .errors import FracgraphError
+from .memory import check_fits, fmt_bytes
 
 MAX_OPSET = 21
 MIN_OPSET = 13
@@ -27,18 +28,59 @@ _NONDETERMINISTIC = {"RandomUniform", "RandomNormal", "RandomUniformLike", "Rand
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse an ONNX file (and its external data, which must stay inside the model's directory)."""
+    """Parse an ONNX file (and its external data, which must stay inside the model's directory).
+
+    Sizes are checked before anything large is read: the file against available memory, every initializer's
+    declared shape against its stored bytes, and the sum of declared weight sizes against available memory.
+    """
     p = Path(path)
     if not p.is_file():
         raise FracgraphError(f"{p}: no such file; pass the path of an .onnx model")
+    # parsing holds the file's bytes and the decoded message at once
+    check_fits(2 * p.stat().st_size, f"{p} ({fmt_bytes(p.stat().st_size)} on disk)",
+               "use a smaller model or a machine with more memory")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:  # protobuf raises several types for garbage input
         raise FracgraphError(f"{p}: not a readable ONNX model ({type(e).__name__}); check the file is a complete .onnx export")
     if not model.graph.node:
         raise FracgraphError(f"{p}: the ONNX model has an empty graph")
+    _check_declared_sizes(model, p)
     _load_external_data(model, p.parent.resolve())
     return model
+
+
+def _declared_nbytes(t: onnx.TensorProto) -> int:
+    """Bytes the tensor's dims and data type say it holds (a string tensor counts its stored strings)."""
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(x) for x in t.string_data)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        raise FracgraphError(f"tensor {t.name!r} has data type {t.data_type}, which ONNX does not define; the file is damaged")
+    if t.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4):
+        itemsize = 0.5
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            raise FracgraphError(f"tensor {t.name!r} has a negative dimension in its shape {list(t.dims)}; the file is damaged")
+        n *= d
+    return int(n * itemsize + 0.5)
+
+
+def _check_declared_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Declared initializer sizes must fit in memory (checked before external data is read) ."""
+    from onnx.external_data_helper import uses_external_data
+
+    total = 0
+    for t in model.graph.initializer:
+        n = _declared_nbytes(t)
+        total += n
+        if not uses_external_data(t) and t.HasField("raw_data") and len(t.raw_data) != n:
+            raise FracgraphError(f"tensor {t.name!r}: its shape {list(t.dims)} needs {n} bytes but the file stores "
+                                 f"{len(t.raw_data)}; the model is damaged, export it again")
+    check_fits(total, f"{path}: the weights ({len(model.graph.initializer)} initializers, as declared)",
+               "use a smaller model or a machine with more memory")
 
 
 def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
@@ -54,6 +96,17 @@ def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
             raise FracgraphError(f"tensor {tensor.name}: external data path {loc!r} points outside the model's directory; refusing to read it")
         if not target.is_file():
             raise FracgraphError(f"tensor {tensor.name}: external data file {loc!r} is missing beside the model")
+        # the loader reads `length` bytes, or the rest of the file: both must be exactly what the shape declares
+        need = _declared_nbytes(tensor)
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else target.stat().st_size - offset
+        except ValueError:
+            raise FracgraphError(f"tensor {tensor.name}: external data offset/length are not integers")
+        if offset < 0 or length != need or offset + length > target.stat().st_size:
+            raise FracgraphError(f"tensor {tensor.name}: external data {loc!r} (offset {offset}, {length} bytes, file "
+                                 f"{target.stat().st_size} bytes) does not hold the {need} bytes its shape "
+                                 f"{list(tensor.dims)} needs; the model is damaged, export it again")
         try:
             load_external_data_for_tensor(tensor, str(base))
         except Exception as e:
@@ -161,6 +214,101 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise FracgraphError(f"shape inference failed: {str(e).splitlines()[0][:300]}")
 
 
+_KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+def _check_structure(model: onnx.ModelProto) -> None:
+    """ONNX's own checker (op schemas, attributes, SSA names, topological order), plus what it lets through."""
+    g = model.graph
+    if not g.output:
+        raise FracgraphError("the model declares no graph output; it needs one output, the logits [batch, classes]")
+    if not any(imp.domain in ("", "ai.onnx") for imp in model.opset_import):
+        raise FracgraphError("the model imports no ai.onnx opset; it is not a standard ONNX model")
+    for node in g.node:
+        if node.domain not in _KNOWN_DOMAINS:
+            raise FracgraphError(f"node {node.name or node.op_type} uses op {node.domain}::{node.op_type}, which "
+                                 f"onnxruntime does not implement; export the model with standard ONNX ops")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise FracgraphError(f"the model is not valid ONNX: {first[:300]}")
+    produced = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+    for out in g.output:
+        if out.name not in produced:
+            raise FracgraphError(f"graph output {out.name!r} is produced by no node; the model is damaged")
+
+
+_PARAM_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
+
+
+def _check_weights(model: onnx.ModelProto) -> None:
+    """Every initializer decodes to its declared shape; weights hold no NaN (and GEMM/BN parameters no Inf)."""
+    params = {x for n in model.graph.node if n.op_type in _PARAM_OPS for x in n.input[1:]}
+    for t in model.graph.initializer:
+        try:
+            arr = numpy_helper.to_array(t)
+        except Exception as e:
+            raise FracgraphError(f"tensor {t.name!r}: its stored data does not match its shape {list(t.dims)} "
+                                 f"and type ({str(e).splitlines()[0][:120]}); the model is damaged")
+        if arr.dtype.kind == "f" and arr.size:
+            if np.isnan(arr).any():
+                raise FracgraphError(f"weight {t.name!r} contains NaN; training from it cannot work: export the model again")
+            if t.name in params and not np.isfinite(arr).all():
+                raise FracgraphError(f"weight {t.name!r} contains Inf; training from it cannot work: export the model again")
+
+
+def _check_inputs(model: onnx.ModelProto) -> None:
+    """Static input dims must be positive, and one input tensor must fit in memory (the batch dim may be symbolic)."""
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if any(d is not None and d <= 0 for d in dims):
+            raise FracgraphError(f"input {vi.name!r} declares shape {dims}: every dimension must be positive "
+                                 f"(or symbolic, like the batch)")
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise FracgraphError(f"input {vi.name!r} has element type {tt.elem_type}, which ONNX does not define")
+        n = itemsize
+        for d in dims:
+            n *= d or 1
+        check_fits(n, f"input {vi.name!r} of shape {dims} (one batch row)",
+                   "its declared dimensions are too large; export the model with the real input shape")
+
+
+def _check_gemm_shapes(model: onnx.ModelProto) -> None:
+    """Shape inference does not compare a Gemm/MatMul's reduction lengths or a Conv's channels; a mismatch would
+    only surface as a runtime error in the first training step, so it is refused here, naming the node."""
+    from .analysis.optable import value_shapes
+
+    shapes = value_shapes(model)
+    for node in model.graph.node:
+        if node.op_type not in GEMM_OPS or len(node.input) < 2:
+            continue
+        a, b = shapes.get(node.input[0], ()), shapes.get(node.input[1], ())
+        attrs = {x.name: helper_value(x) for x in node.attribute}
+        if node.op_type == "Conv":
+            if len(a) >= 2 and len(b) >= 2 and a[1] is not None and b[1] is not None:
+                got, want = a[1], b[1] * int(attrs.get("group", 1))
+            else:
+                continue
+        elif node.op_type == "Gemm":
+            if len(a) != 2 or len(b) != 2:
+                continue
+            got, want = a[0 if attrs.get("transA", 0) else 1], b[1 if attrs.get("transB", 0) else 0]
+        else:
+            if len(a) < 1 or len(b) < 2:
+                continue
+            got, want = a[-1], b[-2]
+        if got is not None and want is not None and got != want:
+            raise FracgraphError(f"node {node.name} ({node.op_type}): its input has {got} features/channels but its "
+                                 f"weight {node.input[1]!r} expects {want}; the model is inconsistent")
+
+
 def _global_average_pools(model: onnx.ModelProto) -> None:
     """AveragePool over the whole (static) spatial extent -> GlobalAveragePool (same values).
 
@@ -190,9 +338,12 @@ def helper_value(a: onnx.AttributeProto):
 def load_model(path: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read (if a path) and normalize a model; see the module docstring for the normal form."""
     model = read_model(path) if not isinstance(path, onnx.ModelProto) else onnx.ModelProto.FromString(path.SerializeToString())
-    model = _convert_opset(model)
     if model.ir_version > MAX_IR or model.ir_version < 7:
         model.ir_version = min(max(model.ir_version, 7), MAX_IR)
+    _check_structure(model)
+    _check_weights(model)
+    _check_inputs(model)
+    model = _convert_opset(model)
     _name_nodes(model.graph)
     _fold_constants(model)
     _check_control_flow(model.graph)
@@ -202,6 +353,7 @@ def load_model(path: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.input[:]
     model.graph.input.extend(ins)
     model = _infer_shapes(model)
+    _check_gemm_shapes(model)
     _global_average_pools(model)
     if not any(n.op_type in GEMM_OPS for n in model.graph.node):
         raise FracgraphError("the model has no Conv, Gemm or MatMul: there is nothing to quantize")

@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import FracgraphError
+from ..memory import available_memory
+from ..memory import fmt_bytes as _fmt_bytes
 
 log = logging.getLogger("fracgraph.train")
 
@@ -127,41 +129,6 @@ def check_input_shape(dataset: Dataset, model_input_shape: tuple) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- memory
-
-
-def available_memory() -> int:
-    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit when one is set."""
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = 1 << 62
-    for lim, cur in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                     ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            raw = Path(lim).read_text().strip()
-            if raw != "max" and int(raw) < (1 << 60):
-                avail = min(avail, int(raw) - int(Path(cur).read_text().strip()))
-        except (OSError, ValueError):
-            continue
-    return max(int(avail), 0)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def check_fits_in_memory(nbytes: int, what: str, limit: int | None = None) -> None:

@@ -124,9 +124,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     """Run (or resume) training; returns the summary also written to RUN/summary.json."""
     run = Path(cfg.run_dir)
     store = runio.CheckpointStore(run)
+    # --resume with no complete checkpoint (killed before the first one finished) starts again from step 0:
+    # nothing was trained that could be continued, and the metrics file is cut back to empty
     latest = store.latest() if resume else None
-    if resume and latest is None and (run / "metrics.jsonl").exists():
-        raise FracgraphError(f"{run}: no complete checkpoint to resume from; start a new run directory")
     if not resume and store.latest() is not None:
         raise FracgraphError(f"{run} already holds a run; pass --resume to continue it, or use a new -o directory")
     run.mkdir(parents=True, exist_ok=True)
@@ -166,21 +166,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     if latest is not None and hasattr(session.optimizer, "load_state_arrays"):
         with np.load(latest[2] / MOMENTUM) as z:
             session.optimizer.load_state_arrays(dict(z))
-    metrics = runio.MetricsWriter(run, resume_step=step if latest is not None else None)
+    metrics = runio.MetricsWriter(run, resume_step=step if resume else None)
     t0 = time.perf_counter()
-    last_acc = None
+    last_acc = latest[1].get("last_acc") if latest is not None else None
 
     def save_checkpoint(at: int) -> None:
         nonlocal session
         metrics.sync()
         trace = recorder.trace()
         state = {"config": asdict(cfg), "stream": stream.state_dict(), "schedule": sched.state_dict(),
-                 "best_acc": best_acc, "cum_macs": cum,
+                 "best_acc": best_acc, "last_acc": last_acc, "cum_macs": cum,
                  "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist()}}
         files = {ORT_CHECKPOINT: session.save_checkpoint}
         if hasattr(session.optimizer, "state_arrays"):
             arrays = session.optimizer.state_arrays()
-            files[MOMENTUM] = lambda p: np.savez(open(p, "wb"), **arrays)
+            files[MOMENTUM] = lambda p: _savez(p, arrays)
         saved = store.save(at, state, files)
         # a fresh session seeded from the step: the noise from here on no longer depends on whether we resumed
         momentum = session.optimizer.state_arrays() if hasattr(session.optimizer, "state_arrays") else None
@@ -259,6 +259,11 @@ def _open_session(art: Path, checkpoint, cfg: TrainConfig, step: int) -> TrainSe
     return session
 
 
+def _savez(path, arrays: dict) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def _export_atomic(session: TrainSession, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -268,7 +273,10 @@ def _export_atomic(session: TrainSession, path: Path) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise FracgraphError(f"cannot write {path}: {e.strerror}")
+        raise runio._io_error(e, path, "model") from None
+    except RuntimeError as e:  # onnxruntime's export reports a failed write this way
+        tmp.unlink(missing_ok=True)
+        raise runio.native_write_error(e, path, "model") from None
 
 
 def latest_step(store: runio.CheckpointStore) -> int | None:

@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,12 +43,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _io_error(exc: OSError, path: Path, what: str) -> FracgraphError:
+def _io_error(exc: OSError, path: Path, what: str, kept: str | None = None) -> FracgraphError:
+    kept = kept or f"the previous {path.name} is unchanged"
     if exc.errno in _DISK_FULL:
         return FracgraphError(
-            f"disk full while writing {what} {path}: free some space or choose another run directory "
-            f"(the previous {path.name} is unchanged)")
-    return FracgraphError(f"cannot write {what} {path}: {exc.strerror or exc} (the previous {path.name} is unchanged)")
+            f"disk full while writing {what} {path}: free some space or choose another run directory ({kept})")
+    if exc.errno == errno.EFBIG:
+        return FracgraphError(f"cannot write {what} {path}: file too large for the filesystem or the process's "
+                              f"file-size limit (ulimit -f) ({kept})")
+    return FracgraphError(f"cannot write {what} {path}: {exc.strerror or exc} ({kept})")
+
+
+def native_write_error(exc: Exception, path: Path, what: str, kept: str | None = None) -> FracgraphError:
+    """onnxruntime reports a failed file write as RuntimeError('... error:<strerror> errno:<n>'): same message as
+    an OSError would get."""
+    m = re.search(r"errno:\s*(\d+)", str(exc))
+    if m:
+        code = int(m.group(1))
+        return _io_error(OSError(code, os.strerror(code)), path, what, kept)
+    first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return FracgraphError(f"cannot write {what} {path}: {first.split(' : ')[-1][:200]} "
+                          f"({kept or f'the previous {path.name} is unchanged'})")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | Callable[[Any], None], what: str = "file") -> Path:
@@ -231,6 +247,7 @@ class CheckpointStore:
     def save(self, step: int, state: Mapping[str, Any], files: Mapping[str, FileSpec] | None = None) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / self.dirname(step)
+        kept = "the previous checkpoint is unchanged and --resume continues from it"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.root))
         try:
             for name, spec in (files or {}).items():
@@ -240,7 +257,12 @@ class CheckpointStore:
                 if isinstance(spec, (bytes, bytearray)):
                     target.write_bytes(spec)
                 elif callable(spec):
-                    spec(target)
+                    try:
+                        spec(target)
+                    except (OSError, FracgraphError):
+                        raise
+                    except Exception as exc:  # native writers (ORT) raise RuntimeError on ENOSPC/EFBIG/EIO
+                        raise native_write_error(exc, target, "checkpoint file", kept) from None
                 else:
                     shutil.copyfile(spec, target)
                 if not target.exists():
@@ -256,7 +278,7 @@ class CheckpointStore:
             atomic_write_json(self.root / LATEST_FILE, {"step": int(step), "dir": final.name}, what="checkpoint pointer")
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _io_error(exc, final, "checkpoint") from None
+            raise _io_error(exc, final, "checkpoint", kept) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
