@@ -42,8 +42,10 @@ def bits_label(b: float) -> str:
     return "32" if b == 0 else f"{b:g}"
 
 
-def choice_label(act: float, weight: float, grad: float) -> str:
-    w = "" if weight == act else f" W{bits_label(weight)}"
+def choice_label(act: float, weight: float, grad: float, show_weight: bool | None = None) -> str:
+    """'FW4/BW8'; the weight bits are named when they differ from the activations' (or when asked)."""
+    show = weight != act if show_weight is None else show_weight
+    w = f" W{bits_label(weight)}" if show else ""
     return f"FW{bits_label(act)}{w}/BW{bits_label(grad)}"
 
 
@@ -82,12 +84,12 @@ def precision(run: RunData) -> Figure:
     ax_line, ax_fw, ax_bw = fig.subplots(3, 1, sharex=True, height_ratios=[1.2, 1, 1])
     edges = np.append(tr.starts, total)
     shown = np.where(tr.bits == 0, 32.0, tr.bits)       # FP32 passthrough drawn at 32 bits
-    series = [("FW (activations)", 0, "tab:blue", "-"), ("BW (errors)", 2, "tab:red", "--")]
+    series = [("FW (activations)", 0, "tab:blue", "-", 3.5), ("BW (errors)", 2, "tab:red", "--", 2)]
     if not np.array_equal(tr.bits[:, :, 1], tr.bits[:, :, 0]):
-        series.insert(1, ("weights", 1, "tab:green", ":"))
-    for label, k, c, ls in series:
+        series.insert(1, ("weights", 1, "tab:green", ":", 2))
+    for label, k, c, ls, lw in series:
         mean = shown[:, :, k].mean(axis=1)
-        ax_line.step(edges, np.append(mean, mean[-1]), where="post", color=c, ls=ls, lw=2, label=f"{label}, block mean")
+        ax_line.step(edges, np.append(mean, mean[-1]), where="post", color=c, ls=ls, lw=lw, label=f"{label}, block mean")
         lo, hi = shown[:, :, k].min(axis=1), shown[:, :, k].max(axis=1)
         if np.any(lo != hi):
             ax_line.fill_between(edges, np.append(lo, lo[-1]), np.append(hi, hi[-1]), step="post", color=c, alpha=0.15)
@@ -98,9 +100,9 @@ def precision(run: RunData) -> Figure:
                          xytext=(3, -12), textcoords="offset points", fontsize="small")
     ax_line.set_ylabel("bits")
     ax_line.set_ylim(0, shown.max() + 2)
-    ax_line.set_yticks(np.unique(shown[:, :, [k for _, k, _, _ in series]]))
-    ax_line.set_title(f"{run.name}: precision over time ({len(run.transitions)} stage transition(s), dashed)")
-    ax_line.legend(fontsize="small", loc="lower right")
+    ax_line.set_yticks(np.unique(shown[:, :, [k for _, k, *_ in series]]))
+    fig.suptitle(f"{run.name}: precision over time ({len(run.transitions)} stage transition(s), dashed)")
+    ax_line.legend(fontsize="small", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(series), frameon=False)
     ax_line.grid(alpha=0.3)
 
     steps = _sampled_steps(total)
@@ -143,9 +145,10 @@ def choices(run: RunData) -> Figure:
     fig = Figure(figsize=(9, 1.2 + 0.35 * n_blocks + 0.2 * len(counts)), layout="constrained")
     ax = fig.add_subplot()
     left = np.zeros(n_blocks)
+    show_w = any(k[1] != k[0] for k in counts)      # name weight bits on every label if any choice has its own
     for col, (key, c) in zip(sequential(len(counts)), counts.items()):
         share = 100 * c / total
-        ax.barh(np.arange(n_blocks), share, left=left, color=col, label=choice_label(*key), height=0.7)
+        ax.barh(np.arange(n_blocks), share, left=left, color=col, label=choice_label(*key, show_w), height=0.7)
         left += share
     ax.set_yticks(range(n_blocks), [f"block {b}" for b in range(n_blocks)])
     ax.invert_yaxis()
@@ -190,7 +193,7 @@ def hardware(estimates: dict[str, dict], order: list[str]) -> Figure:
                 ax.bar(x[i] - width / 2, vals[i] / scale, width, color=color(k))
                 ax.bar(x[i] + width / 2, bases[i] / scale, width, color="lightgray", hatch="//", edgecolor="gray")
                 if bases[i] > 0:
-                    ax.annotate(f"{100 * (vals[i] / bases[i] - 1):+.0f}%", (x[i] - width / 2, vals[i] / scale),
+                    ax.annotate(f"{100 * (vals[i] / bases[i] - 1):+.1f}%", (x[i] - width / 2, vals[i] / scale),
                                 xytext=(0, 2), textcoords="offset points", ha="center", fontsize="small")
             base_name = estimates[names[0]]["baseline"] if names else "baseline"
             ax.set_xticks(x, names, rotation=20, ha="right", fontsize="small")
