@@ -252,6 +252,25 @@ def estimate(
 
 @app.command()
 @cli_errors
+def profile(
+    art: str = typer.Argument(..., help="An artifact directory written by `fracgraph quantize`."),
+    batch: int = typer.Option(128, "--batch", help="Mini-batch size of the profiled steps."),
+    steps: int = typer.Option(5, "--steps", help="Profiled steps (after 2 warm-up steps)."),
+    fw: float = typer.Option(8, "--fw", help="Forward bits (activations and weights) for every block; 0 = FP32."),
+    bw: float = typer.Option(8, "--bw", help="Backward (error) bits for every block; 0 = FP32."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: FRACGRAPH_THREADS or all cores)."),
+    top: int = typer.Option(10, "--top", help="How many of the slowest nodes to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
+) -> None:
+    """Time a training step with onnxruntime's profiler: time per op type, % of the step, slowest nodes."""
+    from fracgraph.profile import profile_step, render
+
+    prof = profile_step(art, batch=batch, steps=steps, bits=(fw, fw, bw), threads=threads, top=top)
+    typer.echo(json.dumps(prof.to_dict(), indent=1) if as_json else render(prof))
+
+
+@app.command()
+@cli_errors
 def demo(
     output: str = typer.Option("fracgraph-demo", "-o", "--output", help="Directory for the model, artifacts and run."),
     iters: int = typer.Option(300, "--iters"),

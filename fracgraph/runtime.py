@@ -18,9 +18,14 @@ from .manifest import Manifest
 from .passes.dfq_gate import BETA_INPUT, TARGET_INPUT
 
 
-def session_options(threads: int | None = None, profile_prefix: str | None = None):
+# Session settings chosen by measurement (bench/step_time.py --settings; numbers in README "Speed").
+SESSION_TUNING = {"allow_spinning": False, "graph_optimization_level": "all", "mem_pattern": True, "cpu_arena": True}
+
+
+def session_options(threads: int | None = None, profile_prefix: str | None = None, tuning: dict | None = None):
     import onnxruntime as ort
 
+    t = {**SESSION_TUNING, **(tuning or {})}
     so = ort.SessionOptions()
     so.intra_op_num_threads = resolve_threads(threads)
     if profile_prefix:
@@ -28,6 +33,12 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
         so.profile_file_prefix = profile_prefix
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if t["allow_spinning"] else "0")
+    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[t["graph_optimization_level"]]
+    so.enable_mem_pattern = t["mem_pattern"]
+    so.enable_cpu_mem_arena = t["cpu_arena"]
     so.log_severity_level = 3
     return so
 
@@ -75,7 +86,7 @@ class TrainSession:
     """One training run's ORT objects; `step` trains on a batch, `evaluate` predicts with running statistics."""
 
     def __init__(self, art_dir, checkpoint: str | os.PathLike | None = None, threads: int | None = None, seed: int | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, tuning: dict | None = None):
         import onnxruntime as ort
         from onnxruntime.training import api
 
@@ -90,7 +101,7 @@ class TrainSession:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))
             self.module = api.Module(str(self.art / self.manifest.files["training"]), self.state,
                                      None if profile_prefix else str(self.art / self.manifest.files["eval"]), device="cpu",
-                                     session_options=session_options(threads, profile_prefix))
+                                     session_options=session_options(threads, profile_prefix, tuning))
         except Exception as e:
             raise FracgraphError(f"{self.art}: onnxruntime cannot load the artifacts ({str(e).splitlines()[0][:200]}); re-run `fracgraph quantize`")
         opt = self.manifest.optimizer

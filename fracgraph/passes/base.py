@@ -94,3 +94,13 @@ def toposort(model: onnx.ModelProto) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def assert_inputs_defined(model: onnx.ModelProto) -> None:
+    """Every node input is a graph input, an initializer or some node's output (a rewrite left no dangling edge)."""
+    graph = model.graph
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    known |= {o for n in graph.node for o in n.output}
+    for n in graph.node:
+        missing = [i for i in n.input if i not in known]
+        assert not missing, f"{n.name} reads undefined tensor {missing[0]}"

@@ -1,0 +1,84 @@
+"""Training-graph pass: give every FW quantizer its straight-through gradient as one edge, not ~10 ops.
+
+onnxruntime differentiates the fake-quant subgraph literally: two `Where` branches, `*scale`, the clip mask
+(`>=`, `<=`, `And`, `Cast`, `*mask`), `/scale`, and for weights the dead-end gradients of the range statistics,
+each a full pass over the tensor. In training the quantizer clamps against the tensor's own range with 0.49 slack,
+so the mask is 1 everywhere and the chain computes dL/dx = (dL/dout * s) / s = dL/dout up to float rounding of
+s/s: the STE of spec §1.1. The pass deletes the chain (nodes named `<point>/..._Grad/...` and the
+`AccumulateGrad_<point>/...` sums) and feeds `<point>/out_grad` straight into the sum that gathers dL/dx.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+from onnx import helper
+
+from ..manifest import QuantPoint
+from .base import Pass, PassResult, assert_inputs_defined
+
+
+def _is_chain_node(node: onnx.NodeProto, prefix: str) -> bool:
+    """The quantizer's backward: gradient nodes of its forward nodes and the sums between them (not the sum that
+    gathers `<point>/out_grad` from several consumers of a shared quantizer)."""
+    if f"{prefix}/out_grad" in node.output:
+        return False
+    return (node.name.startswith(prefix + "/") and "_Grad/" in node.name) or node.name.startswith(f"AccumulateGrad_{prefix}/")
+
+
+class SteGradPass(Pass):
+    name = "ste-grad"
+
+    def __init__(self, points: list[QuantPoint]):
+        self.points = [p for p in points if p.kind in ("act", "weight")]
+
+    def call(self, model):
+        graph = model.graph
+        notes, changed = [], False
+        for p in self.points:
+            note = self._rewrite(graph, p)
+            changed |= note.startswith("STE")
+            notes.append(f"{p.name}: {note}")
+        return PassResult(model, changed, notes)
+
+    def _rewrite(self, graph: onnx.GraphProto, point: QuantPoint) -> str:
+        chain = [n for n in graph.node if _is_chain_node(n, point.name)]
+        if not chain:
+            return "kept: no gradient is computed for this quantizer's input"
+        out_grad = f"{point.name}/out_grad"
+        in_chain = {id(n) for n in chain}
+        produced = {o for n in chain for o in n.output if o}
+        consumers = defaultdict(list)
+        for n in graph.node:
+            if id(n) not in in_chain:
+                for i in n.input:
+                    if i in produced:
+                        consumers[i].append(n)
+        graph_outputs = {o.name for o in graph.output}
+        boundary = [o for o in produced if o in consumers or o in graph_outputs]
+        users = {id(u): u for o in boundary for u in consumers[o]}
+        if any(o in graph_outputs for o in boundary) or len(users) != 1:
+            return f"kept: its gradient leaves through {len(boundary)} tensors into {len(users)} nodes, expected one sum"
+        (total,) = users.values()
+        if total.op_type != "Sum" or not all(i.startswith(point.tensor + "_grad") for i in boundary):
+            return f"kept: its gradient flows into {total.op_type} {total.name}, not the sum of dL/d{point.tensor}"
+        if not any(out_grad in n.input for n in chain):
+            return f"kept: {out_grad} does not feed the chain"
+        for n in chain:
+            graph.node.remove(n)
+        kept = [i for i in total.input if i not in produced] + [out_grad]
+        if len(kept) == 1 and total.output[0] not in graph_outputs:
+            # a one-input sum is a copy: read out_grad directly
+            for n in graph.node:
+                for k, i in enumerate(n.input):
+                    if i == total.output[0]:
+                        n.input[k] = out_grad
+            graph.node.remove(total)
+        else:
+            del total.input[:]
+            total.input.extend(kept)
+        return f"STE gradient: {len(chain)} backward nodes replaced by {out_grad} -> dL/d{point.tensor}"
+
+    def ensures(self, model):
+        assert_inputs_defined(model)
