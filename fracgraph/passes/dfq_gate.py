@@ -55,6 +55,7 @@ COUNTS_OUTPUT = "fracgraph::dfq_counts"   # [n_blocks, K] samples per option
 CIFAR_OPTIONS = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
 GRANULARITIES = ("batch", "sample")
 WEIGHTINGS = ("macs", "uniform")
+TASK_GRADS = ("none", "chosen")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class DfqOptions:
     weight_bits: int = 4
     granularity: str = "batch"
     cost_weighting: str = "macs"
+    task_grad: str = "none"          # "none" | "chosen": see the module docstring
     gate_dim: int = 32
     embed_dim: int = 16
     hidden: int = 16
@@ -80,6 +82,8 @@ class DfqOptions:
             raise FracgraphError(f"--weight-bits must be in 1..32, got {self.weight_bits}")
         if self.granularity not in GRANULARITIES:
             raise FracgraphError(f"DFQ granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.task_grad not in TASK_GRADS:
+            raise FracgraphError(f"DFQ task gradient must be one of {', '.join(TASK_GRADS)}, got {self.task_grad!r}")
         if self.cost_weighting not in WEIGHTINGS:
             raise FracgraphError(f"DFQ cost weighting must be one of {', '.join(WEIGHTINGS)}, got {self.cost_weighting!r}")
 
@@ -246,8 +250,8 @@ class DfqGatePass(Pass):
                            axis=opt_axis)                                                 # like soft
             sg = em.reduce("ReduceMax", soft, f"{q}/soft_sg", [-1], 1)
             mask = em.node("Add", [hard, em.node("Sub", [soft, sg], f"{q}/st")], f"{q}/mask")   # = hard forward
-            # the chosen entry of the mask (1 forward) scales the block output: the task-loss path into the gate
-            m_c = em.node("ReduceSum", [em.node("Mul", [mask, hard], f"{q}/mask_sel"), em.const(keep_axes, np.int64)],
+            # task_grad "chosen": the chosen entry of the mask (1 forward) scales the block output
+            m_c = None if o.task_grad == "none" else em.node("ReduceSum", [em.node("Mul", [mask, hard], f"{q}/mask_sel"), em.const(keep_axes, np.int64)],
                           f"{q}/m_chosen", keepdims=0)                                    # [] or [B]
             # bits per block (or per sample), from the hard one-hot only: no gradient
             a_bits = em.node("ReduceSum", [em.node("Mul", [hard, acts], f"{q}/a_k"), em.const(keep_axes, np.int64)],
@@ -267,14 +271,15 @@ class DfqGatePass(Pass):
                     em.node("Identity", [v], f"{bits_name}.{col}/v")   # reserve the name
                     em.nodes.append(helper.make_node("Reshape", [v, em.const([-1] + [1] * (rank - 1), np.int64)],
                                                      [f"{bits_name}.{col}"], name=f"{q}/{col}{PER_SAMPLE_NODE}"))
-                m_c = em.node("Reshape", [m_c, em.const([-1] + [1] * (out_rank - 1), np.int64)], f"{q}/m_chosen_b")
+                if m_c is not None:
+                    m_c = em.node("Reshape", [m_c, em.const([-1] + [1] * (out_rank - 1), np.int64)], f"{q}/m_chosen_b")
                 a_row, g_row = _reduce_mean(em, a_bits, f"{q}/a_mean", [0], 0), _reduce_mean(em, g_bits, f"{q}/g_mean", [0], 0)
                 counts = em.node("ReduceSum", [hard, em.const([0, 2], np.int64)], f"{q}/counts", keepdims=0)
-            # rewire: the producer of y writes y::dfq_pre; y = y::dfq_pre * m_c
-            prod = nodes_by_output[y]
-            pre = f"{y}::dfq_pre"
-            prod.output[list(prod.output).index(y)] = pre
-            em.nodes.append(helper.make_node("Mul", [pre, m_c], [y], name=f"{q}/scale_output"))   # y keeps its name
+            if m_c is not None:   # rewire: the producer of y writes y::dfq_pre; y = y::dfq_pre * m_c
+                prod = nodes_by_output[y]
+                pre = f"{y}::dfq_pre"
+                prod.output[list(prod.output).index(y)] = pre
+                em.nodes.append(helper.make_node("Mul", [pre, m_c], [y], name=f"{q}/scale_output"))   # y keeps its name
             # cost: sum over samples and options of mask * unit cost, times F_l / mean(F)
             unit_c = em.const(unit.reshape(K, 1).astype(np.float32))
             per = em.node("ReduceSum", [em.node("Mul", [mask, unit_c], f"{q}/cost_k"), em.const(all_axes, np.int64)],

@@ -19,10 +19,15 @@ import numpy as np
 
 from ..errors import FracgraphError
 from ..manifest import Manifest
+from ..passes.dfq_gate import COUNTS_OUTPUT as DFQ_COUNTS
+from ..passes.dfq_gate import CP_OUTPUT as DFQ_CP
 from ..runtime import TrainSession
 from ..trace import TraceRecorder
 from . import runio
 from .data import BatchStream, check_input_shape, check_num_classes, load_dataset
+from .dfq import SCHEDULES as DFQ_SCHEDULES
+from .dfq import ChoiceRecord, TargetSchedule, require_dfq
+from .dfq import bits_input as dfq_bits_input
 from .schedules import LRSchedule, PFQSchedule, StaticSchedule
 
 ARTIFACTS = "artifacts"
@@ -36,7 +41,7 @@ class TrainConfig:
     run_dir: str
     artifacts: str | None = None          # an artifact directory ...
     model: str | None = None              # ... or a model to quantize into RUN/artifacts
-    schedule: str = "static"              # static | pfq
+    schedule: str = "static"              # static | pfq | dfq | fractrain
     fw: int = 8
     bw: int = 8
     fw_schedule: list[int] = field(default_factory=lambda: [3, 4, 6, 8])
@@ -56,6 +61,9 @@ class TrainConfig:
     threads: int | None = None
     momentum: float | None = None         # SGD momentum / weight decay; None = the artifacts' (quantize) values
     weight_decay: float | None = None
+    target_cp: float = 3.0                # DFQ: cp target (%) of the gated blocks (train_dfq --target_ratio)
+    target_cp_schedule: list[float] = field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0])   # FracTrain stages
+    beta: float = 1e-3                    # DFQ: weight of the cost term
 
 
 def _session_seed(seed: int, step: int) -> int:
@@ -116,7 +124,14 @@ def _prepare_artifacts(cfg: TrainConfig, run: Path, resume: bool) -> Path:
     if not (resume and (art / "manifest.json").exists()):
         from ..build import BuildOptions, build_artifacts
 
-        build_artifacts(cfg.model, art, BuildOptions(fw=cfg.fw, bw=cfg.bw), force=True)
+        if cfg.schedule in DFQ_SCHEDULES:   # DFQ artifacts with the CIFAR defaults; first layer FP32 (spec §1.3)
+            from ..passes.dfq_gate import DfqOptions
+            from ..policy import LayerPolicy
+
+            opts = BuildOptions(dfq=DfqOptions(), policy=LayerPolicy(first="fp32"))
+        else:
+            opts = BuildOptions(fw=cfg.fw, bw=cfg.bw)
+        build_artifacts(cfg.model, art, opts, force=True)
     return art
 
 
@@ -140,15 +155,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     if cfg.iters < 1 or cfg.epoch_iters < 1 or cfg.batch < 1:
         raise FracgraphError("--iters, --epoch-iters and --batch must be at least 1")
 
+    dfq = require_dfq(manifest, cfg.schedule, str(art))
     if cfg.schedule == "static":
         sched = StaticSchedule(cfg.fw, cfg.bw, cfg.epoch_iters)
     elif cfg.schedule == "pfq":
         sched = PFQSchedule(cfg.fw_schedule, cfg.bw_schedule, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha)
+    elif cfg.schedule in DFQ_SCHEDULES:
+        targets = [cfg.target_cp] if cfg.schedule == "dfq" else cfg.target_cp_schedule
+        sched = TargetSchedule(cfg.schedule, targets, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha)
     else:
-        raise FracgraphError(f"--schedule {cfg.schedule!r} is not available; use static or pfq")
+        raise FracgraphError(f"--schedule {cfg.schedule!r} is not available; use static, pfq, dfq or fractrain")
     lrs = LRSchedule(cfg.lr_schedule, cfg.lr, cfg.iters)
     stream = BatchStream(dataset, cfg.batch, cfg.seed)
     meter = CostMeter(manifest)
+    choices = ChoiceRecord(manifest, meter) if dfq else None
     eval_every = cfg.eval_every or cfg.epoch_iters
     ckpt_every = cfg.checkpoint_every or cfg.epoch_iters
 
@@ -160,6 +180,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         stream.load_state_dict(st["stream"])
         sched.load_state_dict(st["schedule"])
         best_acc, cum = st["best_acc"], st["cum_macs"]
+        if choices is not None:
+            choices = ChoiceRecord(manifest, meter, st["dfq_hist"])
         recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step)
         ckpt = ckpt_dir / ORT_CHECKPOINT
     session = _open_session(art, ckpt, cfg, step)
@@ -176,7 +198,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         trace = recorder.trace()
         state = {"config": asdict(cfg), "stream": stream.state_dict(), "schedule": sched.state_dict(),
                  "best_acc": best_acc, "last_acc": last_acc, "cum_macs": cum,
-                 "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist()}}
+                 "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist()},
+                 "dfq_hist": choices.hist.tolist() if choices is not None else None}
         files = {ORT_CHECKPOINT: session.save_checkpoint}
         if hasattr(session.optimizer, "state_arrays"):
             arrays = session.optimizer.state_arrays()
@@ -192,24 +215,34 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         if latest is None:
             save_checkpoint(0)      # a run is resumable from its first moment
         while step < cfg.iters:
-            fw, bw = sched.bits(step)
-            bits = _bits(manifest, fw, bw)
             x, y = next(stream)
             lr = lrs(step)
-            loss, logits = session.step(x, y, bits, lr)
+            if dfq:   # the gates choose; the input carries only the static weight bits
+                bits, target = dfq_bits_input(manifest), sched.target(step)
+                loss, logits = session.step(x, y, bits, lr, target=target, beta=cfg.beta)
+            else:
+                fw, bw = sched.bits(step)
+                bits = _bits(manifest, fw, bw)
+                loss, logits = session.step(x, y, bits, lr)
             if not math.isfinite(loss):
                 raise FracgraphError(f"loss became {loss} at step {step}; the run stopped and its last checkpoint "
                                      f"(step {latest_step(store)}) is kept: lower --lr or raise the precision")
-            cost = meter.step(bits, len(y))
+            if dfq:
+                cost, used = choices.step(session.last_outputs[DFQ_COUNTS], len(y))
+                fw, bw = (round(float(v), 2) for v in (meter.block_macs @ used[:, [0, 2]]) / meter.block_macs.sum())
+            else:
+                cost, used = meter.step(bits, len(y)), bits
             for k in cum:
                 cum[k] += cost[k]
-            recorder.record(step, bits)
+            recorder.record(step, used)
             ended = sched.observe(step, loss)
             step += 1
             rec = {"step": step, "epoch": step / cfg.epoch_iters, "loss": loss, "lr": lr, "fw": fw, "bw": bw,
-                   "bits": bits.astype(int).tolist(), "train_acc": float((np.argmax(logits, 1) == y).mean()),
+                   "bits": (used.round(2) if dfq else used.astype(int)).tolist(), "train_acc": float((np.argmax(logits, 1) == y).mean()),
                    "eff_gmacs": (cost["fw"] + cost["err"] + cost["wgrad"]) / 1e9, "cp": cost["cp"],
                    "cum_gmacs": sum(cum.values()) / 1e9, "wall": time.perf_counter() - t0}
+            if dfq:
+                rec.update(target_cp=target, dfq_cp=float(session.last_outputs[DFQ_CP]))
             if ended is not None and ended.transition is not None:
                 rec["transition"] = ended.transition.as_dict()
             if step % eval_every == 0 or step == cfg.iters:
@@ -243,6 +276,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         "precision_segments": int(per_block.shape[0]) if per_block is not None else 0,
         "wall_s": time.perf_counter() - t0, "config": asdict(cfg),
     }
+    if choices is not None:
+        summary["dfq"] = {"options": dfq["options"], "weight_bits": dfq["weight_bits"],
+                          "granularity": dfq["granularity"], "final_target_cp": sched.target(max(step - 1, 0)),
+                          "choice_histogram": choices.summary([b.name for b in manifest.blocks])}
     runio.write_summary(run, summary)
     return summary
 

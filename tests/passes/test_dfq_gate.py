@@ -106,7 +106,7 @@ class GradQ(torch.autograd.Function):
         return fq(g, ctx.bits, noise=ctx.noise), None, None
 
 
-def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, noises, block_macs):
+def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, noises, block_macs, task_grad):
     """Loss of one DFQ step and the chosen bits, in PyTorch; gradients land in model/gate parameters."""
     acts = torch.tensor([a for a, _ in OPTIONS], dtype=torch.float32)
     grads = torch.tensor([g for _, g in OPTIONS], dtype=torch.float32)
@@ -147,7 +147,7 @@ def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, no
             out = F.conv2d(STE.apply(inp, a, False), STE.apply(conv.weight, w, True), None, conv.stride, conv.padding)
             return GradQ.apply(out, g, noises[f"/{name}/Conv"])
 
-        h = torch.relu(block(h, qconv) * scale)
+        h = torch.relu(block(h, qconv) * scale if task_grad == "chosen" else block(h, qconv))
     logits = model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
     cp = 100 * float(cost.detach()) / (3 * B * len(block_macs))
     reg = -1.0 if cp < target else 1.0
@@ -186,6 +186,13 @@ def torch_gate(sess, n_blocks):
     return {"emb": emb, "lstm": lstm, "proj": proj}, names
 
 
+# The errors are stochastically rounded at 6-12 bits: a float-order difference of ~1e-7 between ORT and PyTorch
+# occasionally moves an element across a rounding boundary, and that one-level flip changes the gradients
+# upstream of it by ~1e-3 (measured: up to 1.4e-3 here, 1e-2 with other batches). Wrong bits, a missing scale or
+# a wrong mask give errors of order 1e-1. The gate's parameters are compared at 1e-4.
+BACKBONE_TOL = 5e-3
+
+
 def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
@@ -206,12 +213,17 @@ def _build(path, tmp_path_factory, **dfq):
 
 @pytest.fixture(scope="module")
 def art_batch(two_block, tmp_path_factory):
-    return _build(two_block[1], tmp_path_factory, granularity="batch")
+    return _build(two_block[1], tmp_path_factory, granularity="batch", task_grad="chosen")
+
+
+@pytest.fixture(scope="module")
+def art_batch_default(two_block, tmp_path_factory):
+    return _build(two_block[1], tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def art_sample(two_block, tmp_path_factory):
-    return _build(two_block[1], tmp_path_factory, granularity="sample")
+    return _build(two_block[1], tmp_path_factory, granularity="sample", task_grad="chosen")
 
 
 def _inputs(seed=0, n=16):
@@ -231,7 +243,7 @@ def _compare_step(model, sess, x, y, beta, granularity, target=0.0):
     ref = copy.deepcopy(model).train()
     gate, gate_names = torch_gate(sess, 2)
     res = reference_step(ref, gate, torch.from_numpy(x), torch.from_numpy(y), beta, target, granularity, 4, noises,
-                         sess.manifest.dfq["F"])
+                         sess.manifest.dfq["F"], sess.manifest.dfq["task_grad"])
     ort_grads = {n: sess.gradient(n) for n in sess.trainable}
     params = dict(ref.named_parameters())
     ref_grads = {n: params[n].grad.numpy() for n in sess.trainable if not n.startswith("dfq::")}
@@ -240,21 +252,21 @@ def _compare_step(model, sess, x, y, beta, granularity, target=0.0):
     return outs, got, ort_grads, ref_grads, res
 
 
-@pytest.mark.parametrize("granularity,target", [("batch", 0.0), ("batch", 100.0), ("sample", 0.0)])
-def test_step_matches_pytorch(two_block, art_batch, art_sample, granularity, target):
+@pytest.mark.parametrize("granularity,target,task_grad", [("batch", 0.0, "none"), ("batch", 100.0, "chosen"),
+                                                          ("sample", 0.0, "chosen")])
+def test_step_matches_pytorch(two_block, art_batch, art_batch_default, art_sample, granularity, target, task_grad):
     """Loss, every backbone gradient and every gate gradient (task loss + cost term) against PyTorch; target 0
     makes the controller's reg +1 (cp above target), target 100 makes it -1."""
     model, _ = two_block
-    art = art_batch if granularity == "batch" else art_sample
+    art = art_sample if granularity == "sample" else art_batch if task_grad == "chosen" else art_batch_default
     sess = TrainSession(art, seed=0)
     assert sess.manifest.n_blocks == 2 and sess.manifest.dfq["granularity"] == granularity
+    assert sess.manifest.dfq["task_grad"] == task_grad
     if granularity == "sample":   # a sharper gate than at init, so that the samples of one batch choose differently
         for l in range(2):
             sess.state.parameters[f"dfq::b{l}/w1"].data[...] *= 10
         sess.state.parameters["dfq::proj/w"].data[...] *= 10
-    # (a batch where no stochastically rounded error lands within float error of a rounding boundary: seed 0
-    # has one in the per-sample case, and the one-level flip it causes propagates upstream at ~1e-3)
-    x, y = _inputs(1 if granularity == "sample" else 0)
+    x, y = _inputs(1)
     outs, got, ort_grads, ref_grads, (loss, logits, chosen, cp) = _compare_step(model, sess, x, y, 0.05, granularity, target)
     assert abs(float(outs[0]) - loss.item()) <= 1e-5 * abs(loss.item())
     np.testing.assert_allclose(got["logits"], logits.detach().numpy(), rtol=1e-4, atol=1e-5)
@@ -268,7 +280,7 @@ def test_step_matches_pytorch(two_block, art_batch, art_sample, granularity, tar
     else:
         assert len(set(np.concatenate(chosen).tolist())) > 1, "per-sample choices should differ in this batch"
     for name, g in ref_grads.items():
-        assert rel_err(ort_grads[name], g) <= 1e-4, name
+        assert rel_err(ort_grads[name], g) <= (1e-4 if name.startswith("dfq::") else BACKBONE_TOL), name
 
 
 def test_cost_term_gradient(two_block, art_batch):

@@ -1,0 +1,168 @@
+"""DFQ and FracTrain training: the cp target schedule, and the bookkeeping of the gates' choices per step.
+
+- `dfq`: one cp target for the whole run (cifar/train_dfq.py `--target_ratio`).
+- `fractrain`: the PFQ indicator (spec §2, on the epoch mean of the training loss, which includes the cost term as
+  in cifar/train_frac.py) advances the target through a list, e.g. 1.5 -> 2 -> 2.5 -> 3 (spec §3.5); the option
+  set stays fixed, only the target changes.
+
+The sign controller itself (reg = -1 if cp < target else +1) runs in the graph on the batch's own cp, so the host
+only feeds the target and beta each step. The graph reports the choice counts per block and option; the cost of
+a step is computed from them exactly (per sample in per-sample mode), and the trace gets the bits per block
+(per-sample mode: the batch mean of each column, which `estimate` treats as one precision per block).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import FracgraphError
+from ..manifest import Manifest
+from .schedules import EpochEnd, PFQIndicator, _same_config
+
+SCHEDULES = ("dfq", "fractrain")
+
+
+@dataclass
+class TargetTransition:
+    """The cp target `new` applies from iteration `step` (0-based) on."""
+
+    step: int
+    epoch: int
+    old: float
+    new: float
+    reason: str
+    losses: list[float] = field(default_factory=list)
+    diffs: list[float] = field(default_factory=list)
+    threshold: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TargetSchedule:
+    """The cp target per iteration; `observe` takes each iteration's training loss (as PrecisionSchedule does)."""
+
+    def __init__(self, kind: str, targets: Sequence[float], epoch_iters: int, eps: float = 0.05, alpha: float = 0.3):
+        if kind not in SCHEDULES:
+            raise FracgraphError(f"cp-target schedule {kind!r} is unknown; use {' or '.join(SCHEDULES)}")
+        targets = [float(t) for t in targets]
+        if not targets or any(not (0 < t <= 100 and math.isfinite(t)) for t in targets):
+            raise FracgraphError(f"cp targets {targets} must be percentages in (0, 100]")
+        if kind == "dfq" and len(targets) != 1:
+            raise FracgraphError("--schedule dfq takes one --target-cp; use --schedule fractrain for a list")
+        if epoch_iters < 1:
+            raise FracgraphError(f"--epoch-iters must be at least 1, got {epoch_iters}")
+        self.kind = kind
+        self.targets = targets
+        self.epoch_iters = int(epoch_iters)
+        self.indicator = PFQIndicator(eps, alpha, num_turning_point=len(targets) - 1) if kind == "fractrain" else None
+        self.stage = 0
+        self.steps_done = 0
+        self.loss_sum = 0.0
+        self.epoch_losses: list[float] = []
+        self.transitions: list[TargetTransition] = []
+
+    def target(self, step: int) -> float:
+        return self.targets[sum(1 for t in self.transitions if t.step <= step)]
+
+    def observe(self, step: int, loss: float) -> EpochEnd | None:
+        if step != self.steps_done:
+            raise FracgraphError(f"cp-target schedule got the loss of iteration {step} but expected {self.steps_done}")
+        self.steps_done += 1
+        self.loss_sum += float(loss)
+        if self.steps_done % self.epoch_iters:
+            return None
+        epoch_loss = self.loss_sum / self.epoch_iters
+        self.loss_sum = 0.0
+        self.epoch_losses.append(epoch_loss)
+        epoch = self.steps_done // self.epoch_iters
+        t = None
+        ind = self.indicator
+        if ind is not None:
+            threshold = ind.threshold
+            window = list(ind.loss[-(ind.epoch_keep - 1):]) + [epoch_loss] if not ind.done else []
+            if ind.update(epoch_loss):
+                old = self.targets[self.stage]
+                self.stage += 1
+                t = TargetTransition(self.steps_done, epoch, old, self.targets[self.stage],
+                                     f"PFQ turning point {ind.count}", window, list(ind.loss_diff), threshold)
+                self.transitions.append(t)
+        return EpochEnd(epoch, self.steps_done, epoch_loss, t)
+
+    def _config(self) -> dict:
+        cfg = {"kind": self.kind, "targets": self.targets, "epoch_iters": self.epoch_iters}
+        if self.indicator is not None:
+            cfg.update(eps=self.indicator.initial_threshold, alpha=self.indicator.decay)
+        return cfg
+
+    def state_dict(self) -> dict:
+        return {**self._config(), "stage": self.stage, "steps_done": self.steps_done, "loss_sum": self.loss_sum,
+                "epoch_losses": list(self.epoch_losses), "transitions": [t.as_dict() for t in self.transitions],
+                "indicator": self.indicator.state_dict() if self.indicator is not None else None}
+
+    def load_state_dict(self, s: dict) -> None:
+        cfg = self._config()
+        _same_config(cfg, s, list(cfg), "cp-target schedule")
+        self.stage = int(s["stage"])
+        self.steps_done = int(s["steps_done"])
+        self.loss_sum = float(s["loss_sum"])
+        self.epoch_losses = [float(v) for v in s["epoch_losses"]]
+        self.transitions = [TargetTransition(**t) for t in s["transitions"]]
+        if self.indicator is not None:
+            self.indicator.load_state_dict(s["indicator"])
+
+
+def require_dfq(manifest: Manifest, schedule: str, where: str) -> dict:
+    """The manifest's DFQ section, or a one-line error when the schedule and the artifacts do not fit together."""
+    if schedule in SCHEDULES and manifest.dfq is None:
+        raise FracgraphError(f"{where}: --schedule {schedule} needs DFQ artifacts; build them with "
+                             f"`fracgraph quantize MODEL -o ART --dfq`")
+    if schedule not in SCHEDULES and manifest.dfq is not None:
+        raise FracgraphError(f"{where}: these are DFQ artifacts (the gates choose the bits); train them with "
+                             f"--schedule dfq or fractrain")
+    return manifest.dfq
+
+
+def bits_input(manifest: Manifest) -> np.ndarray:
+    """The precision input of DFQ artifacts: only the weight column is read (the static weight bits)."""
+    bits = np.zeros((manifest.n_blocks, 3), np.float32)
+    bits[:, 1] = manifest.dfq["weight_bits"]
+    return bits
+
+
+class ChoiceRecord:
+    """Per-block choice histogram over the run and the exact cost of each step from the gates' counts."""
+
+    def __init__(self, manifest: Manifest, meter, hist: list | None = None):
+        d = manifest.dfq
+        self.options = np.array(d["options"], np.float64)            # [K, 2] act, grad bits
+        self.w = float(d["weight_bits"])
+        self.meter = meter
+        n, K = manifest.n_blocks, len(self.options)
+        self.hist = np.array(hist, np.int64) if hist is not None else np.zeros((n, K), np.int64)
+        if self.hist.shape != (n, K):
+            raise FracgraphError(f"checkpoint choice histogram has shape {self.hist.shape}, expected {(n, K)}")
+
+    def step(self, counts: np.ndarray, batch: int) -> tuple[dict, np.ndarray]:
+        """(cost dict like CostMeter.step, bits [n_blocks, 3] for the trace) of a step with these counts."""
+        counts = np.rint(np.asarray(counts, np.float64)).astype(np.int64)
+        if counts.shape != self.hist.shape or (counts.sum(1) != batch).any():
+            raise FracgraphError(f"the gates' choice counts {counts.tolist()} do not cover the batch of {batch}")
+        self.hist += counts
+        frac = counts / batch                                        # [n, K] share of samples per option
+        a, g, w = self.options[:, 0] / 32, self.options[:, 1] / 32, self.w / 32
+        m, fp = self.meter.block_macs, self.meter.fp32_macs
+        fw = float(m @ (frac @ (a * w)) + fp) * batch
+        err = float(m @ (frac @ (g * w)) + fp) * batch
+        wg = float(m @ (frac @ (a * g)) + fp) * batch
+        cost = {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.meter.total * batch)}
+        bits = np.stack([frac @ self.options[:, 0], np.full(len(frac), self.w), frac @ self.options[:, 1]], 1)
+        return cost, bits.astype(np.float32)
+
+    def summary(self, block_names: list[str]) -> list[dict]:
+        labels = [f"{int(a)}/{int(g)}" for a, g in self.options]
+        return [{"block": name, "counts": dict(zip(labels, row.tolist()))} for name, row in zip(block_names, self.hist)]
