@@ -111,3 +111,6 @@ def test_tiny_sweep_on_local_ray(ray_local, tmp_path):
     # other settings in the same directory: refused before anything runs
     with pytest.raises(FracgraphError, match="other settings"):
         run_sweep(str(model), str(out), {**base, "iters": 30}, ["lr=0.05,0.1,1e9"], workers=2)
+    # a task that could never be scheduled is refused, not left waiting
+    with pytest.raises(FracgraphError, match="more than the 2 CPU"):
+        run_sweep(str(out / "artifacts"), str(tmp_path / "sw2"), base, ["lr=0.05"], threads=3)

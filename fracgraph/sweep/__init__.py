@@ -22,6 +22,8 @@ def run_sweep(target: str, out_dir: str, base: dict, grid_specs: list[str], *, a
     Returns {"points", "table", "failed", "workers", "threads", paths...}.
     """
     grid = parse_grid(grid_specs)
+    if (workers is not None and workers < 1) or (threads is not None and threads < 1):
+        raise FracgraphError("--workers and --threads must be at least 1")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FracgraphError(f"{out} exists and is not a directory: choose another -o")

@@ -138,18 +138,21 @@ def connect(ray, address: str | None, workers: int | None, threads: int | None, 
         if address:
             try:
                 ray.init(address=address, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as e:
+            except Exception as e:  # ConnectionError mostly; Ray raises several kinds for a bad address
                 raise FracgraphError(f"--address {address}: cannot connect to a Ray cluster ({e}); start one with "
                                      "`ray start --head` or omit --address for a local instance") from None
         else:
-            local_cpus = max(_cpus(), (workers or 1) * (threads or 1))
-            ray.init(num_cpus=local_cpus, **kwargs)
+            ray.init(num_cpus=_cpus(), **kwargs)
         started = True
     cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+    if threads is not None and threads > cpus:
+        if started:
+            ray.shutdown()
+        raise FracgraphError(f"--threads {threads} is more than the {cpus} CPU(s) Ray has: no point could start")
     if workers is None:
         workers = max(1, min(n_tasks, cpus // (threads or 1)))
     if threads is None:
-        threads = max(1, cpus // workers)
+        threads = max(1, cpus // min(workers, n_tasks))
     return workers, threads, started
 
 
@@ -162,12 +165,11 @@ def execute(points: list[Point], *, address: str | None = None, workers: int | N
             p.status = "skipped"
             if on_done:
                 on_done(p)
-    if workers is not None and workers < 1 or threads is not None and threads < 1:
-        raise FracgraphError("--workers and --threads must be at least 1")
     if not todo:
         return {"workers": 0, "threads": threads, "ran": 0}
     ray = import_ray()
     workers, threads, started = connect(ray, address, workers, threads, len(todo))
+    # a task reserves `threads` CPUs, so Ray never runs more points at once than the CPUs hold, whatever --workers
     task = ray.remote(num_cpus=threads, max_retries=0)(train_point)
     pending: dict = {}
     queue = list(todo)
