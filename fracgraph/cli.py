@@ -83,6 +83,12 @@ def quantize(
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9, FracTrain's) or adamw."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    dfq: bool = typer.Option(False, "--dfq", help="Add DFQ precision gates and the cost term (train with --schedule dfq or fractrain); the first GEMM defaults to FP32."),
+    options: str = typer.Option("3/6,4/6,4/8,6/8,6/12", "--options", help="DFQ options as FW/BW bits pairs (CIFAR defaults)."),
+    weight_bits: int = typer.Option(4, "--weight-bits", help="DFQ static weight bits."),
+    granularity: str = typer.Option("batch", "--granularity", help="DFQ choice per mini-batch (batch) or per sample (sample)."),
+    cost_weighting: str = typer.Option("macs", "--cost-weighting", help="DFQ cost per block: macs (block MACs) or uniform (ResNet CIFAR code)."),
+    task_grad: str = typer.Option("none", "--task-grad", help="DFQ task-loss path into the gate: none or chosen (see passes/dfq_gate.py)."),
 ) -> None:
     """Rewrite MODEL into onnxruntime-training artifacts with FW/BW fake-quantization and runtime precisions."""
     import time
@@ -90,12 +96,21 @@ def quantize(
     from fracgraph.build import BuildOptions, build_artifacts
 
     t0 = time.perf_counter()
-    opts = BuildOptions(fw=fw, bw=bw, policy=_policy(policy, first, last, keep_fp32), optimizer=optimizer,
-                        weight_decay=weight_decay)
+    gates = None
+    if dfq:
+        from fracgraph.passes.dfq_gate import DfqOptions, parse_options
+
+        gates = DfqOptions(options=parse_options(options), weight_bits=weight_bits, granularity=granularity,
+                           cost_weighting=cost_weighting, task_grad=task_grad)
+    opts = BuildOptions(fw=fw, bw=bw, policy=_policy(policy, first or ("fp32" if dfq else None), last, keep_fp32),
+                        optimizer=optimizer, weight_decay=weight_decay, dfq=gates)
     m = build_artifacts(model, output, opts, force=force)
     n_q = sum(1 for d in m.decisions if d.quantized)
     typer.echo(f"{output}: {n_q}/{len(m.decisions)} GEMMs quantized in {m.n_blocks} blocks, "
                f"{len(m.quant_points)} FW + {n_q} BW quant points ({time.perf_counter() - t0:.1f} s)")
+    if m.dfq:
+        typer.echo(f"DFQ: {m.n_blocks} gates, options (FW/BW) {', '.join(f'{a}/{g}' for a, g in m.dfq['options'])}, "
+                   f"weights {m.dfq['weight_bits']} bits, choice per {m.dfq['granularity']}")
 
 
 @app.command()
@@ -119,6 +134,13 @@ def inspect(
     render(summary)
 
 
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{what} must be comma-separated numbers, e.g. 1.5,2,2.5,3")
+
+
 def _int_list(text: str, what: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -131,7 +153,7 @@ def _int_list(text: str, what: str) -> list[int]:
 def train(
     target: str = typer.Argument(..., help="An artifact directory, or an ONNX model (quantized into RUN/artifacts)."),
     output: str = typer.Option(..., "-o", "--output", help="Run directory."),
-    schedule: str = typer.Option("static", "--schedule", help="static or pfq."),
+    schedule: str = typer.Option("static", "--schedule", help="static, pfq, dfq (DFQ artifacts, one cp target) or fractrain (PFQ indicator advances the cp target)."),
     fw: int = typer.Option(8, "--fw", help="Static FW bits (0 = FP32)."),
     bw: int = typer.Option(8, "--bw", help="Static BW bits (0 = FP32)."),
     fw_schedule: str = typer.Option("3,4,6,8", "--fw-schedule", help="PFQ FW bits per stage."),
@@ -150,10 +172,13 @@ def train(
     momentum: float = typer.Option(None, "--momentum", help="SGD momentum (default: the artifacts', 0.9)."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="SGD weight decay (default: the artifacts', 1e-4)."),
     threads: int = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: all cores)."),
+    target_cp: float = typer.Option(3.0, "--target-cp", help="DFQ: cp target (% of FP32 compute of the gated blocks)."),
+    target_cp_schedule: str = typer.Option("1.5,2,2.5,3", "--target-cp-schedule", help="FracTrain: cp target per stage."),
+    beta: float = typer.Option(1e-3, "--beta", help="DFQ: weight of the cost term."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Train quantized artifacts under a static or PFQ precision schedule."""
+    """Train quantized artifacts under a static, PFQ, DFQ or FracTrain precision schedule."""
     from pathlib import Path as _P
 
     from fracgraph.train.loop import TrainConfig
@@ -165,7 +190,8 @@ def train(
         fw=fw, bw=bw, fw_schedule=_int_list(fw_schedule, "--fw-schedule"), bw_schedule=_int_list(bw_schedule, "--bw-schedule"),
         eps=eps, alpha=alpha, data=data, iters=iters, epoch_iters=epoch_iters, batch=batch, lr=lr,
         lr_schedule=lr_schedule, seed=seed, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
-        momentum=momentum, weight_decay=weight_decay, threads=threads,
+        momentum=momentum, weight_decay=weight_decay, threads=threads, target_cp=target_cp,
+        target_cp_schedule=_float_list(target_cp_schedule, "--target-cp-schedule"), beta=beta,
     )
     if as_json:
         summary = run_train(cfg, resume=resume)
@@ -185,7 +211,10 @@ def train(
             bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{acc}")
             if "transition" in rec:
                 t = rec["transition"]
-                con.print(f"step {t['step']}: FW/BW {t['old'][0]}/{t['old'][1]} -> {t['new'][0]}/{t['new'][1]} ({t['reason']})")
+                if isinstance(t["old"], list):
+                    con.print(f"step {t['step']}: FW/BW {t['old'][0]}/{t['old'][1]} -> {t['new'][0]}/{t['new'][1]} ({t['reason']})")
+                else:
+                    con.print(f"step {t['step']}: cp target {t['old']} -> {t['new']} ({t['reason']})")
 
         summary = run_train(cfg, resume=resume, progress=on_step)
     t = Table(title=f"run {output}")

@@ -20,6 +20,9 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         points = [q.__dict__ for q in points]
         precision = {"input": m.precision_input, "shape": [m.n_blocks, 3], "columns": ["act", "weight", "grad"],
                      "default_bits": m.default_bits}
+        dfq = None if m.dfq is None else {k: m.dfq[k] for k in ("options", "weight_bits", "granularity",
+                                                                "cost_weighting", "task_grad", "F", "gate_params",
+                                                                "gate_dim", "embed_dim", "hidden")}
     else:
         from .build import plan
         from .model import load_model
@@ -28,12 +31,12 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         _, blist, dlist, ops = plan(model, policy or LayerPolicy())
         blocks = [{"name": b.name, "kind": b.kind, "ops": b.ops} for b in blist]
         decisions = [d.__dict__ for d in dlist]
-        points, source, kind, precision = [], str(p), "model (plan only)", None
+        points, source, kind, precision, dfq = [], str(p), "model (plan only)", None, None
     total = sum(d["macs"] for d in ops)
     quant = sum(d["macs"] for d in ops if d["quantized"])
     return {
         "source": source, "kind": kind, "blocks": blocks, "decisions": decisions, "quant_points": points,
-        "precision_input": precision,
+        "precision_input": precision, "dfq": dfq,
         "ops": [{k: d[k] for k in ("name", "op_type", "macs", "block", "quantized")} for d in ops],
         "macs_per_sample": total, "quantized_macs_fraction": quant / total if total else 0.0,
     }
@@ -51,6 +54,14 @@ def render(summary: dict) -> None:
         pi = summary["precision_input"]
         con.print(f"precision input [cyan]{pi['input']}[/cyan] {pi['shape']} columns {pi['columns']}; "
                   f"{len(summary['quant_points'])} FW quant points + BW on every quantized GEMM output")
+    if summary.get("dfq"):
+        g = summary["dfq"]
+        con.print(f"DFQ: one gate per block (GAP, 1x1 conv {g['gate_dim']}, ReLU, 1x1 conv {g['embed_dim']}, "
+                  f"shared LSTM cell {g['hidden']}, linear, "
+                  f"softmax; FP32, {len(g['gate_params'])} parameter tensors), choice per {g['granularity']}; "
+                  f"options FW/BW {', '.join(f'{a}/{b}' for a, b in g['options'])}, weights {g['weight_bits']} bits; "
+                  f"act/grad columns of the precision input unused; cost weighting {g['cost_weighting']}, "
+                  f"task gradient {g['task_grad']}")
     t = Table(title="layers")
     for col in ("layer", "op", "MACs/sample", "block", "decision"):
         t.add_column(col)

@@ -340,3 +340,25 @@ def test_options_parsing_and_errors():
         DfqOptions(options=[[0, 0], [4, 8]])
     with pytest.raises(FracgraphError, match="granularity"):
         DfqOptions(granularity="layer")
+
+
+def test_cli_quantize_dfq_and_inspect(two_block, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fracgraph.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "art"
+    r = runner.invoke(app, ["quantize", str(two_block[1]), "-o", str(out), "--dfq", "--options", "3/6,4/8",
+                            "--weight-bits", "6", "--granularity", "sample"])
+    assert r.exit_code == 0, r.output
+    assert "DFQ: 2 gates, options (FW/BW) 3/6, 4/8, weights 6 bits, choice per sample" in r.output
+    info = json.loads(runner.invoke(app, ["inspect", str(out), "--format", "json"]).output)
+    assert info["dfq"]["options"] == [[3, 6], [4, 8]] and info["dfq"]["weight_bits"] == 6
+    first = info["decisions"][0]
+    assert not first["quantized"] and "first" in first["reason"]          # --dfq keeps the first GEMM FP32
+    assert "DFQ: one gate per block" in runner.invoke(app, ["inspect", str(out)]).output
+    bad = runner.invoke(app, ["quantize", str(two_block[1]), "-o", str(tmp_path / "b"), "--dfq", "--options", "4/8"])
+    assert bad.exit_code == 2 and "at least 2" in bad.output and "Traceback" not in bad.output
