@@ -228,6 +228,7 @@ def _check_structure(model: onnx.ModelProto) -> None:
         if node.domain not in _KNOWN_DOMAINS:
             raise FracgraphError(f"node {node.name or node.op_type} uses op {node.domain}::{node.op_type}, which "
                                  f"onnxruntime does not implement; export the model with standard ONNX ops")
+    _check_window_attributes(g)
     try:
         onnx.checker.check_model(model)
     except Exception as e:
@@ -237,6 +238,23 @@ def _check_structure(model: onnx.ModelProto) -> None:
     for out in g.output:
         if out.name not in produced:
             raise FracgraphError(f"graph output {out.name!r} is produced by no node; the model is damaged")
+
+
+def _check_window_attributes(graph: onnx.GraphProto) -> None:
+    """Sliding-window attributes are checked before ONNX's shape inference, which divides by strides natively
+    (a zero stride kills the process with SIGFPE rather than raising)."""
+    for node in graph.node:
+        for a in node.attribute:
+            if a.name not in ("strides", "dilations", "kernel_shape", "pads", "group"):
+                continue
+            v = onnx.helper.get_attribute_value(a)
+            vals = list(v) if isinstance(v, (list, tuple)) else [v]
+            if not all(isinstance(x, int) for x in vals):
+                raise FracgraphError(f"node {node.name or node.op_type} ({node.op_type}): attribute {a.name} must be integers")
+            low = 0 if a.name == "pads" else 1
+            if any(x < low for x in vals):
+                raise FracgraphError(f"node {node.name or node.op_type} ({node.op_type}): {a.name}={vals} is invalid; "
+                                     f"{'pads must be >= 0' if low == 0 else a.name + ' must be >= 1'}")
 
 
 _PARAM_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")

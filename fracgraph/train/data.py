@@ -306,23 +306,31 @@ _CIFAR_FILES = {
 }
 
 
-def _collect_files(path: Path, wanted: set[str]) -> dict[str, bytes]:
+def _collect_files(path: Path, wanted: set[str], memory_limit: int | None = None) -> dict[str, bytes]:
     """Regular files whose base name is wanted, from a directory (and its subdirectories) or a tar archive.
-    Archives are read in place, never extracted, and must pass the same member checks as image folders."""
+    Archives are read in place, never extracted, and must pass the same member checks as image folders.
+    Their sizes (stat, or the tar headers) are checked against memory before any is read."""
     found: dict[str, bytes] = {}
     if path.is_dir():
+        picked: dict[str, Path] = {}
         for root, _dirs, files in os.walk(path):
             for f in files:
-                if f in wanted and f not in found and not os.path.islink(os.path.join(root, f)):
-                    found[f] = Path(root, f).read_bytes()
-        return found
+                if f in wanted and f not in picked and not os.path.islink(os.path.join(root, f)):
+                    picked[f] = Path(root, f)
+        check_fits_in_memory(sum(p.stat().st_size for p in picked.values()), f"the data files in {path}",
+                             memory_limit)
+        return {f: p.read_bytes() for f, p in picked.items()}
     with _open_tar(path) as tf:
         members = tf.getmembers()
         check_archive_members(members, path)
+        chosen: dict[str, tarfile.TarInfo] = {}
         for m in members:
             base = posixpath.basename(m.name)
-            if m.isfile() and base in wanted and base not in found:
-                found[base] = tf.extractfile(m).read()
+            if m.isfile() and base in wanted and base not in chosen:
+                chosen[base] = m
+        check_fits_in_memory(sum(m.size for m in chosen.values()), f"the data files in {path}", memory_limit)
+        for base, m in chosen.items():
+            found[base] = tf.extractfile(m).read()
     return found
 
 
@@ -335,7 +343,7 @@ def load_cifar(path: str | os.PathLike, variant: str = "cifar10", memory_limit: 
     names = {n for (v, _), (a, b) in _CIFAR_FILES.items() if v == variant for n in a + b}
     if variant == "cifar100":
         names |= {"meta", "fine_label_names.txt"}
-    files = _collect_files(path, names)
+    files = _collect_files(path, names, memory_limit)
     form = None
     for f in ("py", "bin"):
         tr, te = _CIFAR_FILES[(variant, f)]
