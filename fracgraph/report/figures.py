@@ -100,7 +100,9 @@ def precision(run: RunData) -> Figure:
                          xytext=(3, -12), textcoords="offset points", fontsize="small")
     ax_line.set_ylabel("bits")
     ax_line.set_ylim(0, shown.max() + 2)
-    ax_line.set_yticks(np.unique(shown[:, :, [k for _, k, *_ in series]]))
+    ticks = np.unique(shown[:, :, [k for _, k, *_ in series]])
+    if len(ticks) <= 8:
+        ax_line.set_yticks(ticks)
     fig.suptitle(f"{run.name}: precision over time ({len(run.transitions)} stage transition(s), dashed)")
     ax_line.legend(fontsize="small", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(series), frameon=False)
     ax_line.grid(alpha=0.3)
@@ -108,54 +110,58 @@ def precision(run: RunData) -> Figure:
     steps = _sampled_steps(total)
     grid = run.bits_at(steps)                            # [cols, blocks, 3]
     levels = np.unique(grid[:, :, [0, 2]])
-    cmap = ListedColormap(sequential(len(levels)))
-    index = np.searchsorted(levels, grid)
-    norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
+    discrete = len(levels) <= 10     # a few bit widths: one color each; per-step mean bits: a continuous scale
+    if discrete:
+        cmap, values = ListedColormap(sequential(len(levels))), np.searchsorted(levels, grid)
+        norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
+    else:
+        cmap, values, norm = "viridis", np.where(grid == 0, 32.0, grid), None
     n_blocks = grid.shape[1]
     for ax, k, what in ((ax_fw, 0, "FW"), (ax_bw, 2, "BW")):
-        im = ax.imshow(index[:, :, k].T, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
+        im = ax.imshow(values[:, :, k].T, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
                        extent=(0, total, n_blocks - 0.5, -0.5))
         ax.set_ylabel(f"{what} bits\nblock")
         if n_blocks <= 12:
             ax.set_yticks(range(n_blocks))
-    cb = fig.colorbar(im, ax=[ax_fw, ax_bw], ticks=range(len(levels)), fraction=0.04)
-    cb.ax.set_yticklabels([bits_label(v) for v in levels])
+    cb = fig.colorbar(im, ax=[ax_fw, ax_bw], ticks=range(len(levels)) if discrete else None, fraction=0.04)
+    if discrete:
+        cb.ax.set_yticklabels([bits_label(v) for v in levels])
     cb.set_label("bits (32 = FP32)")
     sampled = "" if len(steps) == total else f" (sampled at {len(steps)} steps)"
     ax_bw.set_xlabel(f"training step{sampled}")
     return fig
 
 
-def choice_histogram(run: RunData) -> tuple[dict[tuple, np.ndarray], int]:
-    """Steps spent at each (act, weight, grad) choice, per block, from the trace: {choice: steps[n_blocks]}."""
-    tr = run.trace
-    counts: dict[tuple, np.ndarray] = {}
-    n_blocks = tr.bits.shape[1]
-    for n, bits in tr.segments():
-        for b in range(n_blocks):
-            key = tuple(float(v) if v > 0 else 32.0 for v in bits[b])
-            counts.setdefault(key, np.zeros(n_blocks, np.int64))[b] += n
-    return dict(sorted(counts.items())), n_blocks
+MAX_CHOICES = 12      # more distinct choices than this (e.g. per-step mean bits) are drawn as the largest + "other"
 
 
 def choices(run: RunData) -> Figure:
-    """Per block, the share of steps at each precision choice, as one stacked bar per block."""
-    counts, n_blocks = choice_histogram(run)
-    total = max(run.trace.total_steps, 1)
-    fig = Figure(figsize=(9, 1.2 + 0.35 * n_blocks + 0.2 * len(counts)), layout="constrained")
+    """Per block, the share of each precision choice, as one stacked bar per block."""
+    cc = run.choice_counts()
+    n_blocks = len(cc.blocks)
+    items = sorted(cc.counts.items(), key=lambda kv: -kv[1].sum())
+    if len(items) > MAX_CHOICES:
+        rest = sum(v for _, v in items[MAX_CHOICES - 1:])
+        items = sorted(items[:MAX_CHOICES - 1]) + [("other", rest)]
+    else:
+        items = sorted(items)
+    totals = np.maximum(sum(v for _, v in items), 1)
+    fig = Figure(figsize=(9, 1.6 + 0.35 * n_blocks + 0.25 * (len(items) // 5 + 1)), layout="constrained")
     ax = fig.add_subplot()
     left = np.zeros(n_blocks)
-    show_w = any(k[1] != k[0] for k in counts)      # name weight bits on every label if any choice has its own
-    for col, (key, c) in zip(sequential(len(counts)), counts.items()):
-        share = 100 * c / total
-        ax.barh(np.arange(n_blocks), share, left=left, color=col, label=choice_label(*key, show_w), height=0.7)
+    show_w = any(k != "other" and k[1] != k[0] for k, _ in items)   # name weight bits everywhere if any differ
+    for col, (key, c) in zip(sequential(len(items)), items):
+        share = 100 * c / totals
+        label = key if key == "other" else choice_label(*key, show_w)
+        ax.barh(np.arange(n_blocks), share, left=left, color="lightgray" if key == "other" else col, label=label,
+                height=0.7)
         left += share
-    ax.set_yticks(range(n_blocks), [f"block {b}" for b in range(n_blocks)])
+    ax.set_yticks(range(n_blocks), cc.blocks, fontsize="small" if n_blocks > 12 else None)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel("share of training steps (%)")
+    ax.set_xlabel(f"share of training {cc.unit} (%)")
     ax.set_title(f"{run.name}: precision choices per block")
-    ax.legend(fontsize="small", ncols=min(len(counts), 5), loc="upper center", bbox_to_anchor=(0.5, -0.25 if n_blocks < 4 else -0.1))
+    fig.legend(*ax.get_legend_handles_labels(), fontsize="small", ncols=min(len(items), 5), loc="outside lower center")
     return fig
 
 

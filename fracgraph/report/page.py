@@ -120,23 +120,26 @@ def precision_section(runs: list[RunData]) -> Section:
 def choices_section(runs: list[RunData]) -> Section:
     parts, images = [], {}
     for r in runs:
-        counts, n_blocks = figures.choice_histogram(r)
+        cc = r.choice_counts()
         head = f"<h3>{html.escape(r.name)}</h3>"
-        if len(counts) == 1:
-            (key,) = counts
-            parts.append(head + f'<p class="note">One precision choice throughout: every one of the {n_blocks} '
-                         f"block(s) used {figures.choice_label(*key)} for all {r.trace.total_steps} steps "
-                         "(no precision change, so no choices to show).</p>")
+        if len(cc.counts) == 1:
+            (key,) = cc.counts
+            parts.append(head + f'<p class="note">One precision choice throughout: every one of the '
+                         f"{len(cc.blocks)} block(s) used {figures.choice_label(*key)} for all "
+                         f"{r.trace.total_steps} steps (no precision change, so no choices to show).</p>")
             continue
         name = f"choices-{slug(r.name)}.png"
         data = figures.png(figures.choices(r))
         images[name] = data
-        per_block = bool((r.trace.bits != r.trace.bits[:, :1]).any())     # blocks ever differ: DFQ-style choices
-        parts.append(head + img(name, data, f"precision choices per block of {r.name}") + (
-            "" if per_block else '<p class="note">No per-block (DFQ) choices in this run: the blocks changed '
-                            "precision together, so each bar shows the share of steps in each schedule stage.</p>"))
-    note = ("For every block, the share of training steps spent at each (FW, BW) choice, counted from the precision "
-            "trace, so it is drawn for any run: DFQ's per-block choices, PFQ's stages, or a static run's one choice.")
+        per_block = r.summary.get("dfq") is not None or bool((r.trace.bits != r.trace.bits[:, :1]).any())
+        parts.append(head + img(name, data, f"precision choices per block of {r.name}")
+                     + f'<p class="note">Counted from {html.escape(cc.source)}.'
+                     + ("" if per_block else " No per-block (DFQ) choices in this run: the blocks changed precision "
+                                             "together, so each bar shows the share of steps in each stage.")
+                     + "</p>")
+    note = ("For every block, the share of training spent at each (FW, BW) choice: from a DFQ run's choice "
+            "histogram (summary.json) when it has one, otherwise counted from the precision trace, so it is drawn "
+            "for any run: DFQ's per-block choices, PFQ's stages, or a static run's one choice.")
     return Section("choices", "Precision choices per block", f'<p class="note">{note}</p>' + "".join(parts), images)
 
 

@@ -21,6 +21,16 @@ _NOT_A_RUN = "is it a run directory written by `fracgraph train`?"
 
 
 @dataclass
+class ChoiceCounts:
+    """How often each precision choice (act, weight, grad bits; 32 = FP32) was used, per block."""
+
+    counts: dict[tuple, np.ndarray]     # choice -> count per block
+    blocks: list[str]
+    unit: str                           # what a count is: "steps" or "samples"
+    source: str                         # where the counts come from, for the page
+
+
+@dataclass
 class RunData:
     name: str                 # label in plots and tables (unique within a report)
     path: Path
@@ -45,6 +55,35 @@ class RunData:
         """Bits [len(steps), n_blocks, 3] in use at each 0-based step, from the run-length-encoded trace."""
         seg = np.searchsorted(self.trace.starts, np.asarray(steps), side="right") - 1
         return self.trace.bits[np.clip(seg, 0, len(self.trace.bits) - 1)]
+
+    def choice_counts(self) -> ChoiceCounts:
+        """The DFQ choice histogram of summary.json when the run has one (exact, per sample or batch), else the
+        steps each block spent at each bits row of the trace (works for any schedule)."""
+        dfq = self.summary.get("dfq") or {}
+        hist = dfq.get("choice_histogram")
+        try:
+            w = float(dfq["weight_bits"])
+            counts: dict[tuple, np.ndarray] = {}
+            for b, entry in enumerate(hist):
+                for label, n in entry["counts"].items():
+                    a, g = (float(v) for v in label.split("/"))
+                    counts.setdefault((a, w, g), np.zeros(len(hist), np.int64))[b] += int(n)
+            blocks = [str(entry.get("block", i)) for i, entry in enumerate(hist)]
+            counts = {k: v for k, v in sorted(counts.items()) if v.any()}
+            if counts:
+                unit = "samples" if dfq.get("granularity") == "sample" else "samples (one choice per batch)"
+                return ChoiceCounts(counts, blocks, unit, "the DFQ choice histogram in summary.json")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass                                     # absent or another layout: count the trace instead
+        tr = self.trace
+        n_blocks = tr.bits.shape[1]
+        counts = {}
+        for n, bits in tr.segments():
+            for b in range(n_blocks):
+                key = tuple(float(v) if v > 0 else 32.0 for v in bits[b])
+                counts.setdefault(key, np.zeros(n_blocks, np.int64))[b] += n
+        return ChoiceCounts(dict(sorted(counts.items())), [f"block {b}" for b in range(n_blocks)], "steps",
+                            "the precision trace")
 
     def artifacts_dir(self) -> Path | None:
         """The artifact directory the run trained, wherever the recorded (possibly relative) path resolves."""

@@ -54,11 +54,30 @@ def test_trace_lookup_and_choice_histogram_match_a_per_step_count(runs):
     d, per_step = runs
     run = load_run(d / "dfq")
     assert np.array_equal(run.bits_at(np.arange(16)), np.stack(per_step))
-    counts, n_blocks = figures.choice_histogram(run)
+    cc = run.choice_counts()
+    assert cc.unit == "steps" and cc.source == "the precision trace" and len(cc.blocks) == 3
     expected = collections.Counter((b, tuple(float(v) for v in bits[b])) for bits in per_step for b in range(3))
-    got = {(b, key): int(c[b]) for key, c in counts.items() for b in range(n_blocks) if c[b]}
+    got = {(b, key): int(c[b]) for key, c in cc.counts.items() for b in range(3) if c[b]}
     assert got == dict(expected)
-    assert sum(c.sum() for c in counts.values()) == 16 * 3
+    assert sum(c.sum() for c in cc.counts.values()) == 16 * 3
+
+
+def test_dfq_summary_histogram_is_preferred_to_the_trace(runs, tmp_path):
+    d, _ = runs
+    shutil.copytree(d / "dfq", tmp_path / "run")
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    s["dfq"] = {"weight_bits": 4, "granularity": "batch", "options": [[3, 6], [4, 8], [6, 12]],
+                "choice_histogram": [{"block": "b0", "counts": {"3/6": 640, "4/8": 0, "6/12": 384}},
+                                     {"block": "b1", "counts": {"3/6": 0, "4/8": 1024, "6/12": 0}},
+                                     {"block": "b2", "counts": {"3/6": 1, "4/8": 1, "6/12": 1022}}]}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(s))
+    cc = load_run(tmp_path / "run").choice_counts()
+    assert cc.blocks == ["b0", "b1", "b2"] and "summary.json" in cc.source
+    assert {k: v.tolist() for k, v in cc.counts.items()} == {
+        (3.0, 4.0, 6.0): [640, 0, 1], (4.0, 4.0, 8.0): [0, 1024, 1], (6.0, 4.0, 12.0): [384, 0, 1022]}
+    s["dfq"]["choice_histogram"] = "unexpected layout"          # falls back to the trace, never fails
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(s))
+    assert load_run(tmp_path / "run").choice_counts().source == "the precision trace"
 
 
 def test_pareto_front_by_hand():
