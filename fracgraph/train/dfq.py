@@ -140,6 +140,8 @@ class ChoiceRecord:
     def __init__(self, manifest: Manifest, meter, hist: list | None = None):
         d = manifest.dfq
         self.options = np.array(d["options"], np.float64)            # [K, 2] act, grad bits
+        self.F = np.array(d["F"], np.float64)                         # the cost term's block weights
+        self.unit = np.array(d["unit_costs"], np.float64).sum(1)      # [K] fw + eb + gc per MAC
         self.w = float(d["weight_bits"])
         self.meter = meter
         n, K = manifest.n_blocks, len(self.options)
@@ -163,6 +165,13 @@ class ChoiceRecord:
         bits = np.stack([frac @ self.options[:, 0], np.full(len(frac), self.w), frac @ self.options[:, 1]], 1)
         return cost, bits.astype(np.float32)
 
-    def summary(self, block_names: list[str]) -> list[dict]:
+    def histogram(self, block_names: list[str]) -> list[dict]:
         labels = [f"{int(a)}/{int(g)}" for a, g in self.options]
         return [{"block": name, "counts": dict(zip(labels, row.tolist()))} for name, row in zip(block_names, self.hist)]
+
+    def mean_gated_cp(self) -> float | None:
+        """The controlled cp (gated blocks, the cost term's weights) averaged over every sample of the run."""
+        n = self.hist.sum(1, keepdims=True)
+        if not n.all():
+            return None
+        return float(100 * self.F @ ((self.hist / n) @ self.unit) / (3 * self.F.sum()))

@@ -279,7 +279,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     if choices is not None:
         summary["dfq"] = {"options": dfq["options"], "weight_bits": dfq["weight_bits"],
                           "granularity": dfq["granularity"], "final_target_cp": sched.target(max(step - 1, 0)),
-                          "choice_histogram": choices.summary([b.name for b in manifest.blocks])}
+                          "mean_gated_cp": choices.mean_gated_cp(),
+                          "choice_histogram": choices.histogram([b.name for b in manifest.blocks])}
     runio.write_summary(run, summary)
     return summary
 
