@@ -1,38 +1,48 @@
-"""Training-step time of resnet20 (batch 128) in one process: fracgraph FW8/BW8 and 0-bit steps, the plain
-(unquantized) ORT step, PyTorch eager FP32 and a PyTorch FracTrain-style quantized step; plus `quantize` time on
-resnet164. Prints ratios against baselines measured in the same run (these machines are noisy).
+"""Training-step time and peak memory of resnet20 (batch 128): fracgraph FW8/BW8 with its speed passes and tuned
+session ("after"), the same artifacts built without the passes on onnxruntime's default session ("before"), the
+0-bit step, the plain (unquantized) ORT step, PyTorch eager FP32 and a PyTorch FracTrain-style quantized step;
+plus `quantize` time on resnet164.
 
-    python bench/step_time.py [--steps 5] [--batch 128] [--threads 2]
+Each configuration runs in its own worker process (so its peak RSS, VmHWM, is its own), and the workers take
+turns one step at a time (A, B, C, A, B, C, ...): on a shared, noisy machine every configuration sees the same
+background load, and the medians and ratios stay comparable even when the absolute times do not.
+
+    python bench/step_time.py [--steps 7] [--batch 128] [--threads 2] [--no-quantize-time]
+    python bench/step_time.py --settings      # the session-settings sweep behind runtime.SESSION_TUNING
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ORT = {"allow_spinning": True}     # onnxruntime's own defaults (what the session used before tuning)
+SETTINGS = {                               # --settings: one change at a time against the tuned session
+    "tuned (SESSION_TUNING)": {},
+    "allow_spinning on": {"allow_spinning": True},
+    "graph opt basic": {"graph_optimization_level": "basic"},
+    "graph opt extended": {"graph_optimization_level": "extended"},
+    "mem pattern off": {"mem_pattern": False},
+    "cpu arena off": {"cpu_arena": False},
+}
 
-def timed(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
-
-def torch_steps(model, x, y, quantized: bool):
+# -- PyTorch references -------------------------------------------------------------------------------------
+def torch_step(model, x, y, quantized: bool):
+    """A PyTorch training step of `model`; quantized = FracTrain's FW8/BW8 on every conv (fake-quant inputs and
+    weights with STE, stochastic-rounding 8-bit errors), as fracgraph computes it."""
     import torch
     import torch.nn.functional as F
-
-    from fracgraph.zoo import BasicBlock  # noqa: F401  (architecture reference)
 
     def fq(t, bits, per_channel=False, noise=False):
         with torch.no_grad():
@@ -88,73 +98,191 @@ def torch_steps(model, x, y, quantized: bool):
     return step
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    a = ap.parse_args()
-
-    import torch
-    from onnxruntime.training import api
-    from onnxruntime.training import artifacts as ort_artifacts
-
-    from fracgraph.build import BuildOptions, build_artifacts, classify_initializers
-    from fracgraph.model import load_model
-    from fracgraph.runtime import TrainSession, session_options
-    from fracgraph.zoo import build, export
-
-    torch.set_num_threads(a.threads)
+# -- workers ------------------------------------------------------------------------------------------------
+def make_step(kind: str, directory: Path, batch: int, threads: int, tuning: dict):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((a.batch, 3, 32, 32)).astype(np.float32)
-    y = rng.integers(0, 10, a.batch).astype(np.int64)
-    rows = {}
-    with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        model = export("resnet20", d / "r20.onnx")
-        build_artifacts(model, d / "art", BuildOptions())
-        sess = TrainSession(d / "art", threads=a.threads, seed=0)
-        n = sess.manifest.n_blocks
-        b8 = np.full((n, 3), 8, np.float32)
-        b0 = np.zeros((n, 3), np.float32)
-        rows["fracgraph FW8/BW8"] = timed(lambda: sess.step(x, y, b8, 0.01), a.steps)
-        rows["fracgraph 0-bit"] = timed(lambda: sess.step(x, y, b0, 0.01), a.steps)
+    x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int64)
+    if kind in ("after", "before", "zero"):
+        from onnxruntime.training import api  # noqa: F401  (import outside TrainSession, see fracgraph/profile.py)
 
-        plain = load_model(model)
-        tr, fr = classify_initializers(plain)
-        (d / "plain").mkdir()
-        ort_artifacts.generate_artifacts(plain, requires_grad=tr, frozen_params=fr, loss=ort_artifacts.LossType.CrossEntropyLoss,
-                                         optimizer=ort_artifacts.OptimType.SGD, artifact_directory=str(d / "plain"))
-        st = api.CheckpointState.load_checkpoint(str(d / "plain" / "checkpoint"))
-        mod = api.Module(str(d / "plain" / "training_model.onnx"), st, session_options=session_options(a.threads))
-        opt = api.Optimizer(str(d / "plain" / "optimizer_model.onnx"), mod)
+        from fracgraph.runtime import TrainSession
+
+        sess = TrainSession(directory / ("art_before" if kind == "before" else "art"), threads=threads, seed=0, tuning=tuning)
+        bits = np.full((sess.manifest.n_blocks, 3), 0 if kind == "zero" else 8, np.float32)
+        return lambda: sess.step(x, y, bits, 0.01)
+    if kind == "plain":
+        from onnxruntime.training import api
+
+        from fracgraph.runtime import session_options
+
+        st = api.CheckpointState.load_checkpoint(str(directory / "plain" / "checkpoint"))
+        mod = api.Module(str(directory / "plain" / "training_model.onnx"), st,
+                         session_options=session_options(threads, tuning=tuning))
+        opt = api.Optimizer(str(directory / "plain" / "optimizer_model.onnx"), mod)
         mod.train()
 
         def plain_step():
             mod(x, y)
             opt.step()
             mod.lazy_reset_grad()
+        return plain_step
+    import torch
 
-        rows["ORT plain FP32 (no quant nodes)"] = timed(plain_step, a.steps)
-        rows["PyTorch eager FP32"] = timed(torch_steps(build("resnet20", seed=0), x, y, False), a.steps)
-        rows["PyTorch FracTrain-style FW8/BW8"] = timed(torch_steps(build("resnet20", seed=0), x, y, True), a.steps)
+    from fracgraph.zoo import build
 
-        export("resnet164", d / "r164.onnx")
+    torch.set_num_threads(threads)
+    return torch_step(build("resnet20", seed=0), x, y, quantized=kind == "torch_q")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(a) -> None:
+    """Set up one configuration, run 2 warm-up steps, then one timed step per line read from stdin."""
+    step = make_step(a.worker, Path(a.dir), a.batch, a.threads, json.loads(a.tuning))
+    for _ in range(2):
+        step()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
         t = time.perf_counter()
-        build_artifacts(d / "r164.onnx", d / "art164", BuildOptions())
-        q164 = time.perf_counter() - t
+        step()
+        print(json.dumps({"s": time.perf_counter() - t}), flush=True)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
-    print(f"resnet20, batch {a.batch}, {a.threads} threads, median of {a.steps} steps")
-    for k, v in rows.items():
-        print(f"  {k:36s} {1000 * v:8.1f} ms")
-    r = rows
-    print("ratios:")
-    print(f"  fracgraph FW8/BW8 / fracgraph 0-bit        {r['fracgraph FW8/BW8'] / r['fracgraph 0-bit']:.2f}  (target <= 1.25)")
-    print(f"  fracgraph FW8/BW8 / ORT plain FP32         {r['fracgraph FW8/BW8'] / r['ORT plain FP32 (no quant nodes)']:.2f}")
-    print(f"  fracgraph FW8/BW8 / PyTorch quantized      {r['fracgraph FW8/BW8'] / r['PyTorch FracTrain-style FW8/BW8']:.2f}")
-    print(f"  fracgraph FW8/BW8 / PyTorch FP32           {r['fracgraph FW8/BW8'] / r['PyTorch eager FP32']:.2f}")
-    print(f"  PyTorch quantized / PyTorch FP32           {r['PyTorch FracTrain-style FW8/BW8'] / r['PyTorch eager FP32']:.2f}")
-    print(f"quantize resnet164: {q164:.2f} s (target < 5 s)")
+
+class Worker:
+    def __init__(self, label: str, kind: str, directory: Path, a, tuning: dict, env: dict | None = None):
+        self.label, self.times = label, []
+        cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(directory), "--batch", str(a.batch),
+               "--threads", str(a.threads), "--tuning", json.dumps(tuning)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._expect("ready")
+
+    def _expect(self, what: str) -> str:
+        line = self.proc.stdout.readline()
+        if not line.startswith(what) and not line.startswith("{"):
+            raise RuntimeError(f"{self.label}: worker said {line!r}")
+        return line
+
+    def step(self) -> None:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        self.times.append(json.loads(self._expect("{"))["s"])
+
+    def finish(self) -> float:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        peak = json.loads(self._expect("{"))["peak_rss_mb"]
+        self.proc.wait()
+        return peak
+
+
+def prepare(directory: Path) -> None:
+    """resnet20 artifacts with and without the speed passes, and the plain ORT artifacts."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    from onnxruntime.training import artifacts as ort_artifacts
+
+    from fracgraph.build import BuildOptions, build_artifacts, classify_initializers
+    from fracgraph.model import load_model
+    from fracgraph.zoo import export
+
+    model = export("resnet20", directory / "r20.onnx")
+    build_artifacts(model, directory / "art", BuildOptions())
+    build_artifacts(model, directory / "art_before", BuildOptions(fast_backward=False))
+    plain = load_model(model)
+    tr, fr = classify_initializers(plain)
+    (directory / "plain").mkdir()
+    ort_artifacts.generate_artifacts(plain, requires_grad=tr, frozen_params=fr, loss=ort_artifacts.LossType.CrossEntropyLoss,
+                                     optimizer=ort_artifacts.OptimType.SGD, artifact_directory=str(directory / "plain"))
+
+
+def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple[float, float]]:
+    """configs: (label, kind, ORT session tuning[, extra environment]); returns label -> (median s, peak RSS MB)."""
+    workers = [Worker(*c[:2], directory, a, *c[2:]) for c in configs]
+    try:
+        for _ in range(a.steps):
+            for w in workers:
+                w.step()
+        return {w.label: (statistics.median(w.times), w.finish()) for w in workers}
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--settings", action="store_true", help="sweep the session settings of the fracgraph step")
+    ap.add_argument("--no-quantize-time", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a)
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        prepare(d)
+        print(f"resnet20, batch {a.batch}, {a.threads} threads, median of {a.steps} interleaved steps per row")
+        if a.settings:
+            rows = run_interleaved([(k, "after", v) for k, v in SETTINGS.items()], d, a)
+            base = rows["tuned (SESSION_TUNING)"][0]
+            for k, (t, mem) in rows.items():
+                print(f"  {k:28s} {1000 * t:8.1f} ms  x{t / base:5.2f}  peak RSS {mem:7.0f} MB")
+            return
+        configs = [
+            ("fracgraph FW8/BW8", "after", {}),
+            ("fracgraph FW8/BW8 before", "before", DEFAULT_ORT),
+            ("fracgraph 0-bit", "zero", {}),
+            ("ORT plain FP32", "plain", {}),
+            ("PyTorch eager FP32", "torch_fp32", {}),
+            ("PyTorch FracTrain-style FW8/BW8", "torch_q", {}),
+            # PyTorch's OpenMP threads spin-wait by default, as ORT's did before tuning; on a loaded machine that
+            # costs it as much as it cost ORT, so the comparison also runs it with passive waiting
+            ("PyTorch eager FP32, OMP passive", "torch_fp32", {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+            ("PyTorch FW8/BW8, OMP passive", "torch_q", {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ]
+        rows = run_interleaved(configs, d, a)
+        # the baselines: the faster of each PyTorch pair (default or passive waiting)
+        q_label = min(("PyTorch FracTrain-style FW8/BW8", "PyTorch FW8/BW8, OMP passive"), key=lambda k: rows[k][0])
+        fp_label = min(("PyTorch eager FP32", "PyTorch eager FP32, OMP passive"), key=lambda k: rows[k][0])
+        torch_q, torch_fp, torch_mem = rows[q_label][0], rows[fp_label][0], rows[q_label][1]
+        print(f"baselines: PT quant = {q_label!r}, PT FP32 = {fp_label!r}")
+        print(f"  {'':34s} {'step':>9s} {'/PT quant':>9s} {'/PT FP32':>9s} {'peak RSS':>9s} {'/PT quant':>9s}")
+        for k, (t, mem) in rows.items():
+            print(f"  {k:34s} {1000 * t:7.1f}ms {t / torch_q:9.2f} {t / torch_fp:9.2f} {mem:7.0f}MB {mem / torch_mem:9.2f}")
+        after, before = rows["fracgraph FW8/BW8"][0], rows["fracgraph FW8/BW8 before"][0]
+        print("ratios:")
+        print(f"  fracgraph FW8/BW8 after / before           {after / before:.2f}")
+        print(f"  fracgraph FW8/BW8 / fracgraph 0-bit        {after / rows['fracgraph 0-bit'][0]:.2f}  (target <= 1.25)")
+        print(f"  fracgraph FW8/BW8 / ORT plain FP32         {after / rows['ORT plain FP32'][0]:.2f}")
+        print(f"  fracgraph FW8/BW8 / PyTorch quantized      {after / torch_q:.2f}  (goal <= 1.0)")
+        print(f"  fracgraph FW8/BW8 / PyTorch FP32           {after / torch_fp:.2f}  (stretch <= 1.0)")
+        print(f"  PyTorch quantized / PyTorch FP32           {torch_q / torch_fp:.2f}")
+        if not a.no_quantize_time:
+            from fracgraph.build import BuildOptions, build_artifacts
+            from fracgraph.zoo import export
+
+            export("resnet164", d / "r164.onnx")
+            t = time.perf_counter()
+            build_artifacts(d / "r164.onnx", d / "art164", BuildOptions())
+            print(f"quantize resnet164: {time.perf_counter() - t:.2f} s (target < 5 s)")
 
 
 if __name__ == "__main__":

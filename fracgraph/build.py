@@ -30,6 +30,7 @@ from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
 from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fw_quant import FwQuantPass
+from .passes.quant_branch import QuantBranchPass
 from .passes.ste_grad import SteGradPass
 from .policy import LayerPolicy
 from .quantizers import float_input
@@ -57,7 +58,7 @@ class BuildOptions:
     weight_decay: float = 1e-4
     act_range_momentum: float = 0.9      # train_pfq's --momentum_act
     expose_noise: bool = False           # BW noise as graph outputs (exact replay in tests)
-    fast_backward: bool = True           # speed passes on the generated backward (ste-grad, conv-grad-split)
+    fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch)
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
 
 
@@ -157,7 +158,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         train_model, n2 = run_passes(train_model, [
             BwQuantPass([(d["name"], d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT, opts.expose_noise),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
-        ] + ([SteGradPass(fw.points), ConvGradSplitPass(shapes)] if opts.fast_backward else []))
+        ] + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass()] if opts.fast_backward else []))
         onnx.save(train_model, str(tmp / TRAINING))
         eval_model = onnx.load(str(tmp / EVAL))
         eval_model, n3 = run_passes(eval_model, [EvalRangesPass(fw.points), BnEvalFixPass()])

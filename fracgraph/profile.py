@@ -20,6 +20,9 @@ import numpy as np
 from .errors import FracgraphError
 
 
+_CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
 @dataclass
 class OpTime:
     op_type: str
@@ -50,16 +53,24 @@ def parse_trace(events: list[dict], steps: int) -> tuple[list[OpTime], list[dict
     if len(runs) < steps:
         raise FracgraphError(f"the profile holds {len(runs)} graph runs, expected at least {steps}")
     start = runs[-steps][0]
+    kernels = sorted((e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+                      and e["ts"] >= start), key=lambda e: e["ts"])
     by_type, calls, by_node = defaultdict(float), defaultdict(int), defaultdict(float)
     node_type = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < start:
-            continue
+    for k, e in enumerate(kernels):
         op = e.get("args", {}).get("op_name", "?")
-        by_type[op] += e["dur"]
+        dur = e["dur"]
+        if op in _CONTROL_FLOW:   # its subgraph's nodes have their own events: count only its own overhead
+            end = e["ts"] + e["dur"]
+            for n in kernels[k + 1:]:
+                if n["ts"] >= end:
+                    break
+                if n["ts"] + n["dur"] <= end and n.get("tid") == e.get("tid"):
+                    dur -= n["dur"]
+        by_type[op] += dur
         calls[op] += 1
         node = e["name"][: -len("_kernel_time")]
-        by_node[node] += e["dur"]
+        by_node[node] += dur
         node_type[node] = op
     total = sum(by_type.values()) or 1.0
     ops = [OpTime(op, by_type[op] / 1000 / steps, calls[op] // steps, 100 * by_type[op] / total)

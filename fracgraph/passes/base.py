@@ -83,7 +83,7 @@ def toposort(model: onnx.ModelProto) -> None:
         rest = []
         progressed = False
         for n in pending:
-            if all(x in avail or x not in producers for x in n.input):
+            if all(x in avail or x not in producers for x in node_inputs(n)):
                 ordered.append(n)
                 avail.update(n.output)
                 progressed = True
@@ -102,5 +102,15 @@ def assert_inputs_defined(model: onnx.ModelProto) -> None:
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     known |= {o for n in graph.node for o in n.output}
     for n in graph.node:
-        missing = [i for i in n.input if i not in known]
+        missing = [i for i in node_inputs(n) if i not in known]
         assert not missing, f"{n.name} reads undefined tensor {missing[0]}"
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Explicit inputs plus the outer-scope tensors its subgraphs (If/Loop bodies) read."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            inner = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+            names += [x for n in g.node for x in node_inputs(n) if x not in inner]
+    return names

@@ -1,0 +1,144 @@
+"""The speed passes (ste-grad, conv-grad-split) keep the training step's values: loss and every parameter gradient
+with the passes on equal those with them off, on a model with every conv form the split must handle.
+
+The stochastic BW noise is made identical in both builds by giving each RandomUniformLike node a seed derived
+from its name (onnxruntime otherwise seeds kernels in creation order, which a rewrite changes). At 0 bits the
+step is continuous and the gradients agree to float rounding (1e-5). With quantized errors, a rounding-level
+difference upstream (s*g/s, a conv summed in another order) can move an element across a stochastic-rounding
+boundary, which changes it by one quantization step, so the quantized cases use 1e-4 (the tolerance of the
+PyTorch reference test, tests/test_step_reference.py, which checks the passes-on step against PyTorch).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
+from fracgraph.passes.conv_grad_split import ConvGradSplitPass  # noqa: E402
+from fracgraph.runtime import TrainSession  # noqa: E402
+
+from conftest import export  # noqa: E402
+
+
+class ConvZoo(nn.Module):
+    """Conv-BN stem, depthwise strided, grouped with bias, depthwise, 1x1 strided with bias, 5x5, dilated, 1x1 with pad 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)   # before BN: its bias gradient would be ~0
+        self.bn0 = nn.BatchNorm2d(8)
+        self.dw_s2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=4, bias=True)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)
+        self.pw_s2 = nn.Conv2d(12, 16, 1, stride=2, bias=True)
+        self.k5 = nn.Conv2d(16, 16, 5, padding=2, bias=False)
+        self.dil = nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False)
+        self.pad1x1 = nn.Conv2d(16, 16, 1, padding=1, bias=False)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.c0(x)))
+        x = torch.relu(self.dw_s2(x))
+        x = torch.relu(self.grouped(x))
+        x = torch.relu(self.dw(x))
+        x = torch.relu(self.pw_s2(x))
+        x = torch.relu(self.k5(x) + x)
+        x = torch.relu(self.dil(x))
+        x = self.pad1x1(x)
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _seed_noise(art):
+    path = str(art / "training_model.onnx")
+    model = onnx.load(path)
+    for n in model.graph.node:
+        if n.op_type == "RandomUniformLike":
+            n.attribute.append(helper.make_attribute("seed", float(zlib.crc32(n.name.encode()) % 100003)))
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("speed")
+    path = export(ConvZoo(), d / "zoo.onnx", shape=(2, 3, 9, 9))   # odd size: strided convs need output_padding
+    out = {}
+    for fast in (False, True):
+        art = d / f"art_{fast}"
+        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, fast_backward=fast))
+        _seed_noise(art)
+        out[fast] = (art, manifest)
+    return out
+
+
+def _step(art, bits):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 3, 9, 9)).astype(np.float32)
+    y = rng.integers(0, 4, 6).astype(np.int64)
+    sess = TrainSession(art, seed=0, threads=1)
+    outs = sess.forward_backward(x, y, np.tile(np.asarray(bits, np.float32), (sess.manifest.n_blocks, 1)))
+    noise = {n: np.asarray(o) for n, o in zip(sess.module.output_names(), outs) if n.endswith("/noise")}
+    return float(outs[0]), {k: sess.gradient(k) for k in sess.trainable}, noise
+
+
+@pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4)])
+def test_passes_keep_loss_and_every_gradient(builds, bits, tol):
+    loss0, grads0, noise0 = _step(builds[False][0], bits)
+    loss1, grads1, noise1 = _step(builds[True][0], bits)
+    assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
+    assert abs(loss0 - loss1) <= 1e-6 * abs(loss0)
+    assert grads0.keys() == grads1.keys() and len(grads0) >= 11
+    for name, g in grads0.items():
+        err = np.linalg.norm(grads1[name] - g) / max(np.linalg.norm(g), 1e-12)
+        assert err <= tol, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_conv_grad_split_structure_and_reasons(builds):
+    _, manifest = builds[True]
+    notes = [n for n in manifest.extra["notes"] if n.startswith("[conv-grad-split]")]
+    text = "\n".join(notes)
+    assert "/c0/Conv_Grad/ConvGrad_0: kept (no dX needed)" in text              # first conv: input needs no grad
+    assert "/dw_s2/Conv_Grad/ConvGrad_0: dX as ConvTranspose" in text           # strided depthwise
+    assert "/pw_s2/Conv_Grad/ConvGrad_0: dX as ConvTranspose" in text           # strided 1x1 with bias
+    for conv in ("grouped", "dw", "k5", "dil"):
+        assert f"/{conv}/Conv_Grad/ConvGrad_0: dX as Conv," in text, conv
+    assert "/pad1x1/Conv_Grad/ConvGrad_0: kept ConvGrad (pads [1, 1, 1, 1] exceed the kernel reach)" in text
+    graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
+    split = [n for n in graph.node if n.op_type == "ConvGrad" and n.output[0] == ""]
+    assert len(split) == 7   # six lowered + the first conv, whose dX onnxruntime already drops
+
+
+def test_ste_grad_removes_the_quantizer_backward(builds):
+    before = onnx.load(str(builds[False][0] / "training_model.onnx")).graph
+    after = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
+
+    def chain(graph):
+        return [n for n in graph.node if ("::fq_" in n.name and "_Grad/" in n.name)]
+
+    assert len(chain(before)) > 50 and chain(after) == []
+    assert not any(n.op_type == "DivGrad" for n in after.node)
+    notes = [n for n in builds[True][1].extra["notes"] if n.startswith("[ste-grad]")]
+    assert any("/c0/Conv::fq_a0: kept: no gradient" in n for n in notes)     # the data input needs no gradient
+
+
+def test_split_declines_without_static_shape():
+    """A strided conv whose input shape is unknown keeps ConvGrad and says why."""
+    w = helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 2, 3, 3])
+    graph = helper.make_graph(
+        [helper.make_node("ConvGrad", ["dy", "x", "w"], ["dx", "dw"], domain="com.microsoft", name="cg",
+                          kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+         helper.make_node("Identity", ["dx"], ["out"], name="use")],
+        "g", [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("dy", "x")] + [w],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    result = ConvGradSplitPass({})(model)
+    assert not result.modified
+    assert result.notes == ["cg: kept ConvGrad (strided and the input's spatial shape is not static)"]
