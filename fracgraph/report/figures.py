@@ -228,9 +228,13 @@ def pareto(labels: list[str], cost: list[float], acc: list[float], title: str) -
     ax.scatter(cost, [100 * a for a in acc], color="gray", s=30, zorder=2, label="grid point")
     ax.plot([cost[i] for i in front], [100 * acc[i] for i in front], "-o", color="tab:red", zorder=3,
             label="Pareto front")
-    for i, lab in enumerate(labels):
-        ax.annotate(lab, (cost[i], 100 * acc[i]), xytext=(4, 4), textcoords="offset points", fontsize="x-small",
-                    color="tab:red" if i in front else "dimgray")
+    same: dict[tuple, list[int]] = {}               # points with identical results share one label
+    for i, pt in enumerate(pts):
+        same.setdefault(pt, []).append(i)
+    for (c, a), idx in same.items():
+        ax.annotate("\n".join(labels[i] for i in idx), (c, 100 * a), xytext=(4, 4), textcoords="offset points",
+                    fontsize="x-small", color="tab:red" if any(i in front for i in idx) else "dimgray")
+    ax.margins(x=0.12, y=0.15)                      # room for the labels
     ax.set_xlabel("cumulative effective GMACs of the run")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title(title)

@@ -28,7 +28,7 @@ def run_sweep(target: str, out_dir: str, base: dict, grid_specs: list[str], *, a
     if out.exists() and not out.is_dir():
         raise FracgraphError(f"{out} exists and is not a directory: choose another -o")
     out.mkdir(parents=True, exist_ok=True)
-    art = prepare_artifacts(target, out, int(base.get("fw", 8)), int(base.get("bw", 8)))
+    art = prepare_artifacts(target, out, base)
     pts = make_points(points(grid), base, out, art)
     plan(pts)
     runio.atomic_write_json(out / "sweep.json", {"target": str(target), "artifacts": str(art), "base": base,

@@ -18,10 +18,10 @@ from typing import Callable
 
 from ..errors import FracgraphError
 from ..train import runio
+from ..train.loop import ARTIFACTS as ARTIFACTS_DIR  # the directory `train` quantizes a model into
 from ..train.loop import TrainConfig
 
 POINTS_DIR = "points"
-ARTIFACTS_DIR = "artifacts"
 ERROR_FILE = "error.txt"
 IGNORED = {"run_dir", "threads"}    # may differ between sweeps without changing a point's result
 
@@ -69,9 +69,11 @@ def plan(points: list[Point]) -> None:
         p.action = action
 
 
-def prepare_artifacts(target: str, out: Path, fw: int, bw: int) -> Path:
-    """The artifact directory every point trains: TARGET itself, or TARGET quantized once into SWEEP/artifacts."""
+def prepare_artifacts(target: str, out: Path, base: dict) -> Path:
+    """The artifact directory every point trains: TARGET itself, or TARGET quantized once into SWEEP/artifacts
+    (as `train` would quantize it for the base schedule: DFQ gates for dfq/fractrain)."""
     from ..manifest import Manifest
+    from ..train.loop import _prepare_artifacts
 
     t = Path(target)
     if (t / "manifest.json").is_file():
@@ -84,10 +86,8 @@ def prepare_artifacts(target: str, out: Path, fw: int, bw: int) -> Path:
         if Path(src).resolve() != t.resolve():
             raise FracgraphError(f"{art} was quantized from {src}, not {target}: use a new -o directory")
         return art.resolve()
-    from ..build import BuildOptions, build_artifacts
-
-    build_artifacts(t, art, BuildOptions(fw=fw, bw=bw), force=True)
-    return art.resolve()
+    cfg = TrainConfig(run_dir=str(out), model=str(t), **{k: base[k] for k in ("schedule", "fw", "bw") if k in base})
+    return _prepare_artifacts(cfg, out, resume=False).resolve()
 
 
 def train_point(config: dict, resume: bool) -> dict:
