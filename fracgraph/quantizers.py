@@ -159,7 +159,10 @@ def _quantize_with_range(em, x, out, prefix, bits, mn, rg, *, stochastic, train_
     r = em.node("Round", [uc], f"{prefix}/rounded")
     d = em.node("Mul", [r, s], f"{prefix}/descaled")
     q = em.node("Add", [d, mn], f"{prefix}/q")
-    em.node("Where", [f"{bits}::on", q, x], out)
+    if per_sample_bits(em, bits):   # DFQ options are >= 1 bit: no FP32 passthrough to select
+        em.node("Identity", [q], out)
+    else:
+        em.node("Where", [f"{bits}::on", q, x], out)
     return {"min": mn, "range": rg}
 
 

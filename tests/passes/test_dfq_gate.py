@@ -187,10 +187,13 @@ def torch_gate(sess, n_blocks):
 
 
 # The errors are stochastically rounded at 6-12 bits: a float-order difference of ~1e-7 between ORT and PyTorch
-# occasionally moves an element across a rounding boundary, and that one-level flip changes the gradients
-# upstream of it by ~1e-3 (measured: up to 1.4e-3 here, 1e-2 with other batches). Wrong bits, a missing scale or
-# a wrong mask give errors of order 1e-1. The gate's parameters are compared at 1e-4.
-BACKBONE_TOL = 5e-3
+# occasionally moves an element across a rounding boundary, and that one-level flip perturbs the error reaching
+# the next quantizer upstream, which flips more elements there: gradients behind two or more BW quantizers differ
+# by up to ~1e-2 (measured with several batches). Parameters whose error crosses one quantizer at most (the last
+# block's last conv, the BN and FC after it) and the gate's parameters are compared at 1e-4: there, grad bits off
+# by one give ~1e-2, wrong act or weight bits ~0.3.
+BACKBONE_TOL = 2e-2
+TIGHT = ("fc.", "bn5.", "conv4.", "dfq::")
 
 
 def rel_err(a, b):
@@ -280,7 +283,7 @@ def test_step_matches_pytorch(two_block, art_batch, art_batch_default, art_sampl
     else:
         assert len(set(np.concatenate(chosen).tolist())) > 1, "per-sample choices should differ in this batch"
     for name, g in ref_grads.items():
-        assert rel_err(ort_grads[name], g) <= (1e-4 if name.startswith("dfq::") else BACKBONE_TOL), name
+        assert rel_err(ort_grads[name], g) <= (1e-4 if name.startswith(TIGHT) else BACKBONE_TOL), name
 
 
 def test_cost_term_gradient(two_block, art_batch):
