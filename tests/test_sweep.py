@@ -73,7 +73,7 @@ def test_tiny_sweep_on_local_ray(ray_local, tmp_path):
 
     model = export("digitnet", tmp_path / "dn.onnx")
     out = tmp_path / "sw"
-    base = dict(schedule="pfq", iters=20, epoch_iters=5, batch=64, eps=0.5, alpha=0.5)
+    base = dict(schedule="pfq", iters=20, epoch_iters=10, batch=64, eps=0.5, alpha=0.5)
     seen = []
     res = run_sweep(str(model), str(out), base, ["lr=0.05,0.1,1e9"], workers=2, on_point=seen.append)
     assert (res["workers"], res["threads"]) == (2, 1)           # 2 CPUs / 2 workers: one thread per point

@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("report")
     build_artifacts(export("digitnet", d / "dn.onnx"), d / "art")
-    common = dict(artifacts=str(d / "art"), iters=16, epoch_iters=4, batch=64, lr=0.1)
+    common = dict(artifacts=str(d / "art"), iters=16, epoch_iters=8, batch=64, lr=0.1)
     train(TrainConfig(run_dir=str(d / "static8"), schedule="static", **common))
     train(TrainConfig(run_dir=str(d / "pfq"), schedule="pfq", eps=0.5, alpha=0.5, **common))
     # per-block choices that change every few steps, as a DFQ run records them
