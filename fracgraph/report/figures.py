@@ -199,7 +199,8 @@ def hardware(estimates: dict[str, dict], order: list[str]) -> Figure:
                 ax.bar(x[i] - width / 2, vals[i] / scale, width, color=color(k))
                 ax.bar(x[i] + width / 2, bases[i] / scale, width, color="lightgray", hatch="//", edgecolor="gray")
                 if bases[i] > 0:
-                    ax.annotate(f"{100 * (vals[i] / bases[i] - 1):+.1f}%", (x[i] - width / 2, vals[i] / scale),
+                    change = round(100 * (vals[i] / bases[i] - 1), 1) or 0.0     # never "-0.0%"
+                    ax.annotate(f"{change:+.1f}%", (x[i] - width / 2, vals[i] / scale),
                                 xytext=(0, 2), textcoords="offset points", ha="center", fontsize="small")
             base_name = estimates[names[0]]["baseline"] if names else "baseline"
             ax.set_xticks(x, names, rotation=20, ha="right", fontsize="small")

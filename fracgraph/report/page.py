@@ -51,7 +51,10 @@ def figure_section(id: str, title: str, name: str, fig, alt: str, note: str = ""
 
 
 def _pct(x, digits: int = 2) -> str:
-    return "-" if x is None else f"{100 * x:.{digits}f}%"
+    if x is None:
+        return "-"
+    v = round(100 * x, digits)
+    return f"{v or 0.0:.{digits}f}%"       # -0.0 is falsy: no "-0.0%" for a saving that rounds to nothing
 
 
 def _num(x, fmt: str = "{:.3f}") -> str:
