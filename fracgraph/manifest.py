@@ -104,12 +104,61 @@ class Manifest:
             d = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise FracgraphError(f"{path}: not readable JSON ({e}); re-run `fracgraph quantize`")
+        if not isinstance(d, dict):
+            raise FracgraphError(f"{path}: not a manifest (a JSON {type(d).__name__}, not an object); re-run `fracgraph quantize`")
         if d.get("format") != FORMAT or d.get("version") != VERSION:
             raise FracgraphError(f"{path}: format {d.get('format')!r} v{d.get('version')} is not {FORMAT} v{VERSION}; re-run `fracgraph quantize`")
         try:
+            _check_schema(d)
             d["blocks"] = [Block(**b) for b in d["blocks"]]
             d["quant_points"] = [QuantPoint(**q) for q in d["quant_points"]]
             d["decisions"] = [LayerDecision(**x) for x in d["decisions"]]
-            return cls(**d)
-        except (TypeError, KeyError) as e:
-            raise FracgraphError(f"{path}: malformed manifest ({e}); re-run `fracgraph quantize`")
+            m = cls(**d)
+            m.gemm_ops()
+            return m
+        except (TypeError, KeyError, ValueError) as e:
+            raise FracgraphError(f"{path}: malformed manifest ({str(e)[:200]}); re-run `fracgraph quantize`")
+
+
+_NUM = (int, float)
+_TOP = {"source_model": str, "input_name": str, "input_shape": list, "label_name": str, "num_classes": int,
+        "precision_input": str, "default_bits": list, "blocks": list, "ops": list, "quant_points": list,
+        "decisions": list, "optimizer": dict, "act_range_momentum": _NUM, "grad_noise": str, "files": dict,
+        "extra": dict}
+_OP = {"name": str, "op_type": str, "act": str, "weight": str, "output": str, "in_channels": int,
+       "out_channels": int, "macs": int, "quantized": bool}
+
+
+def _check_schema(d: dict) -> None:
+    """Types and cross-references a reader relies on (a hand-edited or damaged manifest must not crash one).
+    Raises TypeError/ValueError with what is wrong."""
+    for key, typ in _TOP.items():
+        if key in d and not isinstance(d[key], typ):
+            raise TypeError(f"{key} must be {getattr(typ, '__name__', 'a number')}, not {type(d[key]).__name__}")
+    if not d.get("blocks"):
+        raise ValueError("no blocks")
+    if len(d.get("default_bits", [])) != 3 or not all(isinstance(v, _NUM) for v in d["default_bits"]):
+        raise ValueError("default_bits must be 3 numbers [act, weight, grad]")
+    n_blocks = len(d["blocks"])
+    for b in d["blocks"]:
+        if not isinstance(b, dict) or not isinstance(b.get("ops"), list):
+            raise TypeError("each block must be an object with a list of ops")
+    names = set()
+    for op in d.get("ops", []):
+        if not isinstance(op, dict):
+            raise TypeError("each op must be an object")
+        for key, typ in _OP.items():
+            if not isinstance(op.get(key), typ):
+                raise TypeError(f"op {op.get('name')!r}: {key} must be {typ.__name__}")
+        if op["quantized"] and not (isinstance(op.get("block"), int) and 0 <= op["block"] < n_blocks):
+            raise ValueError(f"op {op['name']!r}: block {op.get('block')!r} is not one of the {n_blocks} blocks")
+        names.add(op["name"])
+    for q in d.get("quant_points", []):
+        if not isinstance(q, dict) or not (isinstance(q.get("block"), int) and 0 <= q["block"] < n_blocks):
+            raise ValueError("a quant point names no valid block")
+    for x in d.get("decisions", []):
+        if not isinstance(x, dict) or x.get("op") not in names:
+            raise ValueError(f"decision for {x.get('op') if isinstance(x, dict) else x!r} names no op")
+    for role, name in d.get("files", {}).items():
+        if name is not None and (not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")):
+            raise ValueError(f"files.{role} must be a file name inside the artifact directory, not {name!r}")
