@@ -81,7 +81,8 @@ def parse_trace(events: list[dict], steps: int) -> tuple[list[OpTime], list[dict
 
 
 def profile_step(art_dir, batch: int = 128, steps: int = 5, bits: tuple[float, float, float] = (8, 8, 8),
-                 threads: int | None = None, warmup: int = 2, top: int = 10, seed: int = 0) -> StepProfile:
+                 threads: int | None = None, warmup: int = 2, top: int = 10, seed: int = 0,
+                 tuning: dict | None = None) -> StepProfile:
     """Run `warmup` unprofiled steps, then `steps` profiled ones, on random data of the model's input shape."""
     # imported here, not first inside TrainSession.__init__: a traceback that onnxruntime keeps from its own import
     # would hold that frame, so the session (and its trace file) would never be released
@@ -93,7 +94,7 @@ def profile_step(art_dir, batch: int = 128, steps: int = 5, bits: tuple[float, f
         raise FracgraphError("--steps and --batch must be at least 1")
     art = Path(art_dir)
     with tempfile.TemporaryDirectory(prefix="fracgraph-profile-") as tmp:
-        sess = TrainSession(art, threads=threads, seed=seed, profile_prefix=str(Path(tmp) / "step"))
+        sess = TrainSession(art, threads=threads, seed=seed, profile_prefix=str(Path(tmp) / "step"), tuning=tuning)
         threads_used = sess.threads
         m = sess.manifest
         if any(d is None for d in m.input_shape):
