@@ -1,9 +1,9 @@
 """Fuzz `fracgraph quantize`, `inspect` and `estimate` with seeded, mutated ONNX models.
 
 Every input must either succeed (the mutation happened to leave a valid model; counted separately) or fail the
-way bad input should: exit code 2 and exactly one line on stderr, no traceback, within the timeout, and no file
-written anywhere but the command's output directory (the case directory and a private TMPDIR are snapshotted
-around each run). Prints the counts per mutation kind and per command; exits 1 if any input broke a rule.
+way bad input should: exit code 2 and exactly one line on stderr, no traceback, within the timeout (30 s of CPU,
+or 300 s of wall time for a process that waits), and no file written anywhere but the command's output directory
+(the case directory and a private TMPDIR are snapshotted around each run). Prints the counts per mutation kind and per command; exits 1 if any input broke a rule.
 
 Speed: importing torch/onnxruntime costs seconds per process, so one parent imports the CLI once and forks a
 child per (input, command). The child runs the same entry point as the installed `fracgraph` script
@@ -612,6 +612,16 @@ class Result:
     seconds: float
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (all its threads), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def judge(code: int | None, out: str, err: str, timed_out: bool, leaked: list[str]) -> str:
     if timed_out:
         return "FAIL: hang (killed at the timeout)"
@@ -717,7 +727,9 @@ def run_cases(cases: list[Case], root: Path, commands=COMMANDS, jobs: int = 2, t
                 start(c, cmd)
         now = time.monotonic()
         for pid, info in list(running.items()):
-            if now - info[6] > timeout:
+            # a hang is `timeout` seconds of CPU, or 10x that of wall time (a deadlock burns no CPU): on a busy
+            # machine a healthy run can wait longer than `timeout` for a core
+            if cpu_seconds(pid) > timeout or now - info[6] > 10 * timeout:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 finish(pid, None, True)
@@ -762,7 +774,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=500, help="number of mutated inputs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=30.0, help="seconds per command before it counts as a hang")
+    ap.add_argument("--timeout", type=float, default=30.0,
+                    help="CPU seconds per command (or 10x as many wall seconds) before it counts as a hang")
     ap.add_argument("--commands", default=",".join(COMMANDS))
     ap.add_argument("--only", default=None, help="comma-separated case ids to run (reproduce a failure)")
     ap.add_argument("--keep", default=None, help="copy failing inputs' model files here")

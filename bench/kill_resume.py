@@ -91,13 +91,19 @@ def run_attempt(argv, run: Path, target: float | None, iters: int, jitter_s: flo
     # start-up targets: a random delay after launch, but at the latest when the first new step is written
     # (start-up time is noisy on a busy machine); step targets: that step, then a random part of a checkpoint
     # interval; end targets: the last step, then a random part of what follows it
-    deadline = t0 + rng.uniform(0, startup_s) if target is not None and target < 1 else None
+    # a process resumed from the final checkpoint writes no step: its kill moment is a delay after launch
+    # (it re-exports last.onnx and rewrites the summary)
+    done = resumed_from is not None and resumed_from >= iters
+    if target is not None and (target < 1 or done):
+        deadline = t0 + rng.uniform(0, startup_s + (tail_s if done else 0))
+    else:
+        deadline = None
     want = 1 if target is None or target < 1 else min(int(target), iters)
     while proc.poll() is None and time.monotonic() - t0 < timeout:
         if target is not None:
             s = last_step(run, since)
             if s is not None and s >= want:
-                if target < 1:
+                if target < 1 or done:
                     break
                 if deadline is None:
                     deadline = time.monotonic() + rng.uniform(0, tail_s if target > iters else jitter_s)
@@ -194,10 +200,13 @@ def kill_campaign(workdir: Path, kills: int = 20, iters: int = 300, ckpt_every: 
         f"after the last step {tail_s:.1f} s)")
 
     rng = np.random.default_rng(seed)
-    # targets over the run's life: start-up (< 1), steps 1..iters, and the end phase (> iters)
-    targets = np.sort(rng.uniform(-0.1 * iters, 1.1 * iters, kills))
+    # targets over the run's life: start-up (< 1), steps 1..iters, and the end phase (> iters); an attempt that
+    # finishes before its moment does not count as a kill, and the campaign goes on until `kills` were delivered
+    targets = list(np.sort(rng.uniform(-0.1 * iters, 1.1 * iters, kills)))
     attempts: list[Attempt] = []
-    for i, target in enumerate(targets):
+    i = 0
+    while sum(a.killed for a in attempts) < kills and i < 2 * kills:
+        target = targets[i] if i < len(targets) else rng.uniform(iters, 1.1 * iters)
         a = run_attempt(train_argv(model, run, iters, ckpt_every, batch, epoch_iters, resume=i > 0), run,
                         float(target), iters, jitter_s=step_s * ckpt_every, startup_s=first_step_at * 1.2,
                         tail_s=tail_s, rng=rng)
@@ -207,6 +216,7 @@ def kill_campaign(workdir: Path, kills: int = 20, iters: int = 300, ckpt_every: 
             f"step {a.step_at_kill} after {a.seconds:.1f} s")
         if not a.killed and a.rc != 0:
             log(f"    did not resume: {a.stderr.strip().splitlines()[-1] if a.stderr.strip() else '(no stderr)'}")
+        i += 1
     final = run_attempt(train_argv(model, run, iters, ckpt_every, batch, epoch_iters, resume=True), run,
                         None, iters, 0, 0, 0, rng)
     log(f"final resume from checkpoint {final.resumed_from}: exited {final.rc} after {final.seconds:.1f} s")
