@@ -354,7 +354,7 @@ def sweep(
     workers: int = typer.Option(None, "--workers", help="Points trained at once (default: CPUs / --threads)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads per point (default: CPUs / --workers)."),
     baseline: str = typer.Option(None, "--baseline", help="Point the report measures savings against (default: the first)."),
-    schedule: str = typer.Option("static", "--schedule", help="static or pfq."),
+    schedule: str = typer.Option("static", "--schedule", help="static, pfq, dfq or fractrain (set DFQ parameters with --grid, e.g. target_cp=3)."),
     fw: int = typer.Option(8, "--fw", help="Static FW bits (0 = FP32)."),
     bw: int = typer.Option(8, "--bw", help="Static BW bits (0 = FP32)."),
     fw_schedule: str = typer.Option("3,4,6,8", "--fw-schedule", help="PFQ FW bits per stage."),
