@@ -74,6 +74,24 @@ def test_cp_settles_at_the_target(arts, tmp_path):
     unit = (bits[:, 0] * bits[:, 1] + bits[:, 2] * bits[:, 1] + bits[:, 0] * bits[:, 2]) / 1024
     assert r0["cp"] == pytest.approx(100 * (q @ unit + 3 * f) / (3 * (q.sum() + f)), rel=1e-9)
     assert r0["dfq_cp"] == pytest.approx(100 * (q @ unit) / (3 * q.sum()), rel=1e-5)   # cost weighting: MACs
+    # the exported model keeps the gates (one choice per batch): at the run's batch size it scores the run's accuracy
+    import onnxruntime as ort
+
+    from fracgraph.train.data import eval_batches, load_dataset
+
+    sess = ort.InferenceSession(str(tmp_path / "r" / "last.onnx"), providers=["CPUExecutionProvider"])
+    bits_in = np.zeros((2, 3), np.float32)
+    bits_in[:, 1] = 4
+    correct = total = 0
+    for x, y in eval_batches(load_dataset(None), 64):
+        correct += int((sess.run(None, {"input": x, "fracgraph_bits": bits_in})[0].argmax(1) == y).sum())
+        total += len(y)
+    assert correct / total == s["final_test_acc"]
+    # `estimate` integrates the hardware cost over the gates' choices, unchanged
+    from fracgraph.analysis.estimate import report
+
+    rep = report(str(arts / "dfq"), ["bitfusion"], trace_dir=str(tmp_path / "r"), batch=64)
+    assert rep["mode"] == "trace" and rep["steps"] == 300 and rep["hw"]["bitfusion"]["savings"]["gemm_energy"] > 0
 
 
 class Crash(Exception):
