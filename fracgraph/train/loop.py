@@ -173,6 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     ckpt_every = cfg.checkpoint_every or cfg.epoch_iters
 
     step, best_acc, cum = 0, -1.0, {"fw": 0.0, "err": 0.0, "wgrad": 0.0}
+    samples = 0          # trained samples: an epoch's last batch can be short, so not batch x steps
     recorder = TraceRecorder()
     ckpt = None
     if latest is not None:
@@ -180,6 +181,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         stream.load_state_dict(st["stream"])
         sched.load_state_dict(st["schedule"])
         best_acc, cum = st["best_acc"], st["cum_macs"]
+        samples = st.get("samples", cfg.batch * step)
         if choices is not None:
             choices = ChoiceRecord(manifest, meter, st["dfq_hist"])
         recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step)
@@ -197,7 +199,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         metrics.sync()
         trace = recorder.trace()
         state = {"config": asdict(cfg), "stream": stream.state_dict(), "schedule": sched.state_dict(),
-                 "best_acc": best_acc, "last_acc": last_acc, "cum_macs": cum,
+                 "best_acc": best_acc, "last_acc": last_acc, "cum_macs": cum, "samples": samples,
                  "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist()},
                  "dfq_hist": choices.hist.tolist() if choices is not None else None}
         files = {ORT_CHECKPOINT: session.save_checkpoint}
@@ -234,6 +236,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
                 cost, used = meter.step(bits, len(y)), bits
             for k in cum:
                 cum[k] += cost[k]
+            samples += len(y)
             recorder.record(step, used)
             ended = sched.observe(step, loss)
             step += 1
@@ -270,8 +273,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         "run_dir": str(run), "artifacts": str(art), "schedule": cfg.schedule, "steps": step,
         "final_test_acc": last_acc, "best_test_acc": best_acc,
         "cum_eff_gmacs": sum(cum.values()) / 1e9, "cum_eff_gmacs_by_gemm": {k: v / 1e9 for k, v in cum.items()},
-        "fp32_gmacs": 3 * meter.total * cfg.batch * step / 1e9,
-        "mean_cp": 100 * sum(cum.values()) / (3 * meter.total * cfg.batch * step) if step else None,
+        "fp32_gmacs": 3 * meter.total * samples / 1e9,
+        "mean_cp": 100 * sum(cum.values()) / (3 * meter.total * samples) if samples else None,
         "transitions": [t.as_dict() for t in sched.transitions],
         "precision_segments": int(per_block.shape[0]) if per_block is not None else 0,
         "wall_s": time.perf_counter() - t0, "config": asdict(cfg),

@@ -128,3 +128,10 @@ def test_momentum_and_weight_decay_override_the_artifacts(digitnet, tmp_path):
     wa, wb = _weights(tmp_path / "a" / "last.onnx"), _weights(tmp_path / "b" / "last.onnx")
     assert a["config"]["momentum"] == 0.0 and b["config"]["momentum"] is None
     assert any(not np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fp32_run_costs_exactly_100_percent_with_short_last_batches(digitnet, tmp_path):
+    # digits' training split is not a multiple of 32, so an epoch ends in a short batch inside these 60 steps
+    s = train(_cfg(tmp_path / "f", digitnet / "art", schedule="static", fw=0, bw=0, iters=60, epoch_iters=30))
+    assert s["mean_cp"] == pytest.approx(100.0, rel=1e-9)
+    assert s["fp32_gmacs"] * 1e9 == pytest.approx(s["cum_eff_gmacs"] * 1e9, rel=1e-9)
