@@ -76,6 +76,13 @@ def _sampled_steps(total: int) -> np.ndarray:
     return np.linspace(0, total - 1, MAX_COLUMNS).round().astype(np.int64)
 
 
+def stage_label(stage) -> str:
+    """A schedule stage: PFQ's (FW, BW) pair, or FracTrain's cp target (a number)."""
+    if isinstance(stage, (int, float)):
+        return f"cp {stage:g}%"
+    return f"FW{stage[0]}/BW{stage[1]}"
+
+
 def precision(run: RunData) -> Figure:
     """FW/BW bits over the run: block means as lines with stage transitions marked, then one heatmap row per block."""
     tr = run.trace
@@ -96,7 +103,7 @@ def precision(run: RunData) -> Figure:
     for t in run.transitions:
         for ax in (ax_line, ax_fw, ax_bw):
             ax.axvline(t["step"], color="black", ls="--", lw=0.9)
-        ax_line.annotate(f"FW{t['new'][0]}/BW{t['new'][1]}", (t["step"], 1.0), xycoords=("data", "axes fraction"),
+        ax_line.annotate(stage_label(t["new"]), (t["step"], 1.0), xycoords=("data", "axes fraction"),
                          xytext=(3, -12), textcoords="offset points", fontsize="small")
     ax_line.set_ylabel("bits")
     ax_line.set_ylim(0, shown.max() + 2)

@@ -70,7 +70,7 @@ def _transitions_text(run: RunData) -> str:
     ts = run.transitions
     if not ts:
         return "none"
-    return "; ".join(f"step {t['step']}: FW{t['old'][0]}/BW{t['old'][1]}&rarr;FW{t['new'][0]}/BW{t['new'][1]}"
+    return "; ".join(f"step {t['step']}: {figures.stage_label(t['old'])}&rarr;{figures.stage_label(t['new'])}"
                      for t in ts)
 
 

@@ -239,3 +239,15 @@ def test_html_renders_in_headless_chromium_without_network(report_page, tmp_path
     _chromium(tmp_path, bad, "--dump-dom", f"--log-net-log={tmp_path / 'bad.json'}")
     assert sorted(_page_requests(tmp_path / "bad.json")) == ["http://example.invalid/a.png",
                                                              "https://cdn.example.invalid/x.css"]
+
+
+def test_fractrain_cp_target_transitions_are_labelled(runs, tmp_path):
+    # FracTrain's stages are cp targets (numbers), not (FW, BW) pairs; the page and figure must take both
+    d, _ = runs
+    shutil.copytree(d / "dfq", tmp_path / "ft")
+    s = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    s["transitions"] = [{"step": 8, "epoch": 2, "old": 1.5, "new": 2.0, "reason": "PFQ turning point 1"}]
+    (tmp_path / "ft" / "summary.json").write_text(json.dumps(s))
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "ft"), "-o", str(tmp_path / "rep"), "--hw", "bitfusion"])
+    assert r.exit_code == 0, r.output
+    assert "cp 1.5%&rarr;cp 2%" in (tmp_path / "rep" / "index.html").read_text()
