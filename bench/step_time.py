@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ORT = {"allow_spinning": True}     # onnxruntime's own defaults (what the session used before tuning)
 SETTINGS = {                               # --settings: one change at a time against the tuned session
     "tuned (SESSION_TUNING)": {},
-    "allow_spinning on": {"allow_spinning": True},
+    "allow_spinning flipped": {"allow_spinning": os.environ.get("FRACGRAPH_ORT_SPIN", "1") == "0"},
     "graph opt basic": {"graph_optimization_level": "basic"},
     "graph opt extended": {"graph_optimization_level": "extended"},
     "mem pattern off": {"mem_pattern": False},

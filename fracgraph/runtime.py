@@ -18,8 +18,11 @@ from .manifest import Manifest
 from .passes.dfq_gate import BETA_INPUT, TARGET_INPUT
 
 
-# Session settings chosen by measurement (bench/step_time.py --settings; numbers in README "Speed").
-SESSION_TUNING = {"allow_spinning": False, "graph_optimization_level": "all", "mem_pattern": True, "cpu_arena": True}
+# Session settings chosen by measurement (bench/step_time.py --settings; numbers in README "Speed"). Spinning
+# worker threads are 0.78x the step time on idle cores but collapse when the cores are shared, so a machine
+# running other jobs beside training sets FRACGRAPH_ORT_SPIN=0.
+SESSION_TUNING = {"allow_spinning": os.environ.get("FRACGRAPH_ORT_SPIN", "1") != "0", "graph_optimization_level": "all",
+                  "mem_pattern": True, "cpu_arena": True}
 
 
 def session_options(threads: int | None = None, profile_prefix: str | None = None, tuning: dict | None = None):
