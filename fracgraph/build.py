@@ -30,10 +30,13 @@ from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
 from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fw_quant import FwQuantPass
+from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.quant_branch import QuantBranchPass
+from .passes.relu_grad import ReluGradLoweringPass
 from .passes.ste_grad import SteGradPass
 from .policy import LayerPolicy
 from .quantizers import float_input
+from .runtime import nchwc_block_size
 
 PRECISION_INPUT = "fracgraph_bits"
 LABELS = "labels"
@@ -58,7 +61,8 @@ class BuildOptions:
     weight_decay: float = 1e-4
     act_range_momentum: float = 0.9      # train_pfq's --momentum_act
     expose_noise: bool = False           # BW noise as graph outputs (exact replay in tests)
-    fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch)
+    fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch, relu-grad)
+    nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
 
 
@@ -152,13 +156,16 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shapes = forward_shapes(model) if opts.fast_backward else {}
+        nchwc_block = nchwc_block_size() if opts.nchwc else 1
+        shapes = forward_shapes(model) if opts.fast_backward or nchwc_block > 1 else {}
         _generate(model, tmp, trainable, frozen, opts, gate)
         train_model = onnx.load(str(tmp / TRAINING))
         train_model, n2 = run_passes(train_model, [
             BwQuantPass([(d["name"], d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT, opts.expose_noise),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
-        ] + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass()] if opts.fast_backward else []))
+        ] + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass(), ReluGradLoweringPass()]
+             if opts.fast_backward else [])
+          + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []))
         onnx.save(train_model, str(tmp / TRAINING))
         eval_model = onnx.load(str(tmp / EVAL))
         eval_model, n3 = run_passes(eval_model, [EvalRangesPass(fw.points), BnEvalFixPass()])
@@ -174,7 +181,8 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             act_range_momentum=opts.act_range_momentum, grad_noise="exposed" if opts.expose_noise else "random",
             files={"training": TRAINING, "eval": EVAL, "checkpoint": CHECKPOINT,
                    "optimizer": OPTIMIZER if opts.optimizer == "adamw" else None},
-            extra={"trainable": trainable, "frozen": frozen, "notes": notes + n2 + n3},
+            extra={"trainable": trainable, "frozen": frozen, "notes": notes + n2 + n3,
+                   "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None},
             dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
         )
         manifest.write(tmp)

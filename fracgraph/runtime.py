@@ -46,6 +46,27 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
     return so
 
 
+def nchwc_block_size() -> int:
+    """Channels per NCHWc block of this CPU's onnxruntime kernels (16 AVX-512, 8 AVX2; 1 = none): ReorderInput
+    pads 4 channels up to one block (without NCHWc kernels the block is 1 and 4 channels stay 4)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("ReorderInput", ["x"], ["y"], domain="com.microsoft.nchwc")], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 1, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft.nchwc", 1)])
+    m.ir_version = 8
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        block = int(sess.run(None, {"x": np.zeros((1, 4, 1, 1), np.float32)})[0].shape[1])
+    except Exception:
+        return 1
+    return block if block > 4 else 1
+
+
 def resolve_threads(threads: int | None = None) -> int:
     return threads or int(os.environ.get("FRACGRAPH_THREADS", "0")) or (os.cpu_count() or 1)
 
@@ -99,6 +120,11 @@ class TrainSession:
         self.manifest = Manifest.read(self.art)
         if seed is not None:
             ort.set_seed(int(seed))   # seeds the stochastic-rounding noise kernels created below
+        block = self.manifest.extra.get("nchwc_block")
+        if block and block != nchwc_block_size():
+            raise FracgraphError(f"{self.art}: the artifacts run convs on NCHWc blocks of {block} channels but this CPU's "
+                                 f"onnxruntime uses {nchwc_block_size()}; re-run `fracgraph quantize` on this machine "
+                                 f"(or with --no-nchwc for artifacts that move between machines)")
         ckpt = Path(checkpoint) if checkpoint else self.art / self.manifest.files["checkpoint"]
         try:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))

@@ -97,6 +97,9 @@ class ConvGradSplitPass(Pass):
                 axes = list(range(2, 2 + nd))
                 wt = em.node("Slice", [wt, em.const([-1] * nd, np.int64), em.const([np.iinfo(np.int64).min] * nd, np.int64),
                                        em.const(axes, np.int64), em.const([-1] * nd, np.int64)], f"{base}/w_flip")
+            if wt != w:   # its static shape, for later passes (nchwc-conv)
+                em.graph.value_info.append(helper.make_tensor_value_info(
+                    wt, onnx.TensorProto.FLOAT, [group * c_per_group, k_per_group] + kernel))
             em.node("Conv", [dy, wt], dx, kernel_shape=kernel, pads=new_pads, dilations=dil, group=group,
                     strides=[1] * nd)
             return None

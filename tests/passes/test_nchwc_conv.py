@@ -1,0 +1,106 @@
+"""nchwc-conv keeps the training step's values: loss and every parameter gradient with the convs on NCHWc kernels
+equal those with plain Conv (both builds with the other speed passes on), for every filter layout the pass
+writes: NCHW input with fewer channels than a block (the stem), blocked 3x3, strided, dilated, biased, 1x1 and
+depthwise convs. Block-size-dependent: on a CPU without NCHWc kernels the pass writes nothing and the tests skip.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
+from fracgraph.errors import FracgraphError  # noqa: E402
+from fracgraph.runtime import TrainSession, nchwc_block_size  # noqa: E402
+
+from conftest import export  # noqa: E402
+from test_speed_passes import _seed_noise  # noqa: E402
+
+BLOCK = nchwc_block_size()
+pytestmark = pytest.mark.skipif(BLOCK <= 1 or BLOCK > 16, reason=f"no NCHWc kernels usable here (block {BLOCK})")
+
+
+class BlockedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)       # input channels < block: OIHWBo, NCHW input
+        self.bn = nn.BatchNorm2d(16)
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1, bias=True)           # OIHWBiBo, biased
+        self.s2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.dil = nn.Conv2d(32, 32, 3, padding=2, dilation=2, bias=False)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)   # depthwise: OIHWBo, blocked input
+        self.pw = nn.Conv2d(32, 16, 1, bias=False)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.c3(x) + x)
+        x = torch.relu(self.s2(x))
+        x = torch.relu(self.dil(x))
+        x = torch.relu(self.dw(x))
+        x = self.pw(x)
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("nchwc")
+    path = export(BlockedNet(), d / "net.onnx", shape=(2, 3, 10, 10))
+    out = {}
+    for nchwc in (False, True):
+        art = d / f"art_{nchwc}"
+        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, nchwc=nchwc))
+        _seed_noise(art)
+        out[nchwc] = (art, manifest)
+    return out
+
+
+def _step(art, bits):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 5, 4).astype(np.int64)
+    sess = TrainSession(art, seed=0, threads=1)
+    outs = sess.forward_backward(x, y, np.tile(np.asarray(bits, np.float32), (sess.manifest.n_blocks, 1)))
+    return float(outs[0]), {k: sess.gradient(k) for k in sess.trainable}
+
+
+def test_every_conv_runs_on_nchwc_kernels(builds):
+    graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
+    nchwc = [n for n in graph.node if n.domain == "com.microsoft.nchwc" and n.op_type == "Conv"]
+    plain = [n for n in graph.node if n.op_type == "Conv" and n.domain == ""]
+    # 6 forward convs + the stride-1 dX convs of conv-grad-split (c3, dil, dw, pw; the stem needs no dX and s2's is a ConvTranspose)
+    assert len(nchwc) == 10 and plain == []
+    assert builds[True][1].extra["nchwc_block"] == BLOCK
+    assert builds[False][1].extra["nchwc_block"] is None
+    assert not any(n.op_type == "ReluGrad" for n in graph.node)        # relu-grad lowered them all
+
+
+@pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4)])
+def test_nchwc_keeps_loss_and_every_gradient(builds, bits, tol):
+    loss0, grads0 = _step(builds[False][0], bits)
+    loss1, grads1 = _step(builds[True][0], bits)
+    assert abs(loss0 - loss1) <= 1e-5 * abs(loss0)
+    assert grads0.keys() == grads1.keys() and len(grads0) >= 9
+    for name, g in grads0.items():
+        err = np.linalg.norm(grads1[name] - g) / max(np.linalg.norm(g), 1e-12)
+        assert err <= tol, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_other_block_size_is_refused(builds, tmp_path):
+    """Artifacts reordered for one block size give wrong convs on another: the session refuses them in one line."""
+    import shutil
+
+    art = tmp_path / "moved"
+    shutil.copytree(builds[True][0], art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["extra"]["nchwc_block"] = 8 if BLOCK == 16 else 16
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FracgraphError, match="NCHWc blocks of .* --no-nchwc"):
+        TrainSession(art)
