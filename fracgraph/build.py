@@ -33,6 +33,7 @@ from .passes.fw_quant import FwQuantPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.quant_branch import QuantBranchPass
 from .passes.relu_grad import ReluGradLoweringPass
+from .passes.shared_noise import SharedNoisePass
 from .passes.ste_grad import SteGradPass
 from .policy import LayerPolicy
 from .quantizers import float_input
@@ -42,6 +43,7 @@ PRECISION_INPUT = "fracgraph_bits"
 LABELS = "labels"
 TRAINING, EVAL, OPTIMIZER, CHECKPOINT = "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"
 OPTIMIZERS = ("sgd", "adamw")
+SR_NOISE = ("independent", "shared")
 # Ops whose float initializers (by input index) are trainable parameters.
 _PARAM_INPUTS = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
@@ -63,6 +65,7 @@ class BuildOptions:
     expose_noise: bool = False           # BW noise as graph outputs (exact replay in tests)
     fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch, relu-grad)
     nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
+    sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
 
 
@@ -127,6 +130,8 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     opts = options or BuildOptions()
     if opts.optimizer not in OPTIMIZERS:
         raise FracgraphError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+    if opts.sr_noise not in SR_NOISE:
+        raise FracgraphError(f"--sr-noise must be one of {', '.join(SR_NOISE)}, got {opts.sr_noise!r}")
     out = Path(out_dir)
     if out.exists() and not force:
         raise FracgraphError(f"{out} already exists; pass --force to replace it")
@@ -157,13 +162,14 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         nchwc_block = nchwc_block_size() if opts.nchwc else 1
-        shapes = forward_shapes(model) if opts.fast_backward or nchwc_block > 1 else {}
+        shapes = forward_shapes(model) if opts.fast_backward or nchwc_block > 1 or opts.sr_noise == "shared" else {}
         _generate(model, tmp, trainable, frozen, opts, gate)
         train_model = onnx.load(str(tmp / TRAINING))
         train_model, n2 = run_passes(train_model, [
             BwQuantPass([(d["name"], d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT, opts.expose_noise),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
-        ] + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass(), ReluGradLoweringPass()]
+        ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else [])
+          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass(), ReluGradLoweringPass()]
              if opts.fast_backward else [])
           + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []))
         onnx.save(train_model, str(tmp / TRAINING))
@@ -178,7 +184,8 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             blocks=[Block(b.name, b.ops, b.kind) for b in blocks], ops=op_dicts, quant_points=fw.points,
             decisions=decisions,
             optimizer={"type": opts.optimizer, "momentum": opts.momentum, "weight_decay": opts.weight_decay},
-            act_range_momentum=opts.act_range_momentum, grad_noise="exposed" if opts.expose_noise else "random",
+            act_range_momentum=opts.act_range_momentum,
+            grad_noise="exposed" if opts.expose_noise else "shared" if opts.sr_noise == "shared" else "random",
             files={"training": TRAINING, "eval": EVAL, "checkpoint": CHECKPOINT,
                    "optimizer": OPTIMIZER if opts.optimizer == "adamw" else None},
             extra={"trainable": trainable, "frozen": frozen, "notes": notes + n2 + n3,

@@ -67,7 +67,7 @@ class Manifest:
     decisions: list[LayerDecision]
     optimizer: dict
     act_range_momentum: float
-    grad_noise: str              # "random" (production) | "input" (noise fed as inputs, for exact tests)
+    grad_noise: str              # "random" (a draw per error quantizer) | "shared" (one draw per step) | "exposed" (noise as outputs, tests)
     files: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     dfq: dict | None = None      # DFQ artifacts: options, weight bits, granularity, cost weights (passes/dfq_gate.py)

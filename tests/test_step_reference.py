@@ -76,11 +76,12 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-@pytest.fixture(scope="module")
-def artifacts(small_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["independent", "shared"])
+def artifacts(small_model, tmp_path_factory, request):
+    """Both noise modes: the replayed step must match PyTorch whichever way the noise was drawn."""
     _, path = small_model
     out = tmp_path_factory.mktemp("art") / "art"
-    build_artifacts(path, out, BuildOptions(expose_noise=True))
+    build_artifacts(path, out, BuildOptions(expose_noise=True, sr_noise=request.param))
     return out
 
 
@@ -130,3 +131,29 @@ def test_zero_bits_matches_unquantized_ort_step(small_model, artifacts, batch, t
     for name in trainable:
         assert rel_err(sess.gradient(name), np.array(state.parameters[name].grad)) <= 1e-5, name
     assert onnx.load(str(artifacts / "training_model.onnx"))  # artifacts stay loadable
+
+
+def test_shared_noise_is_one_draw_read_at_random_offsets(small_model, tmp_path, batch):
+    """--sr-noise shared: every error quantizer's noise is a contiguous piece of one U(-0.5, 0.5) draw (the largest
+    layer's noise is the whole draw), at offsets that change from step to step."""
+    _, path = small_model
+    art = tmp_path / "shared"
+    build_artifacts(path, art, BuildOptions(expose_noise=True, sr_noise="shared"))
+    x, y = batch
+    sess = TrainSession(art, seed=0)
+    bits = np.tile(np.array([8, 8, 8], np.float32), (sess.manifest.n_blocks, 1))
+    offsets = []
+    for _ in range(2):
+        outs = sess.forward_backward(x, y, bits)
+        noises = [np.asarray(o).ravel() for n, o in zip(sess.module.output_names(), outs) if n.endswith("/noise")]
+        draw = max(noises, key=len)
+        assert len(noises) == 4 and len(np.unique(draw)) > 0.99 * len(draw)
+        assert draw.min() >= -0.5 and draw.max() < 0.5 and abs(draw.mean()) < 0.02
+        step = []
+        for nz in noises:
+            starts = np.flatnonzero(draw == nz[0])
+            hits = [int(o) for o in starts if o + len(nz) <= len(draw) and np.array_equal(draw[o:o + len(nz)], nz)]
+            assert hits, "a layer's noise is not a contiguous piece of the shared draw"
+            step.append(hits[0])
+        offsets.append((draw[:4].tolist(), step))
+    assert offsets[0] != offsets[1]
