@@ -84,7 +84,7 @@ def quantize(
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     dfq: bool = typer.Option(False, "--dfq", help="Add DFQ precision gates and the cost term (train with --schedule dfq or fractrain); the first GEMM defaults to FP32."),
-    options: str = typer.Option("3/6,4/6,4/8,6/8,6/12", "--options", help="DFQ options as FW/BW bits pairs (CIFAR defaults)."),
+    options: str = typer.Option("3/6,4/6,4/8,6/8,6/12", "--options", help="DFQ options as FW/BW bits pairs (CIFAR defaults); add `skip` to let a gate skip a residual block (e.g. 3/6,4/6,4/8,6/8,skip)."),
     weight_bits: int = typer.Option(4, "--weight-bits", help="DFQ static weight bits."),
     granularity: str = typer.Option("batch", "--granularity", help="DFQ choice per mini-batch (batch) or per sample (sample)."),
     cost_weighting: str = typer.Option("macs", "--cost-weighting", help="DFQ cost per block: macs (block MACs) or uniform (ResNet CIFAR code)."),
@@ -111,7 +111,9 @@ def quantize(
     typer.echo(f"{output}: {n_q}/{len(m.decisions)} GEMMs quantized in {m.n_blocks} blocks, "
                f"{len(m.quant_points)} FW + {n_q} BW quant points ({time.perf_counter() - t0:.1f} s)")
     if m.dfq:
-        typer.echo(f"DFQ: {m.n_blocks} gates, options (FW/BW) {', '.join(f'{a}/{g}' for a, g in m.dfq['options'])}, "
+        from fracgraph.passes.dfq_gate import option_label
+
+        typer.echo(f"DFQ: {m.n_blocks} gates, options (FW/BW) {', '.join(option_label(o) for o in m.dfq['options'])}, "
                    f"weights {m.dfq['weight_bits']} bits, choice per {m.dfq['granularity']}")
 
 

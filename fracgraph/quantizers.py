@@ -94,14 +94,25 @@ def levels(em: Emitter, bits: str) -> str:
 
 
 PER_SAMPLE_NODE = "/per_sample_bits"
+PER_SAMPLE_OFF_NODE = "/per_sample_bits_or_off"   # per-sample bits that may be 0 (a skipped sample: FP32)
 
 
-def per_sample_bits(em: Emitter, bits: str) -> bool:
-    """True when `bits` holds one value per sample (DFQ per-sample gates name their producer `...PER_SAMPLE_NODE`)."""
+def _producer(em: Emitter, bits: str) -> str:
     producers = getattr(em, "_producers", None)
     if producers is None:
         producers = em._producers = {o: n.name for n in em.graph.node for o in n.output}
-    return producers.get(bits, "").endswith(PER_SAMPLE_NODE)
+    return producers.get(bits, "")
+
+
+def per_sample_bits(em: Emitter, bits: str) -> bool:
+    """True when `bits` holds one value per sample (DFQ per-sample gates name their producer `...PER_SAMPLE_NODE`
+    or `...PER_SAMPLE_OFF_NODE`)."""
+    return _producer(em, bits).endswith((PER_SAMPLE_NODE, PER_SAMPLE_OFF_NODE))
+
+
+def per_sample_may_be_off(em: Emitter, bits: str) -> bool:
+    """True when per-sample `bits` can be 0 for some samples (DFQ skip option), which then pass through FP32."""
+    return _producer(em, bits).endswith(PER_SAMPLE_OFF_NODE)
 
 
 def detach_scalar(em: Emitter, x: str, output: str) -> str:
@@ -159,7 +170,10 @@ def _quantize_with_range(em, x, out, prefix, bits, mn, rg, *, stochastic, train_
     r = em.node("Round", [uc], f"{prefix}/rounded")
     d = em.node("Mul", [r, s], f"{prefix}/descaled")
     q = em.node("Add", [d, mn], f"{prefix}/q")
-    if per_sample_bits(em, bits):   # DFQ options are >= 1 bit: no FP32 passthrough to select
+    if per_sample_may_be_off(em, bits):   # per-sample select (not named ::on: quant-branch wants a scalar switch)
+        em.node("Where", [em.node("Greater", [bits, em.const(0.0)], f"{bits}::on_each"), q, x], out) \
+            if not em.has(f"{bits}::on_each") else em.node("Where", [f"{bits}::on_each", q, x], out)
+    elif per_sample_bits(em, bits):   # DFQ precision options are >= 1 bit: no FP32 passthrough to select
         em.node("Identity", [q], out)
     else:
         em.node("Where", [f"{bits}::on", q, x], out)

@@ -3,6 +3,12 @@
 Bits come from the precision input's layout ([n_blocks, 3]: act, weight, grad; 0 = FP32). A run integrates the
 step cost over the precision trace segment by segment: per block, the cost of each *distinct* bit triple is
 computed once, so a 64k-segment DFQ trace is a few numpy gathers.
+
+DFQ's skip option: a trace records per block the share of samples that ran it (`active`). A skipped sample costs
+its block's GEMMs nothing except the shortcut's (the downsample conv), which the simulation computes at FP32 as the
+release's `prev`; the host-side cp of a run (metrics `cp`, `cum_gmacs`) counts it the same way. The controller's
+cost term counts a skip as 0 (the release's cost table), so the gated-block cp it steers excludes the shortcut.
+Memory-bound ops (BN, ReLU, the add) of a skipped block are costed as if it ran.
 """
 
 from __future__ import annotations
@@ -64,16 +70,17 @@ def op_bits_label(op: StepOp, c: Cost) -> str:
 class Estimator:
     """A training step on one hardware model; `overlap=True` schedules independent ops concurrently."""
 
-    def __init__(self, step: TrainingStep, hw: HwModel, overlap: bool = False):
+    def __init__(self, step: TrainingStep, hw: HwModel, overlap: bool = False, shortcut_layers=()):
         self.step = step
         self.hw = hw
         self.overlap = overlap
+        self.shortcut_layers = frozenset(shortcut_layers)   # GEMMs a skipped block still runs (FP32)
         self._mem = {op.id: hw.mem_cost(op.mem) for op in step.ops if op.kind == "mem"}
         self._topo = step.topo()
         self._preds = [list(step.graph.predecessors(i)) for i in range(len(step.ops))]
 
     # -- one op, one step --------------------------------------------------------------------------------------
-    def op_cost(self, op: StepOp, bits: np.ndarray | None) -> Cost:
+    def op_cost(self, op: StepOp, bits: np.ndarray | None, active: np.ndarray | None = None) -> Cost:
         if op.kind == "mem":
             return self._mem[op.id]
         row = bits[op.block] if (op.block is not None and bits is not None) else None
@@ -82,13 +89,24 @@ class Estimator:
         for cv in op.convs:
             total = total + self.hw.conv_cost(replace(cv, a_bits=a, b_bits=b))
         total.detail["_bits"] = f"{a}x{b}"
+        f = 1.0 if active is None or op.block is None else float(active[op.block])
+        if f < 1.0:   # the skipped share: nothing, or the shortcut's GEMM at FP32
+            label = total.detail["_bits"]
+            total = total.scaled(f) + self.skipped_cost(op).scaled(1.0 - f)
+            total.detail["_bits"] = label if f > 0 else "skip"
         return total
 
-    def step_cost(self, bits: np.ndarray | None) -> StepCost:
+    def skipped_cost(self, op: StepOp) -> Cost:
+        """A GEMM of a block whose gate chose skip: the shortcut's GEMMs run FP32, the others not at all."""
+        if op.layer not in self.shortcut_layers:
+            return Cost()
+        return self.op_cost(replace(op, block=None), None)
+
+    def step_cost(self, bits: np.ndarray | None, active: np.ndarray | None = None) -> StepCost:
         bits = None if bits is None else np.asarray(bits, dtype=np.float64).reshape(-1, 3)
         if bits is not None and self.step.n_blocks and bits.shape[0] != self.step.n_blocks:
             raise FracgraphError(f"precision has {bits.shape[0]} rows; the model has {self.step.n_blocks} blocks")
-        per = [(op, self.op_cost(op, bits)) for op in self.step.ops]
+        per = [(op, self.op_cost(op, bits, active)) for op in self.step.ops]
         total = Cost()
         for _, c in per:
             total = total + c
@@ -105,13 +123,15 @@ class Estimator:
         return fin.max(axis=1)
 
     # -- a run -------------------------------------------------------------------------------------------------
-    def run_cost(self, starts: np.ndarray, bits: np.ndarray, total_steps: int) -> dict:
-        """Integrate over run-length segments: starts [S], bits [S, n_blocks, 3]. Returns totals and per-segment."""
+    def run_cost(self, starts: np.ndarray, bits: np.ndarray, total_steps: int, active: np.ndarray | None = None) -> dict:
+        """Integrate over run-length segments: starts [S], bits [S, n_blocks, 3], active [S, n_blocks] (share of
+        samples that ran each block; None = all). Returns totals and per-segment."""
         starts = np.asarray(starts, dtype=np.int64)
         bits = np.asarray(bits, dtype=np.float64)
         if bits.ndim != 3 or bits.shape[1] != self.step.n_blocks:
             raise FracgraphError(f"trace has {bits.shape[1] if bits.ndim == 3 else '?'} blocks; "
                                  f"the model has {self.step.n_blocks}")
+        act = np.ones(bits.shape[:2]) if active is None else np.asarray(active, dtype=np.float64)
         n = np.diff(np.append(starts, total_steps)).clip(min=0).astype(np.float64)
         ib = np.rint(bits).astype(np.int64).clip(0, 63)
         keys = ib[..., 0] * _KEY[0] + ib[..., 1] * _KEY[1] + ib[..., 2]           # [S, B]
@@ -125,6 +145,9 @@ class Estimator:
         mem_lat, mem_en = 0.0, 0.0
         blk_lat = np.zeros((B, U))
         blk_en = np.zeros((B, U, L))
+        skip_lat = np.zeros(B)          # a skipped block: its shortcut GEMMs at FP32
+        skip_en = np.zeros((B, L))
+        op_skip_lat = np.zeros(n_ops)
         present = [np.unique(inv[:, b]) for b in range(B)]
         op_lat_tab: dict[int, np.ndarray] = {}         # op id -> [U] latency (for the critical path)
         for op in self.step.ops:
@@ -146,20 +169,27 @@ class Estimator:
                 blk_lat[op.block, u] += c.latency_s
                 blk_en[op.block, u] += [c.energy_pj[k2] for k2 in LEVELS]
             op_lat_tab[op.id] = tab
+            sc = self.skipped_cost(op)
+            skip_lat[op.block] += sc.latency_s
+            skip_en[op.block] += [sc.energy_pj[k2] for k2 in LEVELS]
+            op_skip_lat[op.id] = sc.latency_s
         cols = np.arange(B)[None, :]
-        seg_lat_seq = const_lat + blk_lat[cols, inv].sum(axis=1)                   # [S]
-        seg_en = const_en[None, :] + blk_en[cols, inv].sum(axis=1)                 # [S, L]
+        seg_lat_seq = const_lat + (act * blk_lat[cols, inv] + (1 - act) * skip_lat[None, :]).sum(axis=1)   # [S]
+        seg_en = const_en[None, :] + (act[..., None] * blk_en[cols, inv]
+                                      + (1 - act[..., None]) * skip_en[None]).sum(axis=1)                  # [S, L]
         if self.overlap:
-            cfg, cinv = np.unique(inv, axis=0, return_inverse=True)
+            cfg, cinv = np.unique(np.concatenate([inv, act], axis=1), axis=0, return_inverse=True)
             cinv = cinv.reshape(-1)
             crit = np.empty(len(cfg))
             blocks = np.array([-1 if (o.kind == "mem" or o.block is None) else o.block for o in self.step.ops])
             for s0 in range(0, len(cfg), 2048):
-                chunk = cfg[s0:s0 + 2048]
+                chunk = cfg[s0:s0 + 2048, :B].astype(np.int64)
+                share = cfg[s0:s0 + 2048, B:]
                 lat = np.empty((len(chunk), n_ops))
                 for op in self.step.ops:
                     b = blocks[op.id]
-                    lat[:, op.id] = op_lat_tab[op.id][chunk[:, b]] if b >= 0 else op_lat_tab[op.id][0]
+                    lat[:, op.id] = (share[:, b] * op_lat_tab[op.id][chunk[:, b]] + (1 - share[:, b]) * op_skip_lat[op.id]
+                                     if b >= 0 else op_lat_tab[op.id][0])
                 crit[s0:s0 + 2048] = self._critical_path(lat)
             seg_lat = crit[cinv]
         else:
@@ -183,6 +213,7 @@ class Source:
     quantized_blocks: list[int]
     name: str
     blocks: list[str] = field(default_factory=list)
+    shortcut_layers: list[str] = field(default_factory=list)   # DFQ skip: GEMMs a skipped block still runs
 
     def uniform_bits(self, fw: float, bw: float) -> np.ndarray:
         """Every block at act=weight=fw, grad=bw (PFQ's convention: weights at the forward bits)."""
@@ -230,8 +261,9 @@ def from_artifacts(directory, batch: int, strided_bw: str = "ideal", mem_bits: i
     step = training_step(model, batch, op_block=op_block, n_blocks=m.n_blocks, gemms=gemms,
                          strided_bw=strided_bw, optimizer_words=words, skip_nodes=skip, mem_bits=mem_bits)
     default = np.tile(np.asarray(m.default_bits, dtype=np.float64), (m.n_blocks, 1))
+    shortcuts = [g for ops in ((m.dfq or {}).get("shortcut_ops") or []) for g in ops]
     return Source(step, default, sorted({b for b in op_block.values() if b is not None}), d.name,
-                  [b.name for b in m.blocks])
+                  [b.name for b in m.blocks], shortcuts)
 
 
 def load_source(path, batch: int, strided_bw: str = "ideal", mem_bits: int = 32) -> Source:
@@ -290,21 +322,23 @@ def report(path, hw_names, *, trace_dir=None, fw: float | None = None, bw: float
                              f"{src.step.n_blocks}; was it recorded with these artifacts?")
     if trace is not None:
         step_bits = trace.bits[-1].astype(np.float64) if len(trace.bits) else src.default_bits
+        step_active = trace.active[-1].astype(np.float64) if len(trace.bits) else None
         n_steps = trace.total_steps
         mode = "trace"
     else:
         step_bits = src.uniform_bits(fw, bw) if fw is not None else src.default_bits
+        step_active = None
         n_steps = steps if steps is not None else 64000
         mode = "static"
     out = {"model": src.name, "batch": batch, "steps": n_steps, "mode": mode, "baseline": baseline,
            "schedule": "overlap" if overlap else "sequential", "blocks": src.step.n_blocks, "hw": {}}
     for name in hw_names:
         hw = get_model(name, (hw_configs or {}).get(name))
-        est = Estimator(src.step, hw, overlap=overlap)
-        sc = est.step_cost(step_bits)
+        est = Estimator(src.step, hw, overlap=overlap, shortcut_layers=src.shortcut_layers)
+        sc = est.step_cost(step_bits, step_active)
         bc = est.step_cost(base_bits)
         if trace is not None:
-            run = est.run_cost(trace.starts, trace.bits, trace.total_steps)
+            run = est.run_cost(trace.starts, trace.bits, trace.total_steps, trace.active)
         else:
             run = est.run_cost(np.array([0]), step_bits[None], n_steps)
         brun = est.run_cost(np.array([0]), base_bits[None], n_steps)

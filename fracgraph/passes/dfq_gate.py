@@ -39,6 +39,15 @@ from this very batch's cp, as the reference does; target (cp %) and beta are run
 F_l = the block's forward MACs ("macs", default: cp is then the gated blocks' real effective-MAC fraction) or 1
 ("uniform", the ResNet CIFAR code).
 
+Skip option (`skip` in the options, stored as bits [0, 0] like the release's `ResNetRecurrentGateSP`, where a bits-0
+candidate is `prev`, the block's shortcut): in a residual block y = m_run * block + m_skip * shortcut, two
+products so that the one-hot forward is exactly one of them; m_run = 1 - m_skip ("none") or the chosen precision's
+entry ("chosen"), and dL/dm_skip = <dL/dy, shortcut> (minus <dL/dy, block> with "none"), the mixing gradient with
+the shortcut computed. A skipped block's bits are 0, so its quantizers pass through: the simulation computes the
+unused branch and the downsample FP32 (per sample: activations and errors; the weights are one tensor at
+`weight_bits`). Blocks without a shortcut get the skip logit masked (MASKED_LOGIT), so p_skip = 0 there. The cost
+table counts a skip as 0, as the release and DFS do.
+
 Stop-gradient: ONNX has none; `ReduceMax` over an added axis of size 1 is the identity with no gradient,
 because the build registers an empty gradient for ReduceMax (the quantizer ranges rely on the same).
 """
@@ -54,7 +63,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..analysis.blocks import _SOURCE, dataflow_graph
 from ..errors import FracgraphError
-from ..quantizers import PER_SAMPLE_NODE, Emitter
+from ..quantizers import PER_SAMPLE_NODE, PER_SAMPLE_OFF_NODE, Emitter
 from .base import Pass, PassResult, opset
 
 PREFIX = "dfq::"
@@ -68,6 +77,8 @@ CIFAR_OPTIONS = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
 GRANULARITIES = ("batch", "sample")
 WEIGHTINGS = ("macs", "uniform")
 TASK_GRADS = ("none", "chosen")
+SKIP = [0, 0]          # the skip option's (act, grad) bits: the block's output is its shortcut
+MASKED_LOGIT = -1e9    # added to the skip logit of a block without a shortcut: p_skip = 0 exactly
 
 
 @dataclass
@@ -87,9 +98,11 @@ class DfqOptions:
         if len(self.options) < 2:
             raise FracgraphError(f"DFQ needs at least 2 precision options, got {self.options}")
         for a, g in self.options:
-            if not (1 <= a <= 32 and 1 <= g <= 32):
-                raise FracgraphError(f"DFQ option {a}/{g}: FW and BW bits must be in 1..32 (a skip option is not "
-                                     f"supported)")
+            if [a, g] != SKIP and not (1 <= a <= 32 and 1 <= g <= 32):
+                raise FracgraphError(f"DFQ option {a}/{g}: FW and BW bits must be in 1..32 (0 bits is not an "
+                                     f"option; write `skip` for the skip option)")
+        if self.options.count(SKIP) > 1:
+            raise FracgraphError("DFQ options list `skip` more than once")
         if not 1 <= int(self.weight_bits) <= 32:
             raise FracgraphError(f"--weight-bits must be in 1..32, got {self.weight_bits}")
         if self.granularity not in GRANULARITIES:
@@ -99,8 +112,14 @@ class DfqOptions:
         if self.cost_weighting not in WEIGHTINGS:
             raise FracgraphError(f"DFQ cost weighting must be one of {', '.join(WEIGHTINGS)}, got {self.cost_weighting!r}")
 
+    @property
+    def skip_index(self) -> int | None:
+        """The option index of `skip` (stored as [0, 0], the release's bits 0), or None."""
+        return self.options.index(SKIP) if SKIP in self.options else None
+
     def unit_costs(self) -> np.ndarray:
-        """[K, 3] fraction of an FP32 MAC of the forward, error and weight-gradient GEMM of each option."""
+        """[K, 3] fraction of an FP32 MAC of the forward, error and weight-gradient GEMM of each option (skip: 0,
+        as the release and DFS count it)."""
         w = float(self.weight_bits)
         return np.array([[a * w, g * w, a * g] for a, g in self.options], np.float64) / 1024.0
 
@@ -109,18 +128,31 @@ class DfqOptions:
 
 
 def parse_options(text: str) -> list[list[int]]:
-    """'3/6,4/6,4/8' -> [[3, 6], [4, 6], [4, 8]]."""
+    """'3/6,4/6,4/8,skip' -> [[3, 6], [4, 6], [4, 8], [0, 0]] (skip is stored as bits 0, as the release does)."""
     out = []
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
+        if item.lower() == "skip":
+            out.append(list(SKIP))
+            continue
         try:
             a, g = item.split("/")
             out.append([int(a), int(g)])
         except ValueError:
-            raise FracgraphError(f"--options item {item!r} is not FW/BW bits like 4/8; write e.g. 3/6,4/6,4/8,6/8,6/12")
+            raise FracgraphError(f"--options item {item!r} is not FW/BW bits like 4/8 or `skip`; write e.g. "
+                                 f"3/6,4/6,4/8,6/8,6/12 or 3/6,4/6,4/8,6/8,skip")
+        if 0 in out[-1]:
+            raise FracgraphError(f"--options item {item!r}: 0 bits is not an option; write `skip` to let the gate "
+                                 f"skip a block")
     return out
+
+
+def option_label(option) -> str:
+    """'4/8', or 'skip' for the skip option."""
+    a, g = (int(v) for v in option)
+    return "skip" if [a, g] == SKIP else f"{a}/{g}"
 
 
 def block_ports(model: onnx.ModelProto, blocks, gemm_inputs: dict[str, str]) -> list[tuple[str, str]]:
@@ -146,6 +178,44 @@ def block_ports(model: onnx.ModelProto, blocks, gemm_inputs: dict[str, str]) -> 
             gemm = nodes[b.ops[0]]
             ports.append((gemm_inputs[gemm.name], gemm.output[0]))
     return ports
+
+
+def block_shortcuts(model: onnx.ModelProto, blocks, ports) -> list[tuple[str | None, list[str]]]:
+    """(shortcut tensor, the block GEMMs that compute it) of every block; (None, []) for a single layer.
+
+    The shortcut is the input of the block's residual Add with fewer of the block's GEMMs upstream of it (back to
+    the block's input): none for an identity shortcut, the 1x1 downsample conv for option B. A block whose two
+    Add inputs hold as many GEMMs cannot tell its shortcut and cannot be skipped (one clear error)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    nodes = {n.name: n for n in model.graph.node}
+    out = []
+    for b, (x, _) in zip(blocks, ports):
+        if b.kind != "residual":
+            out.append((None, []))
+            continue
+        add = nodes[b.name.split("@", 1)[1]]
+        members = set(b.ops)
+        found = []
+        for t0 in add.input:
+            seen, stack, gemms = set(), [t0], set()
+            while stack:
+                t = stack.pop()
+                if t == x or t in seen:
+                    continue
+                seen.add(t)
+                n = producer.get(t)
+                if n is not None:
+                    if n.name in members:
+                        gemms.add(n.name)
+                    stack.extend(n.input)
+            found.append((len(gemms), t0, sorted(gemms)))
+        found.sort(key=lambda f: f[0])
+        if len(found) != 2 or found[0][0] == found[1][0]:
+            raise FracgraphError(f"block {b.name}: cannot tell its shortcut (both inputs of {add.name} hold "
+                                 f"{found[0][0]} of the block's GEMMs), so it cannot be skipped; drop `skip` from "
+                                 f"--options")
+        out.append((found[0][1], found[0][2]))
+    return out
 
 
 class DfqGatePass(Pass):
@@ -184,6 +254,12 @@ class DfqGatePass(Pass):
         P = PREFIX
         gemm_inputs = {n.name: n.input[0] for n in model.graph.node}
         ports = block_ports(model, self.blocks, gemm_inputs)
+        skip = o.skip_index
+        shortcuts = block_shortcuts(model, self.blocks, ports) if skip is not None else [(None, [])] * len(ports)
+        can_skip = [skip is not None and sc is not None for sc, _ in shortcuts]
+        if skip is not None and not any(can_skip):
+            raise FracgraphError("`skip` in --options needs residual blocks, and none of the gated blocks has a "
+                                 "shortcut; drop `skip`")
         nodes_by_output = {out: n for n in model.graph.node for out in n.output}
 
         H, E, G = o.hidden, o.embed_dim, o.gate_dim
@@ -246,6 +322,9 @@ class DfqGatePass(Pass):
                         f"{q}/lstm/c")
             h = em.node("Mul", [o_g, em.node("Tanh", [c], f"{q}/lstm/tc")], f"{q}/lstm/h")
             logits = em.node("Add", [em.node("MatMul", [h, w_o], f"{q}/proj/mm"), b_o], f"{q}/logits")
+            if skip is not None and not can_skip[l]:   # no shortcut: the skip option is masked out of the softmax
+                logits = em.node("Add", [logits, em.const(np.where(np.arange(K) == skip, MASKED_LOGIT, 0.0))],
+                                 f"{q}/logits_noskip")
             p = em.node("Softmax", [logits], f"{q}/p", axis=-1)
             # a trailing axis of size 1 throughout, so the stop-gradient is ReduceMax over it on the very tensor
             # (a ReduceMax input must have another consumer that carries its gradient)
@@ -263,8 +342,15 @@ class DfqGatePass(Pass):
             sg = em.reduce("ReduceMax", soft, f"{q}/soft_sg", [-1], 1)
             mask = em.node("Add", [hard, em.node("Sub", [soft, sg], f"{q}/st")], f"{q}/mask")   # = hard forward
             # task_grad "chosen": the chosen entry of the mask (1 forward) scales the block output
-            m_c = None if o.task_grad == "none" else em.node("ReduceSum", [em.node("Mul", [mask, hard], f"{q}/mask_sel"), em.const(keep_axes, np.int64)],
+            # (with skip: the chosen entry among the precision options, 0 when skip is chosen)
+            sel = hard if not can_skip[l] else em.node(
+                "Mul", [hard, em.const(np.where(np.arange(K) == skip, 0.0, 1.0).reshape(K, 1))], f"{q}/hard_q")
+            m_c = None if o.task_grad == "none" else em.node("ReduceSum", [em.node("Mul", [mask, sel], f"{q}/mask_sel"), em.const(keep_axes, np.int64)],
                           f"{q}/m_chosen", keepdims=0)                                    # [] or [B]
+            m_s = None
+            if can_skip[l]:   # the skip entry of the mask (exactly 0 or 1 forward)
+                m_s = em.node("Reshape", [em.node("Gather", [mask, em.const(skip, np.int64)], f"{q}/m_skip_k", axis=opt_axis),
+                                          em.const([] if batch_mode else [-1], np.int64)], f"{q}/m_skip")
             # bits per block (or per sample), from the hard one-hot only: no gradient
             a_bits = em.node("ReduceSum", [em.node("Mul", [hard, acts], f"{q}/a_k"), em.const(keep_axes, np.int64)],
                              f"{q}/a_bits", keepdims=0)
@@ -274,6 +360,15 @@ class DfqGatePass(Pass):
             if batch_mode:
                 em.node("Identity", [a_bits], f"{bits_name}.act")
                 em.node("Identity", [g_bits], f"{bits_name}.grad")
+                if can_skip[l]:   # a skipped block runs FP32 throughout (weights too: the release's FP `prev`)
+                    flat = f"{self.precision_input}::flat"
+                    if not em.has(flat):
+                        em.node("Reshape", [self.precision_input, em.const([-1], np.int64)], flat)
+                    w_in = em.node("Gather", [flat, em.const(l * 3 + 1, np.int64)], f"{q}/w_bits_in", axis=0)
+                    runs = em.node("Sub", [em.const(1.0), em.node("Reshape", [em.node(
+                        "Gather", [hard, em.const(skip, np.int64)], f"{q}/skip_k", axis=0), em.const([], np.int64)],
+                        f"{q}/skip_hard")], f"{q}/runs")
+                    em.node("Mul", [w_in, runs], f"{bits_name}.weight")
                 a_row, g_row = a_bits, g_bits
                 counts = em.node("Reshape", [em.node("Mul", [hard, batch_s], f"{q}/counts_k1"), em.const([K], np.int64)],
                                  f"{q}/counts")
@@ -281,17 +376,27 @@ class DfqGatePass(Pass):
                 in_rank, out_rank = shapes.get(("rank", x)) or 4, shapes.get(("rank", y)) or 4
                 for col, v, rank in (("act", a_bits, in_rank), ("grad", g_bits, out_rank)):
                     em.node("Identity", [v], f"{bits_name}.{col}/v")   # reserve the name
+                    # a skipped sample's bits are 0: its quantizers pass it through (FP32)
+                    marker = PER_SAMPLE_OFF_NODE if can_skip[l] else PER_SAMPLE_NODE
                     em.nodes.append(helper.make_node("Reshape", [v, em.const([-1] + [1] * (rank - 1), np.int64)],
-                                                     [f"{bits_name}.{col}"], name=f"{q}/{col}{PER_SAMPLE_NODE}"))
+                                                     [f"{bits_name}.{col}"], name=f"{q}/{col}{marker}"))
                 if m_c is not None:
                     m_c = em.node("Reshape", [m_c, em.const([-1] + [1] * (out_rank - 1), np.int64)], f"{q}/m_chosen_b")
+                if m_s is not None:
+                    m_s = em.node("Reshape", [m_s, em.const([-1] + [1] * (out_rank - 1), np.int64)], f"{q}/m_skip_b")
                 a_row, g_row = _reduce_mean(em, a_bits, f"{q}/a_mean", [0], 0), _reduce_mean(em, g_bits, f"{q}/g_mean", [0], 0)
                 counts = em.node("ReduceSum", [hard, em.const([0, 2], np.int64)], f"{q}/counts", keepdims=0)
-            if m_c is not None:   # rewire: the producer of y writes y::dfq_pre; y = y::dfq_pre * m_c
+            if m_c is not None or m_s is not None:   # rewire: the producer of y writes y::dfq_pre
                 prod = nodes_by_output[y]
                 pre = f"{y}::dfq_pre"
                 prod.output[list(prod.output).index(y)] = pre
-                em.nodes.append(helper.make_node("Mul", [pre, m_c], [y], name=f"{q}/scale_output"))   # y keeps its name
+                if m_s is None:   # y = y::dfq_pre * m_c (y keeps its name)
+                    em.nodes.append(helper.make_node("Mul", [pre, m_c], [y], name=f"{q}/scale_output"))
+                else:             # y = m_run * y::dfq_pre + m_skip * shortcut, two products: exact one-hot forward
+                    m_run = m_c if m_c is not None else em.node("Sub", [em.const(1.0), m_s], f"{q}/m_run")
+                    em.nodes.append(helper.make_node("Add", [em.node("Mul", [pre, m_run], f"{q}/run_part"),
+                                                             em.node("Mul", [shortcuts[l][0], m_s], f"{q}/skip_part")],
+                                                     [y], name=f"{q}/mix_skip"))
             # cost: sum over samples and options of mask * unit cost, times F_l / mean(F)
             unit_c = em.const(unit.reshape(K, 1).astype(np.float32))
             per = em.node("ReduceSum", [em.node("Mul", [mask, unit_c], f"{q}/cost_k"), em.const(all_axes, np.int64)],
@@ -304,7 +409,10 @@ class DfqGatePass(Pass):
                                      for j, v in enumerate((a_row, em.const([float(o.weight_bits)]), g_row))],
                           f"{q}/bits_row", axis=0)
             bits_rows.append(em.node("Unsqueeze", [row, em.const([0], np.int64)], f"{q}/bits_row2"))
-            notes.append(f"{b.name}: gate on {x}, output {y} scaled by the chosen mask entry ({o.granularity})")
+            notes.append(f"{b.name}: gate on {x} ({o.granularity})"
+                         + (f"; skip option: output {y} mixed with the shortcut {shortcuts[l][0]}" if can_skip[l] else
+                            "; skip option masked out (no shortcut)" if skip is not None else "")
+                         + (f"; output scaled by the chosen mask entry" if m_c is not None else ""))
 
         total = cost_terms[0]
         for l, term in enumerate(cost_terms[1:], 1):    # Add chain: ORT has no gradient for Sum
@@ -334,7 +442,9 @@ class DfqGatePass(Pass):
             helper.make_tensor_value_info(COUNTS_OUTPUT, TensorProto.FLOAT, [n, K]),
         ] + [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["grad_bits"]) for k in keep])
         self.extra_outputs = [CP_OUTPUT, BITS_OUTPUT, COUNTS_OUTPUT] + keep
-        self.cost_scale = {"F": F.tolist(), "mean_F": float(F.mean()), "unit_costs": o.unit_costs().tolist()}
+        self.cost_scale = {"F": F.tolist(), "mean_F": float(F.mean()), "unit_costs": o.unit_costs().tolist(),
+                           "skip_index": skip, "skippable": can_skip,
+                           "shortcut_ops": [ops for _, ops in shortcuts]}
         return PassResult(model, True, notes)
 
     def ensures(self, model):

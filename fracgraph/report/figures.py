@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
-from .rundata import RunData
+from .rundata import SKIP_BITS, RunData
 
 MAX_COLUMNS = 1200   # precision heatmaps sample at most this many steps (a DFQ trace can change every step)
 
@@ -39,11 +39,13 @@ def png(fig: Figure, dpi: int = 110) -> bytes:
 
 
 def bits_label(b: float) -> str:
-    return "32" if b == 0 else f"{b:g}"
+    return "skip" if b < 0 else "32" if b == 0 else f"{b:g}"
 
 
 def choice_label(act: float, weight: float, grad: float, show_weight: bool | None = None) -> str:
-    """'FW4/BW8'; the weight bits are named when they differ from the activations' (or when asked)."""
+    """'FW4/BW8'; the weight bits are named when they differ from the activations' (or when asked); 'skip'."""
+    if act < 0:
+        return "skip"
     show = weight != act if show_weight is None else show_weight
     w = f" W{bits_label(weight)}" if show else ""
     return f"FW{bits_label(act)}{w}/BW{bits_label(grad)}"
@@ -91,6 +93,7 @@ def precision(run: RunData) -> Figure:
     ax_line, ax_fw, ax_bw = fig.subplots(3, 1, sharex=True, height_ratios=[1.2, 1, 1])
     edges = np.append(tr.starts, total)
     shown = np.where(tr.bits == 0, 32.0, tr.bits)       # FP32 passthrough drawn at 32 bits
+    shown = np.where(tr.active[..., None] > 0, shown, 0.0)    # a block every sample skipped: drawn at 0 ("skip")
     series = [("FW (activations)", 0, "tab:blue", "-", 3.5), ("BW (errors)", 2, "tab:red", "--", 2)]
     if not np.array_equal(tr.bits[:, :, 1], tr.bits[:, :, 0]):
         series.insert(1, ("weights", 1, "tab:green", ":", 2))
@@ -116,13 +119,14 @@ def precision(run: RunData) -> Figure:
 
     steps = _sampled_steps(total)
     grid = run.bits_at(steps)                            # [cols, blocks, 3]
+    grid = np.where(run.active_at(steps)[..., None] > 0, grid, SKIP_BITS)   # skipped: its own level, "skip"
     levels = np.unique(grid[:, :, [0, 2]])
     discrete = len(levels) <= 10     # a few bit widths: one color each; per-step mean bits: a continuous scale
     if discrete:
         cmap, values = ListedColormap(sequential(len(levels))), np.searchsorted(levels, grid)
         norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
     else:
-        cmap, values, norm = "viridis", np.where(grid == 0, 32.0, grid), None
+        cmap, values, norm = "viridis", np.where(grid == 0, 32.0, np.maximum(grid, 0.0)), None
     n_blocks = grid.shape[1]
     for ax, k, what in ((ax_fw, 0, "FW"), (ax_bw, 2, "BW")):
         im = ax.imshow(values[:, :, k].T, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
@@ -133,7 +137,7 @@ def precision(run: RunData) -> Figure:
     cb = fig.colorbar(im, ax=[ax_fw, ax_bw], ticks=range(len(levels)) if discrete else None, fraction=0.04)
     if discrete:
         cb.ax.set_yticklabels([bits_label(v) for v in levels])
-    cb.set_label("bits (32 = FP32)")
+    cb.set_label("bits (32 = FP32)" + (", skip = block skipped" if tr.skips else ""))
     sampled = "" if len(steps) == total else f" (sampled at {len(steps)} steps)"
     ax_bw.set_xlabel(f"training step{sampled}")
     return fig

@@ -15,6 +15,8 @@ import numpy as np
 from ..errors import FracgraphError
 from ..trace import FILENAME as TRACE_FILE
 from ..trace import Trace
+
+SKIP_BITS = -1.0      # the bits a report shows for a block its DFQ gate skipped ("skip")
 from ..train.runio import METRICS_FILE, SUMMARY_FILE, read_json
 
 _NOT_A_RUN = "is it a run directory written by `fracgraph train`?"
@@ -56,6 +58,11 @@ class RunData:
         seg = np.searchsorted(self.trace.starts, np.asarray(steps), side="right") - 1
         return self.trace.bits[np.clip(seg, 0, len(self.trace.bits) - 1)]
 
+    def active_at(self, steps: np.ndarray) -> np.ndarray:
+        """Share of samples that ran each block [len(steps), n_blocks] (below 1: a DFQ gate chose skip)."""
+        seg = np.searchsorted(self.trace.starts, np.asarray(steps), side="right") - 1
+        return self.trace.active[np.clip(seg, 0, len(self.trace.active) - 1)]
+
     def choice_counts(self) -> ChoiceCounts:
         """The DFQ choice histogram of summary.json when the run has one (exact, per sample or batch), else the
         steps each block spent at each bits row of the trace (works for any schedule)."""
@@ -66,7 +73,7 @@ class RunData:
             counts: dict[tuple, np.ndarray] = {}
             for b, entry in enumerate(hist):
                 for label, n in entry["counts"].items():
-                    a, g = (float(v) for v in label.split("/"))
+                    a, g = (SKIP_BITS, SKIP_BITS) if label == "skip" else (float(v) for v in label.split("/"))
                     counts.setdefault((a, w, g), np.zeros(len(hist), np.int64))[b] += int(n)
             blocks = [str(entry.get("block", i)) for i, entry in enumerate(hist)]
             counts = {k: v for k, v in sorted(counts.items()) if v.any()}
@@ -78,9 +85,9 @@ class RunData:
         tr = self.trace
         n_blocks = tr.bits.shape[1]
         counts = {}
-        for n, bits in tr.segments():
+        for (n, bits), active in zip(tr.segments(), tr.active[np.diff(np.append(tr.starts, tr.total_steps)) > 0]):
             for b in range(n_blocks):
-                key = tuple(float(v) if v > 0 else 32.0 for v in bits[b])
+                key = tuple(float(v) if v > 0 else 32.0 for v in bits[b]) if active[b] > 0 else (SKIP_BITS,) * 3
                 counts.setdefault(key, np.zeros(n_blocks, np.int64))[b] += n
         return ChoiceCounts(dict(sorted(counts.items())), [f"block {b}" for b in range(n_blocks)], "steps",
                             "the precision trace")

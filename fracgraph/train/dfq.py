@@ -145,12 +145,19 @@ class ChoiceRecord:
         self.w = float(d["weight_bits"])
         self.meter = meter
         n, K = manifest.n_blocks, len(self.options)
+        self.skip = d.get("skip_index")
+        # MACs of each block's shortcut GEMMs (the downsample conv): a skipped block still computes them, FP32
+        macs = {o["name"]: o["macs"] for o in manifest.ops}
+        self.shortcut_macs = np.array([sum(macs[g] for g in ops) for ops in d.get("shortcut_ops") or [[]] * n],
+                                      np.float64)
         self.hist = np.array(hist, np.int64) if hist is not None else np.zeros((n, K), np.int64)
         if self.hist.shape != (n, K):
             raise FracgraphError(f"checkpoint choice histogram has shape {self.hist.shape}, expected {(n, K)}")
 
-    def step(self, counts: np.ndarray, batch: int) -> tuple[dict, np.ndarray]:
-        """(cost dict like CostMeter.step, bits [n_blocks, 3] for the trace) of a step with these counts."""
+    def step(self, counts: np.ndarray, batch: int) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(cost dict like CostMeter.step, bits [n_blocks, 3] and active share [n_blocks] for the trace) of a step
+        with these counts. A skipped sample costs nothing in its block but the shortcut GEMMs, at FP32; the bits
+        are the mean over the samples that ran the block (0 when none did)."""
         counts = np.rint(np.asarray(counts, np.float64)).astype(np.int64)
         if counts.shape != self.hist.shape or (counts.sum(1) != batch).any():
             raise FracgraphError(f"the gates' choice counts {counts.tolist()} do not cover the batch of {batch}")
@@ -158,15 +165,22 @@ class ChoiceRecord:
         frac = counts / batch                                        # [n, K] share of samples per option
         a, g, w = self.options[:, 0] / 32, self.options[:, 1] / 32, self.w / 32
         m, fp = self.meter.block_macs, self.meter.fp32_macs
+        skipped = frac[:, self.skip] if self.skip is not None else np.zeros(len(frac))
+        fp = fp + float(self.shortcut_macs @ skipped)
         fw = float(m @ (frac @ (a * w)) + fp) * batch
         err = float(m @ (frac @ (g * w)) + fp) * batch
         wg = float(m @ (frac @ (a * g)) + fp) * batch
         cost = {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.meter.total * batch)}
-        bits = np.stack([frac @ self.options[:, 0], np.full(len(frac), self.w), frac @ self.options[:, 1]], 1)
-        return cost, bits.astype(np.float32)
+        active = 1.0 - skipped
+        ran = np.where(active > 0, active, 1.0)
+        bits = np.stack([frac @ self.options[:, 0] / ran, np.where(active > 0, self.w, 0.0),
+                         frac @ self.options[:, 1] / ran], 1)
+        return cost, bits.astype(np.float32), active.astype(np.float32)
 
     def histogram(self, block_names: list[str]) -> list[dict]:
-        labels = [f"{int(a)}/{int(g)}" for a, g in self.options]
+        from ..passes.dfq_gate import option_label
+
+        labels = [option_label(o) for o in self.options]
         return [{"block": name, "counts": dict(zip(labels, row.tolist()))} for name, row in zip(block_names, self.hist)]
 
     def mean_gated_cp(self) -> float | None:

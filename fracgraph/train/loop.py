@@ -184,7 +184,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         samples = st.get("samples", cfg.batch * step)
         if choices is not None:
             choices = ChoiceRecord(manifest, meter, st["dfq_hist"])
-        recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step)
+        recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step,
+                                 st["trace"].get("active"))
         ckpt = ckpt_dir / ORT_CHECKPOINT
     session = _open_session(art, ckpt, cfg, step)
     if latest is not None and hasattr(session.optimizer, "load_state_arrays"):
@@ -200,7 +201,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         trace = recorder.trace()
         state = {"config": asdict(cfg), "stream": stream.state_dict(), "schedule": sched.state_dict(),
                  "best_acc": best_acc, "last_acc": last_acc, "cum_macs": cum, "samples": samples,
-                 "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist()},
+                 "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist(), "active": trace.active.tolist()},
                  "dfq_hist": choices.hist.tolist() if choices is not None else None}
         files = {ORT_CHECKPOINT: session.save_checkpoint}
         if hasattr(session.optimizer, "state_arrays"):
@@ -230,14 +231,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
                 raise FracgraphError(f"loss became {loss} at step {step}; the run stopped and its last checkpoint "
                                      f"(step {latest_step(store)}) is kept: lower --lr or raise the precision")
             if dfq:
-                cost, used = choices.step(session.last_outputs[DFQ_COUNTS], len(y))
+                cost, used, active = choices.step(session.last_outputs[DFQ_COUNTS], len(y))
                 fw, bw = (round(float(v), 2) for v in (meter.block_macs @ used[:, [0, 2]]) / meter.block_macs.sum())
             else:
-                cost, used = meter.step(bits, len(y)), bits
+                cost, used, active = meter.step(bits, len(y)), bits, None
             for k in cum:
                 cum[k] += cost[k]
             samples += len(y)
-            recorder.record(step, used)
+            recorder.record(step, used, active)
             ended = sched.observe(step, loss)
             step += 1
             rec = {"step": step, "epoch": step / cfg.epoch_iters, "loss": loss, "lr": lr, "fw": fw, "bw": bw,

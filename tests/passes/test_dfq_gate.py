@@ -339,8 +339,8 @@ def test_options_parsing_and_errors():
         parse_options("3-6")
     with pytest.raises(FracgraphError, match="at least 2"):
         DfqOptions(options=[[4, 8]])
-    with pytest.raises(FracgraphError, match="skip"):
-        DfqOptions(options=[[0, 0], [4, 8]])
+    with pytest.raises(FracgraphError, match="skip"):       # 0 bits: only the skip option (test_dfq_skip.py)
+        DfqOptions(options=[[0, 6], [4, 8]])
     with pytest.raises(FracgraphError, match="granularity"):
         DfqOptions(granularity="layer")
 
