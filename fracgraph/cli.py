@@ -213,6 +213,8 @@ def train(
         def on_step(rec: dict) -> None:
             acc = f" test {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else ""
             bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{acc}")
+            if "target_clamp" in rec:
+                con.print(f"step {rec['target_clamp']['step']}: warning: {rec['target_clamp']['message']}")
             if "transition" in rec:
                 t = rec["transition"]
                 if isinstance(t["old"], list):

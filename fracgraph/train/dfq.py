@@ -6,7 +6,11 @@
   set stays fixed, only the target changes.
 
 The sign controller itself (reg = -1 if cp < target else +1) runs in the graph on the batch's own cp, so the host
-only feeds the target and beta each step. The graph reports the choice counts per block and option; the cost of
+only feeds the target and beta each step. The target it feeds is clamped into what the options can reach
+(`TargetClamp`): a target at or below the floor (every block on its cheapest option) never sees cp < target, so reg
+stays +1, the softmax saturates on the cheapest option and its gradient p(1 - p) vanishes; a later reachable
+target then cannot move it (FracTrain's 1.5 against the CIFAR options' 1.76 floor did exactly that). Above the
+ceiling it is the mirror image. The graph reports the choice counts per block and option; the cost of
 a step is computed from them exactly (per sample in per-sample mode), and the trace gets the bits per block
 (per-sample mode: the batch mean of each column, which `estimate` treats as one precision per block).
 """
@@ -114,6 +118,46 @@ class TargetSchedule:
         self.transitions = [TargetTransition(**t) for t in s["transitions"]]
         if self.indicator is not None:
             self.indicator.load_state_dict(s["indicator"])
+
+
+class TargetClamp:
+    """The cp target the graph is fed: the schedule's, clamped into [floor + margin, ceiling] of the gated cp.
+
+    floor/ceiling: every block on its cheapest/dearest option (skip only where the block can skip), weighted as
+    the cost term weighs blocks. At the floor itself the controller would still be stuck (cp < target never
+    holds), so the lower bound sits MARGIN of the range above it: the lowest target at which both signs of reg
+    occur, so the gate keeps a gradient and follows the next target."""
+
+    MARGIN = 0.02
+
+    def __init__(self, manifest: Manifest, clamps: list | None = None):
+        d = manifest.dfq
+        unit = np.array(d["unit_costs"], np.float64).sum(1)
+        F = np.array(d["F"], np.float64)
+        skip, skippable = d.get("skip_index"), d.get("skippable") or [False] * len(F)
+        lo, hi = [], []
+        for can in skippable:
+            allowed = [u for k, u in enumerate(unit) if k != skip or can]
+            lo.append(min(allowed))
+            hi.append(max(allowed))
+        self.floor = float(100 * F @ np.array(lo) / (3 * F.sum()))
+        self.ceiling = float(100 * F @ np.array(hi) / (3 * F.sum()))
+        self.clamps: list[dict] = list(clamps or [])     # one entry per (requested target) that was clamped
+
+    def fed(self, target: float) -> float:
+        return float(min(max(target, self.floor + self.MARGIN * (self.ceiling - self.floor)), self.ceiling))
+
+    def note(self, step: int, target: float) -> dict | None:
+        """The clamp record (and a one-line message) the first time a requested target is clamped, else None."""
+        fed = self.fed(target)
+        if fed == target or any(c["requested"] == target for c in self.clamps):
+            return None
+        side = "at or below the floor" if target < fed else "above the ceiling"
+        c = {"step": step, "requested": target, "fed": fed, "floor": self.floor, "ceiling": self.ceiling,
+             "message": f"cp target {target:g} is {side} of what the options reach ({self.floor:.3g}..{self.ceiling:.3g}, "
+                        f"gated blocks); the controller is fed {fed:.3g}"}
+        self.clamps.append(c)
+        return c
 
 
 def require_dfq(manifest: Manifest, schedule: str, where: str) -> dict:

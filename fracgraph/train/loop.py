@@ -26,7 +26,7 @@ from ..trace import TraceRecorder
 from . import runio
 from .data import BatchStream, check_input_shape, check_num_classes, load_dataset
 from .dfq import SCHEDULES as DFQ_SCHEDULES
-from .dfq import ChoiceRecord, TargetSchedule, require_dfq
+from .dfq import ChoiceRecord, TargetClamp, TargetSchedule, require_dfq
 from .dfq import bits_input as dfq_bits_input
 from .schedules import LRSchedule, PFQSchedule, StaticSchedule
 
@@ -169,6 +169,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     stream = BatchStream(dataset, cfg.batch, cfg.seed)
     meter = CostMeter(manifest)
     choices = ChoiceRecord(manifest, meter) if dfq else None
+    clamp = TargetClamp(manifest) if dfq else None
     eval_every = cfg.eval_every or cfg.epoch_iters
     ckpt_every = cfg.checkpoint_every or cfg.epoch_iters
 
@@ -184,6 +185,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         samples = st.get("samples", cfg.batch * step)
         if choices is not None:
             choices = ChoiceRecord(manifest, meter, st["dfq_hist"])
+            clamp = TargetClamp(manifest, st.get("dfq_clamps"))
         recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step,
                                  st["trace"].get("active"))
         ckpt = ckpt_dir / ORT_CHECKPOINT
@@ -202,7 +204,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         state = {"config": asdict(cfg), "stream": stream.state_dict(), "schedule": sched.state_dict(),
                  "best_acc": best_acc, "last_acc": last_acc, "cum_macs": cum, "samples": samples,
                  "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist(), "active": trace.active.tolist()},
-                 "dfq_hist": choices.hist.tolist() if choices is not None else None}
+                 "dfq_hist": choices.hist.tolist() if choices is not None else None,
+                 "dfq_clamps": clamp.clamps if clamp is not None else None}
         files = {ORT_CHECKPOINT: session.save_checkpoint}
         if hasattr(session.optimizer, "state_arrays"):
             arrays = session.optimizer.state_arrays()
@@ -222,7 +225,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
             lr = lrs(step)
             if dfq:   # the gates choose; the input carries only the static weight bits
                 bits, target = dfq_bits_input(manifest), sched.target(step)
-                loss, logits = session.step(x, y, bits, lr, target=target, beta=cfg.beta)
+                clamped = clamp.note(step, target)
+                loss, logits = session.step(x, y, bits, lr, target=clamp.fed(target), beta=cfg.beta)
             else:
                 fw, bw = sched.bits(step)
                 bits = _bits(manifest, fw, bw)
@@ -246,7 +250,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
                    "eff_gmacs": (cost["fw"] + cost["err"] + cost["wgrad"]) / 1e9, "cp": cost["cp"],
                    "cum_gmacs": sum(cum.values()) / 1e9, "wall": time.perf_counter() - t0}
             if dfq:
-                rec.update(target_cp=target, dfq_cp=float(session.last_outputs[DFQ_CP]))
+                rec.update(target_cp=target, target_cp_fed=clamp.fed(target), dfq_cp=float(session.last_outputs[DFQ_CP]))
+                if clamped is not None:
+                    rec["target_clamp"] = clamped
             if ended is not None and ended.transition is not None:
                 rec["transition"] = ended.transition.as_dict()
             if step % eval_every == 0 or step == cfg.iters:
@@ -284,6 +290,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         summary["dfq"] = {"options": dfq["options"], "weight_bits": dfq["weight_bits"],
                           "granularity": dfq["granularity"], "final_target_cp": sched.target(max(step - 1, 0)),
                           "mean_gated_cp": choices.mean_gated_cp(),
+                          "reachable_cp": [clamp.floor, clamp.ceiling], "target_clamps": clamp.clamps,
                           "choice_histogram": choices.histogram([b.name for b in manifest.blocks])}
     runio.write_summary(run, summary)
     return summary

@@ -146,3 +146,31 @@ def test_schedule_and_artifacts_must_match(arts, tmp_path):
         train(_cfg(tmp_path / "y", arts / "dfq", schedule="static", iters=2))
     r = CliRunner().invoke(app, ["train", str(arts / "plain"), "-o", str(tmp_path / "z"), "--schedule", "dfq"])
     assert r.exit_code == 2 and "Traceback" not in r.output and "--dfq" in r.output
+
+
+def test_target_below_the_floor_then_reachable_is_tracked(arts, tmp_path):
+    """FracTrain's first target 1.5 sits below the CIFAR options' floor (1.76 at weights 4): fed as is it is an
+    absorbing state (reg +1 every step, the gate pinned at the cheapest option even after the target rises; measured:
+    cp 1.76 to the end). Clamped just inside the reachable range, the controller keeps both signs and follows the
+    second target: cp over the last 100 steps within 10% of 3. (beta 0.05: the default 1e-3 moves these gates
+    too slowly for a 400-step test.)"""
+    from fracgraph.manifest import Manifest
+    from fracgraph.train.dfq import TargetClamp
+
+    clamp = TargetClamp(Manifest.read(arts / "dfq"))
+    assert clamp.floor == pytest.approx(100 * (3 * 4 + 6 * 4 + 3 * 6) / 1024 / 3)       # all (3, 6): 1.76
+    assert clamp.ceiling == pytest.approx(100 * (6 * 4 + 12 * 4 + 6 * 12) / 1024 / 3)   # all (6, 12): 4.69
+    assert clamp.floor < clamp.fed(1.5) < 1.85 and clamp.fed(3.0) == 3.0 and clamp.fed(9.0) == clamp.ceiling
+    s = train(_cfg(tmp_path / "r", arts / "dfq", schedule="fractrain", target_cp_schedule=[1.5, 3.0], eps=0.5,
+                   alpha=0.9, iters=400, epoch_iters=30, beta=0.05))
+    recs = _records(tmp_path / "r")
+    switch = s["transitions"][0]["step"]
+    assert switch <= 300
+    first = recs[:switch]
+    assert all(r["target_cp"] == 1.5 and r["target_cp_fed"] == clamp.fed(1.5) for r in first)
+    assert first[0]["target_clamp"]["requested"] == 1.5 and "floor" in first[0]["target_clamp"]["message"]
+    assert s["dfq"]["target_clamps"] == [first[0]["target_clamp"]]
+    assert s["dfq"]["reachable_cp"] == pytest.approx([clamp.floor, clamp.ceiling])
+    assert {r["dfq_cp"] < clamp.fed(1.5) for r in first} == {True, False}    # both signs of reg in stage 1
+    late = np.mean([r["dfq_cp"] for r in recs[-100:]])
+    assert abs(late - 3.0) <= 0.3, late
