@@ -15,12 +15,14 @@ gradient, e.g. the first conv) is left alone.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..quantizers import Emitter
-from .base import Pass, PassResult, assert_inputs_defined, opset
+from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -39,31 +41,37 @@ class ConvGradSplitPass(Pass):
         weight_shapes = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
                          for i in graph.input}
         weight_shapes.update({t.name: list(t.dims) for t in graph.initializer})
-        notes, changed = [], False
+        consumers = defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                consumers[i].append(n)
+        graph_outputs = {o.name for o in graph.output}
+        notes, pairs = [], []
         for node in list(graph.node):
             if node.op_type != "ConvGrad" or node.domain != "com.microsoft":
                 continue
             if len(node.output) == 0 or not node.output[0]:
                 notes.append(f"{node.name}: kept (no dX needed)")
                 continue
-            if node.output[0] in {o.name for o in graph.output}:
+            if node.output[0] in graph_outputs:
                 notes.append(f"{node.name}: kept (its dX is a graph output)")
                 continue
             dy, x, w = node.input[0], node.input[1], node.input[2]
             reason = self._lower(em, node, dy, x, w, weight_shapes.get(w) or self.shapes.get(w))
             if reason is None:
-                for consumer in graph.node:   # the new dX tensor replaces ConvGrad's
+                for consumer in consumers[node.output[0]]:   # the new dX tensor replaces ConvGrad's
                     for k, i in enumerate(consumer.input):
                         if i == node.output[0]:
                             consumer.input[k] = f"{node.name}::split/dX"
                 node.output[0] = ""
-                changed = True
                 notes.append(f"{node.name}: dX as {em.nodes[-1].op_type}, ConvGrad keeps dW")
-                em.flush(before=node)
+                pairs.append((node, em.nodes + [node]))
+                em.nodes = []
             else:
                 em.nodes = []
                 notes.append(f"{node.name}: kept ConvGrad ({reason})")
-        return PassResult(model, changed, notes)
+        replace_nodes(graph, pairs)
+        return PassResult(model, bool(pairs), notes)
 
     def _lower(self, em: Emitter, node, dy: str, x: str, w: str, w_shape) -> str | None:
         a = _attrs(node)

@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from ..quantizers import Emitter
-from .base import Pass, PassResult, assert_inputs_defined, opset
+from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 
@@ -50,23 +50,23 @@ class NchwcConvPass(Pass):
         for vi in list(graph.value_info) + list(graph.input):
             shapes.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim])
         shapes.update({t.name: list(t.dims) for t in graph.initializer})
-        notes, count = [], 0
+        notes, pairs = [], []
         for node in list(graph.node):
             if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
                 continue
             reason = self._rewrite(em, node, shapes.get(node.input[1]))
             if reason is None:
-                em.flush(before=node)
-                graph.node.remove(node)
-                count += 1
+                pairs.append((node, em.nodes))
+                em.nodes = []
             else:
                 em.nodes = []
                 notes.append(f"{node.name}: kept Conv ({reason})")
-        if count:
-            notes.insert(0, f"{count} Conv on NCHWc kernels (block {self.block})")
+        replace_nodes(graph, pairs)
+        if pairs:
+            notes.insert(0, f"{len(pairs)} Conv on NCHWc kernels (block {self.block})")
             if not any(o.domain == NCHWC_DOMAIN for o in model.opset_import):
                 model.opset_import.append(helper.make_opsetid(NCHWC_DOMAIN, 1))
-        return PassResult(model, bool(count), notes)
+        return PassResult(model, bool(pairs), notes)
 
     def _rewrite(self, em: Emitter, node, w_shape) -> str | None:
         a = _attrs(node)

@@ -14,7 +14,7 @@ from collections import defaultdict
 import onnx
 from onnx import TensorProto, helper
 
-from .base import Pass, PassResult, assert_inputs_defined
+from .base import Pass, PassResult, assert_inputs_defined, replace_nodes
 
 _ELEMENTWISE = {"Sub", "Div", "Add", "Clip", "Round", "Mul"}
 
@@ -30,14 +30,15 @@ class QuantBranchPass(Pass):
             for i in n.input:
                 consumers[i].append(n)
         outputs = {o.name for o in graph.output}
-        notes, changed = [], False
+        order = {id(n): i for i, n in enumerate(graph.node)}
+        notes, pairs = [], []
         for where in [n for n in graph.node if n.op_type == "Where" and n.input[0].endswith("::on")]:
             q_node = producer.get(where.input[1])
             if q_node is None or not q_node.name.endswith("/q"):
                 notes.append(f"{where.name}: kept Where (not a quantizer's output select)")
                 continue
             prefix = q_node.name[: -len("/q")]
-            chain = self._chain(where, prefix, producer, consumers, outputs)
+            chain = self._chain(where, prefix, producer, consumers, outputs, order)
             if not chain:
                 notes.append(f"{prefix}: kept Where (no private quantizer chain)")
                 continue
@@ -50,15 +51,14 @@ class QuantBranchPass(Pass):
                                            [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)])
             branch = helper.make_node("If", [cond], list(where.output), name=where.name,
                                       then_branch=then_graph, else_branch=else_graph)
-            for n in chain:
-                graph.node.remove(n)
-            graph.node[list(graph.node).index(where)].CopyFrom(branch)
-            changed = True
+            pairs.extend((n, []) for n in chain)
+            pairs.append((where, [branch]))
             notes.append(f"{prefix}: {len(chain)} quantizer ops run under If(bits > 0)")
-        return PassResult(model, changed, notes)
+        replace_nodes(graph, pairs)
+        return PassResult(model, bool(pairs), notes)
 
     @staticmethod
-    def _chain(where, prefix, producer, consumers, outputs) -> list[onnx.NodeProto]:
+    def _chain(where, prefix, producer, consumers, outputs, order) -> list[onnx.NodeProto]:
         """The elementwise nodes of this quantizer that only feed q (walking back from q), in graph order."""
         members: dict[int, onnx.NodeProto] = {}
         stack = [where.input[1]]
@@ -80,7 +80,6 @@ class QuantBranchPass(Pass):
                     changed = True
         if where.input[1] not in {o for n in members.values() for o in n.output}:
             return []
-        order = {id(n): i for i, n in enumerate(producer.values())}
         return sorted(members.values(), key=lambda n: order.get(id(n), 0))
 
     def ensures(self, model):

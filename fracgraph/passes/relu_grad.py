@@ -13,7 +13,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..quantizers import Emitter
-from .base import Pass, PassResult, assert_inputs_defined, opset
+from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
 
 
 class ReluGradLoweringPass(Pass):
@@ -23,7 +23,7 @@ class ReluGradLoweringPass(Pass):
         graph = model.graph
         em = Emitter(graph, opset(model))
         zero = None
-        count = 0
+        pairs = []
         for node in list(graph.node):
             if node.op_type != "ReluGrad" or node.domain != "com.microsoft":
                 continue
@@ -34,11 +34,11 @@ class ReluGradLoweringPass(Pass):
             mask = em.node("Cast", [on], f"{base}/mask", to=TensorProto.FLOAT)
             # the Mul writes ReluGrad's own output tensor, which the Emitter (rightly) treats as taken
             em.nodes.append(helper.make_node("Mul", [dy, mask], [node.output[0]], name=f"{base}/dX"))
-            em.flush(before=node)
-            graph.node.remove(node)
-            count += 1
-        notes = [f"{count} ReluGrad as Mul(dY, Cast(Greater(X, 0)))"] if count else []
-        return PassResult(model, bool(count), notes)
+            pairs.append((node, em.nodes))
+            em.nodes = []
+        replace_nodes(graph, pairs)
+        notes = [f"{len(pairs)} ReluGrad as Mul(dY, Cast(Greater(X, 0)))"] if pairs else []
+        return PassResult(model, bool(pairs), notes)
 
     def ensures(self, model):
         assert_inputs_defined(model)

@@ -21,7 +21,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..quantizers import Emitter
-from .base import Pass, PassResult, assert_inputs_defined, opset
+from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
 
 SUFFIX = "::bwq/noise"
 
@@ -50,6 +50,7 @@ class SharedNoisePass(Pass):
         draw = em.node("RandomUniformLike", [big], "fg::shared_noise/draw", low=-0.5, high=0.5)
         flat = em.node("Reshape", [draw, em.const([-1], np.int64)], "fg::shared_noise/flat")
         total = em.node("Size", [big], "fg::shared_noise/size")
+        pairs = []
         for n in noise_nodes:
             t, _ = fwd[n.name]
             base = n.name + "::shared"
@@ -64,9 +65,9 @@ class SharedNoisePass(Pass):
             piece = em.node("Slice", [flat, off, end], f"{base}/piece")
             em.nodes.append(helper.make_node("Reshape", [piece, em.node("Shape", [n.input[0]], f"{base}/shape")],
                                              [n.output[0]], name=f"{base}/noise"))
-            em.flush(before=n)
-            graph.node.remove(n)
-        em.flush()
+            pairs.append((n, em.nodes))
+            em.nodes = []
+        replace_nodes(graph, pairs)
         return PassResult(model, True, [f"shared-noise: {len(noise_nodes)} error quantizers read one U(-0.5, 0.5) draw "
                                         f"shaped like {big}, each at its own random offset"])
 

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from ..manifest import QuantPoint
-from .base import Pass, PassResult, assert_inputs_defined
+from .base import Pass, PassResult, assert_inputs_defined, replace_nodes
 
 
 def _is_chain_node(node: onnx.NodeProto, prefix: str) -> bool:
@@ -27,6 +27,16 @@ def _is_chain_node(node: onnx.NodeProto, prefix: str) -> bool:
     return (node.name.startswith(prefix + "/") and "_Grad/" in node.name) or node.name.startswith(f"AccumulateGrad_{prefix}/")
 
 
+def _point_of(node_name: str) -> str | None:
+    """The quant point a node name belongs to, if any: `<point>/...` or `AccumulateGrad_<point>/...`."""
+    name = node_name[len("AccumulateGrad_"):] if node_name.startswith("AccumulateGrad_") else node_name
+    i = name.find("::fq_")
+    if i < 0:
+        return None
+    j = name.find("/", i)
+    return name if j < 0 else name[:j]
+
+
 class SteGradPass(Pass):
     name = "ste-grad"
 
@@ -35,29 +45,33 @@ class SteGradPass(Pass):
 
     def call(self, model):
         graph = model.graph
-        notes, changed = [], False
+        nodes = list(graph.node)
+        wanted = {p.name for p in self.points}
+        chains = defaultdict(list)                 # one sweep, not one per point: resnet164 has ~20k nodes
+        consumers = defaultdict(list)
+        for n in nodes:
+            point = _point_of(n.name)
+            if point in wanted and _is_chain_node(n, point):
+                chains[point].append(n)
+            for i in n.input:
+                consumers[i].append(n)
+        graph_outputs = {o.name for o in graph.output}
+        notes, pairs = [], []
         for p in self.points:
-            note = self._rewrite(graph, p)
-            changed |= note.startswith("STE")
+            note = self._rewrite(p, chains.get(p.name, []), consumers, graph_outputs, pairs)
             notes.append(f"{p.name}: {note}")
-        return PassResult(model, changed, notes)
+        replace_nodes(graph, pairs)
+        return PassResult(model, bool(pairs), notes)
 
-    def _rewrite(self, graph: onnx.GraphProto, point: QuantPoint) -> str:
-        chain = [n for n in graph.node if _is_chain_node(n, point.name)]
+    def _rewrite(self, point: QuantPoint, chain, consumers, graph_outputs, pairs) -> str:
         if not chain:
             return "kept: no gradient is computed for this quantizer's input"
         out_grad = f"{point.name}/out_grad"
         in_chain = {id(n) for n in chain}
         produced = {o for n in chain for o in n.output if o}
-        consumers = defaultdict(list)
-        for n in graph.node:
-            if id(n) not in in_chain:
-                for i in n.input:
-                    if i in produced:
-                        consumers[i].append(n)
-        graph_outputs = {o.name for o in graph.output}
-        boundary = [o for o in produced if o in consumers or o in graph_outputs]
-        users = {id(u): u for o in boundary for u in consumers[o]}
+        outside = {o: [c for c in consumers.get(o, []) if id(c) not in in_chain] for o in produced}
+        boundary = [o for o in produced if outside[o] or o in graph_outputs]
+        users = {id(u): u for o in boundary for u in outside[o]}
         if any(o in graph_outputs for o in boundary) or len(users) != 1:
             return f"kept: its gradient leaves through {len(boundary)} tensors into {len(users)} nodes, expected one sum"
         (total,) = users.values()
@@ -65,16 +79,15 @@ class SteGradPass(Pass):
             return f"kept: its gradient flows into {total.op_type} {total.name}, not the sum of dL/d{point.tensor}"
         if not any(out_grad in n.input for n in chain):
             return f"kept: {out_grad} does not feed the chain"
-        for n in chain:
-            graph.node.remove(n)
+        pairs.extend((n, []) for n in chain)
         kept = [i for i in total.input if i not in produced] + [out_grad]
         if len(kept) == 1 and total.output[0] not in graph_outputs:
             # a one-input sum is a copy: read out_grad directly
-            for n in graph.node:
+            for n in consumers.get(total.output[0], []):
                 for k, i in enumerate(n.input):
                     if i == total.output[0]:
                         n.input[k] = out_grad
-            graph.node.remove(total)
+            pairs.append((total, []))
         else:
             del total.input[:]
             total.input.extend(kept)
