@@ -15,12 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.errors import FracgraphError  # noqa: E402
 from fracgraph.runtime import TrainSession, nchwc_block_size  # noqa: E402
 
-from conftest import export  # noqa: E402
-from test_speed_passes import _seed_noise  # noqa: E402
+from test_speed_passes import _step, build_pair  # noqa: E402
 
 BLOCK = nchwc_block_size()
 pytestmark = pytest.mark.skipif(BLOCK <= 1 or BLOCK > 16, reason=f"no NCHWc kernels usable here (block {BLOCK})")
@@ -50,25 +48,7 @@ class BlockedNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("nchwc")
-    path = export(BlockedNet(), d / "net.onnx", shape=(2, 3, 10, 10))
-    out = {}
-    for nchwc in (False, True):
-        art = d / f"art_{nchwc}"
-        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, nchwc=nchwc))
-        _seed_noise(art)
-        out[nchwc] = (art, manifest)
-    return out
-
-
-def _step(art, bits):
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((4, 3, 10, 10)).astype(np.float32)
-    y = rng.integers(0, 5, 4).astype(np.int64)
-    sess = TrainSession(art, seed=0, threads=1)
-    outs = sess.forward_backward(x, y, np.tile(np.asarray(bits, np.float32), (sess.manifest.n_blocks, 1)))
-    return float(outs[0]), {k: sess.gradient(k) for k in sess.trainable}
+    return build_pair(BlockedNet(), tmp_path_factory.mktemp("nchwc"), (2, 3, 10, 10), "nchwc")
 
 
 def test_every_conv_runs_on_nchwc_kernels(builds):
@@ -84,8 +64,8 @@ def test_every_conv_runs_on_nchwc_kernels(builds):
 
 @pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4)])
 def test_nchwc_keeps_loss_and_every_gradient(builds, bits, tol):
-    loss0, grads0 = _step(builds[False][0], bits)
-    loss1, grads1 = _step(builds[True][0], bits)
+    loss0, grads0, _ = _step(builds[False][0], bits, shape=(4, 3, 10, 10), classes=5)
+    loss1, grads1, _ = _step(builds[True][0], bits, shape=(4, 3, 10, 10), classes=5)
     assert abs(loss0 - loss1) <= 1e-5 * abs(loss0)
     assert grads0.keys() == grads1.keys() and len(grads0) >= 9
     for name, g in grads0.items():

@@ -65,24 +65,30 @@ def _seed_noise(art):
     onnx.save(model, path)
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def build_pair(module, directory, input_shape, option: str) -> dict:
+    """{False: (artifacts, manifest), True: ...} of `module` built with BuildOptions.<option> off and on."""
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("speed")
-    path = export(ConvZoo(), d / "zoo.onnx", shape=(2, 3, 9, 9))   # odd size: strided convs need output_padding
+    path = export(module, directory / "model.onnx", shape=input_shape)
     out = {}
-    for fast in (False, True):
-        art = d / f"art_{fast}"
-        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, fast_backward=fast))
+    for on in (False, True):
+        art = directory / f"art_{on}"
+        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, **{option: on}))
         _seed_noise(art)
-        out[fast] = (art, manifest)
+        out[on] = (art, manifest)
     return out
 
 
-def _step(art, bits):
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    # odd size: strided convs need output_padding
+    return build_pair(ConvZoo(), tmp_path_factory.mktemp("speed"), (2, 3, 9, 9), "fast_backward")
+
+
+def _step(art, bits, shape=(6, 3, 9, 9), classes=4):
+    """Loss, every parameter gradient and the BW noise of one seeded step at `bits` for every block."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((6, 3, 9, 9)).astype(np.float32)
-    y = rng.integers(0, 4, 6).astype(np.int64)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = rng.integers(0, classes, shape[0]).astype(np.int64)
     sess = TrainSession(art, seed=0, threads=1)
     outs = sess.forward_backward(x, y, np.tile(np.asarray(bits, np.float32), (sess.manifest.n_blocks, 1)))
     noise = {n: np.asarray(o) for n, o in zip(sess.module.output_names(), outs) if n.endswith("/noise")}
