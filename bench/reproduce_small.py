@@ -1,7 +1,8 @@
 """Small-scale reproduction of FracTrain's PFQ, DFQ and FracTrain results: FP32, static FW8/BW8,
 PFQ FW(3,4,6,8)/BW(6,6,8,8), DFQ at cp 3 and FracTrain (cp targets 1.5/2/2.5/3) with the same iterations each, on
 CIFAR-10 from ../shared/data. The DFQ rows train their own artifacts (OUT/artifacts-dfq: gates, CIFAR options
-(3,6),(4,6),(4,8),(6,8),(6,12), weights 4 bits, first conv and FC FP32). Prints and saves a table of test accuracy and cumulative
+(3,6),(4,6),(4,8),(6,8),(6,12), weights 4 bits, first conv and FC FP32; OUT/artifacts-dfq-skip: the same plus the
+skip option, for the DFQ-skip row). Prints and saves a table of test accuracy and cumulative
 effective GMACs (MACs x bits_a/32 x bits_b/32 over the forward, error and weight-gradient GEMMs).
 
     python bench/reproduce_small.py --iters 1200 --epoch-iters 60 -o bench-out/repro
@@ -26,6 +27,12 @@ ROWS = {
                                                                 bw_schedule=[6, 6, 8, 8], eps=0.15, alpha=0.4),
     "DFQ cp3": dict(schedule="dfq", target_cp=3.0),
     "FracTrain cp(1.5,2,2.5,3)": dict(schedule="fractrain", target_cp_schedule=[1.5, 2.0, 2.5, 3.0]),
+    # the CIFAR options plus the skip option (spec §3.2): its own artifacts (OUT/artifacts-dfq-skip)
+    "DFQ-skip cp3 (CIFAR options + skip)": dict(schedule="dfq", target_cp=3.0, artifacts="artifacts-dfq-skip"),
+}
+DFQ_ARTIFACTS = {  # artifacts directory -> the DFQ options it is built with
+    "artifacts-dfq": lambda DfqOptions: DfqOptions(),
+    "artifacts-dfq-skip": lambda DfqOptions: DfqOptions(options=DfqOptions().options + [[0, 0]]),
 }
 DFQ_SCHEDULES = ("dfq", "fractrain")
 
@@ -64,13 +71,15 @@ def main() -> None:
     # artifacts are built once: a resumed or re-run row must train the very graph it started with
     if any(r["schedule"] not in DFQ_SCHEDULES for r in rows.values()) and not (out / "artifacts").exists():
         build_artifacts(model, out / "artifacts", BuildOptions())
-    if any(r["schedule"] in DFQ_SCHEDULES for r in rows.values()) and not (out / "artifacts-dfq").exists():
-        build_artifacts(model, out / "artifacts-dfq", BuildOptions(dfq=DfqOptions(), policy=LayerPolicy(first="fp32")))
+    for name, options in DFQ_ARTIFACTS.items():
+        if any(_artifacts(r) == name for r in rows.values()) and not (out / name).exists():
+            build_artifacts(model, out / name, BuildOptions(dfq=options(DfqOptions), policy=LayerPolicy(first="fp32")))
     saved = out / "results.json"
     results = _read(saved)
     for name, row in rows.items():
         run = out / name.split(" ")[0].replace("/", "_").lower()
-        art = out / ("artifacts-dfq" if row["schedule"] in DFQ_SCHEDULES else "artifacts")
+        art = out / _artifacts(row)
+        row = {k: v for k, v in row.items() if k != "artifacts"}
         t = time.perf_counter()
         s = train(TrainConfig(run_dir=str(run), artifacts=str(art), data=a.data, iters=a.iters,
                               epoch_iters=a.epoch_iters, batch=a.batch, lr=a.lr, seed=a.seed,
@@ -97,6 +106,10 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     (out / "results.md").write_text(table + "\n")
+
+
+def _artifacts(row: dict) -> str:
+    return row.get("artifacts") or ("artifacts-dfq" if row["schedule"] in DFQ_SCHEDULES else "artifacts")
 
 
 def _read(saved: Path) -> dict:
