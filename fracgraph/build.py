@@ -27,6 +27,7 @@ from .passes.base import run_passes
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
 from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
+from .passes.dfq_candidates import BnChainPass
 from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fw_quant import FwQuantPass
@@ -151,8 +152,12 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         gate = DfqGatePass(blocks, op_dicts, opts.dfq, PRECISION_INPUT)
         model, gate_notes = run_passes(model, [gate])
         trainable += gate.params
-    fw = FwQuantPass([(d, d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT)
-    quantized = [d["name"] for d in op_dicts if d["quantized"]]
+        frozen += gate.frozen
+    quant_plan = [(d, d["block"]) for d in op_dicts if d["quantized"]]
+    if gate is not None:   # DFQ candidates: each block's GEMMs are cloned K times, each clone at its own bits
+        quant_plan = gate.expand_plan(quant_plan)
+    fw = FwQuantPass(quant_plan, PRECISION_INPUT)
+    quantized = [d["name"] for d, _ in quant_plan]
     model, notes = run_passes(model, [fw, BwMarkerPass(quantized)])
     if gate is not None:
         notes = gate_notes + notes
@@ -166,12 +171,14 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         _generate(model, tmp, trainable, frozen, opts, gate)
         train_model = onnx.load(str(tmp / TRAINING))
         train_model, n2 = run_passes(train_model, [
-            BwQuantPass([(d["name"], d["block"]) for d in op_dicts if d["quantized"]], PRECISION_INPUT, opts.expose_noise),
+            BwQuantPass([(d["name"], d.get("bits_key", b)) for d, b in quant_plan], PRECISION_INPUT, opts.expose_noise,
+                        gate.grad_bits_const if gate is not None else None),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else [])
           + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass(), ReluGradLoweringPass()]
              if opts.fast_backward else [])
-          + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []))
+          + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else [])
+          + ([BnChainPass()] if gate is not None and gate.candidates else []))
         onnx.save(train_model, str(tmp / TRAINING))
         eval_model = onnx.load(str(tmp / EVAL))
         eval_model, n3 = run_passes(eval_model, [EvalRangesPass(fw.points), BnEvalFixPass()])

@@ -86,7 +86,7 @@ def quantize(
     dfq: bool = typer.Option(False, "--dfq", help="Add DFQ precision gates and the cost term (train with --schedule dfq or fractrain); the first GEMM defaults to FP32."),
     options: str = typer.Option("3/6,4/6,4/8,6/8,6/12", "--options", help="DFQ options as FW/BW bits pairs (CIFAR defaults); add `skip` to let a gate skip a residual block (e.g. 3/6,4/6,4/8,6/8,skip)."),
     weight_bits: int = typer.Option(4, "--weight-bits", help="DFQ static weight bits."),
-    granularity: str = typer.Option("batch", "--granularity", help="DFQ choice per mini-batch (batch) or per sample (sample)."),
+    granularity: str = typer.Option("batch", "--granularity", help="DFQ choice per mini-batch (batch), per sample with one GEMM per layer (sample), or per sample over K computed candidates per block (candidates: the released CIFAR code, K-fold compute; see passes/dfq_candidates.py)."),
     cost_weighting: str = typer.Option("macs", "--cost-weighting", help="DFQ cost per block: macs (block MACs) or uniform (ResNet CIFAR code)."),
     task_grad: str = typer.Option("none", "--task-grad", help="DFQ task-loss path into the gate: none or chosen (see passes/dfq_gate.py)."),
     nchwc: bool = typer.Option(True, "--nchwc/--no-nchwc", help="Run convs on this CPU's NCHWc kernels (faster; the artifacts then need a CPU with the same block size)."),

@@ -71,8 +71,9 @@ class Emitter:
         self.nodes = []
 
 
-def bits_scalar(em: Emitter, precision_input: str, block: int, column: str) -> str:
-    """The scalar bits of (block, column) read from the [n_blocks, 3] precision input (emitted once per graph)."""
+def bits_scalar(em: Emitter, precision_input: str, block: int | str, column: str) -> str:
+    """The scalar bits of (block, column) read from the [n_blocks, 3] precision input (emitted once per graph).
+    A string key names bits another pass already produced (DFQ candidates: `<block>k<option>`)."""
     name = f"{precision_input}::b{block}.{column}"
     if not em.has(name):
         flat = f"{precision_input}::flat"
@@ -147,6 +148,12 @@ def fake_quant(
         mn, mx = mn_raw, mx_raw
     rg = em.node("Sub", [mx, mn], f"{prefix}/range")
     return _quantize_with_range(em, x, out, prefix, bits, mn, rg, stochastic=stochastic, train_slack=train_slack)
+
+
+def quantize_with_range(em: Emitter, x: str, out: str, prefix: str, bits: str, mn: str, rg: str) -> dict[str, str]:
+    """`out = FQ_b(x)` against a range another quantizer computed (DFQ candidates quantizing one tensor at
+    different bits share its batch range and its running range)."""
+    return _quantize_with_range(em, x, out, prefix, bits, mn, rg, stochastic=False, train_slack=True)
 
 
 def _quantize_with_range(em, x, out, prefix, bits, mn, rg, *, stochastic, train_slack) -> dict[str, str]:

@@ -7,6 +7,7 @@ With `expose_noise` the noise tensors also become graph outputs, so a test can r
 
 from __future__ import annotations
 
+import numpy as np
 from onnx import TensorProto, helper
 
 from ..quantizers import Emitter, bits_scalar, fake_quant
@@ -17,10 +18,12 @@ from .bw_marker import gradient_node_name
 class BwQuantPass(Pass):
     name = "bw-quant"
 
-    def __init__(self, plan: list[tuple[str, int]], precision_input: str, expose_noise: bool = False):
-        self.plan = plan                  # (gemm name, block)
+    def __init__(self, plan: list[tuple[str, int | str]], precision_input: str, expose_noise: bool = False,
+                 const_bits: dict[str, float] | None = None):
+        self.plan = plan                  # (gemm name, block or bits key)
         self.precision_input = precision_input
         self.expose_noise = expose_noise
+        self.const_bits = const_bits or {}   # bits key -> constant grad bits (DFQ candidates)
 
     def requires(self, model):
         nodes = node_by_name(model)
@@ -38,6 +41,9 @@ class BwQuantPass(Pass):
         for gemm, block in self.plan:
             g_in, g_out = edges[gemm]
             prefix = f"{gemm}::bwq"
+            name = f"{self.precision_input}::b{block}.grad"
+            if block in self.const_bits and not em.has(name):
+                em.node("Identity", [em.const(np.float32(self.const_bits[block]))], name)
             fake_quant(em, g_in, g_out, prefix, bits_scalar(em, self.precision_input, block, "grad"),
                        stochastic=True, train_slack=False)
             if self.expose_noise:

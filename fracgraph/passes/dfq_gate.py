@@ -18,7 +18,10 @@ quantizer reads a bits value per sample (broadcast over the sample's elements) a
 range, which is what mixing per sample the K candidates quantized over the full batch computes in the forward
 pass (the imnet variant, spec §3.3), with one GEMM per layer instead of K.
 
-What reaches the gate from the task loss (`task_grad`): the reference mixes K computed candidates,
+Granularity "candidates" (the released CIFAR code's K computed candidates per block, spec §3.3): the block's nodes
+are cloned K times at constant bits and mixed per sample with the same per-sample mask; see dfq_candidates.py.
+
+What reaches the gate from the task loss (`task_grad`; batch and sample): the reference mixes K computed candidates,
 x = sum_k m_k out_k, so dL/dm_k = <dL/dx, out_k>; the part common to all k cancels in the softmax, and what
 is left is the difference between the options' outputs. With only the chosen output computed:
 - "none" (default): treat the unchosen outputs as equal to the chosen one (they differ only by quantization
@@ -64,6 +67,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..analysis.blocks import _SOURCE, dataflow_graph
 from ..errors import FracgraphError
 from ..quantizers import PER_SAMPLE_NODE, PER_SAMPLE_OFF_NODE, Emitter
+from .dfq_candidates import block_region, candidate_name, clone_region
 from .base import Pass, PassResult, opset
 
 PREFIX = "dfq::"
@@ -74,7 +78,7 @@ CP_OUTPUT = "fracgraph::dfq_cp"           # cp of this mini-batch (%), over the 
 BITS_OUTPUT = "fracgraph::dfq_bits"       # [n_blocks, 3] act, weight, grad bits used (batch mode)
 COUNTS_OUTPUT = "fracgraph::dfq_counts"   # [n_blocks, K] samples per option
 CIFAR_OPTIONS = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
-GRANULARITIES = ("batch", "sample")
+GRANULARITIES = ("batch", "sample", "candidates")
 WEIGHTINGS = ("macs", "uniform")
 TASK_GRADS = ("none", "chosen")
 SKIP = [0, 0]          # the skip option's (act, grad) bits: the block's output is its shortcut
@@ -109,6 +113,11 @@ class DfqOptions:
             raise FracgraphError(f"DFQ granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.task_grad not in TASK_GRADS:
             raise FracgraphError(f"DFQ task gradient must be one of {', '.join(TASK_GRADS)}, got {self.task_grad!r}")
+        if self.granularity == "candidates" and self.task_grad != "none":
+            raise FracgraphError("--task-grad applies to --granularity batch or sample; candidates mix the K computed "
+                                 "outputs, so the gate gets the full mixing gradient")
+        if self.granularity == "candidates" and SKIP in self.options:
+            raise FracgraphError("the skip option is not available with --granularity candidates; use batch or sample")
         if self.cost_weighting not in WEIGHTINGS:
             raise FracgraphError(f"DFQ cost weighting must be one of {', '.join(WEIGHTINGS)}, got {self.cost_weighting!r}")
 
@@ -230,6 +239,9 @@ class DfqGatePass(Pass):
         self.precision_input = precision_input
         self.params: list[str] = []           # trainable gate parameters (FP32)
         self.block_macs = np.zeros(len(blocks))
+        self.candidates: dict[str, list[tuple[str, str]]] = {}   # GEMM -> (its candidate clones, their bits key)
+        self.grad_bits_const: dict[str, float] = {}              # candidates: bits key -> the clone's grad bits
+        self.frozen: list[str] = []                                # candidates: their act bits (checkpoint buffers)
         for d in op_dicts:
             if d.get("quantized") and d.get("block") is not None:
                 self.block_macs[d["block"]] += d["macs"]
@@ -330,6 +342,7 @@ class DfqGatePass(Pass):
             # (a ReduceMax input must have another consumer that carries its gradient)
             p3 = em.node("Unsqueeze", [p, em.const([-1], np.int64)], f"{q}/p3")           # [B, K, 1]
             batch_mode = o.granularity == "batch"
+            cand_mode = o.granularity == "candidates"
             if batch_mode:
                 soft = _reduce_mean(em, p3, f"{q}/pbar", [0])                             # [K, 1]
                 opt_axis, all_axes, keep_axes = 0, [0, 1], [0, 1]
@@ -372,6 +385,16 @@ class DfqGatePass(Pass):
                 a_row, g_row = a_bits, g_bits
                 counts = em.node("Reshape", [em.node("Mul", [hard, batch_s], f"{q}/counts_k1"), em.const([K], np.int64)],
                                  f"{q}/counts")
+            elif cand_mode:   # candidate k at constant bits (a_k, w, g_k); the mix of the K outputs below
+                for k, (a_k, g_k) in enumerate(o.options):
+                    # act bits: a frozen scalar per candidate, so that no common-subexpression elimination merges
+                    # two candidates with equal act bits (their forwards agree, their error quantizers do not)
+                    model.graph.initializer.append(numpy_helper.from_array(np.array(a_k, np.float32), f"{bits_name}k{k}.act"))
+                    self.frozen.append(f"{bits_name}k{k}.act")
+                    self.grad_bits_const[f"{l}k{k}"] = float(g_k)   # used only in backward: the BW pass emits it
+                a_row, g_row = _reduce_mean(em, a_bits, f"{q}/a_mean", [0], 0), _reduce_mean(em, g_bits, f"{q}/g_mean", [0], 0)
+                counts = em.node("ReduceSum", [hard, em.const([0, 2], np.int64)], f"{q}/counts", keepdims=0)
+                self._candidates(model, em, l, b, x, y, mask, K, shapes, q)
             else:   # per-sample values broadcast over each sample's elements
                 in_rank, out_rank = shapes.get(("rank", x)) or 4, shapes.get(("rank", y)) or 4
                 for col, v, rank in (("act", a_bits, in_rank), ("grad", g_bits, out_rank)):
@@ -431,6 +454,7 @@ class DfqGatePass(Pass):
         if o.granularity == "sample":
             keep = [em.node("Concat", [em.node("Reshape", [f"{self.precision_input}::b{l}.grad", em.const([-1], np.int64)],
                                                f"{P}b{l}/g_flat") for l in range(len(self.blocks))], f"{P}grad_bits", axis=0)]
+
         em.flush()
         model.graph.input.extend([helper.make_tensor_value_info(TARGET_INPUT, TensorProto.FLOAT, []),
                                   helper.make_tensor_value_info(BETA_INPUT, TensorProto.FLOAT, [])])
@@ -448,11 +472,42 @@ class DfqGatePass(Pass):
         return PassResult(model, True, notes)
 
     def ensures(self, model):
-        outs = {n for node in model.graph.node for n in node.output}
-        for l in range(len(self.blocks)):
-            for col in ("act", "grad"):
-                assert f"{self.precision_input}::b{l}.{col}" in outs, f"block {l} {col} bits not produced"
+        outs = {n for node in model.graph.node for n in node.output} | {t.name for t in model.graph.initializer}
+        K = len(self.opts.options)
+        keys = [f"{l}k{k}" for l in range(len(self.blocks)) for k in range(K)] if self.candidates else \
+            range(len(self.blocks))
+        for key in keys:
+            for col in ("act",) if self.candidates else ("act", "grad"):
+                assert f"{self.precision_input}::b{key}.{col}" in outs, f"block {key} {col} bits not produced"
+        for name in self.candidates:
+            assert name not in {n.name for n in model.graph.node}, f"{name} still computed outside its candidates"
         assert COST_TERM in outs and CP_OUTPUT in outs
+
+    def _candidates(self, model, em: Emitter, l: int, block, x: str, y: str, mask: str, K: int, shapes, q: str):
+        """Replace block l's nodes by K clones and mix their outputs per sample with the straight-through mask."""
+        region, end = block_region(model, x, y)
+        for n in region:
+            model.graph.node.remove(n)
+        outs = []
+        for k in range(K):
+            model.graph.node.extend(clone_region(region, k))
+            m_k = em.node("Reshape", [em.node("Gather", [mask, em.const(k, np.int64)], f"{q}/m{k}", axis=1),
+                                      em.const([-1] + [1] * ((shapes.get(("rank", y)) or 4) - 1), np.int64)], f"{q}/m{k}_b")
+            outs.append(em.node("Mul", [candidate_name(end, k), m_k], f"{q}/cand{k}_part"))
+        total = outs[0]
+        for k, part in enumerate(outs[1:-1], 1):
+            total = em.node("Add", [total, part], f"{q}/cand_sum{k}")
+        em.nodes.append(helper.make_node("Add", [total, outs[-1]], [end], name=f"{q}/mix_candidates"))
+        for g in block.ops:
+            self.candidates[g] = [(candidate_name(g, k), f"{l}k{k}") for k in range(K)]
+
+    def expand_plan(self, plan: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+        """The quantizer plan with every candidate GEMM in place of its block's GEMM (bits read under `bits_key`)."""
+        out = []
+        for d, block in plan:
+            for name, key in self.candidates.get(d["name"], [(d["name"], None)]):
+                out.append((d if key is None else dict(d, name=name, bits_key=key), block))
+        return out
 
 
 def _reduce_mean(em: Emitter, x: str, output: str, axes: list[int], keepdims: int = 0) -> str:

@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..manifest import QuantPoint
-from ..quantizers import Emitter, bits_scalar, fake_quant
+from ..quantizers import Emitter, bits_scalar, fake_quant, quantize_with_range
 from .base import Pass, PassResult, node_by_name, opset
 
 
@@ -43,28 +43,39 @@ class FwQuantPass(Pass):
         nodes = node_by_name(model)
         inits = {t.name: t for t in model.graph.initializer}
         notes = []
-        shared: dict[tuple[str, int], str] = {}   # (activation, block) -> its quantized tensor
+        shared: dict[tuple, str] = {}             # (activation, bits key) / (weight, block) -> its quantized tensor
+        ranges: dict[tuple[str, int], dict] = {}  # (activation, block) -> its range tensors
         for op, block in self.plan:
             node = nodes[op["name"]]
+            key = op.get("bits_key", block)       # DFQ candidates: the clone's own bits (passes/dfq_candidates.py)
             # activation operand (and a second activation operand, e.g. attention's MatMul)
             operands = [(0, "act")] + [(1, "weight" if op["weight_is_param"] else "act")]
             for idx, kind in operands:
                 x = node.input[idx]
                 prefix = f"{node.name}::fq_{'w' if kind == 'weight' else 'a'}{idx}"
                 out = f"{prefix}/out"
-                if kind == "weight":
+                if kind == "weight" and (x, block) in shared:   # DFQ candidates: one weight quantizer per block
+                    out = shared[(x, block)]
+                elif kind == "weight":
+                    shared[(x, block)] = out
                     rank = len(inits[x].dims)
                     trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
                     axes = weight_channel_axes(node.op_type, rank, trans_b)
                     fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, block, "weight"), axes=axes)
                     self.points.append(QuantPoint(prefix, "weight", x, node.name, block, "per_channel", "nearest"))
-                elif (x, block) in shared:
+                elif (x, key) in shared:
                     # same tensor, same bits (e.g. a block's conv1 and its downsample conv): one quantizer,
                     # which is also what ORT's common-subexpression elimination would leave
-                    out = shared[(x, block)]
+                    out = shared[(x, key)]
+                elif (x, block) in ranges:
+                    # another DFQ candidate of this block quantizes x: the same batch range (and running range,
+                    # which the first candidate's point keeps), its own bits
+                    shared[(x, key)] = out
+                    quantize_with_range(em, x, out, prefix, bits_scalar(em, self.precision_input, key, "act"),
+                                        ranges[(x, block)]["min"], ranges[(x, block)]["range"])
                 else:
-                    shared[(x, block)] = out
-                    fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, block, "act"))
+                    shared[(x, key)] = out
+                    ranges[(x, block)] = fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, key, "act"))
                     for buf in ("run_min", "run_range"):
                         model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), f"{prefix}.{buf}"))
                     self.points.append(QuantPoint(prefix, "act", x, node.name, block, "per_tensor", "nearest"))

@@ -78,7 +78,7 @@ class RunData:
             blocks = [str(entry.get("block", i)) for i, entry in enumerate(hist)]
             counts = {k: v for k, v in sorted(counts.items()) if v.any()}
             if counts:
-                unit = "samples" if dfq.get("granularity") == "sample" else "samples (one choice per batch)"
+                unit = "samples" if dfq.get("granularity") in ("sample", "candidates") else "samples (one choice per batch)"
                 return ChoiceCounts(counts, blocks, unit, "the DFQ choice histogram in summary.json")
         except (KeyError, TypeError, ValueError, AttributeError):
             pass                                     # absent or another layout: count the trace instead
