@@ -114,7 +114,10 @@ def quantize(
         from fracgraph.passes.dfq_gate import option_label
 
         typer.echo(f"DFQ: {m.n_blocks} gates, options (FW/BW) {', '.join(option_label(o) for o in m.dfq['options'])}, "
-                   f"weights {m.dfq['weight_bits']} bits, choice per {m.dfq['granularity']}")
+                   f"weights {m.dfq['weight_bits']} bits, choice per "
+                   + (f"sample over {len(m.dfq['options'])} computed candidates per block (the simulation computes "
+                      f"each gated block {len(m.dfq['options'])} times)" if m.dfq['granularity'] == "candidates"
+                      else m.dfq['granularity']))
 
 
 @app.command()

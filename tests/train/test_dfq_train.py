@@ -150,10 +150,10 @@ def test_schedule_and_artifacts_must_match(arts, tmp_path):
 
 def test_target_below_the_floor_then_reachable_is_tracked(arts, tmp_path):
     """FracTrain's first target 1.5 sits below the CIFAR options' floor (1.76 at weights 4): fed as is it is an
-    absorbing state (reg +1 every step, the gate pinned at the cheapest option even after the target rises; measured:
-    cp 1.76 to the end). Clamped just inside the reachable range, the controller keeps both signs and follows the
-    second target: cp over the last 100 steps within 10% of 3. (beta 0.05: the default 1e-3 moves these gates
-    too slowly for a 400-step test.)"""
+    absorbing state (reg +1 every step, the gate pinned at the cheapest option even after the target rises).
+    Clamped just inside the reachable range, the controller keeps both signs and follows the second target: cp over
+    the last 100 steps within 10% of 3. (beta 0.05: the default 1e-3 moves these gates too slowly for a 400-step
+    test.)"""
     from fracgraph.manifest import Manifest
     from fracgraph.train.dfq import TargetClamp
 
