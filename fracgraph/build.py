@@ -32,6 +32,7 @@ from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fw_quant import FwQuantPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
+from .passes.qdq_act import QdqActPass
 from .passes.quant_branch import QuantBranchPass
 from .passes.relu_grad import ReluGradLoweringPass
 from .passes.shared_noise import SharedNoisePass
@@ -67,6 +68,7 @@ class BuildOptions:
     fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch, relu-grad)
     nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
+    skip_passes: tuple = ()              # training-graph passes left out by name (tests and benches compare on/off)
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
 
 
@@ -170,15 +172,16 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         shapes = forward_shapes(model) if opts.fast_backward or nchwc_block > 1 or opts.sr_noise == "shared" else {}
         _generate(model, tmp, trainable, frozen, opts, gate)
         train_model = onnx.load(str(tmp / TRAINING))
-        train_model, n2 = run_passes(train_model, [
+        train_passes = [
             BwQuantPass([(d["name"], d.get("bits_key", b)) for d, b in quant_plan], PRECISION_INPUT, opts.expose_noise,
                         gate.grad_bits_const if gate is not None else None),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
-        ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else [])
-          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass(), ReluGradLoweringPass()]
-             if opts.fast_backward else [])
-          + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else [])
-          + ([BnChainPass()] if gate is not None and gate.candidates else []))
+        ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
+          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()]
+             if opts.fast_backward else []) \
+          + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []) \
+          + ([BnChainPass()] if gate is not None and gate.candidates else [])
+        train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))
         eval_model = onnx.load(str(tmp / EVAL))
         eval_model, n3 = run_passes(eval_model, [EvalRangesPass(fw.points), BnEvalFixPass()])

@@ -21,7 +21,7 @@ from fracgraph.policy import LayerPolicy  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
 from conftest import export  # noqa: E402
-from test_dfq_gate import TIGHT, STE, GradQ, TwoBlockNet, _inputs, rel_err, torch_gate  # noqa: E402
+from test_dfq_gate import STE, GradQ, TwoBlockNet, _inputs, rel_err, torch_gate  # noqa: E402
 
 # the CIFAR-like set has two candidates with equal act bits (their forwards agree, their error quantizers must not be
 # merged); at 6-12 grad bits stochastic-rounding flips cascade upstream (test_dfq_gate.py), so there only the
@@ -30,6 +30,10 @@ from test_dfq_gate import TIGHT, STE, GradQ, TwoBlockNet, _inputs, rel_err, torc
 OPTION_SETS = {"cifar": [[3, 6], [4, 6], [4, 12]], "high_bw": [[3, 20], [4, 22], [6, 24]]}
 W = 4
 BNS = ("bn1", "bn2", "bn3", "bn4", "bn5")
+# behind no stochastic-rounding cascade: the gate of block 0 (and the shared LSTM and projection, which block 0's
+# mask also reaches) learns from <dL/dx, out_k>, and dL/dx carries block 1's error-quantizer flips here, unlike
+# in the other modes where the gate sees only the cost term; those are compared tightly in the high_bw set
+TIGHT_CANDIDATES = ("fc.", "bn5.", "conv4.", "dfq::b1/")
 
 
 def reference_step(model, gate, x, y, beta, target, noises, block_macs, OPTIONS):
@@ -129,7 +133,7 @@ def test_candidates_step_matches_pytorch(setup, options, seed, target):
     ref_grads.update({n: to_ort(t.grad).numpy() for n, (t, to_ort) in gate_names.items()})
     assert set(ref_grads) == set(sess.trainable)
     for name, g in ref_grads.items():
-        if options == "high_bw" or name.startswith(TIGHT):
+        if options == "high_bw" or name.startswith(TIGHT_CANDIDATES):
             assert rel_err(sess.gradient(name), g) <= 1e-4, name
         else:
             assert rel_err(sess.gradient(name), g) <= 0.1, name     # the cascade (measured up to 5% at bn0.bias)
