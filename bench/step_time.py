@@ -5,8 +5,10 @@ onnxruntime's default session ("before"), the
 plus `quantize` time on resnet164.
 
 Each configuration runs in its own worker process (so its peak RSS, VmHWM, is its own), and the workers take
-turns one step at a time (A, B, C, A, B, C, ...): on a shared, noisy machine every configuration sees the same
-background load, and the medians and ratios stay comparable even when the absolute times do not.
+turns one step at a time, the order rotating every round (A B C, B C A, C A B, ...): on a shared, noisy machine
+every configuration sees the same background load and follows every other configuration equally often (a step
+right after another process's step can lose time to that process's still-spinning threads), so the medians and
+ratios stay comparable even when the absolute times do not.
 
     python bench/step_time.py [--steps 7] [--batch 128] [--threads 2] [--no-quantize-time]
     python bench/step_time.py --settings      # the session-settings sweep behind runtime.SESSION_TUNING
@@ -215,8 +217,10 @@ def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple
     """configs: (label, kind, ORT session tuning[, extra environment]); returns label -> (median s, peak RSS MB)."""
     workers = [Worker(*c[:2], directory, a, *c[2:]) for c in configs]
     try:
-        for _ in range(a.steps):
-            for w in workers:
+        for i in range(a.steps):
+            # rotate who goes first: a worker's step is slower right after some others (threads still spinning),
+            # so every configuration takes every position equally often
+            for w in workers[i % len(workers):] + workers[:i % len(workers)]:
                 w.step()
         return {w.label: (statistics.median(w.times), w.finish()) for w in workers}
     finally:
