@@ -12,6 +12,7 @@ ratios stay comparable even when the absolute times do not.
 
     python bench/step_time.py [--steps 7] [--batch 128] [--threads 2] [--no-quantize-time]
     python bench/step_time.py --settings      # the session-settings sweep behind runtime.SESSION_TUNING
+    python bench/step_time.py --noise-check 3 # identical workers: how far this machine's noise moves a ratio
 """
 
 from __future__ import annotations
@@ -236,6 +237,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--settings", action="store_true", help="sweep the session settings of the fracgraph step")
     ap.add_argument("--no-quantize-time", action="store_true")
+    ap.add_argument("--noise-check", type=int, default=0, metavar="N",
+                    help="only run N workers of the same FW8/BW8 configuration: the spread is this machine's noise")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
@@ -247,6 +250,13 @@ def main() -> None:
         d = Path(d)
         prepare(d)
         print(f"resnet20, batch {a.batch}, {a.threads} threads, median of {a.steps} interleaved steps per row")
+        if a.noise_check:
+            rows = run_interleaved([(f"fracgraph FW8/BW8 #{k + 1}", "after", {}) for k in range(a.noise_check)], d, a)
+            times = [t for t, _ in rows.values()]
+            for k, (t, _) in rows.items():
+                print(f"  {k:28s} {1000 * t:8.1f} ms")
+            print(f"  spread of identical workers: max/min {max(times) / min(times):.2f}")
+            return
         if a.settings:
             rows = run_interleaved([(k, "after", v) for k, v in SETTINGS.items()], d, a)
             base = rows["tuned (SESSION_TUNING)"][0]
