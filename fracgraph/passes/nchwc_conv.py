@@ -12,7 +12,8 @@ its logical OIHW shape): OIHWBiBo = [O/B, C/B, kh, kw, Bi, Bo] when C is a multi
 [O/B, C, kh, kw, Bo] when C < B (the input then stays NCHW) and for depthwise convs. The rules are those of the
 transformer: O a multiple of B, C < B or a multiple of B, groups only depthwise. The values are the same
 convolution, summed in another order (float rounding differs). Measured per conv on resnet20 shapes on 2 cores,
-reorders included, the NCHWc form takes 0.45-0.65x the time of Conv (bench/step_time.py for the whole step).
+reorders included, the NCHWc form takes 0.5-0.75x the time of Conv (bench/kernel_probes.py; bench/step_time.py
+for the whole step).
 
 B is the block size of the machine that builds (`runtime.nchwc_block_size`); the manifest records it and a
 session on a CPU with another block size refuses the artifacts (the reorder would be wrong there).

@@ -11,7 +11,7 @@ then exactly Round(c / s) (both divide and round half to even), and DequantizeLi
     c = x - min;  q = DequantizeLinear(QuantizeLinear(c, s, 0), s, 0) + min
 
 four passes, two of them over one byte per element, each a multithreaded MLAS kernel (0.5x the time of the
-chain on a 128x16x32x32 tensor on 2 cores). Bits above 8 keep the original chain under an inner
+chain on a 128x16x32x32 tensor on 2 cores, bench/kernel_probes.py). Bits above 8 keep the original chain under an inner
 `If(bits <= 8)`. The pass checks the structure it relies on (per-tensor ReduceMin/ReduceMax of this very x,
 non-positive lower and at-least-L upper clip bound) and leaves any other quantizer alone, saying why. Error
 quantizers (stochastic rounding, clip at [0, L]) and weight quantizers (per-channel, small) are not rewritten.

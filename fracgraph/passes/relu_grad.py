@@ -1,9 +1,9 @@
 """Training-graph pass: `ReluGrad` as Greater, Cast and Mul.
 
-onnxruntime 1.19.2's CPU ReluGrad (dX = dY where X > 0, else 0) runs single-threaded and unvectorized: about
-9 ms for a 128x16x32x32 tensor on 2 cores, 10% of the resnet20 training step (`fracgraph profile`). The same
-values come from `Mul(dY, Cast(Greater(X, 0)))`, three multithreaded elementwise kernels that together take
-about a sixth of that. The results are identical for every finite dY (dY * 1 = dY, dY * 0 = 0 up to the sign
+onnxruntime 1.19.2's CPU ReluGrad (dX = dY where X > 0, else 0) is slow: 9-11 ms for a 128x16x32x32 tensor on
+2 cores, 10% of the resnet20 training step (`fracgraph profile`). The same values come from
+`Mul(dY, Cast(Greater(X, 0)))`, three multithreaded elementwise kernels that together take 0.15x that
+(bench/kernel_probes.py). The results are identical for every finite dY (dY * 1 = dY, dY * 0 = 0 up to the sign
 of zero); an infinite or NaN dY where X <= 0 gives NaN instead of 0, a step that has already diverged.
 """
 

@@ -1,7 +1,7 @@
 """Training-graph pass (opt-in, `quantize --sr-noise shared`): one stochastic-rounding draw per step for all BW
 quantizers.
 
-onnxruntime's RandomUniformLike draws about 4 ns per element on one thread: the resnet20 step's 21 error
+onnxruntime's RandomUniformLike takes about 4 ns per element (bench/kernel_probes.py): the resnet20 step's 21 error
 quantizers spend ~110 ms of a ~700 ms step making noise (`fracgraph profile`). With this pass the step draws
 U(-0.5, 0.5) once, shaped like the largest quantized GEMM output, and each quantizer reads a contiguous piece of
 it at its own offset, drawn uniformly per step:

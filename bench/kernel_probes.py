@@ -1,0 +1,242 @@
+"""The single-kernel measurements behind the speed passes (README "Speed"): each candidate rewrite timed against
+the kernel it replaces, in one process, on resnet20's tensor shapes, and its values compared.
+
+- nchwc: Conv vs ReorderInput + com.microsoft.nchwc.Conv (weight reordered in the graph) + ReorderOutput;
+- relu-grad: ReluGrad vs Greater/Cast/Mul, Where, and Sign/Ceil forms;
+- qdq: the six-op activation quantizer chain vs Sub/QuantizeLinear/DequantizeLinear/Add;
+- noise: RandomUniformLike per element, against an Add of the same size;
+- dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc);
+- executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
+  parallel executor (2 inter-op threads with 1 or 2 intra-op threads).
+
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,dw,executor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+
+SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]   # resnet20's stages: batch, channels, spatial
+OPS = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1), h.make_opsetid("com.microsoft.nchwc", 1)]
+
+
+def _vi(name, t=T.FLOAT):
+    return h.make_tensor_value_info(name, t, None)
+
+
+def _model(nodes, inputs, outputs, inits=()):
+    m = h.make_model(h.make_graph(nodes, "probe", [_vi(i) for i in inputs], [_vi(o) for o in outputs], list(inits)),
+                     opset_imports=OPS)
+    m.ir_version = 8
+    return m
+
+
+def _c(name, value, t=T.FLOAT):
+    return h.make_tensor(name, t, [], [value])
+
+
+class Runner:
+    def __init__(self, threads: int, reps: int):
+        self.threads, self.reps = threads, reps
+
+    def session(self, model):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED   # no NCHWc rewrite of its own
+        so.log_severity_level = 3
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def time(self, sess, feeds) -> tuple[float, list]:
+        out = sess.run(None, feeds)
+        ts = []
+        for _ in range(self.reps):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            ts.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(ts), out
+
+    def compare(self, title, base, cands, feeds, ref=None, exact=False):
+        """Time `base` and each candidate (name -> model) on `feeds`; print ms, ratio and agreement."""
+        tb, ob = self.time(self.session(base[1]), feeds)
+        ref = ob[0] if ref is None else ref
+        print(f"  {title}: {base[0]} {tb:.2f} ms")
+        for name, model, cfeeds in cands:
+            tc, oc = self.time(self.session(model), cfeeds or feeds)
+            diff = float(np.max(np.abs(oc[0].astype(np.float64) - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+            agree = ("bitwise equal" if np.array_equal(oc[0], ref) else f"max rel diff {diff:.1e}") if exact or diff else "bitwise equal"
+            print(f"    {name:34s} {tc:7.2f} ms  x{tc / tb:5.2f}  {agree}")
+
+
+def probe_nchwc(r: Runner, rng):
+    print("nchwc: 3x3 conv, Conv vs NCHWc form (block from this CPU)")
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    if B <= 1:
+        print("  this CPU's onnxruntime has no NCHWc kernels")
+        return
+    for n, c, hw, stride in [(n, c, s, 1) for n, c, s in SHAPES] + [(128, 16, 32, 2)]:
+        o = 2 * c if stride == 2 else c
+        x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+        attrs = dict(pads=[1, 1, 1, 1], strides=[stride, stride])
+        plain = _model([h.make_node("Conv", ["x", "w"], ["y"], **attrs)], ["x", "w"], ["y"])
+        nodes = [h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
+                 h.make_node("Reshape", ["w", "s6"], ["w6"]), h.make_node("Transpose", ["w6"], ["w6t"], perm=[0, 2, 4, 5, 3, 1]),
+                 h.make_node("Reshape", ["w6t", "s4"], ["wb"]),
+                 h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", kernel_shape=[3, 3], **attrs),
+                 h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=o)]
+        inits = [h.make_tensor("s6", T.INT64, [6], [o // B, B, c // B, B, 3, 3]), h.make_tensor("s4", T.INT64, [4], [o, c, 3, 3])]
+        r.compare(f"{n}x{c}x{hw}x{hw} -> {o}, stride {stride}", ("Conv", plain),
+                  [("NCHWc (reorders included)", _model(nodes, ["x", "w"], ["y"], inits), None)], {"x": x, "w": w})
+
+
+def probe_relu(r: Runner, rng):
+    print("relu-grad: dX = dY where Y > 0")
+    y = np.maximum(rng.standard_normal((128, 16, 32, 32)).astype(np.float32), 0)
+    y.flat[:3] = [1e-40, 3e38, -0.0]
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    z = [_c("z", 0.0)]
+    cands = [
+        ("Mul(dY, Cast(Greater(Y, 0)))", _model([h.make_node("Greater", ["y", "z"], ["m"]), h.make_node("Cast", ["m"], ["mf"], to=T.FLOAT),
+                                                 h.make_node("Mul", ["dy", "mf"], ["dx"])], ["dy", "y"], ["dx"], z), None),
+        ("Where(Greater(Y, 0), dY, 0)", _model([h.make_node("Greater", ["y", "z"], ["m"]), h.make_node("Where", ["m", "dy", "z"], ["dx"])],
+                                              ["dy", "y"], ["dx"], z), None),
+        ("dY * Sign(Y)", _model([h.make_node("Sign", ["y"], ["m"]), h.make_node("Mul", ["dy", "m"], ["dx"])], ["dy", "y"], ["dx"]), None),
+        ("dY * Ceil(Min(Y, 1))", _model([h.make_node("Min", ["y", "o"], ["t"]), h.make_node("Ceil", ["t"], ["m"]),
+                                         h.make_node("Mul", ["dy", "m"], ["dx"])], ["dy", "y"], ["dx"], [_c("o", 1.0)]), None),
+    ]
+    r.compare("128x16x32x32", ("ReluGrad", _model([h.make_node("ReluGrad", ["dy", "y"], ["dx"], domain="com.microsoft")], ["dy", "y"], ["dx"])),
+              cands, {"dy": dy, "y": y}, ref=(dy * (y > 0)).astype(np.float32), exact=True)
+
+
+def probe_qdq(r: Runner, rng):
+    print("qdq: activation quantizer on the batch range, six ops vs QuantizeLinear/DequantizeLinear")
+    x = rng.standard_normal((128, 16, 32, 32)).astype(np.float32)
+    for bits in (8, 4, 3):
+        mn = np.float32(x.min())
+        L = np.float32(2 ** bits - 1)
+        s = np.float32(max((np.float32(x.max()) - mn) / L, 1e-8))
+        feeds = {"x": x, "mn": np.array(mn), "s": np.array(s)}
+        chain = _model([h.make_node("Sub", ["x", "mn"], ["c"]), h.make_node("Div", ["c", "s"], ["u"]),
+                        h.make_node("Clip", ["u", "lo", "hi"], ["uc"]), h.make_node("Round", ["uc"], ["rr"]),
+                        h.make_node("Mul", ["rr", "s"], ["d"]), h.make_node("Add", ["d", "mn"], ["q"])],
+                       ["x", "mn", "s"], ["q"], [_c("lo", -0.49), _c("hi", float(L) + 0.49)])
+        qdq = _model([h.make_node("Sub", ["x", "mn"], ["c"]), h.make_node("QuantizeLinear", ["c", "s", "zp"], ["i"]),
+                      h.make_node("DequantizeLinear", ["i", "s", "zp"], ["d"]), h.make_node("Add", ["d", "mn"], ["q"])],
+                     ["x", "mn", "s"], ["q"], [h.make_tensor("zp", T.UINT8, [], [0])])
+        r.compare(f"{bits} bits, 128x16x32x32", ("six ops", chain), [("Sub, QuantizeLinear, DequantizeLinear, Add", qdq, None)],
+                  feeds, exact=True)
+
+
+def probe_noise(r: Runner, rng):
+    print("noise: RandomUniformLike against an elementwise Add of the same size")
+    x = rng.standard_normal((128, 16, 32, 32)).astype(np.float32)
+    add = _model([h.make_node("Add", ["x", "o"], ["y"])], ["x"], ["y"], [_c("o", 1.0)])
+    rnd = _model([h.make_node("RandomUniformLike", ["x"], ["y"], low=-0.5, high=0.5)], ["x"], ["y"])
+    ta, _ = r.time(r.session(add), {"x": x})
+    tr, _ = r.time(r.session(rnd), {"x": x})
+    print(f"  {x.size} elements: Add {ta:.2f} ms, RandomUniformLike {tr:.2f} ms (x{tr / ta:.1f}, {1e6 * tr / x.size:.1f} ns/element)")
+
+
+def probe_dw(r: Runner, rng):
+    print("dW: ConvGrad's weight gradient vs a convolution of the transposed tensors")
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    for n, c, s in SHAPES:
+        x = rng.standard_normal((n, c, s, s)).astype(np.float32)
+        w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+        dy = rng.standard_normal((n, c, s, s)).astype(np.float32)
+        cg = _model([h.make_node("ConvGrad", ["dy", "x", "w"], ["", "dw"], domain="com.microsoft", pads=[1, 1, 1, 1],
+                                 strides=[1, 1], kernel_shape=[3, 3], group=1, dilations=[1, 1])], ["dy", "x", "w"], ["dw"])
+        tr = [h.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2, 3]), h.make_node("Transpose", ["dy"], ["dyt"], perm=[1, 0, 2, 3])]
+        plain = _model(tr + [h.make_node("Conv", ["xt", "dyt"], ["y"], pads=[1, 1, 1, 1]),
+                             h.make_node("Transpose", ["y"], ["dw"], perm=[1, 0, 2, 3])], ["dy", "x"], ["dw"])
+        cands = [("Conv(X^T, dY^T)", plain, {"dy": dy, "x": x})]
+        if B > 1:
+            nc = _model(tr + [h.make_node("ReorderInput", ["xt"], ["xc"], domain="com.microsoft.nchwc"),
+                              h.make_node("Reshape", ["dyt", "s6"], ["w6"]), h.make_node("Transpose", ["w6"], ["w6t"], perm=[0, 2, 4, 5, 3, 1]),
+                              h.make_node("Reshape", ["w6t", "s4"], ["wb"]),
+                              h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", pads=[1, 1, 1, 1], kernel_shape=[s, s]),
+                              h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=c),
+                              h.make_node("Transpose", ["y"], ["dw"], perm=[1, 0, 2, 3])], ["dy", "x"], ["dw"],
+                        [h.make_tensor("s6", T.INT64, [6], [c // B, B, n // B, B, s, s]), h.make_tensor("s4", T.INT64, [4], [c, n, s, s])])
+            cands.append(("NCHWc Conv(X^T, dY^T)", nc, {"dy": dy, "x": x}))
+        r.compare(f"{n}x{c}x{s}x{s}", ("ConvGrad (dW only)", cg), cands, {"dy": dy, "x": x, "w": w})
+
+
+def probe_executor(threads: int, reps: int):
+    print("executor: resnet20 FW8/BW8 training step, sequential vs parallel executor")
+    import onnxruntime as ort
+    from onnxruntime.training import api  # noqa: F401
+
+    import fracgraph.runtime as rt
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.zoo import export
+
+    configs = {"sequential, 1 x %d threads" % threads: (ort.ExecutionMode.ORT_SEQUENTIAL, 1, threads),
+               "parallel, 2 x 1 threads": (ort.ExecutionMode.ORT_PARALLEL, 2, 1),
+               "parallel, 2 x %d threads" % threads: (ort.ExecutionMode.ORT_PARALLEL, 2, threads)}
+    original = rt.session_options
+    with tempfile.TemporaryDirectory() as d:
+        art = Path(d) / "art"
+        build_artifacts(export("resnet20", Path(d) / "r20.onnx"), art, BuildOptions())
+        sessions = {}
+        for name, (mode, inter, intra) in configs.items():
+            def options(threads_=None, profile_prefix=None, tuning=None, mode=mode, inter=inter, intra=intra):
+                so = original(intra, profile_prefix, tuning)
+                so.execution_mode, so.inter_op_num_threads = mode, inter
+                return so
+            rt.session_options = options
+            try:
+                sessions[name] = rt.TrainSession(art, threads=intra, seed=0)
+            finally:
+                rt.session_options = original
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((128, 3, 32, 32)).astype(np.float32)
+        y = rng.integers(0, 10, 128).astype(np.int64)
+        bits = np.full((next(iter(sessions.values())).manifest.n_blocks, 3), 8, np.float32)
+        times = {k: [] for k in sessions}
+        for i in range(max(3, reps // 4) + 1):       # interleaved, the first round is warm-up
+            for k, s in sessions.items():
+                t = time.perf_counter()
+                s.step(x, y, bits, 0.01)
+                if i:
+                    times[k].append(time.perf_counter() - t)
+        base = statistics.median(next(iter(times.values())))
+        for k, ts in times.items():
+            print(f"  {k:30s} {1e3 * statistics.median(ts):7.1f} ms  x{statistics.median(ts) / base:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--only", default="nchwc,relu,qdq,noise,dw,executor")
+    a = ap.parse_args()
+    r = Runner(a.threads, a.reps)
+    rng = np.random.default_rng(0)
+    probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "dw": probe_dw}
+    print(f"{a.threads} threads, median of {a.reps} runs per kernel")
+    for name in a.only.split(","):
+        if name == "executor":
+            probe_executor(a.threads, a.reps)
+        else:
+            probes[name](r, rng)
+
+
+if __name__ == "__main__":
+    main()
