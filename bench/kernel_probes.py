@@ -7,9 +7,10 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - noise: RandomUniformLike per element, against an Add of the same size;
 - dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc);
 - executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
-  parallel executor (2 inter-op threads with 1 or 2 intra-op threads).
+  parallel executor (2 inter-op threads with 1 or 2 intra-op threads);
+- torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with).
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,dw,executor]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,dw,executor,torch]
 """
 
 from __future__ import annotations
@@ -221,11 +222,43 @@ def probe_executor(threads: int, reps: int):
             print(f"  {k:30s} {1e3 * statistics.median(ts):7.1f} ms  x{statistics.median(ts) / base:.2f}")
 
 
+def probe_torch(threads: int, reps: int):
+    print("torch: where PyTorch's resnet20 FP32 training step spends its time (torch.profiler, ms per step)")
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from fracgraph.zoo import build
+
+    torch.set_num_threads(threads)
+    model = build("resnet20", seed=0).train()
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    steps = max(3, reps // 4)
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - t) / steps
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
+    print(f"  step {1e3 * wall:.0f} ms (profiled)")
+    for e in rows:
+        print(f"  {e.key:40s} {e.self_cpu_time_total / 1e3 / steps:7.1f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--only", default="nchwc,relu,qdq,noise,dw,executor")
+    ap.add_argument("--only", default="nchwc,relu,qdq,noise,dw,executor,torch")
     a = ap.parse_args()
     r = Runner(a.threads, a.reps)
     rng = np.random.default_rng(0)
@@ -234,6 +267,8 @@ def main() -> None:
     for name in a.only.split(","):
         if name == "executor":
             probe_executor(a.threads, a.reps)
+        elif name == "torch":
+            probe_torch(a.threads, a.reps)
         else:
             probes[name](r, rng)
 
