@@ -36,7 +36,7 @@ def main() -> None:
         d = Path(d)
         model = export("resnet20", d / "r20.onnx")
         builds = {"before": d / "before", "after": d / "after"}
-        build_artifacts(model, builds["before"], BuildOptions(fast_backward=False))
+        build_artifacts(model, builds["before"], BuildOptions(fast_backward=False, nchwc=False))
         build_artifacts(model, builds["after"], BuildOptions())
         ms = {k: defaultdict(float) for k in builds}
         calls = {k: {} for k in builds}
