@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import FracgraphError
 from ..manifest import Manifest
-from .schedules import EpochEnd, PFQIndicator, _same_config
+from .schedules import PFQIndicator, StagedSchedule
 
 SCHEDULES = ("dfq", "fractrain")
 
@@ -47,8 +47,10 @@ class TargetTransition:
         return asdict(self)
 
 
-class TargetSchedule:
+class TargetSchedule(StagedSchedule):
     """The cp target per iteration; `observe` takes each iteration's training loss (as PrecisionSchedule does)."""
+
+    what = "cp-target schedule"
 
     def __init__(self, kind: str, targets: Sequence[float], epoch_iters: int, eps: float = 0.05, alpha: float = 0.3):
         if kind not in SCHEDULES:
@@ -58,44 +60,28 @@ class TargetSchedule:
             raise FracgraphError(f"cp targets {targets} must be percentages in (0, 100]")
         if kind == "dfq" and len(targets) != 1:
             raise FracgraphError("--schedule dfq takes one --target-cp; use --schedule fractrain for a list")
-        if epoch_iters < 1:
-            raise FracgraphError(f"--epoch-iters must be at least 1, got {epoch_iters}")
+        super().__init__(epoch_iters)
         self.kind = kind
         self.targets = targets
-        self.epoch_iters = int(epoch_iters)
         self.indicator = PFQIndicator(eps, alpha, num_turning_point=len(targets) - 1) if kind == "fractrain" else None
-        self.stage = 0
-        self.steps_done = 0
-        self.loss_sum = 0.0
-        self.epoch_losses: list[float] = []
-        self.transitions: list[TargetTransition] = []
 
     def target(self, step: int) -> float:
         return self.targets[sum(1 for t in self.transitions if t.step <= step)]
 
-    def observe(self, step: int, loss: float) -> EpochEnd | None:
-        if step != self.steps_done:
-            raise FracgraphError(f"cp-target schedule got the loss of iteration {step} but expected {self.steps_done}")
-        self.steps_done += 1
-        self.loss_sum += float(loss)
-        if self.steps_done % self.epoch_iters:
-            return None
-        epoch_loss = self.loss_sum / self.epoch_iters
-        self.loss_sum = 0.0
-        self.epoch_losses.append(epoch_loss)
-        epoch = self.steps_done // self.epoch_iters
-        t = None
+    def _on_epoch(self, epoch: int, epoch_loss: float) -> TargetTransition | None:
         ind = self.indicator
-        if ind is not None:
-            threshold = ind.threshold
-            window = list(ind.loss[-(ind.epoch_keep - 1):]) + [epoch_loss] if not ind.done else []
-            if ind.update(epoch_loss):
-                old = self.targets[self.stage]
-                self.stage += 1
-                t = TargetTransition(self.steps_done, epoch, old, self.targets[self.stage],
-                                     f"PFQ turning point {ind.count}", window, list(ind.loss_diff), threshold)
-                self.transitions.append(t)
-        return EpochEnd(epoch, self.steps_done, epoch_loss, t)
+        if ind is None:
+            return None
+        threshold = ind.threshold
+        window = list(ind.loss[-(ind.epoch_keep - 1):]) + [epoch_loss] if not ind.done else []
+        if not ind.update(epoch_loss):
+            return None
+        old = self.targets[self.stage]
+        self.stage += 1
+        t = TargetTransition(self.steps_done, epoch, old, self.targets[self.stage],
+                             f"PFQ turning point {ind.count}", window, list(ind.loss_diff), threshold)
+        self.transitions.append(t)
+        return t
 
     def _config(self) -> dict:
         cfg = {"kind": self.kind, "targets": self.targets, "epoch_iters": self.epoch_iters}
@@ -103,19 +89,14 @@ class TargetSchedule:
             cfg.update(eps=self.indicator.initial_threshold, alpha=self.indicator.decay)
         return cfg
 
+    def _transition_from(self, d: dict) -> TargetTransition:
+        return TargetTransition(**d)
+
     def state_dict(self) -> dict:
-        return {**self._config(), "stage": self.stage, "steps_done": self.steps_done, "loss_sum": self.loss_sum,
-                "epoch_losses": list(self.epoch_losses), "transitions": [t.as_dict() for t in self.transitions],
-                "indicator": self.indicator.state_dict() if self.indicator is not None else None}
+        return {**super().state_dict(), "indicator": self.indicator.state_dict() if self.indicator is not None else None}
 
     def load_state_dict(self, s: dict) -> None:
-        cfg = self._config()
-        _same_config(cfg, s, list(cfg), "cp-target schedule")
-        self.stage = int(s["stage"])
-        self.steps_done = int(s["steps_done"])
-        self.loss_sum = float(s["loss_sum"])
-        self.epoch_losses = [float(v) for v in s["epoch_losses"]]
-        self.transitions = [TargetTransition(**t) for t in s["transitions"]]
+        super().load_state_dict(s)
         if self.indicator is not None:
             self.indicator.load_state_dict(s["indicator"])
 

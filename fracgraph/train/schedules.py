@@ -149,40 +149,30 @@ class EpochEnd:
     transition: Transition | None = None
 
 
-class PrecisionSchedule:
-    """Gives the (fw, bw) bits for each iteration and consumes per-iteration train losses.
+class StagedSchedule:
+    """Stages advanced at epoch ends, with the run's loss bookkeeping and resumable state; the precision schedules
+    and DFQ's cp-target schedule (train/dfq.py) differ only in what a stage holds.
 
-    Call `bits(step)` before iteration `step` (0-based) and `observe(step, loss)` after it. Every `epoch_iters`
-    iterations `observe` returns an EpochEnd (with the transition, if the epoch caused one)."""
+    Call `observe(step, loss)` after iteration `step` (0-based): every `epoch_iters` iterations it returns an
+    EpochEnd (with the transition, if the epoch caused one). Subclasses give `what` (for messages), `_config`
+    (checked on resume), `_transition_from` (a saved transition back) and the `_on_step`/`_on_epoch` hooks."""
 
     kind = "base"
+    what = "schedule"
 
-    def __init__(self, stages: Sequence[tuple[int, int]], epoch_iters: int):
+    def __init__(self, epoch_iters: int):
         if epoch_iters < 1:
             raise FracgraphError(f"--epoch-iters must be at least 1, got {epoch_iters}")
-        for fw, bw in stages:
-            for b, what in ((fw, "FW"), (bw, "BW")):
-                if not (isinstance(b, int) and 0 <= b <= 32):
-                    raise FracgraphError(f"{what} precision {b!r} is not an integer number of bits in 0..32 "
-                                         f"(0 = full precision)")
-        self.stages = [(int(f), int(b)) for f, b in stages]
         self.epoch_iters = int(epoch_iters)
         self.stage = 0
         self.steps_done = 0
         self.loss_sum = 0.0
-        self.transitions: list[Transition] = []
+        self.transitions: list = []
         self.epoch_losses: list[float] = []
-
-    def current(self) -> tuple[int, int]:
-        return self.stages[self.stage]
-
-    def bits(self, step: int) -> tuple[int, int]:
-        """Bits for iteration `step`: transition k starts stage k+1, so past steps come from the record."""
-        return self.stages[sum(1 for t in self.transitions if t.step <= step)]
 
     def observe(self, step: int, loss: float) -> EpochEnd | None:
         if step != self.steps_done:
-            raise FracgraphError(f"precision schedule got the loss of iteration {step} but expected {self.steps_done}"
+            raise FracgraphError(f"{self.what} got the loss of iteration {step} but expected {self.steps_done}"
                                  f" (losses must be reported once per iteration, in order; was the run resumed from "
                                  f"a mismatched checkpoint?)")
         self.steps_done += 1
@@ -200,8 +190,52 @@ class PrecisionSchedule:
     def _on_step(self, steps_done: int) -> None:
         pass
 
-    def _on_epoch(self, epoch: int, epoch_loss: float) -> Transition | None:
+    def _on_epoch(self, epoch: int, epoch_loss: float):
         return None
+
+    # state: the subclass config is checked, the progress restored
+    def _config(self) -> dict:
+        return {"kind": self.kind, "epoch_iters": self.epoch_iters}
+
+    def _transition_from(self, d: dict):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {**self._config(), "stage": self.stage, "steps_done": self.steps_done, "loss_sum": self.loss_sum,
+                "epoch_losses": list(self.epoch_losses), "transitions": [t.as_dict() for t in self.transitions]}
+
+    def load_state_dict(self, s: dict) -> None:
+        cfg = self._config()
+        _same_config(cfg, s, list(cfg), self.what)
+        self.stage = int(s["stage"])
+        self.steps_done = int(s["steps_done"])
+        self.loss_sum = float(s["loss_sum"])
+        self.epoch_losses = [float(v) for v in s["epoch_losses"]]
+        self.transitions = [self._transition_from(t) for t in s["transitions"]]
+
+
+class PrecisionSchedule(StagedSchedule):
+    """Gives the (fw, bw) bits for each iteration and consumes per-iteration train losses.
+
+    Call `bits(step)` before iteration `step` (0-based) and `observe(step, loss)` after it."""
+
+    what = "precision schedule"
+
+    def __init__(self, stages: Sequence[tuple[int, int]], epoch_iters: int):
+        super().__init__(epoch_iters)
+        for fw, bw in stages:
+            for b, what in ((fw, "FW"), (bw, "BW")):
+                if not (isinstance(b, int) and 0 <= b <= 32):
+                    raise FracgraphError(f"{what} precision {b!r} is not an integer number of bits in 0..32 "
+                                         f"(0 = full precision)")
+        self.stages = [(int(f), int(b)) for f, b in stages]
+
+    def current(self) -> tuple[int, int]:
+        return self.stages[self.stage]
+
+    def bits(self, step: int) -> tuple[int, int]:
+        """Bits for iteration `step`: transition k starts stage k+1, so past steps come from the record."""
+        return self.stages[sum(1 for t in self.transitions if t.step <= step)]
 
     def _switch(self, epoch: int, reason: str, **info) -> Transition:
         old = self.current()
@@ -212,23 +246,11 @@ class PrecisionSchedule:
                  reason, f"; losses {['%.4f' % v for v in t.losses]}" if t.losses else "")
         return t
 
-    # state: the subclass config is checked, the progress restored
     def _config(self) -> dict:
         return {"kind": self.kind, "stages": [list(s) for s in self.stages], "epoch_iters": self.epoch_iters}
 
-    def state_dict(self) -> dict:
-        return {**self._config(), "stage": self.stage, "steps_done": self.steps_done, "loss_sum": self.loss_sum,
-                "epoch_losses": list(self.epoch_losses), "transitions": [t.as_dict() for t in self.transitions]}
-
-    def load_state_dict(self, s: dict) -> None:
-        cfg = self._config()
-        _same_config(cfg, s, list(cfg), "precision schedule")
-        self.stage = int(s["stage"])
-        self.steps_done = int(s["steps_done"])
-        self.loss_sum = float(s["loss_sum"])
-        self.epoch_losses = [float(v) for v in s["epoch_losses"]]
-        self.transitions = [Transition(**{**t, "old": tuple(t["old"]), "new": tuple(t["new"])})
-                            for t in s["transitions"]]
+    def _transition_from(self, d: dict) -> Transition:
+        return Transition(**{**d, "old": tuple(d["old"]), "new": tuple(d["new"])})
 
 
 class StaticSchedule(PrecisionSchedule):
