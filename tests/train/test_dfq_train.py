@@ -75,23 +75,28 @@ def test_cp_settles_at_the_target(arts, tmp_path):
     assert r0["cp"] == pytest.approx(100 * (q @ unit + 3 * f) / (3 * (q.sum() + f)), rel=1e-9)
     assert r0["dfq_cp"] == pytest.approx(100 * (q @ unit) / (3 * q.sum()), rel=1e-5)   # cost weighting: MACs
     # the exported model keeps the gates (one choice per batch): at the run's batch size it scores the run's accuracy
-    import onnxruntime as ort
-
-    from fracgraph.train.data import eval_batches, load_dataset
-
-    sess = ort.InferenceSession(str(tmp_path / "r" / "last.onnx"), providers=["CPUExecutionProvider"])
-    bits_in = np.zeros((2, 3), np.float32)
-    bits_in[:, 1] = 4
-    correct = total = 0
-    for x, y in eval_batches(load_dataset(None), 64):
-        correct += int((sess.run(None, {"input": x, "fracgraph_bits": bits_in})[0].argmax(1) == y).sum())
-        total += len(y)
-    assert correct / total == s["final_test_acc"]
+    assert _exported_accuracy(tmp_path / "r" / "last.onnx") == s["final_test_acc"]
     # `estimate` integrates the hardware cost over the gates' choices, unchanged
     from fracgraph.analysis.estimate import report
 
     rep = report(str(arts / "dfq"), ["bitfusion"], trace_dir=str(tmp_path / "r"), batch=64)
     assert rep["mode"] == "trace" and rep["steps"] == 300 and rep["hw"]["bitfusion"]["savings"]["gemm_energy"] > 0
+
+
+def _exported_accuracy(path, batch: int = 64) -> float:
+    """Test accuracy on digits of an exported two-block DFQ model (bits input: weights at 4, the rest from its gates)."""
+    import onnxruntime as ort
+
+    from fracgraph.train.data import eval_batches, load_dataset
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    bits_in = np.zeros((2, 3), np.float32)
+    bits_in[:, 1] = 4
+    correct = total = 0
+    for x, y in eval_batches(load_dataset(None), batch):
+        correct += int((sess.run(None, {"input": x, "fracgraph_bits": bits_in})[0].argmax(1) == y).sum())
+        total += len(y)
+    return correct / total
 
 
 class Crash(Exception):
@@ -180,12 +185,9 @@ def test_candidates_granularity_trains(tmp_path):
     """--granularity candidates (K computed candidates per block, the release's semantics) trains on digits: the
     accuracy rises, samples of one batch choose differently, and the exported model (K candidates mixed per
     sample, running ranges and BN statistics) reproduces the run's final accuracy."""
-    import onnxruntime as ort
-
     from fracgraph.build import BuildOptions, build_artifacts
     from fracgraph.passes.dfq_gate import DfqOptions
     from fracgraph.policy import LayerPolicy
-    from fracgraph.train.data import eval_batches, load_dataset
     from fracgraph.zoo import export
 
     model = export("digitnet", tmp_path / "dn.onnx")
@@ -195,11 +197,4 @@ def test_candidates_granularity_trains(tmp_path):
     assert s["final_test_acc"] > 0.8 and s["dfq"]["granularity"] == "candidates"
     recs = _records(tmp_path / "r")
     assert any(any(0 < b[0] % 1 for b in r["bits"]) for r in recs)      # a step whose samples chose differently
-    sess = ort.InferenceSession(str(tmp_path / "r" / "last.onnx"), providers=["CPUExecutionProvider"])
-    bits_in = np.zeros((2, 3), np.float32)
-    bits_in[:, 1] = 4
-    correct = total = 0
-    for x, y in eval_batches(load_dataset(None), 64):
-        correct += int((sess.run(None, {"input": x, "fracgraph_bits": bits_in})[0].argmax(1) == y).sum())
-        total += len(y)
-    assert correct / total == s["final_test_acc"]
+    assert _exported_accuracy(tmp_path / "r" / "last.onnx") == s["final_test_acc"]
