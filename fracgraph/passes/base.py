@@ -118,6 +118,21 @@ def replace_nodes(graph: onnx.GraphProto, pairs: list[tuple[onnx.NodeProto, list
     graph.node.extend(nodes)
 
 
+def upstream_nodes(producer: dict, start: str, stop: str) -> list[onnx.NodeProto]:
+    """The nodes `start` depends on, walking back through `producer` (tensor -> node) and not past `stop`."""
+    found, stack, seen = {}, [start], set()
+    while stack:
+        t = stack.pop()
+        if t == stop or t in seen or not t:
+            continue
+        seen.add(t)
+        n = producer.get(t)
+        if n is not None and id(n) not in found:
+            found[id(n)] = n
+            stack.extend(n.input)
+    return list(found.values())
+
+
 def assert_inputs_defined(model: onnx.ModelProto) -> None:
     """Every node input is a graph input, an initializer or some node's output (a rewrite left no dangling edge)."""
     graph = model.graph

@@ -27,7 +27,7 @@ import re
 import onnx
 
 from ..errors import FracgraphError
-from .base import Pass, PassResult
+from .base import Pass, PassResult, upstream_nodes
 
 SUFFIX = "::cand"
 
@@ -48,16 +48,7 @@ def block_region(model: onnx.ModelProto, x: str, y: str) -> tuple[list[onnx.Node
     after = consumers.get(y, [])
     end = after[0].output[0] if (len(after) == 1 and after[0].op_type == "Relu" and y not in outputs) else y
     producer = {o: n for n in graph.node for o in n.output if o}
-    ancestors, stack, seen = set(), [end], set()
-    while stack:
-        t = stack.pop()
-        if t == x or t in seen:
-            continue
-        seen.add(t)
-        n = producer.get(t)
-        if n is not None and id(n) not in ancestors:
-            ancestors.add(id(n))
-            stack.extend(i for i in n.input if i)
+    ancestors = {id(n) for n in upstream_nodes(producer, end, x)}
     depends, region = {x}, []
     for n in graph.node:                       # graph order is topological
         if id(n) in ancestors and any(i in depends for i in n.input):

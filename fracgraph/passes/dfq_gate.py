@@ -68,7 +68,7 @@ from ..analysis.blocks import _SOURCE, dataflow_graph
 from ..errors import FracgraphError
 from ..quantizers import PER_SAMPLE_NODE, PER_SAMPLE_OFF_NODE, Emitter
 from .dfq_candidates import block_region, candidate_name, clone_region
-from .base import Pass, PassResult, opset
+from .base import Pass, PassResult, opset, upstream_nodes
 
 PREFIX = "dfq::"
 TARGET_INPUT = "fracgraph_dfq_target"     # runtime scalar: the cp target (%)
@@ -206,17 +206,7 @@ def block_shortcuts(model: onnx.ModelProto, blocks, ports) -> list[tuple[str | N
         members = set(b.ops)
         found = []
         for t0 in add.input:
-            seen, stack, gemms = set(), [t0], set()
-            while stack:
-                t = stack.pop()
-                if t == x or t in seen:
-                    continue
-                seen.add(t)
-                n = producer.get(t)
-                if n is not None:
-                    if n.name in members:
-                        gemms.add(n.name)
-                    stack.extend(n.input)
+            gemms = {n.name for n in upstream_nodes(producer, t0, x) if n.name in members}
             found.append((len(gemms), t0, sorted(gemms)))
         found.sort(key=lambda f: f[0])
         if len(found) != 2 or found[0][0] == found[1][0]:

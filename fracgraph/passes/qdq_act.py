@@ -35,6 +35,7 @@ class QdqActPass(Pass):
         graph = model.graph
         producer = {o: n for n in graph.node for o in n.output}
         inits = {t.name: t for t in graph.initializer}
+        graph_inputs = {i.name for i in graph.input}
         zp = "fg::qdq/zero_u8"
         eight = "fg::qdq/eight"
         notes, count = [], 0
@@ -49,7 +50,7 @@ class QdqActPass(Pass):
                 notes.append(f"{node.name}: kept ({reason})")
                 continue
             bits = node.input[0][: -len("::on")] if node.input[0].endswith("::on") else None
-            if bits is None or bits not in producer and bits not in {i.name for i in graph.input}:
+            if bits is None or bits not in producer and bits not in graph_inputs:
                 notes.append(f"{node.name}: kept (its switch is not a bits > 0 test)")
                 continue
             le8 = f"{bits}::le8"
