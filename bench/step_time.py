@@ -1,5 +1,6 @@
-"""Training-step time and peak memory of resnet20 (batch 128): fracgraph FW8/BW8 with its speed passes and tuned
-session ("after"; also with `--sr-noise shared`), the same artifacts built without the passes (nchwc included) on
+"""Training-step time and peak memory of resnet20 (batch 128): fracgraph FW8/BW8 with its speed passes, fused
+error-quantizer kernels and tuned session ("after"; also with `--sr-noise shared`, and with `--no-fused-kernels`,
+onnxruntime's own ops only), the same artifacts built without the passes (nchwc included) on
 onnxruntime's default session ("before"), the
 0-bit step, the plain (unquantized) ORT step, PyTorch eager FP32 and a PyTorch FracTrain-style quantized step;
 plus `quantize` time on resnet164.
@@ -107,12 +108,12 @@ def make_step(kind: str, directory: Path, batch: int, threads: int, tuning: dict
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int64)
-    if kind in ("after", "before", "zero", "shared"):
+    if kind in ("after", "before", "zero", "shared", "ort_ops"):
         from onnxruntime.training import api  # noqa: F401  (import outside TrainSession, see fracgraph/profile.py)
 
         from fracgraph.runtime import TrainSession
 
-        art = {"before": "art_before", "shared": "art_shared"}.get(kind, "art")
+        art = {"before": "art_before", "shared": "art_shared", "ort_ops": "art_ort_ops"}.get(kind, "art")
         sess = TrainSession(directory / art, threads=threads, seed=0, tuning=tuning)
         bits = np.full((sess.manifest.n_blocks, 3), 0 if kind == "zero" else 8, np.float32)
         return lambda: sess.step(x, y, bits, 0.01)
@@ -206,6 +207,7 @@ def prepare(directory: Path) -> None:
     model = export("resnet20", directory / "r20.onnx")
     build_artifacts(model, directory / "art", BuildOptions())
     build_artifacts(model, directory / "art_shared", BuildOptions(sr_noise="shared"))
+    build_artifacts(model, directory / "art_ort_ops", BuildOptions(fused_kernels=False))
     build_artifacts(model, directory / "art_before", BuildOptions(fast_backward=False, nchwc=False))
     plain = load_model(model)
     tr, fr = classify_initializers(plain)
@@ -266,6 +268,7 @@ def main() -> None:
         configs = [
             ("fracgraph FW8/BW8", "after", {}),
             ("fracgraph FW8/BW8, shared noise", "shared", {}),
+            ("fracgraph FW8/BW8, ORT ops only", "ort_ops", {}),
             ("fracgraph FW8/BW8 before", "before", DEFAULT_ORT),
             ("fracgraph 0-bit", "zero", {}),
             ("ORT plain FP32", "plain", {}),
@@ -294,6 +297,8 @@ def main() -> None:
         print(f"  fracgraph FW8/BW8 / PyTorch FP32           {after / torch_fp:.2f}  (stretch <= 1.0)")
         shared = rows["fracgraph FW8/BW8, shared noise"][0]
         print(f"  fracgraph FW8/BW8 shared noise / PT quant  {shared / torch_q:.2f}  (--sr-noise shared)")
+        ort_ops = rows["fracgraph FW8/BW8, ORT ops only"][0]
+        print(f"  fracgraph FW8/BW8 ORT ops only / PT quant  {ort_ops / torch_q:.2f}  (--no-fused-kernels: graph passes only)")
         print(f"  PyTorch quantized / PyTorch FP32           {torch_q / torch_fp:.2f}")
         if not a.no_quantize_time:
             from fracgraph.build import BuildOptions, build_artifacts

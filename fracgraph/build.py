@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from .analysis.blocks import find_blocks
+from . import kernels
 from .analysis.optable import gemm_table, uncosted_gemms
 from .errors import FracgraphError
 from .manifest import Block, LayerDecision, Manifest
@@ -27,9 +28,11 @@ from .passes.base import run_passes
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
 from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
+from .passes.conv_grad_w import ConvGradWPass
 from .passes.dfq_candidates import BnChainPass
 from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
+from .passes.fused_ops import FusedOpsPass
 from .passes.fw_quant import FwQuantPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.qdq_act import QdqActPass
@@ -68,6 +71,7 @@ class BuildOptions:
     fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch, relu-grad)
     nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
+    fused_kernels: bool = True           # fracgraph custom ops (passes/fused_ops.py, conv_grad_w.py); needs a C compiler
     skip_passes: tuple = ()              # training-graph passes left out by name (tests and benches compare on/off)
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
 
@@ -172,13 +176,15 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         shapes = forward_shapes(model) if opts.fast_backward or nchwc_block > 1 or opts.sr_noise == "shared" else {}
         _generate(model, tmp, trainable, frozen, opts, gate)
         train_model = onnx.load(str(tmp / TRAINING))
+        fused, kernel_notes = _fused_ops_passes(opts)
         train_passes = [
             BwQuantPass([(d["name"], d.get("bits_key", b)) for d, b in quant_plan], PRECISION_INPUT, opts.expose_noise,
                         gate.grad_bits_const if gate is not None else None),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
-          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes), QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()]
-             if opts.fast_backward else []) \
+          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
+          + fused \
+          + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
@@ -198,7 +204,8 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             grad_noise="exposed" if opts.expose_noise else "shared" if opts.sr_noise == "shared" else "random",
             files={"training": TRAINING, "eval": EVAL, "checkpoint": CHECKPOINT,
                    "optimizer": OPTIMIZER if opts.optimizer == "adamw" else None},
-            extra={"trainable": trainable, "frozen": frozen, "notes": notes + n2 + n3,
+            extra={"trainable": trainable, "frozen": frozen, "notes": notes + kernel_notes + n2 + n3,
+                   "custom_ops": kernels.DOMAIN if any(p.fused for p in fused) else None,
                    "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None},
             dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
         )
@@ -208,6 +215,17 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fused_ops_passes(opts: BuildOptions) -> tuple[list, list[str]]:
+    """The passes onto fracgraph's kernels when asked for and the kernels build here; otherwise a note why not."""
+    if not (opts.fused_kernels and opts.fast_backward):
+        return [], []
+    try:
+        kernels.library_path()
+    except FracgraphError as e:
+        return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
+    return [FusedOpsPass(), ConvGradWPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None) -> None:

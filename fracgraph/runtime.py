@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import kernels
 from .errors import FracgraphError
 from .manifest import Manifest
 from .passes.dfq_gate import BETA_INPUT, TARGET_INPUT
@@ -25,7 +26,8 @@ SESSION_TUNING = {"allow_spinning": os.environ.get("FRACGRAPH_ORT_SPIN", "1") !=
                   "mem_pattern": True, "cpu_arena": True}
 
 
-def session_options(threads: int | None = None, profile_prefix: str | None = None, tuning: dict | None = None):
+def session_options(threads: int | None = None, profile_prefix: str | None = None, tuning: dict | None = None,
+                    custom_ops: bool = False):
     import onnxruntime as ort
 
     t = {**SESSION_TUNING, **(tuning or {})}
@@ -43,6 +45,8 @@ def session_options(threads: int | None = None, profile_prefix: str | None = Non
     so.enable_mem_pattern = t["mem_pattern"]
     so.enable_cpu_mem_arena = t["cpu_arena"]
     so.log_severity_level = 3
+    if custom_ops:
+        kernels.register(so)
     return so
 
 
@@ -118,8 +122,11 @@ class TrainSession:
         self.threads = resolve_threads(threads)
         # profiling loads no eval session: onnxruntime would name both sessions' traces alike and one would be lost
         self.manifest = Manifest.read(self.art)
+        custom_ops = bool(self.manifest.extra.get("custom_ops"))
         if seed is not None:
             ort.set_seed(int(seed))   # seeds the stochastic-rounding noise kernels created below
+        if custom_ops:   # the fused error quantizers' generator: the run's seed, or a fresh one like onnxruntime's
+            kernels.set_seed(int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little"))
         block = self.manifest.extra.get("nchwc_block")
         if block and block != nchwc_block_size():
             raise FracgraphError(f"{self.art}: the artifacts run convs on NCHWc blocks of {block} channels but this CPU's "
@@ -130,7 +137,9 @@ class TrainSession:
             self.state = api.CheckpointState.load_checkpoint(str(ckpt))
             self.module = api.Module(str(self.art / self.manifest.files["training"]), self.state,
                                      None if profile_prefix else str(self.art / self.manifest.files["eval"]), device="cpu",
-                                     session_options=session_options(threads, profile_prefix, tuning))
+                                     session_options=session_options(threads, profile_prefix, tuning, custom_ops))
+        except FracgraphError:
+            raise
         except Exception as e:
             raise FracgraphError(f"{self.art}: onnxruntime cannot load the artifacts ({str(e).splitlines()[0][:200]}); re-run `fracgraph quantize`")
         opt = self.manifest.optimizer

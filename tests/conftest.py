@@ -58,3 +58,19 @@ def small_model(tmp_path_factory):
 def batch():
     rng = np.random.default_rng(0)
     return rng.standard_normal((8, 3, 8, 8)).astype(np.float32), rng.integers(0, 5, 8).astype(np.int64)
+
+
+def _mix(z):
+    """SplitMix64's finalizer on uint64 arrays (wrapping multiplies)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sr_noise_ref(seed: int, node_salt: int, call: int, n: int) -> np.ndarray:
+    """The fused error quantizer's noise (fracgraph/kernels/fused_ops.c's header, written from its formula):
+    U(-0.5, 0.5) of the `call`-th run of a node with `node_salt` under process seed `seed`."""
+    with np.errstate(over="ignore"):
+        key = _mix(np.uint64(seed) ^ _mix(np.uint64(node_salt) ^ _mix(np.uint64(call))))
+        z = _mix(key + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24) - np.float32(0.5)

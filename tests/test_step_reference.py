@@ -53,7 +53,8 @@ class GradQ(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return fq_ref(g, ctx.bits, noise=ctx.noise), None, None
+        noise = ctx.noise(g.shape) if callable(ctx.noise) else ctx.noise
+        return fq_ref(g, ctx.bits, noise=noise), None, None
 
 
 def quantized_forward(model, x, bits, noises):
@@ -76,13 +77,32 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-@pytest.fixture(scope="module", params=["independent", "shared"])
+@pytest.fixture(scope="module", params=["independent", "shared", "fused-rng"])
 def artifacts(small_model, tmp_path_factory, request):
-    """Both noise modes: the replayed step must match PyTorch whichever way the noise was drawn."""
+    """Every noise mode: the replayed step must match PyTorch whichever way the noise was drawn. The exposed
+    modes read it from graph outputs; fused-rng (the default build) regenerates the fused kernels' stream."""
     _, path = small_model
     out = tmp_path_factory.mktemp("art") / "art"
-    build_artifacts(path, out, BuildOptions(expose_noise=True, sr_noise=request.param))
+    if request.param == "fused-rng":
+        build_artifacts(path, out, BuildOptions())
+    else:
+        build_artifacts(path, out, BuildOptions(expose_noise=True, sr_noise=request.param))
     return out
+
+
+def replay_noises(sess, names, outs, seed):
+    """Per conv: the BW noise of this first step, exposed by the graph or regenerated from the fused kernels'
+    counter-based stream (call 0 of the node's salt under the session seed; conftest.sr_noise_ref)."""
+    exposed = {n.split("::bwq")[0]: torch.from_numpy(np.asarray(o)) for n, o in zip(names, outs) if n.endswith("/noise")}
+    if exposed or not sess.manifest.extra.get("custom_ops"):
+        return exposed
+    from conftest import sr_noise_ref
+    from fracgraph.passes.fused_ops import salt
+
+    def stream(gemm):
+        return lambda shape: torch.from_numpy(sr_noise_ref(seed, salt(f"{gemm}::bwq"), 0, int(np.prod(shape))).reshape(shape))
+
+    return {f"/{c}/Conv": stream(f"/{c}/Conv") for c in ("stem", "conv1", "conv2", "down")}
 
 
 @pytest.mark.parametrize("bits", [(8, 8, 8), (4, 4, 6), (3, 4, 8)])
@@ -93,7 +113,7 @@ def test_quantized_step_matches_pytorch(small_model, artifacts, batch, bits):
     names = sess.module.output_names()
     n_blocks = sess.manifest.n_blocks
     outs = sess.forward_backward(x, y, np.tile(np.array(bits, np.float32), (n_blocks, 1)))
-    noises = {n.split("::bwq")[0]: torch.from_numpy(np.asarray(o)) for n, o in zip(names, outs) if n.endswith("/noise")}
+    noises = replay_noises(sess, names, outs, 0)
     assert len(noises) == 4
 
     ref = copy.deepcopy(model).train()

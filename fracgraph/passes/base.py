@@ -118,6 +118,15 @@ def replace_nodes(graph: onnx.GraphProto, pairs: list[tuple[onnx.NodeProto, list
     graph.node.extend(nodes)
 
 
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of the graph and, depth first, of its nodes' subgraphs (If branches)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+
+
 def upstream_nodes(producer: dict, start: str, stop: str) -> list[onnx.NodeProto]:
     """The nodes `start` depends on, walking back through `producer` (tensor -> node) and not past `stop`."""
     found, stack, seen = {}, [start], set()

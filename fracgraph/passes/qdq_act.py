@@ -14,7 +14,9 @@ four passes, two of them over one byte per element, each a multithreaded MLAS ke
 chain on a 128x16x32x32 tensor on 2 cores, bench/kernel_probes.py). Bits above 8 keep the original chain under an inner
 `If(bits <= 8)`. The pass checks the structure it relies on (per-tensor ReduceMin/ReduceMax of this very x,
 non-positive lower and at-least-L upper clip bound) and leaves any other quantizer alone, saying why. Error
-quantizers (stochastic rounding, clip at [0, L]) and weight quantizers (per-channel, small) are not rewritten.
+quantizers (stochastic rounding, clip at [0, L]) and weight quantizers (per-channel, small) are not rewritten, nor
+quantizers that fused-ops already made one FakeQuantize (the default where a C compiler is; this pass is then the
+fallback of `quantize --no-fused-kernels`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class QdqActPass(Pass):
             if node.op_type != "If" or ACT_TAG not in node.name:
                 continue
             then = next(a.g for a in node.attribute if a.name == "then_branch")
+            if any(n.op_type == "FakeQuantize" for n in then.node):   # already one fused op (passes/fused_ops.py)
+                continue
             reason = self._check(then, producer, inits)
             if reason:
                 notes.append(f"{node.name}: kept ({reason})")

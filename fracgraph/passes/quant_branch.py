@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 
 from .base import Pass, PassResult, assert_inputs_defined, replace_nodes
 
-_ELEMENTWISE = {"Sub", "Div", "Add", "Clip", "Round", "Mul"}
+_ELEMENTWISE = {"Sub", "Div", "Add", "Clip", "Round", "Mul",
+                "SRQuantize", "SRQuantizeNoise", "FakeQuantize"}   # + the fused quantizers (passes/fused_ops.py)
 
 
 class QuantBranchPass(Pass):

@@ -21,7 +21,8 @@ def builds(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("qdq")
     path = export(ConvZoo(), d / "zoo.onnx", shape=(2, 3, 9, 9))
-    return {on: build_artifacts(path, d / f"art_{on}", BuildOptions(skip_passes=() if on else ("qdq-act",))) and d / f"art_{on}"
+    return {on: build_artifacts(path, d / f"art_{on}", BuildOptions(fused_kernels=False,   # qdq-act is the --no-fused-kernels path
+                                                                            skip_passes=() if on else ("qdq-act",))) and d / f"art_{on}"
             for on in (False, True)}
 
 

@@ -1,0 +1,104 @@
+"""fracgraph's onnxruntime custom-op library (fused_ops.c): built here, on first use, with the C compiler.
+
+The training step's elementwise chains (the quantizers' centre, scale, noise, clamp, round, rescale; the range
+statistics; ReluGrad) are ops of domain `ai.fracgraph`, one multithreaded pass each (passes/fused_ops.py). The
+library is compiled for this CPU (-march=native) into a cache directory keyed by the source, the flags, the
+compiler and the CPU's flags, so a source change, another compiler or another CPU builds a new one; the build
+writes a temporary file and renames it, so concurrent first uses never load a half-written library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import FracgraphError
+
+DOMAIN = "ai.fracgraph"
+SOURCE = Path(__file__).with_name("fused_ops.c")
+# -ffp-contract=off: no fused multiply-add, so every step of the chain rounds like onnxruntime's separate ops
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+_loaded: ctypes.CDLL | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FRACGRAPH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fracgraph")
+    return Path(root)
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc")
+    return shutil.which(cc)
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def available() -> bool:
+    """True when the library can be built (a C compiler on PATH, or $CC) or is already built."""
+    return _loaded is not None or _compiler() is not None
+
+
+def library_path() -> Path:
+    """The compiled library for this machine, building it if needed; one-line FracgraphError if it cannot be."""
+    cc = _compiler()
+    if cc is None:
+        raise FracgraphError("fracgraph's fused error-quantizer kernels need a C compiler (cc, or set $CC); install one "
+                             "(e.g. apt-get install gcc) or re-run `fracgraph quantize` with --no-fused-kernels")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), *version, _cpu_flags()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"fused_ops-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".fused_ops-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if r.returncode != 0:
+            first = (r.stderr.strip().splitlines() or ["no message"])[0][:200]
+            raise FracgraphError(f"building fracgraph's kernels failed ({first}); fix the compiler or re-run "
+                                 f"`fracgraph quantize` with --no-fused-kernels")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _library() -> ctypes.CDLL:
+    global _loaded
+    if _loaded is None:
+        lib = ctypes.CDLL(str(library_path()))
+        lib.fg_set_seed.argtypes, lib.fg_set_seed.restype = [ctypes.c_uint64], None
+        lib.fg_get_seed.argtypes, lib.fg_get_seed.restype = [], ctypes.c_uint64
+        _loaded = lib
+    return _loaded
+
+
+def register(session_options) -> None:
+    """Make the `ai.fracgraph` ops known to a session about to be created with these options."""
+    session_options.register_custom_ops_library(str(library_path()))
+
+
+def set_seed(seed: int) -> None:
+    """The process seed of every SRQuantize node's generator (nodes created before or after share it)."""
+    _library().fg_set_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
+
+
+def get_seed() -> int:
+    return int(_library().fg_get_seed())

@@ -1,0 +1,592 @@
+/* fracgraph's onnxruntime custom ops: elementwise chains of the training step, each in one multithreaded pass.
+ *
+ * Domain "ai.fracgraph", loaded by fracgraph/kernels/__init__.py through SessionOptions.register_custom_ops_library,
+ * written into the training graph by passes/fused_ops.py:
+ *
+ *   SRQuantize(x, min, scale, hi)              attributes lo (float), salt (int)   the error quantizer
+ *   SRQuantizeNoise(x, min, scale, hi, noise)  attribute lo                        the same, noise from a tensor
+ *   FakeQuantize(x, min, scale, hi)            attribute lo                        the activation quantizer
+ *   MinMax(x) -> (min, max)                    per-tensor range, one read of x
+ *   ReluGrad(dY, X) -> dX                      dY where X > 0, else 0
+ *   ConvGradW(dY, X) -> dW                     2-D conv weight gradient (group 1); attributes kh, kw, sh, sw,
+ *                                              ph, pw, dh, dw (kernel, strides, leading pads, dilations)
+ *
+ * The quantizers compute, per element and in this order (quantizers.py's chain, each operation IEEE-rounded;
+ * the library is compiled with -ffp-contract=off so that no multiply-add is fused; noise = 0 for FakeQuantize):
+ *
+ *   q = Round(Clip((x - min) / scale + noise, lo, hi)) * scale + min        Round: half to even
+ *
+ * SRQuantize draws its noise from a counter-based generator: for the c-th call of a node with salt s under the
+ * process seed G,
+ *
+ *   key = mix(G ^ mix(s ^ mix(c)));  noise_i = (mix(key + (i + 1) * PHI) >> 40) * 2^-24 - 0.5
+ *
+ * where mix is SplitMix64's finalizer: U(-0.5, 0.5) on a 2^-24 grid, independent of the thread count, and
+ * reproducible from (G, s, c, i) alone (tests/conftest.py regenerates it in numpy). onnxruntime's
+ * RandomUniformLike costs ~4 ns per element on one thread; this is a few instructions per element on all of the
+ * session's threads.
+ *
+ * ConvGradW is onnxruntime's ConvGrad dW (which runs one im2col and one small GEMM per image, one image after
+ * another) as tasks over slices of the batch: each task im2cols an image into a cache-resident buffer and
+ * accumulates dW^T[k][co] += sum_p col[k][p] * dY^T[p][co] into its own partial sum (an AVX-512 register-tile
+ * kernel where the CPU has it and Co is a multiple of 16, plain loops otherwise); the partials are then added.
+ * Its values differ from ConvGrad's by float summation order only.
+ *
+ * The ABI: only the C API's stable parts are used, through a table of function-pointer slots of OrtApi
+ * version 17 (the slot numbers are the C API header's member order, which onnxruntime only ever appends to).
+ */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct OrtStatus OrtStatus;
+typedef void OrtApiSlot;
+typedef struct { OrtApiSlot* slot[275]; } OrtApi;
+typedef struct {
+  const OrtApi* (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+/* OrtApi slot numbers (member order of struct OrtApi in onnxruntime_c_api.h) */
+enum {
+  S_CreateStatus = 0, S_CreateCustomOpDomain = 26, S_CustomOpDomain_Add = 27, S_AddCustomOpDomain = 28,
+  S_GetTensorMutableData = 51, S_GetTensorShapeElementCount = 64, S_GetTensorTypeAndShape = 65,
+  S_KernelInfoGetAttribute_float = 85, S_KernelInfoGetAttribute_int64 = 86, S_KernelContext_GetInput = 90,
+  S_KernelContext_GetOutput = 91, S_ReleaseTensorTypeAndShapeInfo = 99, S_GetDimensionsCount = 61,
+  S_GetDimensions = 62, S_KernelContext_ParallelFor = 274,
+};
+#define API_VERSION 17
+#define ORT_FAIL 1
+#define FLOAT_T 1
+
+typedef OrtStatus* (*CreateStatusFn)(int, const char*);
+typedef OrtStatus* (*CreateDomainFn)(const char*, void**);
+typedef OrtStatus* (*DomainAddFn)(void*, const void*);
+typedef OrtStatus* (*AddDomainFn)(void*, void*);
+typedef OrtStatus* (*GetDataFn)(void*, void**);
+typedef OrtStatus* (*ElemCountFn)(const void*, size_t*);
+typedef OrtStatus* (*TypeShapeFn)(const void*, void**);
+typedef OrtStatus* (*AttrFloatFn)(const void*, const char*, float*);
+typedef OrtStatus* (*AttrIntFn)(const void*, const char*, int64_t*);
+typedef OrtStatus* (*GetInputFn)(const void*, size_t, const void**);
+typedef OrtStatus* (*GetOutputFn)(void*, size_t, const int64_t*, size_t, void**);
+typedef void (*ReleaseFn)(void*);
+typedef OrtStatus* (*DimCountFn)(const void*, size_t*);
+typedef OrtStatus* (*DimsFn)(const void*, int64_t*, size_t);
+typedef OrtStatus* (*ParallelForFn)(const void*, void (*)(void*, size_t), size_t, size_t, void*);
+
+static const OrtApi* g_api;
+#define API(name, type) ((type)g_api->slot[S_##name])
+
+/* The op description read by onnxruntime (struct OrtCustomOp, version 16 fields). */
+typedef struct OrtCustomOp {
+  uint32_t version;
+  void* (*CreateKernel)(const struct OrtCustomOp*, const OrtApi*, const void*);
+  const char* (*GetName)(const struct OrtCustomOp*);
+  const char* (*GetExecutionProviderType)(const struct OrtCustomOp*);
+  int (*GetInputType)(const struct OrtCustomOp*, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp*);
+  int (*GetOutputType)(const struct OrtCustomOp*, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp*);
+  void (*KernelCompute)(void*, void*);
+  void (*KernelDestroy)(void*);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp*, size_t);
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp*, size_t);
+  int (*GetInputMemoryType)(const struct OrtCustomOp*, size_t);
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp*);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp*);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp*);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp*);
+  OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp*, const OrtApi*, const void*, void**);
+  OrtStatus* (*KernelComputeV2)(void*, void*);
+  void* tail[16];   /* later fields, unread at version 16 */
+} OrtCustomOp;
+
+/* ---- the generator ------------------------------------------------------------------------------------- */
+static uint64_t g_seed = 0x5EEDF4AC7A41ULL;
+static const uint64_t PHI = 0x9E3779B97F4A7C15ULL;
+
+static inline uint64_t mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+/* Sets the process seed G (fracgraph's TrainSession calls it with the run's seed before any step). */
+void fg_set_seed(uint64_t seed) { g_seed = seed; }
+uint64_t fg_get_seed(void) { return g_seed; }
+
+/* ---- the kernels --------------------------------------------------------------------------------------- */
+enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, N_KINDS };
+
+typedef struct {
+  int kind;
+  float lo;
+  uint64_t salt;
+  uint64_t calls;
+  int64_t conv[8];   /* CONV_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw */
+} Kernel;
+
+typedef struct {
+  const float* x;
+  const float* aux;    /* noise (SR_NOISE) or X (RELU_GRAD) */
+  float* y;
+  float mn, s, lo, hi;
+  uint64_t key;
+  size_t n;
+  float* part_min;     /* MIN_MAX: one slot per chunk */
+  float* part_max;
+  int kind;
+} Job;
+
+#define CHUNK 16384
+
+static void run_chunk(void* p, size_t c) {
+  const Job* j = (const Job*)p;
+  size_t a = c * CHUNK, b = a + CHUNK < j->n ? a + CHUNK : j->n;
+  const float* x = j->x;
+  float* y = j->y;
+  const float mn = j->mn, s = j->s, lo = j->lo, hi = j->hi;
+  switch (j->kind) {
+    case SR_NOISE: {
+      const float* nz = j->aux;
+      for (size_t i = a; i < b; ++i) {
+        float u = (x[i] - mn) / s + nz[i];
+        u = u < lo ? lo : u;
+        u = u > hi ? hi : u;
+        y[i] = nearbyintf(u) * s + mn;
+      }
+      break;
+    }
+    case SR_RNG: {
+      const uint64_t key = j->key;
+      for (size_t i = a; i < b; ++i) {
+        uint64_t z = mix(key + (uint64_t)(i + 1) * PHI);
+        float nz = (float)(uint32_t)(z >> 40) * 0x1p-24f - 0.5f;
+        float u = (x[i] - mn) / s + nz;
+        u = u < lo ? lo : u;
+        u = u > hi ? hi : u;
+        y[i] = nearbyintf(u) * s + mn;
+      }
+      break;
+    }
+    case FAKE_QUANT:
+      for (size_t i = a; i < b; ++i) {
+        float u = (x[i] - mn) / s;
+        u = u < lo ? lo : u;
+        u = u > hi ? hi : u;
+        y[i] = nearbyintf(u) * s + mn;
+      }
+      break;
+    case MIN_MAX: {
+      /* LANES independent running extremes: elementwise over arrays, which the compiler vectorizes (a scalar
+       * min/max reduction it may not reorder without -ffast-math) */
+      enum { LANES = 32 };
+      float lo_l[LANES], hi_l[LANES];
+      size_t i = a;
+      for (int l = 0; l < LANES; ++l) lo_l[l] = hi_l[l] = x[a];
+      for (; i + LANES <= b; i += LANES)
+        for (int l = 0; l < LANES; ++l) {
+          lo_l[l] = x[i + l] < lo_l[l] ? x[i + l] : lo_l[l];
+          hi_l[l] = x[i + l] > hi_l[l] ? x[i + l] : hi_l[l];
+        }
+      for (; i < b; ++i) {
+        lo_l[0] = x[i] < lo_l[0] ? x[i] : lo_l[0];
+        hi_l[0] = x[i] > hi_l[0] ? x[i] : hi_l[0];
+      }
+      for (int l = 1; l < LANES; ++l) {
+        lo_l[0] = lo_l[l] < lo_l[0] ? lo_l[l] : lo_l[0];
+        hi_l[0] = hi_l[l] > hi_l[0] ? hi_l[l] : hi_l[0];
+      }
+      j->part_min[c] = lo_l[0];
+      j->part_max[c] = hi_l[0];
+      break;
+    }
+    case RELU_GRAD: {
+      const float* xr = j->aux;
+      for (size_t i = a; i < b; ++i) y[i] = xr[i] > 0.0f ? x[i] : 0.0f;
+      break;
+    }
+  }
+}
+
+static OrtStatus* fail(const char* msg) { return API(CreateStatus, CreateStatusFn)(ORT_FAIL, msg); }
+
+/* Shape of input `index`: rank, dims (up to 16) and element count. */
+static OrtStatus* input_shape(void* ctx, size_t index, const void** v, int64_t* dims, size_t* rank, size_t* count) {
+  void* info;
+  OrtStatus* st;
+  if ((st = API(KernelContext_GetInput, GetInputFn)(ctx, index, v))) return st;
+  if ((st = API(GetTensorTypeAndShape, TypeShapeFn)(*v, &info))) return st;
+  if (!(st = API(GetDimensionsCount, DimCountFn)(info, rank))) {
+    if (*rank > 16) st = fail("fracgraph kernels: tensors above rank 16 are not supported");
+    else if (!(st = API(GetDimensions, DimsFn)(info, dims, *rank)))
+      st = API(GetTensorShapeElementCount, ElemCountFn)(info, count);
+  }
+  API(ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
+  return st;
+}
+
+static OrtStatus* scalar_input(void* ctx, size_t index, float* out) {
+  const void* v;
+  int64_t dims[16];
+  size_t rank, count;
+  float* data;
+  OrtStatus* st;
+  if ((st = input_shape(ctx, index, &v, dims, &rank, &count))) return st;
+  if (count != 1) return fail("fracgraph quantizer kernels: min, scale and hi must be scalars");
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)v, (void**)&data))) return st;
+  *out = data[0];
+  return NULL;
+}
+
+static OrtStatus* parallel(void* ctx, Job* j) {
+  size_t chunks = (j->n + CHUNK - 1) / CHUNK;
+  if (chunks <= 1) {
+    if (j->n) run_chunk(j, 0);
+    return NULL;
+  }
+  return API(KernelContext_ParallelFor, ParallelForFn)(ctx, run_chunk, chunks, 0, j);
+}
+
+static OrtStatus* compute_min_max(void* ctx, Job* j) {
+  OrtStatus* st;
+  void *lo_v, *hi_v;
+  float *lo, *hi;
+  size_t chunks = (j->n + CHUNK - 1) / CHUNK;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, NULL, 0, &lo_v))) return st;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, NULL, 0, &hi_v))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(lo_v, (void**)&lo))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(hi_v, (void**)&hi))) return st;
+  if (!j->n) return fail("fracgraph MinMax: the tensor is empty");
+  j->part_min = (float*)malloc(2 * chunks * sizeof(float));
+  if (!j->part_min) return fail("fracgraph MinMax: out of memory");
+  j->part_max = j->part_min + chunks;
+  st = parallel(ctx, j);
+  if (!st) {
+    float a = j->part_min[0], b = j->part_max[0];
+    for (size_t c = 1; c < chunks; ++c) {
+      a = j->part_min[c] < a ? j->part_min[c] : a;
+      b = j->part_max[c] > b ? j->part_max[c] : b;
+    }
+    *lo = a;
+    *hi = b;
+  }
+  free(j->part_min);
+  return st;
+}
+
+
+/* ---- ConvGradW ------------------------------------------------------------------------------------------- */
+/* dW[co][ci][a][b] = sum_{n,ho,wo} dY[n][co][ho][wo] * X[n][ci][ho*sh - ph + a*dh][wo*sw - pw + b*dw]
+ *
+ * As a GEMM per image, dW^T[k][co] += sum_p B[k][p] * dY^T[p][co] with k = (ci, a, b). Stride 1: B needs no
+ * im2col: on X zero-padded to a grid of width Wg = Wo + (kw-1)*dw, the row of k is the padded image read from
+ * offset a*dh*Wg + b*dw, and p runs over the output positions on that grid (dY^T is zero on its Wg - Wo extra
+ * columns). Strided convs im2col B into a buffer. Either way the image's operands stay in cache. */
+typedef struct {
+  const float* dy;
+  const float* x;
+  float* parts;      /* tasks x Kp x Co: each task's dW^T */
+  float* scratch;    /* tasks x scratch_floats */
+  int64_t N, Ci, H, W, Co, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+  size_t K, Kp, P, Wg, Hg, pad_floats, scratch_floats, tasks;
+  int direct;        /* stride 1: rows into the padded image instead of im2col */
+} WJob;
+
+#define TILE_ROWS 8   /* B rows (k) per register tile: 8 x (Co / 16) accumulators, Co <= 64 */
+
+static void im2col(const WJob* j, const float* x, float* col) {
+  const int64_t H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo;
+  for (int64_t ci = 0; ci < j->Ci; ++ci)
+    for (int64_t a = 0; a < j->kh; ++a)
+      for (int64_t b = 0; b < j->kw; ++b) {
+        float* row = col + (size_t)((ci * j->kh + a) * j->kw + b) * j->P;
+        const int64_t off = b * j->dw - j->pw, sw = j->sw;
+        for (int64_t ho = 0; ho < Ho; ++ho) {
+          const int64_t hi = ho * j->sh - j->ph + a * j->dh;
+          float* out = row + ho * Wo;
+          for (int64_t wo = 0; wo < Wo; ++wo) {
+            const int64_t wi = wo * sw + off;
+            out[wo] = (hi >= 0 && hi < H && wi >= 0 && wi < W) ? x[(ci * H + hi) * W + wi] : 0.0f;
+          }
+        }
+      }
+}
+
+/* X zero-padded onto the Hg x Wg grid (ph rows and pw columns before), plus (kw-1)*dw zeros of slack after. */
+static void pad_image(const WJob* j, const float* x, float* xp) {
+  const size_t Wg = j->Wg, Hg = j->Hg;
+  memset(xp, 0, j->pad_floats * sizeof(float));
+  for (int64_t ci = 0; ci < j->Ci; ++ci)
+    for (int64_t h = 0; h < j->H; ++h) {
+      const int64_t hg = h + j->ph;
+      if (hg < 0 || hg >= (int64_t)Hg) continue;
+      const int64_t w0 = j->pw < 0 ? -j->pw : 0;
+      const int64_t w1 = j->W < (int64_t)Wg - j->pw ? j->W : (int64_t)Wg - j->pw;
+      if (w1 > w0) memcpy(xp + (ci * Hg + hg) * Wg + w0 + j->pw, x + (ci * j->H + h) * j->W + w0, (size_t)(w1 - w0) * sizeof(float));
+    }
+}
+
+/* dY^T of one image on a grid of row width `width` (>= Wo, extra columns zero): out[(ho*width + wo)*Co + co]. */
+static void transpose_dy(const float* dy, float* out, size_t Co, size_t Ho, size_t Wo, size_t width) {
+  memset(out, 0, Ho * width * Co * sizeof(float));
+  enum { B = 16 };
+  for (size_t c0 = 0; c0 < Co; c0 += B)
+    for (size_t q0 = 0; q0 < Ho * Wo; q0 += B) {
+      const size_t c1 = c0 + B < Co ? c0 + B : Co, q1 = q0 + B < Ho * Wo ? q0 + B : Ho * Wo;
+      for (size_t q = q0; q < q1; ++q) {
+        float* dst = out + ((q / Wo) * width + q % Wo) * Co;
+        for (size_t co = c0; co < c1; ++co) dst[co] = dy[co * Ho * Wo + q];
+      }
+    }
+}
+
+/* ct[k][co] += sum_{p < P} rows[k][p] * dyt[p][co] for k < Kp (Kp a multiple of TILE_ROWS). */
+static void gemm_rows(const float* const* rows, const float* dyt, float* ct, size_t Kp, size_t P, size_t Co) {
+#if defined(__AVX512F__)
+  if (Co % 16 == 0 && Co <= 64) {
+    const size_t V = Co / 16;
+    for (size_t k0 = 0; k0 < Kp; k0 += TILE_ROWS) {
+      __m512 acc[TILE_ROWS][4];
+      const float* r_[TILE_ROWS];
+      for (int r = 0; r < TILE_ROWS; ++r) {
+        r_[r] = rows[k0 + r];
+        for (size_t v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+      }
+      if (V == 1) {
+        for (size_t p = 0; p < P; ++p) {
+          const __m512 b0 = _mm512_loadu_ps(dyt + p * Co);
+          for (int r = 0; r < TILE_ROWS; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(r_[r][p]), b0, acc[r][0]);
+        }
+      } else if (V == 2) {
+        for (size_t p = 0; p < P; ++p) {
+          const __m512 b0 = _mm512_loadu_ps(dyt + p * Co), b1 = _mm512_loadu_ps(dyt + p * Co + 16);
+          for (int r = 0; r < TILE_ROWS; ++r) {
+            const __m512 a = _mm512_set1_ps(r_[r][p]);
+            acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+          }
+        }
+      } else {
+        for (size_t p = 0; p < P; ++p) {
+          __m512 b[4];
+          for (size_t v = 0; v < 4; ++v) b[v] = v < V ? _mm512_loadu_ps(dyt + p * Co + 16 * v) : _mm512_setzero_ps();
+          for (int r = 0; r < TILE_ROWS; ++r) {
+            const __m512 a = _mm512_set1_ps(r_[r][p]);
+            for (size_t v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+          }
+        }
+      }
+      for (int r = 0; r < TILE_ROWS; ++r)
+        for (size_t v = 0; v < V; ++v) {
+          float* dst = ct + (k0 + r) * Co + 16 * v;
+          _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[r][v]));
+        }
+    }
+    return;
+  }
+#endif
+  for (size_t k = 0; k < Kp; ++k) {
+    float* dst = ct + k * Co;
+    for (size_t p = 0; p < P; ++p) {
+      const float a = rows[k][p];
+      const float* b = dyt + p * Co;
+      for (size_t co = 0; co < Co; ++co) dst[co] += a * b[co];
+    }
+  }
+}
+
+static void conv_grad_task(void* p, size_t t) {
+  const WJob* j = (const WJob*)p;
+  const size_t Co = (size_t)j->Co, Kp = j->Kp;
+  const size_t grid_p = j->direct ? (size_t)j->Ho * j->Wg : j->P;    /* GEMM length: positions on the grid */
+  float* buf = j->scratch + t * j->scratch_floats;                   /* [image: pad or col][dY^T][zeros] */
+  float* image = buf;
+  float* dyt = image + (j->direct ? j->pad_floats : Kp * j->P);
+  float* zeros = dyt + grid_p * Co;
+  const float** rows = (const float**)malloc(Kp * sizeof(float*));
+  float* ct = j->parts + t * Kp * Co;
+  const int64_t n0 = (int64_t)(t * (size_t)j->N / j->tasks), n1 = (int64_t)((t + 1) * (size_t)j->N / j->tasks);
+  memset(ct, 0, Kp * Co * sizeof(float));
+  memset(zeros, 0, grid_p * sizeof(float));
+  if (!rows) return;   /* the caller sees the task's NaN-free zero partial; allocation of 8 pointers does not fail */
+  for (size_t k = 0; k < Kp; ++k) {
+    if (k >= j->K) { rows[k] = zeros; continue; }
+    if (!j->direct) { rows[k] = image + k * j->P; continue; }
+    const size_t ci = k / (size_t)(j->kh * j->kw), a = (k / (size_t)j->kw) % (size_t)j->kh, b = k % (size_t)j->kw;
+    rows[k] = image + ci * j->Hg * j->Wg + a * (size_t)j->dh * j->Wg + b * (size_t)j->dw;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* x = j->x + (size_t)n * j->Ci * j->H * j->W;
+    if (j->direct) pad_image(j, x, image); else im2col(j, x, image);
+    transpose_dy(j->dy + (size_t)n * Co * j->P, dyt, Co, (size_t)j->Ho, (size_t)j->Wo, j->direct ? j->Wg : (size_t)j->Wo);
+    gemm_rows(rows, dyt, ct, Kp, grid_p, Co);
+  }
+  free(rows);
+}
+
+#define MAX_TASKS 8
+
+static OrtStatus* compute_conv_grad_w(Kernel* k, void* ctx) {
+  const void *dyv, *xv;
+  void* wv;
+  int64_t dd[16], xd[16];
+  size_t dr, xr, dn, xn;
+  OrtStatus* st;
+  WJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &dyv, dd, &dr, &dn)) || (st = input_shape(ctx, 1, &xv, xd, &xr, &xn))) return st;
+  if (dr != 4 || xr != 4 || dd[0] != xd[0]) return fail("fracgraph ConvGradW: dY and X must be NCHW tensors of one batch");
+  j.N = xd[0], j.Ci = xd[1], j.H = xd[2], j.W = xd[3], j.Co = dd[1], j.Ho = dd[2], j.Wo = dd[3];
+  j.kh = k->conv[0], j.kw = k->conv[1], j.sh = k->conv[2], j.sw = k->conv[3];
+  j.ph = k->conv[4], j.pw = k->conv[5], j.dh = k->conv[6], j.dw = k->conv[7];
+  j.P = (size_t)(j.Ho * j.Wo);
+  j.K = (size_t)(j.Ci * j.kh * j.kw);
+  j.Kp = (j.K + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+  j.direct = j.sh == 1 && j.sw == 1;
+  j.Wg = (size_t)(j.Wo + (j.kw - 1) * j.dw);
+  j.Hg = (size_t)(j.Ho + (j.kh - 1) * j.dh);
+  j.pad_floats = (size_t)j.Ci * j.Hg * j.Wg + (size_t)((j.kw - 1) * j.dw);
+  const size_t grid_p = j.direct ? (size_t)j.Ho * j.Wg : j.P;
+  j.scratch_floats = (j.direct ? j.pad_floats : j.Kp * j.P) + grid_p * (size_t)j.Co + grid_p;
+  int64_t wd[4] = {j.Co, j.Ci, j.kh, j.kw};
+  float *dw, *mem;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, wd, 4, &wv))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(wv, (void**)&dw))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)dyv, (void**)&j.dy))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
+  const size_t Co = (size_t)j.Co, K = j.K;
+  j.tasks = j.N < MAX_TASKS ? (size_t)j.N : MAX_TASKS;
+  if (j.tasks == 0 || j.P == 0) {
+    memset(dw, 0, Co * K * sizeof(float));
+    return NULL;
+  }
+  mem = (float*)malloc(j.tasks * (j.Kp * Co + j.scratch_floats) * sizeof(float));
+  if (!mem) return fail("fracgraph ConvGradW: out of memory");
+  j.parts = mem;
+  j.scratch = mem + j.tasks * j.Kp * Co;
+  st = j.tasks > 1 ? API(KernelContext_ParallelFor, ParallelForFn)(ctx, conv_grad_task, j.tasks, 0, &j)
+                   : (conv_grad_task(&j, 0), NULL);
+  if (!st)
+    for (size_t co = 0; co < Co; ++co)
+      for (size_t kk = 0; kk < K; ++kk) {
+        float sum = 0.0f;
+        for (size_t t = 0; t < j.tasks; ++t) sum += j.parts[(t * j.Kp + kk) * Co + co];
+        dw[co * K + kk] = sum;
+      }
+  free(mem);
+  return st;
+}
+
+static OrtStatus* compute(void* kernel, void* ctx) {
+  Kernel* k = (Kernel*)kernel;
+  const void *xv, *av;
+  void* yv;
+  size_t n, rank, an, arank;
+  int64_t dims[16], adims[16];
+  OrtStatus* st;
+  Job j;
+  memset(&j, 0, sizeof j);
+  j.kind = k->kind;
+  if (k->kind == CONV_GRAD_W) return compute_conv_grad_w(k, ctx);
+  if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
+  j.n = n;
+  if (k->kind == MIN_MAX) return compute_min_max(ctx, &j);
+  if (k->kind == RELU_GRAD || k->kind == SR_NOISE) {
+    if ((st = input_shape(ctx, k->kind == RELU_GRAD ? 1 : 4, &av, adims, &arank, &an))) return st;
+    if (an != n) return fail("fracgraph kernels: the second tensor has another element count than the first");
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)av, (void**)&j.aux))) return st;
+  }
+  if (k->kind != RELU_GRAD) {
+    if ((st = scalar_input(ctx, 1, &j.mn)) || (st = scalar_input(ctx, 2, &j.s)) || (st = scalar_input(ctx, 3, &j.hi))) return st;
+    j.lo = k->lo;
+  }
+  if (k->kind == SR_RNG) j.key = mix(g_seed ^ mix(k->salt ^ mix(k->calls)));
+  k->calls++;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &yv))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y))) return st;
+  return parallel(ctx, &j);
+}
+
+static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
+                                           "ConvGradW"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1};
+static const char* const CONV_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"};
+
+/* Each op's OrtCustomOp sits first in an OpDef, so the callbacks find their kind from the op pointer. */
+typedef struct {
+  struct OrtCustomOp op;
+  int kind;
+} OpDef;
+
+static int kind_of(const OrtCustomOp* op) { return ((const OpDef*)op)->kind; }
+
+static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
+  (void)api;
+  Kernel* k = (Kernel*)calloc(1, sizeof(Kernel));
+  OrtStatus* st;
+  int64_t salt = 0;
+  if (!k) return fail("fracgraph kernels: out of memory");
+  k->kind = kind_of(op);
+  if (k->kind <= FAKE_QUANT && (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "lo", &k->lo))) { free(k); return st; }
+  if (k->kind == SR_RNG && (st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "salt", &salt))) { free(k); return st; }
+  k->salt = (uint64_t)salt;
+  if (k->kind == CONV_GRAD_W)
+    for (int a = 0; a < 8; ++a)
+      if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, CONV_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  *out = k;
+  return NULL;
+}
+
+static void destroy(void* k) { free(k); }
+static const char* op_name(const OrtCustomOp* op) { return NAMES[kind_of(op)]; }
+static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int float_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return FLOAT_T; }
+static size_t n_inputs(const OrtCustomOp* op) { return N_INPUTS[kind_of(op)]; }
+static size_t n_outputs(const OrtCustomOp* op) { return N_OUTPUTS[kind_of(op)]; }
+static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int mem_default(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int arity(const OrtCustomOp* op) { (void)op; return 1; }
+static int homogeneous(const OrtCustomOp* op) { (void)op; return 1; }
+
+static OpDef g_ops[N_KINDS];
+
+OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
+  void* domain;
+  OrtStatus* st;
+  g_api = base->GetApi(API_VERSION);
+  if (!g_api) return NULL;   /* onnxruntime older than 1.17: cannot happen with the pinned 1.19 */
+  if ((st = API(CreateCustomOpDomain, CreateDomainFn)("ai.fracgraph", &domain))) return st;
+  for (int kind = 0; kind < N_KINDS; ++kind) {
+    OrtCustomOp* op = &g_ops[kind].op;
+    memset(&g_ops[kind], 0, sizeof g_ops[kind]);
+    g_ops[kind].kind = kind;
+    op->version = 16;
+    op->GetName = op_name;
+    op->GetExecutionProviderType = provider;
+    op->GetInputType = float_type;
+    op->GetInputTypeCount = n_inputs;
+    op->GetOutputType = float_type;
+    op->GetOutputTypeCount = n_outputs;
+    op->KernelDestroy = destroy;
+    op->GetInputCharacteristic = required;
+    op->GetOutputCharacteristic = required;
+    op->GetInputMemoryType = mem_default;
+    op->GetVariadicInputMinArity = arity;
+    op->GetVariadicInputHomogeneity = homogeneous;
+    op->GetVariadicOutputMinArity = arity;
+    op->GetVariadicOutputHomogeneity = homogeneous;
+    op->CreateKernelV2 = create;
+    op->KernelComputeV2 = compute;
+    if ((st = API(CustomOpDomain_Add, DomainAddFn)(domain, op))) return st;
+  }
+  return API(AddCustomOpDomain, AddDomainFn)(options, domain);
+}

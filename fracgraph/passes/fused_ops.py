@@ -1,0 +1,152 @@
+"""Training-graph pass: the step's elementwise chains as fracgraph's fused custom ops (fracgraph/kernels).
+
+What onnxruntime runs as several full passes over a tensor, this pass replaces by one op of domain `ai.fracgraph`
+(fused_ops.c), each computing bitwise the values of the ops it replaces:
+
+- error quantizer (bw-quant; quantizers.py, stochastic, clamp [0, L]):
+  `Round(Clip((x - min) / s + noise, lo, hi)) * s + min`, seven passes plus onnxruntime's single-threaded
+  RandomUniformLike (~4 ns per element, 18% of the resnet20 FW8/BW8 step) -> `SRQuantize(x, min, s, hi)`, which
+  draws the noise from its own counter-based generator (another stream of the same U(-0.5, 0.5), on a 2^-24
+  grid). Where the noise tensor is read elsewhere (exposed for exact replay, or one shared draw,
+  passes/shared_noise.py) -> `SRQuantizeNoise(x, min, s, hi, noise)`, bitwise the chain's values;
+- activation quantizer (per-tensor, deterministic): the six-op chain -> `FakeQuantize(x, min, s, hi)`;
+- per-tensor range: `ReduceMin(x)` and `ReduceMax(x)` over all axes -> one `MinMax(x)`, one read of x;
+- `ReluGrad(dY, X)` (onnxruntime's is single-threaded) -> `ReluGrad` of this domain.
+
+(The conv weight gradient, the one fused op whose values are not bitwise onnxruntime's, is passes/conv_grad_w.py.)
+
+Chains are matched by their node names and wiring (quantizers.py names every op `<prefix>/<step>`) and only when
+no intermediate is read outside the chain; anything else is kept and the notes say why. The range statistics
+and the bits > 0 switch are untouched; quant-branch moves a fused quantizer under its If like the chain. Runs
+after ste-grad (which needs the FW chains) and before quant-branch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+from onnx import helper, numpy_helper
+
+from ..kernels import DOMAIN
+from .base import Pass, PassResult, assert_inputs_defined, replace_nodes
+
+_SR_STEPS = (("centered", "Sub"), ("u", "Div"), ("u_noisy", "Add"), ("clamped", "Clip"), ("rounded", "Round"),
+             ("descaled", "Mul"), ("q", "Add"))
+_FQ_STEPS = tuple(s for s in _SR_STEPS if s[0] != "u_noisy")
+_PER_TENSOR_TAGS = ("::bwq", "::fq_a")   # per-tensor quantizers; weights (::fq_w) have per-channel ranges
+
+
+def import_domain(model) -> None:
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+def salt(name: str) -> int:
+    """A node's generator salt: a stable 63-bit hash of its name, so each error quantizer draws its own stream."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+
+
+class FusedOpsPass(Pass):
+    name = "fused-ops"
+    fused = 0   # ops written by the last call: the artifacts then need the kernels library
+
+    def call(self, model):
+        graph = model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers = defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.outputs = {o.name for o in graph.output}
+        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        pairs, notes = [], []
+        for q in [n for n in graph.node if n.name.endswith("/q") and n.op_type == "Add"]:
+            prefix = q.name[: -len("/q")]
+            if any(tag in prefix for tag in _PER_TENSOR_TAGS):
+                note = self._quantizer(prefix, q, pairs)
+                if note:
+                    notes.append(note)
+        n_quant = len([p for p in pairs if p[1]])
+        n_range = self._ranges(graph, pairs)
+        n_relu = self._relu_grads(graph, pairs)
+        replace_nodes(graph, pairs)
+        self.fused = n_quant + n_range + n_relu
+        if self.fused:
+            import_domain(model)
+        notes.insert(0, f"{n_quant} quantizers, {n_range} range statistics and {n_relu} ReluGrad on fracgraph's fused ops")
+        return PassResult(model, bool(self.fused), notes)
+
+    # -- quantizers ---------------------------------------------------------------------------------------------
+    def _quantizer(self, prefix, q, pairs) -> str | None:
+        stochastic = f"{prefix}/u_noisy" in self.producer
+        chain, why = self._chain(prefix, q, _SR_STEPS if stochastic else _FQ_STEPS)
+        if chain is None:
+            return f"{prefix}: kept the chain ({why})"
+        sub, div, *_, clip, _, mul, _ = chain
+        x, mn, s = sub.input[0], sub.input[1], div.input[1]
+        lo = self.consts.get(clip.input[1]) if len(clip.input) > 1 else None
+        if lo is None or lo.size != 1 or len(clip.input) < 3 or mul.input[1] != s or q.input[1] != mn:
+            return f"{prefix}: kept the chain (clip bounds or scale are not the quantizer's)"
+        args = [x, mn, s, clip.input[2]]
+        if not stochastic:
+            fused = helper.make_node("FakeQuantize", args, list(q.output), name=q.name, domain=DOMAIN, lo=float(lo.item()))
+        else:
+            noise = chain[2].input[1]
+            rng = self.producer.get(noise)
+            if (rng is not None and rng.op_type == "RandomUniformLike" and noise not in self.outputs
+                    and len(self.consumers[noise]) == 1):
+                fused = helper.make_node("SRQuantize", args, list(q.output), name=q.name, domain=DOMAIN,
+                                         lo=float(lo.item()), salt=salt(prefix))
+                pairs.append((rng, []))
+            else:
+                fused = helper.make_node("SRQuantizeNoise", args + [noise], list(q.output), name=q.name, domain=DOMAIN,
+                                         lo=float(lo.item()))
+        pairs.extend((n, []) for n in chain[:-1])
+        pairs.append((q, [fused]))
+        return None
+
+    def _chain(self, prefix, q, steps):
+        """The chain's nodes, last = q, when each is the named op and feeds only the next one."""
+        chain = []
+        for step, op in steps:
+            n = q if step == "q" else self.producer.get(f"{prefix}/{step}")
+            if n is None or n.op_type != op or n.name != f"{prefix}/{step}":
+                return None, f"no {op} {prefix}/{step}"
+            chain.append(n)
+        for a, b in zip(chain, chain[1:]):
+            out = a.output[0]
+            if out not in b.input[:1] or out in self.outputs or len(self.consumers[out]) != 1:
+                return None, f"{a.name} is read outside the chain"
+        return chain, ""
+
+    # -- range statistics and ReluGrad ---------------------------------------------------------------------------
+    def _ranges(self, graph, pairs) -> int:
+        """ReduceMin(x) + ReduceMax(x) over all axes, keepdims 0 -> MinMax(x) with both outputs."""
+        def whole(n):
+            keep = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
+            return len(n.input) == 1 and keep == 0 and not any(a.name == "axes" for a in n.attribute)
+
+        mins = {n.input[0]: n for n in graph.node if n.op_type == "ReduceMin" and whole(n)}
+        count = 0
+        for mx in [n for n in graph.node if n.op_type == "ReduceMax" and whole(n)]:
+            mn = mins.pop(mx.input[0], None)
+            if mn is None:
+                continue
+            pairs.append((mn, []))
+            pairs.append((mx, [helper.make_node("MinMax", [mx.input[0]], [mn.output[0], mx.output[0]],
+                                                name=f"{mn.name}::minmax", domain=DOMAIN)]))
+            count += 1
+        return count
+
+    @staticmethod
+    def _relu_grads(graph, pairs) -> int:
+        count = 0
+        for n in graph.node:
+            if n.op_type == "ReluGrad" and n.domain == "com.microsoft":
+                pairs.append((n, [helper.make_node("ReluGrad", list(n.input), list(n.output), name=n.name, domain=DOMAIN)]))
+                count += 1
+        return count
+
+    def ensures(self, model):
+        assert_inputs_defined(model)

@@ -1,0 +1,194 @@
+"""fracgraph's fused ops (fracgraph/kernels/fused_ops.c) against numpy, and the fused-ops pass against the ops it replaces.
+
+The numpy references are written from the formulas in fused_ops.c's header (the chain of quantizers.py, and
+SplitMix64's finalizer over a per-call key), not from the C code: a kernel that rounds a step differently,
+fuses a multiply-add, draws from another stream or depends on the thread count fails bitwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+from fracgraph import kernels  # noqa: E402
+from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
+from fracgraph.passes.base import all_nodes  # noqa: E402
+from fracgraph.passes.fused_ops import salt  # noqa: E402
+
+from conftest import sr_noise_ref as noise_ref  # noqa: E402
+from conftest import export  # noqa: E402
+from test_speed_passes import ConvZoo, _seed_noise, _step  # noqa: E402
+
+
+def chain_ref(x, mn, s, lo, hi, noise):
+    """quantizers.py's chain in float32, one rounding per op: Round(Clip((x - mn) / s + noise, lo, hi)) * s + mn."""
+    f = np.float32
+    u = (x - f(mn)) / f(s) + noise.reshape(x.shape)
+    return np.round(np.clip(u, f(lo), f(hi))) * f(s) + f(mn)
+
+
+INPUTS = {"SRQuantize": ["x", "mn", "s", "hi"], "SRQuantizeNoise": ["x", "mn", "s", "hi", "noise"],
+          "FakeQuantize": ["x", "mn", "s", "hi"], "MinMax": ["x"], "ReluGrad": ["dy", "x"]}
+
+
+def session(op: str, threads: int, **attrs) -> ort.InferenceSession:
+    names, outs = INPUTS[op], ["lo", "hi"] if op == "MinMax" else ["y"]
+    graph = helper.make_graph([helper.make_node(op, names, outs, domain=kernels.DOMAIN, **attrs)], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    kernels.register(so)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def operands(shape, seed=0, levels=255.0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    mn, mx = np.float32(x.min()) if x.size else np.float32(0), np.float32(x.max()) if x.size else np.float32(1)
+    s = np.maximum((mx - mn) / np.float32(levels), np.float32(1e-8)).astype(np.float32)
+    return x, np.array(mn), np.array(s), np.array(levels, np.float32)
+
+
+@pytest.mark.parametrize("shape", [(0,), (7,), (3, 5, 11, 13), (2, 16, 40, 40)])   # empty, below, across chunks
+@pytest.mark.parametrize("threads", [1, 2])
+def test_noise_op_is_the_chain_bitwise(shape, threads):
+    x, mn, s, hi = operands(shape)
+    noise = np.random.default_rng(1).uniform(-0.5, 0.5, shape).astype(np.float32)
+    y = session("SRQuantizeNoise", threads, lo=0.0).run(None, dict(x=x, mn=mn, s=s, hi=hi, noise=noise))[0]
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert np.array_equal(y, chain_ref(x, mn, s, 0.0, hi, noise))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11, 13), (2, 16, 40, 40)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic_ops_bitwise(shape, threads):
+    """FakeQuantize = the noiseless chain (with the activation quantizer's slack bounds), MinMax = min and max,
+    ReluGrad = dY where X > 0 else 0."""
+    x, mn, s, hi = operands(shape, levels=15.0)
+    slack_hi = np.array(15.49, np.float32)
+    y = session("FakeQuantize", threads, lo=-0.49).run(None, dict(x=x, mn=mn, s=s, hi=slack_hi))[0]
+    assert np.array_equal(y, chain_ref(x, mn, s, -0.49, slack_hi, np.zeros_like(x)))
+    x[tuple(k // 2 for k in shape)] = -1e30   # extremes away from the first chunk's first element
+    x.reshape(-1)[-1] = 1e30
+    lo, top = session("MinMax", threads).run(None, dict(x=x))
+    assert lo.shape == () and top.shape == () and lo == x.min() and top == x.max()
+    dy = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    x.reshape(-1)[:3] = 0.0   # X = 0 passes no gradient
+    dx = session("ReluGrad", threads).run(None, dict(dy=dy, x=x))[0]
+    assert np.array_equal(dx, np.where(x > 0, dy, np.float32(0))) and not np.signbit(dx[x <= 0]).any()
+
+
+def test_min_max_refuses_an_empty_tensor():
+    with pytest.raises(Exception, match="empty"):
+        session("MinMax", 1).run(None, dict(x=np.zeros((0, 3), np.float32)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_generator_is_the_reference_stream(threads):
+    """Call c of a node draws noise_ref(G, salt, c): reproducible, fresh every call, whatever the thread count."""
+    x, mn, s, hi = operands((4, 8, 33, 31), seed=2, levels=63.0)
+    kernels.set_seed(1234)
+    sess = session("SRQuantize", threads, lo=0.0, salt=77)
+    feeds = dict(x=x, mn=mn, s=s, hi=hi)
+    outs = [sess.run(None, feeds)[0] for _ in range(3)]
+    for call, y in enumerate(outs):
+        assert np.array_equal(y, chain_ref(x, mn, s, 0.0, hi, noise_ref(1234, 77, call, x.size))), call
+    assert not np.array_equal(outs[0], outs[1])
+    kernels.set_seed(1235)
+    assert not np.array_equal(session("SRQuantize", threads, lo=0.0, salt=77).run(None, feeds)[0], outs[0])
+
+
+def test_generator_statistics():
+    """The stream is U(-0.5, 0.5): moments, a 64-bin histogram, no lag or cross-salt/cross-call correlation."""
+    n = 1 << 20
+    a, b, c = noise_ref(5, 1, 0, n), noise_ref(5, 2, 0, n), noise_ref(5, 1, 1, n)
+    assert abs(a.mean()) < 5 * np.sqrt(1 / 12 / n) and abs(a.var() - 1 / 12) < 1e-3
+    assert a.min() >= -0.5 and a.max() < 0.5
+    counts = np.histogram(a, bins=64, range=(-0.5, 0.5))[0]
+    chi2 = float(((counts - n / 64) ** 2 / (n / 64)).sum())
+    assert chi2 < 63 + 5 * np.sqrt(2 * 63)   # mean 63, sd sqrt(126)
+    for other in (a[1:], b[:-1], c[:-1]):
+        assert abs(np.corrcoef(a[:-1], other)[0, 1]) < 5 / np.sqrt(n)
+
+
+def test_stochastic_rounding_is_unbiased():
+    """E[q] = x: a value 0.3 of a level rounds up 30% of the time."""
+    n = 1 << 18
+    kernels.set_seed(9)
+    x = np.full(n, 0.3, np.float32)
+    y = session("SRQuantize", 2, lo=0.0, salt=3).run(None, dict(x=x, mn=np.array(0, np.float32), s=np.array(1, np.float32), hi=np.array(7, np.float32)))[0]
+    assert set(np.unique(y)) == {0.0, 1.0}
+    assert abs(y.mean() - 0.3) < 5 * np.sqrt(0.21 / n)
+
+
+def test_salt_is_stable_and_distinct():
+    assert salt("/conv1/Conv::bwq") == salt("/conv1/Conv::bwq") and salt("/conv1/Conv::bwq") != salt("/conv2/Conv::bwq")
+    assert 0 <= salt("x") < 2 ** 63
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """ConvZoo with fused ops off and on; conv-grad-w (not bitwise, tests/passes/test_conv_grad_w.py) left out."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("fused")
+    path = export(ConvZoo(), directory / "model.onnx", shape=(2, 3, 9, 9))
+    out = {}
+    for on in (False, True):
+        art = directory / f"art_{on}"
+        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, fused_kernels=on, skip_passes=("conv-grad-w",)))
+        _seed_noise(art)
+        out[on] = (art, manifest)
+    return out
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 8), (4, 4, 6), (8, 8, 2)])
+def test_pass_keeps_loss_and_every_gradient_bitwise(pair, bits):
+    """Same (exposed, seeded) noise: the fused step's loss and gradients are bitwise those of the op chain."""
+    loss0, grads0, noise0 = _step(pair[False][0], bits)
+    loss1, grads1, noise1 = _step(pair[True][0], bits)
+    assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
+    assert loss0 == loss1
+    assert grads0.keys() == grads1.keys()
+    for name, g in grads0.items():
+        assert np.array_equal(grads1[name], g), name
+
+
+def test_pass_structure(pair):
+    art, manifest = pair[True]
+    assert manifest.extra["custom_ops"] == kernels.DOMAIN and pair[False][1].extra["custom_ops"] is None
+    model = onnx.load(str(art / "training_model.onnx"))
+    ops = [n.op_type for n in all_nodes(model.graph)]
+    assert ops.count("SRQuantizeNoise") == 8 and "SRQuantize" not in ops   # noise exposed: read from the tensor
+    assert ops.count("FakeQuantize") == 8 and ops.count("MinMax") == 16   # every conv input; act + error ranges
+    assert ops.count("ReluGrad") == 7 and ops.count("Round") == 8 and "QuantizeLinear" not in ops   # Round: weights
+    assert not any(n.op_type == "ReluGrad" and n.domain != kernels.DOMAIN for n in all_nodes(model.graph))
+    assert "[fused-ops] 16 quantizers, 16 range statistics and 7 ReluGrad on fracgraph's fused ops" in manifest.extra["notes"]
+
+
+def test_artifacts_without_fused_ops_need_no_library(pair, monkeypatch):
+    """--no-fused-kernels artifacts train where no compiler is: the session never asks for the library."""
+    monkeypatch.setattr(kernels, "library_path", lambda: (_ for _ in ()).throw(AssertionError("library needed")))
+    loss, _, _ = _step(pair[False][0], (8, 8, 8))
+    assert np.isfinite(loss)
+
+
+def test_no_compiler(pair, tmp_path, monkeypatch):
+    """Without a C compiler quantize keeps onnxruntime's ops and says so; fused artifacts refuse in one line."""
+    from fracgraph.errors import FracgraphError
+    from fracgraph.runtime import TrainSession
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    manifest = build_artifacts(pair[True][1].source_model, tmp_path / "art")
+    assert manifest.extra["custom_ops"] is None
+    assert any(n.startswith("fused-ops: the step stays on onnxruntime's own ops") and "C compiler" in n
+               for n in manifest.extra["notes"])
+    with pytest.raises(FracgraphError, match="C compiler"):
+        TrainSession(pair[True][0])
