@@ -293,6 +293,7 @@ typedef struct {
   const float* dy;
   const float* x;
   float* parts;      /* tasks x Kp x Co: each task's dW^T */
+  const float** rows; /* tasks x Kp: each task's B row pointers */
   float* scratch;    /* tasks x scratch_floats */
   int64_t N, Ci, H, W, Co, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
   size_t K, Kp, P, Wg, Hg, pad_floats, scratch_floats, tasks;
@@ -333,18 +334,25 @@ static void pad_image(const WJob* j, const float* x, float* xp) {
     }
 }
 
-/* dY^T of one image on a grid of row width `width` (>= Wo, extra columns zero): out[(ho*width + wo)*Co + co]. */
+/* dY^T of one image on a grid of row width `width` (>= Wo, extra columns zero): out[(ho*width + wo)*Co + co].
+ * Blocks of 16 channels x 16 columns: 16 contiguous reads of dY, 16 contiguous writes of 16 channels. */
 static void transpose_dy(const float* dy, float* out, size_t Co, size_t Ho, size_t Wo, size_t width) {
-  memset(out, 0, Ho * width * Co * sizeof(float));
   enum { B = 16 };
-  for (size_t c0 = 0; c0 < Co; c0 += B)
-    for (size_t q0 = 0; q0 < Ho * Wo; q0 += B) {
-      const size_t c1 = c0 + B < Co ? c0 + B : Co, q1 = q0 + B < Ho * Wo ? q0 + B : Ho * Wo;
-      for (size_t q = q0; q < q1; ++q) {
-        float* dst = out + ((q / Wo) * width + q % Wo) * Co;
-        for (size_t co = c0; co < c1; ++co) dst[co] = dy[co * Ho * Wo + q];
+  const size_t P = Ho * Wo;
+  for (size_t ho = 0; ho < Ho; ++ho) {
+    memset(out + (ho * width + Wo) * Co, 0, (width - Wo) * Co * sizeof(float));
+    for (size_t w0 = 0; w0 < Wo; w0 += B) {
+      const size_t w1 = w0 + B < Wo ? w0 + B : Wo;
+      for (size_t c0 = 0; c0 < Co; c0 += B) {
+        const size_t c1 = c0 + B < Co ? c0 + B : Co;
+        for (size_t wo = w0; wo < w1; ++wo) {
+          float* dst = out + (ho * width + wo) * Co;
+          const float* src = dy + ho * Wo + wo;
+          for (size_t co = c0; co < c1; ++co) dst[co] = src[co * P];
+        }
       }
     }
+  }
 }
 
 /* ct[k][co] += sum_{p < P} rows[k][p] * dyt[p][co] for k < Kp (Kp a multiple of TILE_ROWS). */
@@ -410,12 +418,12 @@ static void conv_grad_task(void* p, size_t t) {
   float* image = buf;
   float* dyt = image + (j->direct ? j->pad_floats : Kp * j->P);
   float* zeros = dyt + grid_p * Co;
-  const float** rows = (const float**)malloc(Kp * sizeof(float*));
+  const float** rows = j->rows + t * Kp;
   float* ct = j->parts + t * Kp * Co;
   const int64_t n0 = (int64_t)(t * (size_t)j->N / j->tasks), n1 = (int64_t)((t + 1) * (size_t)j->N / j->tasks);
+  const size_t width = j->direct ? j->Wg : (size_t)j->Wo;
   memset(ct, 0, Kp * Co * sizeof(float));
   memset(zeros, 0, grid_p * sizeof(float));
-  if (!rows) return;   /* the caller sees the task's NaN-free zero partial; allocation of 8 pointers does not fail */
   for (size_t k = 0; k < Kp; ++k) {
     if (k >= j->K) { rows[k] = zeros; continue; }
     if (!j->direct) { rows[k] = image + k * j->P; continue; }
@@ -424,11 +432,11 @@ static void conv_grad_task(void* p, size_t t) {
   }
   for (int64_t n = n0; n < n1; ++n) {
     const float* x = j->x + (size_t)n * j->Ci * j->H * j->W;
+    const float* dy = j->dy + (size_t)n * Co * j->P;
     if (j->direct) pad_image(j, x, image); else im2col(j, x, image);
-    transpose_dy(j->dy + (size_t)n * Co * j->P, dyt, Co, (size_t)j->Ho, (size_t)j->Wo, j->direct ? j->Wg : (size_t)j->Wo);
+    transpose_dy(dy, dyt, Co, (size_t)j->Ho, (size_t)j->Wo, width);
     gemm_rows(rows, dyt, ct, Kp, grid_p, Co);
   }
-  free(rows);
 }
 
 #define MAX_TASKS 8
@@ -468,7 +476,12 @@ static OrtStatus* compute_conv_grad_w(Kernel* k, void* ctx) {
     return NULL;
   }
   mem = (float*)malloc(j.tasks * (j.Kp * Co + j.scratch_floats) * sizeof(float));
-  if (!mem) return fail("fracgraph ConvGradW: out of memory");
+  j.rows = (const float**)malloc(j.tasks * j.Kp * sizeof(float*));
+  if (!mem || !j.rows) {
+    free(mem);
+    free(j.rows);
+    return fail("fracgraph ConvGradW: out of memory");
+  }
   j.parts = mem;
   j.scratch = mem + j.tasks * j.Kp * Co;
   st = j.tasks > 1 ? API(KernelContext_ParallelFor, ParallelForFn)(ctx, conv_grad_task, j.tasks, 0, &j)
@@ -481,6 +494,7 @@ static OrtStatus* compute_conv_grad_w(Kernel* k, void* ctx) {
         dw[co * K + kk] = sum;
       }
   free(mem);
+  free(j.rows);
   return st;
 }
 
