@@ -2,15 +2,18 @@
 the kernel it replaces, in one process, on resnet20's tensor shapes, and its values compared.
 
 - nchwc: Conv vs ReorderInput + com.microsoft.nchwc.Conv (weight reordered in the graph) + ReorderOutput;
-- relu-grad: ReluGrad vs Greater/Cast/Mul, Where, and Sign/Ceil forms;
-- qdq: the six-op activation quantizer chain vs Sub/QuantizeLinear/DequantizeLinear/Add;
+- relu-grad: ReluGrad vs Greater/Cast/Mul, Where, Sign/Ceil forms and fracgraph's fused ReluGrad;
+- qdq: the six-op activation quantizer chain vs Sub/QuantizeLinear/DequantizeLinear/Add and fused FakeQuantize;
 - noise: RandomUniformLike per element, against an Add of the same size;
-- dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc);
+- sr: the error quantizer (RandomUniformLike and its seven ops) vs fused SRQuantize, the same chain on a given
+  noise tensor vs SRQuantizeNoise, and ReduceMin + ReduceMax vs fused MinMax;
+- dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc) and
+  vs fracgraph's ConvGradW;
 - executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
   parallel executor (2 inter-op threads with 1 or 2 intra-op threads);
 - torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with).
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,dw,executor,torch]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,dw,executor,torch]
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]   # resnet20's stages: batch, channels, spatial
-OPS = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1), h.make_opsetid("com.microsoft.nchwc", 1)]
+FG = "ai.fracgraph"   # fracgraph's fused ops (fracgraph/kernels)
+OPS = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1), h.make_opsetid("com.microsoft.nchwc", 1),
+       h.make_opsetid(FG, 1)]
 
 
 def _vi(name, t=T.FLOAT):
@@ -57,6 +62,10 @@ class Runner:
         so.intra_op_num_threads = self.threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED   # no NCHWc rewrite of its own
         so.log_severity_level = 3
+        if any(n.domain == FG for n in model.graph.node):
+            from fracgraph import kernels
+
+            kernels.register(so)
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def time(self, sess, feeds) -> tuple[float, list]:
@@ -118,6 +127,7 @@ def probe_relu(r: Runner, rng):
         ("dY * Sign(Y)", _model([h.make_node("Sign", ["y"], ["m"]), h.make_node("Mul", ["dy", "m"], ["dx"])], ["dy", "y"], ["dx"]), None),
         ("dY * Ceil(Min(Y, 1))", _model([h.make_node("Min", ["y", "o"], ["t"]), h.make_node("Ceil", ["t"], ["m"]),
                                          h.make_node("Mul", ["dy", "m"], ["dx"])], ["dy", "y"], ["dx"], [_c("o", 1.0)]), None),
+        ("fracgraph ReluGrad", _model([h.make_node("ReluGrad", ["dy", "y"], ["dx"], domain=FG)], ["dy", "y"], ["dx"]), None),
     ]
     r.compare("128x16x32x32", ("ReluGrad", _model([h.make_node("ReluGrad", ["dy", "y"], ["dx"], domain="com.microsoft")], ["dy", "y"], ["dx"])),
               cands, {"dy": dy, "y": y}, ref=(dy * (y > 0)).astype(np.float32), exact=True)
@@ -138,8 +148,10 @@ def probe_qdq(r: Runner, rng):
         qdq = _model([h.make_node("Sub", ["x", "mn"], ["c"]), h.make_node("QuantizeLinear", ["c", "s", "zp"], ["i"]),
                       h.make_node("DequantizeLinear", ["i", "s", "zp"], ["d"]), h.make_node("Add", ["d", "mn"], ["q"])],
                      ["x", "mn", "s"], ["q"], [h.make_tensor("zp", T.UINT8, [], [0])])
-        r.compare(f"{bits} bits, 128x16x32x32", ("six ops", chain), [("Sub, QuantizeLinear, DequantizeLinear, Add", qdq, None)],
-                  feeds, exact=True)
+        fused = _model([h.make_node("FakeQuantize", ["x", "mn", "s", "hi"], ["q"], domain=FG, lo=-0.49)], ["x", "mn", "s"], ["q"],
+                       [_c("hi", float(L) + 0.49)])
+        r.compare(f"{bits} bits, 128x16x32x32", ("six ops", chain), [("Sub, QuantizeLinear, DequantizeLinear, Add", qdq, None),
+                                                                    ("fracgraph FakeQuantize", fused, None)], feeds, exact=True)
 
 
 def probe_noise(r: Runner, rng):
@@ -150,6 +162,34 @@ def probe_noise(r: Runner, rng):
     ta, _ = r.time(r.session(add), {"x": x})
     tr, _ = r.time(r.session(rnd), {"x": x})
     print(f"  {x.size} elements: Add {ta:.2f} ms, RandomUniformLike {tr:.2f} ms (x{tr / ta:.1f}, {1e6 * tr / x.size:.1f} ns/element)")
+
+
+def probe_sr(r: Runner, rng):
+    print("sr: the error quantizer (8 bits, clamp [0, 255]) and the per-tensor range")
+    x = rng.standard_normal((128, 16, 32, 32)).astype(np.float32)
+    mn, L = np.float32(x.min()), np.float32(255)
+    s = np.float32(max((np.float32(x.max()) - mn) / L, 1e-8))
+    noise = rng.uniform(-0.5, 0.5, x.shape).astype(np.float32)
+    feeds = {"x": x, "mn": np.array(mn), "s": np.array(s), "hi": np.array(L)}
+    tail = [h.make_node("Clip", ["un", "lo", "hi"], ["uc"]), h.make_node("Round", ["uc"], ["rr"]),
+            h.make_node("Mul", ["rr", "s"], ["d"]), h.make_node("Add", ["d", "mn"], ["q"])]
+    head = [h.make_node("Sub", ["x", "mn"], ["c"]), h.make_node("Div", ["c", "s"], ["u"]), h.make_node("Add", ["u", "nz"], ["un"])]
+    drawn = _model([h.make_node("RandomUniformLike", ["x"], ["nz"], low=-0.5, high=0.5)] + head + tail,
+                   ["x", "mn", "s", "hi"], ["q"], [_c("lo", 0.0)])
+    own = _model([h.make_node("SRQuantize", ["x", "mn", "s", "hi"], ["q"], domain=FG, lo=0.0, salt=1)], ["x", "mn", "s", "hi"], ["q"])
+    tc, _ = r.time(r.session(drawn), feeds)
+    tf, _ = r.time(r.session(own), feeds)
+    print(f"  128x16x32x32 with its noise: RandomUniformLike + 7 ops {tc:.2f} ms, fracgraph SRQuantize {tf:.2f} ms (x{tf / tc:.2f})")
+    given = _model(head + tail, ["x", "mn", "s", "hi", "nz"], ["q"], [_c("lo", 0.0)])
+    fused = _model([h.make_node("SRQuantizeNoise", ["x", "mn", "s", "hi", "nz"], ["q"], domain=FG, lo=0.0)],
+                   ["x", "mn", "s", "hi", "nz"], ["q"])
+    r.compare("128x16x32x32 on a given noise tensor", ("7 ops", given), [("fracgraph SRQuantizeNoise", fused, None)],
+              {**feeds, "nz": noise}, exact=True)
+    both = _model([h.make_node("ReduceMin", ["x"], ["a"], keepdims=0), h.make_node("ReduceMax", ["x"], ["b"], keepdims=0)],
+                  ["x"], ["a", "b"])
+    minmax = _model([h.make_node("MinMax", ["x"], ["a", "b"], domain=FG)], ["x"], ["a", "b"])
+    r.compare("range of 128x16x32x32", ("ReduceMin + ReduceMax", both), [("fracgraph MinMax", minmax, None)], {"x": x},
+              exact=True)
 
 
 def probe_dw(r: Runner, rng):
@@ -166,7 +206,9 @@ def probe_dw(r: Runner, rng):
         tr = [h.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2, 3]), h.make_node("Transpose", ["dy"], ["dyt"], perm=[1, 0, 2, 3])]
         plain = _model(tr + [h.make_node("Conv", ["xt", "dyt"], ["y"], pads=[1, 1, 1, 1]),
                              h.make_node("Transpose", ["y"], ["dw"], perm=[1, 0, 2, 3])], ["dy", "x"], ["dw"])
-        cands = [("Conv(X^T, dY^T)", plain, {"dy": dy, "x": x})]
+        cands = [("Conv(X^T, dY^T)", plain, {"dy": dy, "x": x}),
+                 ("fracgraph ConvGradW", _model([h.make_node("ConvGradW", ["dy", "x"], ["dw"], domain=FG, kh=3, kw=3, sh=1, sw=1,
+                                                             ph=1, pw=1, dh=1, dw=1)], ["dy", "x"], ["dw"]), {"dy": dy, "x": x})]
         if B > 1:
             nc = _model(tr + [h.make_node("ReorderInput", ["xt"], ["xc"], domain="com.microsoft.nchwc"),
                               h.make_node("Reshape", ["dyt", "s6"], ["w6"]), h.make_node("Transpose", ["w6"], ["w6t"], perm=[0, 2, 4, 5, 3, 1]),
@@ -258,11 +300,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--only", default="nchwc,relu,qdq,noise,dw,executor,torch")
+    ap.add_argument("--only", default="nchwc,relu,qdq,noise,sr,dw,executor,torch")
     a = ap.parse_args()
     r = Runner(a.threads, a.reps)
     rng = np.random.default_rng(0)
-    probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "dw": probe_dw}
+    probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
+              "dw": probe_dw}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

@@ -9,7 +9,8 @@ Each configuration runs in its own worker process (so its peak RSS, VmHWM, is it
 turns one step at a time, the order rotating every round (A B C, B C A, C A B, ...): on a shared, noisy machine
 every configuration sees the same background load and follows every other configuration equally often (a step
 right after another process's step can lose time to that process's still-spinning threads), so the medians and
-ratios stay comparable even when the absolute times do not.
+ratios stay comparable even when the absolute times do not. Each step also waits `--settle` seconds first, so
+that the threads of the step before (PyTorch's OpenMP threads spin ~0.2 s by default) have gone idle.
 
     python bench/step_time.py [--steps 7] [--batch 128] [--threads 2] [--no-quantize-time]
     python bench/step_time.py --settings      # the session-settings sweep behind runtime.SESSION_TUNING
@@ -151,10 +152,9 @@ def peak_rss_mb() -> float:
 
 
 def worker(a) -> None:
-    """Set up one configuration, run 2 warm-up steps, then one timed step per line read from stdin."""
+    """Set up one configuration, then run one timed step per line read from stdin (the first rounds are the
+    warm-up, which the parent runs only once every worker is up)."""
     step = make_step(a.worker, Path(a.dir), a.batch, a.threads, json.loads(a.tuning))
-    for _ in range(2):
-        step()
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
@@ -220,10 +220,16 @@ def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple
     """configs: (label, kind, ORT session tuning[, extra environment]); returns label -> (median s, peak RSS MB)."""
     workers = [Worker(*c[:2], directory, a, *c[2:]) for c in configs]
     try:
+        for _ in range(2):   # warm-up, once all workers exist
+            for w in workers:
+                w.step()
+        for w in workers:
+            w.times.clear()
         for i in range(a.steps):
             # rotate who goes first: a worker's step is slower right after some others (threads still spinning),
             # so every configuration takes every position equally often
             for w in workers[i % len(workers):] + workers[:i % len(workers)]:
+                time.sleep(a.settle)   # the previous worker's spin-waiting threads (ORT's, OpenMP's) go idle
                 w.step()
         return {w.label: (statistics.median(w.times), w.finish()) for w in workers}
     finally:
@@ -239,6 +245,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--settings", action="store_true", help="sweep the session settings of the fracgraph step")
     ap.add_argument("--no-quantize-time", action="store_true")
+    ap.add_argument("--ballast-gb", type=float, default=3.0, metavar="GB",
+                    help="memory the parent holds while the workers run (see main)")
+    ap.add_argument("--settle", type=float, default=0.3, metavar="S",
+                    help="pause before each step, so no other worker's threads still spin (OpenMP spins ~0.2 s)")
     ap.add_argument("--noise-check", type=int, default=0, metavar="N",
                     help="only run N workers of the same FW8/BW8 configuration: the spread is this machine's noise")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -251,6 +261,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         prepare(d)
+        # On this VM the first workers started after prepare() ran 15-20% slower for the whole run than the same
+        # configuration started later (identical workers, first vs later); holding freshly touched memory in the
+        # parent, so that the workers do not start on the pages prepare() just freed, took that to ~5%.
+        ballast = np.ones(int(a.ballast_gb * 2**30) // 8)  # noqa: F841  (held until the run ends)
         print(f"resnet20, batch {a.batch}, {a.threads} threads, median of {a.steps} interleaved steps per row")
         if a.noise_check:
             rows = run_interleaved([(f"fracgraph FW8/BW8 #{k + 1}", "after", {}) for k in range(a.noise_check)], d, a)
