@@ -217,8 +217,10 @@ def prepare(directory: Path) -> None:
 
 
 def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple[float, float]]:
-    """configs: (label, kind, ORT session tuning[, extra environment]); returns label -> (median s, peak RSS MB)."""
-    workers = [Worker(*c[:2], directory, a, *c[2:]) for c in configs]
+    """configs: (label, kind, ORT session tuning[, extra environment]); returns label -> (median s, peak RSS MB).
+    A pilot worker starts first and is not reported: the first worker started ran ~5% slower than identical
+    later ones even with the ballast (`--noise-check 4`: 352 ms against 333-337)."""
+    workers = [Worker(*c[:2], directory, a, *c[2:]) for c in [("pilot", "zero", {})] + configs]
     try:
         for _ in range(2):   # warm-up, once all workers exist
             for w in workers:
@@ -231,7 +233,9 @@ def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple
             for w in workers[i % len(workers):] + workers[:i % len(workers)]:
                 time.sleep(a.settle)   # the previous worker's spin-waiting threads (ORT's, OpenMP's) go idle
                 w.step()
-        return {w.label: (statistics.median(w.times), w.finish()) for w in workers}
+        rows = {w.label: (statistics.median(w.times), w.finish()) for w in workers}
+        rows.pop("pilot")
+        return rows
     finally:
         for w in workers:
             if w.proc.poll() is None:

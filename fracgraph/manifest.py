@@ -67,7 +67,7 @@ class Manifest:
     decisions: list[LayerDecision]
     optimizer: dict
     act_range_momentum: float
-    grad_noise: str              # "random" (a draw per error quantizer) | "shared" (one draw per step) | "exposed" (noise as outputs, tests)
+    grad_noise: str              # "random" (a draw per error quantizer: the fused SRQuantize's or onnxruntime's) | "shared" (one draw per step) | "exposed" (noise as outputs, tests)
     files: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     dfq: dict | None = None      # DFQ artifacts: options, weight bits, granularity, cost weights (passes/dfq_gate.py)

@@ -48,11 +48,6 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def available() -> bool:
-    """True when the library can be built (a C compiler on PATH, or $CC) or is already built."""
-    return _loaded is not None or _compiler() is not None
-
-
 def library_path() -> Path:
     """The compiled library for this machine, building it if needed; one-line FracgraphError if it cannot be."""
     cc = _compiler()
@@ -85,7 +80,6 @@ def _library() -> ctypes.CDLL:
     if _loaded is None:
         lib = ctypes.CDLL(str(library_path()))
         lib.fg_set_seed.argtypes, lib.fg_set_seed.restype = [ctypes.c_uint64], None
-        lib.fg_get_seed.argtypes, lib.fg_get_seed.restype = [], ctypes.c_uint64
         _loaded = lib
     return _loaded
 
@@ -99,6 +93,3 @@ def set_seed(seed: int) -> None:
     """The process seed of every SRQuantize node's generator (nodes created before or after share it)."""
     _library().fg_set_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
 
-
-def get_seed() -> int:
-    return int(_library().fg_get_seed())

@@ -119,7 +119,6 @@ static inline uint64_t mix(uint64_t z) {
 
 /* Sets the process seed G (fracgraph's TrainSession calls it with the run's seed before any step). */
 void fg_set_seed(uint64_t seed) { g_seed = seed; }
-uint64_t fg_get_seed(void) { return g_seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, N_KINDS };
@@ -320,10 +319,10 @@ static void im2col(const WJob* j, const float* x, float* col) {
       }
 }
 
-/* X zero-padded onto the Hg x Wg grid (ph rows and pw columns before), plus (kw-1)*dw zeros of slack after. */
+/* X zero-padded onto the Hg x Wg grid (ph rows and pw columns before), plus (kw-1)*dw zeros of slack after.
+ * Writes the image's positions only: the caller zeroes the buffer once, and the padding stays zero. */
 static void pad_image(const WJob* j, const float* x, float* xp) {
   const size_t Wg = j->Wg, Hg = j->Hg;
-  memset(xp, 0, j->pad_floats * sizeof(float));
   for (int64_t ci = 0; ci < j->Ci; ++ci)
     for (int64_t h = 0; h < j->H; ++h) {
       const int64_t hg = h + j->ph;
@@ -424,6 +423,7 @@ static void conv_grad_task(void* p, size_t t) {
   const size_t width = j->direct ? j->Wg : (size_t)j->Wo;
   memset(ct, 0, Kp * Co * sizeof(float));
   memset(zeros, 0, grid_p * sizeof(float));
+  if (j->direct) memset(image, 0, j->pad_floats * sizeof(float));
   for (size_t k = 0; k < Kp; ++k) {
     if (k >= j->K) { rows[k] = zeros; continue; }
     if (!j->direct) { rows[k] = image + k * j->P; continue; }
