@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from fracgraph import kernels  # noqa: E402
 from fracgraph.passes.base import all_nodes  # noqa: E402
 
-from test_speed_passes import ConvZoo, _step, build_pair  # noqa: E402
+from test_speed_passes import ConvZoo, assert_same_step, build_pair  # noqa: E402
 
 
 def conv_grad_w(dy, x, kernel, stride, pad, dilation, threads=2):
@@ -96,10 +96,4 @@ def test_pass_structure_and_reasons(builds):
 
 @pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4)])
 def test_pass_keeps_loss_and_every_gradient(builds, bits, tol):
-    loss0, grads0, noise0 = _step(builds[False][0], bits)
-    loss1, grads1, noise1 = _step(builds[True][0], bits)
-    assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
-    assert abs(loss0 - loss1) <= 1e-6 * abs(loss0)
-    for name, g in grads0.items():
-        err = np.linalg.norm(grads1[name] - g) / max(np.linalg.norm(g), 1e-12)
-        assert err <= tol, f"{name}: relative gradient error {err:.2e}"
+    assert_same_step(builds[False][0], builds[True][0], bits, tol)
