@@ -219,6 +219,18 @@ def probe_dw(r: Runner, rng):
                         [h.make_tensor("s6", T.INT64, [6], [c // B, B, n // B, B, s, s]), h.make_tensor("s4", T.INT64, [4], [c, n, s, s])])
             cands.append(("NCHWc Conv(X^T, dY^T)", nc, {"dy": dy, "x": x}))
         r.compare(f"{n}x{c}x{s}x{s}", ("ConvGrad (dW only)", cg), cands, {"dy": dy, "x": x, "w": w})
+    # resnet20's strided convs (3x3 and 1x1, stride 2, channels doubled): ConvGradW's im2col path
+    for n, c, s, k in [(128, 16, 32, 3), (128, 32, 16, 3), (128, 16, 32, 1), (128, 32, 16, 1)]:
+        p = k // 2
+        x = rng.standard_normal((n, c, s, s)).astype(np.float32)
+        w = rng.standard_normal((2 * c, c, k, k)).astype(np.float32)
+        dy = rng.standard_normal((n, 2 * c, s // 2, s // 2)).astype(np.float32)
+        cg = _model([h.make_node("ConvGrad", ["dy", "x", "w"], ["", "dw"], domain="com.microsoft", pads=[p] * 4,
+                                 strides=[2, 2], kernel_shape=[k, k], group=1, dilations=[1, 1])], ["dy", "x", "w"], ["dw"])
+        own = _model([h.make_node("ConvGradW", ["dy", "x"], ["dw"], domain=FG, kh=k, kw=k, sh=2, sw=2, ph=p, pw=p, dh=1, dw=1)],
+                     ["dy", "x"], ["dw"])
+        r.compare(f"{n}x{c}x{s}x{s} -> {2 * c}, {k}x{k} stride 2", ("ConvGrad (dW only)", cg),
+                  [("fracgraph ConvGradW (im2col)", own, {"dy": dy, "x": x})], {"dy": dy, "x": x, "w": w})
 
 
 def probe_executor(threads: int, reps: int):
