@@ -59,8 +59,12 @@ def library_path() -> Path:
     out = cache_dir() / f"fused_ops-{key}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".fused_ops-", suffix=".so", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".fused_ops-", suffix=".so", dir=out.parent)
+    except OSError as e:
+        raise FracgraphError(f"cannot write fracgraph's kernel cache {out.parent} ({e.strerror}); set "
+                             f"FRACGRAPH_CACHE_DIR to a writable directory") from None
     os.close(fd)
     try:
         r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)

@@ -192,3 +192,14 @@ def test_no_compiler(pair, tmp_path, monkeypatch):
                for n in manifest.extra["notes"])
     with pytest.raises(FracgraphError, match="C compiler"):
         TrainSession(pair[True][0])
+
+
+def test_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
+    """A cache directory that cannot be created says so and how to fix it (no traceback from the build)."""
+    from fracgraph.errors import FracgraphError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("FRACGRAPH_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(FracgraphError, match="FRACGRAPH_CACHE_DIR"):
+        kernels.library_path()
