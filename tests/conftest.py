@@ -70,7 +70,10 @@ def _mix(z):
 def sr_noise_ref(seed: int, node_salt: int, call: int, n: int) -> np.ndarray:
     """The fused error quantizer's noise (fracgraph/kernels/fused_ops.c's header, written from its formula):
     U(-0.5, 0.5) of the `call`-th run of a node with `node_salt` under process seed `seed`."""
+    i = np.arange(n, dtype=np.uint64)
+    j = (i // np.uint64(32)) * np.uint64(16) + i % np.uint64(16)   # element i's hash: two elements per hash
     with np.errstate(over="ignore"):
         key = _mix(np.uint64(seed) ^ _mix(np.uint64(node_salt) ^ _mix(np.uint64(call))))
-        z = _mix(key + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24) - np.float32(0.5)
+        z = _mix(key + (j + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
+    bits = np.where(i % np.uint64(32) < np.uint64(16), z >> np.uint64(40), (z >> np.uint64(16)) & np.uint64(0xFFFFFF))
+    return bits.astype(np.float32) * np.float32(2.0 ** -24) - np.float32(0.5)

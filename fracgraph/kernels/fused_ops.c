@@ -19,9 +19,10 @@
  * SRQuantize draws its noise from a counter-based generator: for the c-th call of a node with salt s under the
  * process seed G,
  *
- *   key = mix(G ^ mix(s ^ mix(c)));  noise_i = (mix(key + (i + 1) * PHI) >> 40) * 2^-24 - 0.5
+ *   key = mix(G ^ mix(s ^ mix(c)));  z_j = mix(key + (j + 1) * PHI)
+ *   noise_i = bits(z_j) * 2^-24 - 0.5,  j = 16 * (i / 32) + i % 16,  bits = z >> 40 if i % 32 < 16 else (z >> 16) & (2^24 - 1)
  *
- * where mix is SplitMix64's finalizer: U(-0.5, 0.5) on a 2^-24 grid, independent of the thread count, and
+ * (one hash for two elements) where mix is SplitMix64's finalizer: U(-0.5, 0.5) on a 2^-24 grid, independent of the thread count, and
  * reproducible from (G, s, c, i) alone (tests/conftest.py regenerates it in numpy). onnxruntime's
  * RandomUniformLike costs ~4 ns per element on one thread; this is a few instructions per element on all of the
  * session's threads.
@@ -163,14 +164,24 @@ static void run_chunk(void* p, size_t c) {
       break;
     }
     case SR_RNG: {
+      /* one hash per two elements: in each block of 32, element l < 16 takes bits 40..63 of hash 16*block + l,
+       * element l + 16 bits 16..39 of the same hash (chunks start at multiples of 32) */
       const uint64_t key = j->key;
-      for (size_t i = a; i < b; ++i) {
-        uint64_t z = mix(key + (uint64_t)(i + 1) * PHI);
-        float nz = (float)(uint32_t)(z >> 40) * 0x1p-24f - 0.5f;
-        float u = (x[i] - mn) / s + nz;
-        u = u < lo ? lo : u;
-        u = u > hi ? hi : u;
-        y[i] = nearbyintf(u) * s + mn;
+      float nz[32];
+      for (size_t i0 = a; i0 < b; i0 += 32) {
+        const uint64_t h0 = (uint64_t)(i0 / 32) * 16;
+        for (int l = 0; l < 16; ++l) {
+          const uint64_t z = mix(key + (h0 + (uint64_t)l + 1) * PHI);
+          nz[l] = (float)(uint32_t)(z >> 40) * 0x1p-24f - 0.5f;
+          nz[l + 16] = (float)(uint32_t)((z >> 16) & 0xFFFFFF) * 0x1p-24f - 0.5f;
+        }
+        const size_t m = b - i0 < 32 ? b - i0 : 32;
+        for (size_t l = 0; l < m; ++l) {
+          float u = (x[i0 + l] - mn) / s + nz[l];
+          u = u < lo ? lo : u;
+          u = u > hi ? hi : u;
+          y[i0 + l] = nearbyintf(u) * s + mn;
+        }
       }
       break;
     }

@@ -59,7 +59,8 @@ class FusedOpsPass(Pass):
             for i in n.input:
                 self.consumers[i].append(n)
         self.outputs = {o.name for o in graph.output}
-        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer   # scalars: the clip bounds
+                       if not t.dims or list(t.dims) == [1]}
         pairs, notes = [], []
         for q in [n for n in graph.node if n.name.endswith("/q") and n.op_type == "Add"]:
             prefix = q.name[: -len("/q")]
@@ -127,15 +128,17 @@ class FusedOpsPass(Pass):
             keep = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
             return len(n.input) == 1 and keep == 0 and not any(a.name == "axes" for a in n.attribute)
 
+        order = {id(n): i for i, n in enumerate(graph.node)}
         mins = {n.input[0]: n for n in graph.node if n.op_type == "ReduceMin" and whole(n)}
         count = 0
         for mx in [n for n in graph.node if n.op_type == "ReduceMax" and whole(n)]:
             mn = mins.pop(mx.input[0], None)
             if mn is None:
                 continue
-            pairs.append((mn, []))
-            pairs.append((mx, [helper.make_node("MinMax", [mx.input[0]], [mn.output[0], mx.output[0]],
-                                                name=f"{mn.name}::minmax", domain=DOMAIN)]))
+            first, second = (mn, mx) if order[id(mn)] < order[id(mx)] else (mx, mn)   # readers of both follow the first
+            pairs.append((second, []))
+            pairs.append((first, [helper.make_node("MinMax", [mx.input[0]], [mn.output[0], mx.output[0]],
+                                                   name=f"{mn.name}::minmax", domain=DOMAIN)]))
             count += 1
         return count
 

@@ -107,7 +107,8 @@ def test_generator_is_the_reference_stream(threads):
 
 
 def test_generator_statistics():
-    """The stream is U(-0.5, 0.5): moments, a 64-bin histogram, no lag or cross-salt/cross-call correlation."""
+    """The stream is U(-0.5, 0.5): moments, a 64-bin histogram, no lag, same-hash, cross-salt or cross-call
+    correlation."""
     n = 1 << 20
     a, b, c = noise_ref(5, 1, 0, n), noise_ref(5, 2, 0, n), noise_ref(5, 1, 1, n)
     assert abs(a.mean()) < 5 * np.sqrt(1 / 12 / n) and abs(a.var() - 1 / 12) < 1e-3
@@ -117,6 +118,8 @@ def test_generator_statistics():
     assert chi2 < 63 + 5 * np.sqrt(2 * 63)   # mean 63, sd sqrt(126)
     for other in (a[1:], b[:-1], c[:-1]):
         assert abs(np.corrcoef(a[:-1], other)[0, 1]) < 5 / np.sqrt(n)
+    pairs = a.reshape(-1, 32)   # the two noises cut from one hash (elements l and l + 16 of a block of 32)
+    assert abs(np.corrcoef(pairs[:, :16].ravel(), pairs[:, 16:].ravel())[0, 1]) < 5 / np.sqrt(n / 2)
 
 
 def test_stochastic_rounding_is_unbiased():
