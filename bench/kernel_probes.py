@@ -7,13 +7,14 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - noise: RandomUniformLike per element, against an Add of the same size;
 - sr: the error quantizer (RandomUniformLike and its seven ops) vs fused SRQuantize, the same chain on a given
   noise tensor vs SRQuantizeNoise, and ReduceMin + ReduceMax vs fused MinMax;
+- bn: BatchNormalizationGrad vs fracgraph's BatchNormGrad;
 - dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc) and
   vs fracgraph's ConvGradW;
 - executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
   parallel executor (2 inter-op threads with 1 or 2 intra-op threads);
 - torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with).
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,dw,executor,torch]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,executor,torch]
 """
 
 from __future__ import annotations
@@ -192,6 +193,20 @@ def probe_sr(r: Runner, rng):
               exact=True)
 
 
+def probe_bn(r: Runner, rng):
+    print("bn: batch-norm backward (training mode, saved mean and inverse std)")
+    names = ["dy", "x", "scale", "mean", "inv_std"]
+    ort_bn = _model([h.make_node("BatchNormalizationGrad", names, ["dx", "ds", "db"], domain="com.microsoft", epsilon=1e-5)],
+                    names, ["dx", "ds", "db"])
+    own = _model([h.make_node("BatchNormGrad", names, ["dx", "ds", "db"], domain=FG)], names, ["dx", "ds", "db"])
+    for n, c, s in SHAPES:
+        x = (rng.standard_normal((n, c, s, s)) * 2 + 0.5).astype(np.float32)
+        feeds = {"dy": rng.standard_normal(x.shape).astype(np.float32), "x": x,
+                 "scale": rng.standard_normal(c).astype(np.float32), "mean": x.mean((0, 2, 3)).astype(np.float32),
+                 "inv_std": (1 / np.sqrt(x.var((0, 2, 3)) + 1e-5)).astype(np.float32)}
+        r.compare(f"{n}x{c}x{s}x{s}", ("BatchNormalizationGrad", ort_bn), [("fracgraph BatchNormGrad", own, None)], feeds)
+
+
 def probe_dw(r: Runner, rng):
     print("dW: ConvGrad's weight gradient vs a convolution of the transposed tensors")
     from fracgraph.runtime import nchwc_block_size
@@ -312,12 +327,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--only", default="nchwc,relu,qdq,noise,sr,dw,executor,torch")
+    ap.add_argument("--only", default="nchwc,relu,qdq,noise,sr,bn,dw,executor,torch")
     a = ap.parse_args()
     r = Runner(a.threads, a.reps)
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
-              "dw": probe_dw}
+              "bn": probe_bn, "dw": probe_dw}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

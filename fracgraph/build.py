@@ -28,6 +28,7 @@ from .passes.base import run_passes
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
 from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
+from .passes.bn_grad import BnGradPass
 from .passes.conv_grad_w import ConvGradWPass
 from .passes.dfq_candidates import BnChainPass
 from .passes.dfq_gate import DfqGatePass, DfqOptions
@@ -71,7 +72,7 @@ class BuildOptions:
     fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch, relu-grad)
     nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
-    fused_kernels: bool = True           # fracgraph custom ops (passes/fused_ops.py, conv_grad_w.py); needs a C compiler
+    fused_kernels: bool = True           # fracgraph custom ops (passes/fused_ops.py, conv_grad_w.py, bn_grad.py); needs a C compiler
     skip_passes: tuple = ()              # training-graph passes left out by name (tests and benches compare on/off)
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
 
@@ -225,7 +226,7 @@ def _fused_ops_passes(opts: BuildOptions) -> tuple[list, list[str]]:
         kernels.library_path()
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
-    return [FusedOpsPass(), ConvGradWPass()], []
+    return [FusedOpsPass(), ConvGradWPass(), BnGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None) -> None:

@@ -10,6 +10,7 @@
  *   ReluGrad(dY, X) -> dX                      dY where X > 0, else 0
  *   ConvGradW(dY, X) -> dW                     2-D conv weight gradient (group 1); attributes kh, kw, sh, sw,
  *                                              ph, pw, dh, dw (kernel, strides, leading pads, dilations)
+ *   BatchNormGrad(dY, X, scale, mean, inv_std) -> (dX, dscale, dbias)   training-mode batch norm backward
  *
  * The quantizers compute, per element and in this order (quantizers.py's chain, each operation IEEE-rounded;
  * the library is compiled with -ffp-contract=off so that no multiply-add is fused; noise = 0 for FakeQuantize):
@@ -122,7 +123,7 @@ static inline uint64_t mix(uint64_t z) {
 void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
-enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, N_KINDS };
+enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, N_KINDS };
 
 typedef struct {
   int kind;
@@ -509,6 +510,86 @@ static OrtStatus* compute_conv_grad_w(Kernel* k, void* ctx) {
   return st;
 }
 
+
+/* ---- BatchNormGrad --------------------------------------------------------------------------------------- */
+/* onnxruntime's BatchNormalizationGrad (saved batch mean and inverse std from the forward) in two reads per
+ * channel, channels as tasks: dbias = sum dY and s = sum dY (X - mean) (float lanes per image, added in double),
+ * then dscale = s * inv_std and dX = scale * inv_std * (dY - dbias / M - (X - mean) * inv_std^2 * s / M),
+ * M = N * spatial size: onnxruntime's formula, summed in another order. */
+typedef struct {
+  const float *dy, *x, *scale, *mean, *inv_std;
+  float *dx, *dscale, *dbias;
+  size_t N, C, S;   /* batch, channels, spatial size */
+} BnJob;
+
+static void bn_grad_channel(void* p, size_t c) {
+  const BnJob* j = (const BnJob*)p;
+  const size_t N = j->N, C = j->C, S = j->S;
+  const float mean = j->mean[c];
+  double sum_dy = 0.0, sum_dy_xmu = 0.0;
+  enum { LANES = 16 };
+  for (size_t n = 0; n < N; ++n) {
+    const float* dy = j->dy + (n * C + c) * S;
+    const float* x = j->x + (n * C + c) * S;
+    float a[LANES] = {0}, b[LANES] = {0};
+    size_t i = 0;
+    for (; i + LANES <= S; i += LANES)
+      for (int l = 0; l < LANES; ++l) {
+        a[l] += dy[i + l];
+        b[l] += dy[i + l] * (x[i + l] - mean);
+      }
+    for (; i < S; ++i) {
+      a[0] += dy[i];
+      b[0] += dy[i] * (x[i] - mean);
+    }
+    for (int l = 0; l < LANES; ++l) {
+      sum_dy += a[l];
+      sum_dy_xmu += b[l];
+    }
+  }
+  const double M = (double)(N * S), inv_std = j->inv_std[c], k = j->scale[c] * inv_std;
+  j->dbias[c] = (float)sum_dy;
+  j->dscale[c] = (float)(sum_dy_xmu * inv_std);
+  const float kd = (float)k, kx = (float)(-k * inv_std * inv_std * sum_dy_xmu / M), k0 = (float)(-k * sum_dy / M);
+  for (size_t n = 0; n < N; ++n) {
+    const float* dy = j->dy + (n * C + c) * S;
+    const float* x = j->x + (n * C + c) * S;
+    float* dx = j->dx + (n * C + c) * S;
+    for (size_t i = 0; i < S; ++i) dx[i] = kd * dy[i] + kx * (x[i] - mean) + k0;
+  }
+}
+
+static OrtStatus* compute_bn_grad(void* ctx) {
+  const void* in[5];
+  void* out[3];
+  int64_t dims[16], other[16], cdims[1];
+  size_t rank, r2, n, count;
+  OrtStatus* st;
+  BnJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &in[0], dims, &rank, &n)) || (st = input_shape(ctx, 1, &in[1], other, &r2, &count))) return st;
+  if (rank < 2 || count != n) return fail("fracgraph BatchNormGrad: dY and X must be one (N, C, ...) shape");
+  j.N = (size_t)dims[0], j.C = (size_t)dims[1], j.S = (j.N && j.C) ? n / (j.N * j.C) : 0;
+  for (size_t i = 2; i < 5; ++i) {
+    if ((st = input_shape(ctx, i, &in[i], other, &r2, &count))) return st;
+    if (count != j.C) return fail("fracgraph BatchNormGrad: scale, mean and inv_std need one value per channel");
+  }
+  cdims[0] = (int64_t)j.C;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &out[0])) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, cdims, 1, &out[1])) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 2, cdims, 1, &out[2])))
+    return st;
+  const float** src[5] = {&j.dy, &j.x, &j.scale, &j.mean, &j.inv_std};
+  float** dst[3] = {&j.dx, &j.dscale, &j.dbias};
+  for (int i = 0; i < 5; ++i)
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)in[i], (void**)src[i]))) return st;
+  for (int i = 0; i < 3; ++i)
+    if ((st = API(GetTensorMutableData, GetDataFn)(out[i], (void**)dst[i]))) return st;
+  if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_grad_channel, j.C, 0, &j);
+  if (j.C == 1) bn_grad_channel(&j, 0);
+  return NULL;
+}
+
 static OrtStatus* compute(void* kernel, void* ctx) {
   Kernel* k = (Kernel*)kernel;
   const void *xv, *av;
@@ -520,6 +601,7 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   memset(&j, 0, sizeof j);
   j.kind = k->kind;
   if (k->kind == CONV_GRAD_W) return compute_conv_grad_w(k, ctx);
+  if (k->kind == BN_GRAD) return compute_bn_grad(ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
@@ -541,9 +623,9 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 }
 
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
-                                           "ConvGradW"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1};
+                                           "ConvGradW", "BatchNormGrad"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3};
 static const char* const CONV_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"};
 
 /* Each op's OrtCustomOp sits first in an OpDef, so the callbacks find their kind from the op pointer. */

@@ -139,14 +139,15 @@ def test_salt_is_stable_and_distinct():
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """ConvZoo with fused ops off and on; conv-grad-w (not bitwise, tests/passes/test_conv_grad_w.py) left out."""
+    """ConvZoo with fused ops off and on; conv-grad-w and bn-grad (not bitwise, their own tests) left out."""
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("fused")
     path = export(ConvZoo(), directory / "model.onnx", shape=(2, 3, 9, 9))
     out = {}
     for on in (False, True):
         art = directory / f"art_{on}"
-        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, fused_kernels=on, skip_passes=("conv-grad-w",)))
+        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, fused_kernels=on,
+                                                           skip_passes=("conv-grad-w", "bn-grad")))
         _seed_noise(art)
         out[on] = (art, manifest)
     return out
