@@ -17,18 +17,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .analysis.blocks import find_blocks
 from . import kernels
+from .analysis.blocks import find_blocks
 from .analysis.optable import gemm_table, uncosted_gemms
 from .errors import FracgraphError
 from .manifest import Block, LayerDecision, Manifest
 from .model import data_input, load_model
 from .passes.act_range_ema import ActRangeEmaPass
 from .passes.base import run_passes
+from .passes.bn_grad import BnGradPass
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
 from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
-from .passes.bn_grad import BnGradPass
 from .passes.conv_grad_w import ConvGradWPass
 from .passes.dfq_candidates import BnChainPass
 from .passes.dfq_gate import DfqGatePass, DfqOptions
