@@ -60,6 +60,24 @@ def batch():
     return rng.standard_normal((8, 3, 8, 8)).astype(np.float32), rng.integers(0, 5, 8).astype(np.int64)
 
 
+def custom_op_session(op: str, inputs: list[str], outputs: list[str], threads: int = 2, **attrs):
+    """An onnxruntime session running the single fracgraph custom op `op` (fracgraph/kernels) on float tensors."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from fracgraph import kernels
+
+    graph = helper.make_graph([helper.make_node(op, inputs, outputs, domain=kernels.DOMAIN, **attrs)], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    kernels.register(so)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def _mix(z):
     """SplitMix64's finalizer on uint64 arrays (wrapping multiplies)."""
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

@@ -7,29 +7,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from fracgraph import kernels  # noqa: E402
-from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 
-from conftest import export  # noqa: E402
-from test_speed_passes import ConvZoo, _seed_noise, assert_same_step  # noqa: E402
+from conftest import custom_op_session  # noqa: E402
+from test_speed_passes import ConvZoo, assert_same_step, build_pair  # noqa: E402
 
 
 def bn_grad(dy, x, scale, mean, inv_std, threads):
-    names = ["dy", "x", "scale", "mean", "inv_std"]
-    graph = helper.make_graph([helper.make_node("BatchNormGrad", names, ["dx", "ds", "db"], domain=kernels.DOMAIN)], "g",
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("dx", "ds", "db")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    kernels.register(so)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = custom_op_session("BatchNormGrad", ["dy", "x", "scale", "mean", "inv_std"], ["dx", "ds", "db"], threads)
     return sess.run(None, dict(dy=dy, x=x, scale=scale, mean=mean, inv_std=inv_std))
 
 
@@ -64,16 +53,7 @@ def test_kernel_refuses_mismatched_channels():
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("bn")
-    path = export(ConvZoo(), directory / "model.onnx", shape=(2, 3, 9, 9))
-    out = {}
-    for on in (False, True):
-        art = directory / f"art_{on}"
-        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, skip_passes=() if on else ("bn-grad",)))
-        _seed_noise(art)
-        out[on] = (art, manifest)
-    return out
+    return build_pair(ConvZoo(), tmp_path_factory.mktemp("bn"), (2, 3, 9, 9), off={"skip_passes": ("bn-grad",)}, on={})
 
 
 def test_pass_structure(builds):

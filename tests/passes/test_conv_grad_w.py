@@ -10,29 +10,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from fracgraph import kernels  # noqa: E402
 from fracgraph.passes.base import all_nodes  # noqa: E402
 
+from conftest import custom_op_session  # noqa: E402
 from test_speed_passes import ConvZoo, assert_same_step, build_pair  # noqa: E402
 
 
 def conv_grad_w(dy, x, kernel, stride, pad, dilation, threads=2):
-    kh, kw = kernel
-    node = helper.make_node("ConvGradW", ["dy", "x"], ["dw"], domain=kernels.DOMAIN, kh=kh, kw=kw, sh=stride[0],
-                            sw=stride[1], ph=pad[0], pw=pad[1], dh=dilation[0], dw=dilation[1])
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("dy", "x")],
-                              [helper.make_tensor_value_info("dw", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    kernels.register(so)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = custom_op_session("ConvGradW", ["dy", "x"], ["dw"], threads, kh=kernel[0], kw=kernel[1], sh=stride[0],
+                             sw=stride[1], ph=pad[0], pw=pad[1], dh=dilation[0], dw=dilation[1])
     return sess.run(None, dict(dy=dy, x=x))[0]
 
 

@@ -21,7 +21,8 @@ from fracgraph.policy import LayerPolicy  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
 from conftest import export  # noqa: E402
-from test_dfq_gate import STE, GradQ, TwoBlockNet, _inputs, rel_err, torch_gate  # noqa: E402
+from test_dfq_gate import (STE, GradQ, TwoBlockNet, _inputs, choose, finish_step, gate_probs, rel_err,  # noqa: E402
+                           torch_gate)
 
 # the CIFAR-like set has two candidates with equal act bits (their forwards agree, their error quantizers must not be
 # merged); at 6-12 grad bits stochastic-rounding flips cascade upstream (test_dfq_gate.py), so there only the
@@ -48,12 +49,8 @@ def reference_step(model, gate, x, y, beta, target, noises, block_macs, OPTIONS)
     h = model.stem_fn(x)
     state, cost, chosen = None, 0.0, []
     for l, block in enumerate((model.block0, model.block1)):
-        emb = gate["emb"][l](F.adaptive_avg_pool2d(h, 1)).flatten(1)
-        state = gate["lstm"](emb, state)
-        p = torch.softmax(gate["proj"](state[0]), dim=1)
-        c = torch.argmax(p, 1)
-        hard = F.one_hot(c, len(OPTIONS)).float()
-        mask = hard - p.detach() + p
+        p, state = gate_probs(gate, l, h, state)
+        c, hard, mask = choose(p, batch=False)
         cost = cost + (mask * unit).sum() * Fn[l]
         chosen.append(c.numpy())
         mixed = 0.0
@@ -66,12 +63,7 @@ def reference_step(model, gate, x, y, beta, target, noises, block_macs, OPTIONS)
 
             mixed = mixed + mask[:, k].view(-1, 1, 1, 1) * torch.relu(block(h, qconv))
         h = mixed
-    logits = model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
-    cp = 100 * float(cost.detach()) / (3 * B * len(block_macs))
-    reg = -1.0 if cp < target else 1.0
-    loss = F.cross_entropy(logits, y) + reg * beta * cost
-    loss.backward()
-    return loss, logits, chosen, cp
+    return finish_step(model, h, y, cost, B, block_macs, target, beta, chosen)
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,32 @@ class GradQ(torch.autograd.Function):
         return fq(g, ctx.bits, noise=ctx.noise), None, None
 
 
+def gate_probs(gate, l, h, state):
+    """Block l's gate on its input h: option probabilities per sample and the LSTM state carried on."""
+    emb = gate["emb"][l](F.adaptive_avg_pool2d(h, 1)).flatten(1)
+    state = gate["lstm"](emb, state)
+    return torch.softmax(gate["proj"](state[0]), dim=1), state
+
+
+def choose(p, batch: bool):
+    """The hard choice and its straight-through mask: per mini-batch (argmax of the mean probability, c an int) or
+    per sample (c a tensor)."""
+    q = p.mean(0) if batch else p
+    c = int(torch.argmax(q)) if batch else torch.argmax(p, 1)
+    hard = F.one_hot(torch.tensor(c) if batch else c, p.shape[1]).float()
+    return c, hard, hard - q.detach() + q
+
+
+def finish_step(model, h, y, cost, B, block_macs, target, beta, chosen):
+    """The reference step after the blocks: classifier, cp, the sign controller's cost term, backward."""
+    logits = model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+    cp = 100 * float(cost.detach()) / (3 * B * len(block_macs))
+    reg = -1.0 if cp < target else 1.0
+    loss = F.cross_entropy(logits, y) + reg * beta * cost
+    loss.backward()
+    return loss, logits, chosen, cp
+
+
 def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, noises, block_macs, task_grad):
     """Loss of one DFQ step and the chosen bits, in PyTorch; gradients land in model/gate parameters."""
     acts = torch.tensor([a for a, _ in OPTIONS], dtype=torch.float32)
@@ -120,23 +146,14 @@ def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, no
     cost = 0.0
     chosen = []
     for l, block in enumerate((model.block0, model.block1)):
-        pooled = F.adaptive_avg_pool2d(h, 1)
-        emb = gate["emb"][l](pooled).flatten(1)
-        state = gate["lstm"](emb, state)
-        p = torch.softmax(gate["proj"](state[0]), dim=1)
+        p, state = gate_probs(gate, l, h, state)
+        c, hard, mask = choose(p, granularity == "batch")
         if granularity == "batch":
-            pbar = p.mean(0)
-            c = int(torch.argmax(pbar))
-            hard = F.one_hot(torch.tensor(c), len(OPTIONS)).float()
-            mask = hard - pbar.detach() + pbar
             m_c = mask[c]
             a_bits, g_bits, scale = acts[c], grads[c], m_c
             cost = cost + B * (mask * unit).sum() * Fn[l]
             chosen.append(c)
         else:
-            c = torch.argmax(p, 1)
-            hard = F.one_hot(c, len(OPTIONS)).float()
-            mask = hard - p.detach() + p
             m_c = (mask * hard).sum(1)
             a_bits, g_bits, scale = acts[c].view(-1, 1, 1, 1), grads[c].view(-1, 1, 1, 1), m_c.view(-1, 1, 1, 1)
             cost = cost + (mask * unit).sum() * Fn[l]
@@ -148,12 +165,7 @@ def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, no
             return GradQ.apply(out, g, noises[f"/{name}/Conv"])
 
         h = torch.relu(block(h, qconv) * scale if task_grad == "chosen" else block(h, qconv))
-    logits = model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
-    cp = 100 * float(cost.detach()) / (3 * B * len(block_macs))
-    reg = -1.0 if cp < target else 1.0
-    loss = F.cross_entropy(logits, y) + reg * beta * cost
-    loss.backward()
-    return loss, logits, chosen, cp
+    return finish_step(model, h, y, cost, B, block_macs, target, beta, chosen)
 
 
 def torch_gate(sess, n_blocks):

@@ -18,7 +18,8 @@ from fracgraph.policy import LayerPolicy  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
 from conftest import export  # noqa: E402
-from test_dfq_gate import BACKBONE_TOL, TIGHT, GradQ, TwoBlockNet, _inputs, fq, rel_err, torch_gate  # noqa: E402
+from test_dfq_gate import (BACKBONE_TOL, STE, TIGHT, GradQ, TwoBlockNet, _inputs, choose, finish_step,  # noqa: E402
+                           fq, gate_probs, rel_err, torch_gate)
 
 OPTIONS = [[3, 6], [4, 8], [0, 0]]          # the last one is `skip`
 SKIP = 2
@@ -32,14 +33,10 @@ def fq_or_pass(x, bits, per_channel=False, noise=None):
     return torch.where(b > 0, q, x)
 
 
-class STE0(torch.autograd.Function):
+class STE0(STE):   # the straight-through backward of test_dfq_gate.py, around the quantizer that passes 0 bits
     @staticmethod
     def forward(ctx, x, bits, per_channel):
         return fq_or_pass(x, bits, per_channel)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None, None
 
 
 class GradQ0(GradQ):
@@ -75,23 +72,15 @@ def reference_step(model, gate, x, y, beta, target, granularity, noises, block_m
     h = model.stem_fn(x)
     state, cost, chosen = None, 0.0, []
     for l, block in enumerate(blocks(model)):
-        emb = gate["emb"][l](F.adaptive_avg_pool2d(h, 1)).flatten(1)
-        state = gate["lstm"](emb, state)
-        p = torch.softmax(gate["proj"](state[0]), dim=1)
+        p, state = gate_probs(gate, l, h, state)
+        c, hard, mask = choose(p, granularity == "batch")
         if granularity == "batch":
-            pbar = p.mean(0)
-            c = int(torch.argmax(pbar))
-            hard = F.one_hot(torch.tensor(c), len(OPTIONS)).float()
-            mask = hard - pbar.detach() + pbar
             m_s, m_c = mask[SKIP], (mask * hard * not_skip).sum()
             a_bits, g_bits = acts[c], grads[c]
             w_bits = 0.0 if c == SKIP else W            # a skipped block runs FP32, weights included
             cost = cost + B * (mask * unit).sum() * Fn[l]
             chosen.append(c)
         else:
-            c = torch.argmax(p, 1)
-            hard = F.one_hot(c, len(OPTIONS)).float()
-            mask = hard - p.detach() + p
             shape = (-1, 1, 1, 1)
             m_s, m_c = mask[:, SKIP].view(shape), (mask * hard * not_skip).sum(1).view(shape)
             a_bits, g_bits, w_bits = acts[c].view(shape), grads[c].view(shape), W
@@ -106,12 +95,7 @@ def reference_step(model, gate, x, y, beta, target, granularity, noises, block_m
         res, sc = block(h, qconv)
         keep = (1 - m_s) if task_grad == "none" else m_c
         h = torch.relu(keep * res + m_s * sc)
-    logits = model.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
-    cp = 100 * float(cost.detach()) / (3 * B * len(block_macs))
-    reg = -1.0 if cp < target else 1.0
-    loss = F.cross_entropy(logits, y) + reg * beta * cost
-    loss.backward()
-    return loss, logits, chosen, cp
+    return finish_step(model, h, y, cost, B, block_macs, target, beta, chosen)
 
 
 @pytest.fixture(scope="module")

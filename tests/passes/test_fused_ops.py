@@ -10,19 +10,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from fracgraph import kernels  # noqa: E402
-from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.passes.base import all_nodes  # noqa: E402
 from fracgraph.passes.fused_ops import salt  # noqa: E402
 
-from conftest import sr_noise_ref as noise_ref  # noqa: E402
-from conftest import export  # noqa: E402
-from test_speed_passes import ConvZoo, _seed_noise, _step  # noqa: E402
+from conftest import custom_op_session, sr_noise_ref as noise_ref  # noqa: E402
+from test_speed_passes import ConvZoo, _step, build_pair  # noqa: E402
 
 
 def chain_ref(x, mn, s, lo, hi, noise):
@@ -37,16 +34,7 @@ INPUTS = {"SRQuantize": ["x", "mn", "s", "hi"], "SRQuantizeNoise": ["x", "mn", "
 
 
 def session(op: str, threads: int, **attrs) -> ort.InferenceSession:
-    names, outs = INPUTS[op], ["lo", "hi"] if op == "MinMax" else ["y"]
-    graph = helper.make_graph([helper.make_node(op, names, outs, domain=kernels.DOMAIN, **attrs)], "g",
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    kernels.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return custom_op_session(op, INPUTS[op], ["lo", "hi"] if op == "MinMax" else ["y"], threads, **attrs)
 
 
 def operands(shape, seed=0, levels=255.0):
@@ -140,17 +128,9 @@ def test_salt_is_stable_and_distinct():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """ConvZoo with fused ops off and on; conv-grad-w and bn-grad (not bitwise, their own tests) left out."""
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("fused")
-    path = export(ConvZoo(), directory / "model.onnx", shape=(2, 3, 9, 9))
-    out = {}
-    for on in (False, True):
-        art = directory / f"art_{on}"
-        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, fused_kernels=on,
-                                                           skip_passes=("conv-grad-w", "bn-grad")))
-        _seed_noise(art)
-        out[on] = (art, manifest)
-    return out
+    skip = {"skip_passes": ("conv-grad-w", "bn-grad")}
+    return build_pair(ConvZoo(), tmp_path_factory.mktemp("fused"), (2, 3, 9, 9),
+                      off={"fused_kernels": False, **skip}, on={"fused_kernels": True, **skip})
 
 
 @pytest.mark.parametrize("bits", [(8, 8, 8), (4, 4, 6), (8, 8, 2)])
@@ -186,6 +166,7 @@ def test_artifacts_without_fused_ops_need_no_library(pair, monkeypatch):
 
 def test_no_compiler(pair, tmp_path, monkeypatch):
     """Without a C compiler quantize keeps onnxruntime's ops and says so; fused artifacts refuse in one line."""
+    from fracgraph.build import build_artifacts
     from fracgraph.errors import FracgraphError
     from fracgraph.runtime import TrainSession
 

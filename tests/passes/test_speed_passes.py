@@ -65,16 +65,19 @@ def _seed_noise(art):
     onnx.save(model, path)
 
 
-def build_pair(module, directory, input_shape, option: str) -> dict:
-    """{False: (artifacts, manifest), True: ...} of `module` built with BuildOptions.<option> off and on."""
+def build_pair(module, directory, input_shape, option: str | None = None, *, off: dict | None = None,
+               on: dict | None = None) -> dict:
+    """{False: (artifacts, manifest), True: ...} of `module` built with BuildOptions.<option> off and on (or with the
+    `off` and `on` options), the BW noise exposed and seeded alike."""
     torch.manual_seed(0)
     path = export(module, directory / "model.onnx", shape=input_shape)
+    variants = {False: off if option is None else {option: False}, True: on if option is None else {option: True}}
     out = {}
-    for on in (False, True):
-        art = directory / f"art_{on}"
-        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, **{option: on}))
+    for key, opts in variants.items():
+        art = directory / f"art_{key}"
+        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, **opts))
         _seed_noise(art)
-        out[on] = (art, manifest)
+        out[key] = (art, manifest)
     return out
 
 
