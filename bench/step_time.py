@@ -265,9 +265,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         prepare(d)
-        # On this VM the first workers started after prepare() ran 15-20% slower for the whole run than the same
-        # configuration started later (identical workers, first vs later); holding freshly touched memory in the
-        # parent, so that the workers do not start on the pages prepare() just freed, took that to ~5%.
+        # On this VM the first workers started after prepare() ran slower for the whole run than the same
+        # configuration started later (ad-hoc runs of identical workers); holding freshly touched memory in the
+        # parent, so that the workers do not start on the pages prepare() just freed, reduced that (with the pilot
+        # worker of run_interleaved, --noise-check 4 gives max/min 1.01-1.05).
         ballast = np.ones(int(a.ballast_gb * 2**30) // 8)  # noqa: F841  (held until the run ends)
         print(f"resnet20, batch {a.batch}, {a.threads} threads, median of {a.steps} interleaved steps per row")
         if a.noise_check:

@@ -48,12 +48,22 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+_built: dict[tuple[str, str], Path] = {}   # (compiler, cache dir) -> library, so a process asks the compiler once
+
+
 def library_path() -> Path:
     """The compiled library for this machine, building it if needed; one-line FracgraphError if it cannot be."""
     cc = _compiler()
     if cc is None:
-        raise FracgraphError("fracgraph's fused error-quantizer kernels need a C compiler (cc, or set $CC); install one "
+        raise FracgraphError("fracgraph's fused kernels need a C compiler (cc, or set $CC); install one "
                              "(e.g. apt-get install gcc) or re-run `fracgraph quantize` with --no-fused-kernels")
+    slot = (cc, str(cache_dir()))
+    if slot not in _built:
+        _built[slot] = _build(cc)
+    return _built[slot]
+
+
+def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), *version, _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"fused_ops-{key}.so"
