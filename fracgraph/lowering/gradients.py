@@ -31,7 +31,7 @@ GRADIENT_OPS = frozenset({
 
 # Ops whose outputs onnxruntime never differentiates through (non-float results or random draws): a node of these
 # types on the path needs no gradient builder.
-_NO_GRADIENT_NEEDED = frozenset({"Shape", "Size", "RandomNormalLike", "RandomUniformLike", "EyeLike", "ConstantOfShape"})
+NO_GRADIENT_NEEDED = frozenset({"Shape", "Size", "RandomNormalLike", "RandomUniformLike", "EyeLike", "ConstantOfShape"})
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
@@ -77,7 +77,7 @@ def check_differentiable(model: onnx.ModelProto, trainable: list[str], loss_inpu
         if " kept: " in rest:
             declined[name] = rest.split(" kept: ", 1)[1]
     for n in nodes_needing_gradient(model, trainable, loss_inputs):
-        if n.op_type not in GRADIENT_OPS and n.op_type not in _NO_GRADIENT_NEEDED:
+        if n.op_type not in GRADIENT_OPS and n.op_type not in NO_GRADIENT_NEEDED:
             raise FracgraphError(unsupported_message(n.op_type, n.name, declined.get(n.name)))
 
 
