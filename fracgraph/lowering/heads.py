@@ -32,11 +32,11 @@ def classifier_head(model: onnx.ModelProto, output: str | None = None) -> tuple[
     names = [o.name for o in g.output]
     if output is None:
         if len(names) > 1:
-            raise FracgraphError(f"the model has {len(names)} outputs ({', '.join(names)}); pass --output NAME to "
+            raise FracgraphError(f"the model has {len(names)} outputs ({', '.join(names)}); pass --logits NAME to "
                                  f"say which one holds the logits")
         output = names[0]
     elif output not in names:
-        raise FracgraphError(f"--output {output!r} is not an output of the model; its outputs are: {', '.join(names)}")
+        raise FracgraphError(f"--logits {output!r} is not an output of the model; its outputs are: {', '.join(names)}")
     info = {"output": output, "logits": output, "cut": None, "flattened": False,
             "dropped_outputs": [n for n in names if n != output]}
     shapes = value_shapes(model)

@@ -23,10 +23,11 @@ ort.set_default_logger_severity(3)
 CASES: dict[str, dict] = {}
 
 
-def case(name, op, shape, torch_fn, attrs=None, params=(), n_inputs=1, opset=OPSET, lowered_to=None):
-    """`params`: (name, array) extra float inputs (trainable); the data input(s) are `n_inputs` tensors of `shape`."""
+def case(name, op, shape, torch_fn, attrs=None, params=(), n_inputs=1, opset=OPSET, lowered_to=None, consts=()):
+    """`params`: (name, array) extra float inputs (trainable); the data input(s) are `n_inputs` tensors of `shape`;
+    `consts`: (name, array) constant inputs after them ("" for an omitted optional input)."""
     CASES[name] = dict(op=op, shape=shape, fn=torch_fn, attrs=attrs or {}, params=list(params), n=n_inputs,
-                       opset=opset, lowered_to=lowered_to)
+                       opset=opset, lowered_to=lowered_to, consts=list(consts))
 
 
 rng = np.random.default_rng(0)
@@ -75,6 +76,12 @@ case("layernorm_axis1", "LayerNormalization", [2, 3, 4], lambda x, g, b: F.layer
 case("instancenorm", "InstanceNormalization", [2, C, 5, 5],
      lambda x, g, b: F.instance_norm(x, weight=g.reshape(-1), bias=b.reshape(-1), eps=1e-5),
      params=[("gamma", _p(C)), ("beta", _p(C))])
+case("resize_nearest_x2", "Resize", [2, C, 3, 4], lambda x: F.interpolate(x, scale_factor=2, mode="nearest"),
+     dict(mode="nearest"), consts=[("", None), ("scales", np.array([1, 1, 2, 2], np.float32))])
+case("resize_nearest_sizes_asym", "Resize", [2, C, 3, 4], lambda x: F.interpolate(x, size=(9, 8), mode="nearest"),
+     dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+     consts=[("", None), ("", None), ("sizes", np.array([2, C, 9, 8], np.int64))])
+case("dropout_inference", "Dropout", [2, C, 3, 3], lambda x: x, dict(), lowered_to={"Identity"})
 case("transpose_default", "Transpose", [2, 3, 4], lambda x: x.permute(2, 1, 0), lowered_to={"Transpose"})
 
 
@@ -92,10 +99,10 @@ def one_op_model(spec):
     names = [f"p{i}" for i in range(spec["n"])]
     data = [_p(*spec["shape"]) for _ in names]
     nodes = [helper.make_node("Add", [f"x{i}", n], [f"z{i}"], name=f"add{i}") for i, n in enumerate(names)]
-    ins = [f"z{i}" for i in range(spec["n"])] + [p for p, _ in spec["params"]]
+    ins = [f"z{i}" for i in range(spec["n"])] + [p for p, _ in spec["params"]] + [c for c, _ in spec["consts"]]
     nodes.append(helper.make_node(spec["op"], ins, ["y"], name="the_op", **spec["attrs"]))
     inits = [numpy_helper.from_array(a, n) for n, a in zip(names, data)]
-    inits += [numpy_helper.from_array(a, n) for n, a in spec["params"]]
+    inits += [numpy_helper.from_array(a, n) for n, a in spec["params"] + spec["consts"] if n]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, spec["shape"])
                                            for i in range(spec["n"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
