@@ -24,8 +24,9 @@ def transpose(ctx: Ctx, node: onnx.NodeProto):
 @register("Dropout")
 def dropout(ctx: Ctx, node: onnx.NodeProto):
     """Dropout without a `training_mode` input (or with a constant false one) is the identity in onnxruntime, but
-    its gradient builder reads the optional mask output, which inference exports omit: Identity. A Dropout that does
-    train gets its mask output named instead."""
+    with a `ratio` input (what the opset converter writes for an old Dropout) its gradient builder reads the
+    optional mask output, which inference exports omit (bench/ort_gradient_probe.py): Identity. A Dropout that
+    does train gets its mask output named instead."""
     mode = node.input[2] if len(node.input) > 2 else ""
     inits = {t.name: t for t in ctx.model.graph.initializer}
     if not mode or (mode in inits and not onnx.numpy_helper.to_array(inits[mode]).any()):
