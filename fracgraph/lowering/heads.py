@@ -122,3 +122,15 @@ def _drop_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     for k, v in meta:
         out.metadata_props.add(key=k, value=v)
     return out
+
+
+def restore_head(model: onnx.ModelProto, head: dict) -> None:
+    """Put the cut Softmax/LogSoftmax back on an exported inference model's one output, under the original output's
+    name (the logits stay [batch, classes] when they were flattened for the loss)."""
+    out = model.graph.output[0]
+    model.graph.node.append(helper.make_node(head["cut"], [out.name], [head["output"]], name=f"{HEAD_PREFIX}restore",
+                                             axis=1))
+    vi = helper.make_tensor_value_info(head["output"], out.type.tensor_type.elem_type, None)
+    vi.type.tensor_type.shape.CopyFrom(out.type.tensor_type.shape)
+    del model.graph.output[:]
+    model.graph.output.append(vi)

@@ -107,6 +107,16 @@ def test_wild_model_quantizes_trains_and_matches_the_original(wild):
     train_steps(sess, x, y)
     g = sess.gradient("w1")
     assert np.isfinite(g).all() and np.abs(g).max() > 0   # the error reaches the first layer through every lowering
+    # the inference export gives what the original gave: probabilities, under the original output name
+    sess.export_inference(art.parent / "inference.onnx")
+    exported = onnx.load(str(art.parent / "inference.onnx"))
+    assert [o.name for o in exported.graph.output] == ["prob"]
+    bits0 = np.zeros((sess.manifest.n_blocks, 3), np.float32)
+    _, logits = sess.evaluate(x, y, bits0)
+    inf = ort.InferenceSession(str(art.parent / "inference.onnx"), providers=["CPUExecutionProvider"])
+    (p,) = inf.run(None, {"x": x, "fracgraph_bits": bits0})
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(p, e / e.sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
 
 
 def test_inspect_lists_only_the_models_layers(wild):
