@@ -33,7 +33,7 @@ def classifier_head(model: onnx.ModelProto, output: str | None = None) -> tuple[
     if output is None:
         if len(names) > 1:
             raise FracgraphError(f"the model has {len(names)} outputs ({', '.join(names)}); pass --logits NAME to "
-                                 f"say which one holds the logits")
+                                 f"`fracgraph quantize` to say which one holds the logits")
         output = names[0]
     elif output not in names:
         raise FracgraphError(f"--logits {output!r} is not an output of the model; its outputs are: {', '.join(names)}")

@@ -49,16 +49,28 @@ def average_pool(ctx: Ctx, node: onnx.NodeProto):
     The divisor map is onnxruntime's own: AveragePool and the window-sum Conv both run once on an all-ones input at
     lowering time, and map = pool(ones) / sum(ones), so pads, strides, dilations, ceil_mode and count_include_pad
     mean exactly what they mean to onnxruntime's forward kernel. A uniform map (no padding effects) folds into
-    the weight (1/k)."""
+    the weight (1/k). With spatial dims known only at run time (PyTorch's LRN export pools a reshaped tensor), a pool
+    without padding or rounding up has whole windows everywhere: the 1/k conv alone."""
     x, y = node.input[0], node.output[0]
-    xs = ctx.static(x)
-    if xs is None or len(xs) < 3:
-        return f"input shape {ctx.shape(x)} is not static"
+    xs = ctx.shape(x)
+    if len(xs) < 3 or xs[1] is None:
+        return f"input shape {xs} has no static channel count"
     a = attrs(node)
-    spatial, c = list(xs[2:]), xs[1]
+    c = xs[1]
     kernel = list(a["kernel_shape"])
     strides = list(a.get("strides", [1] * len(kernel)))
     dil = list(a.get("dilations", [1] * len(kernel)))
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if None in xs[2:]:
+        # spatial size known only at run time: every window is whole only without padding and ceil_mode
+        if any(a.get("pads", [])) or auto not in ("NOTSET", "VALID") or (a.get("ceil_mode", 0) and max(strides) > 1):
+            return f"input shape {xs} is not static and the pool pads or rounds up"
+        w = np.full([c, 1] + kernel, 1.0 / float(np.prod(kernel)), np.float32)
+        ctx.emit("Conv", [x, ctx.const("window", w)], "window_mean", y, group=c, kernel_shape=kernel, strides=strides,
+                 dilations=dil)
+        return ctx.nodes
+    spatial = list(xs[2:])
     pads = _pad_pairs(a, spatial, kernel, strides, dil)
     if kernel == spatial and not any(p for pr in pads for p in pr) and all(d == 1 for d in dil):
         ctx.emit("GlobalAveragePool", [x], "gap", y)

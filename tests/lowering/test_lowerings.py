@@ -23,11 +23,12 @@ ort.set_default_logger_severity(3)
 CASES: dict[str, dict] = {}
 
 
-def case(name, op, shape, torch_fn, attrs=None, params=(), n_inputs=1, opset=OPSET, lowered_to=None, consts=()):
+def case(name, op, shape, torch_fn, attrs=None, params=(), n_inputs=1, opset=OPSET, lowered_to=None, consts=(),
+         dynamic=False):
     """`params`: (name, array) extra float inputs (trainable); the data input(s) are `n_inputs` tensors of `shape`;
     `consts`: (name, array) constant inputs after them ("" for an omitted optional input)."""
     CASES[name] = dict(op=op, shape=shape, fn=torch_fn, attrs=attrs or {}, params=list(params), n=n_inputs,
-                       opset=opset, lowered_to=lowered_to, consts=list(consts))
+                       opset=opset, lowered_to=lowered_to, consts=list(consts), dynamic=dynamic)
 
 
 rng = np.random.default_rng(0)
@@ -49,6 +50,8 @@ case("avgpool_ceil", "AveragePool", [2, C, 7, 7], lambda x: F.avg_pool2d(x, 2, 2
      dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1))
 case("avgpool_full_window", "AveragePool", [2, C, 4, 4], lambda x: F.avg_pool2d(x, 4), dict(kernel_shape=[4, 4]),
      lowered_to={"GlobalAveragePool"})
+case("avgpool_dynamic_spatial_5d", "AveragePool", [2, 1, 7, 4, 5], lambda x: F.avg_pool3d(x, (3, 1, 1), 1),
+     dict(kernel_shape=[3, 1, 1]), dynamic=True, lowered_to={"Conv"})
 case("globalmaxpool", "GlobalMaxPool", [2, C, 5, 5], lambda x: torch.amax(x, dim=(2, 3), keepdim=True))
 # variadic
 case("sum3", "Sum", [2, C, 3, 3], lambda a, b, c: a + b + c, n_inputs=3)
@@ -110,6 +113,12 @@ def one_op_model(spec):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec["opset"])], ir_version=8)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     assert model.graph.output[0].type.tensor_type.shape.dim, "the test graph's output shape must be inferred"
+    if spec["dynamic"]:   # the op's input as an exporter with run-time reshapes leaves it: spatial dims unknown
+        for vi in model.graph.value_info:
+            if vi.name.startswith("z"):
+                for k, d in enumerate(vi.type.tensor_type.shape.dim):
+                    if k >= 2:
+                        d.dim_param = f"d{k}"
     return model, dict(zip(names, data)) | dict(spec["params"])
 
 
@@ -199,3 +208,10 @@ def test_declined_lowerings_say_why():
     model, _ = one_op_model(spec)
     res = LowerPass()(model)
     assert not res.modified and res.notes == ["the_op (Max) kept: two inputs: onnxruntime differentiates it as it is"]
+
+
+def test_avgpool_with_run_time_spatial_dims_is_a_whole_window_conv():
+    model, _ = one_op_model(CASES["avgpool_dynamic_spatial_5d"])
+    res = LowerPass()(model)
+    (conv,) = [n for n in res.model.graph.node if n.op_type == "Conv"]
+    assert "pads" not in {a.name for a in conv.attribute}   # the static path always writes (possibly widened) pads

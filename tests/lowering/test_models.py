@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -157,6 +158,43 @@ def test_densenet_transition_pool_trains(tmp_path):
     train_steps(sess, x, y)
     assert np.abs(sess.gradient("c1.weight" if "c1.weight" in sess.parameter_names() else
                                 m.extra["trainable"][0])).max() > 0
+
+
+def test_pytorch_exported_wild_ops_train(tmp_path):
+    """What torch.onnx writes for LocalResponseNorm (a 5-D AveragePool over run-time dims), GroupNorm
+    (InstanceNormalization), Hardswish, PReLU, a padded ceil-mode AvgPool, an SE gate with Hardsigmoid, ELU,
+    Softplus, Mish, adaptive max pooling and log_softmax: FP32 evaluation equals PyTorch, and it trains."""
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.lrn, self.hs = nn.Conv2d(3, 8, 3, padding=1), nn.LocalResponseNorm(3), nn.Hardswish()
+            self.c2, self.gn, self.pr = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.GroupNorm(2, 8), nn.PReLU(8)
+            self.pool = nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+            self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1), nn.Hardsigmoid())
+            self.inorm, self.c3, self.fc = nn.InstanceNorm2d(8, affine=True), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = self.pool(self.pr(self.gn(self.c2(self.hs(self.lrn(self.c1(x)))))))
+            x = x * self.se(x)
+            x = F.mish(F.softplus(F.elu(self.inorm(self.c3(x)))))
+            return torch.log_softmax(self.fc(F.adaptive_max_pool2d(x, 1).flatten(1)), 1)
+
+    from tests.conftest import export
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    m = build_artifacts(export(net, tmp_path / "tw.onnx"), tmp_path / "art")
+    assert not any(" kept: " in n for n in m.extra["notes"] if n.startswith("[lower]")), m.extra["notes"]
+    assert m.extra["head"]["cut"] == "LogSoftmax"
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    y = np.arange(4) % 5
+    sess, logits = fp32_logits(tmp_path / "art", x, y)
+    with torch.no_grad():
+        ref = net(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(logits - np.log(np.exp(logits).sum(1, keepdims=True)), ref, rtol=1e-4, atol=1e-5)
+    train_steps(sess, x, y, n=3)
 
 
 def _two_outputs(path):
