@@ -1,7 +1,8 @@
 """Load, validate and normalize any ONNX model into the form the passes expect.
 
 Normal form: ai.onnx opset in [13, 21] and IR <= 10 (what onnxruntime-training 1.19.2 loads), every weight an
-initializer (Constant nodes and constant-only subgraphs folded), every node uniquely named, shapes inferred.
+initializer (Constant nodes and constant-only subgraphs folded), every node uniquely named, shapes inferred, ops
+onnxruntime-training cannot differentiate lowered into ops it can (fracgraph/lowering).
 What cannot be supported is refused with one line that names the node and the reason.
 """
 

@@ -2,10 +2,11 @@
 
 Sources: the gradient builder registry, `orttraining/orttraining/core/graph/gradient_builder_registry.cc` of
 microsoft/onnxruntime (its REGISTER_GRADIENT_BUILDER list as stored at upstream commit cf87bac4 and in the fork
-chxfly/onnxruntime-v1.31.1 at b6e76646; neither is the v1.19.2 tag), and, deciding, `bench/ort_gradient_probe.py`, which builds a one-op training graph for each candidate op with the
-installed onnxruntime-training 1.19.2 and reports whether `generate_artifacts` succeeds and the training model then
-loads (its output on 2026-11-30 decided every entry marked "probe" below; the ops in `LOWERINGS` are ones it shows
-failing).
+chxfly/onnxruntime-v1.31.1 at b6e76646; neither is the v1.19.2 tag), and, deciding, `bench/ort_gradient_probe.py`,
+which builds a one-op training graph for each candidate op with the installed onnxruntime-training 1.19.2 and
+reports whether `generate_artifacts` succeeds and the training model then loads (its output on 2026-11-30 decided
+every entry marked "probe" below; the ops in `LOWERINGS` are ones it shows failing). Registry entries the probe
+does not cover (GatherND, ScatterND, TopK, Where, ...) are taken on the registry's word.
 """
 
 from __future__ import annotations

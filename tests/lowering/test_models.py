@@ -309,3 +309,18 @@ def test_builder_errors_are_one_line():
     assert "\n" not in msg and "onnxruntime_src" not in msg
     other = explain_build_error(RuntimeError("/onnxruntime_src/a/b.cc:12 void f(int) something broke\n"))
     assert other == "onnxruntime-training could not build the training graph: something broke"
+
+
+def test_head_that_is_not_logits_is_one_clear_error(tmp_path):
+    """A spatial map output ([N, C, H, W], H > 1) is no classifier: the message says what shape it has and needs."""
+    from fracgraph.errors import FracgraphError
+    from fracgraph.lowering.heads import classifier_head
+    from fracgraph.model import load_model
+
+    g = h.make_graph([h.make_node("Conv", ["x", "w"], ["y"], "conv", kernel_shape=[1, 1]),
+                      h.make_node("Softmax", ["y"], ["p"], "sm", axis=1)], "seg",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 4, 4])],
+                     [h.make_tensor_value_info("p", T.FLOAT, ["N", 5, 4, 4])], [nh.from_array(_f(5, 3, 1, 1), "w")])
+    model = load_model(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    with pytest.raises(FracgraphError, match=r"output p has shape \['N', 5, 4, 4\]: it must be logits \[batch, classes\]"):
+        classifier_head(model)
