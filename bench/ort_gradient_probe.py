@@ -4,8 +4,9 @@
 `fracgraph.lowering.gradients.GRADIENT_OPS` and with the ops `fracgraph.lowering.LOWERINGS` rewrites.
 
 Usage: python bench/ort_gradient_probe.py
-Prints one line per probe: OK, NO-GRADIENT (the builder has none), NO-KERNEL (built, but cannot run here) or
-BUILD-ERROR (another builder failure), and whether fracgraph's table and registry agree; exits 1 on a disagreement
+Prints one line per probe: OK, NO-GRADIENT (the builder has none), NO-KERNEL (built, but a gradient op has no
+kernel in this build), LOAD-ERROR (built, but the training graph does not load, e.g. a gradient of the wrong shape)
+or BUILD-ERROR (another builder failure), and whether fracgraph's table and registry agree; exits 1 on a disagreement
 (an op in the table that does not train, or an op outside both that does).
 """
 
@@ -62,6 +63,7 @@ PROBES = {
     "Expand": ("Expand", {}, 1, [_c("s", SHAPE, np.int64)], 1, 17),
     "Div": ("Div", {}, 2, [], 1, 17), "Sub": ("Sub", {}, 2, [], 1, 17),
     "Pow": ("Pow", {}, 1, [_c("e", 2.0)], 1, 17),
+    "Split(one output unused)": ("Split", dict(axis=1), 1, [], 1, 17),
     "Transpose(no perm)": ("Transpose", {}, 1, [], 1, 17), "Transpose": ("Transpose", dict(perm=[0, 1, 3, 2]), 1, [], 1, 17),
 }
 
@@ -73,7 +75,8 @@ def probe(op, attrs, n_in, consts, n_out, opset) -> str:
 
     ort.set_default_logger_severity(4)
     nodes = [h.make_node("Mul", ["x", "w"], ["xw"])]
-    nodes.append(h.make_node(op, ["xw"] * n_in + [c.name for c in consts], ["y"] + [f"o{i}" for i in range(1, n_out)], **attrs))
+    outs = ["y"] + [f"o{i}" for i in range(1, n_out)] + (["unread"] if op == "Split" else [])
+    nodes.append(h.make_node(op, ["xw"] * n_in + [c.name for c in consts], outs, **attrs))
     g = h.make_graph(nodes, "probe", [h.make_tensor_value_info("x", T.FLOAT, SHAPE)],
                      [h.make_tensor_value_info("y", T.FLOAT, None)], [_c("w", np.ones([1, 4, 1, 1]))] + consts)
     m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)], ir_version=9)
@@ -91,7 +94,8 @@ def probe(op, attrs, n_in, consts, n_out, opset) -> str:
         try:
             Module(os.path.join(d, "training_model.onnx"), CheckpointState.load_checkpoint(os.path.join(d, "checkpoint")))
         except Exception as e:
-            return "NO-KERNEL " + str(e).strip().splitlines()[-1][-90:]
+            text = str(e).strip().splitlines()[-1]
+            return ("NO-KERNEL " if "Could not find an implementation" in text else "LOAD-ERROR ") + text[-90:]
     return "OK"
 
 

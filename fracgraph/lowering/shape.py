@@ -90,3 +90,32 @@ def resize(ctx: Ctx, node: onnx.NodeProto):
     ctx.emit("Reshape", [e, ctx.const("merge", [0, xs[1]] + [s * f for s, f in zip(spatial, factors)], np.int64)],
              "merge", y)
     return ctx.nodes
+
+
+@register("Split")
+def split(ctx: Ctx, node: onnx.NodeProto):
+    """Split with an output nobody reads -> one Slice per read output. onnxruntime-training 1.19.2's SplitGrad
+    concatenates only the gradients it has, so the input's gradient comes out short along the split axis
+    (bench/ort_gradient_probe.py: "Split(one output unused)"); Slice's gradient pads the rest with zeros."""
+    import numpy as np
+
+    g = ctx.model.graph
+    read = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+    used = [bool(o) and o in read for o in node.output]
+    if all(used):
+        return "every output is read"
+    x = node.input[0]
+    rank = len(ctx.shape(x))
+    axis = attrs(node).get("axis", 0)
+    axis = axis + rank if axis < 0 else axis
+    sizes = [ctx.shape(o)[axis] if o and len(ctx.shape(o)) > axis else None for o in node.output]
+    if not rank or None in sizes:
+        return "the outputs' sizes along the split axis are not static"
+    start = 0
+    for k, (o, size, u) in enumerate(zip(node.output, sizes, used)):
+        if u:
+            ctx.emit("Slice", [x, ctx.const(f"start{k}", [start], np.int64), ctx.const(f"end{k}", [start + size], np.int64),
+                               ctx.const("axis", [axis], np.int64) if k == used.index(True) else ctx.name("const/axis")],
+                     f"slice{k}", o)
+        start += size
+    return ctx.nodes

@@ -24,11 +24,12 @@ CASES: dict[str, dict] = {}
 
 
 def case(name, op, shape, torch_fn, attrs=None, params=(), n_inputs=1, opset=OPSET, lowered_to=None, consts=(),
-         dynamic=False):
+         dynamic=False, extra_outputs=0):
     """`params`: (name, array) extra float inputs (trainable); the data input(s) are `n_inputs` tensors of `shape`;
     `consts`: (name, array) constant inputs after them ("" for an omitted optional input)."""
     CASES[name] = dict(op=op, shape=shape, fn=torch_fn, attrs=attrs or {}, params=list(params), n=n_inputs,
-                       opset=opset, lowered_to=lowered_to, consts=list(consts), dynamic=dynamic)
+                       opset=opset, lowered_to=lowered_to, consts=list(consts), dynamic=dynamic,
+                       extra_outputs=extra_outputs)
 
 
 rng = np.random.default_rng(0)
@@ -85,6 +86,8 @@ case("resize_nearest_sizes_asym", "Resize", [2, C, 3, 4], lambda x: F.interpolat
      dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
      consts=[("", None), ("", None), ("sizes", np.array([2, C, 9, 8], np.int64))])
 case("dropout_inference", "Dropout", [2, C, 3, 3], lambda x: x, dict(), lowered_to={"Identity"})
+case("split_unread_output", "Split", [2, C, 3, 3], lambda x: x[:, :2], dict(axis=1), extra_outputs=2,
+     consts=[("split", np.array([2, 3, 1], np.int64))], lowered_to={"Slice"})
 case("transpose_default", "Transpose", [2, 3, 4], lambda x: x.permute(2, 1, 0), lowered_to={"Transpose"})
 
 
@@ -103,7 +106,8 @@ def one_op_model(spec):
     data = [_p(*spec["shape"]) for _ in names]
     nodes = [helper.make_node("Add", [f"x{i}", n], [f"z{i}"], name=f"add{i}") for i, n in enumerate(names)]
     ins = [f"z{i}" for i in range(spec["n"])] + [p for p, _ in spec["params"]] + [c for c, _ in spec["consts"]]
-    nodes.append(helper.make_node(spec["op"], ins, ["y"], name="the_op", **spec["attrs"]))
+    outs = ["y"] + [f"unread{k}" for k in range(spec["extra_outputs"])]   # outputs no node reads
+    nodes.append(helper.make_node(spec["op"], ins, outs, name="the_op", **spec["attrs"]))
     inits = [numpy_helper.from_array(a, n) for n, a in zip(names, data)]
     inits += [numpy_helper.from_array(a, n) for n, a in spec["params"] + spec["consts"] if n]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, spec["shape"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import numpy as np
 import onnx
