@@ -323,3 +323,27 @@ def test_head_that_is_not_logits_is_one_clear_error(tmp_path):
     model = load_model(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
     with pytest.raises(FracgraphError, match=r"output p has shape \['N', 5, 4, 4\]: it must be logits \[batch, classes\]"):
         classifier_head(model)
+
+
+def test_softmax_behind_an_identity_chain_is_cut(tmp_path):
+    """Gemm -> Softmax -> Identity -> Identity -> output: the chain now carries the logits, and the values are the
+    original's before its Softmax."""
+    from fracgraph.lowering.heads import classifier_head
+    from fracgraph.model import load_model
+
+    g = h.make_graph([h.make_node("Flatten", ["x"], ["f"], "flatten"),
+                      h.make_node("Gemm", ["f", "w"], ["z"], "fc", transB=1),
+                      h.make_node("Softmax", ["z"], ["p"], "sm", axis=-1),
+                      h.make_node("Identity", ["p"], ["i1"], "id1"), h.make_node("Identity", ["i1"], ["out"], "id2")],
+                     "chain", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 2, 2])],
+                     [h.make_tensor_value_info("out", T.FLOAT, ["N", 4])], [nh.from_array(_f(4, 12), "w")])
+    path = tmp_path / "chain.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    model, head = classifier_head(load_model(path))
+    assert head["cut"] == "Softmax" and head["logits"] == "out" and head["classes"] == 4
+    assert [n.op_type for n in model.graph.node] == ["Flatten", "Gemm", "Identity", "Identity"]
+    x = rng.standard_normal((2, 3, 2, 2)).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (z,) = sess.run(None, {"x": x})
+    e = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(e / e.sum(1, keepdims=True), infer(path, x)[0], rtol=1e-5, atol=1e-6)
