@@ -78,14 +78,15 @@ class PointExport:
 class ExportResult:
     path: Path
     model_file: str
-    bits: np.ndarray             # [n_blocks, 3] baked (act, weight, grad); DFQ keep: act column NaN
+    bits: np.ndarray             # [n_blocks, 3] baked (act, weight, grad); DFQ keep: act column NaN (None in JSON)
     dfq_options: list | None
     points: list[PointExport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     nodes: int = 0
 
     def as_dict(self) -> dict:
-        return {"path": str(self.path), "model_file": self.model_file, "bits": self.bits.tolist(),
+        bits = [[None if np.isnan(v) else float(v) for v in row] for row in self.bits]
+        return {"path": str(self.path), "model_file": self.model_file, "bits": bits,
                 "dfq_options": self.dfq_options, "nodes": self.nodes, "notes": self.notes,
                 "points": [p.as_dict() for p in self.points]}
 
@@ -533,3 +534,30 @@ def _finish(model: onnx.ModelProto) -> None:
     del model.graph.value_info[:]
     for o in model.graph.output:
         o.type.tensor_type.elem_type = o.type.tensor_type.elem_type or TensorProto.FLOAT
+
+
+def evaluate_export(path: str | Path, run_dir: str, batch: int | None = None, optimize: bool = True) -> dict:
+    """Test accuracy of an exported model in a plain onnxruntime InferenceSession on the run's own data (same
+    normalization and order as the run's final evaluation, at the run's batch size unless given). optimize=False
+    runs it without onnxruntime's graph optimizations, as they can fuse differently in the exported graph (its
+    weights are constants: Conv+BatchNorm fold) than in the run's eval graph, moving logits in the last bits."""
+    import onnxruntime as ort
+
+    from .train.data import eval_batches, load_dataset
+
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    cfg = summary.get("config", {})
+    ds = load_dataset(cfg.get("data"))
+    batch = batch or int(cfg.get("batch", 128))
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    correct = total = 0
+    for x, y in eval_batches(ds, batch):
+        logits = sess.run(None, {name: x})[0]
+        correct += int((np.argmax(logits, 1) == y).sum())
+        total += len(y)
+    return {"test_acc": correct / max(total, 1), "correct": correct, "total": total, "batch": batch,
+            "run_final_test_acc": summary.get("final_test_acc")}
