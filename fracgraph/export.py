@@ -101,11 +101,14 @@ def _read_run(run: Path) -> tuple[dict, Manifest]:
         raise FracgraphError(f"{run} has no summary.json: it is not a finished `fracgraph train` run (finish it "
                              f"with `fracgraph train ... -o {run} --resume`)")
     summary = json.loads((run / "summary.json").read_text())
-    art = run / "artifacts"
-    if not (art / "manifest.json").exists():
-        art = Path(summary.get("artifacts", ""))
-    if not (art / "manifest.json").exists():
-        raise FracgraphError(f"the artifacts of {run} ({art}) are gone: export needs their manifest.json")
+    given = Path(summary.get("artifacts") or "artifacts")
+    # RUN/artifacts (built by `train M.onnx`), else the path train was given: as recorded (relative to where train
+    # ran), or relative to the run directory's parent
+    for art in (run / "artifacts", given, run.parent / given):
+        if (art / "manifest.json").exists():
+            break
+    else:
+        raise FracgraphError(f"the artifacts of {run} ({given}) are gone: export needs their manifest.json")
     return summary, Manifest.read(art)
 
 
@@ -248,6 +251,7 @@ def _probe(model: onnx.ModelProto, names: list[str], input_name: str, input_shap
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    del m.graph.value_info[:]          # shapes recorded for per-sample bits no longer hold once the bits are scalars
     have = {o.name for o in m.graph.output}
     for nm in dict.fromkeys(names):
         if nm not in have:
@@ -255,6 +259,7 @@ def _probe(model: onnx.ModelProto, names: list[str], input_name: str, input_shap
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # values, not a faster graph
     so.intra_op_num_threads = 1
+    so.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.zeros([1] + [int(d) for d in input_shape], np.float32)
     outs = sess.run(list(dict.fromkeys(names)), {input_name: x})
