@@ -187,9 +187,11 @@ def _resolve_dfq(summary: dict, manifest: Manifest, opts: ExportOptions) -> tupl
         if w != wb:
             raise FracgraphError(f"--bits {opts.bits}: DFQ weights are quantized at --weight-bits {int(wb)} in "
                                  f"the graph; export them at {int(wb)}")
-        chosen = [match[0] if match else -1] * n
-        if not match:
-            return np.tile(np.array([fw, wb, 8], np.float32), (n, 1)), chosen
+        # the option with these act bits; with --force and none, the first precision option with its act bits
+        # replaced (the gates' one-hot must still be a constant for the skip mix and the cost nodes)
+        chosen = [match[0] if match else next(k for k, o in enumerate(options) if o != (0, 0))] * n
+        bits = np.array([[fw, wb, options[k][1]] for k in chosen], np.float32)
+        return bits, chosen
     bits = np.array([[options[k][0], 0.0 if options[k] == (0, 0) else wb, options[k][1]] for k in chosen], np.float32)
     return bits, chosen
 
@@ -261,7 +263,10 @@ def _probe(model: onnx.ModelProto, names: list[str], input_name: str, input_shap
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = np.zeros([1] + [int(d) for d in input_shape], np.float32)
+    spec = next(i for i in sess.get_inputs() if i.name == input_name)
+    dtype = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}.get(spec.type, np.float32)
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape] if spec.shape else [1] + list(input_shape)
+    x = np.zeros(shape, dtype)       # zeros: valid for images and token ids; the probed tensors do not depend on it
     outs = sess.run(list(dict.fromkeys(names)), {input_name: x})
     return dict(zip(dict.fromkeys(names), outs))
 
@@ -463,7 +468,11 @@ def export_run(run_dir: str, output: str, opts: ExportOptions | None = None) -> 
     if dfq and not keep and dfq.get("granularity") == "candidates":
         raise FracgraphError("a `--granularity candidates` DFQ run computes every option per block; baking one "
                              "option is not supported: export it with --dfq-gates keep --format float")
-    model = onnx.load(str(src))
+    try:
+        model = onnx.load(str(src))
+    except Exception as e:  # a truncated or foreign file: protobuf's DecodeError and friends
+        raise FracgraphError(f"{src} is not a readable ONNX model ({type(e).__name__}); re-export it from the run's "
+                             f"checkpoint with `fracgraph train ... --resume`") from None
     names = {i.name for i in model.graph.input}
     if manifest.precision_input not in names:
         raise FracgraphError(f"{src} has no {manifest.precision_input} input: it is not a fracgraph run's model")
@@ -481,12 +490,11 @@ def export_run(run_dir: str, output: str, opts: ExportOptions | None = None) -> 
         batch_mode = dfq["granularity"] == "batch"
         for l, k in enumerate(chosen):
             q = f"dfq::b{l}"
-            if k >= 0:
-                hot = (np.arange(K) == k).astype(np.float32).reshape((K, 1) if batch_mode else (1, K, 1))
-                for t in (f"{q}/hard", f"{q}/mask"):
-                    _make_constant(model, t, hot)
+            hot = (np.arange(K) == k).astype(np.float32).reshape((K, 1) if batch_mode else (1, K, 1))
+            for t in (f"{q}/hard", f"{q}/mask"):
+                _make_constant(model, t, hot)
             _make_constant(model, f"{manifest.precision_input}::b{l}.act", np.array(bits[l, 0], np.float32))
-            lbl = "skip" if k >= 0 and tuple(dfq["options"][k]) == (0, 0) else f"{int(bits[l, 0])}/{int(bits[l, 2])}"
+            lbl = "skip" if tuple(dfq["options"][k]) == (0, 0) else f"{int(bits[l, 0])}/{int(bits[l, 2])}"
             notes.append(f"block {l} ({manifest.blocks[l].name}): DFQ gate baked to option {lbl}")
     elif keep:
         bits[:, 0] = np.nan

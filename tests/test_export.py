@@ -187,6 +187,12 @@ def test_bits_choice_and_untrained_precision(runs, tmp_path):
     assert b.model_file == "best.onnx" and (b.bits[:, :2] == 4).all()
     with pytest.raises(FracgraphError, match="--bits"):
         export_run(run, str(tmp_path / "y.onnx"), ExportOptions(bits="4/x"))
+    dfq = str(d / "dfq")   # DFQ: FW must be one of the options' act bits (3, 4, 6 here), weights at --weight-bits
+    with pytest.raises(FracgraphError, match="act bits"):
+        export_run(dfq, str(tmp_path / "z.onnx"), ExportOptions(bits="5/4"))
+    forced = export_run(dfq, str(tmp_path / "z.onnx"), ExportOptions(bits="5/4", force=True, format="float"))
+    assert forced.bits[:, :2].tolist() == [[5, 4]] * len(forced.bits)
+    assert {p.bits for p in forced.points if p.kind == "act"} == {5}
     rounded = export_run(run, str(tmp_path / "r.onnx"), ExportOptions(zero_point="round"))
     assert "Add" not in {n.op_type for n in onnx.load(str(rounded.path)).graph.node if "::export" in n.name}
     assert max(p.zero_point_shift for p in rounded.points) > 0
