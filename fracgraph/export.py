@@ -68,10 +68,11 @@ class PointExport:
     bits: int
     form: str                    # qdq | float | fp32 (b = 0)
     zero_point_shift: float = 0.0   # max |zp - (-min/s)| in quantizer steps (0 = the QDQ grid is exactly the run's)
+    note: str = ""
 
     def as_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "bits": self.bits, "form": self.form,
-                "zero_point_shift": round(self.zero_point_shift, 6)}
+                "zero_point_shift": round(self.zero_point_shift, 6), "note": self.note}
 
 
 @dataclass
@@ -366,7 +367,8 @@ def _rewrite(model: onnx.ModelProto, points: list[_Point], values: dict, fmt: st
                     done.append(PointExport(p.name, "weight", b, "qdq+min"))
                 continue
             g.initializer.append(numpy_helper.from_array(w.astype(np.float32), out))
-            done.append(PointExport(p.name, "weight", b, "float"))
+            done.append(PointExport(p.name, "weight", b, "float", note="" if fmt == "float" else
+                                    "above 8 bits: uint8 cannot hold the grid"))
             continue
         # activation
         if not on:
@@ -410,8 +412,8 @@ def _rewrite(model: onnx.ModelProto, points: list[_Point], values: dict, fmt: st
         for op, ins, nm in chain:
             new_nodes.append(helper.make_node(op, ins, [f"{pre}/{nm}"], name=f"{pre}/{nm}"))
         new_nodes.append(helper.make_node("Add", [f"{pre}/descaled", f"{pre}/min"], [out], name=f"{pre}/q"))
-        note = "" if fmt == "float" else " (float: above 8 bits)"
-        done.append(PointExport(p.name + note, "act", b, "float"))
+        done.append(PointExport(p.name, "act", b, "float", note="" if fmt == "float" else
+                                "above 8 bits: uint8 cannot hold the grid"))
     g.node.extend(new_nodes)
     return done
 
@@ -541,8 +543,11 @@ def _finish(model: onnx.ModelProto) -> None:
     version = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=17)
     if version > MAX_OPSET:
         raise FracgraphError(f"the model's opset {version} is above what onnxruntime 1.19 loads ({MAX_OPSET})")
+    if version < 13 and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        raise FracgraphError(f"the run's model is opset {version}; per-channel DequantizeLinear needs opset 13: "
+                             f"export it with --format float (or re-quantize the model at opset >= 13)")
     del model.opset_import[:]
-    model.opset_import.append(helper.make_opsetid("", max(version, 13)))   # per-channel DequantizeLinear: 13
+    model.opset_import.append(helper.make_opsetid("", version))
     model.ir_version = min(model.ir_version, MAX_IR)
     del model.graph.value_info[:]
     for o in model.graph.output:
@@ -560,6 +565,8 @@ def evaluate_export(path: str | Path, run_dir: str, batch: int | None = None, op
 
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     cfg = summary.get("config", {})
+    if str(cfg.get("data") or "").startswith("text:"):
+        raise FracgraphError("--evaluate measures classification accuracy; this is a language-model run")
     ds = load_dataset(cfg.get("data"))
     batch = batch or int(cfg.get("batch", 128))
     so = ort.SessionOptions()

@@ -180,6 +180,8 @@ def test_bits_choice_and_untrained_precision(runs, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
     r = export_run(run, str(tmp_path / "x.onnx"), ExportOptions(bits="8", force=True))
     assert all(p.bits == 8 for p in r.points)
+    wide = export_run(run, str(tmp_path / "w.onnx"), ExportOptions(bits="12", force=True))
+    assert {(p.form, p.bits) for p in wide.points} == {("float", 12)} and all("8 bits" in p.note for p in wide.points)
     fp = export_run(run, str(tmp_path / "fp.onnx"), ExportOptions(bits="0", force=True))
     ops = {n.op_type for n in onnx.load(str(fp.path)).graph.node}
     assert not ops & {"QuantizeLinear", "DequantizeLinear", "Round"}          # 0 bits: the FP32 network
