@@ -274,8 +274,11 @@ def export(
                + ", ".join(f"{v} {k}" for k, v in sorted(forms.items())))
     for n in res.notes:
         typer.echo(f"  {n}")
-    if evaluate:
-        e = out["evaluation"]
+    e = out.get("evaluation")
+    if e and "val_loss" in e:
+        typer.echo(f"  validation loss {e['val_loss']:.6f} ({e['windows']} windows, batch {e['batch']}); "
+                   f"the run's final evaluation {e['run_final_val_loss']:.6f}")
+    elif e:
         typer.echo(f"  test accuracy {e['test_acc']:.4f} ({e['correct']}/{e['total']}, batch {e['batch']}); "
                    f"the run's final evaluation {e['run_final_test_acc']:.4f}")
 

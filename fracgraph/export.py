@@ -555,29 +555,56 @@ def _finish(model: onnx.ModelProto) -> None:
 
 
 def evaluate_export(path: str | Path, run_dir: str, batch: int | None = None, optimize: bool = True) -> dict:
-    """Test accuracy of an exported model in a plain onnxruntime InferenceSession on the run's own data (same
-    normalization and order as the run's final evaluation, at the run's batch size unless given). optimize=False
-    runs it without onnxruntime's graph optimizations, as they can fuse differently in the exported graph (its
-    weights are constants: Conv+BatchNorm fold) than in the run's eval graph, moving logits in the last bits."""
+    """The exported model in a plain onnxruntime InferenceSession on the run's own data, as the run's final
+    evaluation measured it: test accuracy (classification; same normalization, order and batch size), or the mean
+    validation cross-entropy per token (a language-model run, `--data text:`; the same validation windows).
+    optimize=False runs it without onnxruntime's graph optimizations, as they can fuse differently in the exported
+    graph (its weights are constants: Conv+BatchNorm fold) than in the run's eval graph, moving logits in the last
+    bits."""
     import onnxruntime as ort
 
     from .train.data import eval_batches, load_dataset
 
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     cfg = summary.get("config", {})
-    if str(cfg.get("data") or "").startswith("text:"):
-        raise FracgraphError("--evaluate measures classification accuracy; this is a language-model run")
-    ds = load_dataset(cfg.get("data"))
     batch = batch or int(cfg.get("batch", 128))
     so = ort.SessionOptions()
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    spec = sess.get_inputs()[0]
+    if str(cfg.get("data") or "").startswith("text:"):
+        return _evaluate_lm(sess, spec, cfg, batch, summary)
+    ds = load_dataset(cfg.get("data"))
     correct = total = 0
     for x, y in eval_batches(ds, batch):
-        logits = sess.run(None, {name: x})[0]
+        logits = sess.run(None, {spec.name: x})[0]
         correct += int((np.argmax(logits, 1) == y).sum())
         total += len(y)
     return {"test_acc": correct / max(total, 1), "correct": correct, "total": total, "batch": batch,
             "run_final_test_acc": summary.get("final_test_acc")}
+
+
+def _evaluate_lm(sess, spec, cfg: dict, batch: int, summary: dict) -> dict:
+    try:
+        from .train.text import load_text, validation_windows
+    except ImportError:
+        raise FracgraphError("this fracgraph has no text data support (fracgraph/train/text.py): cannot evaluate a "
+                             "language-model run") from None
+    ds = load_text(str(cfg["data"])[len("text:"):])
+    context = spec.shape[1] if len(spec.shape) > 1 and isinstance(spec.shape[1], int) else None
+    if context is None:
+        raise FracgraphError(f"the exported model's input {spec.name} has no fixed sequence length")
+    dtype = {"tensor(int32)": np.int32}.get(spec.type, np.int64)
+    starts = validation_windows(ds, context, batch)
+    offsets = np.arange(context + 1)
+    total = 0.0
+    for i in range(0, len(starts), batch):
+        w = ds.val[starts[i:i + batch, None] + offsets]
+        logits = sess.run(None, {spec.name: w[:, :-1].astype(dtype)})[0].astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        nll = lse - np.take_along_axis(logits, w[:, 1:, None].astype(np.int64), -1)[..., 0]
+        total += float(nll.mean()) * len(w)
+    return {"val_loss": total / max(len(starts), 1), "windows": int(len(starts)), "batch": batch,
+            "run_final_val_loss": summary.get("final_val_loss")}
