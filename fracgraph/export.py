@@ -461,6 +461,8 @@ def export_run(run_dir: str, output: str, opts: ExportOptions | None = None) -> 
     if not src.exists():
         raise FracgraphError(f"{src} does not exist: {run} has no {which} model (no checkpoint was evaluated); "
                              f"train it further or use --which {'last' if which == 'best' else 'best'}")
+    if Path(output).resolve() in {(run / f).resolve() for f in ("best.onnx", "last.onnx")}:
+        raise FracgraphError(f"-o {output} would overwrite the run's own model; write the export elsewhere")
     dfq = manifest.dfq
     keep = bool(dfq) and opts.dfq_gates == "keep"
     if keep and opts.format == "qdq":

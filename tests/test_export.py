@@ -124,7 +124,7 @@ def test_qdq_weights_are_the_quantizer_grid_of_the_trained_weights(runs, tmp_pat
         deq = (k.astype(np.float64) - zp.reshape(ref_s.shape)) * s.reshape(ref_s.shape)
         if f"{pre}/min" in exported:
             deq = deq + exported[f"{pre}/min"]
-        assert np.allclose(deq, ref_k * ref_s + ref_mn, atol=1e-6)
+        assert np.allclose(deq, k * ref_s + ref_mn, atol=1e-6)
 
 
 def test_activation_qdq_uses_the_ema_range(runs, tmp_path):
@@ -211,12 +211,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(runs, tmp_path):
         [str(d / "static"), "-o", str(tmp_path / "b.onnx"), "--bits", "6"],               # never trained at
         [str(d / "dfq"), "-o", str(tmp_path / "c.onnx"), "--dfq-gates", "keep"],          # qdq cannot take gates
         [str(d / "static"), "-o", str(tmp_path / "d.onnx"), "--format", "int4"],
+        [str(d / "static"), "-o", str(d / "static" / "last.onnx")],                        # the run's own model
     ]
     for args in cases:
         r = runner.invoke(app, ["export", *args])
         assert r.exit_code == 2, r.output
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
-        assert not (tmp_path / args[2]).exists() and len(list(tmp_path.glob("*.onnx"))) == 0
+        assert len(list(tmp_path.glob("*.onnx"))) == 0
+    assert onnx.load(str(d / "static" / "last.onnx")).graph.input[1].name == "fracgraph_bits"   # left as it was
     r = runner.invoke(app, ["export", str(d / "static"), "-o", str(tmp_path / "ok.onnx"), "--evaluate", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
