@@ -170,6 +170,7 @@ def train(
     bw_schedule: str = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage."),
     eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
     alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
+    pfq_noise_floor: float = typer.Option(2.0, "--pfq-noise-floor", help="PFQ/FracTrain indicator: a threshold is never below this many standard errors of the epoch's mean loss (relative to the loss scale); 0 = the authors' thresholds. See README 'Reproduction'."),
     data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH; default: scikit-learn digits."),
     iters: int = typer.Option(200, "--iters", help="Training iterations."),
     epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),
@@ -198,7 +199,7 @@ def train(
     cfg = TrainConfig(
         run_dir=output, artifacts=target if is_art else None, model=None if is_art else target, schedule=schedule,
         fw=fw, bw=bw, fw_schedule=_int_list(fw_schedule, "--fw-schedule"), bw_schedule=_int_list(bw_schedule, "--bw-schedule"),
-        eps=eps, alpha=alpha, data=data, iters=iters, epoch_iters=epoch_iters, batch=batch, lr=lr,
+        eps=eps, alpha=alpha, pfq_noise_floor=pfq_noise_floor, data=data, iters=iters, epoch_iters=epoch_iters, batch=batch, lr=lr,
         lr_schedule=lr_schedule, seed=seed, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
         momentum=momentum, weight_decay=weight_decay, threads=threads, target_cp=target_cp,
         target_cp_schedule=_float_list(target_cp_schedule, "--target-cp-schedule"), beta=beta,

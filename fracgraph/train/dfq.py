@@ -52,7 +52,8 @@ class TargetSchedule(StagedSchedule):
 
     what = "cp-target schedule"
 
-    def __init__(self, kind: str, targets: Sequence[float], epoch_iters: int, eps: float = 0.05, alpha: float = 0.3):
+    def __init__(self, kind: str, targets: Sequence[float], epoch_iters: int, eps: float = 0.05, alpha: float = 0.3,
+                 noise_floor: float = 0.0):
         if kind not in SCHEDULES:
             raise FracgraphError(f"cp-target schedule {kind!r} is unknown; use {' or '.join(SCHEDULES)}")
         targets = [float(t) for t in targets]
@@ -63,7 +64,8 @@ class TargetSchedule(StagedSchedule):
         super().__init__(epoch_iters)
         self.kind = kind
         self.targets = targets
-        self.indicator = PFQIndicator(eps, alpha, num_turning_point=len(targets) - 1) if kind == "fractrain" else None
+        self.indicator = PFQIndicator(eps, alpha, num_turning_point=len(targets) - 1, noise_floor=noise_floor) \
+            if kind == "fractrain" else None
 
     def target(self, step: int) -> float:
         return self.targets[sum(1 for t in self.transitions if t.step <= step)]
@@ -72,21 +74,21 @@ class TargetSchedule(StagedSchedule):
         ind = self.indicator
         if ind is None:
             return None
-        threshold = ind.threshold
         window = list(ind.loss[-(ind.epoch_keep - 1):]) + [epoch_loss] if not ind.done else []
-        if not ind.update(epoch_loss):
+        if not ind.update(epoch_loss, self.epoch_noise):
             return None
         old = self.targets[self.stage]
         self.stage += 1
         t = TargetTransition(self.steps_done, epoch, old, self.targets[self.stage],
-                             f"PFQ turning point {ind.count}", window, list(ind.loss_diff), threshold)
+                             f"PFQ turning point {ind.count}", window, list(ind.loss_diff), ind.last_threshold)
         self.transitions.append(t)
         return t
 
     def _config(self) -> dict:
         cfg = {"kind": self.kind, "targets": self.targets, "epoch_iters": self.epoch_iters}
         if self.indicator is not None:
-            cfg.update(eps=self.indicator.initial_threshold, alpha=self.indicator.decay)
+            cfg.update(eps=self.indicator.initial_threshold, alpha=self.indicator.decay,
+                       noise_floor=self.indicator.noise_floor)
         return cfg
 
     def _transition_from(self, d: dict) -> TargetTransition:
@@ -96,7 +98,7 @@ class TargetSchedule(StagedSchedule):
         return {**super().state_dict(), "indicator": self.indicator.state_dict() if self.indicator is not None else None}
 
     def load_state_dict(self, s: dict) -> None:
-        super().load_state_dict(s)
+        super().load_state_dict({"noise_floor": 0.0, **s} if self.indicator is not None else s)
         if self.indicator is not None:
             self.indicator.load_state_dict(s["indicator"])
 

@@ -48,6 +48,7 @@ class TrainConfig:
     bw_schedule: list[int] = field(default_factory=lambda: [6, 6, 8, 8])
     eps: float = 0.05
     alpha: float = 0.3
+    pfq_noise_floor: float = 2.0          # PFQ/FracTrain thresholds >= this x the epoch loss's noise (0: the authors')
     data: str | None = None
     iters: int = 200
     epoch_iters: int = 50
@@ -159,10 +160,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     if cfg.schedule == "static":
         sched = StaticSchedule(cfg.fw, cfg.bw, cfg.epoch_iters)
     elif cfg.schedule == "pfq":
-        sched = PFQSchedule(cfg.fw_schedule, cfg.bw_schedule, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha)
+        sched = PFQSchedule(cfg.fw_schedule, cfg.bw_schedule, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha,
+                            noise_floor=cfg.pfq_noise_floor)
     elif cfg.schedule in DFQ_SCHEDULES:
         targets = [cfg.target_cp] if cfg.schedule == "dfq" else cfg.target_cp_schedule
-        sched = TargetSchedule(cfg.schedule, targets, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha)
+        sched = TargetSchedule(cfg.schedule, targets, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha,
+                               noise_floor=cfg.pfq_noise_floor)
     else:
         raise FracgraphError(f"--schedule {cfg.schedule!r} is not available; use static, pfq, dfq or fractrain")
     lrs = LRSchedule(cfg.lr_schedule, cfg.lr, cfg.iters)
