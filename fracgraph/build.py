@@ -183,7 +183,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
                         gate.grad_bits_const if gate is not None else None),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
-          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
+          + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []) \
