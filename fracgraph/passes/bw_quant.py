@@ -2,7 +2,10 @@
 
 Replaces `<gemm>::bwq_Grad/Identity_0` (dL/dy -> dL/dy) by the per-tensor min/max quantizer with
 U(-0.5, 0.5) noise before rounding, at the block's grad bits; 0 bits passes the error through.
-With `expose_noise` the noise tensors also become graph outputs, so a test can replay the exact step.
+With `expose_noise` the noise tensors also become graph outputs, so a test can replay the exact step, and so do the
+error entering each quantizer and its quantized error (`<gemm>::bwq/error`, `<gemm>::bwq/error_q`): a reference
+can then check each quantizer on the very tensor it quantized and carry on from its output, instead of letting a
+float-order difference upstream move an element across a rounding boundary and cascade.
 """
 
 from __future__ import annotations
@@ -47,7 +50,10 @@ class BwQuantPass(Pass):
             fake_quant(em, g_in, g_out, prefix, bits_scalar(em, self.precision_input, block, "grad"),
                        stochastic=True, train_slack=False)
             if self.expose_noise:
-                model.graph.output.append(helper.make_tensor_value_info(f"{prefix}/noise", TensorProto.FLOAT, None))
+                em.node("Identity", [g_in], f"{prefix}/error")
+                em.node("Identity", [g_out], f"{prefix}/error_q")
+                for out in ("noise", "error", "error_q"):
+                    model.graph.output.append(helper.make_tensor_value_info(f"{prefix}/{out}", TensorProto.FLOAT, None))
         em.flush()
         return PassResult(model, bool(self.plan), [f"{g}: BW quant (block {b})" for g, b in self.plan])
 
