@@ -20,13 +20,13 @@ from fracgraph.passes.dfq_gate import COUNTS_OUTPUT, CP_OUTPUT, DfqOptions  # no
 from fracgraph.policy import LayerPolicy  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
-from conftest import export  # noqa: E402
-from test_dfq_gate import (STE, ErrorReplay, GradQ, TwoBlockNet, _inputs, choose, finish_step,  # noqa: E402
-                           gate_probs, rel_err, torch_gate)
+from conftest import ErrorReplay, export  # noqa: E402
+from test_dfq_gate import (STE, GradQ, TwoBlockNet, _inputs, choose, finish_step, fq, gate_probs,  # noqa: E402
+                           rel_err, torch_gate)
 
 # the CIFAR-like set has two candidates with equal act bits (their forwards agree, their error quantizers must not be
 # merged); the high_bw set has distinct act bits, so the BN update order is visible. Every error quantizer is
-# checked on ORT's input and the reference continues from ORT's quantized error (test_dfq_gate.ErrorReplay), so
+# checked on ORT's input and the reference continues from ORT's quantized error (conftest.ErrorReplay), so
 # every gradient is compared at 1e-4 in both.
 OPTION_SETS = {"cifar": [[3, 6], [4, 6], [4, 12]], "high_bw": [[3, 20], [4, 22], [6, 24]]}
 W = 4
@@ -73,7 +73,8 @@ def setup(tmp_path_factory):
     for name, options in OPTION_SETS.items():
         arts[name] = d / name
         build_artifacts(path, arts[name], BuildOptions(dfq=DfqOptions(options=options, granularity="candidates"),
-                                                       policy=LayerPolicy(first="fp32"), expose_noise=True))
+                                                       policy=LayerPolicy(first="fp32"), expose_noise=True,
+                                                       expose_errors=True))
     return model, arts
 
 
@@ -109,7 +110,7 @@ def test_candidates_step_matches_pytorch(setup, options, seed, target):
         getattr(ref, b).register_forward_hook(lambda mod, inp, out, b=b: stats[b].append(
             (inp[0].detach().mean((0, 2, 3)).numpy(), inp[0].detach().var((0, 2, 3), unbiased=False).numpy())))
     gate, gate_names = _gate(sess, OPTIONS)
-    replay = ErrorReplay(got)
+    replay = ErrorReplay(got, fq)
     loss, logits, chosen, cp = reference_step(ref, gate, torch.from_numpy(x), torch.from_numpy(y), 0.05, target, noises,
                                               sess.manifest.dfq["F"], OPTIONS, replay)
     assert sorted(replay.seen) == sorted(noises)

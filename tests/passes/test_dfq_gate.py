@@ -24,7 +24,7 @@ from fracgraph.passes.dfq_gate import (BITS_OUTPUT, COUNTS_OUTPUT, CP_OUTPUT, Df
 from fracgraph.policy import LayerPolicy  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
-from conftest import export  # noqa: E402
+from conftest import ErrorReplay, export  # noqa: E402
 
 OPTIONS = [[3, 6], [4, 6], [4, 8], [6, 8], [6, 12]]
 
@@ -111,41 +111,6 @@ class GradQ(torch.autograd.Function):
             replay, gemm = ctx.replay
             return replay.quantize(gemm, g, ctx.bits, ctx.noise), None, None, None
         return fq(g, ctx.bits, noise=ctx.noise), None, None, None
-
-
-class ErrorReplay:
-    """ORT's error entering each BW quantizer and its output (an `expose_noise` build's `<gemm>::bwq/error` and
-    `/error_q`), so that the reference checks every error quantizer on the tensor ORT quantized.
-
-    Without it, a ~1e-7 float-order difference between ORT and PyTorch upstream of a stochastic quantizer moves an
-    element across a rounding boundary now and then, the one-step flip reaches the next quantizer upstream and
-    flips more there, and gradients behind two quantizers differ by ~1e-2 depending on the CPU (issue 14 item 5).
-    With it, every comparison is local: (1) the error reaching each quantizer equals ORT's to `tol` (an error in
-    the backward of any op shows here or in the gradients); (2) the reference quantizer applied to ORT's input
-    with the replayed noise equals ORT's output except for elements exactly one quantization step apart, at most
-    `max_flips` of them (ties of x/s + noise at a rounding boundary); wrong bits, noise or range change most
-    elements; (3) the backward continues from ORT's quantized error, so every gradient is compared at `tol`."""
-
-    def __init__(self, outputs: dict, tol: float = 1e-4, max_flips: float = 1e-4, quantizer=None):
-        self.error = {n[: -len("::bwq/error")]: torch.from_numpy(np.asarray(o)) for n, o in outputs.items()
-                      if n.endswith("::bwq/error")}
-        self.error_q = {n[: -len("::bwq/error_q")]: np.asarray(o) for n, o in outputs.items() if n.endswith("::bwq/error_q")}
-        self.tol, self.max_flips = tol, max_flips
-        self.fq = quantizer or fq
-        self.seen = []
-
-    def quantize(self, gemm, g, bits, noise):
-        err = self.error[gemm]
-        assert rel_err(g.numpy(), err.numpy()) <= self.tol, f"{gemm}: error reaching the BW quantizer"
-        ours = self.fq(err, bits, noise=noise).numpy()
-        theirs = self.error_q[gemm]
-        bits_t = torch.clamp(torch.as_tensor(bits, dtype=torch.float32), min=1.0)   # 0 bits: passthrough
-        step = torch.clamp((err.max() - err.min()) / (2.0 ** bits_t - 1), min=1e-8).expand_as(err).numpy()
-        off = ours != theirs
-        assert np.all(np.abs(ours - theirs)[off] <= 1.001 * step[off]), f"{gemm}: quantized error off by > 1 step"
-        assert off.sum() <= self.max_flips * off.size + 1, f"{gemm}: {off.sum()} of {off.size} elements one step off"
-        self.seen.append(gemm)
-        return torch.from_numpy(theirs.copy())
 
 
 def gate_probs(gate, l, h, state):
@@ -257,7 +222,8 @@ def two_block(tmp_path_factory):
 
 def _build(path, tmp_path_factory, **dfq):
     out = tmp_path_factory.mktemp("dfq") / "art"
-    build_artifacts(path, out, BuildOptions(dfq=DfqOptions(**dfq), policy=LayerPolicy(first="fp32"), expose_noise=True))
+    build_artifacts(path, out, BuildOptions(dfq=DfqOptions(**dfq), policy=LayerPolicy(first="fp32"), expose_noise=True,
+                                            expose_errors=True))
     return out
 
 
@@ -293,7 +259,7 @@ def _compare_step(model, sess, x, y, beta, granularity, target=0.0):
     assert len(noises) == 5
     ref = copy.deepcopy(model).train()
     gate, gate_names = torch_gate(sess, 2)
-    replay = ErrorReplay(got)
+    replay = ErrorReplay(got, fq)
     res = reference_step(ref, gate, torch.from_numpy(x), torch.from_numpy(y), beta, target, granularity, 4, noises,
                          sess.manifest.dfq["F"], sess.manifest.dfq["task_grad"], replay)
     assert sorted(replay.seen) == sorted(noises)   # every error quantizer checked, once

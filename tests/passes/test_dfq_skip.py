@@ -17,8 +17,8 @@ from fracgraph.passes.dfq_gate import COUNTS_OUTPUT, CP_OUTPUT, DfqOptions, opti
 from fracgraph.policy import LayerPolicy  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
-from conftest import export  # noqa: E402
-from test_dfq_gate import (STE, ErrorReplay, GradQ, TwoBlockNet, _inputs, choose, finish_step,  # noqa: E402
+from conftest import ErrorReplay, export  # noqa: E402
+from test_dfq_gate import (STE, GradQ, TwoBlockNet, _inputs, choose, finish_step,  # noqa: E402
                            fq, gate_probs, rel_err, torch_gate)
 
 OPTIONS = [[3, 6], [4, 8], [0, 0]]          # the last one is `skip`
@@ -112,7 +112,8 @@ def two_block(tmp_path_factory):
 def _build(path, tmp_path_factory, policy=None, **dfq):
     out = tmp_path_factory.mktemp("dfqskip") / "art"
     build_artifacts(path, out, BuildOptions(dfq=DfqOptions(options=OPTIONS, **dfq),
-                                            policy=policy or LayerPolicy(first="fp32"), expose_noise=True))
+                                            policy=policy or LayerPolicy(first="fp32"), expose_noise=True,
+                                            expose_errors=True))
     return out
 
 
@@ -125,7 +126,7 @@ def _step(model, sess, x, y, granularity, skip_bias, beta=0.05, target=0.0):
     noises = {n.split("::bwq")[0]: torch.from_numpy(np.asarray(o)) for n, o in got.items() if n.endswith("/noise")}
     ref = copy.deepcopy(model).train()
     gate, gate_names = torch_gate_k(sess)
-    replay = ErrorReplay(got, quantizer=fq_or_pass)
+    replay = ErrorReplay(got, fq_or_pass)
     res = reference_step(ref, gate, torch.from_numpy(x), torch.from_numpy(y), beta, target, granularity, noises,
                          sess.manifest.dfq["F"], sess.manifest.dfq["task_grad"], replay)
     assert sorted(replay.seen) == sorted(noises)
@@ -149,7 +150,7 @@ def torch_gate_k(sess):
 
 
 # (input seed, skip-logit bias) per step: chosen so that skip and a precision are both exercised (per sample: in the
-# downsampling block too). Every error quantizer is checked on ORT's input (test_dfq_gate.ErrorReplay), so every
+# downsampling block too). Every error quantizer is checked on ORT's input (conftest.ErrorReplay), so every
 # gradient is compared at 1e-4.
 CASES = {"batch": [(1, 0.4), (1, 3.4), (1, -3.0)], "sample": [(3, 0.0), (1, 3.0), (3, -3.0)]}
 
