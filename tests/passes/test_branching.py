@@ -22,6 +22,7 @@ F = torch.nn.functional
 nn = torch.nn
 
 from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
+from fracgraph.manifest import Manifest  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
 from conftest import ErrorReplay, export  # noqa: E402
@@ -173,8 +174,7 @@ def _rel(a, b):
 
 def test_one_range_per_tensor_and_each_reader_at_its_blocks_bits(branchy):
     _, arts = branchy
-    sess = TrainSession(arts["on"], seed=0, threads=1)
-    m = sess.manifest
+    m = Manifest.read(arts["on"])
     block_of = {op: i for i, b in enumerate(m.blocks) for op in b.ops}
     # the Inception input is read by b1, b2a, b3 (three blocks), the fire squeeze output by e1, e3 (two)
     assert len({block_of[f"/{c}/Conv"] for c in ("b1", "b2a", "b3")}) == 3
@@ -198,9 +198,9 @@ def test_step_matches_pytorch(branchy, acts, w, g):
     batch range. The BW noise is replayed, so the remaining difference is float summation order, which can move
     an element across a rounding boundary (one quantization step of that element)."""
     model, arts = branchy
-    sess0 = TrainSession(arts["on"], seed=0, threads=1)
-    bits = _bits(sess0.manifest, acts, w, g)
-    block_of = {op: i for i, b in enumerate(sess0.manifest.blocks) for op in b.ops}
+    manifest = Manifest.read(arts["on"])
+    bits = _bits(manifest, acts, w, g)
+    block_of = {op: i for i, b in enumerate(manifest.blocks) for op in b.ops}
     bits_of = {c: tuple(float(v) for v in bits[block_of[f"/{c}/Conv"]]) for c in CONVS}
     x, y, loss, grads, noise, sess = _step(arts["on"], bits)
     assert len(noise) == len(CONVS)
@@ -224,7 +224,7 @@ def test_speed_passes_keep_loss_and_every_gradient(branchy, acts, w, g, tol):
     error quantizer at low bits is checked by test_step_matches_pytorch (replayed) and bitwise by
     test_fused_ops.py; the quantizers are the same ops in both builds."""
     _, arts = branchy
-    bits = _bits(TrainSession(arts["on"], seed=0, threads=1).manifest, acts, w, g)
+    bits = _bits(Manifest.read(arts["on"]), acts, w, g)
     _, _, loss0, grads0, noise0, _ = _step(arts["off"], bits)
     _, _, loss1, grads1, noise1, _ = _step(arts["on"], bits)
     assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
@@ -238,9 +238,9 @@ def test_one_running_range_per_tensor_read_by_every_reader(branchy):
     """After one step the tensor's one EMA range holds (1 - m) x its batch range (buffers start at 0), and in the
     eval graph every reader's quantizer reads it (no reader has a range of its own)."""
     model, arts = branchy
-    sess0 = TrainSession(arts["on"], seed=0, threads=1)
-    bits = _bits(sess0.manifest, (3, 5, 8, 4))
-    block_of = {op: i for i, b in enumerate(sess0.manifest.blocks) for op in b.ops}
+    manifest = Manifest.read(arts["on"])
+    bits = _bits(manifest, (3, 5, 8, 4))
+    block_of = {op: i for i, b in enumerate(manifest.blocks) for op in b.ops}
     bits_of = {c: tuple(float(v) for v in bits[block_of[f"/{c}/Conv"]]) for c in CONVS}
     x, y, _, _, noise, sess = _step(arts["on"], bits)
     seen = {}
