@@ -192,17 +192,17 @@ def test_one_range_per_tensor_and_each_reader_at_its_blocks_bits(branchy):
     assert not [n for n in graph.node if "::fq_" in n.name and "_Grad/" in n.name]
 
 
-@pytest.mark.parametrize("acts,w,g", [((8,), 8, 8), ((3, 5, 8, 4), 4, 6)])
-def test_step_matches_pytorch(branchy, acts, w, g):
+@pytest.mark.parametrize("build,acts,w,g", [("on", (8,), 8, 8), ("on", (3, 5, 8, 4), 4, 6), ("off", (3, 5, 8, 4), 4, 6)])
+def test_step_matches_pytorch(branchy, build, acts, w, g):
     """Readers of one tensor in blocks at 3, 5, 8, 4 act bits: each quantized at its own bits against the shared
-    batch range. The BW noise is replayed, so the remaining difference is float summation order, which can move
-    an element across a rounding boundary (one quantization step of that element)."""
+    batch range; loss and every gradient at 1e-4, with every speed pass (on) and with none (off). The BW noise is
+    replayed and every error quantizer checked on the error ORT quantized (conftest.ErrorReplay)."""
     model, arts = branchy
-    manifest = Manifest.read(arts["on"])
+    manifest = Manifest.read(arts[build])
     bits = _bits(manifest, acts, w, g)
     block_of = {op: i for i, b in enumerate(manifest.blocks) for op in b.ops}
     bits_of = {c: tuple(float(v) for v in bits[block_of[f"/{c}/Conv"]]) for c in CONVS}
-    x, y, loss, grads, noise, sess = _step(arts["on"], bits)
+    x, y, loss, grads, noise, sess = _step(arts[build], bits)
     assert len(noise) == len(CONVS)
     replay = ErrorReplay(sess.last_outputs, fq_ref)
     ref_loss, ref_grads = reference_step(model, x, y, bits_of, {k: torch.from_numpy(v) for k, v in noise.items()},
@@ -214,24 +214,21 @@ def test_step_matches_pytorch(branchy, acts, w, g):
         assert _rel(grads[name], ref_grads[name]) <= 1e-4, name
 
 
-@pytest.mark.parametrize("acts,w,g,tol", [((0,), 0, 0, 1e-5), ((8,), 8, 24, 1e-4), ((3, 5, 8, 4), 4, 24, 1e-4)])
-def test_speed_passes_keep_loss_and_every_gradient(branchy, acts, w, g, tol):
-    """ste-grad, conv-grad-split, fused ops, conv-grad-w, bn-grad, quant-branch, NCHWc on vs all off, at FW bits
-    that differ between the readers of one tensor. Two ORT builds cannot replay each other's error quantizers, and
-    their float orders differ (NCHWc against plain Conv, fused against unfused), so at 6-8 grad bits a stochastic
-    rounding flips now and then and the flip cascades (5e-5 here at 8 bits, CPU-dependent): the errors are
-    quantized at 24 bits, where a flip moves an element by 2^-24 of its range and what remains is float order. The
-    error quantizer at low bits is checked by test_step_matches_pytorch (replayed) and bitwise by
-    test_fused_ops.py; the quantizers are the same ops in both builds."""
+def test_speed_passes_keep_loss_and_every_gradient(branchy):
+    """ste-grad, conv-grad-split, fused ops, conv-grad-w, bn-grad, quant-branch, NCHWc on vs all off, directly, at
+    0 bits (the step is continuous: float order only). At quantized bits the two builds are compared through the
+    replayed PyTorch step above (each at 1e-4), not with each other: their float orders differ (NCHWc against
+    plain Conv, fused against unfused ops) and one build cannot replay the other's stochastic roundings, so a
+    rounding boundary crossed in one and not the other cascades into the gradients below it, by an amount that
+    depends on the CPU's kernels."""
     _, arts = branchy
-    bits = _bits(Manifest.read(arts["on"]), acts, w, g)
+    bits = _bits(Manifest.read(arts["on"]), (0,), 0, 0)
     _, _, loss0, grads0, noise0, _ = _step(arts["off"], bits)
     _, _, loss1, grads1, noise1, _ = _step(arts["on"], bits)
-    assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
     assert abs(loss0 - loss1) <= 1e-6 * abs(loss0)
     assert grads0.keys() == grads1.keys() and len(grads0) >= 20
     for name, gr in grads0.items():
-        assert _rel(grads1[name], gr) <= tol, name
+        assert _rel(grads1[name], gr) <= 1e-5, name
 
 
 def test_one_running_range_per_tensor_read_by_every_reader(branchy):
