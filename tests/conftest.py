@@ -136,3 +136,50 @@ class ErrorReplay:
         assert off.sum() <= self.max_flips * off.size + 1, f"{gemm}: {off.sum()} of {off.size} elements one step off"
         self.seen.append(gemm)
         return torch.from_numpy(theirs.copy())
+
+
+def fq_ref(x, bits, per_channel=False, noise=None):
+    """FracTrain's min/max fake quantizer (spec fractrain.md §1.1) in PyTorch: per tensor or per output channel,
+    `noise` added before rounding (stochastic rounding of errors); 0 bits pass x through."""
+    if bits == 0:
+        return x
+    if per_channel:
+        mn = x.flatten(1).min(1).values.view(-1, *([1] * (x.dim() - 1)))
+        mx = x.flatten(1).max(1).values.view(-1, *([1] * (x.dim() - 1)))
+    else:
+        mn, mx = x.min(), x.max()
+    levels = 2.0 ** bits - 1
+    scale = torch.clamp((mx - mn) / levels, min=1e-8)
+    y = (x - mn) / scale
+    if noise is not None:
+        y = y + noise
+    return torch.round(torch.clamp(y, 0, levels)) * scale + mn
+
+
+class STE(torch.autograd.Function):
+    """Forward fake quantization, straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, x, bits, per_channel):
+        return fq_ref(x, bits, per_channel)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+class GradQ(torch.autograd.Function):
+    """Identity forward; the backward quantizes the error with the replayed noise, or with `replay` = (ErrorReplay,
+    GEMM name) checks the quantizer on ORT's error and continues from ORT's quantized error."""
+
+    @staticmethod
+    def forward(ctx, y, bits, noise, replay=None):
+        ctx.bits, ctx.noise, ctx.replay = bits, noise, replay
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.replay is not None:
+            replay, gemm = ctx.replay
+            return replay.quantize(gemm, g, ctx.bits, ctx.noise), None, None, None
+        return fq_ref(g, ctx.bits, noise=ctx.noise), None, None, None

@@ -25,7 +25,7 @@ from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.manifest import Manifest  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
-from conftest import ErrorReplay, export  # noqa: E402
+from conftest import STE, ErrorReplay, GradQ, export, fq_ref  # noqa: E402
 from test_speed_passes import _seed_noise  # noqa: E402
 
 SHAPE = (6, 3, 10, 10)
@@ -73,48 +73,6 @@ class Branchy(nn.Module):
 
 # conv -> its block: single-layer blocks, except the residual block's r1, r2 and down
 CONVS = ["stem", "b1", "b2a", "b2b", "b3", "sq", "e1", "e3", "r1", "r2", "down", "s1"]
-
-
-def fq_ref(x, bits, per_channel=False, noise=None):
-    if bits == 0:
-        return x
-    if per_channel:
-        mn = x.flatten(1).min(1).values.view(-1, *([1] * (x.dim() - 1)))
-        mx = x.flatten(1).max(1).values.view(-1, *([1] * (x.dim() - 1)))
-    else:
-        mn, mx = x.min(), x.max()
-    levels = 2.0 ** bits - 1
-    scale = torch.clamp((mx - mn) / levels, min=1e-8)
-    y = (x - mn) / scale
-    if noise is not None:
-        y = y + noise
-    return torch.round(torch.clamp(y, 0, levels)) * scale + mn
-
-
-class STE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bits, per_channel):
-        return fq_ref(x, bits, per_channel)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None, None
-
-
-class GradQ(torch.autograd.Function):
-    """Identity forward; the backward quantizes the error (`replay`: on ORT's, continuing from ORT's output)."""
-
-    @staticmethod
-    def forward(ctx, y, bits, noise, replay):
-        ctx.bits, ctx.noise, ctx.replay = bits, noise, replay
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.replay is not None:
-            replay, gemm = ctx.replay
-            return replay.quantize(gemm, g, ctx.bits, ctx.noise), None, None, None
-        return fq_ref(g, ctx.bits, noise=ctx.noise), None, None, None
 
 
 def reference_step(model, x, y, bits_of, noises, seen=None, replay=None):
