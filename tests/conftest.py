@@ -110,9 +110,9 @@ class ErrorReplay:
     flips more there, and gradients behind two or more quantizers differ by up to ~2e-2, depending on the CPU
     (issue 14 item 5). With it: (1) the error reaching each quantizer equals ORT's to `tol` (a wrong backward of
     any op shows here or in the gradients); (2) `quantizer` (the reference's, written from the spec) applied to
-    ORT's input with the replayed noise equals ORT's output except for elements exactly one quantization step
-    apart, at most a `max_flips` share of them (x/s + noise tied at a rounding boundary); wrong bits, noise or
-    range change most elements; (3) the backward continues from ORT's quantized error, so the gradients are
+    ORT's input with the replayed noise equals ORT's output to float rounding (1e-5 of its largest value), except
+    for elements exactly one quantization step apart, at most a `max_flips` share of them (x/s + noise at a
+    rounding boundary); wrong bits, noise or range change most elements; (3) the backward continues from ORT's quantized error, so the gradients are
     compared at `tol` too. `quantize` is what the reference's backward calls."""
 
     def __init__(self, outputs: dict, quantizer, tol: float = 1e-4, max_flips: float = 1e-4):
@@ -131,8 +131,11 @@ class ErrorReplay:
         theirs = self.error_q[gemm]
         b = torch.clamp(torch.as_tensor(bits, dtype=torch.float32), min=1.0)   # 0 bits pass through: no step
         step = torch.clamp((err.max() - err.min()) / (2.0 ** b - 1), min=1e-8).expand_as(err).numpy()
-        off = ours != theirs
-        assert np.all(np.abs(ours - theirs)[off] <= 1.001 * step[off]), f"{gemm}: quantized error off by > 1 step"
+        d = np.abs(ours - theirs)
+        tiny = 1e-5 * float(np.abs(theirs).max())   # float rounding of a dequantized value (any kernel's op order)
+        off = d > tiny
+        one_step = np.abs(d[off] - step[off]) <= tiny + 1e-3 * step[off]
+        assert one_step.all(), f"{gemm}: quantized error off by other than one step"
         assert off.sum() <= self.max_flips * off.size + 1, f"{gemm}: {off.sum()} of {off.size} elements one step off"
         self.seen.append(gemm)
         return torch.from_numpy(theirs.copy())
