@@ -86,9 +86,11 @@ class FusedOpsPass(Pass):
     def _quantizer(self, prefix, q, pairs) -> str | None:
         stochastic = f"{prefix}/u_noisy" in self.producer
         chain, why = self._chain(prefix, q, _SR_STEPS if stochastic else _FQ_STEPS)
-        shared_centre = chain is None and not stochastic
-        if shared_centre:
-            chain, why = self._shared_centre_chain(prefix, q)
+        shared_centre = False
+        if chain is None and not stochastic:   # x - min shared with the tensor's quantizers at other bits?
+            shared, _ = self._shared_centre_chain(prefix, q)
+            if shared is not None:
+                chain, shared_centre = shared, True
         if chain is None:
             return f"{prefix}: kept the chain ({why})"
         sub, div, *_, clip, _, mul, _ = chain
