@@ -70,6 +70,7 @@ class BuildOptions:
     weight_decay: float = 1e-4
     act_range_momentum: float = 0.9      # train_pfq's --momentum_act
     expose_noise: bool = False           # BW noise as graph outputs (exact replay in tests)
+    expose_errors: bool = False          # each BW quantizer's input and output error as graph outputs (tests replay each)
     fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch, relu-grad)
     nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
@@ -189,10 +190,10 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         fused, kernel_notes = _fused_ops_passes(opts)
         train_passes = [
             BwQuantPass([(d["name"], d.get("bits_key", b)) for d, b in quant_plan], PRECISION_INPUT, opts.expose_noise,
-                        gate.grad_bits_const if gate is not None else None),
+                        gate.grad_bits_const if gate is not None else None, opts.expose_errors),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
-          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
+          + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []) \
