@@ -89,6 +89,9 @@ def quantize(
     granularity: str = typer.Option("batch", "--granularity", help="DFQ choice per mini-batch (batch), per sample with one GEMM per layer (sample), or per sample over K computed candidates per block (candidates: the released CIFAR code, K-fold compute; see passes/dfq_candidates.py)."),
     cost_weighting: str = typer.Option("macs", "--cost-weighting", help="DFQ cost per block: macs (block MACs) or uniform (ResNet CIFAR code)."),
     task_grad: str = typer.Option("none", "--task-grad", help="DFQ task-loss path into the gate: none or chosen (see passes/dfq_gate.py)."),
+    cost: str = typer.Option("macs", "--cost", help="DFQ controller's cost table: macs (effective MACs) or a hardware model (bitfusion, eyeriss, fpga: each block's fw/error/w-grad GEMM cost per option; the cp target is then a % of the gated blocks' FP32 cost on it)."),
+    cost_metric: str = typer.Option("energy", "--cost-metric", help="With a hardware --cost: energy or latency."),
+    cost_batch: int = typer.Option(128, "--cost-batch", help="With a hardware --cost: the batch the step is costed at."),
     nchwc: bool = typer.Option(True, "--nchwc/--no-nchwc", help="Run convs on this CPU's NCHWc kernels (faster; the artifacts then need a CPU with the same block size)."),
     sr_noise: str = typer.Option("independent", "--sr-noise", help="Stochastic-rounding noise of the error quantizers: independent (a draw per layer) or shared (one draw per step read at random offsets; see passes/shared_noise.py)."),
     fused_kernels: bool = typer.Option(True, "--fused-kernels/--no-fused-kernels", help="Run the quantizers, range statistics, ReluGrad, conv weight gradients and batch-norm backward on fracgraph's own custom ops (built here with the C compiler; faster). --no-fused-kernels keeps onnxruntime's own ops, for a machine without a compiler."),
@@ -104,7 +107,8 @@ def quantize(
         from fracgraph.passes.dfq_gate import DfqOptions, parse_options
 
         gates = DfqOptions(options=parse_options(options), weight_bits=weight_bits, granularity=granularity,
-                           cost_weighting=cost_weighting, task_grad=task_grad)
+                           cost_weighting=cost_weighting, task_grad=task_grad, cost=cost, cost_metric=cost_metric,
+                           cost_batch=cost_batch)
     opts = BuildOptions(fw=fw, bw=bw, policy=_policy(policy, first or ("fp32" if dfq else None), last, keep_fp32),
                         optimizer=optimizer, weight_decay=weight_decay, dfq=gates, nchwc=nchwc, sr_noise=sr_noise,
                         fused_kernels=fused_kernels)
@@ -120,6 +124,10 @@ def quantize(
                    + (f"sample over {len(m.dfq['options'])} computed candidates per block (the simulation computes "
                       f"each gated block {len(m.dfq['options'])} times)" if m.dfq['granularity'] == "candidates"
                       else m.dfq['granularity']))
+        if m.dfq.get("cost", "macs") != "macs":
+            typer.echo(f"DFQ cost: {m.dfq['cost']} {m.dfq['cost_metric']} of each block's GEMMs per option "
+                       f"(batch {m.dfq['cost_batch']}); cp targets are % of the gated blocks' FP32 "
+                       f"{m.dfq['cost_metric']} on {m.dfq['cost']}")
 
 
 @app.command()
@@ -217,7 +225,8 @@ def train(
 
         def on_step(rec: dict) -> None:
             acc = f" test {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else ""
-            bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{acc}")
+            cp = f" cp {rec['cp']:.2f}% MACs" + (f", gated {rec['dfq_cp']:.2f}%" if "dfq_cp" in rec else "")
+            bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{cp}{acc}")
             if "target_clamp" in rec:
                 con.print(f"step {rec['target_clamp']['step']}: warning: {rec['target_clamp']['message']}")
             if "transition" in rec:
@@ -234,6 +243,8 @@ def train(
     for k in ("steps", "final_test_acc", "best_test_acc", "cum_eff_gmacs", "fp32_gmacs", "mean_cp", "wall_s"):
         v = summary[k]
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    if summary.get("dfq") and summary["dfq"].get("mean_gated_cp") is not None:
+        t.add_row(f"mean gated cp ({summary['dfq']['cp_unit']})", f"{summary['dfq']['mean_gated_cp']:.4f}")
     con.print(t)
 
 

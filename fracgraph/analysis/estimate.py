@@ -365,3 +365,57 @@ def report(path, hw_names, *, trace_dir=None, fw: float | None = None, bw: float
                         "gemm_latency": _saving(a["gemm_latency_s"], b["gemm_latency_s"]),
                         "gemm_energy": _saving(a["gemm_energy_pj"], b["gemm_energy_pj"])}
     return out
+
+
+# -- DFQ's hardware cost table (quantize --dfq --cost bitfusion|eyeriss|fpga) -------------------------------------
+
+COST_MODELS = ("macs", "bitfusion", "eyeriss", "fpga")
+COST_METRICS = ("energy", "latency")
+
+
+def block_option_costs(step: TrainingStep, hw: HwModel, options, weight_bits: float, metric: str = "energy"):
+    """(table [n_blocks, K], fp32 [n_blocks]): per precision block and DFQ option (act bits, grad bits), the
+    energy (pJ) or latency (s) per sample of the block's forward, error and weight-gradient GEMMs on `hw` with
+    that option's bits (weights at `weight_bits`), and the same GEMMs at FP32. These are exactly the per-layer
+    GEMM costs `estimate` reports for a step whose block l runs option k (divided by the step's batch); the skip
+    option ([0, 0]) costs 0, as the controller's MAC table counts it. Memory-bound ops are not in it: they do not
+    depend on the bits."""
+    if metric not in COST_METRICS:
+        raise FracgraphError(f"--cost-metric must be one of {', '.join(COST_METRICS)}, not {metric!r}")
+    est = Estimator(step, hw)
+    n, K = step.n_blocks, len(options)
+    table, fp32 = np.zeros((n, K)), np.zeros(n)
+
+    def value(c: Cost) -> float:
+        return c.energy_total_pj if metric == "energy" else c.latency_s
+
+    gemms = [op for op in step.ops if op.kind == "gemm" and op.block is not None]
+    for k, (a, g) in enumerate(options):
+        if int(a) == 0 and int(g) == 0:
+            continue                       # skip: the release's table counts it as 0
+        row = np.array([[a, weight_bits, g]], np.float64)
+        for op in gemms:
+            table[op.block, k] += value(est.op_cost(replace(op, block=0), row))
+    for op in gemms:
+        fp32[op.block] += value(est.op_cost(replace(op, block=0), np.zeros((1, 3))))
+    return table / step.batch, fp32 / step.batch
+
+
+def dfq_cost_table(model, op_dicts: list[dict], n_blocks: int, options, weight_bits: float, hw_name: str,
+                   metric: str = "energy", batch: int = 128) -> dict:
+    """The manifest's description of a hardware cost table for DFQ's controller (see `block_option_costs`)."""
+    from ..hwmodels import get_model
+    from .optable import GemmOp
+    if hw_name not in COST_MODELS[1:]:
+        raise FracgraphError(f"--cost must be one of {', '.join(COST_MODELS)}, not {hw_name!r}")
+    if batch <= 0:
+        raise FracgraphError(f"--cost-batch must be positive, not {batch}")
+    gemms = [GemmOp.from_dict(d) for d in op_dicts]
+    op_block = {d["name"]: (d["block"] if d["quantized"] else None) for d in op_dicts}
+    step = training_step(model, batch, op_block=op_block, n_blocks=n_blocks, gemms=gemms)
+    table, fp32 = block_option_costs(step, get_model(hw_name), options, weight_bits, metric)
+    if not (fp32 > 0).all():
+        raise FracgraphError(f"{hw_name}: a gated block has no GEMM cost; the cost table cannot weigh it")
+    return {"cost": hw_name, "cost_metric": metric, "cost_batch": batch,
+            "cost_unit": "pJ per sample" if metric == "energy" else "s per sample",
+            "cost_table": table.tolist(), "cost_fp32": fp32.tolist()}
