@@ -276,6 +276,7 @@ def estimate(
     overlap: bool = typer.Option(False, "--overlap", help="Overlap independent ops (default: sequential)."),
     strided: str = typer.Option("ideal", "--strided-error", help="Strided error conv: ideal (s^2 sub-convs) or naive."),
     mem_bits: int = typer.Option(32, "--eltwise-bits", help="Data width of BN/ReLU/pool/elementwise ops."),
+    scope: str = typer.Option("step", "--scope", help="What a step counts: step (every op) or gemm (only the forward, error and weight-gradient GEMMs, the paper's accounting)."),
 ) -> None:
     """Cost a training step and a training run on hardware models (Bit-Fusion, Eyeriss, ZC706 FPGA)."""
     from fracgraph.analysis.estimate import report
@@ -288,7 +289,7 @@ def estimate(
     if bad:
         _fail(f"--hw {bad[0]!r}: choose bitfusion, eyeriss, fpga or all")
     rep = report(target, names, trace_dir=trace, fw=fw, bw=bw, batch=batch, steps=steps, baseline=baseline,
-                 overlap=overlap, strided_bw=strided, mem_bits=mem_bits)
+                 overlap=overlap, strided_bw=strided, mem_bits=mem_bits, scope=scope)
     if fmt == "json":
         typer.echo(json.dumps(rep, indent=1))
     elif fmt == "csv":
