@@ -131,7 +131,8 @@ class Estimator:
     def macs_cp(self, bits: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
         """Effective MACs (MACs x a/32 x b/32, DESIGN.md) as % of FP32 MACs, per row of bits [S, n_blocks, 3]
         (active [S, n_blocks]: the share of samples that ran each block; a skipped sample runs only the shortcut
-        GEMMs, FP32), counted as the train loop counts them."""
+        GEMMs, FP32). Over the GEMMs the step runs: a layer that reads the data input has no error GEMM (the train
+        loop's `cp` counts three GEMMs for every layer, so it differs by that layer's share)."""
         bits = np.asarray(bits, np.float64).reshape(-1, self.step.n_blocks, 3)
         act = np.ones(bits.shape[:2]) if active is None else np.asarray(active, np.float64).reshape(bits.shape[:2])
         eff = np.zeros(len(bits))
