@@ -117,8 +117,38 @@ def main() -> None:
                 vals = [cols[n][r] for n in names]
                 fmt = (lambda v: f"{v:.2f}") if r.startswith("per_mac") else (lambda v: f"{100 * v:.1f}")
                 print(f"| {label} | {paper.get(r, '-')} | " + " | ".join("n/a" if v is None else fmt(v) for v in vals) + " |")
+    results["fpga_variants"] = fpga_variants(out / "r38c100.onnx", a.batch)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+def fpga_variants(model: Path, batch: int) -> dict:
+    """Why the earlier FPGA model saved ~3%: static FW4/BW6 vs FW8/BW8 on resnet38 (CIFAR-100 head), GEMMs only,
+    for each packing rule x lane mapping of fpga.py, with the share of GEMM time that is DRAM-bound."""
+    import numpy as np
+
+    from fracgraph.analysis.estimate import Estimator, load_source
+    from fracgraph.hwmodels import get_model
+
+    src = load_source(model, batch)
+    res = {}
+    print(f"\nZC706 variants, resnet38 CIFAR-100 head, static FW4/BW6 vs FW8/BW8, GEMMs only (batch {batch})\n")
+    print("| packing | packed MACs along | FW8/BW8 step (ms) | FW4/BW6 step (ms) | latency saving % | energy saving % "
+          "| DRAM-stall share of FW8/BW8 GEMM time % |")
+    print("|---|---|---|---|---|---|---|")
+    for packing in ("step", "linear"):
+        for lanes in ("out", "pixels"):
+            est = Estimator(src.step, get_model("fpga", packing=packing, pack_lanes=lanes), scope="gemm")
+            b, q = est.step_cost(src.uniform_bits(8, 8)), est.step_cost(src.uniform_bits(4, 6))
+            stall = b.total.stall_cycles / b.total.cycles
+            res[f"{packing}/{lanes}"] = {"latency": 1 - q.latency_s / b.latency_s,
+                                         "energy": 1 - q.total.energy_total_pj / b.total.energy_total_pj,
+                                         "stall_share": stall}
+            r = res[f"{packing}/{lanes}"]
+            print(f"| {packing} | {'output channels' if lanes == 'out' else 'pixels'} | {1e3 * b.latency_s:.1f} | "
+                  f"{1e3 * q.latency_s:.1f} | {100 * r['latency']:.1f} | {100 * r['energy']:.1f} | "
+                  f"{100 * np.float64(stall):.1f} |")
+    return res
 
 
 if __name__ == "__main__":
