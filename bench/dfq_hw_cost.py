@@ -62,13 +62,13 @@ def table(a) -> str:
 
     out = Path(a.out)
     lines = ["| row | controller cost | target | steps | last test acc % (eval) | mean MAC cp % | mean gated cp (own unit) "
-             "| gated Bit-Fusion energy cp % | Bit-Fusion energy, whole run (J) | GEMMs only (J) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| gated MAC cp % | gated Bit-Fusion energy cp % | Bit-Fusion energy, whole run (J) | GEMMs only (J) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in ROWS.items():
         run = out / f"run-{name}"
         art = out / f"artifacts-{row['cost']}"
         if not (run / "metrics.jsonl").exists():
-            lines.append(f"| {name} | {row['cost']} | | not started | | | | | | |")
+            lines.append(f"| {name} | {row['cost']} | | not started | | | | | | | |")
             continue
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         accs = [r for r in recs if "test_acc" in r]
@@ -77,8 +77,12 @@ def table(a) -> str:
         bf = out / "artifacts-bitfusion"
         T, T32 = gated_cost_table(Manifest.read(bf).dfq)
         opts = [tuple(o) for o in m.dfq["options"]]
-        e_cp = np.mean([100 * sum(T[l, opts.index((int(round(b[0])), int(round(b[2]))))]
-                                  for l, b in enumerate(r["bits"])) / T32.sum() for r in recs])
+        def gated(T, T32):
+            return np.mean([100 * sum(T[l, opts.index((int(round(b[0])), int(round(b[2]))))]
+                                      for l, b in enumerate(r["bits"])) / T32.sum() for r in recs])
+        e_cp = gated(T, T32)
+        F = np.array(m.dfq["F"])
+        m_cp = gated(F[:, None] * np.array(m.dfq["unit_costs"]).sum(1)[None, :], 3 * F)   # gated MAC cp
         # the run's Bit-Fusion energy from its per-step bits (the trace is written at the end; metrics as they are)
         src = load_source(art, 128)
         est = Estimator(src.step, get_model("bitfusion"))
@@ -95,7 +99,7 @@ def table(a) -> str:
         target = a.target.get(name, row["target"])
         lines.append(f"| {name} | {row['cost']} | {target:g} | {len(recs)} | {acc} | "
                      f"{np.mean([r['cp'] for r in recs]):.3f} | {np.mean([r['dfq_cp'] for r in recs]):.3f} | "
-                     f"{e_cp:.3f} | {tot / 1e12:.2f} | {gem / 1e12:.2f} |")
+                     f"{m_cp:.3f} | {e_cp:.3f} | {tot / 1e12:.2f} | {gem / 1e12:.2f} |")
     return "\n".join(lines)
 
 
