@@ -8,7 +8,12 @@ artifacts of the same depth; its bits per block and step are costed on the model
 accountings: `--scope step` (every op of the step) and `--scope gemm` (forward, error and weight-gradient GEMMs only).
 The FPGA rows show the EDD-style model (fpga.json defaults) and the earlier one (config dsp_step).
 
-    python bench/paper_hw.py -o bench-out/paperhw [--trace-r38 RUN] [--trace-r74 RUN] [--json FILE]
+    python bench/paper_hw.py -o bench-out/paperhw [--train-traces] [--trace-r38 RUN] [--trace-r74 RUN] [--json FILE]
+
+`--train-traces` first trains the short FracTrain runs whose traces are costed, where missing (resumable):
+resnet38/74 CIFAR-10 (`../shared/data`), DFQ artifacts with the CIFAR options (first conv FP32), 120 steps of batch
+32, targets 1.5/2/2.5/3 with the PFQ indicator at eps 0.5 / alpha 0.9 over 10-step epochs, beta 0.05, one thread.
+A trace records the bits per block and step, so the run of the 10-class head also costs the 100-class head.
 
 Paper figures: spec fractrain.md 5.1 (FracTrain vs the three FW8/BW8 baselines, "Improv." ranges) and 5.5 (rebuttal:
 Bit-Fusion vs Eyeriss and ZC706, ResNet-38/74 on CIFAR-100 only).
@@ -70,6 +75,8 @@ def main() -> None:
     ap.add_argument("--trace-r38", default=None, help="FracTrain run on resnet38 DFQ artifacts (default OUT/run-r38c10)")
     ap.add_argument("--trace-r74", default=None, help="FracTrain run on resnet74 DFQ artifacts (default OUT/run-r74c10)")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--train-traces", action="store_true", help="train the short FracTrain trace runs where missing")
+    ap.add_argument("--data", default=f"imagefolder:{Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'}")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -86,6 +93,8 @@ def main() -> None:
     results = {}
     for depth, tag in (("resnet38", "r38"), ("resnet74", "r74")):
         trace_run = Path(getattr(a, f"trace_{tag}") or out / f"run-{tag}c10")
+        if a.train_traces and not (trace_run / "summary.json").exists():
+            train_trace(out, depth, tag, trace_run, a.data)
         has_trace = (trace_run / "trace.npz").exists()
         for classes in (10, 100):
             key = f"{tag}c{classes}"
@@ -120,6 +129,25 @@ def main() -> None:
     results["fpga_variants"] = fpga_variants(out / "r38c100.onnx", a.batch)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+def train_trace(out: Path, depth: str, tag: str, run: Path, data: str) -> None:
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.passes.dfq_gate import DfqOptions
+    from fracgraph.policy import LayerPolicy
+    from fracgraph.train.loop import TrainConfig, train
+    from fracgraph.zoo import export
+
+    model = out / f"{tag}c10.onnx"
+    if not model.exists():
+        export(depth, model, classes=10)
+    art = out / f"art-{tag}c10"
+    if not art.exists():
+        build_artifacts(model, art, BuildOptions(dfq=DfqOptions(), policy=LayerPolicy(first="fp32")))
+    train(TrainConfig(run_dir=str(run), artifacts=str(art), data=data, schedule="fractrain",
+                      target_cp_schedule=[1.5, 2.0, 2.5, 3.0], eps=0.5, alpha=0.9, iters=120, epoch_iters=10,
+                      batch=32, lr=0.1, beta=0.05, threads=1, eval_batches=2),
+          resume=(run / "checkpoints").exists())
 
 
 def fpga_variants(model: Path, batch: int) -> dict:
