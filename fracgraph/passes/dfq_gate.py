@@ -40,7 +40,10 @@ mode m[l,n,k] = m_l[k], so C = B sum_{l,k} m_l[k] cost_k F_l); cp = 100 C / (3 B
 `COST_TERM` = reg * beta * C / mean(F) with the sign controller reg = -1 if cp < target else +1 computed in-graph
 from this very batch's cp, as the reference does; target (cp %) and beta are runtime inputs (beta 0: no cost term).
 F_l = the block's forward MACs ("macs", default: cp is then the gated blocks' real effective-MAC fraction) or 1
-("uniform", the ResNet CIFAR code).
+("uniform", the ResNet CIFAR code). A hardware cost (`--cost bitfusion|eyeriss|fpga`, `block_costs`) replaces
+cost_k F_l / mean(F) by 3 n T[l, k] / sum_l T32[l], T the energy (or latency) of block l's three GEMMs per sample
+under option k on that hardware and T32 at FP32 (analysis/estimate.py `dfq_cost_table`): cp is then that hardware's
+cost of the gated blocks as % of their FP32 cost, and the target is read in that unit.
 
 Skip option (`skip` in the options, stored as bits [0, 0] like the release's `ResNetRecurrentGateSP`, where a bits-0
 candidate is `prev`, the block's shortcut): in a residual block y = m_run * block + m_skip * shortcut, two
@@ -429,7 +432,7 @@ class DfqGatePass(Pass):
                     em.nodes.append(helper.make_node("Add", [em.node("Mul", [pre, m_run], f"{q}/run_part"),
                                                              em.node("Mul", [shortcuts[l][0], m_s], f"{q}/skip_part")],
                                                      [y], name=f"{q}/mix_skip"))
-            # cost: sum over samples and options of mask * unit cost, times F_l / mean(F)
+            # cost: sum over samples and options of mask * unit cost, times F_l / mean(F) (hardware table: x 1)
             unit_c = em.const(block_unit[l].reshape(K, 1).astype(np.float32))
             per = em.node("ReduceSum", [em.node("Mul", [mask, unit_c], f"{q}/cost_k"), em.const(all_axes, np.int64)],
                           f"{q}/cost_unit", keepdims=0)

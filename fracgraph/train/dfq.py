@@ -144,9 +144,17 @@ def gated_cost_table(d: dict) -> tuple[np.ndarray, np.ndarray]:
     """(T [n_blocks, K], T32 [n_blocks]) of a manifest's DFQ section: the controller's cost of block l under option k
     and at FP32, in its unit (`cost_unit`); the gated cp is 100 sum_l T[l, k_l] / sum_l T32[l]. MACs: T = F_l x
     (a w + g w + a g)/1024, T32 = 3 F_l; a hardware cost (`quantize --dfq --cost`): the table it stored."""
-    if d.get("cost_table") is not None:
-        return np.array(d["cost_table"], np.float64), np.array(d["cost_fp32"], np.float64)
     F = np.array(d["F"], np.float64)
+    if d.get("cost_table") is not None:
+        try:
+            T, T32 = np.array(d["cost_table"], np.float64), np.array(d.get("cost_fp32"), np.float64)
+        except (TypeError, ValueError):
+            T = T32 = np.zeros(0)
+        if T.shape != (len(F), len(d["options"])) or T32.shape != (len(F),) or not (T32 > 0).all() or (T < 0).any():
+            raise FracgraphError("manifest.json: the DFQ cost table (dfq.cost_table, dfq.cost_fp32) does not fit the "
+                                 "blocks and options, or is not positive; rebuild the artifacts with `fracgraph "
+                                 "quantize --dfq --cost ...`")
+        return T, T32
     unit = np.array(d["unit_costs"], np.float64).sum(1)
     return F[:, None] * unit[None, :], 3 * F
 

@@ -141,3 +141,13 @@ def test_bad_cost_options_are_one_line_errors(tmp_path):
         r = CliRunner().invoke(app, ["quantize", str(model), "-o", str(tmp_path / "a"), "--dfq", *extra])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "a").exists()
+
+
+def test_corrupt_cost_table_is_one_line(arts):
+    from fracgraph.errors import FracgraphError
+    from fracgraph.manifest import Manifest
+
+    d = Manifest.read(arts / "bf").dfq
+    for bad in ({"cost_table": d["cost_table"][:1]}, {"cost_fp32": [0.0] * len(d["F"])}, {"cost_fp32": "x"}):
+        with pytest.raises(FracgraphError, match="rebuild the artifacts"):
+            gated_cost_table({**d, **bad})
