@@ -166,7 +166,12 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     gate = None
     if opts.dfq is not None:
         # before the quantizers: the gates read the blocks' unquantized inputs and provide the act/grad bits
-        gate = DfqGatePass(blocks, op_dicts, opts.dfq, PRECISION_INPUT)
+        table = None
+        if opts.dfq.cost != "macs":   # the controller's cost from a hardware model (analysis/estimate.py)
+            from .analysis.estimate import dfq_cost_table
+            table = dfq_cost_table(model, op_dicts, len(blocks), opts.dfq.options, opts.dfq.weight_bits,
+                                   opts.dfq.cost, opts.dfq.cost_metric, opts.dfq.cost_batch)
+        gate = DfqGatePass(blocks, op_dicts, opts.dfq, PRECISION_INPUT, table)
         model, gate_notes = run_passes(model, [gate])
         trainable += gate.params
         frozen += gate.frozen

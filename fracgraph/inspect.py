@@ -23,6 +23,9 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         dfq = None if m.dfq is None else {k: m.dfq[k] for k in ("options", "weight_bits", "granularity",
                                                                 "cost_weighting", "task_grad", "F", "gate_params",
                                                                 "gate_dim", "embed_dim", "hidden")}
+        if dfq is not None:   # the controller's cost table (quantize --dfq --cost; absent in older manifests: MACs)
+            dfq.update({k: m.dfq[k] for k in ("cost", "cost_metric", "cost_batch", "cost_unit", "cost_table",
+                                              "cost_fp32") if k in m.dfq})
     else:
         from .build import plan
         from .model import load_model
@@ -61,7 +64,9 @@ def render(summary: dict) -> None:
                   f"softmax; FP32, {len(g['gate_params'])} parameter tensors), choice per {g['granularity']}; "
                   f"options FW/BW {', '.join(f'{a}/{b}' for a, b in g['options'])}, weights {g['weight_bits']} bits; "
                   f"act/grad columns of the precision input unused; cost weighting {g['cost_weighting']}, "
-                  f"task gradient {g['task_grad']}")
+                  f"task gradient {g['task_grad']}; controller cost "
+                  + (f"{g['cost']} {g['cost_metric']} (batch {g['cost_batch']})" if g.get("cost", "macs") != "macs"
+                     else "effective MACs"))
     t = Table(title="layers")
     for col in ("layer", "op", "MACs/sample", "block", "decision"):
         t.add_column(col)

@@ -26,7 +26,7 @@ from ..trace import TraceRecorder
 from . import runio
 from .data import BatchStream, check_input_shape, check_num_classes, load_dataset
 from .dfq import SCHEDULES as DFQ_SCHEDULES
-from .dfq import ChoiceRecord, TargetClamp, TargetSchedule, require_dfq
+from .dfq import ChoiceRecord, TargetClamp, TargetSchedule, cost_label, require_dfq
 from .dfq import bits_input as dfq_bits_input
 from .schedules import LRSchedule, PFQSchedule, StaticSchedule
 
@@ -292,7 +292,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     if choices is not None:
         summary["dfq"] = {"options": dfq["options"], "weight_bits": dfq["weight_bits"],
                           "granularity": dfq["granularity"], "final_target_cp": sched.target(max(step - 1, 0)),
-                          "mean_gated_cp": choices.mean_gated_cp(),
+                          "mean_gated_cp": choices.mean_gated_cp(), "cp_unit": cost_label(dfq),
                           "reachable_cp": [clamp.floor, clamp.ceiling], "target_clamps": clamp.clamps,
                           "choice_histogram": choices.histogram([b.name for b in manifest.blocks])}
     runio.write_summary(run, summary)
