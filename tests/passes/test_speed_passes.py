@@ -98,10 +98,10 @@ def _step(art, bits, shape=(6, 3, 9, 9), classes=4):
     return float(outs[0]), {k: sess.gradient(k) for k in sess.trainable}, noise
 
 
-def assert_same_step(off, on, bits, tol):
+def assert_same_step(off, on, bits, tol, shape=(6, 3, 9, 9)):
     """One seeded step of the two builds: the same noise, loss to 1e-6, every gradient to `tol` (relative)."""
-    loss0, grads0, noise0 = _step(off, bits)
-    loss1, grads1, noise1 = _step(on, bits)
+    loss0, grads0, noise0 = _step(off, bits, shape)
+    loss1, grads1, noise1 = _step(on, bits, shape)
     assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
     assert abs(loss0 - loss1) <= 1e-6 * abs(loss0)
     assert grads0.keys() == grads1.keys() and len(grads0) >= 11
@@ -126,8 +126,9 @@ def test_conv_grad_split_structure_and_reasons(builds):
         assert f"/{conv}/Conv_Grad/ConvGrad_0: dX as Conv," in text, conv
     assert "/pad1x1/Conv_Grad/ConvGrad_0: kept ConvGrad (pads [1, 1, 1, 1] exceed the kernel reach)" in text
     graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
-    # dW only: ConvGrad without dX, or its stride-1 group-1 ones on ConvGradW (passes/conv_grad_w.py)
-    split = [n for n in graph.node if (n.op_type == "ConvGrad" and n.output[0] == "") or n.op_type == "ConvGradW"]
+    # dW only: ConvGrad without dX, or the forms of passes/conv_grad_w.py
+    split = [n for n in graph.node if (n.op_type == "ConvGrad" and n.output[0] == "")
+             or n.op_type in ("ConvGradW", "ConvGradWCols", "DepthwiseConvGradW")]
     assert len(split) == 7   # six lowered + the first conv, whose dX onnxruntime already drops
 
 
