@@ -186,7 +186,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + ([SteGradPass(fw.points), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
-          + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []) \
+          + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))

@@ -14,6 +14,8 @@
  *   ConvGradWCols(dY, X) -> (dYt, col)          the operands of dW as one batched GEMM (a MatMul in the graph);
  *                                              attributes those of ConvGradW and group
  *   DepthwiseConvGradW(dY, X) -> dW            depthwise conv weight gradient; attributes those of ConvGradW
+ *   NchwcWeight(W) -> Wb                       a conv weight in onnxruntime's NCHWc filter layout; attributes
+ *                                              block, blocked_in, transpose, flip
  *
  * The quantizers compute, per element and in this order (quantizers.py's chain, each operation IEEE-rounded;
  * the library is compiled with -ffp-contract=off so that no multiply-add is fused; noise = 0 for FakeQuantize):
@@ -126,14 +128,16 @@ static inline uint64_t mix(uint64_t z) {
 void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
-enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, N_KINDS };
+enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
+            N_KINDS };
 
 typedef struct {
   int kind;
   float lo;
   uint64_t salt;
   uint64_t calls;
-  int64_t conv[9];   /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group */
+  int64_t conv[9];   /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group;
+                        NCHWC_WEIGHT: block, blocked_in, transpose, flip */
 } Kernel;
 
 typedef struct {
@@ -677,6 +681,66 @@ static OrtStatus* compute_dw_grad_w(Kernel* k, void* ctx) {
 }
 
 
+/* ---- NchwcWeight: a conv weight in the NCHWc filter layout, in one pass --------------------------------- */
+/* The logical weight W' [O, C, kh, kw] is W itself, or (transpose) W with its two channel axes swapped and/or
+ * (flip) its kernel axes reversed: the weight of the stride-1 dX conv of conv-grad-split, W'[c][o][a][b] =
+ * W[o][c][kh-1-a][kw-1-b]. The output keeps W''s logical shape and holds onnxruntime's filter layout for block B:
+ * OIHWBiBo [O/B, C/B, kh, kw, Bi, Bo] (blocked_in) or OIHWBo [O/B, C, kh, kw, Bo]. onnxruntime's Transpose
+ * runs the 6-D permutation of OIHWBiBo at a fraction of memory speed (bench/kernel_probes.py --only reorder);
+ * this writes the output in order, one output-channel block per task. */
+typedef struct {
+  const float* w;
+  float* out;
+  int64_t O, C, kh, kw, B, blocked_in, transpose, flip, Ow, Cw;   /* Ow x Cw: W's own channel dims */
+} WtJob;
+
+static void weight_block(void* p, size_t ob) {
+  const WtJob* j = (const WtJob*)p;
+  const int64_t B = j->B, C = j->C, kh = j->kh, kw = j->kw, taps = kh * kw;
+  const int64_t bi_n = j->blocked_in ? B : 1, cb_n = j->blocked_in ? C / B : C;
+  float* out = j->out + (int64_t)ob * B * C * taps;
+  for (int64_t cb = 0; cb < cb_n; ++cb)
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t b = 0; b < kw; ++b) {
+        const int64_t sa = j->flip ? kh - 1 - a : a, sb = j->flip ? kw - 1 - b : b;
+        for (int64_t bi = 0; bi < bi_n; ++bi) {
+          const int64_t c = cb * bi_n + bi;
+          for (int64_t bo = 0; bo < B; ++bo) {
+            const int64_t o = (int64_t)ob * B + bo;
+            const int64_t wo = j->transpose ? c : o, wc = j->transpose ? o : c;
+            *out++ = j->w[((wo * j->Cw + wc) * kh + sa) * kw + sb];
+          }
+        }
+      }
+}
+
+static OrtStatus* compute_nchwc_weight(Kernel* k, void* ctx) {
+  const void* wv;
+  void* ov;
+  int64_t d[16];
+  size_t rank, count;
+  OrtStatus* st;
+  WtJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &wv, d, &rank, &count))) return st;
+  if (rank != 4) return fail("fracgraph NchwcWeight: the weight must be [O, C, kh, kw]");
+  j.B = k->conv[0], j.blocked_in = k->conv[1], j.transpose = k->conv[2], j.flip = k->conv[3];
+  j.Ow = d[0], j.Cw = d[1], j.kh = d[2], j.kw = d[3];
+  j.O = j.transpose ? j.Cw : j.Ow, j.C = j.transpose ? j.Ow : j.Cw;
+  if (j.B < 1 || j.O % j.B || (j.blocked_in && j.C % j.B))
+    return fail("fracgraph NchwcWeight: the channel counts must be multiples of the block");
+  int64_t od[4] = {j.O, j.C, j.kh, j.kw};
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 4, &ov))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(ov, (void**)&j.out)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)wv, (void**)&j.w)))
+    return st;
+  const size_t blocks = (size_t)(j.O / j.B);
+  if (blocks > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, weight_block, blocks, 0, &j);
+  if (blocks == 1) weight_block(&j, 0);
+  return NULL;
+}
+
+
 /* ---- BatchNormGrad --------------------------------------------------------------------------------------- */
 /* onnxruntime's BatchNormalizationGrad (saved batch mean and inverse std from the forward) in two reads per
  * channel, channels as tasks: dbias = sum dY and s = sum dY (X - mean) (float lanes per image, added in double),
@@ -770,6 +834,7 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == BN_GRAD) return compute_bn_grad(ctx);
   if (k->kind == CONV_COLS) return compute_conv_cols(k, ctx);
   if (k->kind == DW_GRAD_W) return compute_dw_grad_w(k, ctx);
+  if (k->kind == NCHWC_WEIGHT) return compute_nchwc_weight(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
@@ -791,9 +856,11 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 }
 
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
-                                           "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1};
+                                           "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
+                                           "NchwcWeight"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1};
+static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 
 /* Each op's OrtCustomOp sits first in an OpDef, so the callbacks find their kind from the op pointer. */
@@ -817,6 +884,9 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   if (k->kind == CONV_GRAD_W || k->kind == CONV_COLS || k->kind == DW_GRAD_W)
     for (int a = 0; a < (k->kind == CONV_COLS ? 9 : 8); ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, CONV_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (k->kind == NCHWC_WEIGHT)
+    for (int a = 0; a < 4; ++a)
+      if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, WEIGHT_ATTRS[a], &k->conv[a]))) { free(k); return st; }
   *out = k;
   return NULL;
 }
