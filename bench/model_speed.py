@@ -5,8 +5,9 @@ resnet20 (batch 128, 32x32), 10 classes. Issue 20's goal is every ratio <= 1.0.
 Each configuration runs in its own worker process and the workers take turns one step at a time, the order
 alternating (A B, B A, ...), each step after a short settle, so that both see the same background load; a round
 is `--steps` steps of each, and the script prints every round's medians and ratio, then the range over rounds.
-`--off PASS` adds a third worker on artifacts built without that training-graph pass (e.g. `--off conv-grad-w`:
-the pass's own effect, interleaved the same way). `--profile` then prints `fracgraph profile`'s top op types
+`--off PASS` adds a worker on artifacts built without that training-graph pass (e.g. `--off conv-grad-w`:
+the pass's own effect, interleaved the same way); `--baseline DIR` one on artifacts built and run by the
+fracgraph of another checkout (e.g. `git worktree add /tmp/base main`: this branch against main). `--profile` then prints `fracgraph profile`'s top op types
 and nodes of the default artifacts (which op holds a model above 1.0x).
 
 torchvision is imported without its compiled ops (its CUDA wheel's `import torchvision` fails with the CPU torch;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -135,11 +137,12 @@ def worker(a) -> None:
 
 
 class Worker:
-    def __init__(self, label, kind, a, directory):
+    def __init__(self, label, kind, a, directory, root=None):
         self.label = label
+        env = dict(os.environ, PYTHONPATH=str(root)) if root else None
         self.p = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--model", a.model_now, "--dir",
                                    str(directory), "--threads", str(a.threads)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                                  stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         line = self.p.stdout.readline().strip()
         if line != "ready":
             raise RuntimeError(f"{label}: worker said {line!r}")
@@ -161,9 +164,15 @@ def measure(name: str, a) -> dict:
         prepare(name, d, a.off)
         quantize_s = time.perf_counter() - t0
         a.model_now = name
-        configs = [("fracgraph FW8/BW8", "art")] + [(f"fracgraph without {p}", f"art-{p}") for p in a.off] + \
-                  [("PyTorch FP32", "torch")]
-        workers = [Worker(label, kind, a, d) for label, kind in configs]
+        configs = [("fracgraph FW8/BW8", "art", None)] + [(f"fracgraph without {p}", f"art-{p}", None) for p in a.off]
+        if a.baseline:   # the other checkout builds its own artifacts, and its worker imports it first
+            code = ("import sys; from fracgraph.build import BuildOptions, build_artifacts; "
+                    "build_artifacts(sys.argv[1], sys.argv[2], BuildOptions(fw=8, bw=8), force=True)")
+            subprocess.run([sys.executable, "-c", code, str(d / f"{name}.onnx"), str(d / "art-baseline")], check=True,
+                           env=dict(os.environ, PYTHONPATH=str(a.baseline)), cwd=a.baseline)
+            configs.append(("baseline FW8/BW8", "art-baseline", a.baseline))
+        configs.append(("PyTorch FP32", "torch", None))
+        workers = [Worker(label, kind, a, d, root) for label, kind, root in configs]
         try:
             for _ in range(2):   # warm-up
                 for w in workers:
@@ -207,6 +216,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=0.3)
     ap.add_argument("--off", action="append", default=[], metavar="PASS",
                     help="also time artifacts built without this training-graph pass (repeatable)")
+    ap.add_argument("--baseline", metavar="DIR", help="also time the fracgraph of this checkout (its own artifacts)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -260,3 +260,19 @@ def test_every_form_is_chosen_on_its_shape(wide):
 @pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4)])
 def test_every_form_keeps_loss_and_every_gradient(wide, bits, tol):
     assert_same_step(wide[False][0], wide[True][0], bits, tol, shape=(6, 3, 8, 8))
+
+
+def test_inspect_lists_each_choice_with_its_reason(wide):
+    from typer.testing import CliRunner
+
+    from fracgraph.cli import app
+    from fracgraph.inspect import summarize
+
+    art = wide[True][0]
+    rows = {c["node"].split("/")[1]: c for c in summarize(str(art))["conv_weight_gradients"]}
+    assert rows["c3"]["form"] == "im2col-gemm" and rows["c3"]["shape"] == "Ci64 4x4 -> Co64 3x3/1, 4x4 out"
+    assert rows["c3"]["costs"]["im2col-gemm"] * 1.5 < rows["c3"]["costs"]["ConvGrad"]
+    r = CliRunner().invoke(app, ["inspect", str(art)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0
+    assert "conv weight gradients" in r.output and "/c3/Conv_Grad/ConvGrad_0" in r.output
+    assert "depthwise: one output row per channel" in r.output
