@@ -7,8 +7,8 @@ one image after another. That is fast where P is large, but on the tiny maps of 
 memory-bound, 32 times per step. The forms this pass chooses from (a registry keyed by form name, `FORMS`):
 
 - `ConvGradW` (fracgraph's kernel): images as tasks, an AVX-512 register tile over 16-64 output channels; the
-  fastest where that tile applies and the conv has stride 1 (resnet20's shapes, resnet18's layer1: 0.6x
-  onnxruntime's ConvGrad; its strided im2col path measured 0.9-1.4x ConvGrad, 3-6x on 3-channel inputs);
+  fastest where that tile applies (resnet20's shapes, resnet18's layer1: 0.4-0.65x onnxruntime's ConvGrad;
+  resnet20's strided ones 0.57-0.86x), except for strided convs of 3-channel inputs (the stem: 1-6x);
 - `im2col-gemm`: `ConvGradWCols(dY, X) -> (dYt [G, Co/G, N*P], col [G, Kg, N*P])` (fracgraph's kernel: the whole
   batch's im2col and dY with the batch moved next to the positions), then one `FusedMatMul(dYt, col^T)` on
   onnxruntime's MLAS: one GEMM with inner dimension N*P, so dW is written once instead of once per image (and
@@ -25,7 +25,8 @@ and dYt that im2col-gemm writes and reads back, and ConvGradW's register tile (A
 its plain loops, which are slower than ConvGrad everywhere measured: 7-48x on the corpus' 1x1 convs and 3-7x on
 resnet18's 128-512 channel layers, which the old rule gave it). im2col-gemm must win by a margin
 (`MARGIN`) so that a shape near the break-even point stays on onnxruntime's op: never slower than it by more than
-the model's error. ConvGradW keeps the shapes it was tuned for (tile applies, stride 1, P >= 64, not 1x1). 1x1 stride-1
+the model's error. ConvGradW keeps the shapes it was tuned for (tile applies, P >= 64, not 1x1 stride 1, stride 1 or >= 16
+input channels). 1x1 stride-1
 unpadded convs stay on ConvGrad: it skips the im2col there and its GEMM reads X in place.
 
 Every form's values are the same sums in another order (float rounding differs), so the step is compared with
@@ -104,7 +105,8 @@ def dw_costs(s: ConvShape, avx512: bool) -> dict[str, float | None]:
     cog = s.co // s.group
     convgrad = s.group * (CALL + 2 * cog * s.kg + (0 if s.pointwise else CACHE * s.kg * s.p))
     gemm = 3 * s.p * (s.group * s.kg + s.co)   # col and dYt: written, read back (and packed) by the GEMM
-    tile = avx512 and s.group == 1 and s.co % 16 == 0 and s.co <= 64 and not s.bias and s.sh == s.sw == 1
+    tile = avx512 and s.group == 1 and s.co % 16 == 0 and s.co <= 64 and not s.bias and \
+        (s.sh == s.sw == 1 or s.ci >= 16)
     return {
         "ConvGrad": convgrad,
         "im2col-gemm": gemm,
@@ -119,8 +121,8 @@ def choose(s: ConvShape, avx512: bool) -> tuple[str, str]:
     c = dw_costs(s, avx512)
     if s.depthwise:
         return "depthwise", "depthwise: one output row per channel, no GEMM"
-    if c["ConvGradW"] is not None and s.p >= TILE_MIN_P and not (s.kh == s.kw == 1):
-        return "ConvGradW", f"stride 1, AVX-512 tile over {s.co} output channels on {s.ho}x{s.wo} maps"
+    if c["ConvGradW"] is not None and s.p >= TILE_MIN_P and not s.pointwise:
+        return "ConvGradW", f"AVX-512 tile over {s.co} output channels on {s.ho}x{s.wo} maps"
     if s.pointwise:
         return "ConvGrad", "1x1 stride 1: onnxruntime's GEMM reads X in place"
     if c["im2col-gemm"] * MARGIN < c["ConvGrad"]:

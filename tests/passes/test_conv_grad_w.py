@@ -171,6 +171,8 @@ CHOICES = [
     (_shape(256, 4, 256, 3, 1), "im2col-gemm"),     # resnet18 layer3: 0.8-0.9x
     (_shape(64, 16, 64, 3, 1), "ConvGradW"),        # resnet18 layer1 / resnet20: 0.6x
     (_shape(16, 32, 16, 3, 1), "ConvGradW"),
+    (_shape(16, 32, 32, 3, 2), "ConvGradW"),        # resnet20's strided convs: 0.6-0.9x (README table)
+    (_shape(32, 16, 64, 1, 2), "ConvGradW"),
     (_shape(64, 16, 128, 1, 2), "ConvGrad"),        # 1x1 strided: im2col-gemm 0.9-1.9x, ConvGradW 9-23x
     (_shape(144, 16, 24, 1, 1), "ConvGrad"),        # 1x1: ConvGrad reads X in place
     (_shape(1152, 2, 192, 1, 1), "ConvGrad"),
