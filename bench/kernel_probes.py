@@ -13,11 +13,13 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - dwshapes: the weight gradient on every shape of the model corpus (resnet18, efficientnet_b0, regnet_x_400mf at
   batch 32, 64x64; resnet20): ConvGrad vs ConvGradW vs ConvGradWCols + MatMul vs DepthwiseConvGradW (the forms
   passes/conv_grad_w.py chooses from);
+- fwshapes: resnet18's forward 3x3 convs as Conv, NCHWc and im2col + MatMul; reorder: the NCHWc weight reorder
+  as onnxruntime's Transpose vs fracgraph's NchwcWeight;
 - executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
   parallel executor (2 inter-op threads with 1 or 2 intra-op threads);
 - torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with).
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,executor,torch]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,reorder,executor,torch]
 """
 
 from __future__ import annotations
@@ -313,6 +315,59 @@ def probe_dwshapes(r: Runner, rng, shapes=None):
     return table
 
 
+def probe_fwshapes(r: Runner, rng):
+    """The forward conv of resnet18's stride-1 3x3 shapes (batch 32, 64x64 inputs): plain Conv vs the NCHWc form
+    the nchwc-conv pass writes (NchwcWeight reorder) vs im2col + one MatMul on MLAS (+ the transpose back to NCHW):
+    the measurement behind README's note that only the 2x2 maps would gain from a GEMM forward."""
+    print("forward conv by shape: Conv vs NCHWc (NchwcWeight) vs im2col + MatMul")
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    for n, c, hw in [(32, 512, 2), (32, 256, 4), (32, 128, 8), (32, 64, 16)]:
+        x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+        plain = _model([h.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)], ["x", "w"], ["y"])
+        cands = [("im2col + MatMul", _model(
+            [h.make_node("ConvGradWCols", ["d", "x"], ["dt", "col"], domain=FG, group=1, kh=3, kw=3, sh=1, sw=1, ph=1,
+                         pw=1, dh=1, dw=1),
+             h.make_node("Reshape", ["w", "s2"], ["w2"]), h.make_node("MatMul", ["w2", "col"], ["y3"]),
+             h.make_node("Reshape", ["y3", "s3"], ["y3r"]), h.make_node("Transpose", ["y3r"], ["y4"], perm=[1, 0, 2]),
+             h.make_node("Reshape", ["y4", "s4"], ["y"])], ["d", "x", "w"], ["y"],
+            [h.make_tensor("s2", T.INT64, [2], [c, c * 9]), h.make_tensor("s3", T.INT64, [3], [c, n, hw * hw]),
+             h.make_tensor("s4", T.INT64, [4], [n, c, hw, hw])]),
+            {"d": np.zeros((n, 1, hw, hw), np.float32), "x": x, "w": w})]
+        if B > 1:
+            cands.append(("NCHWc (NchwcWeight)", _model(
+                [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0),
+                 h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
+                 h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", pads=[1] * 4, kernel_shape=[3, 3]),
+                 h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=c)], ["x", "w"], ["y"]),
+                None))
+        r.compare(f"{n}x{c}x{hw}x{hw}, 3x3", ("Conv", plain), cands, {"x": x, "w": w})
+
+
+def probe_reorder(r: Runner, rng):
+    """The NCHWc weight reorder: Reshape + 6-D Transpose + Reshape (onnxruntime) vs NchwcWeight, and an Add over
+    the same tensor (what one read and one write cost)."""
+    print("NCHWc weight reorder (OIHWBiBo): onnxruntime's Transpose vs fracgraph's NchwcWeight")
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    if B <= 1:
+        print("  no NCHWc kernels here")
+        return
+    for c in (64, 256, 512):
+        w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+        ort = _model([h.make_node("Reshape", ["w", "s6"], ["r"]), h.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 4, 5, 3, 1]),
+                      h.make_node("Reshape", ["t", "s4"], ["y"])], ["w"], ["y"],
+                     [h.make_tensor("s6", T.INT64, [6], [c // B, B, c // B, B, 3, 3]), h.make_tensor("s4", T.INT64, [4], [c, c, 3, 3])])
+        own = _model([h.make_node("NchwcWeight", ["w"], ["y"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0)],
+                     ["w"], ["y"])
+        add = _model([h.make_node("Add", ["w", "w"], ["y"])], ["w"], ["y"])
+        r.compare(f"{c}x{c}x3x3", ("Reshape/Transpose/Reshape", ort),
+                  [("fracgraph NchwcWeight", own, None), ("(Add of the same tensor)", add, None)], {"w": w})
+
+
 def probe_executor(threads: int, reps: int):
     print("executor: resnet20 FW8/BW8 training step, sequential vs parallel executor")
     import onnxruntime as ort
@@ -397,7 +452,8 @@ def main() -> None:
     r = Runner(a.threads, a.reps)
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
-              "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes}
+              "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
+              "fwshapes": probe_fwshapes, "reorder": probe_reorder}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":
