@@ -18,6 +18,8 @@ F = torch.nn.functional
 from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
+from conftest import seed_noise  # noqa: E402
+
 
 def fq_ref(x, bits, per_channel=False, noise=None):
     if bits == 0:
@@ -87,6 +89,10 @@ def artifacts(small_model, tmp_path_factory, request):
         build_artifacts(path, out, BuildOptions())
     else:
         build_artifacts(path, out, BuildOptions(expose_noise=True, sr_noise=request.param))
+        # the draw then depends on the noise nodes' names only, not on what the speed passes did to the graph:
+        # the test compares with float rounding (1e-4), and on some draws an element's error sits so close to a
+        # stochastic-rounding boundary that onnxruntime's and PyTorch's float differences round it apart
+        seed_noise(out)
     return out
 
 
