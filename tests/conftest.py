@@ -60,6 +60,23 @@ def batch():
     return rng.standard_normal((8, 3, 8, 8)).astype(np.float32), rng.integers(0, 5, 8).astype(np.int64)
 
 
+def seed_noise(art) -> None:
+    """Give each RandomUniformLike of an artifact dir's training graph a seed from its name. Unseeded, onnxruntime
+    seeds them by their place in the graph, so any rewrite elsewhere in the graph draws other noise; with the
+    name's seed a step's noise is the same whatever the other passes did."""
+    import zlib
+
+    import onnx
+    from onnx import helper
+
+    path = str(art / "training_model.onnx")
+    model = onnx.load(path)
+    for n in model.graph.node:
+        if n.op_type == "RandomUniformLike" and not any(a.name == "seed" for a in n.attribute):
+            n.attribute.append(helper.make_attribute("seed", float(zlib.crc32(n.name.encode()) % 100003)))
+    onnx.save(model, path)
+
+
 def custom_op_session(op: str, inputs: list[str], outputs: list[str], threads: int = 2, **attrs):
     """An onnxruntime session running the single fracgraph custom op `op` (fracgraph/kernels) on float tensors."""
     import onnxruntime as ort

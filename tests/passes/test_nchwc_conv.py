@@ -87,3 +87,50 @@ def test_other_block_size_is_refused(builds, tmp_path):
     (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FracgraphError, match="NCHWc blocks of .* --no-nchwc"):
         TrainSession(art)
+
+
+def test_weight_reorders_are_one_fracgraph_kernel(builds):
+    graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
+    reorders = [n for n in graph.node if n.op_type == "NchwcWeight"]
+    assert len(reorders) == 10   # one per NCHWc conv
+    # conv-grad-split's transposes and flips of the weights are folded into them and gone
+    assert not any(n.output[0].endswith(("::split/w_flip", "::split/w_t")) for n in graph.node)
+    assert sorted((a.name, a.i) for a in reorders[0].attribute)[0][0] == "block"
+
+
+@pytest.mark.parametrize("shape,blocked_in,transpose,flip", [
+    ((32, 48, 3, 3), 1, 0, 0), ((32, 3, 7, 7), 0, 0, 0), ((48, 32, 3, 3), 1, 1, 1), ((32, 1, 5, 5), 0, 0, 1),
+    ((16, 32, 1, 1), 1, 1, 1), ((32, 16, 1, 3), 1, 0, 1)])
+def test_nchwc_weight_kernel_is_the_layout(shape, blocked_in, transpose, flip):
+    """NchwcWeight against numpy's reshape/transpose of the layout the pass writes without it (exact: a copy)."""
+    from conftest import custom_op_session
+
+    B = BLOCK
+    shape = tuple(d * B // 16 if i < 2 and d >= 16 else d for i, d in enumerate(shape))   # multiples of this block
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    wl = w.transpose(1, 0, 2, 3) if transpose else w
+    wl = wl[:, :, ::-1, ::-1] if flip else wl
+    o, c, kh, kw = wl.shape
+    if blocked_in:
+        ref = wl.reshape(o // B, B, c // B, B, kh, kw).transpose(0, 2, 4, 5, 3, 1).reshape(o, c, kh, kw)
+    else:
+        ref = wl.reshape(o // B, B, c, kh, kw).transpose(0, 2, 3, 4, 1).reshape(o, c, kh, kw)
+    sess = custom_op_session("NchwcWeight", ["w"], ["y"], 2, block=B, blocked_in=blocked_in, transpose=transpose, flip=flip)
+    np.testing.assert_array_equal(sess.run(None, {"w": w})[0], ref)
+
+
+@pytest.fixture(scope="module")
+def unfused(tmp_path_factory):
+    off, on = {"nchwc": False, "fused_kernels": False}, {"nchwc": True, "fused_kernels": False}
+    return build_pair(BlockedNet(), tmp_path_factory.mktemp("nchwc_unfused"), (2, 3, 10, 10), off=off, on=on)
+
+
+def test_without_fracgraph_kernels_the_reorder_is_in_the_graph(unfused):
+    graph = onnx.load(str(unfused[True][0] / "training_model.onnx")).graph
+    assert not any(n.op_type == "NchwcWeight" for n in graph.node)
+    assert sum(n.domain == "com.microsoft.nchwc" and n.op_type == "Conv" for n in graph.node) == 10
+    loss0, grads0, _ = _step(unfused[False][0], (0, 0, 0), shape=(4, 3, 10, 10), classes=5)
+    loss1, grads1, _ = _step(unfused[True][0], (0, 0, 0), shape=(4, 3, 10, 10), classes=5)
+    assert abs(loss0 - loss1) <= 1e-5 * abs(loss0)
+    for name, g in grads0.items():
+        assert np.linalg.norm(grads1[name] - g) <= 1e-5 * max(np.linalg.norm(g), 1e-12), name

@@ -103,19 +103,20 @@ def _step(art, bits, shape=(6, 3, 9, 9), classes=4):
     return float(outs[0]), {k: sess.gradient(k) for k in sess.trainable}, noise
 
 
-def assert_same_step(off, on, bits, tol):
+def assert_same_step(off, on, bits, tol, shape=(6, 3, 9, 9)):
     """One seeded step of two ConvZoo builds. At 0 bits: loss to 1e-6 and every gradient to `tol` (relative), one
     build against the other. At quantized bits: the same noise in both, and each build against ConvZoo's replayed
     PyTorch step (`assert_matches_reference`), loss and every gradient to `tol`."""
     if not any(bits):
-        loss0, grads0, _ = _step(off, bits)
-        loss1, grads1, _ = _step(on, bits)
+        loss0, grads0, _ = _step(off, bits, shape)
+        loss1, grads1, _ = _step(on, bits, shape)
         assert abs(loss0 - loss1) <= 1e-6 * abs(loss0)
         assert grads0.keys() == grads1.keys() and len(grads0) >= 11
         for name, g in grads0.items():
             err = np.linalg.norm(grads1[name] - g) / max(np.linalg.norm(g), 1e-12)
             assert err <= tol, f"{name}: relative gradient error {err:.2e}"
         return
+    assert shape == (6, 3, 9, 9), "quantized bits are checked against ConvZoo's PyTorch step only"
     noise0, noise1 = assert_matches_reference(off, bits, tol), assert_matches_reference(on, bits, tol)
     assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
 
@@ -173,8 +174,9 @@ def test_conv_grad_split_structure_and_reasons(builds):
         assert f"/{conv}/Conv_Grad/ConvGrad_0: dX as Conv," in text, conv
     assert "/pad1x1/Conv_Grad/ConvGrad_0: kept ConvGrad (pads [1, 1, 1, 1] exceed the kernel reach)" in text
     graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
-    # dW only: ConvGrad without dX, or its stride-1 group-1 ones on ConvGradW (passes/conv_grad_w.py)
-    split = [n for n in graph.node if (n.op_type == "ConvGrad" and n.output[0] == "") or n.op_type == "ConvGradW"]
+    # dW only: ConvGrad without dX, or the forms of passes/conv_grad_w.py
+    split = [n for n in graph.node if (n.op_type == "ConvGrad" and n.output[0] == "")
+             or n.op_type in ("ConvGradW", "ConvGradWCols", "DepthwiseConvGradW")]
     assert len(split) == 7   # six lowered + the first conv, whose dX onnxruntime already drops
 
 
