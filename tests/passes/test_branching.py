@@ -26,7 +26,7 @@ from fracgraph.manifest import Manifest  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
 from conftest import STE, ErrorReplay, GradQ, export, fq_ref  # noqa: E402
-from test_speed_passes import _seed_noise  # noqa: E402
+from conftest import seed_noise  # noqa: E402
 
 SHAPE = (6, 3, 10, 10)
 CLASSES = 4
@@ -105,7 +105,7 @@ def branchy(tmp_path_factory):
     for key, opts in {"on": {}, "off": {"fast_backward": False, "nchwc": False}}.items():
         arts[key] = d / key
         build_artifacts(path, arts[key], BuildOptions(expose_noise=True, expose_errors=True, **opts))
-        _seed_noise(arts[key])
+        seed_noise(arts[key])
     return model, arts
 
 

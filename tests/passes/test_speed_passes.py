@@ -13,7 +13,6 @@ build quantized (conftest.ErrorReplay), at 1e-4.
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import onnx
@@ -27,7 +26,7 @@ from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.passes.conv_grad_split import ConvGradSplitPass  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
-from conftest import STE, ErrorReplay, GradQ, export, fq_ref  # noqa: E402
+from conftest import STE, ErrorReplay, GradQ, export, fq_ref, seed_noise  # noqa: E402
 
 F = torch.nn.functional
 
@@ -61,15 +60,6 @@ class ConvZoo(nn.Module):
         return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def _seed_noise(art):
-    path = str(art / "training_model.onnx")
-    model = onnx.load(path)
-    for n in model.graph.node:
-        if n.op_type == "RandomUniformLike":
-            n.attribute.append(helper.make_attribute("seed", float(zlib.crc32(n.name.encode()) % 100003)))
-    onnx.save(model, path)
-
-
 def build_pair(module, directory, input_shape, option: str | None = None, *, off: dict | None = None,
                on: dict | None = None) -> dict:
     """{False: (artifacts, manifest), True: ...} of `module` built with BuildOptions.<option> off and on (or with the
@@ -81,7 +71,7 @@ def build_pair(module, directory, input_shape, option: str | None = None, *, off
     for key, opts in variants.items():
         art = directory / f"art_{key}"
         manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, expose_errors=True, **opts))
-        _seed_noise(art)
+        seed_noise(art)
         out[key] = (art, manifest)
     return out
 
