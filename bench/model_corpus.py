@@ -34,8 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300]
+    """The first line; for onnxruntime's errors the part naming the node, not the C++ source location."""
+    msg = (str(exc).strip().splitlines() or [""])[0]
+    for marker in ("returned while running ", "[ONNXRuntimeError] : "):
+        if marker in msg:
+            msg = "onnxruntime: " + msg[msg.index(marker):]
+            break
+    return f"{type(exc).__name__}: {msg}"[:300]
 
 
 def plain_artifacts(model_path: Path, out: Path):
@@ -115,7 +120,7 @@ def run_one(a) -> dict:
             manifest = build_artifacts(model_path, d / "art", BuildOptions())
         except FracgraphError as exc:
             row["quantize"] = "refused"
-            row["error"] = str(exc).splitlines()[0]
+            row["error"] = (str(exc).strip().splitlines() or [""])[0][:400]
             row["cli"] = check_refusal(model_path, d)
             return row
         except Exception as exc:

@@ -2,14 +2,13 @@
 
 Three sources:
 
-- **torchvision 0.29.1** model definitions with random weights. The registry's wheel is a CUDA build: with the CPU
-  torch its compiled ops (`torchvision::nms`, `roi_align`, ...) do not load, and `import torchvision` then fails in
+- **torchvision** (0.28.0, the release for torch 2.13; 0.29.1 works the same) model definitions with random
+  weights. The registry's wheels are CUDA builds: with the CPU torch their compiled ops (`torchvision::nms`, `roi_align`, ...) do not load, and `import torchvision` then fails in
   `torchvision/_meta_registrations.py`, which registers fake kernels for those missing ops. The model definitions
   (`torchvision/models/*.py`) are pure Python and never call the compiled ops, so `import_torchvision()` puts an
   empty package module named `torchvision` (with the installed package's directory as its `__path__`) into
   `sys.modules` before importing `torchvision.models`: the submodules load from the wheel, the package
-  `__init__` (and with it the fake registrations) never runs. Install it with
-  `pip install --no-deps torchvision==0.29.1` (the `corpus` extra does this, see pyproject.toml).
+  `__init__` (and with it the fake registrations) never runs. Install it with `pip install -e '.[corpus]'`.
 - **timm** (pure Python; it imports `torchvision.transforms`, so it is imported after the same shim).
 - **hand-built legacy graphs** (`onnx.helper`, opset 9, IR 3): LRN, variadic Sum, a Softmax head, 4-D logits
   [N, C, 1, 1], weights produced by ConstantOfShape, the way old Caffe/Caffe2 conversions look.
@@ -34,9 +33,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import FracgraphError
 
-TORCHVISION_VERSION = "0.29.1"
-
-
 class SourceMissing(Exception):
     """A corpus source (torchvision, timm) is not installed; the message says how to install it."""
 
@@ -47,8 +43,7 @@ def import_torchvision():
     if mod is None:
         spec = importlib.util.find_spec("torchvision")
         if spec is None or not spec.origin:
-            raise SourceMissing(f"torchvision is not installed: pip install --no-deps torchvision=={TORCHVISION_VERSION}"
-                                f" (or pip install -e '.[corpus]')")
+            raise SourceMissing("torchvision is not installed: pip install -e '.[corpus]' (torchvision 0.28, timm 1.0)")
         mod = types.ModuleType("torchvision")
         mod.__path__ = [os.path.dirname(spec.origin)]
         mod.__file__ = spec.origin
@@ -87,9 +82,9 @@ def _tv(name: str, **kw):
 
 
 def _tv_vit(classes: int, size: int):
+    import_torchvision()
     from torchvision.models.vision_transformer import VisionTransformer
 
-    import_torchvision()
     return VisionTransformer(image_size=size, patch_size=8, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=256,
                              num_classes=classes)
 
@@ -163,9 +158,11 @@ def export_entry(entry: Entry, path: str | os.PathLike, classes: int = 10, size:
 
 
 def _legacy_model(nodes, inits, classes: int, size: int, name: str, out_shape: list) -> onnx.ModelProto:
+    """IR 3 lists every initializer among the graph inputs too (as the old converters wrote them)."""
     g = helper.make_graph(
         nodes, name,
-        [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, ["N", 3, size, size])]
+        + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits],
         [helper.make_tensor_value_info("prob_1", TensorProto.FLOAT, out_shape)],
         initializer=inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)], producer_name="caffe2-style (fracgraph)")
@@ -247,8 +244,8 @@ def legacy_sumnet(classes: int = 10, size: int = 32, seed: int = 0) -> onnx.Mode
 
 
 LEGACY: tuple[Entry, ...] = (
-    Entry("legacy_caffenet", "legacy", "opset 9 / IR 3: LRN, Dropout, Flatten+Gemm, Softmax head, "
-          "ConstantOfShape biases", lambda classes, size: legacy_caffenet(classes, size)),
+    Entry("legacy_caffenet", "legacy", "opset 9 / IR 3 (initializers as graph inputs): LRN, Dropout, "
+          "Flatten+Gemm, Softmax head, ConstantOfShape biases", lambda classes, size: legacy_caffenet(classes, size)),
     Entry("legacy_sumnet", "legacy", "opset 9 / IR 3: variadic Sum, LRN, 4-D logits [N,C,1,1], Softmax, "
           "ConstantOfShape weight", lambda classes, size: legacy_sumnet(classes, size)),
 )
