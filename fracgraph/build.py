@@ -22,7 +22,8 @@ from .analysis.blocks import find_blocks
 from .analysis.optable import gemm_table, uncosted_gemms
 from .errors import FracgraphError
 from .manifest import Block, LayerDecision, Manifest
-from .model import data_input, load_model
+from .lowering.gradients import check_differentiable, explain_build_error
+from .model import data_input, load_model, lowering_notes
 from .passes.act_range_ema import ActRangeEmaPass
 from .passes.base import run_passes
 from .passes.bn_grad import BnGradPass
@@ -69,12 +70,14 @@ class BuildOptions:
     weight_decay: float = 1e-4
     act_range_momentum: float = 0.9      # train_pfq's --momentum_act
     expose_noise: bool = False           # BW noise as graph outputs (exact replay in tests)
+    expose_errors: bool = False          # each BW quantizer's input and output error as graph outputs (tests replay each)
     fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch, relu-grad)
     nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
     fused_kernels: bool = True           # fracgraph custom ops (passes/fused_ops.py, conv_grad_w.py, bn_grad.py); needs a C compiler
     skip_passes: tuple = ()              # training-graph passes left out by name (tests and benches compare on/off)
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
+    output: str | None = None            # which graph output holds the logits (needed when there are several)
 
 
 def _register_gradients() -> None:
@@ -125,12 +128,17 @@ def plan(model: onnx.ModelProto, policy: LayerPolicy):
     return ops, blocks, decisions, op_dicts
 
 
-def _output_classes(model: onnx.ModelProto) -> int:
-    out = model.graph.output[0]
-    dims = out.type.tensor_type.shape.dim
-    if len(dims) != 2 or not dims[1].HasField("dim_value"):
-        raise FracgraphError(f"output {out.name} must be logits [batch, classes] with a static class count")
-    return dims[1].dim_value
+def _output_classes(model: onnx.ModelProto, output: str | None = None) -> tuple[onnx.ModelProto, int, dict]:
+    """The model with its one output the logits [batch, classes] (lowering/heads.py: --output choice, trailing
+    Softmax/LogSoftmax cut for the loss, [N, C, 1, 1] flattened), the class count, and what was done."""
+    from .lowering.heads import classifier_head
+    from .model import _infer_shapes
+
+    before = model.graph.output[0].name if len(model.graph.output) == 1 else None
+    model, head = classifier_head(model, output)
+    if head["logits"] != before or head["cut"]:
+        model = _infer_shapes(model)
+    return model, head["classes"], head
 
 
 def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, force: bool = False) -> Manifest:
@@ -146,12 +154,14 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     model = load_model(model_path)
     _refuse_undifferentiable(model)
     x_in = data_input(model)
-    classes = _output_classes(model)
+    model, classes, head = _output_classes(model, opts.output)
+    lower_notes = [f"[lower] {n}" for n in lowering_notes(model)]
     ops, blocks, decisions, op_dicts = plan(model, opts.policy)
     if not blocks:
         raise FracgraphError("the layer policy leaves no GEMM quantized; nothing to do")
 
     trainable, frozen = classify_initializers(model)   # before the passes hide weights behind quantizers
+    check_differentiable(model, trainable, [model.graph.output[0].name])
     model.graph.input.append(float_input(PRECISION_INPUT, [len(blocks), 3]))
     gate = None
     if opts.dfq is not None:
@@ -180,10 +190,10 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         fused, kernel_notes = _fused_ops_passes(opts)
         train_passes = [
             BwQuantPass([(d["name"], d.get("bits_key", b)) for d, b in quant_plan], PRECISION_INPUT, opts.expose_noise,
-                        gate.grad_bits_const if gate is not None else None),
+                        gate.grad_bits_const if gate is not None else None, opts.expose_errors),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
-          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
+          + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []) \
@@ -205,7 +215,8 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             grad_noise="exposed" if opts.expose_noise else "shared" if opts.sr_noise == "shared" else "random",
             files={"training": TRAINING, "eval": EVAL, "checkpoint": CHECKPOINT,
                    "optimizer": OPTIMIZER if opts.optimizer == "adamw" else None},
-            extra={"trainable": trainable, "frozen": frozen, "notes": notes + kernel_notes + n2 + n3,
+            extra={"trainable": trainable, "frozen": frozen, "head": head,
+                   "notes": lower_notes + notes + kernel_notes + n2 + n3,
                    "custom_ops": kernels.DOMAIN if any(p.fused for p in fused) else None,
                    "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None},
             dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
@@ -249,8 +260,7 @@ def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: 
                 additional_output_names=[model.graph.output[0].name] + extra_outputs,
             )
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
-        raise FracgraphError(f"onnxruntime-training could not build the training graph: {msg}")
+        raise FracgraphError(explain_build_error(e)) from None
 
 
 @contextlib.contextmanager

@@ -91,6 +91,7 @@ def quantize(
     task_grad: str = typer.Option("none", "--task-grad", help="DFQ task-loss path into the gate: none or chosen (see passes/dfq_gate.py)."),
     nchwc: bool = typer.Option(True, "--nchwc/--no-nchwc", help="Run convs on this CPU's NCHWc kernels (faster; the artifacts then need a CPU with the same block size)."),
     sr_noise: str = typer.Option("independent", "--sr-noise", help="Stochastic-rounding noise of the error quantizers: independent (a draw per layer) or shared (one draw per step read at random offsets; see passes/shared_noise.py)."),
+    logits: str = typer.Option(None, "--logits", help="The graph output that holds the logits, for a model with several outputs (the others are dropped from the artifacts)."),
     fused_kernels: bool = typer.Option(True, "--fused-kernels/--no-fused-kernels", help="Run the quantizers, range statistics, ReluGrad, conv weight gradients and batch-norm backward on fracgraph's own custom ops (built here with the C compiler; faster). --no-fused-kernels keeps onnxruntime's own ops, for a machine without a compiler."),
 ) -> None:
     """Rewrite MODEL into onnxruntime-training artifacts with FW/BW fake-quantization and runtime precisions."""
@@ -107,7 +108,7 @@ def quantize(
                            cost_weighting=cost_weighting, task_grad=task_grad)
     opts = BuildOptions(fw=fw, bw=bw, policy=_policy(policy, first or ("fp32" if dfq else None), last, keep_fp32),
                         optimizer=optimizer, weight_decay=weight_decay, dfq=gates, nchwc=nchwc, sr_noise=sr_noise,
-                        fused_kernels=fused_kernels)
+                        fused_kernels=fused_kernels, output=logits)
     m = build_artifacts(model, output, opts, force=force)
     n_q = sum(1 for d in m.decisions if d.quantized)
     typer.echo(f"{output}: {n_q}/{len(m.decisions)} GEMMs quantized in {m.n_blocks} blocks, "

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference, version_converter
 
-from .analysis.optable import GEMM_OPS
+from .analysis.optable import GEMM_OPS, LOWERED_PREFIX
 from .errors import FracgraphError
 from .memory import check_fits, fmt_bytes
 
@@ -327,26 +327,35 @@ def _check_gemm_shapes(model: onnx.ModelProto) -> None:
                                  f"weight {node.input[1]!r} expects {want}; the model is inconsistent")
 
 
-def _global_average_pools(model: onnx.ModelProto) -> None:
-    """AveragePool over the whole (static) spatial extent -> GlobalAveragePool (same values).
+def _lower(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Ops without an onnxruntime-training gradient -> ops with one (fracgraph/lowering); shapes inferred again for
+    the new tensors. What each lowering did or declined is kept in the model's metadata (`LOWERING_NOTES`)."""
+    import json
 
-    onnxruntime-training 1.19.2's AveragePoolGrad returns a gradient with batch 0 for such pools (seen with
-    CIFAR ResNets' AvgPool(8)), which breaks the step; GlobalAveragePool's gradient is right.
-    """
-    from .analysis.optable import value_shapes
+    from .lowering import LowerPass
 
-    shapes = value_shapes(model)
-    for node in model.graph.node:
-        if node.op_type != "AveragePool":
-            continue
-        attrs = {a.name: helper_value(a) for a in node.attribute}
-        xs = shapes.get(node.input[0], ())
-        if len(xs) < 3 or None in xs[2:] or list(attrs.get("kernel_shape", [])) != list(xs[2:]):
-            continue
-        if any(attrs.get("pads", [0]) ) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-            continue
-        node.op_type = "GlobalAveragePool"
-        del node.attribute[:]
+    result = LowerPass()(model)
+    if result.notes:
+        del_keys = [k for k, p in enumerate(model.metadata_props) if p.key == LOWERING_NOTES]
+        for k in reversed(del_keys):
+            del model.metadata_props[k]
+        model.metadata_props.add(key=LOWERING_NOTES, value=json.dumps(result.notes))
+    if not result.modified:
+        return model
+    from .passes.base import toposort
+
+    toposort(result.model)
+    del result.model.graph.value_info[:]
+    return _infer_shapes(result.model)
+
+
+LOWERING_NOTES = "fracgraph.lowering"
+
+
+def lowering_notes(model: onnx.ModelProto) -> list[str]:
+    import json
+
+    return next((json.loads(p.value) for p in model.metadata_props if p.key == LOWERING_NOTES), [])
 
 
 def helper_value(a: onnx.AttributeProto):
@@ -372,8 +381,8 @@ def load_model(path: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     model.graph.input.extend(ins)
     model = _infer_shapes(model)
     _check_gemm_shapes(model)
-    _global_average_pools(model)
-    if not any(n.op_type in GEMM_OPS for n in model.graph.node):
+    model = _lower(model)
+    if not any(n.op_type in GEMM_OPS and not n.name.startswith(LOWERED_PREFIX) for n in model.graph.node):
         raise FracgraphError("the model has no Conv, Gemm or MatMul: there is nothing to quantize")
     return model
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from . import kernels
 from .errors import FracgraphError
@@ -210,3 +211,10 @@ class TrainSession:
         out_name = self.module.output_names()[1] if len(self.module.output_names()) > 1 else self.module.output_names()[0]
         self._set_mode("eval")
         self.module.export_model_for_inferencing(str(path), [out_name])
+        head = (self.manifest.extra or {}).get("head") or {}
+        if head.get("cut"):   # the loss took the logits; the deployed model gives what the original gave
+            from .lowering.heads import restore_head
+
+            model = onnx.load(str(path))
+            restore_head(model, head)
+            onnx.save(model, str(path))

@@ -12,6 +12,9 @@ import onnx
 from onnx import numpy_helper
 
 GEMM_OPS = ("Conv", "Gemm", "MatMul")
+# Nodes a lowering created (fracgraph/lowering: e.g. an AveragePool as a depthwise Conv with a constant 1/k weight):
+# they are not layers of the model, so they stay FP32 and out of the op table, the MAC count and `inspect`.
+LOWERED_PREFIX = "fg::lower/"
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ def gemm_table(model: onnx.ModelProto) -> list[GemmOp]:
     params = {i.name for i in model.graph.initializer}
     ops = []
     for node in model.graph.node:
+        if node.name.startswith(LOWERED_PREFIX):
+            continue
         if node.op_type == "Conv":
             op = _conv(node, shapes, params)
         elif node.op_type in ("Gemm", "MatMul"):
@@ -161,7 +166,7 @@ def uncosted_gemms(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
     shapes = value_shapes(model)
     out = []
     for node in model.graph.node:
-        if node.op_type not in _GEMM_TYPES or node.name in costed:
+        if node.op_type not in _GEMM_TYPES or node.name in costed or node.name.startswith(LOWERED_PREFIX):
             continue
         if node.op_type == "ConvTranspose":
             why = "ConvTranspose is not quantized or costed yet"
