@@ -69,11 +69,18 @@ def test_damaged_manifest_is_one_line(art, tmp_path, kind):
         assert r.exit_code == 2 and len(lines) == 1 and "manifest" in lines[0], (kind, args[0], r.output, r.exception)
 
 
-def test_gemm_without_static_shapes_keeps_a_readable_manifest(tmp_path):
-    """A GEMM whose input shape only a Div on Shape() gives (torch's chunk/split export) is kept FP32 with a
-    decision but no op-table row; the manifest must still read (it did not: ShuffleNet's artifacts were refused)."""
+@pytest.mark.parametrize("symbolic", [True, False])
+def test_gemm_without_static_shapes_keeps_a_readable_manifest(tmp_path, monkeypatch, symbolic):
+    """A GEMM whose input shape only a Div on Shape() gives (torch's chunk/split/channel-shuffle export): ONNX's
+    data propagation stops at the Div, onnxruntime's symbolic shape inference proves [batch, 32] and the GEMM is
+    given an op-table row. Where no inference can (here: the symbolic step switched off), it is kept FP32 with a decision but
+    no op-table row, and the manifest must still read (it did not: ShuffleNet's artifacts were refused)."""
+    from fracgraph import model as fg_model
     from fracgraph.build import build_artifacts
     from fracgraph.manifest import Manifest
+
+    if not symbolic:
+        monkeypatch.setattr(fg_model, "_symbolic_shapes", lambda m: m)
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
@@ -93,5 +100,10 @@ def test_gemm_without_static_shapes_keeps_a_readable_manifest(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
     m = build_artifacts(tmp_path / "m.onnx", tmp_path / "art")
     read = Manifest.read(tmp_path / "art")
-    assert [x.op for x in read.decisions] == [x.op for x in m.decisions]
-    assert {o["name"] for o in read.ops} < {x.op for x in read.decisions}
+    assert [x.op for x in read.decisions] == [x.op for x in m.decisions] == ["fc0", "fc1"]
+    if symbolic:
+        assert {o["name"] for o in read.ops} == {"fc0", "fc1"}
+        assert [o["macs"] for o in read.ops if o["name"] == "fc1"] == [32 * 10]   # a row: its shapes are known
+        assert "static" not in read.decisions[1].reason   # (kept FP32 as the classifier, by policy)
+    else:
+        assert {o["name"] for o in read.ops} == {"fc0"} and "not static" in read.decisions[1].reason
