@@ -170,9 +170,10 @@ def _legacy_model(nodes, inits, classes: int, size: int, name: str, out_shape: l
     return m
 
 
-def _w(rng: np.random.Generator, name: str, shape: tuple) -> TensorProto:
+def _w(rng: np.random.Generator, name: str, shape: tuple, gain: float = 2.0) -> TensorProto:
+    """Gaussian weights of variance gain / fan_in (He for gain 2)."""
     fan_in = int(np.prod(shape[1:]))
-    return numpy_helper.from_array((rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32), name)
+    return numpy_helper.from_array((rng.standard_normal(shape) * np.sqrt(gain / fan_in)).astype(np.float32), name)
 
 
 def _const_of_shape(name: str, shape: list[int], value: float) -> list:
@@ -192,8 +193,8 @@ def legacy_caffenet(classes: int = 10, size: int = 32, seed: int = 0) -> onnx.Mo
     c1, c2, hid = 16, 32, 64
     s = size // 4  # two 2x2/2 pools
     inits = [_w(rng, "conv1_w_0", (c1, 3, 5, 5)), _w(rng, "conv2_w_0", (c2, c1, 3, 3)),
-             _w(rng, "fc6_w_0", (hid, c2 * s * s)), numpy_helper.from_array(np.zeros(hid, np.float32), "fc6_b_0"),
-             _w(rng, "fc7_w_0", (classes, hid)), numpy_helper.from_array(np.zeros(classes, np.float32), "fc7_b_0")]
+             _w(rng, "fc6_w_0", (hid, c2 * s * s), 1.0), numpy_helper.from_array(np.zeros(hid, np.float32), "fc6_b_0"),
+             _w(rng, "fc7_w_0", (classes, hid), 0.1), numpy_helper.from_array(np.zeros(classes, np.float32), "fc7_b_0")]
     n = helper.make_node
     nodes = [
         *_const_of_shape("conv1_b_0", [c1], 0.0),
@@ -223,7 +224,7 @@ def legacy_sumnet(classes: int = 10, size: int = 32, seed: int = 0) -> onnx.Mode
     rng = np.random.default_rng(seed)
     c = 16
     inits = [_w(rng, "stem_w_0", (c, 3, 3, 3)), _w(rng, "a_w_0", (c, c, 3, 3)), _w(rng, "b_w_0", (c, c, 1, 1)),
-             _w(rng, "cls_w_0", (classes, c, 1, 1)),
+             _w(rng, "cls_w_0", (classes, c, 1, 1), 0.1),
              numpy_helper.from_array(np.zeros(classes, np.float32), "cls_b_0")]
     n = helper.make_node
     nodes = [

@@ -62,15 +62,10 @@ def test_legacy_graphs_are_old_style_and_compute_what_they_say(name):
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-6)
 
 
-# Today's state of each fast-subset model at the default settings; the xfails name the mechanism that fails
-# (other branches fix them; strict, so a fix shows up here as XPASS and the mark must go).
-_STE_SHARED = "issue 14 item 2: a tensor read by several quantized GEMMs (ste-grad postcondition)"
-FAST = [
-    "resnet18",
-    "mobilenet_v2",
-    pytest.param("squeezenet1_1", marks=pytest.mark.xfail(reason=_STE_SHARED, strict=True)),
-    pytest.param("legacy_sumnet", marks=pytest.mark.xfail(reason="issue 14 item 1: 4-D logits head", strict=True)),
-]
+# Fire modules, channel split/shuffle, SE + hard activations, and both legacy graphs (LRN, variadic Sum, Softmax
+# heads, 4-D logits, ConstantOfShape weights): each needed a mechanism fixed in issue 14 (lowering, heads, a tensor
+# read by several quantized GEMMs, symbolic shapes).
+FAST = ["squeezenet1_1", "shufflenet_v2_x0_5", "mobilenet_v3_small", "legacy_caffenet", "legacy_sumnet"]
 
 
 @pytest.mark.parametrize("name", FAST)
