@@ -148,10 +148,19 @@ def export_entry(entry: Entry, path: str | os.PathLike, classes: int = 10, size:
 
     from .zoo import export_model
 
+    import torch
+
     model = torch_model(entry, classes, size, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return export_model(model, path)
+    # eval-mode nn.MultiheadAttention takes a fused fast path (aten::_native_multi_head_attention) that the
+    # TorchScript exporter cannot write; the composed path exports as MatMul/Softmax
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return export_model(model, path)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 # --------------------------------------------------------------------------------------------------- legacy graphs

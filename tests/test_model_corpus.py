@@ -84,3 +84,14 @@ def test_fast_subset_quantizes_and_trains(name, tmp_path):
     bits = np.full((manifest.n_blocks, 3), 8, np.float32)
     losses = [sess.step(x, y, bits, 0.01)[0] for _ in range(3)]
     assert np.all(np.isfinite(losses)) and losses[2] < losses[0], losses
+
+
+def test_vit_exports_with_attention_composed(tmp_path):
+    """Eval-mode nn.MultiheadAttention's fused fast path cannot be exported; export_entry turns it off (and back)."""
+    torch = pytest.importorskip("torch")
+    _torchvision_or_skip()
+    before = torch.backends.mha.get_fastpath_enabled()
+    m = onnx.load(zx.export_entry(zx.entry("vit_tv"), tmp_path / "vit.onnx", size=32))
+    ops = {n.op_type for n in m.graph.node}
+    assert {"MatMul", "Softmax", "LayerNormalization"} <= ops
+    assert torch.backends.mha.get_fastpath_enabled() == before
