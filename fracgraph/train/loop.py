@@ -24,7 +24,7 @@ from ..passes.dfq_gate import CP_OUTPUT as DFQ_CP
 from ..runtime import TrainSession
 from ..trace import TraceRecorder
 from . import runio
-from .data import BatchStream, check_input_shape, check_num_classes, load_dataset
+from .data import BatchStream, check_num_classes, fit_to_input, load_dataset
 from .dfq import SCHEDULES as DFQ_SCHEDULES
 from .dfq import ChoiceRecord, TargetClamp, TargetSchedule, cost_label, require_dfq
 from .dfq import bits_input as dfq_bits_input
@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     manifest = Manifest.read(art)
     dataset = load_dataset(cfg.data)
     check_num_classes(dataset, manifest.num_classes)
-    check_input_shape(dataset, tuple(manifest.input_shape))
+    dataset = fit_to_input(dataset, tuple(manifest.input_shape))
     if cfg.iters < 1 or cfg.epoch_iters < 1 or cfg.batch < 1:
         raise FracgraphError("--iters, --epoch-iters and --batch must be at least 1")
 
