@@ -22,7 +22,7 @@ from .analysis.blocks import find_blocks
 from .analysis.optable import gemm_table, uncosted_gemms
 from .errors import FracgraphError
 from .manifest import Block, LayerDecision, Manifest
-from .model import data_input, load_model
+from .model import load_model
 from .passes.act_range_ema import ActRangeEmaPass
 from .passes.base import run_passes
 from .passes.bn_grad import BnGradPass
@@ -44,6 +44,8 @@ from .passes.ste_grad import SteGradPass
 from .policy import LayerPolicy
 from .quantizers import float_input
 from .runtime import nchwc_block_size
+from .task import detect as detect_task
+from .task import lm_loss_block
 
 PRECISION_INPUT = "fracgraph_bits"
 LABELS = "labels"
@@ -54,7 +56,7 @@ SR_NOISE = ("independent", "shared")
 _PARAM_INPUTS = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "PRelu": (1,),
-    "Add": (0, 1), "Mul": (0, 1),
+    "Add": (0, 1), "Mul": (0, 1), "Gather": (0,),   # Gather: an embedding table read by token ids
 }
 _FROZEN_INPUTS = {"BatchNormalization": (3, 4)}
 
@@ -133,6 +135,18 @@ def _output_classes(model: onnx.ModelProto) -> int:
     return dims[1].dim_value
 
 
+def fp32_tables(model: onnx.ModelProto) -> list[dict]:
+    """Embedding tables (a float initializer gathered by token ids): trained, never fake-quantized; the reason is
+    what `inspect` shows."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [{"node": n.name, "table": n.input[0], "shape": list(inits[n.input[0]].dims),
+             "reason": "kept FP32: embedding table (a Gather, not a GEMM: a lookup has no MACs to save, and "
+                       "FracTrain quantizes GEMM operands only)"}
+            for n in model.graph.node
+            if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT
+            and n.input[1] not in inits]
+
+
 def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, force: bool = False) -> Manifest:
     """Run the whole pipeline and write the artifact directory `out_dir`."""
     opts = options or BuildOptions()
@@ -145,8 +159,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         raise FracgraphError(f"{out} already exists; pass --force to replace it")
     model = load_model(model_path)
     _refuse_undifferentiable(model)
-    x_in = data_input(model)
-    classes = _output_classes(model)
+    task = detect_task(model, _output_classes)
     ops, blocks, decisions, op_dicts = plan(model, opts.policy)
     if not blocks:
         raise FracgraphError("the layer policy leaves no GEMM quantized; nothing to do")
@@ -175,7 +188,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     try:
         nchwc_block = nchwc_block_size() if opts.nchwc else 1
         shapes = forward_shapes(model) if opts.fast_backward or nchwc_block > 1 or opts.sr_noise == "shared" else {}
-        _generate(model, tmp, trainable, frozen, opts, gate)
+        _generate(model, tmp, trainable, frozen, opts, gate, task.is_lm)
         train_model = onnx.load(str(tmp / TRAINING))
         fused, kernel_notes = _fused_ops_passes(opts)
         train_passes = [
@@ -193,10 +206,9 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         eval_model = onnx.load(str(tmp / EVAL))
         eval_model, n3 = run_passes(eval_model, [EvalRangesPass(fw.points), BnEvalFixPass()])
         onnx.save(eval_model, str(tmp / EVAL))
-        shape = [None if not d.HasField("dim_value") else d.dim_value for d in x_in.type.tensor_type.shape.dim][1:]
         manifest = Manifest(
             source_model=str(model_path if not isinstance(model_path, onnx.ModelProto) else "<in-memory>"),
-            input_name=x_in.name, input_shape=shape, label_name=LABELS, num_classes=classes,
+            input_name=task.input_name, input_shape=task.input_shape, label_name=LABELS, num_classes=task.num_classes,
             precision_input=PRECISION_INPUT, default_bits=[float(opts.fw), float(opts.fw), float(opts.bw)],
             blocks=[Block(b.name, b.ops, b.kind) for b in blocks], ops=op_dicts, quant_points=fw.points,
             decisions=decisions,
@@ -207,8 +219,10 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
                    "optimizer": OPTIMIZER if opts.optimizer == "adamw" else None},
             extra={"trainable": trainable, "frozen": frozen, "notes": notes + kernel_notes + n2 + n3,
                    "custom_ops": kernels.DOMAIN if any(p.fused for p in fused) else None,
-                   "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None},
+                   "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None,
+                   "fp32_tables": fp32_tables(model)},
             dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
+            task=task.to_dict(),
         )
         manifest.write(tmp)
         _install(tmp, out)
@@ -229,7 +243,8 @@ def _fused_ops_passes(opts: BuildOptions) -> tuple[list, list[str]]:
     return [FusedOpsPass(), ConvGradWPass(), BnGradPass()], []
 
 
-def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None) -> None:
+def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,
+              sequence: bool = False) -> None:
     import onnxruntime as ort
     from onnxruntime.training import artifacts
 
@@ -241,6 +256,10 @@ def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: 
         from .passes.dfq_gate import COST_TERM, loss_block
 
         loss, loss_inputs, extra_outputs = loss_block(), [model.graph.output[0].name, COST_TERM], gate.extra_outputs
+        if sequence:
+            loss = lm_loss_block(COST_TERM)
+    elif sequence:   # [B, T, V] logits: cross-entropy over the last axis, mean over tokens (task.py)
+        loss, loss_inputs = lm_loss_block(), [model.graph.output[0].name]
     try:
         with _quiet_native_output():
             artifacts.generate_artifacts(

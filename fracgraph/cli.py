@@ -45,14 +45,27 @@ def main() -> None:
 @app.command()
 @cli_errors
 def zoo(
-    name: str = typer.Argument(..., help="Model name: resnet20/38/74/110, resnet164, mobilenetv2, digitnet (1x8x8, for the default digits data)."),
+    name: str = typer.Argument(..., help="Model name: resnet20/38/74/110, resnet164, mobilenetv2, digitnet (1x8x8, for the default digits data), gpt (character-level transformer)."),
     output: str = typer.Option(..., "-o", "--output", help="Where to write the ONNX model."),
     classes: int = typer.Option(10, "--classes", help="Number of classes: 10 or 100."),
     seed: int = typer.Option(0, "--seed", help="Init seed; the same seed gives the same bytes."),
+    layers: int = typer.Option(None, "--layers", help="gpt: transformer layers (default 4)."),
+    heads: int = typer.Option(None, "--heads", help="gpt: attention heads (default 4)."),
+    width: int = typer.Option(None, "--width", help="gpt: embedding width (default 128)."),
+    context: int = typer.Option(None, "--context", help="gpt: sequence length T of the input ids (default 64)."),
+    vocab: int = typer.Option(None, "--vocab", help="gpt: vocabulary size (default 65, tinyshakespeare's characters)."),
 ) -> None:
-    """Export a reference CIFAR model (FracTrain's zoo) to ONNX."""
-    from fracgraph.zoo import export
+    """Export a reference model (FracTrain's CIFAR zoo, or a nanoGPT-style character GPT) to ONNX."""
+    from fracgraph.errors import FracgraphError
+    from fracgraph.zoo import export, export_gpt
 
+    sizes = {k: v for k, v in (("layers", layers), ("heads", heads), ("width", width), ("context", context),
+                               ("vocab", vocab)) if v is not None}
+    if name == "gpt":
+        typer.echo(str(export_gpt(output, seed=seed, **sizes)))
+        return
+    if sizes:
+        raise FracgraphError(f"--{', --'.join(sizes)} apply to the gpt model only, not {name!r}")
     typer.echo(str(export(name, output, classes=classes, seed=seed)))
 
 
