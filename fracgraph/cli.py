@@ -182,7 +182,7 @@ def train(
     bw_schedule: str = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage."),
     eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
     alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
-    data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH; default: scikit-learn digits."),
+    data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH, text:PATH (UTF-8, for a language model); default: scikit-learn digits."),
     iters: int = typer.Option(200, "--iters", help="Training iterations."),
     epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),
     batch: int = typer.Option(128, "--batch"),
@@ -229,7 +229,8 @@ def train(
         task = bar.add_task("train", total=iters, info="")
 
         def on_step(rec: dict) -> None:
-            acc = f" test {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else ""
+            acc = f" test {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else \
+                f" val loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
             bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{acc}")
             if "target_clamp" in rec:
                 con.print(f"step {rec['target_clamp']['step']}: warning: {rec['target_clamp']['message']}")
@@ -244,7 +245,9 @@ def train(
     t = Table(title=f"run {output}")
     t.add_column("metric")
     t.add_column("value")
-    for k in ("steps", "final_test_acc", "best_test_acc", "cum_eff_gmacs", "fp32_gmacs", "mean_cp", "wall_s"):
+    metrics = ("final_val_loss", "best_val_loss", "final_val_ppl") if summary.get("task") == "language_model" \
+        else ("final_test_acc", "best_test_acc")
+    for k in ("steps", *metrics, "cum_eff_gmacs", "fp32_gmacs", "mean_cp", "wall_s"):
         v = summary[k]
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     con.print(t)
