@@ -92,19 +92,24 @@ class CostMeter:
     def __init__(self, manifest: Manifest):
         ops = manifest.ops
         self.block_macs = np.zeros(manifest.n_blocks)
+        self.act_act_macs = np.zeros(manifest.n_blocks)    # of which activation x activation GEMMs (attention)
         self.fp32_macs = 0.0
         for d in ops:
             if d["quantized"]:
                 self.block_macs[d["block"]] += d["macs"]
+                if not d.get("weight_is_param", True):
+                    self.act_act_macs[d["block"]] += d["macs"]
             else:
                 self.fp32_macs += d["macs"]
+        self.weight_macs = self.block_macs - self.act_act_macs
         self.total = float(self.block_macs.sum() + self.fp32_macs)
 
     def step(self, bits: np.ndarray, batch: int) -> dict:
         b = np.where(bits > 0, bits, 32.0) / 32.0          # 0 bits = FP32
         a, w, g = b[:, 0], b[:, 1], b[:, 2]
-        fw = float(self.block_macs @ (a * w) + self.fp32_macs) * batch
-        err = float(self.block_macs @ (g * w) + self.fp32_macs) * batch
+        # forward a x w and error g x w; an activation x activation GEMM has the act bits on both operands
+        fw = float(self.weight_macs @ (a * w) + self.act_act_macs @ (a * a) + self.fp32_macs) * batch
+        err = float(self.weight_macs @ (g * w) + self.act_act_macs @ (g * a) + self.fp32_macs) * batch
         wg = float(self.block_macs @ (a * g) + self.fp32_macs) * batch
         return {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.total * batch)}
 
