@@ -118,6 +118,11 @@ def test_language_model_trains_samples_and_reports_loss(gpt_art, tmp_path):
     assert sample(str(run), tokens=30, prompt="a", temperature=1.0, seed=5) == \
         sample(str(run), tokens=30, prompt="a", temperature=1.0, seed=5)
 
+    from fracgraph.report.page import write_report   # the report shows validation loss, not accuracy
+
+    html = (write_report([run], tmp_path / "report", hw_names=("bitfusion",))).read_text()
+    assert "final val loss" in html and f"{s['final_val_loss']:.4f}" in html and "final acc." not in html
+
 
 def test_bad_task_data_is_one_line_and_writes_nothing(gpt_art, tmp_path, small_model):
     runner = CliRunner()
