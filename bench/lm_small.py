@@ -151,8 +151,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fractrain-targets", default="3,3.5,4,4.5")
     ap.add_argument("--beta", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rows", default=None, help="comma-separated row-name prefixes to (re)run; others are kept")
-    ap.add_argument("--step-rounds", type=int, default=5)
+    ap.add_argument("--rows", default=None, help="comma-separated row-name prefixes to run (a finished row is read "
+                    "back, an interrupted one resumed); the other rows in results.json are kept")
+    ap.add_argument("--step-rounds", type=int, default=5, help="step-time rounds (0: skip the step-time comparison)")
     ap.add_argument("--step-steps", type=int, default=5)
     args = ap.parse_args(argv)
     if not Path(args.data).is_file():
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     if (out / "results.json").exists():
         results = json.loads((out / "results.json").read_text()).get("rows", {})
     for name, spec in table.items():
-        if wanted and not any(name.startswith(w) for w in wanted) and name in results:
+        if wanted and not any(name.startswith(w) for w in wanted):
             continue
         print(f"row {name}", flush=True)
         s = train_row(name, spec, arts, out, args)
@@ -176,13 +177,19 @@ def main(argv=None) -> int:
         if "dfq" in s:
             results[name]["gated_cp"] = s["dfq"]["mean_gated_cp"]
         _write(out, args, results, None)
-    timing = step_time(arts, args, args.step_rounds, args.step_steps)
+    timing = step_time(arts, args, args.step_rounds, args.step_steps) if args.step_rounds > 0 else None
     _write(out, args, results, timing)
     print((out / "results.md").read_text())
     return 0
 
 
 def _write(out: Path, args, results: dict, timing: dict | None) -> None:
+    """results.md/json; rows and the step time another process (--rows) wrote meanwhile are kept."""
+    if (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        results = {**old.get("rows", {}), **results}
+        timing = timing or old.get("step_time")
+    results = {n: results[n] for n in rows(args) if n in results}    # table order
     base = results.get("FW8/BW8", {}).get("cum_eff_gmacs")
     lines = [f"GPT 4x4x128, context 64, batch {args.batch}, {args.iters} iterations, tinyshakespeare, AdamW lr "
              f"{args.lr:g} cosine, seed 0", "",
