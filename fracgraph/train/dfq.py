@@ -218,10 +218,12 @@ class ChoiceRecord:
         frac = counts / batch                                        # [n, K] share of samples per option
         a, g, w = self.options[:, 0] / 32, self.options[:, 1] / 32, self.w / 32
         m, fp = self.meter.block_macs, self.meter.fp32_macs
+        mw, maa = getattr(self.meter, "weight_macs", m), getattr(self.meter, "act_act_macs", 0 * m)
         skipped = frac[:, self.skip] if self.skip is not None else np.zeros(len(frac))
         fp = fp + float(self.shortcut_macs @ skipped)
-        fw = float(m @ (frac @ (a * w)) + fp) * batch
-        err = float(m @ (frac @ (g * w)) + fp) * batch
+        # attention's activation x activation GEMMs: act bits on both operands (a x a forward, g x a error)
+        fw = float(mw @ (frac @ (a * w)) + maa @ (frac @ (a * a)) + fp) * batch
+        err = float(mw @ (frac @ (g * w)) + maa @ (frac @ (g * a)) + fp) * batch
         wg = float(m @ (frac @ (a * g)) + fp) * batch
         cost = {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.meter.total * batch)}
         active = 1.0 - skipped
