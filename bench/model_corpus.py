@@ -47,10 +47,10 @@ def plain_artifacts(model_path: Path, out: Path):
     """The unquantized onnxruntime-training artifacts of the same normalized model (SGD, cross-entropy)."""
     from onnxruntime.training import artifacts as ort_artifacts
 
-    from fracgraph.build import classify_initializers
+    from fracgraph.build import _output_classes, classify_initializers
     from fracgraph.model import load_model
 
-    model = load_model(model_path)
+    model, _classes, _head = _output_classes(load_model(model_path))   # the same logits head the quantizer trains
     tr, fr = classify_initializers(model)
     out.mkdir()
     ort_artifacts.generate_artifacts(model, requires_grad=tr, frozen_params=fr,
@@ -156,9 +156,14 @@ def run_one(a) -> dict:
             row["plain_error"] = one_line(exc)
             pl_step = None
         times = {"fg": [], "plain": []}
+        if pl_step:
+            try:   # warm-up of the plain step
+                pl_step()
+            except Exception as exc:
+                row["plain_error"] = one_line(exc)
+                pl_step = None
         steps = [("fg", fg_step)] + ([("plain", pl_step)] if pl_step else [])
-        for k, f in steps:   # warm-up
-            f()
+        fg_step()
         for i in range(a.steps):
             for k, f in (steps if i % 2 == 0 else steps[::-1]):
                 time.sleep(a.settle)
