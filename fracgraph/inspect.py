@@ -23,6 +23,9 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         dfq = None if m.dfq is None else {k: m.dfq[k] for k in ("options", "weight_bits", "granularity",
                                                                 "cost_weighting", "task_grad", "F", "gate_params",
                                                                 "gate_dim", "embed_dim", "hidden")}
+        if dfq is not None:
+            dfq["gated"] = list(m.dfq.get("gated", range(m.n_blocks)))
+            dfq["static_blocks"] = [l for l in range(m.n_blocks) if l not in dfq["gated"]]
     else:
         from .build import plan
         from .model import load_model
@@ -56,11 +59,12 @@ def render(summary: dict) -> None:
                   f"{len(summary['quant_points'])} FW quant points + BW on every quantized GEMM output")
     if summary.get("dfq"):
         g = summary["dfq"]
-        con.print(f"DFQ: one gate per block (GAP, 1x1 conv {g['gate_dim']}, ReLU, 1x1 conv {g['embed_dim']}, "
+        static = g.get("static_blocks") or []
+        con.print(f"DFQ: one gate per block{f' except static block(s) {static} (act/weight/grad bits from the precision input: the run static --fw/--bw)' if static else ''} (GAP, 1x1 conv {g['gate_dim']}, ReLU, 1x1 conv {g['embed_dim']}, "
                   f"shared LSTM cell {g['hidden']}, linear, "
                   f"softmax; FP32, {len(g['gate_params'])} parameter tensors), choice per {g['granularity']}; "
                   f"options FW/BW {', '.join(f'{a}/{b}' for a, b in g['options'])}, weights {g['weight_bits']} bits; "
-                  f"act/grad columns of the precision input unused; cost weighting {g['cost_weighting']}, "
+                  f"act/grad columns of the gated blocks' rows unused; cost weighting {g['cost_weighting']}, "
                   f"task gradient {g['task_grad']}")
     t = Table(title="layers")
     for col in ("layer", "op", "MACs/sample", "block", "decision"):

@@ -124,11 +124,10 @@ def _prepare_artifacts(cfg: TrainConfig, run: Path, resume: bool) -> Path:
     if not (resume and (art / "manifest.json").exists()):
         from ..build import BuildOptions, build_artifacts
 
-        if cfg.schedule in DFQ_SCHEDULES:   # DFQ artifacts with the CIFAR defaults; first layer FP32 (spec §1.3)
+        if cfg.schedule in DFQ_SCHEDULES:   # DFQ artifacts with the CIFAR defaults; first GEMM static at --fw/--bw
             from ..passes.dfq_gate import DfqOptions
-            from ..policy import LayerPolicy
 
-            opts = BuildOptions(dfq=DfqOptions(), policy=LayerPolicy(first="fp32"))
+            opts = BuildOptions(fw=cfg.fw, bw=cfg.bw, dfq=DfqOptions())
         else:
             opts = BuildOptions(fw=cfg.fw, bw=cfg.bw)
         build_artifacts(cfg.model, art, opts, force=True)
@@ -168,7 +167,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     lrs = LRSchedule(cfg.lr_schedule, cfg.lr, cfg.iters)
     stream = BatchStream(dataset, cfg.batch, cfg.seed)
     meter = CostMeter(manifest)
-    choices = ChoiceRecord(manifest, meter) if dfq else None
+    choices = ChoiceRecord(manifest, meter, static_bits=(cfg.fw, cfg.bw)) if dfq else None
     clamp = TargetClamp(manifest) if dfq else None
     eval_every = cfg.eval_every or cfg.epoch_iters
     ckpt_every = cfg.checkpoint_every or cfg.epoch_iters
@@ -184,7 +183,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         best_acc, cum = st["best_acc"], st["cum_macs"]
         samples = st.get("samples", cfg.batch * step)
         if choices is not None:
-            choices = ChoiceRecord(manifest, meter, st["dfq_hist"])
+            choices = ChoiceRecord(manifest, meter, st["dfq_hist"], static_bits=(cfg.fw, cfg.bw))
             clamp = TargetClamp(manifest, st.get("dfq_clamps"))
         recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step,
                                  st["trace"].get("active"))
@@ -223,8 +222,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         while step < cfg.iters:
             x, y = next(stream)
             lr = lrs(step)
-            if dfq:   # the gates choose; the input carries only the static weight bits
-                bits, target = dfq_bits_input(manifest), sched.target(step)
+            if dfq:   # the gates choose; the input carries the static weight bits and the static blocks' bits
+                bits, target = dfq_bits_input(manifest, cfg.fw, cfg.bw), sched.target(step)
                 clamped = clamp.note(step, target)
                 loss, logits = session.step(x, y, bits, lr, target=clamp.fed(target), beta=cfg.beta)
             else:
@@ -288,7 +287,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     }
     if choices is not None:
         summary["dfq"] = {"options": dfq["options"], "weight_bits": dfq["weight_bits"],
-                          "granularity": dfq["granularity"], "final_target_cp": sched.target(max(step - 1, 0)),
+                          "granularity": dfq["granularity"], "static_blocks": [
+                              {"block": manifest.blocks[l].name, "fw": cfg.fw, "bw": cfg.bw} for l in choices.static],
+                          "final_target_cp": sched.target(max(step - 1, 0)),
                           "mean_gated_cp": choices.mean_gated_cp(),
                           "reachable_cp": [clamp.floor, clamp.ceiling], "target_clamps": clamp.clamps,
                           "choice_histogram": choices.histogram([b.name for b in manifest.blocks])}
