@@ -256,12 +256,45 @@ def train(
 def export(
     run: str = typer.Argument(..., help="A run directory written by `fracgraph train`."),
     output: str = typer.Option(..., "-o", "--output", help="Inference model to write."),
-    which: str = typer.Option("best", "--which", help="best (highest test accuracy) or last."),
+    bits: str = typer.Option("final", "--bits", help="final (the precision the run ended at; DFQ: each block's "
+                             "most-chosen option), best (the precision at the best evaluation), or FW[/W], e.g. 4 or 4/8."),
+    fmt: str = typer.Option("qdq", "--format", help="qdq (QuantizeLinear/DequantizeLinear, integer weights) or "
+                            "float (float weights already on their grid)."),
+    which: str = typer.Option(None, "--which", help="Weights: best or last (default: best for --bits best, else last)."),
+    dfq_gates: str = typer.Option("bake", "--dfq-gates", help="DFQ runs: bake (each block's option fixed) or keep "
+                                  "(the gates choose per batch/sample; --format float only)."),
+    zero_point: str = typer.Option("exact", "--zero-point", help="qdq grids whose -min/scale is not an integer: "
+                                   "exact (min subtracted around Q/DQ) or round (canonical Q/DQ, the grid moves)."),
+    force: bool = typer.Option(False, "--force", help="Allow --bits the run never trained at."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Also report the written model's test accuracy "
+                                  "(plain onnxruntime, the run's data and batch size)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was exported as JSON."),
 ) -> None:
-    """Write the run's best or last model for inference (plain onnxruntime)."""
-    from fracgraph.train.loop import export_run
+    """A deployable model: the data is its only input, the precisions baked in (no `fracgraph_bits`)."""
+    from fracgraph.export import ExportOptions, evaluate_export, export_run
 
-    typer.echo(str(export_run(run, output, which)))
+    res = export_run(run, output, ExportOptions(bits=bits, format=fmt, which=which, dfq_gates=dfq_gates,
+                                                force=force, zero_point=zero_point))
+    out = res.as_dict()
+    if evaluate:
+        out["evaluation"] = evaluate_export(res.path, run)
+    if as_json:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    forms = {}
+    for p in res.points:
+        forms[p.form] = forms.get(p.form, 0) + 1
+    typer.echo(f"{res.path}: {res.nodes} nodes from {res.model_file}, quant points "
+               + ", ".join(f"{v} {k}" for k, v in sorted(forms.items())))
+    for n in res.notes:
+        typer.echo(f"  {n}")
+    e = out.get("evaluation")
+    if e and "val_loss" in e:
+        typer.echo(f"  validation loss {e['val_loss']:.6f} ({e['windows']} windows, batch {e['batch']}); "
+                   f"the run's final evaluation {e['run_final_val_loss']:.6f}")
+    elif e:
+        typer.echo(f"  test accuracy {e['test_acc']:.4f} ({e['correct']}/{e['total']}, batch {e['batch']}); "
+                   f"the run's final evaluation {e['run_final_test_acc']:.4f}")
 
 
 @app.command()

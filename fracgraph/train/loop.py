@@ -332,13 +332,3 @@ def _export_atomic(session: TrainSession, path: Path) -> None:
 def latest_step(store: runio.CheckpointStore) -> int | None:
     got = store.latest()
     return got[0] if got else None
-
-
-def export_run(run_dir: str, output: str, which: str = "best") -> Path:
-    """Copy the run's best (or last) inference model to `output`."""
-    src = Path(run_dir) / (BEST_MODEL if which == "best" else LAST_MODEL)
-    if which not in ("best", "last"):
-        raise FracgraphError("--which must be best or last")
-    if not src.exists():
-        raise FracgraphError(f"{src} does not exist: is {run_dir} a finished `fracgraph train` run?")
-    return runio.atomic_write_bytes(output, src.read_bytes(), what="exported model")
