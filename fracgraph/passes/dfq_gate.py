@@ -58,7 +58,8 @@ input, which the training loop fills with the run's static --fw/--bw. It is outs
 LSTM step (the LSTM runs over the gated blocks in order), no share of the cost term or of `CP_OUTPUT` (the gated
 cp, as the authors count it); the loop's whole-network cost counts it at its static bits (train/dfq.py). The
 authors' `ResNetRecurrentGateSP` keeps its first conv FP32 (`--first fp32`); at FP32 that one conv costs 17% of a
-FW8/BW8 resnet20 step, which caps the whole-network saving of cp 3 at 35% (README, "DFQ static blocks").
+FW8/BW8 resnet20 step, which caps the whole-network saving of cp 3 at 35% (README, DFQ section, "Static blocks";
+bench/dfq_first_layer.py).
 
 Stop-gradient: ONNX has none; `ReduceMax` over an added axis of size 1 is the identity with no gradient,
 because the build registers an empty gradient for ReduceMax (the quantizer ranges rely on the same).
@@ -66,9 +67,8 @@ because the build registers an empty gradient for ReduceMax (the quantizer range
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import fnmatch
+from dataclasses import asdict, dataclass, field
 
 import networkx as nx
 import numpy as np
