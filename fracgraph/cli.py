@@ -198,6 +198,7 @@ def train(
     target_cp: float = typer.Option(3.0, "--target-cp", help="DFQ: cp target (% of FP32 compute of the gated blocks)."),
     target_cp_schedule: str = typer.Option("1.5,2,2.5,3", "--target-cp-schedule", help="FracTrain: cp target per stage."),
     beta: float = typer.Option(1e-3, "--beta", help="DFQ: weight of the cost term."),
+    beta_schedule: str = typer.Option("constant", "--beta-schedule", help="DFQ: constant (the authors') or lr (beta x lr0/lr, capped at 100: the gates keep the first LR stage's speed after the LR decays)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -215,6 +216,7 @@ def train(
         lr_schedule=lr_schedule, seed=seed, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
         momentum=momentum, weight_decay=weight_decay, threads=threads, target_cp=target_cp,
         target_cp_schedule=_float_list(target_cp_schedule, "--target-cp-schedule"), beta=beta,
+        beta_schedule=beta_schedule,
     )
     if as_json:
         summary = run_train(cfg, resume=resume)

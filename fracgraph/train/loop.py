@@ -64,6 +64,7 @@ class TrainConfig:
     target_cp: float = 3.0                # DFQ: cp target (%) of the gated blocks (train_dfq --target_ratio)
     target_cp_schedule: list[float] = field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0])   # FracTrain stages
     beta: float = 1e-3                    # DFQ: weight of the cost term
+    beta_schedule: str = "constant"       # DFQ: constant (authors') | lr: beta x lr0/lr(step), see dfq_beta()
 
 
 def _session_seed(seed: int, step: int) -> int:
@@ -91,6 +92,21 @@ class CostMeter:
         err = float(self.block_macs @ (g * w) + self.fp32_macs) * batch
         wg = float(self.block_macs @ (a * g) + self.fp32_macs) * batch
         return {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.total * batch)}
+
+
+BETA_SCHEDULES = ("constant", "lr")
+BETA_LR_CAP = 100.0
+
+
+def dfq_beta(cfg: "TrainConfig", lr: float) -> float:
+    """The cost weight fed at a step with learning rate `lr`. The sign controller's push on the gates is
+    lr x beta x (cost gradient): at a constant beta it shrinks with every LR decay (x0.1 at 50% and 75% of the run
+    with the step schedule), so a target that rises late is followed 10-100x more slowly
+    (bench/dfq_controller_speed.py). "lr" feeds beta x lr0/lr, capped at BETA_LR_CAP (cosine ends at lr 0): the
+    gates then move at the first LR stage's speed all run long."""
+    if cfg.beta_schedule == "constant" or cfg.lr <= 0:
+        return cfg.beta
+    return cfg.beta * min(cfg.lr / max(lr, 1e-30), BETA_LR_CAP)
 
 
 def _bits(manifest: Manifest, fw: int, bw: int) -> np.ndarray:
@@ -165,6 +181,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     else:
         raise FracgraphError(f"--schedule {cfg.schedule!r} is not available; use static, pfq, dfq or fractrain")
     lrs = LRSchedule(cfg.lr_schedule, cfg.lr, cfg.iters)
+    if cfg.beta_schedule not in BETA_SCHEDULES:
+        raise FracgraphError(f"--beta-schedule {cfg.beta_schedule!r}: use {' or '.join(BETA_SCHEDULES)}")
     stream = BatchStream(dataset, cfg.batch, cfg.seed)
     meter = CostMeter(manifest)
     choices = ChoiceRecord(manifest, meter, static_bits=(cfg.fw, cfg.bw)) if dfq else None
@@ -225,7 +243,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
             if dfq:   # the gates choose; the input carries the static weight bits and the static blocks' bits
                 bits, target = dfq_bits_input(manifest, cfg.fw, cfg.bw), sched.target(step)
                 clamped = clamp.note(step, target)
-                loss, logits = session.step(x, y, bits, lr, target=clamp.fed(target), beta=cfg.beta)
+                beta = dfq_beta(cfg, lr)
+                loss, logits = session.step(x, y, bits, lr, target=clamp.fed(target), beta=beta)
             else:
                 fw, bw = sched.bits(step)
                 bits = _bits(manifest, fw, bw)
@@ -249,7 +268,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
                    "eff_gmacs": (cost["fw"] + cost["err"] + cost["wgrad"]) / 1e9, "cp": cost["cp"],
                    "cum_gmacs": sum(cum.values()) / 1e9, "wall": time.perf_counter() - t0}
             if dfq:
-                rec.update(target_cp=target, target_cp_fed=clamp.fed(target), dfq_cp=float(session.last_outputs[DFQ_CP]))
+                rec.update(target_cp=target, target_cp_fed=clamp.fed(target), dfq_cp=float(session.last_outputs[DFQ_CP]),
+                           beta=beta)
                 if clamped is not None:
                     rec["target_clamp"] = clamped
             if ended is not None and ended.transition is not None:

@@ -81,3 +81,20 @@ def test_estimate_of_the_trace_counts_the_static_block(static_run, tmp_path):
     fp = report(str(d / "art"), ["bitfusion"], trace_dir=str(tmp_path), batch=32)["hw"]["bitfusion"]["run"]
     assert got["steps"] == fp["steps"] == 40
     assert fp["gemm_energy_pj"] > got["gemm_energy_pj"] and fp["gemm_latency_s"] > got["gemm_latency_s"]
+
+
+def test_beta_schedule_lr_keeps_the_gates_speed(static_run, tmp_path):
+    """--beta-schedule lr feeds beta x lr0/lr (capped at 100): x1, x10, x100 over the step schedule's LR stages;
+    constant (the default, the authors') feeds beta every step; an unknown schedule is one clear error."""
+    from fracgraph.errors import FracgraphError
+
+    d, _ = static_run
+    base = dict(artifacts=str(d / "art"), schedule="dfq", iters=8, epoch_iters=4, batch=16, lr=0.05, beta=0.002)
+    train(TrainConfig(run_dir=str(tmp_path / "lr"), beta_schedule="lr", **base))
+    recs = _records(tmp_path / "lr")
+    assert [r["lr"] for r in recs] == pytest.approx([0.05] * 4 + [0.005] * 2 + [0.0005] * 2)
+    assert [r["beta"] for r in recs] == pytest.approx([0.002] * 4 + [0.02] * 2 + [0.2] * 2)
+    train(TrainConfig(run_dir=str(tmp_path / "c"), **base))
+    assert [r["beta"] for r in _records(tmp_path / "c")] == [0.002] * 8
+    with pytest.raises(FracgraphError, match="--beta-schedule"):
+        train(TrainConfig(run_dir=str(tmp_path / "x"), beta_schedule="cosine", **base))
