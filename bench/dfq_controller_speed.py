@@ -8,6 +8,11 @@ and reports, per beta, the steps after the switch until the 20-step mean of the 
 "not within the run"), the gated cp over the last 100 steps, and the final test accuracy.
 
     python bench/dfq_controller_speed.py -o bench-out/dfq-speed --betas 0.001 0.003 0.01 0.03 0.1
+    python bench/dfq_controller_speed.py -o bench-out/dfq-speed-late --epoch-iters 60 --betas 0.01 0.1
+    python bench/dfq_controller_speed.py -o bench-out/dfq-speed-late-const --epoch-iters 60 --lr-schedule constant --betas 0.01
+    python bench/dfq_controller_speed.py -o bench-out/dfq-speed-late-lr --epoch-iters 60 --beta-schedule lr --betas 0.01
+
+With --epoch-iters 60 the switch comes at step 300, after the step schedule's first LR decay (x0.1 at step 250).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--lr-schedule", default="step")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--beta-schedule", default="constant", help="constant (the authors') or lr (beta x lr0/lr)")
     a = ap.parse_args()
 
     from fracgraph.build import BuildOptions, build_artifacts
@@ -56,7 +62,7 @@ def main() -> None:
         run = out / f"beta{beta:g}"
         s = train(TrainConfig(run_dir=str(run), artifacts=str(art), schedule="fractrain", target_cp_schedule=[1.5, 3.0],
                               eps=10.0, alpha=0.3, iters=a.iters, epoch_iters=a.epoch_iters, batch=a.batch, lr=a.lr,
-                              lr_schedule=a.lr_schedule, seed=a.seed, beta=beta),
+                              lr_schedule=a.lr_schedule, seed=a.seed, beta=beta, beta_schedule=a.beta_schedule),
                   resume=(run / "checkpoints").exists())
         recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         switch = s["transitions"][0]["step"] if s["transitions"] else None
@@ -69,7 +75,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     (out / "results.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
     print(f"digits, fractrain 1.5 -> 3 (fed {rows[0]['fed_first']:.3f} -> 3), {a.iters} steps, batch {a.batch}, "
-          f"lr {a.lr} ({a.lr_schedule}), seed {a.seed}")
+          f"lr {a.lr} ({a.lr_schedule}), beta schedule {a.beta_schedule}, seed {a.seed}")
     print("| beta | switch at | steps to within 10% of 3 | pre-switch gated cp | gated cp, last 100 | final acc % |")
     print("|---|---|---|---|---|---|")
     for r in rows:
