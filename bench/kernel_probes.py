@@ -10,11 +10,16 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - bn: BatchNormalizationGrad vs fracgraph's BatchNormGrad;
 - dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc) and
   vs fracgraph's ConvGradW;
+- dwshapes: the weight gradient on every shape of the model corpus (resnet18, efficientnet_b0, regnet_x_400mf at
+  batch 32, 64x64; resnet20): ConvGrad vs ConvGradW vs ConvGradWCols + MatMul vs DepthwiseConvGradW (the forms
+  passes/conv_grad_w.py chooses from);
+- fwshapes: resnet18's forward 3x3 convs as Conv, NCHWc and im2col + MatMul; reorder: the NCHWc weight reorder
+  as onnxruntime's Transpose vs fracgraph's NchwcWeight;
 - executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
   parallel executor (2 inter-op threads with 1 or 2 intra-op threads);
 - torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with).
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,executor,torch]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,reorder,executor,torch]
 """
 
 from __future__ import annotations
@@ -248,6 +253,121 @@ def probe_dw(r: Runner, rng):
                   [("fracgraph ConvGradW (im2col)", own, {"dy": dy, "x": x})], {"dy": dy, "x": x, "w": w})
 
 
+# (label, N, Ci, H, Co, k, stride, group): the weight-gradient shapes of the model corpus at batch 32, 64x64 inputs
+# (torchvision resnet18, efficientnet_b0, regnet_x_400mf) and resnet20's at batch 128
+DW_SHAPES = [
+    ("resnet18 conv1 7x7/2", 32, 3, 64, 64, 7, 2, 1), ("resnet18 layer1", 32, 64, 16, 64, 3, 1, 1),
+    ("resnet18 layer2 3x3/2", 32, 64, 16, 128, 3, 2, 1), ("resnet18 layer2", 32, 128, 8, 128, 3, 1, 1),
+    ("resnet18 layer2 down 1x1/2", 32, 64, 16, 128, 1, 2, 1), ("resnet18 layer3", 32, 256, 4, 256, 3, 1, 1),
+    ("resnet18 layer4 3x3/2", 32, 256, 4, 512, 3, 2, 1), ("resnet18 layer4", 32, 512, 2, 512, 3, 1, 1),
+    ("effnet stem 3x3/2", 32, 3, 64, 32, 3, 2, 1), ("effnet dw 3x3 96/2", 32, 96, 32, 96, 3, 2, 96),
+    ("effnet dw 5x5 240", 32, 240, 8, 240, 5, 1, 240), ("effnet dw 5x5 1152", 32, 1152, 2, 1152, 5, 1, 1152),
+    ("effnet 1x1 144->24", 32, 144, 16, 24, 1, 1, 1), ("effnet 1x1 1152->192", 32, 1152, 2, 192, 1, 1, 1),
+    ("effnet 1x1 320->1280", 32, 320, 2, 1280, 1, 1, 1), ("effnet SE 1x1 480->20", 32, 480, 1, 20, 1, 1, 1),
+    ("regnet g16 3x3 64", 32, 64, 8, 64, 3, 1, 4), ("regnet g16 3x3 160/2", 32, 160, 8, 160, 3, 2, 10),
+    ("regnet g16 3x3 400", 32, 400, 2, 400, 3, 1, 25), ("regnet 1x1 160->400", 32, 160, 4, 400, 1, 1, 1),
+    ("resnet20 16", 128, 16, 32, 16, 3, 1, 1), ("resnet20 32", 128, 32, 16, 32, 3, 1, 1),
+    ("resnet20 64", 128, 64, 8, 64, 3, 1, 1), ("resnet20 16->32 3x3/2", 128, 16, 32, 32, 3, 2, 1),
+]
+
+
+def dw_candidates(n, ci, hw, co, k, s, g):
+    """The weight-gradient forms for one shape: (name, model), onnxruntime's ConvGrad first (inputs dy, x, w)."""
+    p = k // 2
+    conv = dict(kh=k, kw=k, sh=s, sw=s, ph=p, pw=p, dh=1, dw=1)
+    cands = [("ConvGrad (dW only)", _model([h.make_node("ConvGrad", ["dy", "x", "w"], ["", "dw"], domain="com.microsoft",
+                                                         pads=[p] * 4, strides=[s, s], kernel_shape=[k, k], group=g,
+                                                         dilations=[1, 1])], ["dy", "x", "w"], ["dw"]))]
+    if g == 1:
+        cands.append(("fracgraph ConvGradW", _model([h.make_node("ConvGradW", ["dy", "x"], ["dw"], domain=FG, **conv)],
+                                                    ["dy", "x"], ["dw"])))
+    cands.append(("ConvGradWCols + MatMul", _model(
+        [h.make_node("ConvGradWCols", ["dy", "x"], ["dyt", "col"], domain=FG, group=g, **conv),
+         h.make_node("FusedMatMul", ["dyt", "col"], ["dwg"], domain="com.microsoft", transB=1), h.make_node("Reshape", ["dwg", "ws"], ["dw"])],
+        ["dy", "x"], ["dw"], [h.make_tensor("ws", T.INT64, [4], [co, ci // g, k, k])])))
+    if g == ci == co:
+        cands.append(("fracgraph DepthwiseConvGradW", _model(
+            [h.make_node("DepthwiseConvGradW", ["dy", "x"], ["dw"], domain=FG, **conv)], ["dy", "x"], ["dw"])))
+    return cands
+
+
+def probe_dwshapes(r: Runner, rng, shapes=None):
+    """Every weight-gradient form on every corpus shape; returns {label: {form: ms}}."""
+    print("dW by shape: onnxruntime's ConvGrad vs ConvGradW vs im2col + MatMul (MLAS) vs the depthwise kernel")
+    table = {}
+    for label, n, ci, hw, co, k, s, g in shapes or DW_SHAPES:
+        ho = (hw + 2 * (k // 2) - k) // s + 1
+        x = rng.standard_normal((n, ci, hw, hw)).astype(np.float32)
+        dy = rng.standard_normal((n, co, ho, ho)).astype(np.float32)
+        w = rng.standard_normal((co, ci // g, k, k)).astype(np.float32)
+        cands = dw_candidates(n, ci, hw, co, k, s, g)
+        print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{s} group {g}")
+        row, ref = {}, None
+        for name, model in cands:
+            feeds = {"dy": dy, "x": x, "w": w} if name.startswith("ConvGrad (") else {"dy": dy, "x": x}
+            t, out = r.time(r.session(model), feeds)
+            ref = out[0].astype(np.float64) if ref is None else ref
+            diff = float(np.max(np.abs(out[0] - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+            row[name] = t
+            base = row["ConvGrad (dW only)"]
+            print(f"    {name:30s} {t:8.2f} ms  x{t / base:5.2f}  max rel diff {diff:.1e}")
+        table[label] = row
+    return table
+
+
+def probe_fwshapes(r: Runner, rng):
+    """The forward conv of resnet18's stride-1 3x3 shapes (batch 32, 64x64 inputs): plain Conv vs the NCHWc form
+    the nchwc-conv pass writes (NchwcWeight reorder) vs im2col + one MatMul on MLAS (+ the transpose back to NCHW):
+    the measurement behind README's note that only the 2x2 maps would gain from a GEMM forward."""
+    print("forward conv by shape: Conv vs NCHWc (NchwcWeight) vs im2col + MatMul")
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    for n, c, hw in [(32, 512, 2), (32, 256, 4), (32, 128, 8), (32, 64, 16)]:
+        x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+        plain = _model([h.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)], ["x", "w"], ["y"])
+        cands = [("im2col + MatMul", _model(
+            [h.make_node("ConvGradWCols", ["d", "x"], ["dt", "col"], domain=FG, group=1, kh=3, kw=3, sh=1, sw=1, ph=1,
+                         pw=1, dh=1, dw=1),
+             h.make_node("Reshape", ["w", "s2"], ["w2"]), h.make_node("MatMul", ["w2", "col"], ["y3"]),
+             h.make_node("Reshape", ["y3", "s3"], ["y3r"]), h.make_node("Transpose", ["y3r"], ["y4"], perm=[1, 0, 2]),
+             h.make_node("Reshape", ["y4", "s4"], ["y"])], ["d", "x", "w"], ["y"],
+            [h.make_tensor("s2", T.INT64, [2], [c, c * 9]), h.make_tensor("s3", T.INT64, [3], [c, n, hw * hw]),
+             h.make_tensor("s4", T.INT64, [4], [n, c, hw, hw])]),
+            {"d": np.zeros((n, 1, hw, hw), np.float32), "x": x, "w": w})]
+        if B > 1:
+            cands.append(("NCHWc (NchwcWeight)", _model(
+                [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0),
+                 h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
+                 h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", pads=[1] * 4, kernel_shape=[3, 3]),
+                 h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=c)], ["x", "w"], ["y"]),
+                None))
+        r.compare(f"{n}x{c}x{hw}x{hw}, 3x3", ("Conv", plain), cands, {"x": x, "w": w})
+
+
+def probe_reorder(r: Runner, rng):
+    """The NCHWc weight reorder: Reshape + 6-D Transpose + Reshape (onnxruntime) vs NchwcWeight, and an Add over
+    the same tensor (what one read and one write cost)."""
+    print("NCHWc weight reorder (OIHWBiBo): onnxruntime's Transpose vs fracgraph's NchwcWeight")
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    if B <= 1:
+        print("  no NCHWc kernels here")
+        return
+    for c in (64, 256, 512):
+        w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+        ort = _model([h.make_node("Reshape", ["w", "s6"], ["r"]), h.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 4, 5, 3, 1]),
+                      h.make_node("Reshape", ["t", "s4"], ["y"])], ["w"], ["y"],
+                     [h.make_tensor("s6", T.INT64, [6], [c // B, B, c // B, B, 3, 3]), h.make_tensor("s4", T.INT64, [4], [c, c, 3, 3])])
+        own = _model([h.make_node("NchwcWeight", ["w"], ["y"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0)],
+                     ["w"], ["y"])
+        add = _model([h.make_node("Add", ["w", "w"], ["y"])], ["w"], ["y"])
+        r.compare(f"{c}x{c}x3x3", ("Reshape/Transpose/Reshape", ort),
+                  [("fracgraph NchwcWeight", own, None), ("(Add of the same tensor)", add, None)], {"w": w})
+
+
 def probe_executor(threads: int, reps: int):
     print("executor: resnet20 FW8/BW8 training step, sequential vs parallel executor")
     import onnxruntime as ort
@@ -332,7 +452,8 @@ def main() -> None:
     r = Runner(a.threads, a.reps)
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
-              "bn": probe_bn, "dw": probe_dw}
+              "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
+              "fwshapes": probe_fwshapes, "reorder": probe_reorder}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

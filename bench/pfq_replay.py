@@ -46,15 +46,14 @@ def pass_probability(threshold_abs: float, sigma_epoch: float, trials: int = 200
     return float(np.mean(np.all(np.abs(L[:, :4] - L[:, 4:]) <= threshold_abs, axis=1)))
 
 
-def replay(loss: np.ndarray, epoch_iters: int, eps: float, alpha: float) -> tuple[list[int], float]:
-    from fracgraph.train.schedules import PFQIndicator
+def replay(loss: np.ndarray, epoch_iters: int, eps: float, alpha: float, noise_floor: float = 0.0):
+    """The switch iterations of fracgraph's PFQ schedule (train --pfq-noise-floor) fed these losses."""
+    from fracgraph.train.schedules import PFQSchedule
 
-    ind = PFQIndicator(threshold=eps, decay=alpha)
-    switches = []
-    for e in range(len(loss) // epoch_iters):
-        if ind.update(float(loss[e * epoch_iters:(e + 1) * epoch_iters].mean())):
-            switches.append((e + 1) * epoch_iters)
-    return switches, ind.scale_loss
+    sched = PFQSchedule([3, 4, 6, 8], [6, 6, 8, 8], epoch_iters, eps=eps, alpha=alpha, noise_floor=noise_floor)
+    for i, v in enumerate(loss):
+        sched.observe(i, float(v))
+    return [t.step for t in sched.transitions], sched.indicator.scale_loss
 
 
 def main() -> None:
@@ -63,6 +62,7 @@ def main() -> None:
     ap.add_argument("--epoch-iters", default="40,100,200,400")
     ap.add_argument("--eps", default="0.05,0.15")
     ap.add_argument("--alpha", default="0.3,0.4")
+    ap.add_argument("--noise-floor", type=float, default=2.0, help="train --pfq-noise-floor for the second column")
     a = ap.parse_args()
     loss = losses(a.metrics)
     sigma = step_noise(loss)
@@ -71,15 +71,17 @@ def main() -> None:
     grid_e = [int(v) for v in a.epoch_iters.split(",")]
     grid_eps = [float(v) for v in a.eps.split(",")]
     grid_alpha = [float(v) for v in a.alpha.split(",")]
-    print("\n| epoch iters | eps | alpha | scale_loss | switches at (iteration) | P(noise passes) at eps, eps*a, eps*a^2 |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| epoch iters | eps | alpha | scale_loss | switches at (authors' thresholds) | switches at (noise floor "
+          f"{a.noise_floor}) | P(noise passes) at eps, eps*a, eps*a^2 |")
+    print("|---|---|---|---|---|---|---|")
     for E in grid_e:
         sig_e = sigma / math.sqrt(E)
         for eps in grid_eps:
             for alpha in grid_alpha:
                 sw, scale = replay(loss, E, eps, alpha)
+                sw_floor, _ = replay(loss, E, eps, alpha, a.noise_floor)
                 probs = [pass_probability(eps * alpha ** k * scale, sig_e) for k in range(3)]
-                print(f"| {E} | {eps} | {alpha} | {scale:.3f} | {sw or '-'} | "
+                print(f"| {E} | {eps} | {alpha} | {scale:.3f} | {sw or '-'} | {sw_floor or '-'} | "
                       f"{', '.join(f'{p:.3f}' for p in probs)} |")
 
 

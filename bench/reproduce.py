@@ -92,7 +92,7 @@ def run_row(a, key: str) -> dict:
     cfg = TrainConfig(run_dir=str(run), artifacts=str(_artifacts(out, key)), data=a.data, iters=a.iters,
                       epoch_iters=a.epoch_iters, batch=a.batch, lr=a.lr, seed=a.seed + ROWS[key][1].get("seed_offset", 0),
                       eval_batches=a.eval_batches, threads=a.threads, eps=a.eps, alpha=a.alpha, beta=a.beta,
-                      beta_schedule=a.beta_schedule, **opts)
+                      beta_schedule=a.beta_schedule, pfq_noise_floor=a.pfq_noise_floor, **opts)
     return train(cfg, resume=(run / "checkpoints").exists())
 
 
@@ -148,7 +148,8 @@ def table(a, rows: dict) -> str:
     seeds = [rows[k]["final_acc"] for k in ("fw8bw8", "fw8bw8-seed1") if k in rows]
     spread = f"{100 * (max(seeds) - min(seeds)):.2f} points" if len(seeds) == 2 else "(one seed so far)"
     lines = [f"{a.model}, CIFAR-10 ({a.data.split(':', 1)[-1]}), {a.iters} iterations x batch {a.batch}, LR {a.lr} "
-             f"x0.1 at 50%/75%, PFQ epoch {a.epoch_iters} iterations (eps {a.eps}, alpha {a.alpha}), DFQ beta {a.beta} ({a.beta_schedule}), "
+             f"x0.1 at 50%/75%, PFQ epoch {a.epoch_iters} iterations (eps {a.eps}, alpha {a.alpha}, noise floor "
+             f"{a.pfq_noise_floor}), DFQ beta {a.beta} ({a.beta_schedule}), "
              f"seed {a.seed}; final accuracy on all 10,000 test images. FW8/BW8 seed spread: {spread}.", "",
              "| row | final acc % | best acc % | cum. eff. GMACs (whole) | saving vs FW8/BW8 | gated-block eff. GMACs "
              "| gated saving | switches at | DFQ gated cp % |",
@@ -195,6 +196,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=1e-3)
     ap.add_argument("--beta-schedule", default="constant", help="DFQ rows: constant (the authors') or lr "
                     "(beta x lr0/lr: the gates keep their speed after the LR decays; README, Controller speed)")
+    ap.add_argument("--pfq-noise-floor", type=float, default=2.0, help="train --pfq-noise-floor (0: the authors' "
+                    "PFQ thresholds; rows started before the floor existed resume only with 0)")
     ap.add_argument("--eval-batches", type=int, default=10, help="test batches per evaluation during the run "
                     "(the final evaluation always covers the whole test set)")
     ap.add_argument("--seed", type=int, default=0)

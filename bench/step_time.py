@@ -15,6 +15,9 @@ that the threads of the step before (PyTorch's OpenMP threads spin ~0.2 s by def
     python bench/step_time.py [--steps 7] [--batch 128] [--threads 2] [--no-quantize-time]
     python bench/step_time.py --settings      # the session-settings sweep behind runtime.SESSION_TUNING
     python bench/step_time.py --noise-check 3 # identical workers: how far this machine's noise moves a ratio
+    python bench/step_time.py --corpus [--corpus-models a,b] [--corpus-size 64] [--corpus-batch 32]
+        # the model corpus (fracgraph/zoo_external.py): FW8/BW8 step of the default artifacts against PyTorch
+        # eager FP32 of the same torch module, batch 32, 64x64, plus resnet20 batch 128; peak RSS of each worker
 """
 
 from __future__ import annotations
@@ -105,10 +108,27 @@ def torch_step(model, x, y, quantized: bool):
 
 
 # -- workers ------------------------------------------------------------------------------------------------
-def make_step(kind: str, directory: Path, batch: int, threads: int, tuning: dict):
+def make_step(kind: str, directory: Path, batch: int, threads: int, tuning: dict, model: str | None = None,
+              size: int = 32):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int64)
+    if kind == "corpus_fg":    # the default artifacts of a corpus model (prepare_corpus)
+        from onnxruntime.training import api  # noqa: F401
+
+        from fracgraph.runtime import TrainSession
+
+        sess = TrainSession(directory / f"art_{model}", threads=threads, seed=0, tuning=tuning)
+        bits = np.full((sess.manifest.n_blocks, 3), 8, np.float32)
+        return lambda: sess.step(x, y, bits, 0.01)
+    if kind == "corpus_torch":
+        import torch
+
+        from fracgraph import zoo_external
+
+        torch.set_num_threads(threads)
+        net = zoo_external.torch_model(zoo_external.entry(model), classes=10, size=size, seed=0)
+        return torch_step(net, x, y, quantized=False)
     if kind in ("after", "before", "zero", "shared", "ort_ops"):
         from onnxruntime.training import api  # noqa: F401  (import outside TrainSession, see fracgraph/profile.py)
 
@@ -154,7 +174,7 @@ def peak_rss_mb() -> float:
 def worker(a) -> None:
     """Set up one configuration, then run one timed step per line read from stdin (the first rounds are the
     warm-up, which the parent runs only once every worker is up)."""
-    step = make_step(a.worker, Path(a.dir), a.batch, a.threads, json.loads(a.tuning))
+    step = make_step(a.worker, Path(a.dir), a.batch, a.threads, json.loads(a.tuning), a.model, a.size)
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
@@ -166,10 +186,12 @@ def worker(a) -> None:
 
 
 class Worker:
-    def __init__(self, label: str, kind: str, directory: Path, a, tuning: dict, env: dict | None = None):
+    def __init__(self, label: str, kind: str, directory: Path, a, tuning: dict, env: dict | None = None,
+                 model: str | None = None, size: int = 32, batch: int | None = None):
         self.label, self.times = label, []
-        cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(directory), "--batch", str(a.batch),
-               "--threads", str(a.threads), "--tuning", json.dumps(tuning)]
+        cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(directory), "--batch", str(batch or a.batch),
+               "--threads", str(a.threads), "--tuning", json.dumps(tuning), "--size", str(size)]
+        cmd += ["--model", model] if model else []
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self._expect("ready")
@@ -193,8 +215,9 @@ class Worker:
         return peak
 
 
-def prepare(directory: Path) -> None:
-    """resnet20 artifacts with and without the speed passes, and the plain ORT artifacts."""
+def prepare(directory: Path, default_only: bool = False) -> None:
+    """resnet20 artifacts with and without the speed passes, and the plain ORT artifacts (`default_only`: the
+    default artifacts alone, all --corpus needs)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
@@ -206,6 +229,8 @@ def prepare(directory: Path) -> None:
 
     model = export("resnet20", directory / "r20.onnx")
     build_artifacts(model, directory / "art", BuildOptions())
+    if default_only:
+        return
     build_artifacts(model, directory / "art_shared", BuildOptions(sr_noise="shared"))
     build_artifacts(model, directory / "art_ort_ops", BuildOptions(fused_kernels=False))
     build_artifacts(model, directory / "art_before", BuildOptions(fast_backward=False, nchwc=False))
@@ -217,7 +242,8 @@ def prepare(directory: Path) -> None:
 
 
 def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple[float, float]]:
-    """configs: (label, kind, ORT session tuning[, extra environment]); returns label -> (median s, peak RSS MB).
+    """configs: (label, kind, ORT session tuning[, extra environment[, corpus model, size, batch]]); returns
+    label -> (median s, peak RSS MB).
     A pilot worker starts first and is not reported: the first worker started ran ~5% slower than identical
     later ones even with the ballast (`--noise-check 4`: 352 ms against 333-337)."""
     workers = [Worker(*c[:2], directory, a, *c[2:]) for c in [("pilot", "zero", {})] + configs]
@@ -242,6 +268,58 @@ def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple
                 w.proc.kill()
 
 
+def prepare_corpus(directory: Path, names: list[str], size: int) -> dict[str, str]:
+    """Export and quantize (default options) each corpus model; returns name -> error for those that fail."""
+    from fracgraph import zoo_external
+    from fracgraph.build import BuildOptions, build_artifacts
+
+    failed = {}
+    for n in names:
+        e = zoo_external.entry(n)
+        try:
+            path = zoo_external.export_entry(e, directory / f"{n}.onnx", classes=10, size=max(size, e.min_size))
+            build_artifacts(path, directory / f"art_{n}", BuildOptions())
+        except Exception as exc:   # a row, not a crash: the model corpus bench says why
+            msg = (str(exc).strip().splitlines() or [""])[0]
+            failed[n] = f"{type(exc).__name__}: {msg}"[:200]
+    return failed
+
+
+def run_corpus(d: Path, a) -> None:
+    """Each corpus model's FW8/BW8 step against PyTorch eager FP32 of the same module (its own interleaved run
+    with the pilot; --corpus-batch, --corpus-size), then resnet20 at --batch."""
+    from fracgraph import zoo_external
+
+    names = a.corpus_models.split(",") if a.corpus_models else [e.name for e in zoo_external.CORPUS]
+    legacy = [n for n in names if zoo_external.entry(n).source == "legacy"]
+    names = [n for n in names if n not in legacy]
+    failed = prepare_corpus(d, names, a.corpus_size)
+    print(f"model corpus, batch {a.corpus_batch}, {a.corpus_size}x{a.corpus_size} inputs, {a.threads} threads, "
+          f"median of {a.steps} interleaved steps (resnet20: batch {a.batch}, 32x32)")
+    print("| model | fracgraph FW8/BW8 ms | PyTorch eager FP32 ms | / PyTorch FP32 | peak RSS MB fracgraph | "
+          "peak RSS MB PyTorch |\n|---|---|---|---|---|---|", flush=True)
+    for n in names:
+        if n in failed:
+            print(f"| {n} | not built: {failed[n]} | | | | |", flush=True)
+            continue
+        size = max(a.corpus_size, zoo_external.entry(n).min_size)
+        try:
+            rows = run_interleaved([("fg", "corpus_fg", {}, None, n, size, a.corpus_batch),
+                                    ("pt", "corpus_torch", {}, None, n, size, a.corpus_batch)], d, a)
+        except Exception as exc:
+            print(f"| {n} | step failed: {str(exc).splitlines()[0][:200]} | | | | |", flush=True)
+            continue
+        (tf, mf), (tp, mp) = rows["fg"], rows["pt"]
+        print(f"| {n}{'' if size == a.corpus_size else f' ({size}x{size})'} | {1000 * tf:.0f} | {1000 * tp:.0f} | "
+              f"{tf / tp:.2f} | {mf:.0f} | {mp:.0f} |", flush=True)
+    rows = run_interleaved([("fg", "after", {}), ("pt", "torch_fp32", {})], d, a)
+    (tf, mf), (tp, mp) = rows["fg"], rows["pt"]
+    print(f"| resnet20 (zoo, batch {a.batch}, 32x32) | {1000 * tf:.0f} | {1000 * tp:.0f} | {tf / tp:.2f} | {mf:.0f} | "
+          f"{mp:.0f} |")
+    if legacy:
+        print(f"not timed (no PyTorch module to compare with): {', '.join(legacy)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=7)
@@ -255,7 +333,14 @@ def main() -> None:
                     help="pause before each step, so no other worker's threads still spin (OpenMP spins ~0.2 s)")
     ap.add_argument("--noise-check", type=int, default=0, metavar="N",
                     help="only run N workers of the same FW8/BW8 configuration: the spread is this machine's noise")
+    ap.add_argument("--corpus", action="store_true",
+                    help="the model corpus against PyTorch eager FP32 (and resnet20 at --batch)")
+    ap.add_argument("--corpus-models", help="comma-separated corpus names (default: every torchvision/timm model)")
+    ap.add_argument("--corpus-size", type=int, default=64)
+    ap.add_argument("--corpus-batch", type=int, default=32)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -264,12 +349,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        prepare(d)
+        prepare(d, default_only=a.corpus)
         # On this VM the first workers started after prepare() ran slower for the whole run than the same
         # configuration started later (ad-hoc runs of identical workers); holding freshly touched memory in the
         # parent, so that the workers do not start on the pages prepare() just freed, reduced that (with the pilot
         # worker of run_interleaved, --noise-check 4 gives max/min 1.01-1.05).
         ballast = np.ones(int(a.ballast_gb * 2**30) // 8)  # noqa: F841  (held until the run ends)
+        if a.corpus:
+            return run_corpus(d, a)
         print(f"resnet20, batch {a.batch}, {a.threads} threads, median of {a.steps} interleaved steps per row")
         if a.noise_check:
             rows = run_interleaved([(f"fracgraph FW8/BW8 #{k + 1}", "after", {}) for k in range(a.noise_check)], d, a)

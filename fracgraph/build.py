@@ -70,6 +70,7 @@ class BuildOptions:
     weight_decay: float = 1e-4
     act_range_momentum: float = 0.9      # train_pfq's --momentum_act
     expose_noise: bool = False           # BW noise as graph outputs (exact replay in tests)
+    expose_errors: bool = False          # each BW quantizer's input and output error as graph outputs (tests replay each)
     fast_backward: bool = True           # speed passes on the training graph (ste-grad, conv-grad-split, quant-branch, relu-grad)
     nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
@@ -165,7 +166,12 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     gate = None
     if opts.dfq is not None:
         # before the quantizers: the gates read the blocks' unquantized inputs and provide the act/grad bits
-        gate = DfqGatePass(blocks, op_dicts, opts.dfq, PRECISION_INPUT)
+        table = None
+        if opts.dfq.cost != "macs":   # the controller's cost from a hardware model (analysis/estimate.py)
+            from .analysis.estimate import dfq_cost_table
+            table = dfq_cost_table(model, op_dicts, len(blocks), opts.dfq.options, opts.dfq.weight_bits,
+                                   opts.dfq.cost, opts.dfq.cost_metric, opts.dfq.cost_batch)
+        gate = DfqGatePass(blocks, op_dicts, opts.dfq, PRECISION_INPUT, table)
         model, gate_notes = run_passes(model, [gate])
         trainable += gate.params
         frozen += gate.frozen
@@ -186,16 +192,16 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         shapes = forward_shapes(model) if opts.fast_backward or nchwc_block > 1 or opts.sr_noise == "shared" else {}
         _generate(model, tmp, trainable, frozen, opts, gate)
         train_model = onnx.load(str(tmp / TRAINING))
-        fused, kernel_notes = _fused_ops_passes(opts)
+        fused, kernel_notes = _fused_ops_passes(opts, shapes)
         train_passes = [
             BwQuantPass([(d["name"], d.get("bits_key", b)) for d, b in quant_plan], PRECISION_INPUT, opts.expose_noise,
-                        gate.grad_bits_const if gate is not None else None),
+                        gate.grad_bits_const if gate is not None else None, opts.expose_errors),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
-          + ([SteGradPass(fw.points), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
+          + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
-          + ([NchwcConvPass(shapes, nchwc_block)] if nchwc_block > 1 else []) \
+          + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))
@@ -217,6 +223,8 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             extra={"trainable": trainable, "frozen": frozen, "head": head,
                    "notes": lower_notes + notes + kernel_notes + n2 + n3,
                    "custom_ops": kernels.DOMAIN if any(p.fused for p in fused) else None,
+                   "conv_grad_w": next((p.choices for p in fused if isinstance(p, ConvGradWPass)
+                                        and p.name not in opts.skip_passes), None),
                    "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None},
             dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
         )
@@ -228,7 +236,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         raise
 
 
-def _fused_ops_passes(opts: BuildOptions) -> tuple[list, list[str]]:
+def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]]:
     """The passes onto fracgraph's kernels when asked for and the kernels build here; otherwise a note why not."""
     if not (opts.fused_kernels and opts.fast_backward):
         return [], []
@@ -236,7 +244,7 @@ def _fused_ops_passes(opts: BuildOptions) -> tuple[list, list[str]]:
         kernels.library_path()
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
-    return [FusedOpsPass(), ConvGradWPass(), BnGradPass()], []
+    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None) -> None:

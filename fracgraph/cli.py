@@ -90,6 +90,9 @@ def quantize(
     granularity: str = typer.Option("batch", "--granularity", help="DFQ choice per mini-batch (batch), per sample with one GEMM per layer (sample), or per sample over K computed candidates per block (candidates: the released CIFAR code, K-fold compute; see passes/dfq_candidates.py)."),
     cost_weighting: str = typer.Option("macs", "--cost-weighting", help="DFQ cost per block: macs (block MACs) or uniform (ResNet CIFAR code)."),
     task_grad: str = typer.Option("none", "--task-grad", help="DFQ task-loss path into the gate: none or chosen (see passes/dfq_gate.py)."),
+    cost: str = typer.Option("macs", "--cost", help="DFQ controller's cost table: macs (effective MACs) or a hardware model (bitfusion, eyeriss, fpga: each block's fw/error/w-grad GEMM cost per option; the cp target is then a % of the gated blocks' FP32 cost on it)."),
+    cost_metric: str = typer.Option("energy", "--cost-metric", help="With a hardware --cost: energy or latency."),
+    cost_batch: int = typer.Option(128, "--cost-batch", help="With a hardware --cost: the batch the step is costed at."),
     nchwc: bool = typer.Option(True, "--nchwc/--no-nchwc", help="Run convs on this CPU's NCHWc kernels (faster; the artifacts then need a CPU with the same block size)."),
     sr_noise: str = typer.Option("independent", "--sr-noise", help="Stochastic-rounding noise of the error quantizers: independent (a draw per layer) or shared (one draw per step read at random offsets; see passes/shared_noise.py)."),
     logits: str = typer.Option(None, "--logits", help="The graph output that holds the logits, for a model with several outputs (the others are dropped from the artifacts)."),
@@ -113,8 +116,8 @@ def quantize(
         if first not in (None, "static", "fp32", "quantize"):
             raise FracgraphError(f"--first must be static, fp32 or quantize with --dfq, got {first!r}")
         gates = DfqOptions(options=parse_options(options), weight_bits=weight_bits, granularity=granularity,
-                           cost_weighting=cost_weighting, task_grad=task_grad,
-                           static_first=first in (None, "static"), static=list(keep_static or []))
+                           cost_weighting=cost_weighting, task_grad=task_grad, cost=cost, cost_metric=cost_metric,
+                           cost_batch=cost_batch, static_first=first in (None, "static"), static=list(keep_static or []))
         first = None if first == "static" else first
     opts = BuildOptions(fw=fw, bw=bw, policy=_policy(policy, first, last, keep_fp32),
                         optimizer=optimizer, weight_decay=weight_decay, dfq=gates, nchwc=nchwc, sr_noise=sr_noise,
@@ -134,6 +137,10 @@ def quantize(
                    + (f"sample over {len(m.dfq['options'])} computed candidates per block (the simulation computes "
                       f"each gated block {len(m.dfq['options'])} times)" if m.dfq['granularity'] == "candidates"
                       else m.dfq['granularity']))
+        if m.dfq.get("cost", "macs") != "macs":
+            typer.echo(f"DFQ cost: {m.dfq['cost']} {m.dfq['cost_metric']} of each block's GEMMs per option "
+                       f"(batch {m.dfq['cost_batch']}); cp targets are % of the gated blocks' FP32 "
+                       f"{m.dfq['cost_metric']} on {m.dfq['cost']}")
 
 
 @app.command()
@@ -183,6 +190,7 @@ def train(
     bw_schedule: str = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage."),
     eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
     alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
+    pfq_noise_floor: float = typer.Option(2.0, "--pfq-noise-floor", help="PFQ/FracTrain indicator: a threshold is never below this many standard errors of the epoch's mean loss (relative to the loss scale); 0 = the authors' thresholds. See README 'Reproduction'."),
     data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH; default: scikit-learn digits."),
     iters: int = typer.Option(200, "--iters", help="Training iterations."),
     epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),
@@ -212,7 +220,7 @@ def train(
     cfg = TrainConfig(
         run_dir=output, artifacts=target if is_art else None, model=None if is_art else target, schedule=schedule,
         fw=fw, bw=bw, fw_schedule=_int_list(fw_schedule, "--fw-schedule"), bw_schedule=_int_list(bw_schedule, "--bw-schedule"),
-        eps=eps, alpha=alpha, data=data, iters=iters, epoch_iters=epoch_iters, batch=batch, lr=lr,
+        eps=eps, alpha=alpha, pfq_noise_floor=pfq_noise_floor, data=data, iters=iters, epoch_iters=epoch_iters, batch=batch, lr=lr,
         lr_schedule=lr_schedule, seed=seed, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
         momentum=momentum, weight_decay=weight_decay, threads=threads, target_cp=target_cp,
         target_cp_schedule=_float_list(target_cp_schedule, "--target-cp-schedule"), beta=beta,
@@ -233,7 +241,8 @@ def train(
 
         def on_step(rec: dict) -> None:
             acc = f" test {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else ""
-            bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{acc}")
+            cp = f" cp {rec['cp']:.2f}% MACs" + (f", gated {rec['dfq_cp']:.2f}%" if "dfq_cp" in rec else "")
+            bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{cp}{acc}")
             if "target_clamp" in rec:
                 con.print(f"step {rec['target_clamp']['step']}: warning: {rec['target_clamp']['message']}")
             if "transition" in rec:
@@ -250,6 +259,8 @@ def train(
     for k in ("steps", "final_test_acc", "best_test_acc", "cum_eff_gmacs", "fp32_gmacs", "mean_cp", "wall_s"):
         v = summary[k]
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    if summary.get("dfq") and summary["dfq"].get("mean_gated_cp") is not None:
+        t.add_row(f"mean gated cp ({summary['dfq']['cp_unit']})", f"{summary['dfq']['mean_gated_cp']:.4f}")
     con.print(t)
 
 
@@ -314,6 +325,7 @@ def estimate(
     overlap: bool = typer.Option(False, "--overlap", help="Overlap independent ops (default: sequential)."),
     strided: str = typer.Option("ideal", "--strided-error", help="Strided error conv: ideal (s^2 sub-convs) or naive."),
     mem_bits: int = typer.Option(32, "--eltwise-bits", help="Data width of BN/ReLU/pool/elementwise ops."),
+    scope: str = typer.Option("step", "--scope", help="What a step counts: step (every op) or gemm (only the forward, error and weight-gradient GEMMs, the paper's accounting)."),
 ) -> None:
     """Cost a training step and a training run on hardware models (Bit-Fusion, Eyeriss, ZC706 FPGA)."""
     from fracgraph.analysis.estimate import report
@@ -326,7 +338,7 @@ def estimate(
     if bad:
         _fail(f"--hw {bad[0]!r}: choose bitfusion, eyeriss, fpga or all")
     rep = report(target, names, trace_dir=trace, fw=fw, bw=bw, batch=batch, steps=steps, baseline=baseline,
-                 overlap=overlap, strided_bw=strided, mem_bits=mem_bits)
+                 overlap=overlap, strided_bw=strided, mem_bits=mem_bits, scope=scope)
     if fmt == "json":
         typer.echo(json.dumps(rep, indent=1))
     elif fmt == "csv":

@@ -20,10 +20,13 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         points = [q.__dict__ for q in points]
         precision = {"input": m.precision_input, "shape": [m.n_blocks, 3], "columns": ["act", "weight", "grad"],
                      "default_bits": m.default_bits}
+        conv_dw = m.extra.get("conv_grad_w") or []
         dfq = None if m.dfq is None else {k: m.dfq[k] for k in ("options", "weight_bits", "granularity",
                                                                 "cost_weighting", "task_grad", "F", "gate_params",
                                                                 "gate_dim", "embed_dim", "hidden")}
-        if dfq is not None:
+        if dfq is not None:   # the controller's cost table (quantize --dfq --cost; absent in older manifests: MACs)
+            dfq.update({k: m.dfq[k] for k in ("cost", "cost_metric", "cost_batch", "cost_unit", "cost_table",
+                                              "cost_fp32") if k in m.dfq})
             dfq["gated"] = list(m.dfq.get("gated", range(m.n_blocks)))
             dfq["static_blocks"] = [l for l in range(m.n_blocks) if l not in dfq["gated"]]
     else:
@@ -34,12 +37,12 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         _, blist, dlist, ops = plan(model, policy or LayerPolicy())
         blocks = [{"name": b.name, "kind": b.kind, "ops": b.ops} for b in blist]
         decisions = [d.__dict__ for d in dlist]
-        points, source, kind, precision, dfq = [], str(p), "model (plan only)", None, None
+        points, source, kind, precision, dfq, conv_dw = [], str(p), "model (plan only)", None, None, []
     total = sum(d["macs"] for d in ops)
     quant = sum(d["macs"] for d in ops if d["quantized"])
     return {
         "source": source, "kind": kind, "blocks": blocks, "decisions": decisions, "quant_points": points,
-        "precision_input": precision, "dfq": dfq,
+        "precision_input": precision, "dfq": dfq, "conv_weight_gradients": conv_dw,
         "ops": [{k: d[k] for k in ("name", "op_type", "macs", "block", "quantized")} for d in ops],
         "macs_per_sample": total, "quantized_macs_fraction": quant / total if total else 0.0,
     }
@@ -65,7 +68,9 @@ def render(summary: dict) -> None:
                   f"softmax; FP32, {len(g['gate_params'])} parameter tensors), choice per {g['granularity']}; "
                   f"options FW/BW {', '.join(f'{a}/{b}' for a, b in g['options'])}, weights {g['weight_bits']} bits; "
                   f"act/grad columns of the gated blocks' rows unused; cost weighting {g['cost_weighting']}, "
-                  f"task gradient {g['task_grad']}")
+                  f"task gradient {g['task_grad']}; controller cost "
+                  + (f"{g['cost']} {g['cost_metric']} (batch {g['cost_batch']})" if g.get("cost", "macs") != "macs"
+                     else "effective MACs"))
     t = Table(title="layers")
     for col in ("layer", "op", "MACs/sample", "block", "decision"):
         t.add_column(col)
@@ -76,3 +81,10 @@ def render(summary: dict) -> None:
         t.add_row(d["op"], types.get(d["op"], "-"), mac, "-" if d["block"] is None else str(d["block"]),
                   d["reason"], style=None if d["quantized"] else "yellow")
     con.print(t)
+    if summary.get("conv_weight_gradients"):   # passes/conv_grad_w.py: the implementation of each conv's dW
+        t = Table(title="conv weight gradients (conv-grad-w; costs: the pass's model, per image)")
+        for col in ("ConvGrad node", "shape", "on", "why"):
+            t.add_column(col)
+        for c in summary["conv_weight_gradients"]:
+            t.add_row(c["node"], c.get("shape", "-"), c["form"], c["reason"])
+        con.print(t)

@@ -210,9 +210,53 @@ def _check_control_flow(graph: onnx.GraphProto) -> None:
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        inferred = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
         raise FracgraphError(f"shape inference failed: {str(e).splitlines()[0][:300]}")
+    return _symbolic_shapes(inferred)
+
+
+def _static_dims(vi: onnx.ValueInfoProto) -> int:
+    t = vi.type.tensor_type
+    return sum(d.HasField("dim_value") for d in t.shape.dim) if t.HasField("shape") else -1
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX's data propagation stops at arithmetic on shapes (Div, ...), as in torch's export of `chunk`, `split`
+    and channel shuffles (`x.view(b, g, c // g, h, w)` with a dynamic batch): the Slice/Reshape outputs, and every
+    GEMM after them, lose their static dims and would be kept FP32. Where a GEMM reads or writes such a tensor,
+    onnxruntime's symbolic shape inference (sympy) fills in the dims it can prove; any failure keeps ONNX's."""
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    inits = {t.name for t in model.graph.initializer}
+
+    def partial(name: str) -> bool:
+        v = known.get(name)
+        return name not in inits and (v is None or _static_dims(v) < len(v.type.tensor_type.shape.dim) - 1
+                                      or not v.type.tensor_type.HasField("shape"))
+
+    if not any(n.op_type in GEMM_OPS and any(partial(x) for x in list(n.input[:1]) + list(n.output[:1]))
+               for n in model.graph.node):
+        return model
+    try:
+        import logging
+
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
+        sym = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:   # sympy missing, an op it does not know, a conflict it cannot merge
+        return model
+    if sym is None:
+        return model
+    better = {v.name: v for v in sym.graph.value_info
+              if v.name in known and _static_dims(v) > _static_dims(known[v.name])
+              and len(v.type.tensor_type.shape.dim) == len(known[v.name].type.tensor_type.shape.dim)}
+    if not better:
+        return model
+    for v in model.graph.value_info:
+        if v.name in better:
+            v.type.tensor_type.shape.CopyFrom(better[v.name].type.tensor_type.shape)
+    return model
 
 
 _KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")

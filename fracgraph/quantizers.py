@@ -150,17 +150,20 @@ def fake_quant(
     return _quantize_with_range(em, x, out, prefix, bits, mn, rg, stochastic=stochastic, train_slack=train_slack)
 
 
-def quantize_with_range(em: Emitter, x: str, out: str, prefix: str, bits: str, mn: str, rg: str) -> dict[str, str]:
-    """`out = FQ_b(x)` against a range another quantizer computed (DFQ candidates quantizing one tensor at
-    different bits share its batch range and its running range)."""
-    return _quantize_with_range(em, x, out, prefix, bits, mn, rg, stochastic=False, train_slack=True)
+def quantize_with_range(em: Emitter, x: str, out: str, prefix: str, bits: str, mn: str, rg: str,
+                        centered: str) -> dict[str, str]:
+    """`out = FQ_b(x)` against the range and the centred tensor `x - min` another quantizer of the same x
+    computed (a tensor read by GEMMs of several blocks, or DFQ candidates: one batch range and one running range
+    per tensor, each reader at its own bits). Reusing `centered` keeps onnxruntime's common-subexpression
+    elimination from merging it with the owner's and renaming one of them."""
+    return _quantize_with_range(em, x, out, prefix, bits, mn, rg, stochastic=False, train_slack=True, centered=centered)
 
 
-def _quantize_with_range(em, x, out, prefix, bits, mn, rg, *, stochastic, train_slack) -> dict[str, str]:
+def _quantize_with_range(em, x, out, prefix, bits, mn, rg, *, stochastic, train_slack, centered=None) -> dict[str, str]:
     lv = levels(em, bits)
     s_raw = em.node("Div", [rg, lv], f"{prefix}/scale_raw")
     s = em.node("Max", [s_raw, em.const(EPS)], f"{prefix}/scale")
-    c = em.node("Sub", [x, mn], f"{prefix}/centered")
+    c = centered or em.node("Sub", [x, mn], f"{prefix}/centered")
     u = em.node("Div", [c, s], f"{prefix}/u")
     if stochastic:
         noise = em.node("RandomUniformLike", [x], f"{prefix}/noise", low=-0.5, high=0.5)
@@ -184,7 +187,7 @@ def _quantize_with_range(em, x, out, prefix, bits, mn, rg, *, stochastic, train_
         em.node("Identity", [q], out)
     else:
         em.node("Where", [f"{bits}::on", q, x], out)
-    return {"min": mn, "range": rg}
+    return {"min": mn, "range": rg, "centered": c}
 
 
 def ema_update(em: Emitter, state: str, value: str, momentum: float, prefix: str) -> str:

@@ -67,3 +67,43 @@ def test_damaged_manifest_is_one_line(art, tmp_path, kind):
         r = CliRunner().invoke(app, args)
         lines = [x for x in r.output.splitlines() if x.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and "manifest" in lines[0], (kind, args[0], r.output, r.exception)
+
+
+@pytest.mark.parametrize("symbolic", [True, False])
+def test_gemm_without_static_shapes_keeps_a_readable_manifest(tmp_path, monkeypatch, symbolic):
+    """A GEMM whose input shape only a Div on Shape() gives (torch's chunk/split/channel-shuffle export): ONNX's
+    data propagation stops at the Div, onnxruntime's symbolic shape inference proves [batch, 32] and the GEMM is
+    given an op-table row. Where no inference can (here: the symbolic step switched off), it is kept FP32 with a decision but
+    no op-table row, and the manifest must still read (it did not: ShuffleNet's artifacts were refused)."""
+    from fracgraph import model as fg_model
+    from fracgraph.build import build_artifacts
+    from fracgraph.manifest import Manifest
+
+    if not symbolic:
+        monkeypatch.setattr(fg_model, "_symbolic_shapes", lambda m: m)
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w0", (64, 32)), ("w1", (32, 10)))]
+    inits += [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+              numpy_helper.from_array(np.array([1], np.int64), "one"),
+              numpy_helper.from_array(np.array([32], np.int64), "c32")]
+    n = helper.make_node
+    g = helper.make_graph([n("Flatten", ["x"], ["f"], name="flat"), n("MatMul", ["f", "w0"], ["h"], name="fc0"),
+                           n("Shape", ["h"], ["s"], name="shape"), n("Gather", ["s", "zero"], ["b"], name="gather"),
+                           n("Div", ["b", "one"], ["b2"], name="div"),
+                           n("Concat", ["b2", "c32"], ["shp"], name="concat", axis=0),
+                           n("Reshape", ["h", "shp"], ["r"], name="reshape"),
+                           n("MatMul", ["r", "w1"], ["logits"], name="fc1")], "dyn",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    m = build_artifacts(tmp_path / "m.onnx", tmp_path / "art")
+    read = Manifest.read(tmp_path / "art")
+    assert [x.op for x in read.decisions] == [x.op for x in m.decisions] == ["fc0", "fc1"]
+    if symbolic:
+        assert {o["name"] for o in read.ops} == {"fc0", "fc1"}
+        assert [o["macs"] for o in read.ops if o["name"] == "fc1"] == [32 * 10]   # a row: its shapes are known
+        assert "static" not in read.decisions[1].reason   # (kept FP32 as the classifier, by policy)
+    else:
+        assert {o["name"] for o in read.ops} == {"fc0"} and "not static" in read.decisions[1].reason

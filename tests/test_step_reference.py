@@ -2,7 +2,9 @@
 
 The reference is written from the spec (fractrain.md §1), not from the ONNX graph: a straight-through fake
 quantizer on conv inputs and weights, and an identity-forward / quantized-backward op on conv outputs using the
-very stochastic-rounding noise the ORT step drew (exposed as graph outputs).
+very stochastic-rounding noise the ORT step drew (exposed as graph outputs). Each error quantizer is checked on the
+error ORT quantized and the backward continues from ORT's quantized error (conftest.ErrorReplay), so that a
+float-order difference cannot flip a stochastic rounding and cascade into the gradients of the layers below.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ F = torch.nn.functional
 
 from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
+
+from conftest import ErrorReplay  # noqa: E402
 
 
 def fq_ref(x, bits, per_channel=False, noise=None):
@@ -47,24 +51,28 @@ class STE(torch.autograd.Function):
 
 class GradQ(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, bits, noise):
-        ctx.bits, ctx.noise = bits, noise
+    def forward(ctx, y, bits, noise, replay=None):
+        ctx.bits, ctx.noise, ctx.replay = bits, noise, replay
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):
         noise = ctx.noise(g.shape) if callable(ctx.noise) else ctx.noise
-        return fq_ref(g, ctx.bits, noise=noise), None, None
+        if ctx.replay is not None:
+            replay, gemm = ctx.replay
+            return replay.quantize(gemm, g, ctx.bits, noise), None, None, None
+        return fq_ref(g, ctx.bits, noise=noise), None, None, None
 
 
-def quantized_forward(model, x, bits, noises):
-    """The SmallResNet forward with every conv quantized at (a, w, g) = bits, FC in FP32."""
+def quantized_forward(model, x, bits, noises, replay=None):
+    """The SmallResNet forward with every conv quantized at (a, w, g) = bits, FC in FP32 (`replay`: an ErrorReplay)."""
     a, w, g = bits
 
     def qconv(name, inp):
         conv = getattr(model, name)
         out = F.conv2d(STE.apply(inp, a, False), STE.apply(conv.weight, w, True), None, conv.stride, conv.padding)
-        return GradQ.apply(out, g, noises.get(f"/{name}/Conv"))
+        gemm = f"/{name}/Conv"
+        return GradQ.apply(out, g, noises.get(gemm), None if replay is None else (replay, gemm))
 
     h = torch.relu(model.bn0(qconv("stem", x)))
     y = torch.relu(model.bn1(qconv("conv1", h)))
@@ -80,13 +88,14 @@ def rel_err(a, b):
 @pytest.fixture(scope="module", params=["independent", "shared", "fused-rng"])
 def artifacts(small_model, tmp_path_factory, request):
     """Every noise mode: the replayed step must match PyTorch whichever way the noise was drawn. The exposed
-    modes read it from graph outputs; fused-rng (the default build) regenerates the fused kernels' stream."""
+    modes read it from graph outputs; fused-rng (the default build, its errors exposed) regenerates the fused
+    kernels' stream."""
     _, path = small_model
     out = tmp_path_factory.mktemp("art") / "art"
     if request.param == "fused-rng":
-        build_artifacts(path, out, BuildOptions())
+        build_artifacts(path, out, BuildOptions(expose_errors=True))
     else:
-        build_artifacts(path, out, BuildOptions(expose_noise=True, sr_noise=request.param))
+        build_artifacts(path, out, BuildOptions(expose_noise=True, expose_errors=True, sr_noise=request.param))
     return out
 
 
@@ -117,8 +126,10 @@ def test_quantized_step_matches_pytorch(small_model, artifacts, batch, bits):
     assert len(noises) == 4
 
     ref = copy.deepcopy(model).train()
-    loss = F.cross_entropy(quantized_forward(ref, torch.from_numpy(x), bits, noises), torch.from_numpy(y))
+    replay = ErrorReplay(sess.last_outputs, fq_ref)
+    loss = F.cross_entropy(quantized_forward(ref, torch.from_numpy(x), bits, noises, replay), torch.from_numpy(y))
     loss.backward()
+    assert sorted(replay.seen) == sorted(f"/{c}/Conv" for c in ("stem", "conv1", "conv2", "down"))
     assert abs(float(outs[0]) - loss.item()) <= 1e-4 * abs(loss.item())
     grads = dict(ref.named_parameters())
     for name in sess.trainable:

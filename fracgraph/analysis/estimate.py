@@ -24,6 +24,7 @@ from ..hwmodels import LEVELS, Cost, HwModel
 from .training import COLS, FP32, StepOp, TrainingStep, training_step
 
 _KEY = (4096, 64, 1)          # bit triple -> integer key (bits < 64)
+SCOPES = ("step", "gemm")     # what a step counts: every op, or only the GEMMs (forward, error, weight gradient)
 
 
 def bits_of(row, operands) -> tuple[int, int]:
@@ -70,12 +71,17 @@ def op_bits_label(op: StepOp, c: Cost) -> str:
 class Estimator:
     """A training step on one hardware model; `overlap=True` schedules independent ops concurrently."""
 
-    def __init__(self, step: TrainingStep, hw: HwModel, overlap: bool = False, shortcut_layers=()):
+    def __init__(self, step: TrainingStep, hw: HwModel, overlap: bool = False, shortcut_layers=(),
+                 scope: str = "step"):
+        if scope not in SCOPES:
+            raise FracgraphError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
         self.step = step
         self.hw = hw
         self.overlap = overlap
+        self.scope = scope                                  # gemm: memory-bound ops cost nothing
         self.shortcut_layers = frozenset(shortcut_layers)   # GEMMs a skipped block still runs (FP32)
-        self._mem = {op.id: hw.mem_cost(op.mem) for op in step.ops if op.kind == "mem"}
+        self._mem = {op.id: (hw.mem_cost(op.mem) if scope == "step" else Cost())
+                     for op in step.ops if op.kind == "mem"}
         self._topo = step.topo()
         self._preds = [list(step.graph.predecessors(i)) for i in range(len(step.ops))]
 
@@ -121,6 +127,26 @@ class Estimator:
             start = fin[:, p].max(axis=1) if p else 0.0
             fin[:, i] = start + lat[:, i]
         return fin.max(axis=1)
+
+    def macs_cp(self, bits: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
+        """Effective MACs (MACs x a/32 x b/32, DESIGN.md) as % of FP32 MACs, per row of bits [S, n_blocks, 3]
+        (active [S, n_blocks]: the share of samples that ran each block; a skipped sample runs only the shortcut
+        GEMMs, FP32). Over the GEMMs the step runs: a layer that reads the data input has no error GEMM (the train
+        loop's `cp` counts three GEMMs for every layer, so it differs by that layer's share)."""
+        bits = np.asarray(bits, np.float64).reshape(-1, self.step.n_blocks, 3)
+        act = np.ones(bits.shape[:2]) if active is None else np.asarray(active, np.float64).reshape(bits.shape[:2])
+        eff = np.zeros(len(bits))
+        total = 0.0
+        for op in self.step.gemm_ops():
+            total += op.macs
+            if op.block is None:
+                eff += op.macs
+                continue
+            a, b = (bits[:, op.block, COLS[c]] for c in op.operands)
+            a, b = np.where(a <= 0, FP32, np.rint(a)), np.where(b <= 0, FP32, np.rint(b))
+            ran = act[:, op.block]
+            eff += op.macs * (ran * a * b / FP32 ** 2 + (1 - ran) * (op.layer in self.shortcut_layers))
+        return 100 * eff / total
 
     # -- a run -------------------------------------------------------------------------------------------------
     def run_cost(self, starts: np.ndarray, bits: np.ndarray, total_steps: int, active: np.ndarray | None = None) -> dict:
@@ -295,14 +321,25 @@ def _cost_dict(c: Cost, latency_s: float | None = None) -> dict:
             "energy_total_pj": c.energy_total_pj}
 
 
+def _ratio(x: float, base: float) -> float | None:
+    """x as % of base (a cp in hardware units)."""
+    return None if base <= 0 else 100.0 * x / base
+
+
 def _saving(x: float, base: float) -> float | None:
     return None if base <= 0 else 1.0 - x / base
 
 
 def report(path, hw_names, *, trace_dir=None, fw: float | None = None, bw: float | None = None, batch: int = 128,
            steps: int | None = None, baseline: str = "fw8bw8", overlap: bool = False,
-           strided_bw: str = "ideal", hw_configs: dict | None = None, mem_bits: int = 32) -> dict:
-    """Per-layer costs, per-step and per-run totals, and savings against a static baseline, on each model."""
+           strided_bw: str = "ideal", hw_configs: dict | None = None, mem_bits: int = 32,
+           scope: str = "step") -> dict:
+    """Per-layer costs, per-step and per-run totals, and savings against a static baseline, on each model.
+
+    `scope` "step" counts every op of the training step; "gemm" only the forward, error and weight-gradient
+    GEMMs (memory-bound ops and the weight update cost nothing), the accounting the FracTrain paper's figures
+    fit (README "Hardware estimates"). Each model also reports cp in its own units: the run's energy and latency
+    as % of the same run at FP32 on that hardware (same scope), beside the effective-MAC cp."""
     from ..hwmodels import get_model
     from ..trace import Trace
     if batch <= 0:
@@ -313,6 +350,8 @@ def report(path, hw_names, *, trace_dir=None, fw: float | None = None, bw: float
         raise FracgraphError("give both --fw and --bw, or neither")
     if trace_dir is not None and fw is not None:
         raise FracgraphError("--trace and --fw/--bw are alternatives: the trace records the bits of every step")
+    if scope not in SCOPES:
+        raise FracgraphError(f"--scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     src = load_source(path, batch, strided_bw, mem_bits)
     bfw, bbw = parse_baseline(baseline)
     base_bits = src.uniform_bits(bfw, bbw)
@@ -331,10 +370,11 @@ def report(path, hw_names, *, trace_dir=None, fw: float | None = None, bw: float
         n_steps = steps if steps is not None else 64000
         mode = "static"
     out = {"model": src.name, "batch": batch, "steps": n_steps, "mode": mode, "baseline": baseline,
-           "schedule": "overlap" if overlap else "sequential", "blocks": src.step.n_blocks, "hw": {}}
+           "schedule": "overlap" if overlap else "sequential", "scope": scope, "blocks": src.step.n_blocks, "hw": {}}
+    fp32_bits = np.zeros((src.step.n_blocks, 3))
     for name in hw_names:
         hw = get_model(name, (hw_configs or {}).get(name))
-        est = Estimator(src.step, hw, overlap=overlap, shortcut_layers=src.shortcut_layers)
+        est = Estimator(src.step, hw, overlap=overlap, shortcut_layers=src.shortcut_layers, scope=scope)
         sc = est.step_cost(step_bits, step_active)
         bc = est.step_cost(base_bits)
         if trace is not None:
@@ -342,6 +382,12 @@ def report(path, hw_names, *, trace_dir=None, fw: float | None = None, bw: float
         else:
             run = est.run_cost(np.array([0]), step_bits[None], n_steps)
         brun = est.run_cost(np.array([0]), base_bits[None], n_steps)
+        frun = est.run_cost(np.array([0]), fp32_bits[None], run["steps"])
+        if trace is not None:
+            w = np.diff(np.append(trace.starts, trace.total_steps)).clip(min=0)
+            mcp = float(np.average(est.macs_cp(trace.bits, trace.active), weights=w)) if w.sum() else None
+        else:
+            mcp = float(est.macs_cp(step_bits[None])[0])
         gemm = [r for r in sc.layers() if r["kind"] == "gemm"]
         mem = [r for r in sc.layers() if r["kind"] != "gemm"]
         out["hw"][name] = {
@@ -352,7 +398,10 @@ def report(path, hw_names, *, trace_dir=None, fw: float | None = None, bw: float
             "step": _cost_dict(sc.total, sc.latency_s),
             "baseline_step": _cost_dict(bc.total, bc.latency_s),
             "run": run, "baseline_run": brun,
-            "savings": {"latency": _saving(run["latency_s"], brun["latency_s"]),
+            "cp": {"macs": mcp, "energy": _ratio(run["energy_total_pj"], frun["energy_total_pj"]),
+                   "latency": _ratio(run["latency_s"], frun["latency_s"])},
+            "savings": {"macs": None if mcp is None else _saving(mcp, float(est.macs_cp(base_bits[None])[0])),
+                        "latency": _saving(run["latency_s"], brun["latency_s"]),
                         "energy": _saving(run["energy_total_pj"], brun["energy_total_pj"]),
                         "gemm_latency": _saving(run["gemm_latency_s"], brun["gemm_latency_s"]),
                         "gemm_energy": _saving(run["gemm_energy_pj"], brun["gemm_energy_pj"])},
@@ -365,3 +414,57 @@ def report(path, hw_names, *, trace_dir=None, fw: float | None = None, bw: float
                         "gemm_latency": _saving(a["gemm_latency_s"], b["gemm_latency_s"]),
                         "gemm_energy": _saving(a["gemm_energy_pj"], b["gemm_energy_pj"])}
     return out
+
+
+# -- DFQ's hardware cost table (quantize --dfq --cost bitfusion|eyeriss|fpga) -------------------------------------
+
+COST_MODELS = ("macs", "bitfusion", "eyeriss", "fpga")
+COST_METRICS = ("energy", "latency")
+
+
+def block_option_costs(step: TrainingStep, hw: HwModel, options, weight_bits: float, metric: str = "energy"):
+    """(table [n_blocks, K], fp32 [n_blocks]): per precision block and DFQ option (act bits, grad bits), the
+    energy (pJ) or latency (s) per sample of the block's forward, error and weight-gradient GEMMs on `hw` with
+    that option's bits (weights at `weight_bits`), and the same GEMMs at FP32. These are exactly the per-layer
+    GEMM costs `estimate` reports for a step whose block l runs option k (divided by the step's batch); the skip
+    option ([0, 0]) costs 0, as the controller's MAC table counts it. Memory-bound ops are not in it: they do not
+    depend on the bits."""
+    if metric not in COST_METRICS:
+        raise FracgraphError(f"--cost-metric must be one of {', '.join(COST_METRICS)}, not {metric!r}")
+    est = Estimator(step, hw)
+    n, K = step.n_blocks, len(options)
+    table, fp32 = np.zeros((n, K)), np.zeros(n)
+
+    def value(c: Cost) -> float:
+        return c.energy_total_pj if metric == "energy" else c.latency_s
+
+    gemms = [op for op in step.ops if op.kind == "gemm" and op.block is not None]
+    for k, (a, g) in enumerate(options):
+        if int(a) == 0 and int(g) == 0:
+            continue                       # skip: the release's table counts it as 0
+        row = np.array([[a, weight_bits, g]], np.float64)
+        for op in gemms:
+            table[op.block, k] += value(est.op_cost(replace(op, block=0), row))
+    for op in gemms:
+        fp32[op.block] += value(est.op_cost(replace(op, block=0), np.zeros((1, 3))))
+    return table / step.batch, fp32 / step.batch
+
+
+def dfq_cost_table(model, op_dicts: list[dict], n_blocks: int, options, weight_bits: float, hw_name: str,
+                   metric: str = "energy", batch: int = 128) -> dict:
+    """The manifest's description of a hardware cost table for DFQ's controller (see `block_option_costs`)."""
+    from ..hwmodels import get_model
+    from .optable import GemmOp
+    if hw_name not in COST_MODELS[1:]:
+        raise FracgraphError(f"--cost must be one of {', '.join(COST_MODELS)}, not {hw_name!r}")
+    if batch <= 0:
+        raise FracgraphError(f"--cost-batch must be positive, not {batch}")
+    gemms = [GemmOp.from_dict(d) for d in op_dicts]
+    op_block = {d["name"]: (d["block"] if d["quantized"] else None) for d in op_dicts}
+    step = training_step(model, batch, op_block=op_block, n_blocks=n_blocks, gemms=gemms)
+    table, fp32 = block_option_costs(step, get_model(hw_name), options, weight_bits, metric)
+    if not (fp32 > 0).all():
+        raise FracgraphError(f"{hw_name}: a gated block has no GEMM cost; the cost table cannot weigh it")
+    return {"cost": hw_name, "cost_metric": metric, "cost_batch": batch,
+            "cost_unit": "pJ per sample" if metric == "energy" else "s per sample",
+            "cost_table": table.tolist(), "cost_fp32": fp32.tolist()}

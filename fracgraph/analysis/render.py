@@ -12,6 +12,10 @@ def _pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x):
+    return "n/a" if x is None else f"{x:.2f}%"
+
+
 def _e(pj):
     """pJ -> a readable joule unit."""
     for unit, f in (("J", 1e12), ("mJ", 1e9), ("uJ", 1e6)):
@@ -33,7 +37,8 @@ def render_table(rep: dict, console=None, max_layers: int = 60) -> None:
 
     con = console or Console()
     con.print(f"[bold]{rep['model']}[/bold]: batch {rep['batch']}, {rep['steps']} steps ({rep['mode']}), "
-              f"{rep['blocks']} precision block(s), {rep['schedule']} schedule, baseline {rep['baseline']}")
+              f"{rep['blocks']} precision block(s), {rep['schedule']} schedule, baseline {rep['baseline']}, "
+              f"scope {rep.get('scope', 'step')}" + (" (GEMMs only)" if rep.get("scope") == "gemm" else " (every op)"))
     for name, h in rep["hw"].items():
         t = Table(title=f"{name}: one training step, per GEMM layer", title_justify="left")
         for col in ("layer", "bits a x w", "MACs (M)", "fw", "error", "w-grad", "energy"):
@@ -57,6 +62,10 @@ def render_table(rep: dict, console=None, max_layers: int = 60) -> None:
                   f"{_e(br['energy_total_pj'])}")
         con.print(f"  savings vs {rep['baseline']} on {name}: latency {_pct(sv['latency'])}, energy "
                   f"{_pct(sv['energy'])} (GEMMs only: {_pct(sv['gemm_latency'])}, {_pct(sv['gemm_energy'])})")
+        cp = h.get("cp")
+        if cp:
+            con.print(f"  cp (% of FP32): effective MACs {_num(cp['macs'])}, {name} energy {_num(cp['energy'])}, "
+                      f"latency {_num(cp['latency'])}")
     if "cross" in rep:
         c = rep["cross"]
         con.print(f"[bold]{c['what']}[/bold]: latency {_pct(c['latency'])}, energy {_pct(c['energy'])} "

@@ -11,6 +11,11 @@
  *   ConvGradW(dY, X) -> dW                     2-D conv weight gradient (group 1); attributes kh, kw, sh, sw,
  *                                              ph, pw, dh, dw (kernel, strides, leading pads, dilations)
  *   BatchNormGrad(dY, X, scale, mean, inv_std) -> (dX, dscale, dbias)   training-mode batch norm backward
+ *   ConvGradWCols(dY, X) -> (dYt, col)          the operands of dW as one batched GEMM (a MatMul in the graph);
+ *                                              attributes those of ConvGradW and group
+ *   DepthwiseConvGradW(dY, X) -> dW            depthwise conv weight gradient; attributes those of ConvGradW
+ *   NchwcWeight(W) -> Wb                       a conv weight in onnxruntime's NCHWc filter layout; attributes
+ *                                              block, blocked_in, transpose, flip
  *
  * The quantizers compute, per element and in this order (quantizers.py's chain, each operation IEEE-rounded;
  * the library is compiled with -ffp-contract=off so that no multiply-add is fused; noise = 0 for FakeQuantize):
@@ -123,14 +128,16 @@ static inline uint64_t mix(uint64_t z) {
 void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
-enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, N_KINDS };
+enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
+            N_KINDS };
 
 typedef struct {
   int kind;
   float lo;
   uint64_t salt;
   uint64_t calls;
-  int64_t conv[8];   /* CONV_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw */
+  int64_t conv[9];   /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group;
+                        NCHWC_WEIGHT: block, blocked_in, transpose, flip */
 } Kernel;
 
 typedef struct {
@@ -511,6 +518,229 @@ static OrtStatus* compute_conv_grad_w(Kernel* k, void* ctx) {
 }
 
 
+/* ---- ConvGradWCols: the operands of the weight gradient as one batched GEMM ------------------------------ */
+/* dW[g] = dYt[g] @ col[g]^T with dYt [G, Co/G, N*P] (dY with the batch moved next to the positions) and col
+ * [G, Kg, N*P] (im2col of X, row kg = (ci in group, a, b), column (n, p)), P = Ho*Wo, Kg = Ci/G * kh * kw. The
+ * GEMM itself is a FusedMatMul (transB) in the graph (onnxruntime's MLAS, on the session's threads): its inner dimension is
+ * the whole batch's N*P, where ConvGradW's per-image GEMMs have P (4 on a 2x2 map), so large channel counts on
+ * small maps run at GEMM speed instead of re-reading a K x Co accumulator per image. Images as tasks. */
+typedef struct {
+  const float *dy, *x;
+  float *dyt, *col;
+  int64_t N, Ci, H, W, Co, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, G;
+} ColJob;
+
+static void cols_image(void* p, size_t n) {
+  const ColJob* j = (const ColJob*)p;
+  const int64_t P = j->Ho * j->Wo, NP = j->N * P, H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo;
+  for (int64_t c = 0; c < j->Co; ++c)   /* row c of dYt [Co, N*P]: dY[n][c][:] at column n*P */
+    memcpy(j->dyt + c * NP + (int64_t)n * P, j->dy + ((int64_t)n * j->Co + c) * P, (size_t)P * sizeof(float));
+  const float* xn = j->x + (int64_t)n * j->Ci * H * W;
+  /* col [Ci*kh*kw, N*P] (= [G, Kg, N*P]): row (ci, a, b), image n's positions at column n*P */
+  for (int64_t ci = 0; ci < j->Ci; ++ci)
+    for (int64_t a = 0; a < j->kh; ++a)
+      for (int64_t b = 0; b < j->kw; ++b) {
+        float* row = j->col + ((ci * j->kh + a) * j->kw + b) * NP + (int64_t)n * P;
+        const int64_t off = b * j->dw - j->pw, sw = j->sw;
+        /* the output columns whose input column lies inside the image: wo in [w0, w1) */
+        int64_t w0 = off >= 0 ? 0 : (-off + sw - 1) / sw, w1 = W - off <= 0 ? 0 : (W - off + sw - 1) / sw;
+        w1 = w1 < Wo ? w1 : Wo;
+        w0 = w0 < w1 ? w0 : w1;
+        for (int64_t ho = 0; ho < Ho; ++ho) {
+          const int64_t hi = ho * j->sh - j->ph + a * j->dh;
+          float* out = row + ho * Wo;
+          if (hi < 0 || hi >= H) {
+            memset(out, 0, (size_t)Wo * sizeof(float));
+            continue;
+          }
+          const float* in = xn + (ci * H + hi) * W + off;
+          for (int64_t wo = 0; wo < w0; ++wo) out[wo] = 0.0f;
+          if (sw == 1) memcpy(out + w0, in + w0, (size_t)(w1 - w0) * sizeof(float));
+          else for (int64_t wo = w0; wo < w1; ++wo) out[wo] = in[wo * sw];
+          for (int64_t wo = w1; wo < Wo; ++wo) out[wo] = 0.0f;
+        }
+      }
+}
+
+/* Reads dY and X, checks they are one batch of a conv with these attributes; fills the shared fields. */
+static OrtStatus* conv_io(Kernel* k, void* ctx, const char* op, const void** dyv, const void** xv, int64_t* f) {
+  int64_t dd[16], xd[16];
+  size_t dr, xr, dn, xn;
+  OrtStatus* st;
+  if ((st = input_shape(ctx, 0, dyv, dd, &dr, &dn)) || (st = input_shape(ctx, 1, xv, xd, &xr, &xn))) return st;
+  if (dr != 4 || xr != 4 || dd[0] != xd[0]) return fail(op);
+  for (int i = 0; i < 4; ++i) f[i] = xd[i];
+  f[4] = dd[1], f[5] = dd[2], f[6] = dd[3];
+  const int64_t kh = k->conv[0], kw = k->conv[1], sh = k->conv[2], sw = k->conv[3];
+  const int64_t ph = k->conv[4], pw = k->conv[5], dh = k->conv[6], dw = k->conv[7];
+  if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || kh < 1 || kw < 1) return fail(op);
+  /* dY's spatial size is the conv's (the trailing pads follow from it) */
+  if (f[5] < 1 || f[6] < 1 || (f[5] - 1) * sh - ph + (kh - 1) * dh < 0 || (f[6] - 1) * sw - pw + (kw - 1) * dw < 0) return fail(op);
+  return NULL;
+}
+
+static OrtStatus* compute_conv_cols(Kernel* k, void* ctx) {
+  const void *dyv, *xv;
+  void *dytv, *colv;
+  int64_t f[7];
+  OrtStatus* st;
+  ColJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = conv_io(k, ctx, "fracgraph ConvGradWCols: dY and X must be NCHW tensors of one batch", &dyv, &xv, f))) return st;
+  j.N = f[0], j.Ci = f[1], j.H = f[2], j.W = f[3], j.Co = f[4], j.Ho = f[5], j.Wo = f[6];
+  j.kh = k->conv[0], j.kw = k->conv[1], j.sh = k->conv[2], j.sw = k->conv[3];
+  j.ph = k->conv[4], j.pw = k->conv[5], j.dh = k->conv[6], j.dw = k->conv[7], j.G = k->conv[8];
+  if (j.G < 1 || j.Ci % j.G || j.Co % j.G) return fail("fracgraph ConvGradWCols: group must divide both channel counts");
+  const int64_t NP = j.N * j.Ho * j.Wo;
+  int64_t d1[3] = {j.G, j.Co / j.G, NP}, d2[3] = {j.G, j.Ci / j.G * j.kh * j.kw, NP};
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, d1, 3, &dytv)) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, d2, 3, &colv)))
+    return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(dytv, (void**)&j.dyt)) ||
+      (st = API(GetTensorMutableData, GetDataFn)(colv, (void**)&j.col)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)dyv, (void**)&j.dy)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
+    return st;
+  if (j.N > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, cols_image, (size_t)j.N, 0, &j);
+  if (j.N == 1) cols_image(&j, 0);
+  return NULL;
+}
+
+/* ---- DepthwiseConvGradW: the weight gradient of a depthwise conv (group = Ci = Co) ----------------------- */
+/* dW[c][0][a][b] = sum_{n,ho,wo} dY[n][c][ho][wo] * X[n][c][ho*sh - ph + a*dh][wo*sw - pw + b*dw]: channels as
+ * tasks, images in order, each tap a dot product over the image in float lanes, added in double. No GEMM
+ * exists here (one output row per channel), so the im2col + MatMul form would only add col's memory traffic;
+ * onnxruntime's ConvGrad runs it as C per-image GEMMs of one row each. */
+typedef struct {
+  const float *dy, *x;
+  float* dwt;
+  int64_t N, C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+} DwJob;
+
+static void dw_channel(void* p, size_t c) {
+  const DwJob* j = (const DwJob*)p;
+  const int64_t H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo, sw = j->sw, taps = j->kh * j->kw;
+  enum { LANES = 8, MAX_TAPS = 256 };
+  double sums[MAX_TAPS];
+  for (int64_t t = 0; t < taps; ++t) sums[t] = 0.0;
+  for (int64_t n = 0; n < j->N; ++n) {   /* image-major: the image's two planes stay in L1 across the taps */
+    const float* dy = j->dy + (n * j->C + (int64_t)c) * Ho * Wo;
+    const float* x = j->x + (n * j->C + (int64_t)c) * H * W;
+    for (int64_t a = 0; a < j->kh; ++a)
+      for (int64_t b = 0; b < j->kw; ++b) {
+        /* the output rows/columns whose tap (a, b) lands inside the image */
+        int64_t h0 = 0, h1 = Ho, w0 = 0, w1 = Wo;
+        while (h0 < Ho && h0 * j->sh - j->ph + a * j->dh < 0) ++h0;
+        while (h1 > h0 && (h1 - 1) * j->sh - j->ph + a * j->dh >= H) --h1;
+        while (w0 < Wo && w0 * sw - j->pw + b * j->dw < 0) ++w0;
+        while (w1 > w0 && (w1 - 1) * sw - j->pw + b * j->dw >= W) --w1;
+        float acc[LANES] = {0};
+        for (int64_t ho = h0; ho < h1; ++ho) {
+          const float* dr = dy + ho * Wo;
+          const int64_t hi = ho * j->sh - j->ph + a * j->dh;
+          const float* xr = x + hi * W + (w0 * sw - j->pw + b * j->dw);   /* X at output column w0 */
+          int64_t wo = w0;
+          if (sw == 1)
+            for (; wo + LANES <= w1; wo += LANES)
+              for (int l = 0; l < LANES; ++l) acc[l] += dr[wo + l] * xr[wo - w0 + l];
+          else
+            for (; wo + LANES <= w1; wo += LANES)
+              for (int l = 0; l < LANES; ++l) acc[l] += dr[wo + l] * xr[(wo - w0 + l) * sw];
+          for (; wo < w1; ++wo) acc[wo & (LANES - 1)] += dr[wo] * xr[(wo - w0) * sw];
+        }
+        double t = 0.0;
+        for (int l = 0; l < LANES; ++l) t += acc[l];
+        sums[a * j->kw + b] += t;
+      }
+  }
+  for (int64_t t = 0; t < taps; ++t) j->dwt[(int64_t)c * taps + t] = (float)sums[t];
+}
+
+static OrtStatus* compute_dw_grad_w(Kernel* k, void* ctx) {
+  const void *dyv, *xv;
+  void* wv;
+  int64_t f[7];
+  OrtStatus* st;
+  DwJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = conv_io(k, ctx, "fracgraph DepthwiseConvGradW: dY and X must be NCHW tensors of one batch", &dyv, &xv, f))) return st;
+  j.N = f[0], j.C = f[1], j.H = f[2], j.W = f[3], j.Ho = f[5], j.Wo = f[6];
+  if (f[4] != j.C) return fail("fracgraph DepthwiseConvGradW: dY and X must have the same channel count");
+  if (k->conv[0] * k->conv[1] > 256) return fail("fracgraph DepthwiseConvGradW: at most 256 kernel taps");
+  j.kh = k->conv[0], j.kw = k->conv[1], j.sh = k->conv[2], j.sw = k->conv[3];
+  j.ph = k->conv[4], j.pw = k->conv[5], j.dh = k->conv[6], j.dw = k->conv[7];
+  int64_t wd[4] = {j.C, 1, j.kh, j.kw};
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, wd, 4, &wv))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(wv, (void**)&j.dwt)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)dyv, (void**)&j.dy)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
+    return st;
+  if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, dw_channel, (size_t)j.C, 0, &j);
+  if (j.C == 1) dw_channel(&j, 0);
+  return NULL;
+}
+
+
+/* ---- NchwcWeight: a conv weight in the NCHWc filter layout, in one pass --------------------------------- */
+/* The logical weight W' [O, C, kh, kw] is W itself, or (transpose) W with its two channel axes swapped and/or
+ * (flip) its kernel axes reversed: the weight of the stride-1 dX conv of conv-grad-split, W'[c][o][a][b] =
+ * W[o][c][kh-1-a][kw-1-b]. The output keeps W''s logical shape and holds onnxruntime's filter layout for block B:
+ * OIHWBiBo [O/B, C/B, kh, kw, Bi, Bo] (blocked_in) or OIHWBo [O/B, C, kh, kw, Bo]. onnxruntime's Transpose
+ * runs the 6-D permutation of OIHWBiBo at a fraction of memory speed (bench/kernel_probes.py --only reorder);
+ * this writes the output in order, one output-channel block per task. */
+typedef struct {
+  const float* w;
+  float* out;
+  int64_t O, C, kh, kw, B, blocked_in, transpose, flip, Ow, Cw;   /* Ow x Cw: W's own channel dims */
+} WtJob;
+
+static void weight_block(void* p, size_t ob) {
+  const WtJob* j = (const WtJob*)p;
+  const int64_t B = j->B, C = j->C, kh = j->kh, kw = j->kw, taps = kh * kw;
+  const int64_t bi_n = j->blocked_in ? B : 1, cb_n = j->blocked_in ? C / B : C;
+  float* out = j->out + (int64_t)ob * B * C * taps;
+  for (int64_t cb = 0; cb < cb_n; ++cb)
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t b = 0; b < kw; ++b) {
+        const int64_t sa = j->flip ? kh - 1 - a : a, sb = j->flip ? kw - 1 - b : b;
+        for (int64_t bi = 0; bi < bi_n; ++bi) {
+          const int64_t c = cb * bi_n + bi;
+          for (int64_t bo = 0; bo < B; ++bo) {
+            const int64_t o = (int64_t)ob * B + bo;
+            const int64_t wo = j->transpose ? c : o, wc = j->transpose ? o : c;
+            *out++ = j->w[((wo * j->Cw + wc) * kh + sa) * kw + sb];
+          }
+        }
+      }
+}
+
+static OrtStatus* compute_nchwc_weight(Kernel* k, void* ctx) {
+  const void* wv;
+  void* ov;
+  int64_t d[16];
+  size_t rank, count;
+  OrtStatus* st;
+  WtJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &wv, d, &rank, &count))) return st;
+  if (rank != 4) return fail("fracgraph NchwcWeight: the weight must be [O, C, kh, kw]");
+  j.B = k->conv[0], j.blocked_in = k->conv[1], j.transpose = k->conv[2], j.flip = k->conv[3];
+  j.Ow = d[0], j.Cw = d[1], j.kh = d[2], j.kw = d[3];
+  j.O = j.transpose ? j.Cw : j.Ow, j.C = j.transpose ? j.Ow : j.Cw;
+  if (j.B < 1 || j.O % j.B || (j.blocked_in && j.C % j.B))
+    return fail("fracgraph NchwcWeight: the channel counts must be multiples of the block");
+  int64_t od[4] = {j.O, j.C, j.kh, j.kw};
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 4, &ov))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(ov, (void**)&j.out)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)wv, (void**)&j.w)))
+    return st;
+  const size_t blocks = (size_t)(j.O / j.B);
+  if (blocks > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, weight_block, blocks, 0, &j);
+  if (blocks == 1) weight_block(&j, 0);
+  return NULL;
+}
+
+
 /* ---- BatchNormGrad --------------------------------------------------------------------------------------- */
 /* onnxruntime's BatchNormalizationGrad (saved batch mean and inverse std from the forward) in two reads per
  * channel, channels as tasks: dbias = sum dY and s = sum dY (X - mean) (float lanes per image, added in double),
@@ -602,6 +832,9 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   j.kind = k->kind;
   if (k->kind == CONV_GRAD_W) return compute_conv_grad_w(k, ctx);
   if (k->kind == BN_GRAD) return compute_bn_grad(ctx);
+  if (k->kind == CONV_COLS) return compute_conv_cols(k, ctx);
+  if (k->kind == DW_GRAD_W) return compute_dw_grad_w(k, ctx);
+  if (k->kind == NCHWC_WEIGHT) return compute_nchwc_weight(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
@@ -623,10 +856,12 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 }
 
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
-                                           "ConvGradW", "BatchNormGrad"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3};
-static const char* const CONV_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"};
+                                           "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
+                                           "NchwcWeight"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1};
+static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
+static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 
 /* Each op's OrtCustomOp sits first in an OpDef, so the callbacks find their kind from the op pointer. */
 typedef struct {
@@ -646,9 +881,12 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   if (k->kind <= FAKE_QUANT && (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "lo", &k->lo))) { free(k); return st; }
   if (k->kind == SR_RNG && (st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "salt", &salt))) { free(k); return st; }
   k->salt = (uint64_t)salt;
-  if (k->kind == CONV_GRAD_W)
-    for (int a = 0; a < 8; ++a)
+  if (k->kind == CONV_GRAD_W || k->kind == CONV_COLS || k->kind == DW_GRAD_W)
+    for (int a = 0; a < (k->kind == CONV_COLS ? 9 : 8); ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, CONV_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (k->kind == NCHWC_WEIGHT)
+    for (int a = 0; a < 4; ++a)
+      if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, WEIGHT_ATTRS[a], &k->conv[a]))) { free(k); return st; }
   *out = k;
   return NULL;
 }

@@ -40,7 +40,10 @@ mode m[l,n,k] = m_l[k], so C = B sum_{l,k} m_l[k] cost_k F_l); cp = 100 C / (3 B
 `COST_TERM` = reg * beta * C / mean(F) with the sign controller reg = -1 if cp < target else +1 computed in-graph
 from this very batch's cp, as the reference does; target (cp %) and beta are runtime inputs (beta 0: no cost term).
 F_l = the block's forward MACs ("macs", default: cp is then the gated blocks' real effective-MAC fraction) or 1
-("uniform", the ResNet CIFAR code).
+("uniform", the ResNet CIFAR code). A hardware cost (`--cost bitfusion|eyeriss|fpga`, `block_costs`) replaces
+cost_k F_l / mean(F) by 3 n T[l, k] / sum_l T32[l], T the energy (or latency) of block l's three GEMMs per sample
+under option k on that hardware and T32 at FP32 (analysis/estimate.py `dfq_cost_table`): cp is then that hardware's
+cost of the gated blocks as % of their FP32 cost, and the target is read in that unit.
 
 Skip option (`skip` in the options, stored as bits [0, 0] like the release's `ResNetRecurrentGateSP`, where a bits-0
 candidate is `prev`, the block's shortcut): in a residual block y = m_run * block + m_skip * shortcut, two
@@ -92,6 +95,8 @@ CIFAR_OPTIONS = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
 GRANULARITIES = ("batch", "sample", "candidates")
 WEIGHTINGS = ("macs", "uniform")
 TASK_GRADS = ("none", "chosen")
+COSTS = ("macs", "bitfusion", "eyeriss", "fpga")
+COST_METRICS = ("energy", "latency")
 SKIP = [0, 0]          # the skip option's (act, grad) bits: the block's output is its shortcut
 MASKED_LOGIT = -1e9    # added to the skip logit of a block without a shortcut: p_skip = 0 exactly
 
@@ -103,6 +108,9 @@ class DfqOptions:
     granularity: str = "batch"
     cost_weighting: str = "macs"
     task_grad: str = "none"          # "none" | "chosen": see the module docstring
+    cost: str = "macs"               # the cost table: effective MACs, or a hardware model's GEMM cost
+    cost_metric: str = "energy"      # hardware cost tables: energy or latency
+    cost_batch: int = 128            # hardware cost tables: the batch the step is costed at
     gate_dim: int = 32
     embed_dim: int = 16
     hidden: int = 16
@@ -132,6 +140,15 @@ class DfqOptions:
                                  "outputs, so the gate gets the full mixing gradient")
         if self.granularity == "candidates" and SKIP in self.options:
             raise FracgraphError("the skip option is not available with --granularity candidates; use batch or sample")
+        if self.cost not in COSTS:
+            raise FracgraphError(f"--cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
+        if self.cost_metric not in COST_METRICS:
+            raise FracgraphError(f"--cost-metric must be one of {', '.join(COST_METRICS)}, got {self.cost_metric!r}")
+        if self.cost != "macs" and self.cost_weighting != "macs":
+            raise FracgraphError("--cost-weighting uniform weighs blocks equally, a hardware --cost weighs them by their "
+                                 "cost on that hardware; use one of them")
+        if int(self.cost_batch) <= 0:
+            raise FracgraphError(f"--cost-batch must be positive, got {self.cost_batch}")
         if self.cost_weighting not in WEIGHTINGS:
             raise FracgraphError(f"DFQ cost weighting must be one of {', '.join(WEIGHTINGS)}, got {self.cost_weighting!r}")
 
@@ -256,8 +273,12 @@ class DfqGatePass(Pass):
 
     name = "dfq-gate"
 
-    def __init__(self, blocks, op_dicts: list[dict], options: DfqOptions, precision_input: str):
+    def __init__(self, blocks, op_dicts: list[dict], options: DfqOptions, precision_input: str,
+                 cost_table: dict | None = None):
         self.blocks = blocks
+        self.cost_table = cost_table       # hardware cost (analysis.estimate.dfq_cost_table); None = MACs
+        if (options.cost != "macs") != (cost_table is not None):
+            raise ValueError(f"--cost {options.cost}: the cost table must be given exactly for a hardware cost")
         self.op_dicts = op_dicts
         self.opts = options
         self.precision_input = precision_input
@@ -271,6 +292,9 @@ class DfqGatePass(Pass):
                 self.block_macs[d["block"]] += d["macs"]
         self.static = static_blocks(blocks, op_dicts, options)    # block index -> why it has no gate
         self.gated = [l for l in range(len(blocks)) if l not in self.static]
+        if cost_table is not None and len(cost_table["cost_fp32"]) == len(blocks):   # the gated blocks' rows
+            self.cost_table = {**cost_table, "cost_table": [cost_table["cost_table"][l] for l in self.gated],
+                               "cost_fp32": [cost_table["cost_fp32"][l] for l in self.gated]}
 
     def requires(self, model):
         names = {i.name for i in model.graph.input}
@@ -315,6 +339,7 @@ class DfqGatePass(Pass):
         grads = em.const(np.array([[g] for _, g in o.options], np.float32))
         unit = o.unit_costs().sum(1)                     # cost_fw + cost_eb + cost_gc per option
         F = self.block_macs[self.gated] if o.cost_weighting == "macs" else np.ones(len(self.gated))
+        block_unit, block_ratio = block_costs(unit, F, self.cost_table)       # gated blocks, in gate order
         batch = em.node("Shape", [ports[0][0]], f"{P}batch/shape", start=0, end=1) if em.opset >= 15 else \
             em.node("Slice", [em.node("Shape", [ports[0][0]], f"{P}batch/shape_all"), em.const([0], np.int64),
                               em.const([1], np.int64)], f"{P}batch/shape")
@@ -447,13 +472,13 @@ class DfqGatePass(Pass):
                     em.nodes.append(helper.make_node("Add", [em.node("Mul", [pre, m_run], f"{q}/run_part"),
                                                              em.node("Mul", [shortcuts[j][0], m_s], f"{q}/skip_part")],
                                                      [y], name=f"{q}/mix_skip"))
-            # cost: sum over samples and options of mask * unit cost, times F_l / mean(F)
-            unit_c = em.const(unit.reshape(K, 1).astype(np.float32))
+            # cost: sum over samples and options of mask * unit cost, times F_l / mean(F) (hardware table: x 1)
+            unit_c = em.const(block_unit[j].reshape(K, 1).astype(np.float32))
             per = em.node("ReduceSum", [em.node("Mul", [mask, unit_c], f"{q}/cost_k"), em.const(all_axes, np.int64)],
                           f"{q}/cost_unit", keepdims=0)
             if batch_mode:
                 per = em.node("Mul", [per, batch_s], f"{q}/cost_batch")
-            cost_terms.append(em.node("Mul", [per, em.const(np.float32(F[j] / F.mean()))], f"{q}/cost"))
+            cost_terms.append(em.node("Mul", [per, em.const(np.float32(block_ratio[j]))], f"{q}/cost"))
             counts_rows.append(em.node("Unsqueeze", [counts, em.const([0], np.int64)], f"{q}/counts_row"))
             row = em.node("Concat", [em.node("Reshape", [v, em.const([1], np.int64)], f"{q}/row{j}")
                                      for j, v in enumerate((a_row, em.const([float(o.weight_bits)]), g_row))],
@@ -493,7 +518,9 @@ class DfqGatePass(Pass):
             helper.make_tensor_value_info(COUNTS_OUTPUT, TensorProto.FLOAT, [n, K]),
         ] + [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["grad_bits"]) for k in keep])
         self.extra_outputs = [CP_OUTPUT, BITS_OUTPUT, COUNTS_OUTPUT] + keep
-        self.cost_scale = {"gated": list(self.gated), "static_blocks": sorted(self.static), "F": F.tolist(), "mean_F": float(F.mean()), "unit_costs": o.unit_costs().tolist(),
+        self.cost_scale = {"gated": list(self.gated), "static_blocks": sorted(self.static), "F": F.tolist(),
+                           "mean_F": float(F.mean()), "unit_costs": o.unit_costs().tolist(),
+                           **(self.cost_table or {}),
                            "skip_index": skip, "skippable": can_skip,
                            "shortcut_ops": [ops for _, ops in shortcuts]}
         return PassResult(model, True, notes)
@@ -534,6 +561,24 @@ class DfqGatePass(Pass):
             for name, key in self.candidates.get(d["name"], [(d["name"], None)]):
                 out.append((d if key is None else dict(d, name=name, bits_key=key), block))
         return out
+
+
+def block_costs(unit: np.ndarray, F: np.ndarray, table: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """(per block [n, K] cost per sample of each option, per block factor) of the cost term, normalized so that
+    C_norm = B sum_l unit_l[k_l] ratio_l and cp = 100 C_norm / (3 B n) (n blocks).
+
+    MACs: unit_l = unit (a w + g w + a g)/1024, ratio_l = F_l / mean(F), exactly the release's C / mean(F).
+    A hardware table T[l, k] with FP32 cost T32[l] (any unit, per sample): unit_l = 3 n T[l] / sum(T32), ratio 1;
+    then cp = 100 sum_l T[l, k_l] / sum_l T32[l] (the block set's cost as % of its FP32 cost on that hardware), and
+    for a table proportional to the MAC table (T = F unit, T32 = 3F) both give the same cost term."""
+    n = len(F)
+    if table is None:
+        return np.tile(unit, (n, 1)), F / F.mean()
+    T = np.asarray(table["cost_table"], np.float64)
+    T32 = np.asarray(table["cost_fp32"], np.float64)
+    if T.shape != (n, len(unit)) or T32.shape != (n,):
+        raise ValueError(f"cost table shape {T.shape}/{T32.shape} does not fit {n} blocks x {len(unit)} options")
+    return 3 * n * T / T32.sum(), np.ones(n)
 
 
 def _reduce_mean(em: Emitter, x: str, output: str, axes: list[int], keepdims: int = 0) -> str:

@@ -62,6 +62,7 @@ class FusedOpsPass(Pass):
         self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer   # scalars: the clip bounds
                        if not t.dims or list(t.dims) == [1]}
         pairs, notes = [], []
+        self.centre_readers = defaultdict(set)   # a shared x - min -> ids of its fused readers' Divs
         for q in [n for n in graph.node if n.name.endswith("/q") and n.op_type == "Add"]:
             prefix = q.name[: -len("/q")]
             if any(tag in prefix for tag in _PER_TENSOR_TAGS):
@@ -69,6 +70,9 @@ class FusedOpsPass(Pass):
                 if note:
                     notes.append(note)
         n_quant = len([p for p in pairs if p[1]])
+        for centred, fused_divs in self.centre_readers.items():
+            if len(fused_divs) == len(self.consumers[centred]):
+                pairs.append((self.producer[centred], []))
         n_range = self._ranges(graph, pairs)
         n_relu = self._relu_grads(graph, pairs)
         replace_nodes(graph, pairs)
@@ -82,6 +86,11 @@ class FusedOpsPass(Pass):
     def _quantizer(self, prefix, q, pairs) -> str | None:
         stochastic = f"{prefix}/u_noisy" in self.producer
         chain, why = self._chain(prefix, q, _SR_STEPS if stochastic else _FQ_STEPS)
+        shared_centre = False
+        if chain is None and not stochastic:   # x - min shared with the tensor's quantizers at other bits?
+            shared, _ = self._shared_centre_chain(prefix, q)
+            if shared is not None:
+                chain, shared_centre = shared, True
         if chain is None:
             return f"{prefix}: kept the chain ({why})"
         sub, div, *_, clip, _, mul, _ = chain
@@ -103,9 +112,27 @@ class FusedOpsPass(Pass):
             else:
                 fused = helper.make_node("SRQuantizeNoise", args + [noise], list(q.output), name=q.name, domain=DOMAIN,
                                          lo=float(lo.item()))
-        pairs.extend((n, []) for n in chain[:-1])
+        if not shared_centre:
+            pairs.extend((n, []) for n in chain[:-1])
+        else:   # x - min shared with the tensor's other quantizers: removed once all of them are fused
+            pairs.extend((n, []) for n in chain[1:-1])
+            self.centre_readers[sub.output[0]].add(id(div))
         pairs.append((q, [fused]))
         return None
+
+    def _shared_centre_chain(self, prefix, q):
+        """The chain of an activation quantizer whose `x - min` is its tensor's shared one (a tensor read at several
+        bits, passes/fw_quant.py): the Sub (named after the range's owner, read by each quantizer's Div) and this
+        quantizer's own Div..Add, each feeding only the next."""
+        div = self.producer.get(f"{prefix}/u")
+        sub = self.producer.get(div.input[0]) if div is not None and div.op_type == "Div" else None
+        if sub is None or sub.op_type != "Sub" or "::fq_a" not in sub.name or not sub.name.endswith("/centered"):
+            return None, f"no Sub {prefix}/centered"
+        readers = self.consumers[sub.output[0]]
+        if sub.output[0] in self.outputs or not all(r.op_type == "Div" and r.name.endswith("/u") for r in readers):
+            return None, f"{sub.name} is read outside the quantizers of its tensor"
+        chain, why = self._chain(prefix, q, _FQ_STEPS[1:])
+        return (None, why) if chain is None else ([sub] + chain, "")
 
     def _chain(self, prefix, q, steps):
         """The chain's nodes, last = q, when each is the named op and feeds only the next one."""

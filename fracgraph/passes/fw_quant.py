@@ -4,6 +4,15 @@ Activations: per-tensor min/max of the current batch, nearest rounding (spec §1
 scalar buffers (`<point>.run_min`, `<point>.run_range`) that training keeps as an EMA and evaluation uses.
 Weights: per-output-channel min/max, nearest rounding. Each point reads its bits from the precision input
 row of its block: the act column for activations, the weight column for weights.
+
+A tensor read by several quantized GEMMs (Inception branches, a SqueezeNet fire module's expand convs, a residual
+block's conv1 and downsample conv) has one range: one batch min/max, one EMA running range (one manifest point,
+named after its first reader) and one `x - min`. Its readers are quantized at the act bits of their own block,
+as FracTrain's per-block precision says: readers in one block share one quantizer; a reader in another block
+(or another DFQ candidate) gets its own quantizer at its block's bits against the shared range (`readers`,
+`range_owner`). Emitting the range once matters beyond economy: onnxruntime's common-subexpression elimination
+merges identical ReduceMin/ReduceMax/Sub nodes of one tensor when it builds the artifacts, which would leave the
+EMA update and the speed passes reading a tensor name that no longer exists.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ class FwQuantPass(Pass):
     def __init__(self, plan: list[tuple[dict, int]], precision_input: str):
         self.plan = plan                      # (GemmOp dict, block index) for every quantized GEMM
         self.precision_input = precision_input
-        self.points: list[QuantPoint] = []
+        self.points: list[QuantPoint] = []       # the manifest's points: one act point per tensor (it owns the range)
+        self.readers: list[QuantPoint] = []      # further act quantizers of a tensor at other bits (no range of their own)
+        self.range_owner: dict[str, str] = {}    # reader prefix -> the point whose range it reads
 
     def requires(self, model):
         names = {i.name for i in model.graph.input}
@@ -44,7 +55,7 @@ class FwQuantPass(Pass):
         inits = {t.name: t for t in model.graph.initializer}
         notes = []
         shared: dict[tuple, str] = {}             # (activation, bits key) / (weight, block) -> its quantized tensor
-        ranges: dict[tuple[str, int], dict] = {}  # (activation, block) -> its range tensors
+        ranges: dict[str, dict] = {}              # activation -> its range tensors and the point that owns them
         for op, block in self.plan:
             node = nodes[op["name"]]
             key = op.get("bits_key", block)       # DFQ candidates: the clone's own bits (passes/dfq_candidates.py)
@@ -67,15 +78,20 @@ class FwQuantPass(Pass):
                     # same tensor, same bits (e.g. a block's conv1 and its downsample conv): one quantizer,
                     # which is also what ORT's common-subexpression elimination would leave
                     out = shared[(x, key)]
-                elif (x, block) in ranges:
-                    # another DFQ candidate of this block quantizes x: the same batch range (and running range,
-                    # which the first candidate's point keeps), its own bits
+                elif x in ranges:
+                    # a reader at other bits (a GEMM of another block, or another DFQ candidate): the tensor's
+                    # one batch range, running range and x - min, its own bits (see the module docstring)
                     shared[(x, key)] = out
+                    r = ranges[x]
                     quantize_with_range(em, x, out, prefix, bits_scalar(em, self.precision_input, key, "act"),
-                                        ranges[(x, block)]["min"], ranges[(x, block)]["range"])
+                                        r["min"], r["range"], r["centered"])
+                    self.readers.append(QuantPoint(prefix, "act", x, node.name, block, "per_tensor", "nearest"))
+                    self.range_owner[prefix] = r["point"]
+                    notes.append(f"{node.name}: its input {x} shares the range of {r['point']} (read at this block's bits)")
                 else:
                     shared[(x, key)] = out
-                    ranges[(x, block)] = fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, key, "act"))
+                    ranges[x] = fake_quant(em, x, out, prefix, bits_scalar(em, self.precision_input, key, "act"))
+                    ranges[x]["point"] = prefix
                     for buf in ("run_min", "run_range"):
                         model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), f"{prefix}.{buf}"))
                     self.points.append(QuantPoint(prefix, "act", x, node.name, block, "per_tensor", "nearest"))

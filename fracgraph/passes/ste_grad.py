@@ -40,33 +40,40 @@ def _point_of(node_name: str) -> str | None:
 class SteGradPass(Pass):
     name = "ste-grad"
 
-    def __init__(self, points: list[QuantPoint]):
+    def __init__(self, points: list[QuantPoint], readers: list[QuantPoint] = (), range_owner: dict[str, str] | None = None):
+        """`readers`: further quantizers of a point's tensor at other bits (passes/fw_quant.py); they share the
+        point's range and `x - min`, so their backward chains are joined to the point's and rewritten with it:
+        dL/dx = sum of every quantizer's out_grad."""
         self.points = [p for p in points if p.kind in ("act", "weight")]
+        owner = range_owner or {}
+        self.group = {p.name: p.name for p in self.points} | {r.name: owner[r.name] for r in readers}
+        self.members = defaultdict(list)
+        for prefix, point in self.group.items():
+            self.members[point].append(prefix)
 
     def call(self, model):
         graph = model.graph
         nodes = list(graph.node)
-        wanted = {p.name for p in self.points}
         chains = defaultdict(list)                 # one sweep, not one per point: resnet164 has ~20k nodes
         consumers = defaultdict(list)
         for n in nodes:
-            point = _point_of(n.name)
-            if point in wanted and _is_chain_node(n, point):
-                chains[point].append(n)
+            prefix = _point_of(n.name)
+            if prefix in self.group and _is_chain_node(n, prefix):
+                chains[self.group[prefix]].append(n)
             for i in n.input:
                 consumers[i].append(n)
         graph_outputs = {o.name for o in graph.output}
         notes, pairs = [], []
         for p in self.points:
-            note = self._rewrite(p, chains.get(p.name, []), consumers, graph_outputs, pairs)
+            note = self._rewrite(p, self.members[p.name], chains.get(p.name, []), consumers, graph_outputs, pairs)
             notes.append(f"{p.name}: {note}")
         replace_nodes(graph, pairs)
         return PassResult(model, bool(pairs), notes)
 
-    def _rewrite(self, point: QuantPoint, chain, consumers, graph_outputs, pairs) -> str:
+    def _rewrite(self, point: QuantPoint, prefixes, chain, consumers, graph_outputs, pairs) -> str:
         if not chain:
             return "kept: no gradient is computed for this quantizer's input"
-        out_grad = f"{point.name}/out_grad"
+        out_grads = [f"{p}/out_grad" for p in prefixes]
         in_chain = {id(n) for n in chain}
         produced = {o for n in chain for o in n.output if o}
         outside = {o: [c for c in consumers.get(o, []) if id(c) not in in_chain] for o in produced}
@@ -77,21 +84,24 @@ class SteGradPass(Pass):
         (total,) = users.values()
         if total.op_type != "Sum" or not all(i.startswith(point.tensor + "_grad") for i in boundary):
             return f"kept: its gradient flows into {total.op_type} {total.name}, not the sum of dL/d{point.tensor}"
-        if not any(out_grad in n.input for n in chain):
-            return f"kept: {out_grad} does not feed the chain"
+        fed = {i for n in chain for i in n.input}
+        if any(g not in fed for g in out_grads):
+            return f"kept: {next(g for g in out_grads if g not in fed)} does not feed the chain"
         pairs.extend((n, []) for n in chain)
-        kept = [i for i in total.input if i not in produced] + [out_grad]
+        kept = [i for i in total.input if i not in produced] + out_grads
         if len(kept) == 1 and total.output[0] not in graph_outputs:
             # a one-input sum is a copy: read out_grad directly
             for n in consumers.get(total.output[0], []):
                 for k, i in enumerate(n.input):
                     if i == total.output[0]:
-                        n.input[k] = out_grad
+                        n.input[k] = kept[0]
             pairs.append((total, []))
         else:
             del total.input[:]
             total.input.extend(kept)
-        return f"STE gradient: {len(chain)} backward nodes replaced by {out_grad} -> dL/d{point.tensor}"
+        readers = f" and {len(prefixes) - 1} more quantizers of it" if len(prefixes) > 1 else ""
+        return (f"STE gradient: {len(chain)} backward nodes replaced by {' + '.join(out_grads)} -> "
+                f"dL/d{point.tensor}{readers}")
 
     def ensures(self, model):
         assert_inputs_defined(model)

@@ -82,7 +82,7 @@ def _row(cells: list[tuple[str, str]], cls: str = "") -> str:
 def summary_section(runs: list[RunData], base: RunData) -> Section:
     """Accuracy, cost and time per run, with the saving in effective GMACs against the chosen baseline run."""
     head = ("run", "schedule", "steps", "final acc.", "best acc.", "&Delta; final vs base", "cum. eff. GMACs",
-            "saving vs base", "mean cp", "wall time", "transitions")
+            "saving vs base", "mean cp", "DFQ gated cp", "wall time", "transitions")
     rows = []
     b_cost, b_acc = base.summary.get("cum_eff_gmacs"), base.summary.get("final_test_acc")
     for i, r in enumerate(runs):
@@ -94,17 +94,32 @@ def summary_section(runs: list[RunData], base: RunData) -> Section:
             ("l", _swatch(i) + html.escape(r.name)), ("l", html.escape(str(s.get("schedule", "?")))),
             ("", str(s.get("steps"))), ("", _pct(acc)), ("", _pct(s.get("best_test_acc"))), ("", delta),
             ("", _num(cost, "{:.4g}")), ("", _pct(saving, 1)), ("", _num(s.get("mean_cp"), "{:.2f}%")),
-            ("", _num(s.get("wall_s"), "{:.1f} s")), ("wrap", _transitions_text(r)),
+            ("", _gated_cp(s.get("dfq"))), ("", _num(s.get("wall_s"), "{:.1f} s")), ("wrap", _transitions_text(r)),
         ], "base" if r is base else ""))
     table = (f'<div class="scroll"><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>'
              f'{"".join(rows)}</table></div>')
     note = (f"Baseline (highlighted): <b>{html.escape(base.name)}</b>. Final accuracy is the last evaluation, on the "
             "whole test set; cum. eff. GMACs counts the forward, error and weight-gradient GEMMs of every step at "
             "the bits used (MACs &times; bits<sub>a</sub>/32 &times; bits<sub>b</sub>/32); mean cp is that as a "
-            "percentage of the same steps in FP32.")
+            "percentage of the same steps in FP32. DFQ gated cp is what the controller steered: the gated blocks' "
+            "cost in its table's unit (effective MACs, or a hardware model's energy/latency with "
+            "<code>quantize --dfq --cost</code>) as a percentage of their FP32 cost.")
     runs_list = "".join(f"<li>{_swatch(i)}<b>{html.escape(r.name)}</b>: <code>{html.escape(str(r.path))}</code></li>"
                         for i, r in enumerate(runs))
     return Section("summary", "Summary", f'<p class="note">{note}</p>{table}<ul>{runs_list}</ul>')
+
+
+def _cp3(cp: dict | None) -> str:
+    """cp of the run in effective MACs and in the hardware's own energy and latency (% of FP32 on it)."""
+    if not cp:
+        return "-"
+    return " / ".join("-" if cp.get(k) is None else f"{cp[k]:.2f}%" for k in ("macs", "energy", "latency"))
+
+
+def _gated_cp(d: dict | None) -> str:
+    if not d or d.get("mean_gated_cp") is None:
+        return "-"
+    return f"{d['mean_gated_cp']:.2f}% ({html.escape(d.get('cp_unit', 'effective MACs'))})"
 
 
 def precision_section(runs: list[RunData]) -> Section:
@@ -183,10 +198,10 @@ def hardware_section(runs: list[RunData], estimates: dict, notes: dict) -> Secti
                 ("", _energy(h["run"]["energy_total_pj"])), ("", _time(h["run"]["latency_s"])),
                 ("", _energy(h["baseline_run"]["energy_total_pj"])),
                 ("", _time(h["baseline_run"]["latency_s"])), ("", _pct(sv["energy"], 1)),
-                ("", _pct(sv["latency"], 1))]))
+                ("", _pct(sv["latency"], 1)), ("", _cp3(h.get("cp")))]))
     base = next(iter(estimates.values()))["baseline"]
     head = ("run", "hardware", "steps", "energy", "latency", f"{base} energy", f"{base} latency", "energy saving",
-            "latency saving")
+            "latency saving", "cp: MACs / energy / latency")
     table = (f'<div class="scroll"><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>'
              f'{"".join(rows)}</table></div>')
     note = (f"<code>fracgraph estimate ART/ --trace RUN/</code> for each run: the training step costed at the bits of "

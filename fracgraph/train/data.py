@@ -44,9 +44,62 @@ CACHE_VERSION = 1
 
 
 @dataclass
+class RaggedImages:
+    """uint8 images of different sizes in one buffer: image i is pixels[offsets[i]:offsets[i+1]] reshaped to
+    sizes[i] = (H, W) x C (HWC, the decoder's layout)."""
+
+    pixels: np.ndarray   # uint8 [total pixels, C]
+    sizes: np.ndarray    # int64 [N, 2]: (H, W)
+    offsets: np.ndarray  # int64 [N + 1]
+
+    def __post_init__(self):
+        n = len(self.sizes)
+        ok = (self.pixels.ndim == 2 and self.pixels.dtype == np.uint8 and self.sizes.shape == (n, 2)
+              and self.offsets.shape == (n + 1,) and n > 0 and self.offsets[0] == 0
+              and self.offsets[-1] == len(self.pixels) and np.all(self.sizes > 0)
+              and np.array_equal(np.diff(self.offsets), self.sizes[:, 0] * self.sizes[:, 1]))
+        if not ok:
+            raise FracgraphError(f"images of several sizes: pixels {self.pixels.dtype}{list(self.pixels.shape)}, "
+                                 f"sizes {list(self.sizes.shape)} and offsets {list(self.offsets.shape)} do not agree")
+
+    @classmethod
+    def from_images(cls, images: list[np.ndarray]) -> "RaggedImages":
+        c = images[0].shape[2] if images else 3
+        sizes = np.array([im.shape[:2] for im in images], np.int64).reshape(-1, 2)
+        offsets = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1])]).astype(np.int64)
+        pixels = np.empty((int(offsets[-1]), c), np.uint8)
+        for i, im in enumerate(images):
+            pixels[offsets[i]:offsets[i + 1]] = im.reshape(-1, c)
+        return cls(pixels, sizes, offsets)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def dtype(self):
+        return self.pixels.dtype
+
+    def image(self, i: int) -> np.ndarray:
+        h, w = (int(v) for v in self.sizes[i])
+        return self.pixels[self.offsets[i]:self.offsets[i + 1]].reshape(h, w, self.channels)
+
+
+def image_hwc(x, i: int) -> np.ndarray:
+    """Image i of a split (NCHW array or RaggedImages) as HxWxC."""
+    return x.image(i) if isinstance(x, RaggedImages) else x[i].transpose(1, 2, 0)
+
+
+@dataclass
 class Dataset:
-    """Whole splits in memory as NCHW arrays. uint8 pixels are scaled by 1/255 before (x - mean) / std; float32
-    pixels are used as they are, so `mean`/`std` are always in the [0, 1]-ish pixel scale the stream produces."""
+    """Whole splits in memory as NCHW arrays (or, for images of different sizes, RaggedImages). uint8 pixels are
+    scaled by 1/255 before (x - mean) / std; float32 pixels are used as they are, so `mean`/`std` are always in the
+    [0, 1]-ish pixel scale the stream produces. `input_hw`: set by `fit_to_input` when the training images must be
+    resized to the model's input (random resized crop + flip in the stream; the test split is then stored already
+    resized and centre-cropped)."""
 
     name: str
     x_train: np.ndarray
@@ -59,32 +112,42 @@ class Dataset:
     class_names: tuple[str, ...] = ()
     augment_default: bool = False  # pad-crop + flip suits natural images, not digits
     source: str = ""
+    input_hw: tuple[int, int] | None = None
 
     def __post_init__(self):
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x.ndim != 4:
+            if not isinstance(x, RaggedImages) and x.ndim != 4:
                 raise FracgraphError(f"{self.name}: x_{split} must be [N, C, H, W], got shape {x.shape}")
             if x.dtype not in (np.uint8, np.float32):
                 raise FracgraphError(f"{self.name}: x_{split} must be uint8 or float32, got {x.dtype}")
-            if y.shape != (x.shape[0],):
+            if y.shape != (len(x),):
                 raise FracgraphError(
-                    f"{self.name}: y_{split} has shape {y.shape} but x_{split} has {x.shape[0]} samples")
+                    f"{self.name}: y_{split} has shape {y.shape} but x_{split} has {len(x)} samples")
             if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
                 raise FracgraphError(
                     f"{self.name}: y_{split} labels must lie in [0, {self.num_classes}), found "
                     f"[{int(y.min())}, {int(y.max())}]")
-        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+        ragged = isinstance(self.x_train, RaggedImages) or isinstance(self.x_test, RaggedImages)
+        if self.input_hw is None and not ragged and self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise FracgraphError(f"{self.name}: train images {self.x_train.shape[1:]} and test images "
                                  f"{self.x_test.shape[1:]} differ in shape")
         if len(self.x_train) == 0:
             raise FracgraphError(f"{self.name}: the training split is empty")
-        c = self.x_train.shape[1]
+        c = _channels(self.x_train)
+        if _channels(self.x_test) != c:
+            raise FracgraphError(f"{self.name}: train images have {c} channels but test images "
+                                 f"{_channels(self.x_test)}")
         if len(self.mean) != c or len(self.std) != c or min(self.std) <= 0:
             raise FracgraphError(f"{self.name}: mean/std need {c} values each and std > 0")
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple:
+        """[C, H, W] of what the stream yields; H and W are None for images of different sizes not yet fitted."""
+        if self.input_hw is not None:
+            return (_channels(self.x_train), *self.input_hw)
+        if isinstance(self.x_train, RaggedImages):
+            return (self.x_train.channels, None, None)
         return tuple(int(v) for v in self.x_train.shape[1:])
 
     @property
@@ -106,8 +169,14 @@ class Dataset:
 
     def describe(self) -> str:
         c, h, w = self.image_shape
-        return (f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test, {c}x{h}x{w}, "
-                f"{self.num_classes} classes")
+        shape = f"{c}x{h}x{w}" if h is not None else f"{c} channels, sizes vary"
+        if self.input_hw is not None:
+            shape += " (resized: random resized crop for training, resize + centre crop for test)"
+        return f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test, {shape}, {self.num_classes} classes"
+
+
+def _channels(x) -> int:
+    return x.channels if isinstance(x, RaggedImages) else int(x.shape[1])
 
 
 def check_num_classes(dataset: Dataset, model_classes: int) -> None:
@@ -126,6 +195,38 @@ def check_input_shape(dataset: Dataset, model_input_shape: tuple) -> None:
             raise FracgraphError(
                 f"the model expects inputs of shape {list(want)} but {dataset.name} images are "
                 f"{list(dataset.image_shape)}: use matching data or re-export the model")
+
+
+def fit_to_input(dataset: Dataset, model_input_shape: tuple) -> Dataset:
+    """The dataset as the model of input [C, H, W] reads it. Images of the model's size (e.g. CIFAR for a 32x32
+    model) are used as they are (pad-crop + flip augmentation, as before); uint8 images of another size, or of
+    different sizes, are resized the torchvision way (`train/resize.py`): the test split once here (resize +
+    centre crop), the training images per batch in the stream (random resized crop + flip)."""
+    want = tuple(model_input_shape)[-3:]
+    if len(want) != 3 or not all(isinstance(v, int) and v > 0 for v in want[1:]):
+        check_input_shape(dataset, model_input_shape)
+        return dataset
+    c, h, w = want
+    if isinstance(c, int) and c > 0 and c != _channels(dataset.x_train):
+        raise FracgraphError(
+            f"the model expects {c}-channel inputs of shape {list(want)} but {dataset.name} images have "
+            f"{_channels(dataset.x_train)} channels: use matching data or re-export the model")
+    if dataset.image_shape[1:] == (h, w):
+        return dataset
+    if dataset.x_train.dtype != np.uint8 or dataset.x_test.dtype != np.uint8:
+        raise FracgraphError(
+            f"the model expects inputs of shape {list(want)} but {dataset.name} images are "
+            f"{list(dataset.image_shape)} float values, which fracgraph does not resize: use uint8 images "
+            f"(imagefolder:, or npz with uint8 pixels) or data of the model's size")
+    from .resize import resize_center_crop
+
+    ch = _channels(dataset.x_test)
+    test = np.empty((len(dataset.x_test), ch, h, w), np.uint8)
+    for i in range(len(dataset.x_test)):
+        test[i] = resize_center_crop(image_hwc(dataset.x_test, i), (h, w)).transpose(2, 0, 1)
+    from dataclasses import replace
+
+    return replace(dataset, x_test=test, input_hw=(h, w))
 
 
 # --------------------------------------------------------------------------------------------------- memory
@@ -207,6 +308,20 @@ def _channel_stats(x: np.ndarray, scale: float) -> tuple[tuple[float, ...], tupl
         n += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+    std = np.where(std > 1e-8, std, 1.0)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _pixel_stats(pixels: np.ndarray, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """_channel_stats of [pixels, C] rows (images of different sizes), in chunks."""
+    s = np.zeros(pixels.shape[1])
+    s2 = np.zeros(pixels.shape[1])
+    for i in range(0, len(pixels), 1 << 20):
+        chunk = pixels[i:i + (1 << 20)].astype(np.float64) * scale
+        s += chunk.sum(axis=0)
+        s2 += (chunk * chunk).sum(axis=0)
+    mean = s / max(len(pixels), 1)
+    std = np.sqrt(np.maximum(s2 / max(len(pixels), 1) - mean * mean, 0.0))
     std = np.where(std > 1e-8, std, 1.0)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
@@ -512,8 +627,16 @@ def load_imagefolder(path: str | os.PathLike, cache_dir: str | os.PathLike | Non
         try:
             from .runio import atomic_write_bytes
 
+            arrays = {}
+            for split in ("train", "test"):
+                x = getattr(ds, f"x_{split}")
+                if isinstance(x, RaggedImages):
+                    arrays.update({f"pixels_{split}": x.pixels, f"sizes_{split}": x.sizes,
+                                   f"offsets_{split}": x.offsets})
+                else:
+                    arrays[f"x_{split}"] = x
             atomic_write_bytes(cache_file, lambda f: np.savez(
-                f, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test,
+                f, **arrays, y_train=ds.y_train, y_test=ds.y_test,
                 classes=np.array(ds.class_names, dtype=str), mean=np.array(ds.mean), std=np.array(ds.std)),
                 what="dataset cache")
         except (FracgraphError, OSError) as exc:
@@ -531,7 +654,13 @@ def _load_cached(cache_file: Path, path: Path, memory_limit: int | None) -> Data
     try:
         with np.load(cache_file, allow_pickle=False) as z:
             classes = tuple(str(c) for c in z["classes"])
-            return Dataset(f"imagefolder:{path.name}", z["x_train"], z["y_train"], z["x_test"], z["y_test"],
+
+            def split(name):
+                if f"x_{name}" in z.files:
+                    return z[f"x_{name}"]
+                return RaggedImages(z[f"pixels_{name}"], z[f"sizes_{name}"], z[f"offsets_{name}"])
+
+            return Dataset(f"imagefolder:{path.name}", split("train"), z["y_train"], split("test"), z["y_test"],
                            len(classes), tuple(z["mean"].tolist()), tuple(z["std"].tolist()), classes,
                            augment_default=True, source=f"{path} (cache {cache_file.name})")
     except (FracgraphError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
@@ -574,24 +703,28 @@ def _decode_imagefolder(path: Path, memory_limit: int | None) -> Dataset:
         items = {s: sorted((p, cidx[c]) for c, ps in layout[s].items() for p in ps) for s in ("train", "test")}
         first = items["train"][0][0]
         with Image.open(io.BytesIO(opener(first))) as im0:
-            w, h = im0.size
+            w0, h0 = im0.size
             gray = im0.mode in ("1", "L", "I;16", "I", "F", "LA")
         c = 1 if gray else 3
+        mode = "L" if gray else "RGB"
         n_all = len(items["train"]) + len(items["test"])
-        check_fits_in_memory(n_all * c * h * w, f"imagefolder {path} ({n_all} images of {c}x{h}x{w})", memory_limit)
-        arrays = {s: np.empty((len(items[s]), h, w, c), np.uint8) for s in ("train", "test")}
+        limit = available_memory() if memory_limit is None else int(memory_limit)
+        # first from the first image's size (exact when all have one size), then as images of other sizes come
+        check_fits_in_memory(n_all * c * h0 * w0, f"imagefolder {path} ({n_all} images of {c}x{h0}x{w0})", limit)
+        decoded: dict[str, list] = {s: [None] * len(items[s]) for s in ("train", "test")}
         pos = {p: (s, i) for s in ("train", "test") for i, (p, _) in enumerate(items[s])}
         seq = sorted(pos, key=(lambda p: order[p]) if order is not None else None)
-        mode = "L" if gray else "RGB"
+        total = 0
         for p in seq:
             s, i = pos[p]
             try:
                 with Image.open(io.BytesIO(opener(p))) as im:
-                    if im.size != (w, h):
-                        raise FracgraphError(f"{path}: {p} is {im.size[0]}x{im.size[1]} but {first} is {w}x{h}; "
-                                             f"all images must have one size (resize them first)")
+                    w, h = im.size
+                    total += h * w * c
+                    if (h, w) != (h0, w0):
+                        check_fits_in_memory(total, f"imagefolder {path} (images of several sizes)", limit)
                     im.draft(mode, (w, h))
-                    arrays[s][i] = np.asarray(im.convert(mode)).reshape(h, w, c)
+                    decoded[s][i] = np.asarray(im.convert(mode)).reshape(h, w, c)
             except FracgraphError:
                 raise
             except Exception as exc:
@@ -600,12 +733,23 @@ def _decode_imagefolder(path: Path, memory_limit: int | None) -> Dataset:
     finally:
         if tf is not None:
             tf.close()
-    xtr = np.ascontiguousarray(arrays["train"].transpose(0, 3, 1, 2))
-    xte = np.ascontiguousarray(arrays["test"].transpose(0, 3, 1, 2))
     ytr = np.array([y for _, y in items["train"]], np.int64)
     yte = np.array([y for _, y in items["test"]], np.int64)
+    shapes = {im.shape for s in ("train", "test") for im in decoded[s]}
+    if len(shapes) == 1:   # one size: NCHW arrays, as always
+        h, w, _ = shapes.pop()
+        xtr = np.ascontiguousarray(np.stack(decoded["train"]).transpose(0, 3, 1, 2))
+        xte = np.ascontiguousarray(np.stack(decoded["test"]).transpose(0, 3, 1, 2))
+        del decoded
+    else:                  # sizes differ: resized to the model's input when training (fit_to_input)
+        h = w = None
+        xtr = RaggedImages.from_images(decoded["train"])
+        xte = RaggedImages.from_images(decoded["test"])
+        del decoded
     if classes == CIFAR10_CLASSES and (c, h, w) == (3, 32, 32):
         mean, std = CIFAR_MEAN, CIFAR_STD
+    elif isinstance(xtr, RaggedImages):
+        mean, std = _pixel_stats(xtr.pixels, 1 / 255)
     else:
         mean, std = _channel_stats(xtr, 1 / 255)
     return Dataset(f"imagefolder:{path.name}", xtr, ytr, xte, yte, len(classes), mean, std, classes,
@@ -757,8 +901,11 @@ class BatchStream:
     def make_batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch `index` of `epoch`, computed from scratch (the reference the threaded path must equal)."""
         idx = self._perm(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        x = self.ds.x_train[idx]
-        if self.augment:
+        if self.ds.input_hw is not None:
+            x = self._resized_batch(idx, _rng(self.seed, epoch, index + 1))
+        else:
+            x = self.ds.x_train[idx]
+        if self.augment and self.ds.input_hw is None:
             r = _rng(self.seed, epoch, index + 1)
             b = len(idx)
             dy = r.integers(0, 9, b)
@@ -769,6 +916,23 @@ class BatchStream:
         out *= self._a
         out += self._b
         return out, self.ds.y_train[idx]
+
+    def _resized_batch(self, idx: np.ndarray, r: np.random.Generator) -> np.ndarray:
+        """Training images resized to the model's input: with augmentation, torchvision's RandomResizedCrop (scale
+        0.08-1, ratio 3/4-4/3) + horizontal flip, drawn image by image from `r`; without, resize + centre crop."""
+        from .resize import resize_center_crop, resized_crop, rrc_params
+
+        h, w = self.ds.input_hw
+        out = np.empty((len(idx), _channels(self.ds.x_train), h, w), np.uint8)
+        for k, i in enumerate(idx):
+            img = image_hwc(self.ds.x_train, int(i))
+            if self.augment:
+                top, left, ch, cw = rrc_params(r, img.shape[0], img.shape[1])
+                flip = bool(r.random() < 0.5)
+                out[k] = resized_crop(img, top, left, ch, cw, (h, w), flip).transpose(2, 0, 1)
+            else:
+                out[k] = resize_center_crop(img, (h, w)).transpose(2, 0, 1)
+        return out
 
     @staticmethod
     def _advance(epoch: int, index: int, per_epoch: int) -> tuple[int, int]:
@@ -839,13 +1003,16 @@ class BatchStream:
 
     # -- resume
     def state_dict(self) -> dict:
-        return {"kind": "BatchStream", "version": 1, "seed": self.seed, "epoch": self.epoch, "index": self.index,
-                "batch_size": self.batch_size, "augment": self.augment, "drop_last": self.drop_last, "n": self.n}
+        state = {"kind": "BatchStream", "version": 1, "seed": self.seed, "epoch": self.epoch, "index": self.index,
+                 "batch_size": self.batch_size, "augment": self.augment, "drop_last": self.drop_last, "n": self.n}
+        if self.ds.input_hw is not None:
+            state["input_hw"] = list(self.ds.input_hw)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for k in ("seed", "batch_size", "augment", "drop_last", "n"):
-            if state.get(k) != mine[k]:
+        for k in ("seed", "batch_size", "augment", "drop_last", "n", "input_hw"):
+            if state.get(k) != mine.get(k):
                 raise FracgraphError(f"cannot resume the data stream: checkpoint has {k}={state.get(k)!r} but this "
                                      f"run has {mine[k]!r}; resume with the same --data, --batch-size and --seed")
         self.close()

@@ -57,7 +57,8 @@ class TargetSchedule(StagedSchedule):
 
     what = "cp-target schedule"
 
-    def __init__(self, kind: str, targets: Sequence[float], epoch_iters: int, eps: float = 0.05, alpha: float = 0.3):
+    def __init__(self, kind: str, targets: Sequence[float], epoch_iters: int, eps: float = 0.05, alpha: float = 0.3,
+                 noise_floor: float = 0.0):
         if kind not in SCHEDULES:
             raise FracgraphError(f"cp-target schedule {kind!r} is unknown; use {' or '.join(SCHEDULES)}")
         targets = [float(t) for t in targets]
@@ -68,7 +69,8 @@ class TargetSchedule(StagedSchedule):
         super().__init__(epoch_iters)
         self.kind = kind
         self.targets = targets
-        self.indicator = PFQIndicator(eps, alpha, num_turning_point=len(targets) - 1) if kind == "fractrain" else None
+        self.indicator = PFQIndicator(eps, alpha, num_turning_point=len(targets) - 1, noise_floor=noise_floor) \
+            if kind == "fractrain" else None
 
     def target(self, step: int) -> float:
         return self.targets[sum(1 for t in self.transitions if t.step <= step)]
@@ -77,21 +79,21 @@ class TargetSchedule(StagedSchedule):
         ind = self.indicator
         if ind is None:
             return None
-        threshold = ind.threshold
         window = list(ind.loss[-(ind.epoch_keep - 1):]) + [epoch_loss] if not ind.done else []
-        if not ind.update(epoch_loss):
+        if not ind.update(epoch_loss, self.epoch_noise):
             return None
         old = self.targets[self.stage]
         self.stage += 1
         t = TargetTransition(self.steps_done, epoch, old, self.targets[self.stage],
-                             f"PFQ turning point {ind.count}", window, list(ind.loss_diff), threshold)
+                             f"PFQ turning point {ind.count}", window, list(ind.loss_diff), ind.last_threshold)
         self.transitions.append(t)
         return t
 
     def _config(self) -> dict:
         cfg = {"kind": self.kind, "targets": self.targets, "epoch_iters": self.epoch_iters}
         if self.indicator is not None:
-            cfg.update(eps=self.indicator.initial_threshold, alpha=self.indicator.decay)
+            cfg.update(eps=self.indicator.initial_threshold, alpha=self.indicator.decay,
+                       noise_floor=self.indicator.noise_floor)
         return cfg
 
     def _transition_from(self, d: dict) -> TargetTransition:
@@ -101,7 +103,7 @@ class TargetSchedule(StagedSchedule):
         return {**super().state_dict(), "indicator": self.indicator.state_dict() if self.indicator is not None else None}
 
     def load_state_dict(self, s: dict) -> None:
-        super().load_state_dict(s)
+        super().load_state_dict({"noise_floor": 0.0, **s} if self.indicator is not None else s)
         if self.indicator is not None:
             self.indicator.load_state_dict(s["indicator"])
 
@@ -118,16 +120,15 @@ class TargetClamp:
 
     def __init__(self, manifest: Manifest, clamps: list | None = None):
         d = manifest.dfq
-        unit = np.array(d["unit_costs"], np.float64).sum(1)
-        F = np.array(d["F"], np.float64)
-        skip, skippable = d.get("skip_index"), d.get("skippable") or [False] * len(F)
+        T, T32 = gated_cost_table(d)
+        skip, skippable = d.get("skip_index"), d.get("skippable") or [False] * len(T32)
         lo, hi = [], []
-        for can in skippable:
-            allowed = [u for k, u in enumerate(unit) if k != skip or can]
+        for l, can in enumerate(skippable):
+            allowed = [u for k, u in enumerate(T[l]) if k != skip or can]
             lo.append(min(allowed))
             hi.append(max(allowed))
-        self.floor = float(100 * F @ np.array(lo) / (3 * F.sum()))
-        self.ceiling = float(100 * F @ np.array(hi) / (3 * F.sum()))
+        self.floor = float(100 * np.sum(lo) / T32.sum())
+        self.ceiling = float(100 * np.sum(hi) / T32.sum())
         self.clamps: list[dict] = list(clamps or [])     # one entry per (requested target) that was clamped
 
     def fed(self, target: float) -> float:
@@ -144,6 +145,32 @@ class TargetClamp:
                         f"gated blocks); the controller is fed {fed:.3g}"}
         self.clamps.append(c)
         return c
+
+
+def gated_cost_table(d: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(T [n_blocks, K], T32 [n_blocks]) of a manifest's DFQ section: the controller's cost of block l under option k
+    and at FP32, in its unit (`cost_unit`); the gated cp is 100 sum_l T[l, k_l] / sum_l T32[l]. MACs: T = F_l x
+    (a w + g w + a g)/1024, T32 = 3 F_l; a hardware cost (`quantize --dfq --cost`): the table it stored."""
+    F = np.array(d["F"], np.float64)
+    if d.get("cost_table") is not None:
+        try:
+            T, T32 = np.array(d["cost_table"], np.float64), np.array(d.get("cost_fp32"), np.float64)
+        except (TypeError, ValueError):
+            T = T32 = np.zeros(0)
+        if T.shape != (len(F), len(d["options"])) or T32.shape != (len(F),) or not (T32 > 0).all() or (T < 0).any():
+            raise FracgraphError("manifest.json: the DFQ cost table (dfq.cost_table, dfq.cost_fp32) does not fit the "
+                                 "blocks and options, or is not positive; rebuild the artifacts with `fracgraph "
+                                 "quantize --dfq --cost ...`")
+        return T, T32
+    unit = np.array(d["unit_costs"], np.float64).sum(1)
+    return F[:, None] * unit[None, :], 3 * F
+
+
+def cost_label(d: dict | None) -> str:
+    """What the DFQ controller's cp counts: 'effective MACs' or e.g. 'bitfusion energy'."""
+    if not d or d.get("cost", "macs") == "macs":
+        return "effective MACs"
+    return f"{d['cost']} {d['cost_metric']}"
 
 
 def require_dfq(manifest: Manifest, schedule: str, where: str) -> dict:
@@ -189,6 +216,7 @@ class ChoiceRecord:
         self.options = np.array(d["options"], np.float64)            # [K, 2] act, grad bits
         self.F = np.array(d["F"], np.float64)                         # the cost term's block weights
         self.unit = np.array(d["unit_costs"], np.float64).sum(1)      # [K] fw + eb + gc per MAC
+        self.table, self.table_fp32 = gated_cost_table(d)            # the controller's cost, its unit
         self.w = float(d["weight_bits"])
         self.meter = meter
         n, K = len(self.gated), len(self.options)
@@ -238,8 +266,9 @@ class ChoiceRecord:
         return [{"block": name, "counts": dict(zip(labels, row.tolist()))} for name, row in zip(names, self.hist)]
 
     def mean_gated_cp(self) -> float | None:
-        """The controlled cp (gated blocks, the cost term's weights) averaged over every sample of the run."""
+        """The controlled cp (gated blocks, in the cost table's unit: effective MACs with the cost term's block
+        weights, or a hardware model's energy/latency) averaged over every sample of the run."""
         n = self.hist.sum(1, keepdims=True)
         if not n.all():
             return None
-        return float(100 * self.F @ ((self.hist / n) @ self.unit) / (3 * self.F.sum()))
+        return float(100 * np.sum((self.hist / n) * self.table) / self.table_fp32.sum())

@@ -24,9 +24,9 @@ from ..passes.dfq_gate import CP_OUTPUT as DFQ_CP
 from ..runtime import TrainSession
 from ..trace import TraceRecorder
 from . import runio
-from .data import BatchStream, check_input_shape, check_num_classes, load_dataset
+from .data import BatchStream, check_num_classes, fit_to_input, load_dataset
 from .dfq import SCHEDULES as DFQ_SCHEDULES
-from .dfq import ChoiceRecord, TargetClamp, TargetSchedule, require_dfq
+from .dfq import ChoiceRecord, TargetClamp, TargetSchedule, cost_label, require_dfq
 from .dfq import bits_input as dfq_bits_input
 from .schedules import LRSchedule, PFQSchedule, StaticSchedule
 
@@ -48,6 +48,7 @@ class TrainConfig:
     bw_schedule: list[int] = field(default_factory=lambda: [6, 6, 8, 8])
     eps: float = 0.05
     alpha: float = 0.3
+    pfq_noise_floor: float = 2.0          # PFQ/FracTrain thresholds >= this x the epoch loss's noise (0: the authors')
     data: str | None = None
     iters: int = 200
     epoch_iters: int = 50
@@ -166,7 +167,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     manifest = Manifest.read(art)
     dataset = load_dataset(cfg.data)
     check_num_classes(dataset, manifest.num_classes)
-    check_input_shape(dataset, tuple(manifest.input_shape))
+    dataset = fit_to_input(dataset, tuple(manifest.input_shape))
     if cfg.iters < 1 or cfg.epoch_iters < 1 or cfg.batch < 1:
         raise FracgraphError("--iters, --epoch-iters and --batch must be at least 1")
 
@@ -174,10 +175,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     if cfg.schedule == "static":
         sched = StaticSchedule(cfg.fw, cfg.bw, cfg.epoch_iters)
     elif cfg.schedule == "pfq":
-        sched = PFQSchedule(cfg.fw_schedule, cfg.bw_schedule, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha)
+        sched = PFQSchedule(cfg.fw_schedule, cfg.bw_schedule, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha,
+                            noise_floor=cfg.pfq_noise_floor)
     elif cfg.schedule in DFQ_SCHEDULES:
         targets = [cfg.target_cp] if cfg.schedule == "dfq" else cfg.target_cp_schedule
-        sched = TargetSchedule(cfg.schedule, targets, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha)
+        sched = TargetSchedule(cfg.schedule, targets, cfg.epoch_iters, eps=cfg.eps, alpha=cfg.alpha,
+                               noise_floor=cfg.pfq_noise_floor)
     else:
         raise FracgraphError(f"--schedule {cfg.schedule!r} is not available; use static, pfq, dfq or fractrain")
     lrs = LRSchedule(cfg.lr_schedule, cfg.lr, cfg.iters)
@@ -310,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
                           "granularity": dfq["granularity"], "static_blocks": [
                               {"block": manifest.blocks[l].name, "fw": cfg.fw, "bw": cfg.bw} for l in choices.static],
                           "final_target_cp": sched.target(max(step - 1, 0)),
-                          "mean_gated_cp": choices.mean_gated_cp(),
+                          "mean_gated_cp": choices.mean_gated_cp(), "cp_unit": cost_label(dfq),
                           "reachable_cp": [clamp.floor, clamp.ceiling], "target_clamps": clamp.clamps,
                           "choice_histogram": choices.histogram([b.name for b in manifest.blocks])}
     runio.write_summary(run, summary)

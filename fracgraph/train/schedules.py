@@ -30,13 +30,15 @@ class PFQIndicator:
     """The turning-point detector, fed one epoch loss at a time. State is plain JSON."""
 
     def __init__(self, threshold: float = 0.05, decay: float = 0.3, epoch_keep: int = 5,
-                 num_turning_point: int = 3, scale_epochs: int = 10):
+                 num_turning_point: int = 3, scale_epochs: int = 10, noise_floor: float = 0.0):
         if not (threshold >= 0 and math.isfinite(threshold)):
             raise FracgraphError(f"PFQ epsilon must be a finite number >= 0, got {threshold}")
         if not (decay > 0 and math.isfinite(decay)):
             raise FracgraphError(f"PFQ alpha must be a finite number > 0, got {decay}")
         if epoch_keep < 2:
             raise FracgraphError(f"PFQ window must hold at least 2 epoch losses, got {epoch_keep}")
+        if not (noise_floor >= 0 and math.isfinite(noise_floor)):
+            raise FracgraphError(f"PFQ noise floor must be a finite number >= 0, got {noise_floor}")
         if num_turning_point < 0:
             raise FracgraphError(f"number of PFQ turning points must be >= 0, got {num_turning_point}")
         self.initial_threshold = float(threshold)
@@ -45,6 +47,8 @@ class PFQIndicator:
         self.num_turning_point = int(num_turning_point)
         self.scale_epochs = int(scale_epochs)
         self.threshold = float(threshold)
+        self.noise_floor = float(noise_floor)
+        self.last_threshold = float(threshold)   # the threshold the last update compared against
         self.loss: list[float] = []
         self.loss_diff: list[float] = [1.0] * (self.epoch_keep - 1)
         self.scale_sum = 0.0
@@ -56,8 +60,19 @@ class PFQIndicator:
     def done(self) -> bool:
         return self.count >= self.num_turning_point
 
-    def update(self, epoch_loss: float) -> bool:
-        """Consume the loss of the next epoch; True when it is a turning point (count already advanced)."""
+    def effective_threshold(self, epoch_noise: float | None) -> float:
+        """The threshold, raised to `noise_floor` x (the epoch loss's noise / scale_loss) when that is larger.
+
+        With per-step loss noise sigma an epoch mean of E steps has noise sigma/sqrt(E); 4 differences of flat
+        epoch losses all pass a threshold of 2 x that noise about half the time, while eps*alpha^2 (0.0045 at the
+        README's 0.05/0.3) is far below it at short epochs and then never fires (bench/pfq_replay.py)."""
+        if self.noise_floor <= 0 or epoch_noise is None or not math.isfinite(epoch_noise) or self.scale_loss <= 0:
+            return self.threshold
+        return max(self.threshold, self.noise_floor * epoch_noise / self.scale_loss)
+
+    def update(self, epoch_loss: float, epoch_noise: float | None = None) -> bool:
+        """Consume the loss of the next epoch (and the standard error of that mean, for the noise floor); True when
+        it is a turning point (count already advanced)."""
         epoch_loss = float(epoch_loss)
         if not math.isfinite(epoch_loss):
             raise FracgraphError(f"epoch {self.epoch + 1} train loss is {epoch_loss}: training diverged; lower the "
@@ -75,7 +90,8 @@ class PFQIndicator:
             return False
         now = self.loss[-1]
         self.loss_diff = [_ratio(abs(pre - now), self.scale_loss) for pre in self.loss[:-1]]
-        if any(d > self.threshold for d in self.loss_diff):  # reference: any diff above -> no switch
+        self.last_threshold = self.effective_threshold(epoch_noise)
+        if any(d > self.last_threshold for d in self.loss_diff):  # reference: any diff above -> no switch
             return False
         self.count += 1
         if self.count in (1, 2):  # reference adaptive_threshold: decay only on the 1st and 2nd turning point
@@ -86,14 +102,17 @@ class PFQIndicator:
     def state_dict(self) -> dict:
         return {"kind": "PFQIndicator", "initial_threshold": self.initial_threshold, "decay": self.decay,
                 "epoch_keep": self.epoch_keep, "num_turning_point": self.num_turning_point,
-                "scale_epochs": self.scale_epochs, "threshold": self.threshold, "loss": list(self.loss),
+                "scale_epochs": self.scale_epochs, "noise_floor": self.noise_floor, "threshold": self.threshold,
+                "last_threshold": self.last_threshold, "loss": list(self.loss),
                 "loss_diff": list(self.loss_diff), "scale_sum": self.scale_sum, "scale_loss": self.scale_loss,
                 "epoch": self.epoch, "count": self.count}
 
     def load_state_dict(self, s: dict) -> None:
+        s = {"noise_floor": 0.0, **s}   # checkpoints written before the noise floor existed ran without one
         _same_config(self.state_dict(), s, ("initial_threshold", "decay", "epoch_keep", "num_turning_point",
-                                             "scale_epochs"), "PFQ indicator")
+                                             "scale_epochs", "noise_floor"), "PFQ indicator")
         self.threshold = float(s["threshold"])
+        self.last_threshold = float(s.get("last_threshold", s["threshold"]))
         self.loss = [float(v) for v in s["loss"]]
         self.loss_diff = [float(v) for v in s["loss_diff"]]
         self.scale_sum = float(s["scale_sum"])
@@ -167,6 +186,8 @@ class StagedSchedule:
         self.stage = 0
         self.steps_done = 0
         self.loss_sum = 0.0
+        self.loss_sq_sum = 0.0
+        self.epoch_noise: float | None = None   # standard error of the last epoch's mean loss
         self.transitions: list = []
         self.epoch_losses: list[float] = []
 
@@ -177,11 +198,15 @@ class StagedSchedule:
                                  f"a mismatched checkpoint?)")
         self.steps_done += 1
         self.loss_sum += float(loss)
+        self.loss_sq_sum += float(loss) ** 2
         self._on_step(self.steps_done)
         if self.steps_done % self.epoch_iters:
             return None
-        epoch_loss = self.loss_sum / self.epoch_iters
-        self.loss_sum = 0.0
+        n = self.epoch_iters
+        epoch_loss = self.loss_sum / n
+        var = max(0.0, self.loss_sq_sum / n - epoch_loss ** 2) * n / (n - 1) if n > 1 else float("nan")
+        self.epoch_noise = math.sqrt(var / n) if n > 1 else None
+        self.loss_sum = self.loss_sq_sum = 0.0
         self.epoch_losses.append(epoch_loss)
         epoch = self.steps_done // self.epoch_iters
         t = self._on_epoch(epoch, epoch_loss)
@@ -202,6 +227,7 @@ class StagedSchedule:
 
     def state_dict(self) -> dict:
         return {**self._config(), "stage": self.stage, "steps_done": self.steps_done, "loss_sum": self.loss_sum,
+                "loss_sq_sum": self.loss_sq_sum,
                 "epoch_losses": list(self.epoch_losses), "transitions": [t.as_dict() for t in self.transitions]}
 
     def load_state_dict(self, s: dict) -> None:
@@ -210,6 +236,7 @@ class StagedSchedule:
         self.stage = int(s["stage"])
         self.steps_done = int(s["steps_done"])
         self.loss_sum = float(s["loss_sum"])
+        self.loss_sq_sum = float(s.get("loss_sq_sum", 0.0))
         self.epoch_losses = [float(v) for v in s["epoch_losses"]]
         self.transitions = [self._transition_from(t) for t in s["transitions"]]
 
@@ -292,31 +319,30 @@ class PFQSchedule(PrecisionSchedule):
 
     def __init__(self, fw_schedule: Sequence[int], bw_schedule: Sequence[int], epoch_iters: int = 400,
                  eps: float = 0.05, alpha: float = 0.3, num_turning_point: int | None = None, epoch_keep: int = 5,
-                 scale_epochs: int = 10):
+                 scale_epochs: int = 10, noise_floor: float = 0.0):
         ntp = len(fw_schedule) - 1 if num_turning_point is None else int(num_turning_point)
         _check_lengths(fw_schedule, bw_schedule, ntp)
         super().__init__(list(zip(fw_schedule, bw_schedule)), epoch_iters)
-        self.indicator = PFQIndicator(eps, alpha, epoch_keep, ntp, scale_epochs)
+        self.indicator = PFQIndicator(eps, alpha, epoch_keep, ntp, scale_epochs, noise_floor)
 
     def _on_epoch(self, epoch: int, epoch_loss: float) -> Transition | None:
         ind = self.indicator
-        threshold = ind.threshold
         window = list(ind.loss[-(ind.epoch_keep - 1):]) + [epoch_loss] if not ind.done else []
-        if not ind.update(epoch_loss):
+        if not ind.update(epoch_loss, self.epoch_noise):
             return None
         return self._switch(epoch, f"PFQ turning point {ind.count}", losses=window, diffs=list(ind.loss_diff),
-                            threshold=threshold, scale_loss=ind.scale_loss)
+                            threshold=ind.last_threshold, scale_loss=ind.scale_loss)
 
     def _config(self) -> dict:
         i = self.indicator
         return {**super()._config(), "eps": i.initial_threshold, "alpha": i.decay, "epoch_keep": i.epoch_keep,
-                "num_turning_point": i.num_turning_point, "scale_epochs": i.scale_epochs}
+                "num_turning_point": i.num_turning_point, "scale_epochs": i.scale_epochs, "noise_floor": i.noise_floor}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "indicator": self.indicator.state_dict()}
 
     def load_state_dict(self, s: dict) -> None:
-        super().load_state_dict(s)
+        super().load_state_dict({"noise_floor": 0.0, **s})
         self.indicator.load_state_dict(s["indicator"])
 
 
@@ -403,7 +429,7 @@ def schedule_from_state(state: dict[str, Any]) -> PrecisionSchedule:
         sched = IterationSchedule(fw, bw, state["switch_steps"], state["epoch_iters"])
     elif kind == "pfq":
         sched = PFQSchedule(fw, bw, state["epoch_iters"], state["eps"], state["alpha"], state["num_turning_point"],
-                            state["epoch_keep"], state["scale_epochs"])
+                            state["epoch_keep"], state["scale_epochs"], state.get("noise_floor", 0.0))
     else:
         raise FracgraphError(f"checkpoint holds an unknown precision schedule kind {kind!r}")
     sched.load_state_dict(state)

@@ -33,3 +33,32 @@ def test_fewer_bits_faster_and_asymmetric_takes_max():
     c8, c4, c48 = (m.conv_cost(ConvOp(**base, a_bits=a, b_bits=b)) for a, b in ((8, 8), (4, 4), (4, 8)))
     assert c4.cycles < c8.cycles
     assert c48.detail["compute"] == c8.detail["compute"]
+
+
+def test_linear_packing_is_auto_nba_q_over_16():
+    """Auto-NBA: a q-bit MAC takes q/16 DSP -> 16/q MACs per DSP, from min_pack_bits (4) up; FP32 half a MAC."""
+    assert [macs_per_dsp(b, "linear") for b in (2, 3, 4, 6, 8, 12, 16, 32)] == [4, 4, 4, 16 / 6, 2, 16 / 12, 1, 0.5]
+
+
+def _reference_compute(n, c, k, r, p, q, bits, lanes=30):
+    """Packed pixels: ceil(pixels x R x S x ceil(K/lanes) x ceil(C/lanes) / (16/q)), q = max(bits, 4)."""
+    import math
+    return math.ceil(n * p * p * r * r * math.ceil(k / lanes) * math.ceil(c / lanes) / (16 / max(bits, 4)))
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_pixel_lanes_against_reference(bits):
+    m = ZC706()
+    c = m.conv_cost(ConvOp(ic=16, oc=16, batch=8, kh=3, kw=3, oh=32, ow=32, a_bits=bits, b_bits=4))
+    assert c.detail["compute"] == _reference_compute(8, 16, 16, 3, 32, 32, max(bits, 4))
+
+
+def test_narrow_layer_gains_only_with_pixel_lanes():
+    """16 output channels: packing widens 30 output lanes to 60/120, which 16 channels cannot use ('out', the
+    earlier model, config dsp_step); along the pixels 4-bit MACs run at twice the 8-bit rate."""
+    op = dict(ic=16, oc=16, batch=128, kh=3, kw=3, oh=32, ow=32)
+    for cfg, gain in ((None, 2.0), ("dsp_step", 1.0)):
+        m = ZC706(cfg)
+        c8 = m.conv_cost(ConvOp(**op, a_bits=8, b_bits=8)).detail["compute"]
+        c4 = m.conv_cost(ConvOp(**op, a_bits=4, b_bits=4)).detail["compute"]
+        assert c8 / c4 == pytest.approx(gain, rel=1e-6)

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 from fracgraph import kernels  # noqa: E402
 from fracgraph.passes.base import all_nodes  # noqa: E402
+from fracgraph.passes.conv_grad_w import ConvGradWPass, ConvShape, choose  # noqa: E402
 
 from conftest import custom_op_session  # noqa: E402
 from test_speed_passes import ConvZoo, assert_same_step, build_pair  # noqa: E402
@@ -66,6 +67,133 @@ def test_kernel_refuses_mismatched_batches():
         conv_grad_w(np.zeros((2, 4, 3, 3), np.float32), np.zeros((3, 4, 3, 3), np.float32), (3, 3), (1, 1), (1, 1), (1, 1))
 
 
+def conv_shape_case(case, groups=1, seed=0):
+    """x, dy and PyTorch's float64 dW (and dB) for (N, Ci, H, W, Co, kernel, stride, pad, dilation)."""
+    n, ci, h, w, co, kernel, stride, pad, dilation = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, ci, h, w)).astype(np.float32)
+    ho = (h + 2 * pad[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * pad[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    dy = rng.standard_normal((n, co, ho, wo)).astype(np.float32)
+    ref = torch.nn.grad.conv2d_weight(torch.from_numpy(x).double(), (co, ci // groups, *kernel),
+                                      torch.from_numpy(dy).double(), stride=stride, padding=pad, dilation=dilation,
+                                      groups=groups).numpy()
+    return x, dy, ref
+
+
+def conv_attrs(kernel, stride, pad, dilation):
+    return dict(kh=kernel[0], kw=kernel[1], sh=stride[0], sw=stride[1], ph=pad[0], pw=pad[1], dh=dilation[0],
+                dw=dilation[1])
+
+
+# (case, groups): the shape classes that select im2col-gemm: large channel counts on tiny maps (stride 1 and 2),
+# grouped (regnet's group width 16, strided), 1x1 strided, 7x7 stride 2, dilated, asymmetric kernels, one image
+GEMM_CASES = [
+    ((3, 128, 2, 2, 96, (3, 3), (1, 1), (1, 1), (1, 1)), 1),
+    ((2, 64, 4, 4, 128, (3, 3), (2, 2), (1, 1), (1, 1)), 1),
+    ((3, 64, 8, 8, 64, (3, 3), (1, 1), (1, 1), (1, 1)), 4),
+    ((2, 48, 7, 7, 48, (3, 3), (2, 2), (1, 1), (1, 1)), 3),
+    ((2, 24, 9, 9, 40, (1, 1), (2, 2), (0, 0), (1, 1)), 1),
+    ((2, 3, 19, 21, 16, (7, 7), (2, 2), (3, 3), (1, 1)), 1),
+    ((2, 8, 9, 9, 16, (3, 3), (1, 1), (2, 2), (2, 2)), 2),
+    ((1, 5, 6, 9, 7, (1, 3), (1, 2), (0, 1), (1, 1)), 1),
+]
+
+
+@pytest.mark.parametrize("case,groups", GEMM_CASES, ids=lambda c: str(c))
+def test_gemm_operands_match_pytorch(case, groups):
+    """ConvGradWCols + onnxruntime's FusedMatMul (what the pass emits) against PyTorch's float64 dW and dB."""
+    x, dy, ref = conv_shape_case(case, groups)
+    attrs = conv_attrs(*case[5:])
+    sess = custom_op_session("ConvGradWCols", ["dy", "x"], ["dyt", "col"], 2, group=groups, **attrs)
+    dyt, col = sess.run(None, dict(dy=dy, x=x))
+    n, ci, co = case[0], case[1], case[4]
+    p = dy.shape[2] * dy.shape[3]
+    assert dyt.shape == (groups, co // groups, n * p) and col.shape == (groups, ref[0].size, n * p)
+    # the operands are copies (no arithmetic): exact against numpy's im2col of the same tensors
+    np.testing.assert_array_equal(dyt.reshape(co, n, p), dy.reshape(n, co, p).transpose(1, 0, 2))
+    got = np.matmul(dyt.astype(np.float64), col.astype(np.float64).transpose(0, 2, 1)).reshape(ref.shape)
+    assert np.abs(got - ref).max() <= 1e-9 * max(np.abs(ref).max(), 1.0)
+    # and the float32 GEMM as onnxruntime runs it: a sum of n*p products, bounded by float32 rounding of it
+    f32 = np.matmul(dyt, col.transpose(0, 2, 1)).reshape(ref.shape)
+    bound = 4 * n * p * np.finfo(np.float32).eps * np.matmul(np.abs(dyt).astype(np.float64),
+                                                                np.abs(col).astype(np.float64).transpose(0, 2, 1)).reshape(ref.shape)
+    assert np.all(np.abs(f32 - ref) <= bound + 1e-30)
+
+
+# depthwise: 3x3 and 5x5, strided (efficientnet's), dilated, asymmetric pads and kernels, tiny maps, one image
+DW_CASES = [
+    (3, 16, 8, 8, 16, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 24, 11, 11, 24, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (2, 40, 9, 9, 40, (5, 5), (2, 2), (2, 2), (1, 1)),
+    (3, 32, 2, 2, 32, (5, 5), (1, 1), (2, 2), (1, 1)),
+    (2, 8, 12, 10, 8, (3, 3), (1, 1), (2, 2), (2, 2)),
+    (1, 5, 7, 13, 5, (3, 5), (1, 3), (1, 0), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_depthwise_kernel_matches_pytorch(case, threads):
+    x, dy, ref = conv_shape_case(case, groups=case[1])
+    sess = custom_op_session("DepthwiseConvGradW", ["dy", "x"], ["dw"], threads, **conv_attrs(*case[5:]))
+    got = sess.run(None, dict(dy=dy, x=x))[0]
+    assert got.shape == ref.shape and got.dtype == np.float32
+    # float lanes per image added in double: within float32 rounding of each image's dot product
+    p = dy.shape[2] * dy.shape[3]
+    scale = np.einsum("nchw->c", np.abs(dy).astype(np.float64)) * np.abs(x).max()   # >= sum |dY X| of a tap
+    assert np.all(np.abs(got - ref) <= 2 * p * np.finfo(np.float32).eps * scale[:, None, None, None])
+
+
+def test_new_kernels_refuse_bad_inputs():
+    attrs = conv_attrs((3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(Exception, match="one batch"):
+        custom_op_session("ConvGradWCols", ["dy", "x"], ["dyt", "col"], 1, group=1, **attrs).run(
+            None, dict(dy=np.zeros((2, 4, 3, 3), np.float32), x=np.zeros((3, 4, 3, 3), np.float32)))
+    with pytest.raises(Exception, match="group must divide"):
+        custom_op_session("ConvGradWCols", ["dy", "x"], ["dyt", "col"], 1, group=3, **attrs).run(
+            None, dict(dy=np.zeros((2, 4, 3, 3), np.float32), x=np.zeros((2, 4, 3, 3), np.float32)))
+    with pytest.raises(Exception, match="same channel count"):
+        custom_op_session("DepthwiseConvGradW", ["dy", "x"], ["dw"], 1, **attrs).run(
+            None, dict(dy=np.zeros((2, 5, 3, 3), np.float32), x=np.zeros((2, 4, 3, 3), np.float32)))
+
+
+def _shape(ci, hw, co, k, s, g=1, bias=False):
+    p = k // 2
+    return ConvShape(ci=ci, h=hw, w=hw, co=co, kh=k, kw=k, sh=s, sw=s, ph=p, pw=p, ph_end=p, pw_end=p, dh=1, dw=1,
+                     group=g, bias=bias)
+
+
+# the corpus shapes of bench/kernel_probes.py --only dwshapes and the form its timings favour
+CHOICES = [
+    (_shape(512, 2, 512, 3, 1), "im2col-gemm"),     # resnet18 layer4: 0.2-0.9x ConvGrad
+    (_shape(256, 4, 512, 3, 2), "im2col-gemm"),     # resnet18 layer4 strided: 0.4-0.8x
+    (_shape(256, 4, 256, 3, 1), "im2col-gemm"),     # resnet18 layer3: 0.8-0.9x
+    (_shape(64, 16, 64, 3, 1), "ConvGradW"),        # resnet18 layer1 / resnet20: 0.6x
+    (_shape(16, 32, 16, 3, 1), "ConvGradW"),
+    (_shape(16, 32, 32, 3, 2), "ConvGradW"),        # resnet20's strided convs: 0.6-0.9x (README table)
+    (_shape(32, 16, 64, 1, 2), "ConvGradW"),
+    (_shape(64, 16, 128, 1, 2), "ConvGrad"),        # 1x1 strided: im2col-gemm 0.9-1.9x, ConvGradW 9-23x
+    (_shape(144, 16, 24, 1, 1), "ConvGrad"),        # 1x1: ConvGrad reads X in place
+    (_shape(1152, 2, 192, 1, 1), "ConvGrad"),
+    (_shape(3, 64, 32, 3, 2), "ConvGrad"),          # 3-channel stem: im2col-gemm 2-6x, ConvGradW 3-6x
+    (_shape(3, 64, 64, 7, 2), "ConvGrad"),          # resnet18's 7x7 stride 2
+    (_shape(400, 2, 400, 3, 1, g=25), "im2col-gemm"),   # regnet group width 16 on 2x2: 0.6-0.9x
+    (_shape(64, 8, 64, 3, 1, g=4), "ConvGrad"),         # and on 8x8: im2col-gemm 0.7-1.1x
+    (_shape(240, 8, 240, 5, 1, g=240), "depthwise"),
+]
+
+
+@pytest.mark.parametrize("shape,form", CHOICES, ids=lambda c: str(c))
+def test_cost_model_choices(shape, form):
+    assert choose(shape, avx512=True)[0] == form
+
+
+def test_without_avx512_the_tile_is_never_chosen():
+    assert choose(_shape(64, 16, 64, 3, 1), avx512=False)[0] != "ConvGradW"
+    assert all(choose(s, avx512=False)[0] != "ConvGradW" for s, _ in CHOICES)
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     return build_pair(ConvZoo(), tmp_path_factory.mktemp("cgw"), (2, 3, 9, 9), "fused_kernels")
@@ -74,17 +202,80 @@ def builds(tmp_path_factory):
 def test_pass_structure_and_reasons(builds):
     art, manifest = builds[True]
     ops = [(n.op_type, n.domain) for n in all_nodes(onnx.load(str(art / "training_model.onnx")).graph)]
-    # stride-1 group-1 convs whose dX conv-grad-split took: c0 (no dX needed), k5, dil
-    assert ops.count(("ConvGradW", kernels.DOMAIN)) == 3
+    assert ops.count(("DepthwiseConvGradW", kernels.DOMAIN)) == 2             # dw, dw_s2
+    assert ops.count(("ConvGradWCols", kernels.DOMAIN)) == 4                  # grouped (bias), pw_s2 (bias), k5, dil
     notes = "\n".join(n for n in manifest.extra["notes"] if n.startswith("[conv-grad-w]"))
-    assert "3 conv weight gradients on fracgraph's ConvGradW" in notes
+    assert "0 on ConvGradW, 4 on im2col-gemm, 2 on depthwise, 2 on ConvGrad" in notes
     assert "/pad1x1/Conv_Grad/ConvGrad_0: kept ConvGrad (it computes dX)" in notes   # pads beyond the kernel reach
-    assert "/pw_s2/Conv_Grad/ConvGrad_0: kept ConvGrad (it computes the bias gradient)" in notes
-    assert "/grouped/Conv_Grad/ConvGrad_0: kept ConvGrad (it computes the bias gradient)" in notes
-    assert "/dw/Conv_Grad/ConvGrad_0: kept ConvGrad (grouped)" in notes
-    assert "/dw_s2/Conv_Grad/ConvGrad_0: kept ConvGrad (grouped)" in notes
+    assert "/grouped/Conv_Grad/ConvGrad_0: dW on im2col-gemm (modelled" in notes
+    assert "/c0/Conv_Grad/ConvGrad_0: dW on ConvGrad (modelled" in notes
+    choices = {c["node"]: c for c in manifest.extra["conv_grad_w"]}
+    assert choices["/dw_s2/Conv_Grad/ConvGrad_0"]["form"] == "depthwise"
+    assert choices["/grouped/Conv_Grad/ConvGrad_0"]["shape"] == "Ci8 5x5 -> Co12 3x3/1 group 4, 5x5 out"
 
 
 @pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4)])
 def test_pass_keeps_loss_and_every_gradient(builds, bits, tol):
     assert_same_step(builds[False][0], builds[True][0], bits, tol)
+
+
+class WideZoo(torch.nn.Module):
+    """The shapes that select each form at a test's size: ConvGradW (16 channels, 8x8, stride 1, dilated),
+    im2col-gemm (64 channels on 4x4 and 2x2 maps, strided, grouped), depthwise, and ConvGrad (1x1)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c0 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False)
+        self.down = nn.Conv2d(16, 64, 3, stride=2, padding=1, bias=False)
+        self.c3 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.g = nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=4, bias=False)
+        self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+        self.pw = nn.Conv2d(64, 32, 1, bias=True)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        r = torch.relu
+        x = r(self.bn0(self.c0(x)))
+        x = r(self.c1(x) + x)
+        x = r(self.c3(r(self.down(x))))
+        x = r(self.dw(r(self.g(x))))
+        x = self.pw(x)
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    return build_pair(WideZoo(), tmp_path_factory.mktemp("cgw_wide"), (2, 3, 8, 8), "fused_kernels")
+
+
+def test_every_form_is_chosen_on_its_shape(wide):
+    choices = {c["node"].split("/")[1]: c["form"] for c in wide[True][1].extra["conv_grad_w"]}
+    avx512 = ConvGradWPass().avx512
+    assert choices == {"c0": "ConvGradW" if avx512 else "ConvGrad", "c1": "ConvGradW" if avx512 else "ConvGrad",
+                       "down": "im2col-gemm", "c3": "im2col-gemm", "g": "im2col-gemm", "dw": "depthwise",
+                       "pw": "ConvGrad"}
+
+
+def test_every_form_keeps_loss_and_every_gradient(wide):
+    # at 0 bits: the forms differ only in float summation order, and no stochastic rounding can amplify that into a
+    # flipped quantization step (the quantized on/off equality is checked against PyTorch on ConvZoo)
+    assert_same_step(wide[False][0], wide[True][0], (0, 0, 0), 1e-5, shape=(6, 3, 8, 8))
+
+
+def test_inspect_lists_each_choice_with_its_reason(wide):
+    from typer.testing import CliRunner
+
+    from fracgraph.cli import app
+    from fracgraph.inspect import summarize
+
+    art = wide[True][0]
+    rows = {c["node"].split("/")[1]: c for c in summarize(str(art))["conv_weight_gradients"]}
+    assert rows["c3"]["form"] == "im2col-gemm" and rows["c3"]["shape"] == "Ci64 4x4 -> Co64 3x3/1, 4x4 out"
+    assert rows["c3"]["costs"]["im2col-gemm"] * 1.5 < rows["c3"]["costs"]["ConvGrad"]
+    r = CliRunner().invoke(app, ["inspect", str(art)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0
+    assert "conv weight gradients" in r.output and "/c3/Conv_Grad/ConvGrad_0" in r.output
+    assert "depthwise: one output row per channel" in r.output

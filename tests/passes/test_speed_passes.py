@@ -3,15 +3,16 @@ with the passes on equal those with them off, on a model with every conv form th
 
 The stochastic BW noise is made identical in both builds by giving each RandomUniformLike node a seed derived
 from its name (onnxruntime otherwise seeds kernels in creation order, which a rewrite changes). At 0 bits the
-step is continuous and the gradients agree to float rounding (1e-5). With quantized errors, a rounding-level
-difference upstream (s*g/s, a conv summed in another order) can move an element across a stochastic-rounding
-boundary, which changes it by one quantization step, so the quantized cases use 1e-4 (the tolerance of the
-PyTorch reference test, tests/test_step_reference.py, which checks the passes-on step against PyTorch).
+step is continuous and the two builds' gradients agree to float rounding (1e-5). With quantized errors, a
+rounding-level difference upstream (s*g/s, a conv summed in another order) can move an element across a
+stochastic-rounding boundary, which changes it by one quantization step, and the flip cascades through the
+quantizers below by an amount that depends on the CPU's kernels; so at quantized bits each build's step is
+compared with ConvZoo's PyTorch step (its weights, its noise), every error quantizer replayed on the error that
+build quantized (conftest.ErrorReplay), at 1e-4.
 """
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import onnx
@@ -25,7 +26,9 @@ from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.passes.conv_grad_split import ConvGradSplitPass  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
-from conftest import export  # noqa: E402
+from conftest import STE, ErrorReplay, GradQ, export, fq_ref, seed_noise  # noqa: E402
+
+F = torch.nn.functional
 
 
 class ConvZoo(nn.Module):
@@ -44,25 +47,17 @@ class ConvZoo(nn.Module):
         self.pad1x1 = nn.Conv2d(16, 16, 1, padding=1, bias=False)
         self.fc = nn.Linear(16, 4)
 
-    def forward(self, x):
-        x = torch.relu(self.bn0(self.c0(x)))
-        x = torch.relu(self.dw_s2(x))
-        x = torch.relu(self.grouped(x))
-        x = torch.relu(self.dw(x))
-        x = torch.relu(self.pw_s2(x))
-        x = torch.relu(self.k5(x) + x)
-        x = torch.relu(self.dil(x))
-        x = self.pad1x1(x)
+    def forward(self, x, conv=None):
+        conv = conv or (lambda name, inp: getattr(self, name)(inp))   # the reference passes its quantized conv
+        x = torch.relu(self.bn0(conv("c0", x)))
+        x = torch.relu(conv("dw_s2", x))
+        x = torch.relu(conv("grouped", x))
+        x = torch.relu(conv("dw", x))
+        x = torch.relu(conv("pw_s2", x))
+        x = torch.relu(conv("k5", x) + x)
+        x = torch.relu(conv("dil", x))
+        x = conv("pad1x1", x)
         return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def _seed_noise(art):
-    path = str(art / "training_model.onnx")
-    model = onnx.load(path)
-    for n in model.graph.node:
-        if n.op_type == "RandomUniformLike":
-            n.attribute.append(helper.make_attribute("seed", float(zlib.crc32(n.name.encode()) % 100003)))
-    onnx.save(model, path)
 
 
 def build_pair(module, directory, input_shape, option: str | None = None, *, off: dict | None = None,
@@ -75,8 +70,8 @@ def build_pair(module, directory, input_shape, option: str | None = None, *, off
     out = {}
     for key, opts in variants.items():
         art = directory / f"art_{key}"
-        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, **opts))
-        _seed_noise(art)
+        manifest = build_artifacts(path, art, BuildOptions(expose_noise=True, expose_errors=True, **opts))
+        seed_noise(art)
         out[key] = (art, manifest)
     return out
 
@@ -98,16 +93,59 @@ def _step(art, bits, shape=(6, 3, 9, 9), classes=4):
     return float(outs[0]), {k: sess.gradient(k) for k in sess.trainable}, noise
 
 
-def assert_same_step(off, on, bits, tol):
-    """One seeded step of the two builds: the same noise, loss to 1e-6, every gradient to `tol` (relative)."""
-    loss0, grads0, noise0 = _step(off, bits)
-    loss1, grads1, noise1 = _step(on, bits)
+def assert_same_step(off, on, bits, tol, shape=(6, 3, 9, 9)):
+    """One seeded step of two ConvZoo builds. At 0 bits: loss to 1e-6 and every gradient to `tol` (relative), one
+    build against the other. At quantized bits: the same noise in both, and each build against ConvZoo's replayed
+    PyTorch step (`assert_matches_reference`), loss and every gradient to `tol`."""
+    if not any(bits):
+        loss0, grads0, _ = _step(off, bits, shape)
+        loss1, grads1, _ = _step(on, bits, shape)
+        assert abs(loss0 - loss1) <= 1e-6 * abs(loss0)
+        assert grads0.keys() == grads1.keys() and len(grads0) >= 11
+        for name, g in grads0.items():
+            err = np.linalg.norm(grads1[name] - g) / max(np.linalg.norm(g), 1e-12)
+            assert err <= tol, f"{name}: relative gradient error {err:.2e}"
+        return
+    assert shape == (6, 3, 9, 9), "quantized bits are checked against ConvZoo's PyTorch step only"
+    noise0, noise1 = assert_matches_reference(off, bits, tol), assert_matches_reference(on, bits, tol)
     assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
-    assert abs(loss0 - loss1) <= 1e-6 * abs(loss0)
-    assert grads0.keys() == grads1.keys() and len(grads0) >= 11
-    for name, g in grads0.items():
-        err = np.linalg.norm(grads1[name] - g) / max(np.linalg.norm(g), 1e-12)
-        assert err <= tol, f"{name}: relative gradient error {err:.2e}"
+
+
+def assert_matches_reference(art, bits, tol, shape=(6, 3, 9, 9), classes=4) -> dict:
+    """One seeded step of ConvZoo artifacts (built with expose_noise and expose_errors) against ConvZoo in PyTorch
+    with the artifacts' weights: every conv's input and weight fake-quantized at bits (a, w), its error at g with
+    the step's noise, each error quantizer checked on the error ORT quantized (conftest.ErrorReplay). Returns the
+    noise."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = rng.integers(0, classes, shape[0]).astype(np.int64)
+    sess = TrainSession(art, seed=0, threads=1)
+    outs = sess.forward_backward(x, y, np.tile(np.asarray(bits, np.float32), (sess.manifest.n_blocks, 1)))
+    got = dict(sess.last_outputs)
+    noises = {n[: -len("::bwq/noise")]: torch.from_numpy(np.asarray(o)) for n, o in got.items() if n.endswith("::bwq/noise")}
+    ref = ConvZoo().train()
+    params = dict(ref.named_parameters())
+    assert set(params) == set(sess.trainable)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(torch.from_numpy(sess.parameter(name)))
+    a, w, g = bits
+    replay = ErrorReplay(got, fq_ref)
+
+    def qconv(name, inp):
+        conv = getattr(ref, name)
+        out = F.conv2d(STE.apply(inp, a, False), STE.apply(conv.weight, w, True), conv.bias, conv.stride,
+                       conv.padding, conv.dilation, conv.groups)
+        return GradQ.apply(out, g, noises[f"/{name}/Conv"], (replay, f"/{name}/Conv"))
+
+    loss = F.cross_entropy(ref(torch.from_numpy(x), qconv), torch.from_numpy(y))
+    loss.backward()
+    assert sorted(replay.seen) == sorted(noises) and len(noises) == 8
+    assert abs(float(outs[0]) - loss.item()) <= 1e-4 * abs(loss.item())
+    for name, p in params.items():
+        err = np.linalg.norm(sess.gradient(name) - p.grad.numpy()) / max(np.linalg.norm(p.grad.numpy()), 1e-12)
+        assert err <= tol, f"{name}: relative gradient error {err:.2e} against the replayed PyTorch step"
+    return {k: v.numpy() for k, v in noises.items()}
 
 
 @pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4)])
@@ -126,8 +164,9 @@ def test_conv_grad_split_structure_and_reasons(builds):
         assert f"/{conv}/Conv_Grad/ConvGrad_0: dX as Conv," in text, conv
     assert "/pad1x1/Conv_Grad/ConvGrad_0: kept ConvGrad (pads [1, 1, 1, 1] exceed the kernel reach)" in text
     graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
-    # dW only: ConvGrad without dX, or its stride-1 group-1 ones on ConvGradW (passes/conv_grad_w.py)
-    split = [n for n in graph.node if (n.op_type == "ConvGrad" and n.output[0] == "") or n.op_type == "ConvGradW"]
+    # dW only: ConvGrad without dX, or the forms of passes/conv_grad_w.py
+    split = [n for n in graph.node if (n.op_type == "ConvGrad" and n.output[0] == "")
+             or n.op_type in ("ConvGradW", "ConvGradWCols", "DepthwiseConvGradW")]
     assert len(split) == 7   # six lowered + the first conv, whose dX onnxruntime already drops
 
 

@@ -164,3 +164,44 @@ def test_lr_step_piecewise_cosine():
         S.LRSchedule("linear")
     with pytest.raises(FracgraphError, match="strictly increasing"):
         S.LRSchedule("piecewise", milestones=[5, 5])
+
+
+def test_pfq_noise_floor_fires_where_the_authors_threshold_cannot():
+    """A flat, noisy loss: eps*alpha^2 (0.0045 of the loss scale) sits far below the epoch mean's noise, so the
+    authors' indicator never makes its third switch; with the floor at 2 standard errors it does, and at 0 the
+    floor changes nothing (the authors' behaviour, step for step)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    losses = 1.0 + rng.normal(0, 0.1, 40 * 40)        # per-step noise 0.1: an epoch mean of 40 has 0.016
+    runs = {}
+    for floor in (0.0, 2.0):
+        sched = S.PFQSchedule([3, 4, 6, 8], [6, 6, 8, 8], epoch_iters=40, noise_floor=floor)
+        for i, v in enumerate(losses):
+            sched.observe(i, float(v))
+        runs[floor] = [t.step for t in sched.transitions]
+    assert len(runs[0.0]) < 3 and len(runs[2.0]) == 3
+    # the floor is max(threshold, 2 * noise / scale): the first switch (eps 0.05 >> noise) is the same in both
+    assert runs[0.0][0] == runs[2.0][0]
+    # and the floor never lowers a threshold: a noiseless flat loss switches at the same steps either way
+    steps = {}
+    for floor in (0.0, 2.0):
+        sched = S.PFQSchedule([3, 4, 6, 8], [6, 6, 8, 8], epoch_iters=40, noise_floor=floor)
+        for i in range(40 * 30):
+            sched.observe(i, 1.0)
+        steps[floor] = [t.step for t in sched.transitions]
+    assert steps[0.0] == steps[2.0] == [200, 400, 600]
+
+
+def test_pfq_noise_floor_resumes_and_refuses_a_mismatch():
+    sched = S.PFQSchedule([3, 4, 6, 8], [6, 6, 8, 8], epoch_iters=4, noise_floor=2.0)
+    for i in range(10):
+        sched.observe(i, 1.0 + 0.1 * (i % 3))
+    state = sched.state_dict()
+    again = S.schedule_from_state(state)
+    assert again.state_dict() == state
+    old = {k: v for k, v in state.items() if k not in ("noise_floor", "loss_sq_sum")}   # written before the floor
+    old["indicator"] = {k: v for k, v in state["indicator"].items() if k not in ("noise_floor", "last_threshold")}
+    with pytest.raises(FracgraphError, match="noise_floor"):
+        S.PFQSchedule([3, 4, 6, 8], [6, 6, 8, 8], epoch_iters=4, noise_floor=2.0).load_state_dict(old)
+    S.PFQSchedule([3, 4, 6, 8], [6, 6, 8, 8], epoch_iters=4, noise_floor=0.0).load_state_dict(old)
