@@ -317,7 +317,8 @@ def test_step_matches_pytorch(two_block, art_batch, art_batch_default, art_sampl
 def art_static(two_block, tmp_path_factory):
     """The default --dfq layout: the stem (first GEMM) quantized in a static block 0 without a gate."""
     out = tmp_path_factory.mktemp("dfq") / "static"
-    build_artifacts(two_block[1], out, BuildOptions(dfq=DfqOptions(task_grad="chosen"), expose_noise=True))
+    build_artifacts(two_block[1], out, BuildOptions(dfq=DfqOptions(task_grad="chosen"), expose_noise=True,
+                                                    expose_errors=True))
     return out
 
 

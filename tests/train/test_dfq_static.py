@@ -98,3 +98,23 @@ def test_beta_schedule_lr_keeps_the_gates_speed(static_run, tmp_path):
     assert [r["beta"] for r in _records(tmp_path / "c")] == [0.002] * 8
     with pytest.raises(FracgraphError, match="--beta-schedule"):
         train(TrainConfig(run_dir=str(tmp_path / "x"), beta_schedule="cosine", **base))
+
+
+def test_hardware_cost_table_covers_the_gated_blocks(tmp_path):
+    """quantize --dfq --cost bitfusion with a static first block: the controller's table holds the gated blocks'
+    rows only, the very rows of the same model's table with every block gated (--first quantize)."""
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.manifest import Manifest
+    from fracgraph.passes.dfq_gate import DfqOptions
+    from fracgraph.train.dfq import TargetClamp
+    from fracgraph.zoo import export
+
+    model = export("digitnet", tmp_path / "dn.onnx")
+    build_artifacts(model, tmp_path / "s", BuildOptions(dfq=DfqOptions(cost="bitfusion", cost_batch=32)))
+    build_artifacts(model, tmp_path / "g", BuildOptions(dfq=DfqOptions(cost="bitfusion", cost_batch=32,
+                                                                       static_first=False)))
+    s, g = Manifest.read(tmp_path / "s").dfq, Manifest.read(tmp_path / "g").dfq
+    assert s["gated"] == [1, 2] and g["gated"] == [0, 1, 2]
+    assert np.array_equal(s["cost_table"], np.array(g["cost_table"])[1:])
+    assert np.array_equal(s["cost_fp32"], np.array(g["cost_fp32"])[1:])
+    TargetClamp(Manifest.read(tmp_path / "s"))          # the table fits the gated blocks (no shape error)
