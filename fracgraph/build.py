@@ -23,7 +23,7 @@ from .analysis.optable import gemm_table, uncosted_gemms
 from .errors import FracgraphError
 from .manifest import Block, LayerDecision, Manifest
 from .lowering.gradients import check_differentiable, explain_build_error
-from .model import data_input, load_model, lowering_notes
+from .model import load_model, lowering_notes
 from .passes.act_range_ema import ActRangeEmaPass
 from .passes.base import run_passes
 from .passes.bn_grad import BnGradPass
@@ -45,6 +45,8 @@ from .passes.ste_grad import SteGradPass
 from .policy import LayerPolicy
 from .quantizers import float_input
 from .runtime import nchwc_block_size
+from .task import detect as detect_task
+from .task import lm_loss_block
 
 PRECISION_INPUT = "fracgraph_bits"
 LABELS = "labels"
@@ -55,7 +57,7 @@ SR_NOISE = ("independent", "shared")
 _PARAM_INPUTS = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "PRelu": (1,),
-    "Add": (0, 1), "Mul": (0, 1),
+    "Add": (0, 1), "Mul": (0, 1), "Gather": (0,),   # Gather: an embedding table read by token ids
 }
 _FROZEN_INPUTS = {"BatchNormalization": (3, 4)}
 
@@ -141,6 +143,34 @@ def _output_classes(model: onnx.ModelProto, output: str | None = None) -> tuple[
     return model, head["classes"], head
 
 
+def _float_data_input(model: onnx.ModelProto) -> bool:
+    """One non-initializer input, a float tensor: the data of a classifier (token models take integer ids)."""
+    inits = {t.name for t in model.graph.initializer}
+    data = [i for i in model.graph.input if i.name not in inits]
+    return len(data) == 1 and data[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def model_task(model: onnx.ModelProto, output: str | None = None):
+    """(model, task, head) of a loaded model: a classifier's logits picked and normalized by lowering/heads.py
+    (`head` says what was done), a token model's own [B, T, V] logits (head None); task.py's one-line refusals."""
+    head = None
+    if _float_data_input(model):
+        model, classes, head = _output_classes(model, output)
+    return model, detect_task(model, None if head is None else (lambda m: classes)), head
+
+
+def fp32_tables(model: onnx.ModelProto) -> list[dict]:
+    """Embedding tables (a float initializer gathered by token ids): trained, never fake-quantized; the reason is
+    what `inspect` shows."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [{"node": n.name, "table": n.input[0], "shape": list(inits[n.input[0]].dims),
+             "reason": "kept FP32: embedding table (a Gather, not a GEMM: a lookup has no MACs to save, and "
+                       "FracTrain quantizes GEMM operands only)"}
+            for n in model.graph.node
+            if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT
+            and n.input[1] not in inits]
+
+
 def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, force: bool = False) -> Manifest:
     """Run the whole pipeline and write the artifact directory `out_dir`."""
     opts = options or BuildOptions()
@@ -153,8 +183,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         raise FracgraphError(f"{out} already exists; pass --force to replace it")
     model = load_model(model_path)
     _refuse_undifferentiable(model)
-    x_in = data_input(model)
-    model, classes, head = _output_classes(model, opts.output)
+    model, task, head = model_task(model, opts.output)
     lower_notes = [f"[lower] {n}" for n in lowering_notes(model)]
     ops, blocks, decisions, op_dicts = plan(model, opts.policy)
     if not blocks:
@@ -190,7 +219,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     try:
         nchwc_block = nchwc_block_size() if opts.nchwc else 1
         shapes = forward_shapes(model) if opts.fast_backward or nchwc_block > 1 or opts.sr_noise == "shared" else {}
-        _generate(model, tmp, trainable, frozen, opts, gate)
+        _generate(model, tmp, trainable, frozen, opts, gate, task.is_lm)
         train_model = onnx.load(str(tmp / TRAINING))
         fused, kernel_notes = _fused_ops_passes(opts, shapes)
         train_passes = [
@@ -208,10 +237,9 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         eval_model = onnx.load(str(tmp / EVAL))
         eval_model, n3 = run_passes(eval_model, [EvalRangesPass(fw.points), BnEvalFixPass()])
         onnx.save(eval_model, str(tmp / EVAL))
-        shape = [None if not d.HasField("dim_value") else d.dim_value for d in x_in.type.tensor_type.shape.dim][1:]
         manifest = Manifest(
             source_model=str(model_path if not isinstance(model_path, onnx.ModelProto) else "<in-memory>"),
-            input_name=x_in.name, input_shape=shape, label_name=LABELS, num_classes=classes,
+            input_name=task.input_name, input_shape=task.input_shape, label_name=LABELS, num_classes=task.num_classes,
             precision_input=PRECISION_INPUT, default_bits=[float(opts.fw), float(opts.fw), float(opts.bw)],
             blocks=[Block(b.name, b.ops, b.kind) for b in blocks], ops=op_dicts, quant_points=fw.points,
             decisions=decisions,
@@ -225,8 +253,10 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
                    "custom_ops": kernels.DOMAIN if any(p.fused for p in fused) else None,
                    "conv_grad_w": next((p.choices for p in fused if isinstance(p, ConvGradWPass)
                                         and p.name not in opts.skip_passes), None),
-                   "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None},
+                   "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None,
+                   "fp32_tables": fp32_tables(model)},
             dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
+            task=task.to_dict(),
         )
         manifest.write(tmp)
         _install(tmp, out)
@@ -247,7 +277,8 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
     return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass()], []
 
 
-def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None) -> None:
+def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,
+              sequence: bool = False) -> None:
     import onnxruntime as ort
     from onnxruntime.training import artifacts
 
@@ -259,6 +290,10 @@ def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: 
         from .passes.dfq_gate import COST_TERM, loss_block
 
         loss, loss_inputs, extra_outputs = loss_block(), [model.graph.output[0].name, COST_TERM], gate.extra_outputs
+        if sequence:
+            loss = lm_loss_block(COST_TERM)
+    elif sequence:   # [B, T, V] logits: cross-entropy over the last axis, mean over tokens (task.py)
+        loss, loss_inputs = lm_loss_block(), [model.graph.output[0].name]
     try:
         with _quiet_native_output():
             artifacts.generate_artifacts(

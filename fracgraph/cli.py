@@ -45,14 +45,27 @@ def main() -> None:
 @app.command()
 @cli_errors
 def zoo(
-    name: str = typer.Argument(..., help="Model name: resnet20/38/74/110, resnet164, mobilenetv2, digitnet (1x8x8, for the default digits data)."),
+    name: str = typer.Argument(..., help="Model name: resnet20/38/74/110, resnet164, mobilenetv2, digitnet (1x8x8, for the default digits data), gpt (character-level transformer)."),
     output: str = typer.Option(..., "-o", "--output", help="Where to write the ONNX model."),
     classes: int = typer.Option(10, "--classes", help="Number of classes: 10 or 100."),
     seed: int = typer.Option(0, "--seed", help="Init seed; the same seed gives the same bytes."),
+    layers: int = typer.Option(None, "--layers", help="gpt: transformer layers (default 4)."),
+    heads: int = typer.Option(None, "--heads", help="gpt: attention heads (default 4)."),
+    width: int = typer.Option(None, "--width", help="gpt: embedding width (default 128)."),
+    context: int = typer.Option(None, "--context", help="gpt: sequence length T of the input ids (default 64)."),
+    vocab: int = typer.Option(None, "--vocab", help="gpt: vocabulary size (default 65, tinyshakespeare's characters)."),
 ) -> None:
-    """Export a reference CIFAR model (FracTrain's zoo) to ONNX."""
-    from fracgraph.zoo import export
+    """Export a reference model (FracTrain's CIFAR zoo, or a nanoGPT-style character GPT) to ONNX."""
+    from fracgraph.errors import FracgraphError
+    from fracgraph.zoo import export, export_gpt
 
+    sizes = {k: v for k, v in (("layers", layers), ("heads", heads), ("width", width), ("context", context),
+                               ("vocab", vocab)) if v is not None}
+    if name == "gpt":
+        typer.echo(str(export_gpt(output, seed=seed, **sizes)))
+        return
+    if sizes:
+        raise FracgraphError(f"--{', --'.join(sizes)} apply to the gpt model only, not {name!r}")
     typer.echo(str(export(name, output, classes=classes, seed=seed)))
 
 
@@ -191,7 +204,7 @@ def train(
     eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
     alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
     pfq_noise_floor: float = typer.Option(2.0, "--pfq-noise-floor", help="PFQ/FracTrain indicator: a threshold is never below this many standard errors of the epoch's mean loss (relative to the loss scale); 0 = the authors' thresholds. See README 'Reproduction'."),
-    data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH; default: scikit-learn digits."),
+    data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH, text:PATH (UTF-8, for a language model); default: scikit-learn digits."),
     iters: int = typer.Option(200, "--iters", help="Training iterations."),
     epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),
     batch: int = typer.Option(128, "--batch"),
@@ -240,7 +253,8 @@ def train(
         task = bar.add_task("train", total=iters, info="")
 
         def on_step(rec: dict) -> None:
-            acc = f" test {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else ""
+            acc = f" test {100 * rec['test_acc']:.2f}%" if "test_acc" in rec else \
+                f" val loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
             cp = f" cp {rec['cp']:.2f}% MACs" + (f", gated {rec['dfq_cp']:.2f}%" if "dfq_cp" in rec else "")
             bar.update(task, completed=rec["step"], info=f"loss {rec['loss']:.3f} FW{rec['fw']}/BW{rec['bw']}{cp}{acc}")
             if "target_clamp" in rec:
@@ -256,7 +270,9 @@ def train(
     t = Table(title=f"run {output}")
     t.add_column("metric")
     t.add_column("value")
-    for k in ("steps", "final_test_acc", "best_test_acc", "cum_eff_gmacs", "fp32_gmacs", "mean_cp", "wall_s"):
+    metrics = ("final_val_loss", "best_val_loss", "final_val_ppl") if summary.get("task") == "language_model" \
+        else ("final_test_acc", "best_test_acc")
+    for k in ("steps", *metrics, "cum_eff_gmacs", "fp32_gmacs", "mean_cp", "wall_s"):
         v = summary[k]
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     if summary.get("dfq") and summary["dfq"].get("mean_gated_cp") is not None:
@@ -308,6 +324,22 @@ def export(
     elif e:
         typer.echo(f"  test accuracy {e['test_acc']:.4f} ({e['correct']}/{e['total']}, batch {e['batch']}); "
                    f"the run's final evaluation {e['run_final_test_acc']:.4f}")
+
+
+@app.command()
+@cli_errors
+def sample(
+    run: str = typer.Argument(..., help="A run directory of a language model trained with --data text:PATH."),
+    tokens: int = typer.Option(300, "--tokens", help="Characters to generate."),
+    prompt: str = typer.Option("\n", "--prompt", help="Text to continue (characters of the run's vocabulary)."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    which: str = typer.Option("last", "--which", help="last or best (lowest validation loss) model."),
+) -> None:
+    """Print text generated by a trained character language model (plain onnxruntime inference)."""
+    from fracgraph.sample import sample as run_sample
+
+    typer.echo(prompt + run_sample(run, tokens, prompt, temperature, seed, which))
 
 
 @app.command()

@@ -21,6 +21,7 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         precision = {"input": m.precision_input, "shape": [m.n_blocks, 3], "columns": ["act", "weight", "grad"],
                      "default_bits": m.default_bits}
         conv_dw = m.extra.get("conv_grad_w") or []
+        task, tables = m.task_info().to_dict(), m.extra.get("fp32_tables", [])
         dfq = None if m.dfq is None else {k: m.dfq[k] for k in ("options", "weight_bits", "granularity",
                                                                 "cost_weighting", "task_grad", "F", "gate_params",
                                                                 "gate_dim", "embed_dim", "hidden")}
@@ -30,10 +31,11 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
             dfq["gated"] = list(m.dfq.get("gated", range(m.n_blocks)))
             dfq["static_blocks"] = [l for l in range(m.n_blocks) if l not in dfq["gated"]]
     else:
-        from .build import plan
+        from .build import fp32_tables, model_task, plan
         from .model import load_model
 
-        model = load_model(p)
+        model, task, _ = model_task(load_model(p))
+        task, tables = task.to_dict(), fp32_tables(model)
         _, blist, dlist, ops = plan(model, policy or LayerPolicy())
         blocks = [{"name": b.name, "kind": b.kind, "ops": b.ops} for b in blist]
         decisions = [d.__dict__ for d in dlist]
@@ -42,7 +44,7 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
     quant = sum(d["macs"] for d in ops if d["quantized"])
     return {
         "source": source, "kind": kind, "blocks": blocks, "decisions": decisions, "quant_points": points,
-        "precision_input": precision, "dfq": dfq, "conv_weight_gradients": conv_dw,
+        "precision_input": precision, "dfq": dfq, "conv_weight_gradients": conv_dw, "task": task, "fp32_tables": tables,
         "ops": [{k: d[k] for k in ("name", "op_type", "macs", "block", "quantized")} for d in ops],
         "macs_per_sample": total, "quantized_macs_fraction": quant / total if total else 0.0,
     }
@@ -56,6 +58,24 @@ def render(summary: dict) -> None:
     con.print(f"[bold]{summary['source']}[/bold] ({summary['kind']}): {len(summary['blocks'])} blocks, "
               f"{summary['macs_per_sample'] / 1e6:.2f} M forward MACs/sample, "
               f"{100 * summary['quantized_macs_fraction']:.1f}% of them quantized")
+    task = summary.get("task")
+    if task and task["kind"] == "language_model":
+        from rich.markup import escape
+
+        con.print(f"task: language model, input [cyan]{task['input_name']}[/cyan] {task['input_dtype']} token ids "
+                  + escape(f"[batch, {task['context']}], logits [batch, {task['context']}, {task['num_classes']}]")
+                  + ", loss cross-entropy over the vocabulary, mean over tokens")
+    for t in summary.get("fp32_tables", []):
+        from rich.markup import escape
+
+        con.print(escape(f"{t['node']} (Gather of {t['table']} {t['shape']}): ") + f"[yellow]{escape(t['reason'])}[/yellow]")
+    kinds = {}
+    for b in summary["blocks"]:
+        kinds[b["kind"]] = kinds.get(b["kind"], 0) + 1
+    con.print("blocks: " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + " (a residual block is the region a "
+              "residual Add closes, from its dominator; in a pre-LN transformer layer: the attention and the MLP)")
+    for i, b in enumerate(summary["blocks"]):
+        con.print(f"  block {i} {b['name']}: {len(b['ops'])} GEMMs")
     if summary["precision_input"]:
         pi = summary["precision_input"]
         con.print(f"precision input [cyan]{pi['input']}[/cyan] {pi['shape']} columns {pi['columns']}; "

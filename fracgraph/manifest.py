@@ -71,6 +71,7 @@ class Manifest:
     files: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     dfq: dict | None = None      # DFQ artifacts: options, weight bits, granularity, cost weights (passes/dfq_gate.py)
+    task: dict | None = None     # task.Task.to_dict(): classification | language_model (None: written before, classification)
     format: str = FORMAT
     version: int = VERSION
 
@@ -81,6 +82,11 @@ class Manifest:
     def op_block(self) -> dict[str, int | None]:
         """GEMM node name -> block index (None: kept FP32)."""
         return {d["name"]: (d["block"] if d["quantized"] else None) for d in self.ops}
+
+    def task_info(self):
+        from .task import Task
+
+        return Task.from_dict(self.task, self)
 
     @property
     def n_blocks(self) -> int:
@@ -135,6 +141,8 @@ def _check_schema(d: dict) -> None:
     for key, typ in _TOP.items():
         if key in d and not isinstance(d[key], typ):
             raise TypeError(f"{key} must be {getattr(typ, '__name__', 'a number')}, not {type(d[key]).__name__}")
+    if d.get("task") is not None and not isinstance(d["task"], dict):
+        raise TypeError(f"task must be an object, not {type(d['task']).__name__}")
     if not d.get("blocks"):
         raise ValueError("no blocks")
     if len(d.get("default_bits", [])) != 3 or not all(isinstance(v, _NUM) for v in d["default_bits"]):

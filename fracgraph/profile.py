@@ -100,8 +100,13 @@ def profile_step(art_dir, batch: int = 128, steps: int = 5, bits: tuple[float, f
         if any(d is None for d in m.input_shape):
             raise FracgraphError(f"{art}: the model input has dynamic dims {m.input_shape} besides the batch; cannot make a sample batch")
         rng = np.random.default_rng(seed)
-        x = rng.standard_normal((batch, *m.input_shape)).astype(np.float32)
-        y = rng.integers(0, m.num_classes, batch).astype(np.int64)
+        task = m.task_info()
+        if task.is_lm:   # token ids [batch, T] and next-token labels [batch, T]
+            x = rng.integers(0, task.num_classes, (batch, task.context)).astype(task.input_dtype)
+            y = rng.integers(0, task.num_classes, (batch, task.context)).astype(np.int64)
+        else:
+            x = rng.standard_normal((batch, *m.input_shape)).astype(np.float32)
+            y = rng.integers(0, m.num_classes, batch).astype(np.int64)
         b = np.tile(np.asarray(bits, np.float32), (m.n_blocks, 1))
         for _ in range(warmup):
             sess.step(x, y, b, 0.0)

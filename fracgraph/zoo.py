@@ -248,7 +248,7 @@ MODELS: tuple[str, ...] = tuple(_BUILDERS)
 
 def _check(name: str, classes: int) -> None:
     if name not in _BUILDERS:
-        raise FracgraphError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+        raise FracgraphError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}, gpt")
     if classes not in CLASSES:
         raise FracgraphError(f"--classes must be one of {', '.join(map(str, CLASSES))}, got {classes}")
 
@@ -301,7 +301,11 @@ def export_model(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     if model.training:
         raise FracgraphError("export_model needs a model in eval mode (call model.eval())")
-    x = torch.zeros(1, *getattr(model, "input_shape", INPUT_SHAPE))
+    return _export(model, path, torch.zeros(1, *getattr(model, "input_shape", INPUT_SHAPE)), INPUT_NAME)
+
+
+def _export(model: nn.Module, path: str | os.PathLike, x: torch.Tensor, input_name: str, fix=None) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -311,11 +315,13 @@ def export_model(model: nn.Module, path: str | os.PathLike) -> Path:
             torch.onnx.export(
                 model, (x,), tmp, dynamo=False, export_params=True,
                 training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                input_names=[input_name], output_names=[OUTPUT_NAME],
+                dynamic_axes={input_name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
         proto = onnx.load(tmp)
         _undo_dedup(proto, list(model.state_dict()))
+        if fix is not None:
+            fix(proto)
         onnx.save(proto, tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -327,3 +333,150 @@ def export_model(model: nn.Module, path: str | os.PathLike) -> Path:
 def export(name: str, path: str | os.PathLike, classes: int = 10, seed: int = 0) -> Path:
     """Build zoo model `name` with init seed `seed` and write it to `path` as ONNX; same seed, same bytes."""
     return export_model(build(name, classes, seed=seed), path)
+
+
+# --- GPT: a character-level decoder-only transformer (nanoGPT-style) ---------------------------------------------
+
+GPT_DEFAULTS = {"layers": 4, "heads": 4, "width": 128, "context": 64, "vocab": 65}
+TOKENS_NAME = "ids"
+
+
+class PrimitiveLayerNorm(nn.Module):
+    """LayerNorm over the last axis written with primitive ops (ReduceMean, Sub, Mul, Add, Sqrt, Div).
+
+    onnxruntime-training 1.19.2 has no gradient for a LayerNormalization node exported without its optional
+    mean/inv-std outputs, and the TorchScript exporter writes it that way; the primitives all have gradients.
+    Same math as torch.nn.LayerNorm (biased variance, eps inside the square root).
+    """
+
+    def __init__(self, width: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.eps = eps
+
+    def forward(self, x):
+        d = x - x.mean(-1, keepdim=True)
+        var = (d * d).mean(-1, keepdim=True)
+        return d / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: q/k/v and output projections (MatMul + bias), softmax(QK^T/sqrt(d)) V.
+    The causal mask is a constant boolean buffer (an initializer) applied with Where; the sequence length is
+    the model's fixed context (the batch stays symbolic), so every Reshape has a constant shape."""
+
+    def __init__(self, width: int, heads: int, context: int):
+        super().__init__()
+        if width % heads:
+            raise FracgraphError(f"--width {width} must be a multiple of --heads {heads}")
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+        self.heads, self.width, self.context = heads, width, context
+        self.register_buffer("future", torch.triu(torch.ones(context, context, dtype=torch.bool), 1).view(1, 1, context, context))
+
+    def forward(self, x):
+        T, C, H = self.context, self.width, self.heads
+
+        def split(t):
+            return t.reshape(-1, T, H, C // H).transpose(1, 2)          # [B, H, T, d]
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(C // H))
+        att = torch.softmax(att.masked_fill(self.future, float("-inf")), dim=-1)
+        y = torch.matmul(att, v).transpose(1, 2).reshape(-1, T, C)
+        return self.proj(y)
+
+
+class GPTBlock(nn.Module):
+    """Pre-LayerNorm transformer layer: x + attn(ln1(x)), then + mlp(ln2(x)) with a 4x GELU MLP."""
+
+    def __init__(self, width: int, heads: int, context: int):
+        super().__init__()
+        self.ln1 = PrimitiveLayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads, context)
+        self.ln2 = PrimitiveLayerNorm(width)
+        self.fc = nn.Linear(width, 4 * width)
+        self.fc_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc_proj(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """Character-level decoder-only transformer (nanoGPT-style): token embedding + learned position embedding,
+    `layers` pre-LN blocks, final LayerNorm, linear head (no bias, untied). Input int64 ids [B, context], output
+    logits [B, context, vocab]. The position embedding is one [context, width] parameter (nanoGPT's wpe read at
+    positions 0..context-1, which is all this fixed-context model reads). nanoGPT's init: N(0, 0.02), biases 0,
+    the residual projections N(0, 0.02/sqrt(2 layers))."""
+
+    def __init__(self, layers: int = 4, heads: int = 4, width: int = 128, context: int = 64, vocab: int = 65):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.zeros(context, width))
+        self.blocks = nn.ModuleList([GPTBlock(width, heads, context) for _ in range(layers)])
+        self.ln_f = PrimitiveLayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.context, self.vocab = context, vocab
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("attn.proj.weight", "fc_proj.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln_f(x))
+
+
+def build_gpt(layers: int = 4, heads: int = 4, width: int = 128, context: int = 64, vocab: int = 65,
+              seed: int | None = 0) -> GPT:
+    for k, v in (("layers", layers), ("heads", heads), ("width", width), ("context", context), ("vocab", vocab)):
+        if not isinstance(v, int) or v < 1:
+            raise FracgraphError(f"--{k} must be a positive integer, got {v!r}")
+    if vocab < 2:
+        raise FracgraphError(f"--vocab must be at least 2, got {vocab}")
+    if seed is None:
+        model = GPT(layers, heads, width, context, vocab)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GPT(layers, heads, width, context, vocab)
+    return model.eval()
+
+
+def export_gpt(path: str | os.PathLike, seed: int = 0, **sizes) -> Path:
+    """Build the zoo GPT (`sizes`: layers, heads, width, context, vocab) and write it as ONNX: input `ids`
+    int64 [batch, context], output `logits` [batch, context, vocab]; same seed, same bytes."""
+    model = build_gpt(**{**GPT_DEFAULTS, **sizes}, seed=seed)
+    return _export(model, path, torch.zeros(1, model.context, dtype=torch.long), TOKENS_NAME, _fold_weight_transposes)
+
+
+def _fold_weight_transposes(proto: onnx.ModelProto) -> None:
+    """A Linear on a 3-D input exports as MatMul(x, Transpose(W)); store W^T under W's own name instead, so the
+    weight keeps its state-dict name (holding the [in, out] matrix) rather than a folded Transpose's output name."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for x in node.input:
+            readers[x] = readers.get(x, 0) + 1
+    keep, renamed = [], {}
+    for node in g.node:
+        w = node.input[0] if node.input else None
+        if node.op_type == "Transpose" and w in inits and readers[w] == 1 and len(inits[w].dims) == 2:
+            arr = numpy_helper.to_array(inits[w]).T.copy()
+            inits[w].CopyFrom(numpy_helper.from_array(arr, w))
+            renamed[node.output[0]] = w
+        else:
+            keep.append(node)
+    for node in keep:
+        for i, x in enumerate(node.input):
+            if x in renamed:
+                node.input[i] = renamed[x]
+    del g.node[:]
+    g.node.extend(keep)

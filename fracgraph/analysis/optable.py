@@ -120,7 +120,9 @@ def _gemm(node, shapes, params) -> GemmOp | None:
         n = bs[0] if _attr(node, "transB", 0) else bs[1]
         rows = 1
     else:  # MatMul [..., M, K] x [..., K, N]: rows per sample = every output element but the batch and N
-        if len(as_) < 2 or len(bs) < 1 or None in bs or None in as_[1:]:
+        # an activation right operand (attention's QK^T and AV) may carry the symbolic batch in front
+        b_static = bs if b in params or len(bs) < 3 else bs[1:]
+        if len(as_) < 2 or len(bs) < 1 or None in b_static or None in as_[1:]:
             return None
         k = as_[-1]
         n = bs[-1] if len(bs) > 1 else 1

@@ -2,7 +2,9 @@
 
 Each Conv/Gemm/MatMul becomes three GEMMs: forward (act x weight), error (grad x weight; a strided conv's error
 is split into stride^2 sub-convolutions, 'ideal', or zero-inserted, 'naive'; skipped when the input is graph
-data) and weight gradient in GEMM form (act x grad; reduction N*P*Q). BN, activations, pooling and elementwise
+data) and weight gradient in GEMM form (act x grad; reduction N*P*Q). A MatMul of two activations (attention's
+QK^T and attention x V) has both operands at the act bits, and its two backward GEMMs are both error GEMMs:
+dA = dY B^T (grad x act, phase bw_data) and dB = A^T dY (act x grad, phase bw_weight, no optimizer update). BN, activations, pooling and elementwise
 ops are memory-bound ops (forward and backward), the optimizer update reads and writes FP32 master weights.
 The ops form a networkx DAG (forward dataflow, loss, backward dataflow reversed, updates after their weight
 gradient); a step runs them sequentially (FracTrain's assumption) or overlapped along the critical path.
@@ -92,8 +94,9 @@ def _pool(node, shapes, batch):
 
 MEM_OPS = {
     **{t: _unary for t in ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "Softplus", "Gelu",
-                           "HardSigmoid", "HardSwish", "Erf", "Softmax", "LogSoftmax", "Dropout")},
-    **{t: _eltwise for t in ("Add", "Sub", "Mul", "Div", "Sum", "Concat", "Pow")},
+                           "HardSigmoid", "HardSwish", "Erf", "Softmax", "LogSoftmax", "Dropout", "Sqrt",
+                           "Reciprocal", "Exp", "Neg")},
+    **{t: _eltwise for t in ("Add", "Sub", "Mul", "Div", "Sum", "Concat", "Pow", "Where")},
     "BatchNormalization": _bn,
     "LayerNormalization": _bn,
     "InstanceNormalization": _bn,
@@ -180,8 +183,10 @@ def training_step(model: onnx.ModelProto, batch: int, op_block: dict[str, int | 
             fw, _, _ = lower_gemm(g, batch, strided_bw)
             if g.act in inputs and g.op_type == "Conv":     # Bit-Fusion lowers the data-input layer with im2col
                 fw = [replace(c, im2col=True) for c in fw]
+            # an activation x activation GEMM (attention's QK^T, AV) quantizes both operands at the act bits
+            right = "weight" if g.weight_is_param else "act"
             i = add(name=f"{n.name}/fw", layer=n.name, phase="fw", kind="gemm", convs=tuple(fw),
-                    operands=("act", "weight"), block=blk)
+                    operands=("act", right), block=blk)
             layer_order.append(n.name)
         elif n.op_type in MEM_OPS:
             (r, w), _ = MEM_OPS[n.op_type](n, shapes, batch)
@@ -215,7 +220,7 @@ def training_step(model: onnx.ModelProto, batch: int, op_block: dict[str, int | 
             _, err, wg = lower_gemm(g, batch, strided_bw)
             if g.act not in inputs and g.act not in params:
                 i = add(name=f"{n.name}/bw_data", layer=n.name, phase="bw_data", kind="gemm", convs=tuple(err),
-                        operands=("grad", "weight"), block=blk)
+                        operands=("grad", "weight" if g.weight_is_param else "act"), block=blk)
                 link(gin, i)
                 gready.setdefault(g.act, set()).add(i)
             if g.weight_is_param or g.weight not in inputs:

@@ -358,7 +358,9 @@ class DfqGatePass(Pass):
             w2 = self._param(model, f"{q}/w2", rng.normal(0, np.sqrt(2.0 / E), (G, E)))
             b2 = self._param(model, f"{q}/b2", np.zeros(E))
             rank = shapes.get(("rank", x))
-            pooled = em.node("GlobalAveragePool", [x], f"{q}/gap") if rank and rank > 2 else x
+            # pooled over space ([B, C, H, W]) or over the sequence ([B, T, C], channels last: a transformer's)
+            pooled = em.node("GlobalAveragePool", [x], f"{q}/gap") if rank and rank > 3 else \
+                _reduce_mean(em, x, f"{q}/seq_mean", [1]) if rank == 3 else x
             flat = em.node("Flatten", [pooled], f"{q}/flat", axis=1)
             z1 = em.node("Add", [em.node("MatMul", [flat, w1], f"{q}/mm1"), b1], f"{q}/z1")
             r1 = em.node("Relu", [z1], f"{q}/r1")
@@ -588,13 +590,15 @@ def _reduce_mean(em: Emitter, x: str, output: str, axes: list[int], keepdims: in
 
 
 def _channel_counts(model: onnx.ModelProto) -> dict:
-    """tensor -> channel count (dim 1) and ("rank", tensor) -> rank, from shape inference."""
+    """tensor -> channel count (dim 1; the last dim of a rank-3 sequence [B, T, C]) and ("rank", tensor) -> rank,
+    from shape inference."""
     inferred = onnx.shape_inference.infer_shapes(model)
     out = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         dims = vi.type.tensor_type.shape.dim
-        if len(dims) >= 2 and dims[1].HasField("dim_value"):
-            out[vi.name] = dims[1].dim_value
+        ch = dims[-1] if len(dims) == 3 else dims[1] if len(dims) >= 2 else None
+        if ch is not None and ch.HasField("dim_value"):
+            out[vi.name] = ch.dim_value
         if vi.type.tensor_type.HasField("shape"):
             out[("rank", vi.name)] = len(dims)
     return out

@@ -55,20 +55,21 @@ def trajectory(runs: list[RunData]) -> Figure:
     """Test accuracy against cumulative effective GMACs, one line per run (FracTrain's trajectory figure)."""
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
+    lm = bool(runs) and all(r.is_lm for r in runs)   # language models: validation loss (lower is better)
     for i, r in enumerate(runs):
         ev = r.evals
         if not ev:
             continue
         x = [e["cum_gmacs"] for e in ev]
-        y = [100 * e["test_acc"] for e in ev]
+        y = [e["val_loss"] if lm else 100 * e["test_acc"] for e in ev]
         ax.plot(x, y, marker="o", ms=3, lw=1.5, color=color(i), label=r.name)
         ax.plot(x[-1], y[-1], marker="*", ms=12, color=color(i))
     ax.set_xlabel("cumulative effective GMACs (forward + error + weight-gradient GEMMs)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy vs training cost (star: final evaluation)")
+    ax.set_ylabel("validation loss (nats/token)" if lm else "test accuracy (%)")
+    ax.set_title(("Validation loss" if lm else "Test accuracy") + " vs training cost (star: final evaluation)")
     ax.grid(alpha=0.3)
     if ax.has_data():
-        ax.legend(fontsize="small", loc="lower right")
+        ax.legend(fontsize="small", loc="upper right" if lm else "lower right")
     return fig
 
 

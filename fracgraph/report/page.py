@@ -84,22 +84,33 @@ def summary_section(runs: list[RunData], base: RunData) -> Section:
     head = ("run", "schedule", "steps", "final acc.", "best acc.", "&Delta; final vs base", "cum. eff. GMACs",
             "saving vs base", "mean cp", "DFQ gated cp", "wall time", "transitions")
     rows = []
-    b_cost, b_acc = base.summary.get("cum_eff_gmacs"), base.summary.get("final_test_acc")
+    lm = all(r.is_lm for r in runs)   # language models: validation loss in nats/token instead of accuracy
+    if lm:
+        head = ("run", "schedule", "steps", "final val loss", "best val loss", "&Delta; final vs base",
+                *head[6:])
+    metric, best = ("final_val_loss", "best_val_loss") if lm else ("final_test_acc", "best_test_acc")
+    b_cost, b_acc = base.summary.get("cum_eff_gmacs"), base.summary.get(metric)
     for i, r in enumerate(runs):
         s = r.summary
-        cost, acc = s.get("cum_eff_gmacs"), s.get("final_test_acc")
+        cost, acc = s.get("cum_eff_gmacs"), s.get(metric)
         saving = (1 - cost / b_cost) if (cost is not None and b_cost) else None
-        delta = (f"{100 * (acc - b_acc):+.2f} pp" if acc is not None and b_acc is not None else "-")
+        if lm:
+            delta = f"{acc - b_acc:+.4f} nats" if acc is not None and b_acc is not None else "-"
+            shown = (_num(acc, "{:.4f}"), _num(s.get(best), "{:.4f}"))
+        else:
+            delta = (f"{100 * (acc - b_acc):+.2f} pp" if acc is not None and b_acc is not None else "-")
+            shown = (_pct(acc), _pct(s.get(best)))
         rows.append(_row([
             ("l", _swatch(i) + html.escape(r.name)), ("l", html.escape(str(s.get("schedule", "?")))),
-            ("", str(s.get("steps"))), ("", _pct(acc)), ("", _pct(s.get("best_test_acc"))), ("", delta),
+            ("", str(s.get("steps"))), ("", shown[0]), ("", shown[1]), ("", delta),
             ("", _num(cost, "{:.4g}")), ("", _pct(saving, 1)), ("", _num(s.get("mean_cp"), "{:.2f}%")),
             ("", _gated_cp(s.get("dfq"))), ("", _num(s.get("wall_s"), "{:.1f} s")), ("wrap", _transitions_text(r)),
         ], "base" if r is base else ""))
     table = (f'<div class="scroll"><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>'
              f'{"".join(rows)}</table></div>')
-    note = (f"Baseline (highlighted): <b>{html.escape(base.name)}</b>. Final accuracy is the last evaluation, on the "
-            "whole test set; cum. eff. GMACs counts the forward, error and weight-gradient GEMMs of every step at "
+    note = (f"Baseline (highlighted): <b>{html.escape(base.name)}</b>. " + (
+            "Final validation loss is the last evaluation's mean cross-entropy (nats per token) over every validation "
+            "window; " if lm else "Final accuracy is the last evaluation, on the whole test set; ") + "cum. eff. GMACs counts the forward, error and weight-gradient GEMMs of every step at "
             "the bits used (MACs &times; bits<sub>a</sub>/32 &times; bits<sub>b</sub>/32); mean cp is that as a "
             "percentage of the same steps in FP32. DFQ gated cp is what the controller steered: the gated blocks' "
             "cost in its table's unit (effective MACs, or a hardware model's energy/latency with "
@@ -249,8 +260,9 @@ def write_report(run_dirs, out_dir, *, baseline: str | None = None, hw_names=HW_
         raise FracgraphError(f"{out} exists and is not a directory: choose another -o")
     estimates, notes = estimate_runs(runs, hw_names)
     sections = [summary_section(runs, base),
-                figure_section("trajectory", "Test accuracy vs cumulative effective GMACs", "trajectory.png",
-                               figures.trajectory(runs), "test accuracy against cumulative effective GMACs",
+                figure_section("trajectory", ("Validation loss" if runs and all(r.is_lm for r in runs) else
+                                              "Test accuracy") + " vs cumulative effective GMACs", "trajectory.png",
+                               figures.trajectory(runs), "the evaluations against cumulative effective GMACs",
                                "Every evaluation of every run; the curve that reaches a given accuracy further left "
                                "reached it with less training computation."),
                 *(extra or []),

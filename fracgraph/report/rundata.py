@@ -45,9 +45,15 @@ class RunData:
         return self.summary.get("config") or {}
 
     @property
+    def is_lm(self) -> bool:
+        """A language model's run: evaluations are validation losses (nats/token), not accuracies."""
+        return self.summary.get("task") == "language_model"
+
+    @property
     def evals(self) -> list[dict]:
-        """The records that carry a test evaluation, in step order."""
-        return [r for r in self.records if r.get("test_acc") is not None]
+        """The records that carry a test evaluation (a language model's: a validation loss), in step order."""
+        key = "val_loss" if self.is_lm else "test_acc"
+        return [r for r in self.records if r.get(key) is not None]
 
     @property
     def transitions(self) -> list[dict]:

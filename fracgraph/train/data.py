@@ -266,7 +266,11 @@ def load_dataset(spec: str | None, cache_dir: str | os.PathLike | None = None,
         return load_imagefolder(p, cache_dir=cache_dir, memory_limit=memory_limit)
     if kind == "npz":
         return load_npz(p, memory_limit=memory_limit)
-    raise FracgraphError(f"--data kind {kind!r} is unknown; use cifar10, cifar100, imagefolder or npz")
+    if kind == "text":   # character-level text for language models (train/text.py)
+        from .text import load_text
+
+        return load_text(p)
+    raise FracgraphError(f"--data kind {kind!r} is unknown; use cifar10, cifar100, imagefolder, npz or text")
 
 
 # --------------------------------------------------------------------------------------------------- digits

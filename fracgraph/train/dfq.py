@@ -240,13 +240,19 @@ class ChoiceRecord:
         self.hist += counts
         frac = counts / batch                                        # [n, K] share of samples per option
         a, g, w = self.options[:, 0] / 32, self.options[:, 1] / 32, self.w / 32
-        m, fp = self.meter.block_macs[self.gated], self.meter.fp32_macs
+        G, S = self.gated, self.static
+        m_all, fp = self.meter.block_macs, self.meter.fp32_macs
+        mw_all = getattr(self.meter, "weight_macs", m_all)
+        maa_all = getattr(self.meter, "act_act_macs", 0 * m_all)
+        m, mw, maa = m_all[G], mw_all[G], maa_all[G]
         skipped = frac[:, self.skip] if self.skip is not None else np.zeros(len(frac))
         fp = fp + float(self.shortcut_macs @ skipped)
-        sa, sw, sg = np.where(self.static_row > 0, self.static_row, 32.0) / 32     # 0 bits = FP32, as CostMeter
-        ms = float(self.meter.block_macs[self.static].sum())
-        fw = float(m @ (frac @ (a * w)) + ms * sa * sw + fp) * batch
-        err = float(m @ (frac @ (g * w)) + ms * sg * sw + fp) * batch
+        # static blocks at the static bits for every sample (0 bits = FP32, as CostMeter)
+        sa, sw, sg = np.where(self.static_row > 0, self.static_row, 32.0) / 32
+        ms, msw, msaa = float(m_all[S].sum()), float(mw_all[S].sum()), float(maa_all[S].sum())
+        # attention's activation x activation GEMMs: act bits on both operands (a x a forward, g x a error)
+        fw = float(mw @ (frac @ (a * w)) + maa @ (frac @ (a * a)) + msw * sa * sw + msaa * sa * sa + fp) * batch
+        err = float(mw @ (frac @ (g * w)) + maa @ (frac @ (g * a)) + msw * sg * sw + msaa * sg * sa + fp) * batch
         wg = float(m @ (frac @ (a * g)) + ms * sa * sg + fp) * batch
         cost = {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.meter.total * batch)}
         n_all = len(self.meter.block_macs)

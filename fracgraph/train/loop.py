@@ -29,6 +29,7 @@ from .dfq import SCHEDULES as DFQ_SCHEDULES
 from .dfq import ChoiceRecord, TargetClamp, TargetSchedule, cost_label, require_dfq
 from .dfq import bits_input as dfq_bits_input
 from .schedules import LRSchedule, PFQSchedule, StaticSchedule
+from .text import TextDataset, TextStream, evaluate_lm, perplexity
 
 ARTIFACTS = "artifacts"
 ORT_CHECKPOINT = "ort_checkpoint"
@@ -68,6 +69,22 @@ class TrainConfig:
     beta_schedule: str = "constant"       # DFQ: constant (authors') | lr: beta x lr0/lr(step), see dfq_beta()
 
 
+def check_task_data(task, dataset, spec: str | None):
+    """The data must suit the model's task: text for a language model, images (or arrays) for a classifier; returns
+    the dataset as the model reads it (images resized to the model's input: data.fit_to_input)."""
+    if task.is_lm:
+        if not isinstance(dataset, TextDataset):
+            raise FracgraphError(f"the model is a language model (token ids {task.input_name} [batch, {task.context}]) "
+                                 f"but --data {spec or '(digits)'} is not text; use --data text:PATH")
+        dataset.check_model(task.context, task.num_classes)
+        return dataset
+    if isinstance(dataset, TextDataset):
+        raise FracgraphError(f"--data {spec} is text, but the model is a classifier with a float input "
+                             f"{task.input_name}; text needs a language model (e.g. `fracgraph zoo gpt`)")
+    check_num_classes(dataset, task.num_classes)
+    return fit_to_input(dataset, tuple(task.input_shape))
+
+
 def _session_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**31 - 1)
 
@@ -78,19 +95,24 @@ class CostMeter:
     def __init__(self, manifest: Manifest):
         ops = manifest.ops
         self.block_macs = np.zeros(manifest.n_blocks)
+        self.act_act_macs = np.zeros(manifest.n_blocks)    # of which activation x activation GEMMs (attention)
         self.fp32_macs = 0.0
         for d in ops:
             if d["quantized"]:
                 self.block_macs[d["block"]] += d["macs"]
+                if not d.get("weight_is_param", True):
+                    self.act_act_macs[d["block"]] += d["macs"]
             else:
                 self.fp32_macs += d["macs"]
+        self.weight_macs = self.block_macs - self.act_act_macs
         self.total = float(self.block_macs.sum() + self.fp32_macs)
 
     def step(self, bits: np.ndarray, batch: int) -> dict:
         b = np.where(bits > 0, bits, 32.0) / 32.0          # 0 bits = FP32
         a, w, g = b[:, 0], b[:, 1], b[:, 2]
-        fw = float(self.block_macs @ (a * w) + self.fp32_macs) * batch
-        err = float(self.block_macs @ (g * w) + self.fp32_macs) * batch
+        # forward a x w and error g x w; an activation x activation GEMM has the act bits on both operands
+        fw = float(self.weight_macs @ (a * w) + self.act_act_macs @ (a * a) + self.fp32_macs) * batch
+        err = float(self.weight_macs @ (g * w) + self.act_act_macs @ (g * a) + self.fp32_macs) * batch
         wg = float(self.block_macs @ (a * g) + self.fp32_macs) * batch
         return {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.total * batch)}
 
@@ -160,14 +182,27 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     latest = store.latest() if resume else None
     if not resume and store.latest() is not None:
         raise FracgraphError(f"{run} already holds a run; pass --resume to continue it, or use a new -o directory")
+    created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(cfg, run, store, latest, resume, progress)
+    except FracgraphError:
+        # bad input found before the run's first checkpoint: leave nothing behind (a resumed run keeps its files)
+        if created and latest is None and store.latest() is None:
+            import shutil
+
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, run: Path, store, latest, resume: bool, progress) -> dict:
     if latest is not None:
         cfg = TrainConfig(**{**asdict(cfg), **latest[1]["config"], "run_dir": str(run)})
     art = _prepare_artifacts(cfg, run, resume)
     manifest = Manifest.read(art)
+    task = manifest.task_info()
     dataset = load_dataset(cfg.data)
-    check_num_classes(dataset, manifest.num_classes)
-    dataset = fit_to_input(dataset, tuple(manifest.input_shape))
+    dataset = check_task_data(task, dataset, cfg.data)
     if cfg.iters < 1 or cfg.epoch_iters < 1 or cfg.batch < 1:
         raise FracgraphError("--iters, --epoch-iters and --batch must be at least 1")
 
@@ -186,14 +221,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     lrs = LRSchedule(cfg.lr_schedule, cfg.lr, cfg.iters)
     if cfg.beta_schedule not in BETA_SCHEDULES:
         raise FracgraphError(f"--beta-schedule {cfg.beta_schedule!r}: use {' or '.join(BETA_SCHEDULES)}")
-    stream = BatchStream(dataset, cfg.batch, cfg.seed)
+    if task.is_lm:
+        stream = TextStream(dataset, cfg.batch, cfg.seed, task.context, task.input_dtype)
+        dataset.write_vocab(run)   # `fracgraph sample` decodes with it
+    else:
+        stream = BatchStream(dataset, cfg.batch, cfg.seed)
     meter = CostMeter(manifest)
     choices = ChoiceRecord(manifest, meter, static_bits=(cfg.fw, cfg.bw)) if dfq else None
     clamp = TargetClamp(manifest) if dfq else None
     eval_every = cfg.eval_every or cfg.epoch_iters
     ckpt_every = cfg.checkpoint_every or cfg.epoch_iters
 
-    step, best_acc, cum = 0, -1.0, {"fw": 0.0, "err": 0.0, "wgrad": 0.0}
+    # best score so far: test accuracy, or minus the validation loss of a language model
+    step, best_acc, cum = 0, (-1e30 if task.is_lm else -1.0), {"fw": 0.0, "err": 0.0, "wgrad": 0.0}
     samples = 0          # trained samples: an epoch's last batch can be short, so not batch x steps
     recorder = TraceRecorder()
     ckpt = None
@@ -202,6 +242,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
         stream.load_state_dict(st["stream"])
         sched.load_state_dict(st["schedule"])
         best_acc, cum = st["best_acc"], st["cum_macs"]
+        last_loss = st.get("last_val_loss")
         samples = st.get("samples", cfg.batch * step)
         if choices is not None:
             choices = ChoiceRecord(manifest, meter, st["dfq_hist"], static_bits=(cfg.fw, cfg.bw))
@@ -216,13 +257,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     metrics = runio.MetricsWriter(run, resume_step=step if resume else None)
     t0 = time.perf_counter()
     last_acc = latest[1].get("last_acc") if latest is not None else None
+    if latest is None:
+        last_loss = None
 
     def save_checkpoint(at: int) -> None:
         nonlocal session
         metrics.sync()
         trace = recorder.trace()
         state = {"config": asdict(cfg), "stream": stream.state_dict(), "schedule": sched.state_dict(),
-                 "best_acc": best_acc, "last_acc": last_acc, "cum_macs": cum, "samples": samples,
+                 "best_acc": best_acc, "last_acc": last_acc, "last_val_loss": last_loss, "cum_macs": cum,
+                 "samples": samples,
                  "trace": {"starts": trace.starts.tolist(), "bits": trace.bits.tolist(), "active": trace.active.tolist()},
                  "dfq_hist": choices.hist.tolist() if choices is not None else None,
                  "dfq_clamps": clamp.clamps if clamp is not None else None}
@@ -267,7 +311,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
             ended = sched.observe(step, loss)
             step += 1
             rec = {"step": step, "epoch": step / cfg.epoch_iters, "loss": loss, "lr": lr, "fw": fw, "bw": bw,
-                   "bits": (used.round(2) if dfq else used.astype(int)).tolist(), "train_acc": float((np.argmax(logits, 1) == y).mean()),
+                   "bits": (used.round(2) if dfq else used.astype(int)).tolist(), **task.train_metrics(logits, y),
                    "eff_gmacs": (cost["fw"] + cost["err"] + cost["wgrad"]) / 1e9, "cp": cost["cp"],
                    "cum_gmacs": sum(cum.values()) / 1e9, "wall": time.perf_counter() - t0}
             if dfq:
@@ -280,9 +324,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
             if step % eval_every == 0 or step == cfg.iters:
                 # the final evaluation always covers the whole test set, so the reported accuracy is the real one
                 limit = None if step == cfg.iters else cfg.eval_batches
-                acc, tloss = evaluate(session, dataset, bits, cfg.batch, limit)
-                rec.update(test_acc=acc, test_loss=tloss)
-                last_acc = acc
+                if task.is_lm:   # the score is minus the validation loss (nats per token)
+                    last_loss = evaluate_lm(session, dataset, bits, cfg.batch, task.context, task.input_dtype, limit)
+                    rec.update(val_loss=last_loss, val_ppl=perplexity(last_loss))
+                    acc = -last_loss
+                else:
+                    acc, tloss = evaluate(session, dataset, bits, cfg.batch, limit)
+                    rec.update(test_acc=acc, test_loss=tloss)
+                    last_acc = acc
                 if acc > best_acc:
                     best_acc = acc
                     _export_atomic(session, run / BEST_MODEL)
@@ -300,7 +349,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: Callable[[dict], Non
     per_block = np.array([b for b in recorder.trace().bits]) if len(recorder.trace().bits) else None
     summary = {
         "run_dir": str(run), "artifacts": str(art), "schedule": cfg.schedule, "steps": step,
-        "final_test_acc": last_acc, "best_test_acc": best_acc,
+        "task": task.kind,
+        **({"final_val_loss": last_loss, "best_val_loss": -best_acc, "final_val_ppl": perplexity(last_loss),
+            "best_val_ppl": perplexity(-best_acc)} if task.is_lm else
+           {"final_test_acc": last_acc, "best_test_acc": best_acc}),
         "cum_eff_gmacs": sum(cum.values()) / 1e9, "cum_eff_gmacs_by_gemm": {k: v / 1e9 for k, v in cum.items()},
         "fp32_gmacs": 3 * meter.total * samples / 1e9,
         "mean_cp": 100 * sum(cum.values()) / (3 * meter.total * samples) if samples else None,
