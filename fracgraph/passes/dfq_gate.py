@@ -55,7 +55,8 @@ unused branch and the downsample FP32 (per sample: activations and errors; the w
 table counts a skip as 0, as the release and DFS do.
 
 Static (ungated) blocks: `static_first` (default) leaves the block of the model's first GEMM, when the layer policy
-quantizes it, without a gate, and `static` (fnmatch globs on GEMM names) adds every block holding a matching GEMM.
+quantizes it and it is a block of its own (a ResNet's stem conv; not a transformer's first projection, which sits
+in a residual block), without a gate, and `static` (fnmatch globs on GEMM names) adds every block holding a matching GEMM.
 A static block is quantized as in the plain artifacts: its act, weight and grad bits are read from the precision
 input, which the training loop fills with the run's static --fw/--bw. It is outside the controller: no gate, no
 LSTM step (the LSTM runs over the gated blocks in order), no share of the cost term or of `CP_OUTPUT` (the gated
@@ -169,10 +170,14 @@ class DfqOptions:
 
 def static_blocks(blocks, op_dicts: list[dict], options: DfqOptions) -> dict[int, str]:
     """block index -> why it has no gate: the first GEMM's block (static_first, when the policy quantizes that
-    GEMM) and the blocks of GEMMs matching a `static` glob. The rest are gated."""
+    GEMM and it is a block of its own, like a ResNet's stem conv; a first GEMM inside a residual block, like a
+    transformer's first projection, leaves that block gated) and the blocks of GEMMs matching a `static` glob. The
+    rest are gated."""
     out = {}
-    if options.static_first and op_dicts and op_dicts[0].get("quantized") and op_dicts[0].get("block") is not None:
-        out[op_dicts[0]["block"]] = f"first GEMM {op_dicts[0]['name']}"
+    first = op_dicts[0] if op_dicts else {}
+    if options.static_first and first.get("quantized") and first.get("block") is not None \
+            and list(blocks[first["block"]].ops) == [first["name"]]:
+        out[first["block"]] = f"first GEMM {first['name']}"
     for pat in options.static:
         hits = [d for d in op_dicts if d.get("quantized") and d.get("block") is not None
                 and fnmatch.fnmatchcase(d["name"], pat)]
