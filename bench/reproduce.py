@@ -8,7 +8,12 @@ epochs), evaluation on --eval-batches test batches during the run and on the who
 Rows (each an ordinary resumable `fracgraph train` run in OUT/runs/<row>/):
   FW8/BW8 (seed 0 and seed 1, the seed spread), FP32, PFQ FW(3,4,6,8)/BW(6,6,8,8), DFQ cp 3, FracTrain
   cp(1.5,2,2.5,3). The DFQ rows train `quantize --dfq` artifacts at their defaults (CIFAR options, weights 4 bits,
-  first conv and classifier FP32); the others the default artifacts.
+  the first conv quantized without a gate at the run's static FW8/BW8 (`--first static`), classifier FP32); the
+  others the default artifacts. Until 2026-11-30 the DFQ artifacts kept the first conv FP32 (`--first fp32`, the
+  authors' ResNetRecurrentGateSP): at FP32 that conv costs 17% of a FW8/BW8 resnet20 step, which capped DFQ cp 3's
+  whole-network saving at 35%. That variant stays available as the opt-in row `dfq-fp32first` (OUT/artifacts-dfq-
+  fp32first; run it with --rows dfq-fp32first). An OUT/artifacts-dfq built before then has the old layout and is
+  kept (a resumed row trains the graph it started with): delete it and runs/dfq, runs/fractrain to rebuild.
 
     python bench/reproduce.py -o bench-out/reproduce                 # the whole table, 2 rows at a time
     python bench/reproduce.py -o bench-out/reproduce --rows PFQ,DFQ  # (re)run some rows, keep the others
@@ -44,16 +49,20 @@ ROWS = {
     "fractrain": ("FracTrain cp(1.5,2,2.5,3)", dict(schedule="fractrain", target_cp_schedule=[1.5, 2.0, 2.5, 3.0])),
     "fw8bw8-seed1": ("FW8/BW8 (seed 1)", dict(schedule="static", fw=8, bw=8, seed_offset=1)),
     "fp32": ("FP32", dict(schedule="static", fw=0, bw=0)),
+    # opt-in (run only when named in --rows): the authors' DFQ layout, first conv FP32
+    "dfq-fp32first": ("DFQ cp 3, first conv FP32", dict(schedule="dfq", target_cp=3.0, artifacts="artifacts-dfq-fp32first")),
 }
+OPT_IN = ("dfq-fp32first",)
 DFQ_SCHEDULES = ("dfq", "fractrain")
 BASELINE = "fw8bw8"
 
 
 def _artifacts(out: Path, key: str) -> Path:
-    return out / ("artifacts-dfq" if ROWS[key][1]["schedule"] in DFQ_SCHEDULES else "artifacts")
+    return out / (ROWS[key][1].get("artifacts") or
+                  ("artifacts-dfq" if ROWS[key][1]["schedule"] in DFQ_SCHEDULES else "artifacts"))
 
 
-def build(a) -> None:
+def build(a, keys=()) -> None:
     """Export the model and build both artifact sets once (a resumed row must train the graph it started with)."""
     from fracgraph.build import BuildOptions, build_artifacts
     from fracgraph.passes.dfq_gate import DfqOptions
@@ -67,8 +76,10 @@ def build(a) -> None:
         export(a.model, model)
     if not (out / "artifacts").exists():
         build_artifacts(model, out / "artifacts", BuildOptions())
-    if not (out / "artifacts-dfq").exists():
-        build_artifacts(model, out / "artifacts-dfq", BuildOptions(dfq=DfqOptions(), policy=LayerPolicy(first="fp32")))
+    if not (out / "artifacts-dfq").exists():   # first conv static at the run's FW8/BW8 (the `--dfq` default)
+        build_artifacts(model, out / "artifacts-dfq", BuildOptions(dfq=DfqOptions()))
+    if "dfq-fp32first" in keys and not (out / "artifacts-dfq-fp32first").exists():
+        build_artifacts(model, out / "artifacts-dfq-fp32first", BuildOptions(dfq=DfqOptions(), policy=LayerPolicy(first="fp32")))
 
 
 def run_row(a, key: str) -> dict:
@@ -77,11 +88,11 @@ def run_row(a, key: str) -> dict:
 
     out = Path(a.out)
     run = out / "runs" / key
-    opts = {k: v for k, v in ROWS[key][1].items() if k != "seed_offset"}
+    opts = {k: v for k, v in ROWS[key][1].items() if k not in ("seed_offset", "artifacts")}
     cfg = TrainConfig(run_dir=str(run), artifacts=str(_artifacts(out, key)), data=a.data, iters=a.iters,
                       epoch_iters=a.epoch_iters, batch=a.batch, lr=a.lr, seed=a.seed + ROWS[key][1].get("seed_offset", 0),
                       eval_batches=a.eval_batches, threads=a.threads, eps=a.eps, alpha=a.alpha, beta=a.beta,
-                      pfq_noise_floor=a.pfq_noise_floor, **opts)
+                      beta_schedule=a.beta_schedule, pfq_noise_floor=a.pfq_noise_floor, **opts)
     return train(cfg, resume=(run / "checkpoints").exists())
 
 
@@ -89,7 +100,8 @@ def gated_ops(out: Path) -> set[str]:
     from fracgraph.manifest import Manifest
 
     m = Manifest.read(out / "artifacts-dfq")
-    return {d["name"] for d in m.ops if d["quantized"]}
+    gated = set(m.dfq.get("gated", range(m.n_blocks)))        # a static block (the first conv) is not gated
+    return {d["name"] for d in m.ops if d["quantized"] and d["block"] in gated}
 
 
 def gated_gmacs(run: Path, art: Path, gated: set[str]) -> float:
@@ -137,7 +149,7 @@ def table(a, rows: dict) -> str:
     spread = f"{100 * (max(seeds) - min(seeds)):.2f} points" if len(seeds) == 2 else "(one seed so far)"
     lines = [f"{a.model}, CIFAR-10 ({a.data.split(':', 1)[-1]}), {a.iters} iterations x batch {a.batch}, LR {a.lr} "
              f"x0.1 at 50%/75%, PFQ epoch {a.epoch_iters} iterations (eps {a.eps}, alpha {a.alpha}, noise floor "
-             f"{a.pfq_noise_floor}), DFQ beta {a.beta}, "
+             f"{a.pfq_noise_floor}), DFQ beta {a.beta} ({a.beta_schedule}), "
              f"seed {a.seed}; final accuracy on all 10,000 test images. FW8/BW8 seed spread: {spread}.", "",
              "| row | final acc % | best acc % | cum. eff. GMACs (whole) | saving vs FW8/BW8 | gated-block eff. GMACs "
              "| gated saving | switches at | DFQ gated cp % |",
@@ -182,6 +194,8 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.05)
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--beta", type=float, default=1e-3)
+    ap.add_argument("--beta-schedule", default="constant", help="DFQ rows: constant (the authors') or lr "
+                    "(beta x lr0/lr: the gates keep their speed after the LR decays; README, Controller speed)")
     ap.add_argument("--pfq-noise-floor", type=float, default=2.0, help="train --pfq-noise-floor (0: the authors' "
                     "PFQ thresholds; rows started before the floor existed resume only with 0)")
     ap.add_argument("--eval-batches", type=int, default=10, help="test batches per evaluation during the run "
@@ -200,11 +214,11 @@ def main() -> None:
         run_row(a, a.one)
         return
     if not a.table_only:
-        keys = [k.strip() for k in a.rows.split(",")] if a.rows else list(ROWS)
+        keys = [k.strip() for k in a.rows.split(",")] if a.rows else [k for k in ROWS if k not in OPT_IN]
         bad = [k for k in keys if k not in ROWS]
         if bad:
             raise SystemExit(f"unknown row(s) {bad}; rows: {', '.join(ROWS)}")
-        build(a)
+        build(a, keys)
         todo = [k for k in keys if a.rows or not (Path(a.out) / "runs" / k / "summary.json").exists()]
         argv = list(sys.argv[1:])
 

@@ -90,13 +90,14 @@ def quantize(
     fw: float = typer.Option(8, "--fw", help="Default forward bits (activations and weights) recorded in the manifest."),
     bw: float = typer.Option(8, "--bw", help="Default backward (error) bits recorded in the manifest."),
     policy: str = typer.Option(None, "--policy", help="Layer policy JSON: {first, last, fp32: [globs], quantize: [globs]}."),
-    first: str = typer.Option(None, "--first", help="First GEMM: fp32 or quantize (default quantize)."),
+    first: str = typer.Option(None, "--first", help="First GEMM: fp32 or quantize (default quantize). With --dfq: static (default: quantized without a gate at the run's --fw/--bw), fp32 (the authors' DFQ ResNet) or quantize (gated like the rest)."),
     last: str = typer.Option(None, "--last", help="Last GEMM (classifier): fp32 or quantize (default fp32)."),
     keep_fp32: list[str] = typer.Option(None, "--keep-fp32", help="Node-name glob to keep FP32 (repeatable)."),
+    keep_static: list[str] = typer.Option(None, "--keep-static", help="With --dfq: GEMM-name glob whose block gets no gate and trains at the run's static --fw/--bw (repeatable)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9, FracTrain's) or adamw."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    dfq: bool = typer.Option(False, "--dfq", help="Add DFQ precision gates and the cost term (train with --schedule dfq or fractrain); the first GEMM defaults to FP32."),
+    dfq: bool = typer.Option(False, "--dfq", help="Add DFQ precision gates and the cost term (train with --schedule dfq or fractrain); the first GEMM defaults to static (quantized, ungated; see --first)."),
     options: str = typer.Option("3/6,4/6,4/8,6/8,6/12", "--options", help="DFQ options as FW/BW bits pairs (CIFAR defaults); add `skip` to let a gate skip a residual block (e.g. 3/6,4/6,4/8,6/8,skip)."),
     weight_bits: int = typer.Option(4, "--weight-bits", help="DFQ static weight bits."),
     granularity: str = typer.Option("batch", "--granularity", help="DFQ choice per mini-batch (batch), per sample with one GEMM per layer (sample), or per sample over K computed candidates per block (candidates: the released CIFAR code, K-fold compute; see passes/dfq_candidates.py)."),
@@ -116,14 +117,22 @@ def quantize(
     from fracgraph.build import BuildOptions, build_artifacts
 
     t0 = time.perf_counter()
+    from fracgraph.errors import FracgraphError
+
     gates = None
+    if not dfq and (first == "static" or keep_static):
+        raise FracgraphError("--first static and --keep-static choose which blocks of DFQ artifacts have no gate; "
+                             "add --dfq (without it every quantized GEMM is static: use --first quantize)")
     if dfq:
         from fracgraph.passes.dfq_gate import DfqOptions, parse_options
 
+        if first not in (None, "static", "fp32", "quantize"):
+            raise FracgraphError(f"--first must be static, fp32 or quantize with --dfq, got {first!r}")
         gates = DfqOptions(options=parse_options(options), weight_bits=weight_bits, granularity=granularity,
                            cost_weighting=cost_weighting, task_grad=task_grad, cost=cost, cost_metric=cost_metric,
-                           cost_batch=cost_batch)
-    opts = BuildOptions(fw=fw, bw=bw, policy=_policy(policy, first or ("fp32" if dfq else None), last, keep_fp32),
+                           cost_batch=cost_batch, static_first=first in (None, "static"), static=list(keep_static or []))
+        first = None if first == "static" else first
+    opts = BuildOptions(fw=fw, bw=bw, policy=_policy(policy, first, last, keep_fp32),
                         optimizer=optimizer, weight_decay=weight_decay, dfq=gates, nchwc=nchwc, sr_noise=sr_noise,
                         fused_kernels=fused_kernels, output=logits)
     m = build_artifacts(model, output, opts, force=force)
@@ -133,7 +142,10 @@ def quantize(
     if m.dfq:
         from fracgraph.passes.dfq_gate import option_label
 
-        typer.echo(f"DFQ: {m.n_blocks} gates, options (FW/BW) {', '.join(option_label(o) for o in m.dfq['options'])}, "
+        n_static = m.n_blocks - len(m.dfq.get("gated", range(m.n_blocks)))
+        typer.echo(f"DFQ: {m.n_blocks - n_static} gates"
+                   + (f" ({n_static} static block{'s' if n_static > 1 else ''} at the run's --fw/--bw)" if n_static else "")
+                   + f", options (FW/BW) {', '.join(option_label(o) for o in m.dfq['options'])}, "
                    f"weights {m.dfq['weight_bits']} bits, choice per "
                    + (f"sample over {len(m.dfq['options'])} computed candidates per block (the simulation computes "
                       f"each gated block {len(m.dfq['options'])} times)" if m.dfq['granularity'] == "candidates"
@@ -207,6 +219,7 @@ def train(
     target_cp: float = typer.Option(3.0, "--target-cp", help="DFQ: cp target (% of FP32 compute of the gated blocks)."),
     target_cp_schedule: str = typer.Option("1.5,2,2.5,3", "--target-cp-schedule", help="FracTrain: cp target per stage."),
     beta: float = typer.Option(1e-3, "--beta", help="DFQ: weight of the cost term."),
+    beta_schedule: str = typer.Option("constant", "--beta-schedule", help="DFQ: constant (the authors') or lr (beta x lr0/lr, capped at 100: the gates keep the first LR stage's speed after the LR decays)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -224,6 +237,7 @@ def train(
         lr_schedule=lr_schedule, seed=seed, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
         momentum=momentum, weight_decay=weight_decay, threads=threads, target_cp=target_cp,
         target_cp_schedule=_float_list(target_cp_schedule, "--target-cp-schedule"), beta=beta,
+        beta_schedule=beta_schedule,
     )
     if as_json:
         summary = run_train(cfg, resume=resume)

@@ -42,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import FracgraphError
 from .manifest import Manifest
+from .train.dfq import gated_blocks, static_blocks
 
 FORMATS = ("qdq", "float")
 GATE_MODES = ("bake", "keep")
@@ -164,12 +165,16 @@ def _resolve_plain(run: Path, summary: dict, manifest: Manifest, opts: ExportOpt
 
 
 def _resolve_dfq(summary: dict, manifest: Manifest, opts: ExportOptions) -> tuple[np.ndarray, list[int]]:
-    """(bits [n, 3], chosen option index per block) for a DFQ run."""
+    """(bits [n, 3], chosen option index per gated block, in gate order) for a DFQ run. A static (ungated) block's
+    row is what the run fed it, [fw, fw, bw] of its config (train/dfq.py `bits_input`); with --bits FW/W, FW/W."""
     dfq = manifest.dfq
     options = [tuple(o) for o in dfq["options"]]
     labels = [("skip" if tuple(o) == (0, 0) else f"{o[0]}/{o[1]}") for o in options]
     wb = float(dfq["weight_bits"])
-    n = manifest.n_blocks
+    gated, static = gated_blocks(manifest), static_blocks(manifest)
+    n = len(gated)
+    cfg = summary.get("config") or {}
+    sfw, sbw = float(cfg.get("fw", 8)), float(cfg.get("bw", 8))
     if opts.bits in ("final", "best"):
         hist = (summary.get("dfq") or {}).get("choice_histogram")
         if not hist:
@@ -191,9 +196,13 @@ def _resolve_dfq(summary: dict, manifest: Manifest, opts: ExportOptions) -> tupl
         # the option with these act bits; with --force and none, the first precision option with its act bits
         # replaced (the gates' one-hot must still be a constant for the skip mix and the cost nodes)
         chosen = [match[0] if match else next(k for k, o in enumerate(options) if o != (0, 0))] * n
-        bits = np.array([[fw, wb, options[k][1]] for k in chosen], np.float32)
+        bits = np.zeros((manifest.n_blocks, 3), np.float32)
+        bits[gated] = [[fw, wb, options[k][1]] for k in chosen]
+        bits[static] = [fw, w, sbw]
         return bits, chosen
-    bits = np.array([[options[k][0], 0.0 if options[k] == (0, 0) else wb, options[k][1]] for k in chosen], np.float32)
+    bits = np.zeros((manifest.n_blocks, 3), np.float32)
+    bits[gated] = [[options[k][0], 0.0 if options[k] == (0, 0) else wb, options[k][1]] for k in chosen]
+    bits[static] = [sfw, sfw, sbw]
     return bits, chosen
 
 
@@ -492,7 +501,7 @@ def export_run(run_dir: str, output: str, opts: ExportOptions | None = None) -> 
     if dfq and not keep:
         K = len(dfq["options"])
         batch_mode = dfq["granularity"] == "batch"
-        for l, k in enumerate(chosen):
+        for l, k in zip(gated_blocks(manifest), chosen):
             q = f"dfq::b{l}"
             hot = (np.arange(K) == k).astype(np.float32).reshape((K, 1) if batch_mode else (1, K, 1))
             for t in (f"{q}/hard", f"{q}/mask"):

@@ -28,6 +28,8 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         if dfq is not None:   # the controller's cost table (quantize --dfq --cost; absent in older manifests: MACs)
             dfq.update({k: m.dfq[k] for k in ("cost", "cost_metric", "cost_batch", "cost_unit", "cost_table",
                                               "cost_fp32") if k in m.dfq})
+            dfq["gated"] = list(m.dfq.get("gated", range(m.n_blocks)))
+            dfq["static_blocks"] = [l for l in range(m.n_blocks) if l not in dfq["gated"]]
     else:
         from .build import fp32_tables, model_task, plan
         from .model import load_model
@@ -80,11 +82,12 @@ def render(summary: dict) -> None:
                   f"{len(summary['quant_points'])} FW quant points + BW on every quantized GEMM output")
     if summary.get("dfq"):
         g = summary["dfq"]
-        con.print(f"DFQ: one gate per block (GAP, 1x1 conv {g['gate_dim']}, ReLU, 1x1 conv {g['embed_dim']}, "
+        static = g.get("static_blocks") or []
+        con.print(f"DFQ: one gate per block{f' except static block(s) {static} (act/weight/grad bits from the precision input: the run static --fw/--bw)' if static else ''} (GAP, 1x1 conv {g['gate_dim']}, ReLU, 1x1 conv {g['embed_dim']}, "
                   f"shared LSTM cell {g['hidden']}, linear, "
                   f"softmax; FP32, {len(g['gate_params'])} parameter tensors), choice per {g['granularity']}; "
                   f"options FW/BW {', '.join(f'{a}/{b}' for a, b in g['options'])}, weights {g['weight_bits']} bits; "
-                  f"act/grad columns of the precision input unused; cost weighting {g['cost_weighting']}, "
+                  f"act/grad columns of the gated blocks' rows unused; cost weighting {g['cost_weighting']}, "
                   f"task gradient {g['task_grad']}; controller cost "
                   + (f"{g['cost']} {g['cost_metric']} (batch {g['cost_batch']})" if g.get("cost", "macs") != "macs"
                      else "effective MACs"))

@@ -153,9 +153,12 @@ def test_dfq_baked_model_equals_the_gated_model_where_the_gates_chose_that(runs,
     hist = summaries["dfq"]["dfq"]["choice_histogram"]
     labels = [f"{a}/{g}" for a, g in summaries["dfq"]["dfq"]["options"]]
     chosen = [int(np.argmax([h["counts"][lbl] for lbl in labels])) for h in hist]
-    assert f.bits[:, 0].tolist() == [summaries["dfq"]["dfq"]["options"][k][0] for k in chosen]
+    man = Manifest.read(run / "artifacts")
+    gated_ids = man.dfq["gated"]                               # the first conv is a static block (--first static)
+    assert gated_ids == [1, 2] and f.bits[0].tolist() == [8, 8, 8]     # ... at the run's FW8/BW8
+    assert f.bits[gated_ids, 0].tolist() == [summaries["dfq"]["dfq"]["options"][k][0] for k in chosen]
     gated = onnx.load(str(run / "last.onnx"))
-    outs = [f"dfq::b{l}/choice" for l in range(len(chosen))]
+    outs = [f"dfq::b{l}/choice" for l in gated_ids]
     gated.graph.output.extend([onnx.ValueInfoProto(name=o) for o in outs])
     sg, se = _session(gated.SerializeToString()), _session(f.path)
     bits = bits_input(Manifest.read(run / "artifacts"))       # what the loop feeds a DFQ graph: the weight bits

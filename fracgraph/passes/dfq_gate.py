@@ -54,12 +54,24 @@ unused branch and the downsample FP32 (per sample: activations and errors; the w
 `weight_bits`). Blocks without a shortcut get the skip logit masked (MASKED_LOGIT), so p_skip = 0 there. The cost
 table counts a skip as 0, as the release and DFS do.
 
+Static (ungated) blocks: `static_first` (default) leaves the block of the model's first GEMM, when the layer policy
+quantizes it and it is a block of its own (a ResNet's stem conv; not a transformer's first projection, which sits
+in a residual block), without a gate, and `static` (fnmatch globs on GEMM names) adds every block holding a matching GEMM.
+A static block is quantized as in the plain artifacts: its act, weight and grad bits are read from the precision
+input, which the training loop fills with the run's static --fw/--bw. It is outside the controller: no gate, no
+LSTM step (the LSTM runs over the gated blocks in order), no share of the cost term or of `CP_OUTPUT` (the gated
+cp, as the authors count it); the loop's whole-network cost counts it at its static bits (train/dfq.py). The
+authors' `ResNetRecurrentGateSP` keeps its first conv FP32 (`--first fp32`); at FP32 that one conv costs 17% of a
+FW8/BW8 resnet20 step, which caps the whole-network saving of cp 3 at 35% (README, DFQ section, "Static blocks";
+bench/dfq_first_layer.py).
+
 Stop-gradient: ONNX has none; `ReduceMax` over an added axis of size 1 is the identity with no gradient,
 because the build registers an empty gradient for ReduceMax (the quantizer ranges rely on the same).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass, field
 
 import networkx as nx
@@ -78,8 +90,8 @@ TARGET_INPUT = "fracgraph_dfq_target"     # runtime scalar: the cp target (%)
 BETA_INPUT = "fracgraph_dfq_beta"         # runtime scalar: the cost weight beta (0 = no cost term)
 COST_TERM = "fracgraph::dfq_cost_term"    # reg * beta * C / mean(F), added to the CE loss
 CP_OUTPUT = "fracgraph::dfq_cp"           # cp of this mini-batch (%), over the gated blocks
-BITS_OUTPUT = "fracgraph::dfq_bits"       # [n_blocks, 3] act, weight, grad bits used (batch mode)
-COUNTS_OUTPUT = "fracgraph::dfq_counts"   # [n_blocks, K] samples per option
+BITS_OUTPUT = "fracgraph::dfq_bits"       # [n_gated, 3] act, weight, grad bits of the gated blocks (batch)
+COUNTS_OUTPUT = "fracgraph::dfq_counts"   # [n_gated, K] samples per option, gated blocks in order
 CIFAR_OPTIONS = ((3, 6), (4, 6), (4, 8), (6, 8), (6, 12))
 GRANULARITIES = ("batch", "sample", "candidates")
 WEIGHTINGS = ("macs", "uniform")
@@ -104,8 +116,11 @@ class DfqOptions:
     embed_dim: int = 16
     hidden: int = 16
     seed: int = 0
+    static_first: bool = True        # the first GEMM's block (when quantized) has no gate: static --fw/--bw bits
+    static: list = field(default_factory=list)   # GEMM-name globs: their blocks have no gate either
 
     def __post_init__(self):
+        self.static = [str(g) for g in self.static]
         self.options = [[int(a), int(g)] for a, g in self.options]
         if len(self.options) < 2:
             raise FracgraphError(f"DFQ needs at least 2 precision options, got {self.options}")
@@ -151,6 +166,30 @@ class DfqOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def static_blocks(blocks, op_dicts: list[dict], options: DfqOptions) -> dict[int, str]:
+    """block index -> why it has no gate: the first GEMM's block (static_first, when the policy quantizes that
+    GEMM and it is a block of its own, like a ResNet's stem conv; a first GEMM inside a residual block, like a
+    transformer's first projection, leaves that block gated) and the blocks of GEMMs matching a `static` glob. The
+    rest are gated."""
+    out = {}
+    first = op_dicts[0] if op_dicts else {}
+    if options.static_first and first.get("quantized") and first.get("block") is not None \
+            and list(blocks[first["block"]].ops) == [first["name"]]:
+        out[first["block"]] = f"first GEMM {first['name']}"
+    for pat in options.static:
+        hits = [d for d in op_dicts if d.get("quantized") and d.get("block") is not None
+                and fnmatch.fnmatchcase(d["name"], pat)]
+        if not hits:
+            raise FracgraphError(f"--keep-static {pat!r} matches no quantized GEMM; the quantized GEMMs are "
+                                 f"{', '.join(d['name'] for d in op_dicts if d.get('quantized'))[:300]}")
+        for d in hits:
+            out.setdefault(d["block"], f"GEMM {d['name']} matches --keep-static {pat!r}")
+    if len(out) == len(blocks):
+        raise FracgraphError("every quantized block is static (--first static / --keep-static), so DFQ has no gate "
+                             "to train; quantize without --dfq, or narrow --keep-static")
+    return dict(sorted(out.items()))
 
 
 def parse_options(text: str) -> list[list[int]]:
@@ -256,6 +295,11 @@ class DfqGatePass(Pass):
         for d in op_dicts:
             if d.get("quantized") and d.get("block") is not None:
                 self.block_macs[d["block"]] += d["macs"]
+        self.static = static_blocks(blocks, op_dicts, options)    # block index -> why it has no gate
+        self.gated = [l for l in range(len(blocks)) if l not in self.static]
+        if cost_table is not None and len(cost_table["cost_fp32"]) == len(blocks):   # the gated blocks' rows
+            self.cost_table = {**cost_table, "cost_table": [cost_table["cost_table"][l] for l in self.gated],
+                               "cost_fp32": [cost_table["cost_fp32"][l] for l in self.gated]}
 
     def requires(self, model):
         names = {i.name for i in model.graph.input}
@@ -276,9 +320,10 @@ class DfqGatePass(Pass):
         em = Emitter(model.graph, opset(model))
         P = PREFIX
         gemm_inputs = {n.name: n.input[0] for n in model.graph.node}
-        ports = block_ports(model, self.blocks, gemm_inputs)
+        gated_blocks = [self.blocks[l] for l in self.gated]
+        ports = block_ports(model, gated_blocks, gemm_inputs)
         skip = o.skip_index
-        shortcuts = block_shortcuts(model, self.blocks, ports) if skip is not None else [(None, [])] * len(ports)
+        shortcuts = block_shortcuts(model, gated_blocks, ports) if skip is not None else [(None, [])] * len(ports)
         can_skip = [skip is not None and sc is not None for sc, _ in shortcuts]
         if skip is not None and not any(can_skip):
             raise FracgraphError("`skip` in --options needs residual blocks, and none of the gated blocks has a "
@@ -298,8 +343,8 @@ class DfqGatePass(Pass):
         acts = em.const(np.array([[a] for a, _ in o.options], np.float32))     # [K, 1]
         grads = em.const(np.array([[g] for _, g in o.options], np.float32))
         unit = o.unit_costs().sum(1)                     # cost_fw + cost_eb + cost_gc per option
-        F = self.block_macs if o.cost_weighting == "macs" else np.ones(len(self.blocks))
-        block_unit, block_ratio = block_costs(unit, F, self.cost_table)
+        F = self.block_macs[self.gated] if o.cost_weighting == "macs" else np.ones(len(self.gated))
+        block_unit, block_ratio = block_costs(unit, F, self.cost_table)       # gated blocks, in gate order
         batch = em.node("Shape", [ports[0][0]], f"{P}batch/shape", start=0, end=1) if em.opset >= 15 else \
             em.node("Slice", [em.node("Shape", [ports[0][0]], f"{P}batch/shape_all"), em.const([0], np.int64),
                               em.const([1], np.int64)], f"{P}batch/shape")
@@ -307,8 +352,8 @@ class DfqGatePass(Pass):
         batch_s = em.node("Reshape", [batch_f, em.const([], np.int64)], f"{P}batch/n")
         h = c = None
         cost_terms, bits_rows, counts_rows = [], [], []
-        notes = []
-        for l, (b, (x, y)) in enumerate(zip(self.blocks, ports)):
+        notes = [f"{self.blocks[l].name}: no gate, static --fw/--bw bits ({why})" for l, why in self.static.items()]
+        for j, (l, b, (x, y)) in enumerate(zip(self.gated, gated_blocks, ports)):
             q = f"{P}b{l}"
             C_in = shapes.get(x)
             if C_in is None:
@@ -348,7 +393,7 @@ class DfqGatePass(Pass):
                         f"{q}/lstm/c")
             h = em.node("Mul", [o_g, em.node("Tanh", [c], f"{q}/lstm/tc")], f"{q}/lstm/h")
             logits = em.node("Add", [em.node("MatMul", [h, w_o], f"{q}/proj/mm"), b_o], f"{q}/logits")
-            if skip is not None and not can_skip[l]:   # no shortcut: the skip option is masked out of the softmax
+            if skip is not None and not can_skip[j]:   # no shortcut: the skip option is masked out of the softmax
                 logits = em.node("Add", [logits, em.const(np.where(np.arange(K) == skip, MASKED_LOGIT, 0.0))],
                                  f"{q}/logits_noskip")
             p = em.node("Softmax", [logits], f"{q}/p", axis=-1)
@@ -370,12 +415,12 @@ class DfqGatePass(Pass):
             mask = em.node("Add", [hard, em.node("Sub", [soft, sg], f"{q}/st")], f"{q}/mask")   # = hard forward
             # task_grad "chosen": the chosen entry of the mask (1 forward) scales the block output
             # (with skip: the chosen entry among the precision options, 0 when skip is chosen)
-            sel = hard if not can_skip[l] else em.node(
+            sel = hard if not can_skip[j] else em.node(
                 "Mul", [hard, em.const(np.where(np.arange(K) == skip, 0.0, 1.0).reshape(K, 1))], f"{q}/hard_q")
             m_c = None if o.task_grad == "none" else em.node("ReduceSum", [em.node("Mul", [mask, sel], f"{q}/mask_sel"), em.const(keep_axes, np.int64)],
                           f"{q}/m_chosen", keepdims=0)                                    # [] or [B]
             m_s = None
-            if can_skip[l]:   # the skip entry of the mask (exactly 0 or 1 forward)
+            if can_skip[j]:   # the skip entry of the mask (exactly 0 or 1 forward)
                 m_s = em.node("Reshape", [em.node("Gather", [mask, em.const(skip, np.int64)], f"{q}/m_skip_k", axis=opt_axis),
                                           em.const([] if batch_mode else [-1], np.int64)], f"{q}/m_skip")
             # bits per block (or per sample), from the hard one-hot only: no gradient
@@ -387,7 +432,7 @@ class DfqGatePass(Pass):
             if batch_mode:
                 em.node("Identity", [a_bits], f"{bits_name}.act")
                 em.node("Identity", [g_bits], f"{bits_name}.grad")
-                if can_skip[l]:   # a skipped block runs FP32 throughout (weights too: the release's FP `prev`)
+                if can_skip[j]:   # a skipped block runs FP32 throughout (weights too: the release's FP `prev`)
                     flat = f"{self.precision_input}::flat"
                     if not em.has(flat):
                         em.node("Reshape", [self.precision_input, em.const([-1], np.int64)], flat)
@@ -414,7 +459,7 @@ class DfqGatePass(Pass):
                 for col, v, rank in (("act", a_bits, in_rank), ("grad", g_bits, out_rank)):
                     em.node("Identity", [v], f"{bits_name}.{col}/v")   # reserve the name
                     # a skipped sample's bits are 0: its quantizers pass it through (FP32)
-                    marker = PER_SAMPLE_OFF_NODE if can_skip[l] else PER_SAMPLE_NODE
+                    marker = PER_SAMPLE_OFF_NODE if can_skip[j] else PER_SAMPLE_NODE
                     em.nodes.append(helper.make_node("Reshape", [v, em.const([-1] + [1] * (rank - 1), np.int64)],
                                                      [f"{bits_name}.{col}"], name=f"{q}/{col}{marker}"))
                 if m_c is not None:
@@ -432,22 +477,22 @@ class DfqGatePass(Pass):
                 else:             # y = m_run * y::dfq_pre + m_skip * shortcut, two products: exact one-hot forward
                     m_run = m_c if m_c is not None else em.node("Sub", [em.const(1.0), m_s], f"{q}/m_run")
                     em.nodes.append(helper.make_node("Add", [em.node("Mul", [pre, m_run], f"{q}/run_part"),
-                                                             em.node("Mul", [shortcuts[l][0], m_s], f"{q}/skip_part")],
+                                                             em.node("Mul", [shortcuts[j][0], m_s], f"{q}/skip_part")],
                                                      [y], name=f"{q}/mix_skip"))
             # cost: sum over samples and options of mask * unit cost, times F_l / mean(F) (hardware table: x 1)
-            unit_c = em.const(block_unit[l].reshape(K, 1).astype(np.float32))
+            unit_c = em.const(block_unit[j].reshape(K, 1).astype(np.float32))
             per = em.node("ReduceSum", [em.node("Mul", [mask, unit_c], f"{q}/cost_k"), em.const(all_axes, np.int64)],
                           f"{q}/cost_unit", keepdims=0)
             if batch_mode:
                 per = em.node("Mul", [per, batch_s], f"{q}/cost_batch")
-            cost_terms.append(em.node("Mul", [per, em.const(np.float32(block_ratio[l]))], f"{q}/cost"))
+            cost_terms.append(em.node("Mul", [per, em.const(np.float32(block_ratio[j]))], f"{q}/cost"))
             counts_rows.append(em.node("Unsqueeze", [counts, em.const([0], np.int64)], f"{q}/counts_row"))
             row = em.node("Concat", [em.node("Reshape", [v, em.const([1], np.int64)], f"{q}/row{j}")
                                      for j, v in enumerate((a_row, em.const([float(o.weight_bits)]), g_row))],
                           f"{q}/bits_row", axis=0)
             bits_rows.append(em.node("Unsqueeze", [row, em.const([0], np.int64)], f"{q}/bits_row2"))
             notes.append(f"{b.name}: gate on {x} ({o.granularity})"
-                         + (f"; skip option: output {y} mixed with the shortcut {shortcuts[l][0]}" if can_skip[l] else
+                         + (f"; skip option: output {y} mixed with the shortcut {shortcuts[j][0]}" if can_skip[j] else
                             "; skip option masked out (no shortcut)" if skip is not None else "")
                          + (f"; output scaled by the chosen mask entry" if m_c is not None else ""))
 
@@ -456,7 +501,7 @@ class DfqGatePass(Pass):
             total = em.node("Add", [total, term], f"{P}C_norm/{l}")
         total = em.node("Identity", [total], f"{P}C_norm")
         # C_norm = C / mean(F); cp = 100 C / (3 B sum F) = 100 C_norm mean(F) / (3 B sum F) = 100 C_norm / (3 B n)
-        cp = em.node("Div", [total, em.node("Mul", [batch_s, em.const(np.float32(3.0 * len(self.blocks) / 100.0))],
+        cp = em.node("Div", [total, em.node("Mul", [batch_s, em.const(np.float32(3.0 * len(self.gated) / 100.0))],
                                             f"{P}cp_den")], CP_OUTPUT)
         below = em.node("Less", [cp, TARGET_INPUT], f"{P}below_target")
         reg = em.node("Where", [below, em.const(-1.0), em.const(1.0)], f"{P}reg")
@@ -467,12 +512,12 @@ class DfqGatePass(Pass):
         keep = []
         if o.granularity == "sample":
             keep = [em.node("Concat", [em.node("Reshape", [f"{self.precision_input}::b{l}.grad", em.const([-1], np.int64)],
-                                               f"{P}b{l}/g_flat") for l in range(len(self.blocks))], f"{P}grad_bits", axis=0)]
+                                               f"{P}b{l}/g_flat") for l in self.gated], f"{P}grad_bits", axis=0)]
 
         em.flush()
         model.graph.input.extend([helper.make_tensor_value_info(TARGET_INPUT, TensorProto.FLOAT, []),
                                   helper.make_tensor_value_info(BETA_INPUT, TensorProto.FLOAT, [])])
-        n = len(self.blocks)
+        n = len(self.gated)
         model.graph.output.extend([
             helper.make_tensor_value_info(COST_TERM, TensorProto.FLOAT, []),
             helper.make_tensor_value_info(CP_OUTPUT, TensorProto.FLOAT, []),
@@ -480,7 +525,8 @@ class DfqGatePass(Pass):
             helper.make_tensor_value_info(COUNTS_OUTPUT, TensorProto.FLOAT, [n, K]),
         ] + [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["grad_bits"]) for k in keep])
         self.extra_outputs = [CP_OUTPUT, BITS_OUTPUT, COUNTS_OUTPUT] + keep
-        self.cost_scale = {"F": F.tolist(), "mean_F": float(F.mean()), "unit_costs": o.unit_costs().tolist(),
+        self.cost_scale = {"gated": list(self.gated), "static_blocks": sorted(self.static), "F": F.tolist(),
+                           "mean_F": float(F.mean()), "unit_costs": o.unit_costs().tolist(),
                            **(self.cost_table or {}),
                            "skip_index": skip, "skippable": can_skip,
                            "shortcut_ops": [ops for _, ops in shortcuts]}
@@ -489,8 +535,7 @@ class DfqGatePass(Pass):
     def ensures(self, model):
         outs = {n for node in model.graph.node for n in node.output} | {t.name for t in model.graph.initializer}
         K = len(self.opts.options)
-        keys = [f"{l}k{k}" for l in range(len(self.blocks)) for k in range(K)] if self.candidates else \
-            range(len(self.blocks))
+        keys = [f"{l}k{k}" for l in self.gated for k in range(K)] if self.candidates else self.gated
         for key in keys:
             for col in ("act",) if self.candidates else ("act", "grad"):
                 assert f"{self.precision_input}::b{key}.{col}" in outs, f"block {key} {col} bits not produced"

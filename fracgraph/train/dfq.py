@@ -13,6 +13,11 @@ target then cannot move it (FracTrain's 1.5 against the CIFAR options' 1.76 floo
 ceiling it is the mirror image. The graph reports the choice counts per block and option; the cost of
 a step is computed from them exactly (per sample in per-sample mode), and the trace gets the bits per block
 (per-sample mode: the batch mean of each column, which `estimate` treats as one precision per block).
+
+Static blocks (passes/dfq_gate.py `static_first`, `static`: the first GEMM by default) have no gate: the loop feeds
+their rows of the precision input the run's --fw/--bw (`bits_input`), and the step's whole-network cost, the
+trace and the cumulative MACs count them at those bits (`ChoiceRecord`). The gated cp (the controller's target,
+`TargetClamp`, `mean_gated_cp`) covers the gated blocks only, as the authors count it.
 """
 
 from __future__ import annotations
@@ -179,64 +184,92 @@ def require_dfq(manifest: Manifest, schedule: str, where: str) -> dict:
     return manifest.dfq
 
 
-def bits_input(manifest: Manifest) -> np.ndarray:
-    """The precision input of DFQ artifacts: only the weight column is read (the static weight bits)."""
+def gated_blocks(manifest: Manifest) -> list[int]:
+    """Indices of the gated blocks, in gate order (artifacts from before static blocks: every block)."""
+    return list(manifest.dfq.get("gated", range(manifest.n_blocks)))
+
+
+def static_blocks(manifest: Manifest) -> list[int]:
+    """Indices of the blocks without a gate (quantized at the run's static --fw/--bw)."""
+    gated = set(gated_blocks(manifest))
+    return [l for l in range(manifest.n_blocks) if l not in gated]
+
+
+def bits_input(manifest: Manifest, fw: float = 8, bw: float = 8) -> np.ndarray:
+    """The precision input of DFQ artifacts: a gated block's row is read only in its weight column (the static
+    weight bits); a static block's row is read whole: act/weight at `fw`, grad at `bw`, as the plain artifacts."""
     bits = np.zeros((manifest.n_blocks, 3), np.float32)
     bits[:, 1] = manifest.dfq["weight_bits"]
+    bits[static_blocks(manifest)] = [fw, fw, bw]
     return bits
 
 
 class ChoiceRecord:
     """Per-block choice histogram over the run and the exact cost of each step from the gates' counts."""
 
-    def __init__(self, manifest: Manifest, meter, hist: list | None = None):
+    def __init__(self, manifest: Manifest, meter, hist: list | None = None, static_bits: tuple = (8, 8)):
         d = manifest.dfq
+        self.gated = np.array(gated_blocks(manifest), np.int64)
+        self.static = np.array(static_blocks(manifest), np.int64)
+        fw, bw = (float(v) for v in static_bits)
+        self.static_row = np.array([fw, fw, bw], np.float64)
         self.options = np.array(d["options"], np.float64)            # [K, 2] act, grad bits
         self.F = np.array(d["F"], np.float64)                         # the cost term's block weights
         self.unit = np.array(d["unit_costs"], np.float64).sum(1)      # [K] fw + eb + gc per MAC
         self.table, self.table_fp32 = gated_cost_table(d)            # the controller's cost, its unit
         self.w = float(d["weight_bits"])
         self.meter = meter
-        n, K = manifest.n_blocks, len(self.options)
+        n, K = len(self.gated), len(self.options)
         self.skip = d.get("skip_index")
         # MACs of each block's shortcut GEMMs (the downsample conv): a skipped block still computes them, FP32
         macs = {o["name"]: o["macs"] for o in manifest.ops}
         self.shortcut_macs = np.array([sum(macs[g] for g in ops) for ops in d.get("shortcut_ops") or [[]] * n],
-                                      np.float64)
+                                      np.float64).reshape(n)
         self.hist = np.array(hist, np.int64) if hist is not None else np.zeros((n, K), np.int64)
         if self.hist.shape != (n, K):
             raise FracgraphError(f"checkpoint choice histogram has shape {self.hist.shape}, expected {(n, K)}")
 
     def step(self, counts: np.ndarray, batch: int) -> tuple[dict, np.ndarray, np.ndarray]:
         """(cost dict like CostMeter.step, bits [n_blocks, 3] and active share [n_blocks] for the trace) of a step
-        with these counts. A skipped sample costs nothing in its block but the shortcut GEMMs, at FP32; the bits
-        are the mean over the samples that ran the block (0 when none did)."""
+        with these counts ([n_gated, K]). A skipped sample costs nothing in its block but the shortcut GEMMs, at
+        FP32; the bits are the mean over the samples that ran the block (0 when none did). Static blocks run at
+        the static bits for every sample; FP32 GEMMs at 32 bits."""
         counts = np.rint(np.asarray(counts, np.float64)).astype(np.int64)
         if counts.shape != self.hist.shape or (counts.sum(1) != batch).any():
             raise FracgraphError(f"the gates' choice counts {counts.tolist()} do not cover the batch of {batch}")
         self.hist += counts
         frac = counts / batch                                        # [n, K] share of samples per option
         a, g, w = self.options[:, 0] / 32, self.options[:, 1] / 32, self.w / 32
-        m, fp = self.meter.block_macs, self.meter.fp32_macs
-        mw, maa = getattr(self.meter, "weight_macs", m), getattr(self.meter, "act_act_macs", 0 * m)
+        G, S = self.gated, self.static
+        m_all, fp = self.meter.block_macs, self.meter.fp32_macs
+        mw_all = getattr(self.meter, "weight_macs", m_all)
+        maa_all = getattr(self.meter, "act_act_macs", 0 * m_all)
+        m, mw, maa = m_all[G], mw_all[G], maa_all[G]
         skipped = frac[:, self.skip] if self.skip is not None else np.zeros(len(frac))
         fp = fp + float(self.shortcut_macs @ skipped)
+        # static blocks at the static bits for every sample (0 bits = FP32, as CostMeter)
+        sa, sw, sg = np.where(self.static_row > 0, self.static_row, 32.0) / 32
+        ms, msw, msaa = float(m_all[S].sum()), float(mw_all[S].sum()), float(maa_all[S].sum())
         # attention's activation x activation GEMMs: act bits on both operands (a x a forward, g x a error)
-        fw = float(mw @ (frac @ (a * w)) + maa @ (frac @ (a * a)) + fp) * batch
-        err = float(mw @ (frac @ (g * w)) + maa @ (frac @ (g * a)) + fp) * batch
-        wg = float(m @ (frac @ (a * g)) + fp) * batch
+        fw = float(mw @ (frac @ (a * w)) + maa @ (frac @ (a * a)) + msw * sa * sw + msaa * sa * sa + fp) * batch
+        err = float(mw @ (frac @ (g * w)) + maa @ (frac @ (g * a)) + msw * sg * sw + msaa * sg * sa + fp) * batch
+        wg = float(m @ (frac @ (a * g)) + ms * sa * sg + fp) * batch
         cost = {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.meter.total * batch)}
-        active = 1.0 - skipped
-        ran = np.where(active > 0, active, 1.0)
-        bits = np.stack([frac @ self.options[:, 0] / ran, np.where(active > 0, self.w, 0.0),
-                         frac @ self.options[:, 1] / ran], 1)
+        n_all = len(self.meter.block_macs)
+        active = np.ones(n_all)
+        active[self.gated] = 1.0 - skipped
+        ran = np.where(active[self.gated] > 0, active[self.gated], 1.0)
+        bits = np.tile(self.static_row, (n_all, 1))
+        bits[self.gated] = np.stack([frac @ self.options[:, 0] / ran, np.where(active[self.gated] > 0, self.w, 0.0),
+                                     frac @ self.options[:, 1] / ran], 1)
         return cost, bits.astype(np.float32), active.astype(np.float32)
 
     def histogram(self, block_names: list[str]) -> list[dict]:
         from ..passes.dfq_gate import option_label
 
         labels = [option_label(o) for o in self.options]
-        return [{"block": name, "counts": dict(zip(labels, row.tolist()))} for name, row in zip(block_names, self.hist)]
+        names = [block_names[l] for l in self.gated]     # gated blocks only: a static block has no choice
+        return [{"block": name, "counts": dict(zip(labels, row.tolist()))} for name, row in zip(names, self.hist)]
 
     def mean_gated_cp(self) -> float | None:
         """The controlled cp (gated blocks, in the cost table's unit: effective MACs with the cost term's block

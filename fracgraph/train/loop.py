@@ -66,6 +66,7 @@ class TrainConfig:
     target_cp: float = 3.0                # DFQ: cp target (%) of the gated blocks (train_dfq --target_ratio)
     target_cp_schedule: list[float] = field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0])   # FracTrain stages
     beta: float = 1e-3                    # DFQ: weight of the cost term
+    beta_schedule: str = "constant"       # DFQ: constant (authors') | lr: beta x lr0/lr(step), see dfq_beta()
 
 
 def check_task_data(task, dataset, spec: str | None):
@@ -116,6 +117,21 @@ class CostMeter:
         return {"fw": fw, "err": err, "wgrad": wg, "cp": 100 * (fw + err + wg) / (3 * self.total * batch)}
 
 
+BETA_SCHEDULES = ("constant", "lr")
+BETA_LR_CAP = 100.0
+
+
+def dfq_beta(cfg: "TrainConfig", lr: float) -> float:
+    """The cost weight fed at a step with learning rate `lr`. The sign controller's push on the gates is
+    lr x beta x (cost gradient): at a constant beta it shrinks with every LR decay (x0.1 at 50% and 75% of the run
+    with the step schedule), so a target that rises late is followed 10-100x more slowly
+    (bench/dfq_controller_speed.py). "lr" feeds beta x lr0/lr, capped at BETA_LR_CAP (cosine ends at lr 0): the
+    gates then move at the first LR stage's speed all run long."""
+    if cfg.beta_schedule == "constant" or cfg.lr <= 0:
+        return cfg.beta
+    return cfg.beta * min(cfg.lr / max(lr, 1e-30), BETA_LR_CAP)
+
+
 def _bits(manifest: Manifest, fw: int, bw: int) -> np.ndarray:
     return np.tile(np.array([fw, fw, bw], np.float32), (manifest.n_blocks, 1))
 
@@ -147,11 +163,10 @@ def _prepare_artifacts(cfg: TrainConfig, run: Path, resume: bool) -> Path:
     if not (resume and (art / "manifest.json").exists()):
         from ..build import BuildOptions, build_artifacts
 
-        if cfg.schedule in DFQ_SCHEDULES:   # DFQ artifacts with the CIFAR defaults; first layer FP32 (spec §1.3)
+        if cfg.schedule in DFQ_SCHEDULES:   # DFQ artifacts with the CIFAR defaults; first GEMM static at --fw/--bw
             from ..passes.dfq_gate import DfqOptions
-            from ..policy import LayerPolicy
 
-            opts = BuildOptions(dfq=DfqOptions(), policy=LayerPolicy(first="fp32"))
+            opts = BuildOptions(fw=cfg.fw, bw=cfg.bw, dfq=DfqOptions())
         else:
             opts = BuildOptions(fw=cfg.fw, bw=cfg.bw)
         build_artifacts(cfg.model, art, opts, force=True)
@@ -204,13 +219,15 @@ def _train(cfg: TrainConfig, run: Path, store, latest, resume: bool, progress) -
     else:
         raise FracgraphError(f"--schedule {cfg.schedule!r} is not available; use static, pfq, dfq or fractrain")
     lrs = LRSchedule(cfg.lr_schedule, cfg.lr, cfg.iters)
+    if cfg.beta_schedule not in BETA_SCHEDULES:
+        raise FracgraphError(f"--beta-schedule {cfg.beta_schedule!r}: use {' or '.join(BETA_SCHEDULES)}")
     if task.is_lm:
         stream = TextStream(dataset, cfg.batch, cfg.seed, task.context, task.input_dtype)
         dataset.write_vocab(run)   # `fracgraph sample` decodes with it
     else:
         stream = BatchStream(dataset, cfg.batch, cfg.seed)
     meter = CostMeter(manifest)
-    choices = ChoiceRecord(manifest, meter) if dfq else None
+    choices = ChoiceRecord(manifest, meter, static_bits=(cfg.fw, cfg.bw)) if dfq else None
     clamp = TargetClamp(manifest) if dfq else None
     eval_every = cfg.eval_every or cfg.epoch_iters
     ckpt_every = cfg.checkpoint_every or cfg.epoch_iters
@@ -228,7 +245,7 @@ def _train(cfg: TrainConfig, run: Path, store, latest, resume: bool, progress) -
         last_loss = st.get("last_val_loss")
         samples = st.get("samples", cfg.batch * step)
         if choices is not None:
-            choices = ChoiceRecord(manifest, meter, st["dfq_hist"])
+            choices = ChoiceRecord(manifest, meter, st["dfq_hist"], static_bits=(cfg.fw, cfg.bw))
             clamp = TargetClamp(manifest, st.get("dfq_clamps"))
         recorder = TraceRecorder(st["trace"]["starts"], [np.array(b, np.float32) for b in st["trace"]["bits"]], step,
                                  st["trace"].get("active"))
@@ -270,10 +287,11 @@ def _train(cfg: TrainConfig, run: Path, store, latest, resume: bool, progress) -
         while step < cfg.iters:
             x, y = next(stream)
             lr = lrs(step)
-            if dfq:   # the gates choose; the input carries only the static weight bits
-                bits, target = dfq_bits_input(manifest), sched.target(step)
+            if dfq:   # the gates choose; the input carries the static weight bits and the static blocks' bits
+                bits, target = dfq_bits_input(manifest, cfg.fw, cfg.bw), sched.target(step)
                 clamped = clamp.note(step, target)
-                loss, logits = session.step(x, y, bits, lr, target=clamp.fed(target), beta=cfg.beta)
+                beta = dfq_beta(cfg, lr)
+                loss, logits = session.step(x, y, bits, lr, target=clamp.fed(target), beta=beta)
             else:
                 fw, bw = sched.bits(step)
                 bits = _bits(manifest, fw, bw)
@@ -297,7 +315,8 @@ def _train(cfg: TrainConfig, run: Path, store, latest, resume: bool, progress) -
                    "eff_gmacs": (cost["fw"] + cost["err"] + cost["wgrad"]) / 1e9, "cp": cost["cp"],
                    "cum_gmacs": sum(cum.values()) / 1e9, "wall": time.perf_counter() - t0}
             if dfq:
-                rec.update(target_cp=target, target_cp_fed=clamp.fed(target), dfq_cp=float(session.last_outputs[DFQ_CP]))
+                rec.update(target_cp=target, target_cp_fed=clamp.fed(target), dfq_cp=float(session.last_outputs[DFQ_CP]),
+                           beta=beta)
                 if clamped is not None:
                     rec["target_clamp"] = clamped
             if ended is not None and ended.transition is not None:
@@ -343,7 +362,9 @@ def _train(cfg: TrainConfig, run: Path, store, latest, resume: bool, progress) -
     }
     if choices is not None:
         summary["dfq"] = {"options": dfq["options"], "weight_bits": dfq["weight_bits"],
-                          "granularity": dfq["granularity"], "final_target_cp": sched.target(max(step - 1, 0)),
+                          "granularity": dfq["granularity"], "static_blocks": [
+                              {"block": manifest.blocks[l].name, "fw": cfg.fw, "bw": cfg.bw} for l in choices.static],
+                          "final_target_cp": sched.target(max(step - 1, 0)),
                           "mean_gated_cp": choices.mean_gated_cp(), "cp_unit": cost_label(dfq),
                           "reachable_cp": [clamp.floor, clamp.ceiling], "target_clamps": clamp.clamps,
                           "choice_histogram": choices.histogram([b.name for b in manifest.blocks])}

@@ -140,9 +140,10 @@ def finish_step(model, h, y, cost, B, block_macs, target, beta, chosen):
 
 
 def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, noises, block_macs, task_grad,
-                   replay=None):
+                   replay=None, stem_bits=None):
     """Loss of one DFQ step and the chosen bits, in PyTorch; gradients land in model/gate parameters. `replay`: an
-    ErrorReplay, each error quantizer checked on ORT's input and the backward continued from ORT's output."""
+    ErrorReplay, each error quantizer checked on ORT's input and the backward continued from ORT's output.
+    stem_bits (fw, bw): the stem conv is a static block, quantized at those bits with no gate (else FP32)."""
     acts = torch.tensor([a for a, _ in OPTIONS], dtype=torch.float32)
     grads = torch.tensor([g for _, g in OPTIONS], dtype=torch.float32)
     w = float(weight_bits)
@@ -150,7 +151,14 @@ def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, no
     Fl = torch.tensor(block_macs, dtype=torch.float64)
     Fn = (Fl / Fl.mean()).float()
     B = x.shape[0]
-    h = model.stem_fn(x)
+    if stem_bits is None:
+        h = model.stem_fn(x)
+    else:
+        sf, sb = (float(v) for v in stem_bits)
+        conv = model.stem
+        out = F.conv2d(STE.apply(x, sf, False), STE.apply(conv.weight, sf, True), None, conv.stride, conv.padding)
+        gemm = "/stem/Conv"
+        h = torch.relu(model.bn0(GradQ.apply(out, sb, noises[gemm], None if replay is None else (replay, gemm))))
     state = None
     cost = 0.0
     chosen = []
@@ -178,11 +186,12 @@ def reference_step(model, gate, x, y, beta, target, granularity, weight_bits, no
     return finish_step(model, h, y, cost, B, block_macs, target, beta, chosen)
 
 
-def torch_gate(sess, n_blocks):
-    """The gate modules of the reference, initialized from the artifacts' initial gate parameters."""
+def torch_gate(sess, n_blocks, first=0):
+    """The gate modules of the reference, initialized from the artifacts' initial gate parameters (gates of blocks
+    first .. first + n_blocks - 1; block `first` is the first gated one, its LSTM state zero)."""
     P = lambda n: torch.from_numpy(sess.parameter(n))  # noqa: E731
     emb = []
-    for l in range(n_blocks):
+    for l in range(first, first + n_blocks):
         w1, b1, w2, b2 = (P(f"dfq::b{l}/{k}") for k in ("w1", "b1", "w2", "b2"))
         c1 = nn.Conv2d(w1.shape[0], w1.shape[1], 1)
         c2 = nn.Conv2d(w2.shape[0], w2.shape[1], 1)
@@ -197,7 +206,7 @@ def torch_gate(sess, n_blocks):
         lstm.weight_hh.copy_(P("dfq::lstm/w_hh").T), lstm.bias_hh.copy_(P("dfq::lstm/b_hh"))
         proj.weight.copy_(P("dfq::proj/w").T), proj.bias.copy_(P("dfq::proj/b"))
     names = {}
-    for l, e in enumerate(emb):
+    for l, e in enumerate(emb, first):
         names[f"dfq::b{l}/w1"] = (e[0].weight, lambda g: g[:, :, 0, 0].T)
         names[f"dfq::b{l}/b1"] = (e[0].bias, lambda g: g)
         names[f"dfq::b{l}/w2"] = (e[2].weight, lambda g: g[:, :, 0, 0].T)
@@ -247,21 +256,23 @@ def _inputs(seed=0, n=16):
     return rng.standard_normal((n, 3, 8, 8)).astype(np.float32), rng.integers(0, 5, n).astype(np.int64)
 
 
-def _compare_step(model, sess, x, y, beta, granularity, target=0.0):
+def _compare_step(model, sess, x, y, beta, granularity, target=0.0, stem_bits=None):
     """One ORT step and the PyTorch reference with the noise ORT drew, every error quantizer checked on ORT's input
     and the backward continued from ORT's output (ErrorReplay): (ORT outputs, ORT grads, reference grads,
-    reference loss/logits/choices/cp)."""
+    reference loss/logits/choices/cp). stem_bits (fw, bw): the artifacts' block 0 is the static stem, fed them."""
     bits_in = np.tile(np.array([0, 4, 0], np.float32), (2, 1))   # only the weight column is read in DFQ
+    if stem_bits is not None:   # a static block's row is read whole: [fw, fw, bw]
+        bits_in = np.concatenate([np.array([[stem_bits[0], stem_bits[0], stem_bits[1]]], np.float32), bits_in])
     sess.module.lazy_reset_grad()
     outs = sess.forward_backward(x, y, bits_in, target=target, beta=beta)
     got = dict(sess.last_outputs)
     noises = {n.split("::bwq")[0]: torch.from_numpy(np.asarray(o)) for n, o in got.items() if n.endswith("/noise")}
-    assert len(noises) == 5
+    assert len(noises) == (5 if stem_bits is None else 6)
     ref = copy.deepcopy(model).train()
-    gate, gate_names = torch_gate(sess, 2)
+    gate, gate_names = torch_gate(sess, 2, first=0 if stem_bits is None else 1)
     replay = ErrorReplay(got, fq)
     res = reference_step(ref, gate, torch.from_numpy(x), torch.from_numpy(y), beta, target, granularity, 4, noises,
-                         sess.manifest.dfq["F"], sess.manifest.dfq["task_grad"], replay)
+                         sess.manifest.dfq["F"], sess.manifest.dfq["task_grad"], replay, stem_bits)
     assert sorted(replay.seen) == sorted(noises)   # every error quantizer checked, once
     ort_grads = {n: sess.gradient(n) for n in sess.trainable}
     params = dict(ref.named_parameters())
@@ -300,6 +311,40 @@ def test_step_matches_pytorch(two_block, art_batch, art_batch_default, art_sampl
         assert len(set(np.concatenate(chosen).tolist())) > 1, "per-sample choices should differ in this batch"
     for name, g in ref_grads.items():
         assert rel_err(ort_grads[name], g) <= 1e-4, name
+
+
+@pytest.fixture(scope="module")
+def art_static(two_block, tmp_path_factory):
+    """The default --dfq layout: the stem (first GEMM) quantized in a static block 0 without a gate."""
+    out = tmp_path_factory.mktemp("dfq") / "static"
+    build_artifacts(two_block[1], out, BuildOptions(dfq=DfqOptions(task_grad="chosen"), expose_noise=True,
+                                                    expose_errors=True))
+    return out
+
+
+@pytest.mark.parametrize("target", [0.0, 100.0])
+def test_static_first_block_matches_pytorch(two_block, art_static, target):
+    """A static first block: the stem quantized at the fed (fw, bw) = (6, 8) with no gate, the gates on blocks 1-2
+    (LSTM state zero at block 1), cp over the gated blocks; loss and every gradient against PyTorch."""
+    model, _ = two_block
+    sess = TrainSession(art_static, seed=0)
+    m = sess.manifest
+    assert m.n_blocks == 3 and m.dfq["gated"] == [1, 2] and m.dfq["static_blocks"] == [0]
+    assert len(m.dfq["F"]) == 2 and m.blocks[0].ops == ["/stem/Conv"]
+    assert not any(n.startswith("dfq::b0/") for n in sess.trainable)          # no gate on the static block
+    x, y = _inputs(2)
+    outs, got, ort_grads, ref_grads, (loss, logits, chosen, cp) = _compare_step(model, sess, x, y, 0.05, "batch",
+                                                                                target, stem_bits=(6, 8))
+    assert abs(float(outs[0]) - loss.item()) <= 1e-5 * abs(loss.item())
+    np.testing.assert_allclose(got["logits"], logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert got[COUNTS_OUTPUT].shape == (2, 5) and abs(float(got[CP_OUTPUT]) - cp) <= 1e-5 * cp
+    np.testing.assert_array_equal(got[BITS_OUTPUT], [[OPTIONS[c][0], 4, OPTIONS[c][1]] for c in chosen])
+    assert "stem.weight" in ref_grads
+    for name, g in ref_grads.items():
+        assert rel_err(ort_grads[name], g) <= 1e-4, name
+    # the stem's bits are the fed ones: other static bits give other logits (4/8 is far from 6/8 on the image)
+    sess.forward_backward(x, y, np.array([[4, 4, 8], [0, 4, 0], [0, 4, 0]], np.float32), target=target, beta=0.05)
+    assert np.abs(np.asarray(sess.last_outputs["logits"]) - got["logits"]).max() > 1e-3
 
 
 def test_cost_term_gradient(two_block, art_batch):
@@ -373,11 +418,33 @@ def test_cli_quantize_dfq_and_inspect(two_block, tmp_path):
     r = runner.invoke(app, ["quantize", str(two_block[1]), "-o", str(out), "--dfq", "--options", "3/6,4/8",
                             "--weight-bits", "6", "--granularity", "sample"])
     assert r.exit_code == 0, r.output
-    assert "DFQ: 2 gates, options (FW/BW) 3/6, 4/8, weights 6 bits, choice per sample" in r.output
+    # --dfq quantizes the first GEMM in a static block (no gate) by default
+    assert ("DFQ: 2 gates (1 static block at the run's --fw/--bw), options (FW/BW) 3/6, 4/8, weights 6 bits, "
+            "choice per sample") in r.output
     info = json.loads(runner.invoke(app, ["inspect", str(out), "--format", "json"]).output)
     assert info["dfq"]["options"] == [[3, 6], [4, 8]] and info["dfq"]["weight_bits"] == 6
+    assert info["decisions"][0]["quantized"] and info["decisions"][0]["block"] == 0
+    assert info["dfq"]["gated"] == [1, 2] and info["dfq"]["static_blocks"] == [0]
+    assert "except static block(s) [0]" in runner.invoke(app, ["inspect", str(out)]).output
+    # --first fp32: the authors' DFQ ResNet (first conv FP32, every quantized block gated)
+    fp = tmp_path / "fp"
+    r = runner.invoke(app, ["quantize", str(two_block[1]), "-o", str(fp), "--dfq", "--options", "3/6,4/8", "--first", "fp32"])
+    assert r.exit_code == 0 and "DFQ: 2 gates, options" in r.output, r.output
+    info = json.loads(runner.invoke(app, ["inspect", str(fp), "--format", "json"]).output)
     first = info["decisions"][0]
-    assert not first["quantized"] and "first" in first["reason"]          # --dfq keeps the first GEMM FP32
-    assert "DFQ: one gate per block" in runner.invoke(app, ["inspect", str(out)]).output
+    assert not first["quantized"] and "first" in first["reason"] and info["dfq"]["static_blocks"] == []
+    assert "DFQ: one gate per block (GAP" in runner.invoke(app, ["inspect", str(fp)]).output
+    # --keep-static: a glob's block has no gate either; bad globs and flags without --dfq are one clear line
+    ks = tmp_path / "ks"
+    r = runner.invoke(app, ["quantize", str(two_block[1]), "-o", str(ks), "--dfq", "--options", "3/6,4/8",
+                            "--keep-static", "/conv3/*"])
+    assert r.exit_code == 0 and "DFQ: 1 gates (2 static blocks" in r.output, r.output
+    for args, msg in ((["--dfq", "--keep-static", "/nope*"], "matches no quantized GEMM"),
+                      (["--first", "static"], "add --dfq"),
+                      (["--dfq", "--keep-static", "*"], "no gate to train"),
+                      (["--dfq", "--first", "gated"], "static, fp32 or quantize")):
+        bad = runner.invoke(app, ["quantize", str(two_block[1]), "-o", str(tmp_path / "b2")] + args)
+        assert bad.exit_code == 2 and msg in bad.output and "Traceback" not in bad.output, (args, bad.output)
+        assert not (tmp_path / "b2").exists()
     bad = runner.invoke(app, ["quantize", str(two_block[1]), "-o", str(tmp_path / "b"), "--dfq", "--options", "4/8"])
     assert bad.exit_code == 2 and "at least 2" in bad.output and "Traceback" not in bad.output

@@ -204,10 +204,10 @@ def test_skipped_block_is_its_shortcut_exactly(two_block, tmp_path_factory):
 
 
 def test_single_layer_blocks_mask_skip(two_block, tmp_path_factory):
-    """With the stem quantized (a single-layer block, no shortcut) its gate never picks skip, however strongly the
-    shared projection favours it; the residual blocks still can."""
+    """With the stem quantized and gated (`--first quantize`: a single-layer block, no shortcut) its gate never picks
+    skip, however strongly the shared projection favours it; the residual blocks still can."""
     model, path = two_block
-    art = _build(path, tmp_path_factory, policy=LayerPolicy(), granularity="sample")
+    art = _build(path, tmp_path_factory, policy=LayerPolicy(), granularity="sample", static_first=False)
     sess = TrainSession(art, seed=0)
     m = sess.manifest
     assert m.dfq["skippable"] == [False, True, True] and m.dfq["shortcut_ops"][0] == []
