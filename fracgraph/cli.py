@@ -109,7 +109,7 @@ def quantize(
     nchwc: bool = typer.Option(True, "--nchwc/--no-nchwc", help="Run convs on this CPU's NCHWc kernels (faster; the artifacts then need a CPU with the same block size)."),
     sr_noise: str = typer.Option("independent", "--sr-noise", help="Stochastic-rounding noise of the error quantizers: independent (a draw per layer) or shared (one draw per step read at random offsets; see passes/shared_noise.py)."),
     logits: str = typer.Option(None, "--logits", help="The graph output that holds the logits, for a model with several outputs (the others are dropped from the artifacts)."),
-    fused_kernels: bool = typer.Option(True, "--fused-kernels/--no-fused-kernels", help="Run the quantizers, range statistics, ReluGrad, conv weight gradients and batch-norm backward on fracgraph's own custom ops (built here with the C compiler; faster). --no-fused-kernels keeps onnxruntime's own ops, for a machine without a compiler."),
+    fused_kernels: bool = typer.Option(True, "--fused-kernels/--no-fused-kernels", help="Run the quantizers, range statistics, ReluGrad, conv weight gradients (per shape), NCHWc weight reorders and batch-norm backward on fracgraph's own custom ops (built here with the C compiler; faster). --no-fused-kernels keeps onnxruntime's own ops, for a machine without a compiler."),
 ) -> None:
     """Rewrite MODEL into onnxruntime-training artifacts with FW/BW fake-quantization and runtime precisions."""
     import time

@@ -119,7 +119,7 @@ def dw_costs(s: ConvShape, avx512: bool) -> dict[str, float | None]:
 def choose(s: ConvShape, avx512: bool) -> tuple[str, str]:
     """(form, reason) for one conv's weight gradient."""
     c = dw_costs(s, avx512)
-    if s.depthwise:
+    if s.depthwise and s.kh * s.kw <= 256:   # the kernel's tap limit
         return "depthwise", "depthwise: one output row per channel, no GEMM"
     if c["ConvGradW"] is not None and s.p >= TILE_MIN_P and not s.pointwise:
         return "ConvGradW", f"AVX-512 tile over {s.co} output channels on {s.ho}x{s.wo} maps"
@@ -201,7 +201,7 @@ def _emit_gemm(em: Emitter, n, s: ConvShape) -> None:
     em.nodes.append(helper.make_node("Reshape", [g, em.const([s.co, s.ci // s.group, s.kh, s.kw], np.int64)],
                                      [n.output[1]], name=f"{base}/dw"))
     if len(n.output) > 2 and n.output[2]:
-        db = em.node("ReduceSum", [dyt, em.const([2], np.int64)], f"{base}/db_g", keepdims=0)
+        db = _reduce_sum(em, dyt, [2], f"{base}/db_g")
         em.nodes.append(helper.make_node("Reshape", [db, em.const([s.co], np.int64)], [n.output[2]], name=f"{base}/db"))
 
 
@@ -210,8 +210,14 @@ def _emit_depthwise(em: Emitter, n, s: ConvShape) -> None:
     em.nodes.append(helper.make_node("DepthwiseConvGradW", [n.input[0], n.input[1]], [n.output[1]], name=f"{base}/dw",
                                      domain=DOMAIN, **_conv_attrs(s)))
     if len(n.output) > 2 and n.output[2]:
-        em.nodes.append(helper.make_node("ReduceSum", [n.input[0], em.const([0, 2, 3], np.int64)], [n.output[2]],
-                                         name=f"{base}/db", keepdims=0))
+        db = _reduce_sum(em, n.input[0], [0, 2, 3], f"{base}/db_c")
+        em.nodes.append(helper.make_node("Identity", [db], [n.output[2]], name=f"{base}/db"))
+
+
+def _reduce_sum(em: Emitter, x: str, axes: list[int], out: str) -> str:
+    if em.opset >= 13:
+        return em.node("ReduceSum", [x, em.const(axes, np.int64)], out, keepdims=0)
+    return em.node("ReduceSum", [x], out, axes=axes, keepdims=0)
 
 
 FORMS = {"ConvGradW": _emit_tile, "im2col-gemm": _emit_gemm, "depthwise": _emit_depthwise}

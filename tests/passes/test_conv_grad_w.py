@@ -221,7 +221,7 @@ def test_pass_keeps_loss_and_every_gradient(builds, bits, tol):
 
 class WideZoo(torch.nn.Module):
     """The shapes that select each form at a test's size: ConvGradW (16 channels, 8x8, stride 1, dilated),
-    im2col-gemm (64 channels on 4x4 and 2x2 maps, strided, grouped), depthwise, and ConvGrad (1x1)."""
+    im2col-gemm (64 channels on 4x4 and 2x2 maps, strided, grouped), depthwise (with a bias), and ConvGrad (1x1)."""
 
     def __init__(self):
         super().__init__()
@@ -232,7 +232,7 @@ class WideZoo(torch.nn.Module):
         self.down = nn.Conv2d(16, 64, 3, stride=2, padding=1, bias=False)
         self.c3 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
         self.g = nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=4, bias=False)
-        self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False)
+        self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=True)   # its dB as a ReduceSum of dY
         self.pw = nn.Conv2d(64, 32, 1, bias=True)
         self.fc = nn.Linear(32, 4)
 
