@@ -199,7 +199,8 @@ class GradQ(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        noise = ctx.noise(g.shape) if callable(ctx.noise) else ctx.noise   # callable: regenerated from a stream
         if ctx.replay is not None:
             replay, gemm = ctx.replay
-            return replay.quantize(gemm, g, ctx.bits, ctx.noise), None, None, None
-        return fq_ref(g, ctx.bits, noise=ctx.noise), None, None, None
+            return replay.quantize(gemm, g, ctx.bits, noise), None, None, None
+        return fq_ref(g, ctx.bits, noise=noise), None, None, None

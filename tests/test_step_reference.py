@@ -20,48 +20,7 @@ F = torch.nn.functional
 from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
-from conftest import ErrorReplay  # noqa: E402
-
-
-def fq_ref(x, bits, per_channel=False, noise=None):
-    if bits == 0:
-        return x
-    if per_channel:
-        mn = x.flatten(1).min(1).values.view(-1, *([1] * (x.dim() - 1)))
-        mx = x.flatten(1).max(1).values.view(-1, *([1] * (x.dim() - 1)))
-    else:
-        mn, mx = x.min(), x.max()
-    levels = 2.0 ** bits - 1
-    scale = torch.clamp((mx - mn) / levels, min=1e-8)
-    y = (x - mn) / scale
-    if noise is not None:
-        y = y + noise
-    return torch.round(torch.clamp(y, 0, levels)) * scale + mn
-
-
-class STE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bits, per_channel):
-        return fq_ref(x, bits, per_channel)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None, None
-
-
-class GradQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, bits, noise, replay=None):
-        ctx.bits, ctx.noise, ctx.replay = bits, noise, replay
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        noise = ctx.noise(g.shape) if callable(ctx.noise) else ctx.noise
-        if ctx.replay is not None:
-            replay, gemm = ctx.replay
-            return replay.quantize(gemm, g, ctx.bits, noise), None, None, None
-        return fq_ref(g, ctx.bits, noise=noise), None, None, None
+from conftest import STE, ErrorReplay, GradQ, fq_ref  # noqa: E402
 
 
 def quantized_forward(model, x, bits, noises, replay=None):
