@@ -597,11 +597,8 @@ def evaluate_export(path: str | Path, run_dir: str, batch: int | None = None, op
 
 
 def _evaluate_lm(sess, spec, cfg: dict, batch: int, summary: dict) -> dict:
-    try:
-        from .train.text import load_text, validation_windows
-    except ImportError:
-        raise FracgraphError("this fracgraph has no text data support (fracgraph/train/text.py): cannot evaluate a "
-                             "language-model run") from None
+    from .train.text import load_text, validation_windows
+
     ds = load_text(str(cfg["data"])[len("text:"):])
     context = spec.shape[1] if len(spec.shape) > 1 and isinstance(spec.shape[1], int) else None
     if context is None:

@@ -141,3 +141,24 @@ def test_bad_task_data_is_one_line_and_writes_nothing(gpt_art, tmp_path, small_m
         assert not out.exists()
     res = runner.invoke(app, ["sample", str(gpt_art / "art")])
     assert res.exit_code == 2 and "no vocab.json" in res.output
+
+
+@pytest.mark.parametrize("fmt", ["float", "qdq"])
+def test_exported_language_model_reproduces_the_run_validation_loss(gpt_art, tmp_path, fmt):
+    """`fracgraph export` of a GPT run: only the token input, precisions baked in, and plain onnxruntime gives the
+    run's final validation loss over the same windows."""
+    import onnxruntime as ort
+
+    from fracgraph.export import ExportOptions, evaluate_export, export_run
+    from fracgraph.train.loop import TrainConfig, train
+
+    run = tmp_path / "run"
+    s = train(TrainConfig(run_dir=str(run), artifacts=str(gpt_art / "art"), data=f"text:{gpt_art / 'text.txt'}",
+                          schedule="static", fw=6, bw=8, iters=30, epoch_iters=15, batch=8, lr=1e-2,
+                          lr_schedule="constant"))
+    res = export_run(str(run), str(tmp_path / "gpt.onnx"), ExportOptions(format=fmt))
+    sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+    assert len(sess.get_inputs()) == 1 and "fracgraph_bits" not in {i.name for i in sess.get_inputs()}
+    e = evaluate_export(res.path, str(run))
+    assert e["run_final_val_loss"] == s["final_val_loss"]
+    assert e["val_loss"] == pytest.approx(s["final_val_loss"], rel=1e-4)
