@@ -98,7 +98,7 @@ def run_row(a, key: str) -> dict:
     cfg = TrainConfig(run_dir=str(run), artifacts=str(_artifacts(out, key)), data=a.data, iters=a.iters,
                       epoch_iters=a.epoch_iters, batch=a.batch, lr=a.lr, seed=a.seed + ROWS[key][1].get("seed_offset", 0),
                       eval_batches=a.eval_batches, threads=a.threads, eps=a.eps, alpha=a.alpha, beta=a.beta,
-                      beta_schedule=a.beta_schedule, pfq_noise_floor=a.pfq_noise_floor, **opts)
+                      beta_schedule=a.beta_schedule, pfq_noise_floor=a.pfq_noise_floor, holdout=a.holdout, **opts)
     return train(cfg, resume=(run / "checkpoints").exists())
 
 
@@ -156,7 +156,9 @@ def table(a, rows: dict) -> str:
     lines = [f"{a.model}, CIFAR-10 ({a.data.split(':', 1)[-1]}), {a.iters} iterations x batch {a.batch}, LR {a.lr} "
              f"x0.1 at 50%/75%, PFQ epoch {a.epoch_iters} iterations (eps {a.eps}, alpha {a.alpha}, noise floor "
              f"{a.pfq_noise_floor}), DFQ beta {a.beta} ({a.beta_schedule}), "
-             f"seed {a.seed}; final accuracy on all 10,000 test images. FW8/BW8 seed spread: {spread}.", "",
+             f"seed {a.seed}; final accuracy on "
+             + (f"{a.holdout} held-out training images (`--holdout`; the test set is not read)" if a.holdout else
+                "all 10,000 test images") + f". FW8/BW8 seed spread: {spread}.", "",
              "| row | final acc % | best acc % | cum. eff. GMACs (whole) | saving vs FW8/BW8 | gated-block eff. GMACs "
              "| gated saving | switches at | DFQ gated cp % |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -207,6 +209,9 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=10, help="test batches per evaluation during the run "
                     "(the final evaluation always covers the whole test set)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--holdout", type=int, default=0, help="evaluate every row on this many held-out training "
+                    "images instead of the test set (train --holdout): for choosing settings (ablations) without "
+                    "looking at the test images; use another -o")
     ap.add_argument("--jobs", type=int, default=2, help="rows run side by side")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads per row")
     ap.add_argument("--rows", default=None, help=f"comma-separated row keys to (re)run: {', '.join(ROWS)} (default all)")

@@ -21,7 +21,7 @@ import queue
 import tarfile
 import threading
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -177,6 +177,30 @@ class Dataset:
 
 def _channels(x) -> int:
     return x.channels if isinstance(x, RaggedImages) else int(x.shape[1])
+
+
+HOLDOUT_SEED = 0   # the held-out images depend on the data and their count only, never on --seed
+
+
+def _take(x, idx: np.ndarray):
+    if isinstance(x, RaggedImages):
+        return RaggedImages.from_images([x.image(int(i)) for i in idx])
+    return x[idx]
+
+
+def hold_out(dataset: Dataset, n: int) -> Dataset:
+    """The dataset with `n` training images moved into its evaluation split, which replaces the test split (never
+    read then): the choice of settings on these images does not look at the test set. The images are a fixed
+    random subset (seed HOLDOUT_SEED, not the run's --seed), so every run that holds out n images of the same data
+    evaluates on the same ones and trains on the same rest; the normalization statistics stay those of the whole
+    training split (pixels only, no labels)."""
+    n_train = len(dataset.y_train)
+    if not 0 < n < n_train:
+        raise FracgraphError(f"--holdout {n}: hold out between 1 and {n_train - 1} of the {n_train} training images")
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(n_train)
+    held, keep = np.sort(perm[:n]), np.sort(perm[n:])
+    return replace(dataset, name=f"{dataset.name} (holdout {n})", x_train=_take(dataset.x_train, keep),
+                   y_train=dataset.y_train[keep], x_test=_take(dataset.x_train, held), y_test=dataset.y_train[held])
 
 
 def check_num_classes(dataset: Dataset, model_classes: int) -> None:

@@ -24,7 +24,7 @@ from ..passes.dfq_gate import CP_OUTPUT as DFQ_CP
 from ..runtime import TrainSession
 from ..trace import TraceRecorder
 from . import runio
-from .data import BatchStream, check_num_classes, fit_to_input, load_dataset
+from .data import BatchStream, check_num_classes, fit_to_input, hold_out, load_dataset
 from .dfq import SCHEDULES as DFQ_SCHEDULES
 from .dfq import ChoiceRecord, TargetClamp, TargetSchedule, cost_label, require_dfq
 from .dfq import bits_input as dfq_bits_input
@@ -60,6 +60,7 @@ class TrainConfig:
     eval_every: int | None = None         # default: every epoch
     checkpoint_every: int | None = None   # default: every epoch
     eval_batches: int | None = None       # limit test batches per evaluation (None = whole test set)
+    holdout: int = 0                      # > 0: evaluate on this many held-out training images, never the test set
     threads: int | None = None
     momentum: float | None = None         # SGD momentum / weight decay; None = the artifacts' (quantize) values
     weight_decay: float | None = None
@@ -202,6 +203,11 @@ def _train(cfg: TrainConfig, run: Path, store, latest, resume: bool, progress) -
     manifest = Manifest.read(art)
     task = manifest.task_info()
     dataset = load_dataset(cfg.data)
+    if cfg.holdout:
+        if task.is_lm or isinstance(dataset, TextDataset):
+            raise FracgraphError("--holdout is for image classifiers; a language model already evaluates on the "
+                                 "text's last 10%, which it never trains on")
+        dataset = hold_out(dataset, cfg.holdout)
     dataset = check_task_data(task, dataset, cfg.data)
     if cfg.iters < 1 or cfg.epoch_iters < 1 or cfg.batch < 1:
         raise FracgraphError("--iters, --epoch-iters and --batch must be at least 1")
@@ -349,7 +355,7 @@ def _train(cfg: TrainConfig, run: Path, store, latest, resume: bool, progress) -
     per_block = np.array([b for b in recorder.trace().bits]) if len(recorder.trace().bits) else None
     summary = {
         "run_dir": str(run), "artifacts": str(art), "schedule": cfg.schedule, "steps": step,
-        "task": task.kind,
+        "task": task.kind, "eval_split": f"holdout:{cfg.holdout}" if cfg.holdout else ("validation" if task.is_lm else "test"),
         **({"final_val_loss": last_loss, "best_val_loss": -best_acc, "final_val_ppl": perplexity(last_loss),
             "best_val_ppl": perplexity(-best_acc)} if task.is_lm else
            {"final_test_acc": last_acc, "best_test_acc": best_acc}),

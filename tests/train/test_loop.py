@@ -135,3 +135,29 @@ def test_fp32_run_costs_exactly_100_percent_with_short_last_batches(digitnet, tm
     s = train(_cfg(tmp_path / "f", digitnet / "art", schedule="static", fw=0, bw=0, iters=60, epoch_iters=30))
     assert s["mean_cp"] == pytest.approx(100.0, rel=1e-9)
     assert s["fp32_gmacs"] * 1e9 == pytest.approx(s["cum_eff_gmacs"] * 1e9, rel=1e-9)
+
+
+def test_holdout_evaluates_on_held_out_training_images_only(digitnet, tmp_path):
+    from fracgraph.train.data import hold_out
+
+    ds = load_dataset(None)
+    h = hold_out(ds, 200)
+    # a partition of the training split, the same for every run (not --seed), the test split unused
+    assert len(h.y_test) == 200 and len(h.y_train) == len(ds.y_train) - 200
+    rows = {x.tobytes(): y for x, y in zip(ds.x_train, ds.y_train)}
+    assert all(rows[x.tobytes()] == y for x, y in zip(np.concatenate([h.x_train, h.x_test]),
+                                                       np.concatenate([h.y_train, h.y_test])))
+    assert len({x.tobytes() for x in h.x_train} & {x.tobytes() for x in h.x_test}) == 0
+    assert np.array_equal(hold_out(ds, 200).x_test, h.x_test)
+    summary = train(_cfg(tmp_path / "r", digitnet / "art", schedule="static", iters=12, epoch_iters=6, holdout=200, seed=3))
+    assert summary["eval_split"] == "holdout:200"
+    sess = ort.InferenceSession(str(tmp_path / "r" / "last.onnx"), providers=["CPUExecutionProvider"])
+    n_blocks = len(json.loads((digitnet / "art" / "manifest.json").read_text())["blocks"])
+    bits = np.tile(np.array([8, 8, 8], np.float32), (n_blocks, 1))   # static FW8/BW8: act, weight, grad
+    correct = 0
+    for x, y in eval_batches(h, 64):
+        correct += int((sess.run(None, {"input": x, "fracgraph_bits": bits})[0].argmax(1) == y).sum())
+    assert correct / 200 == summary["final_test_acc"]
+    r = CliRunner().invoke(app, ["train", str(digitnet / "art"), "-o", str(tmp_path / "bad"), "--holdout", "100000"])
+    assert r.exit_code == 2 and "--holdout 100000" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "bad").exists()
