@@ -153,10 +153,18 @@ def _float_data_input(model: onnx.ModelProto) -> bool:
 def model_task(model: onnx.ModelProto, output: str | None = None):
     """(model, task, head) of a loaded model: a classifier's logits picked and normalized by lowering/heads.py
     (`head` says what was done), a token model's own [B, T, V] logits (head None); task.py's one-line refusals."""
+    from .model import _infer_shapes
+    from .task import fill_extra_inputs
+
     head = None
+    model, extras = fill_extra_inputs(model)     # attention_mask & co. of a token model: in-graph values
+    if extras:
+        model = _infer_shapes(model)
     if _float_data_input(model):
         model, classes, head = _output_classes(model, output)
-    return model, detect_task(model, None if head is None else (lambda m: classes)), head
+    task = detect_task(model, None if head is None else (lambda m: classes))
+    task.extra_inputs = extras
+    return model, task, head
 
 
 def fp32_tables(model: onnx.ModelProto) -> list[dict]:

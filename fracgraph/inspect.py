@@ -65,6 +65,9 @@ def render(summary: dict) -> None:
         con.print(f"task: language model, input [cyan]{task['input_name']}[/cyan] {task['input_dtype']} token ids "
                   + escape(f"[batch, {task['context']}], logits [batch, {task['context']}, {task['num_classes']}]")
                   + ", loss cross-entropy over the vocabulary, mean over tokens")
+        for e in task.get("extra_inputs") or []:
+            con.print(escape(f"input {e['name']} ({e['dtype']} [batch, {task['context']}]): not fed; computed in-graph "
+                             f"as {e['value']}, shaped like {e['like']} (packed text windows)"))
     for t in summary.get("fp32_tables", []):
         from rich.markup import escape
 
