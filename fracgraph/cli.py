@@ -89,7 +89,7 @@ def quantize(
     output: str = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
     fw: float = typer.Option(8, "--fw", help="Default forward bits (activations and weights) recorded in the manifest."),
     bw: float = typer.Option(8, "--bw", help="Default backward (error) bits recorded in the manifest."),
-    policy: str = typer.Option(None, "--policy", help="Layer policy JSON: {first, last, fp32: [globs], quantize: [globs]}."),
+    policy: str = typer.Option(None, "--policy", help="Layer policy JSON: {first, last, fp32: [globs], quantize: [globs], embeddings: fp32|quantize}."),
     first: str = typer.Option(None, "--first", help="First GEMM: fp32 or quantize (default quantize). With --dfq: static (default: quantized without a gate at the run's --fw/--bw), fp32 (the authors' DFQ ResNet) or quantize (gated like the rest)."),
     last: str = typer.Option(None, "--last", help="Last GEMM (classifier): fp32 or quantize (default fp32)."),
     keep_fp32: list[str] = typer.Option(None, "--keep-fp32", help="Node-name glob to keep FP32 (repeatable)."),
