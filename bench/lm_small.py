@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import statistics
 import sys
@@ -103,6 +104,8 @@ def step_time(arts: dict, args, rounds: int, steps: int) -> dict:
     x = rng.integers(0, 65, (args.batch, 64)).astype(np.int64)
     y = rng.integers(0, 65, (args.batch, 64)).astype(np.int64)
     sess = TrainSession(arts["plain"], threads=args.threads, seed=0)
+    # the same step without the denormal flush (runtime.SESSION_TUNING["flush_denormals"]): what it saves
+    unflushed = TrainSession(arts["plain"], threads=args.threads, seed=0, tuning={"flush_denormals": False})
     bits = np.tile(np.array([8, 8, 8], np.float32), (sess.manifest.n_blocks, 1))
     model = build_gpt(seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=args.weight_decay)
@@ -116,20 +119,22 @@ def step_time(arts: dict, args, rounds: int, steps: int) -> dict:
 
     for _ in range(2):   # warm-up
         sess.step(x, y, bits, 1e-3)
+        unflushed.step(x, y, bits, 1e-3)
         torch_step()
-    ours, theirs = [], []
+    ours, plain, theirs = [], [], []
     for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(steps):
-            sess.step(x, y, bits, 1e-3)
-        ours.append((time.perf_counter() - t) / steps)
-        t = time.perf_counter()
-        for _ in range(steps):
-            torch_step()
-        theirs.append((time.perf_counter() - t) / steps)
+        for times, step in ((ours, lambda: sess.step(x, y, bits, 1e-3)),
+                            (plain, lambda: unflushed.step(x, y, bits, 1e-3)), (theirs, torch_step)):
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t) / steps)
     ratios = [a / b for a, b in zip(ours, theirs)]
+    flush = [a / b for a, b in zip(ours, plain)]
     return {"fracgraph_fw8bw8_s": statistics.median(ours), "pytorch_fp32_s": statistics.median(theirs),
             "ratio_min": min(ratios), "ratio_max": max(ratios), "ratio_median": statistics.median(ratios),
+            "unflushed_s": statistics.median(plain), "flush_ratio_min": min(flush), "flush_ratio_max": max(flush),
+            "flush_ratio_median": statistics.median(flush), "load_avg": os.getloadavg()[0],
             "rounds": rounds, "steps_per_round": steps}
 
 
@@ -206,6 +211,10 @@ def _write(out: Path, args, results: dict, timing: dict | None) -> None:
                       f"{timing['steps_per_round']} steps): fracgraph FW8/BW8 {1000 * timing['fracgraph_fw8bw8_s']:.0f} "
                       f"ms, PyTorch eager FP32 {1000 * timing['pytorch_fp32_s']:.0f} ms (medians); ratio "
                       f"{timing['ratio_min']:.2f}-{timing['ratio_max']:.2f}x (median {timing['ratio_median']:.2f}x)"]
+        if "unflushed_s" in timing:
+            lines[-1] += (f"; without the denormal flush {1000 * timing['unflushed_s']:.0f} ms (flushed/unflushed "
+                          f"{timing['flush_ratio_min']:.2f}-{timing['flush_ratio_max']:.2f}x, median "
+                          f"{timing['flush_ratio_median']:.2f}x); load average {timing['load_avg']:.1f}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": results, "step_time": timing}, indent=1))
 
