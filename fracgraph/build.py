@@ -36,6 +36,7 @@ from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fused_ops import FusedOpsPass
 from .passes.fw_quant import FwQuantPass
+from .passes.gather_grad import GatherGradPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.qdq_act import QdqActPass
 from .passes.quant_branch import QuantBranchPass
@@ -264,6 +265,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
+          + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
