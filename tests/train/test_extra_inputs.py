@@ -168,3 +168,23 @@ def test_unfillable_inputs_are_refused_in_one_line(tmp_path, extra, msg):
     res = CliRunner().invoke(app, ["quantize", str(path), "-o", str(tmp_path / "art")])
     assert res.exit_code == 2 and "Traceback" not in res.output and msg in " ".join(res.output.split())
     assert not (tmp_path / "art").exists()
+
+
+def test_masked_model_under_dfq(masked_art, tmp_path):
+    """The filled mask is computed from the ids' shape only, so it is no data path around a block's input
+    (analysis/blocks.py: no edge enters a Shape node): the blocks are the two residual sub-layers, and each DFQ gate
+    reads a float block input, not the token ids."""
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.passes.dfq_gate import CP_OUTPUT, DfqOptions
+    from fracgraph.runtime import TrainSession
+
+    d, _, plain = masked_art
+    assert [b.kind for b in plain.blocks] == ["residual", "residual"]
+    m = build_artifacts(d / "m.onnx", tmp_path / "dfq", BuildOptions(dfq=DfqOptions(), optimizer="adamw"))
+    assert m.dfq["gated"] == [0, 1]
+    sess = TrainSession(tmp_path / "dfq", seed=0)
+    ids = np.random.default_rng(0).integers(0, V, (4, T)).astype(np.int64)
+    bits = np.zeros((2, 3), np.float32)
+    bits[:, 1] = 4
+    loss, _ = sess.step(ids, np.roll(ids, -1, 1), bits, 1e-3, target=3.0, beta=1e-3)
+    assert np.isfinite(loss) and float(sess.last_outputs[CP_OUTPUT]) > 0
