@@ -14,8 +14,8 @@ from a HuggingFace-style transformer may read, besides the token ids [B, T], an 
 the packed text windows fracgraph trains on), `position_ids` [B, T] (0..T-1) or `token_type_ids` [B, T] (zeros).
 Each becomes an in-graph value of the ids' shape and the input's own dtype, under the input's own name (nodes
 `extra_input::<name>/...`), so the training, eval and exported graphs, `train`, `sample` and `export` feed only
-the ids; the manifest records each (`task.extra_inputs`: name, dtype, shape, fill). Any other input (unknown names,
-past key values, a mask of another shape) is refused in one line that names it.
+the ids; the manifest records each (`task.extra_inputs`: name, dtype, shape, fill, value, like). Any other input
+(unknown names, past key values, a mask of another shape) is refused in one line that names it.
 """
 
 from __future__ import annotations
