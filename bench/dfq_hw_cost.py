@@ -110,8 +110,7 @@ def table(a) -> str:
             return np.mean([100 * sum(T[j, opts.index((int(round(r["bits"][l][0])), int(round(r["bits"][l][2]))))]
                                       for j, l in enumerate(G)) / T32.sum() for r in recs])
         e_cp = gated(T, T32)
-        F = np.array(m.dfq["F"])
-        m_cp = gated(F[:, None] * np.array(m.dfq["unit_costs"]).sum(1)[None, :], 3 * F)   # gated MAC cp
+        m_cp = gated(*gated_cost_table({**m.dfq, "cost_table": None}))   # gated MAC cp
         # the run's Bit-Fusion energy from its per-step bits (the trace is written at the end; metrics as they are)
         src = load_source(art, 128)
         est = Estimator(src.step, get_model("bitfusion"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -91,6 +92,24 @@ def train_row(name: str, spec: dict, arts: dict, out: Path, args) -> dict:
     return train(cfg, resume=resume, progress=progress)
 
 
+def before_artifacts(arts: dict, args) -> Path:
+    """The plain artifacts built with the mask lowering and the gather-grad pass off (the graph the step ran
+    before them)."""
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.lowering.base import LOWERINGS
+
+    out = arts["plain"].with_name("art-where-mask")
+    if not (out / "manifest.json").exists():
+        where = LOWERINGS.pop("Where")
+        try:
+            build_artifacts(arts["plain"].parent / "gpt.onnx", out,
+                            BuildOptions(optimizer="adamw", weight_decay=args.weight_decay,
+                                         skip_passes=("gather-grad",)), force=True)
+        finally:
+            LOWERINGS["Where"] = where
+    return out
+
+
 def step_time(arts: dict, args, rounds: int, steps: int) -> dict:
     """FW8/BW8 fracgraph step vs PyTorch eager FP32 (AdamW) on the same model and batch, interleaved."""
     import torch
@@ -103,6 +122,10 @@ def step_time(arts: dict, args, rounds: int, steps: int) -> dict:
     x = rng.integers(0, 65, (args.batch, 64)).astype(np.int64)
     y = rng.integers(0, 65, (args.batch, 64)).astype(np.int64)
     sess = TrainSession(arts["plain"], threads=args.threads, seed=0)
+    # the step as it was before issue 16's speed fixes: the causal mask's Where kept (lowering/mask.py off), the
+    # embedding's GatherGrad kept (passes/gather_grad.py off) and no denormal flush (SESSION_TUNING["flush_denormals"])
+    before = TrainSession(before_artifacts(arts, args), threads=args.threads, seed=0,
+                    tuning={"flush_denormals": False})
     bits = np.tile(np.array([8, 8, 8], np.float32), (sess.manifest.n_blocks, 1))
     model = build_gpt(seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=args.weight_decay)
@@ -116,20 +139,22 @@ def step_time(arts: dict, args, rounds: int, steps: int) -> dict:
 
     for _ in range(2):   # warm-up
         sess.step(x, y, bits, 1e-3)
+        before.step(x, y, bits, 1e-3)
         torch_step()
-    ours, theirs = [], []
+    ours, old, theirs = [], [], []
     for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(steps):
-            sess.step(x, y, bits, 1e-3)
-        ours.append((time.perf_counter() - t) / steps)
-        t = time.perf_counter()
-        for _ in range(steps):
-            torch_step()
-        theirs.append((time.perf_counter() - t) / steps)
+        for times, step in ((ours, lambda: sess.step(x, y, bits, 1e-3)),
+                            (old, lambda: before.step(x, y, bits, 1e-3)), (theirs, torch_step)):
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t) / steps)
     ratios = [a / b for a, b in zip(ours, theirs)]
+    now_before = [a / b for a, b in zip(ours, old)]
     return {"fracgraph_fw8bw8_s": statistics.median(ours), "pytorch_fp32_s": statistics.median(theirs),
             "ratio_min": min(ratios), "ratio_max": max(ratios), "ratio_median": statistics.median(ratios),
+            "before_s": statistics.median(old), "now_before_min": min(now_before), "now_before_max": max(now_before),
+            "now_before_median": statistics.median(now_before), "load_avg": os.getloadavg()[0],
             "rounds": rounds, "steps_per_round": steps}
 
 
@@ -206,6 +231,11 @@ def _write(out: Path, args, results: dict, timing: dict | None) -> None:
                       f"{timing['steps_per_round']} steps): fracgraph FW8/BW8 {1000 * timing['fracgraph_fw8bw8_s']:.0f} "
                       f"ms, PyTorch eager FP32 {1000 * timing['pytorch_fp32_s']:.0f} ms (medians); ratio "
                       f"{timing['ratio_min']:.2f}-{timing['ratio_max']:.2f}x (median {timing['ratio_median']:.2f}x)"]
+        if "before_s" in timing:
+            lines[-1] += (f"; the step before issue 16's speed fixes (mask Where, GatherGrad, no denormal flush) "
+                          f"{1000 * timing['before_s']:.0f} ms (now/before {timing['now_before_min']:.2f}-"
+                          f"{timing['now_before_max']:.2f}x, median {timing['now_before_median']:.2f}x); load "
+                          f"average {timing['load_avg']:.1f}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": results, "step_time": timing}, indent=1))
 

@@ -36,6 +36,7 @@ from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fused_ops import FusedOpsPass
 from .passes.fw_quant import FwQuantPass
+from .passes.gather_grad import GatherGradPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.qdq_act import QdqActPass
 from .passes.quant_branch import QuantBranchPass
@@ -153,22 +154,55 @@ def _float_data_input(model: onnx.ModelProto) -> bool:
 def model_task(model: onnx.ModelProto, output: str | None = None):
     """(model, task, head) of a loaded model: a classifier's logits picked and normalized by lowering/heads.py
     (`head` says what was done), a token model's own [B, T, V] logits (head None); task.py's one-line refusals."""
+    from .model import _infer_shapes
+    from .task import fill_extra_inputs
+
     head = None
+    model, extras = fill_extra_inputs(model)     # attention_mask & co. of a token model: in-graph values
+    if extras:
+        model = _infer_shapes(model)
     if _float_data_input(model):
         model, classes, head = _output_classes(model, output)
-    return model, detect_task(model, None if head is None else (lambda m: classes)), head
+    task = detect_task(model, None if head is None else (lambda m: classes))
+    task.extra_inputs = extras
+    return model, task, head
 
 
-def fp32_tables(model: onnx.ModelProto) -> list[dict]:
-    """Embedding tables (a float initializer gathered by token ids): trained, never fake-quantized; the reason is
-    what `inspect` shows."""
+def embedding_tables(model: onnx.ModelProto, policy: LayerPolicy, op_dicts: list[dict]) -> list[dict]:
+    """Embedding tables (a float initializer gathered by token ids) with the policy's decision and its reason (what
+    `inspect` shows; policy.py `decide_tables`) and the block whose weight bits a quantized one reads: that of the
+    first quantized GEMM (graph order) downstream of the lookup."""
     inits = {t.name: t for t in model.graph.initializer}
-    return [{"node": n.name, "table": n.input[0], "shape": list(inits[n.input[0]].dims),
-             "reason": "kept FP32: embedding table (a Gather, not a GEMM: a lookup has no MACs to save, and "
-                       "FracTrain quantizes GEMM operands only)"}
-            for n in model.graph.node
-            if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT
-            and n.input[1] not in inits]
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    order = {d["name"]: i for i, d in enumerate(op_dicts)}
+    block_of = {d["name"]: d["block"] for d in op_dicts if d.get("quantized")}
+    tables = []
+    for n in model.graph.node:
+        if not (n.op_type == "Gather" and n.input[0] in inits and n.input[1] not in inits
+                and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT):
+            continue
+        seen, todo, hits = set(), list(n.output), []
+        while todo:
+            for c in consumers.get(todo.pop(), []):
+                if c.name in seen:
+                    continue
+                seen.add(c.name)
+                if c.name in block_of:
+                    hits.append(c.name)      # the search stops at a GEMM: what follows reads its output
+                else:
+                    todo.extend(c.output)
+        first = min(hits, key=order.__getitem__) if hits else None
+        tables.append({"node": n.name, "table": n.input[0], "shape": list(inits[n.input[0]].dims),
+                       "block": block_of.get(first)})
+    return policy.decide_tables(tables)
+
+
+def fp32_tables(model: onnx.ModelProto, policy: LayerPolicy | None = None, op_dicts: list[dict] | None = None) -> list[dict]:
+    """The embedding tables the policy keeps FP32, with the reason `inspect` shows."""
+    return [t for t in embedding_tables(model, policy or LayerPolicy(), op_dicts or []) if not t["quantized"]]
 
 
 def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, force: bool = False) -> Manifest:
@@ -207,7 +241,8 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     quant_plan = [(d, d["block"]) for d in op_dicts if d["quantized"]]
     if gate is not None:   # DFQ candidates: each block's GEMMs are cloned K times, each clone at its own bits
         quant_plan = gate.expand_plan(quant_plan)
-    fw = FwQuantPass(quant_plan, PRECISION_INPUT)
+    tables = embedding_tables(model, opts.policy, op_dicts)
+    fw = FwQuantPass(quant_plan, PRECISION_INPUT, tables=[t for t in tables if t["quantized"]])
     quantized = [d["name"] for d, _ in quant_plan]
     model, notes = run_passes(model, [fw, BwMarkerPass(quantized)])
     if gate is not None:
@@ -230,6 +265,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
+          + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
@@ -254,7 +290,8 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
                    "conv_grad_w": next((p.choices for p in fused if isinstance(p, ConvGradWPass)
                                         and p.name not in opts.skip_passes), None),
                    "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None,
-                   "fp32_tables": fp32_tables(model)},
+                   "fp32_tables": [t for t in tables if not t["quantized"]],
+                   "quantized_tables": [t for t in tables if t["quantized"]]},
             dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
             task=task.to_dict(),
         )

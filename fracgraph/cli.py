@@ -89,7 +89,7 @@ def quantize(
     output: str = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
     fw: float = typer.Option(8, "--fw", help="Default forward bits (activations and weights) recorded in the manifest."),
     bw: float = typer.Option(8, "--bw", help="Default backward (error) bits recorded in the manifest."),
-    policy: str = typer.Option(None, "--policy", help="Layer policy JSON: {first, last, fp32: [globs], quantize: [globs]}."),
+    policy: str = typer.Option(None, "--policy", help="Layer policy JSON: {first, last, fp32: [globs], quantize: [globs], embeddings: fp32|quantize}."),
     first: str = typer.Option(None, "--first", help="First GEMM: fp32 or quantize (default quantize). With --dfq: static (default: quantized without a gate at the run's --fw/--bw), fp32 (the authors' DFQ ResNet) or quantize (gated like the rest)."),
     last: str = typer.Option(None, "--last", help="Last GEMM (classifier): fp32 or quantize (default fp32)."),
     keep_fp32: list[str] = typer.Option(None, "--keep-fp32", help="Node-name glob to keep FP32 (repeatable)."),
@@ -494,17 +494,20 @@ def sweep(
             con.print(f"[red]failed[/red] {escape(p.name)}: {escape(p.error or '')}", highlight=False, soft_wrap=True)
         else:
             s = p.summary
-            con.print(f"{'skipped (finished)' if p.status == 'skipped' else 'done'} {p.name}: final test "
-                      f"{100 * (s['final_test_acc'] or 0):.2f}% at {s['cum_eff_gmacs']:.4g} eff. GMACs "
-                      f"({s['wall_s']:.1f} s)", highlight=False, soft_wrap=True)
+            quality = f"final val loss {s['final_val_loss']:.4f}" if s.get("final_val_loss") is not None else \
+                f"final test {100 * (s.get('final_test_acc') or 0):.2f}%"
+            con.print(f"{'skipped (finished)' if p.status == 'skipped' else 'done'} {p.name}: {quality} at "
+                      f"{s['cum_eff_gmacs']:.4g} eff. GMACs ({s['wall_s']:.1f} s)", highlight=False, soft_wrap=True)
 
     res = run_sweep(target, output, base, grid, address=address, workers=workers, threads=threads,
                     baseline=baseline, on_point=on_point)
     t = Table(title=f"sweep {output}")
-    for col in ("point", "status", "final acc", "eff. GMACs", "mean cp", "Pareto"):
+    lm = any("final_val_loss" in r for r in res["table"])
+    for col in ("point", "status", "final val loss" if lm else "final acc", "eff. GMACs", "mean cp", "Pareto"):
         t.add_column(col)
     for r in res["table"]:
-        t.add_row(r["point"], r["status"], "-" if r["final_test_acc"] is None else f"{100 * r['final_test_acc']:.2f}%",
+        q = r.get("final_val_loss" if lm else "final_test_acc")
+        t.add_row(r["point"], r["status"], "-" if q is None else f"{q:.4f}" if lm else f"{100 * q:.2f}%",
                   "-" if r["cum_eff_gmacs"] is None else f"{r['cum_eff_gmacs']:.4g}",
                   "-" if r["mean_cp"] is None else f"{r['mean_cp']:.2f}%", "*" if r["pareto"] else "")
     con.print(t)

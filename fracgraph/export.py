@@ -497,7 +497,8 @@ def export_run(run_dir: str, output: str, opts: ExportOptions | None = None) -> 
         bits = _resolve_plain(run, summary, manifest, opts)
     fed = bits.copy()
     _make_constant(model, manifest.precision_input, fed.astype(np.float32))
-    notes = []
+    notes = [f"input {e['name']} of the source model ({e['dtype']}) is not an input: it is computed in-graph as "
+             f"{e['value']}, shaped like {e['like']}, as in training" for e in (manifest.task or {}).get("extra_inputs") or []]
     if dfq and not keep:
         K = len(dfq["options"])
         batch_mode = dfq["granularity"] == "batch"

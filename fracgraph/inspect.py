@@ -21,7 +21,8 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         precision = {"input": m.precision_input, "shape": [m.n_blocks, 3], "columns": ["act", "weight", "grad"],
                      "default_bits": m.default_bits}
         conv_dw = m.extra.get("conv_grad_w") or []
-        task, tables = m.task_info().to_dict(), m.extra.get("fp32_tables", [])
+        task = m.task_info().to_dict()
+        tables = m.extra.get("fp32_tables", []) + m.extra.get("quantized_tables", [])
         dfq = None if m.dfq is None else {k: m.dfq[k] for k in ("options", "weight_bits", "granularity",
                                                                 "cost_weighting", "task_grad", "F", "gate_params",
                                                                 "gate_dim", "embed_dim", "hidden")}
@@ -31,12 +32,12 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
             dfq["gated"] = list(m.dfq.get("gated", range(m.n_blocks)))
             dfq["static_blocks"] = [l for l in range(m.n_blocks) if l not in dfq["gated"]]
     else:
-        from .build import fp32_tables, model_task, plan
+        from .build import embedding_tables, model_task, plan
         from .model import load_model
 
         model, task, _ = model_task(load_model(p))
-        task, tables = task.to_dict(), fp32_tables(model)
         _, blist, dlist, ops = plan(model, policy or LayerPolicy())
+        task, tables = task.to_dict(), embedding_tables(model, policy or LayerPolicy(), ops)
         blocks = [{"name": b.name, "kind": b.kind, "ops": b.ops} for b in blist]
         decisions = [d.__dict__ for d in dlist]
         points, source, kind, precision, dfq, conv_dw = [], str(p), "model (plan only)", None, None, []
@@ -44,7 +45,8 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
     quant = sum(d["macs"] for d in ops if d["quantized"])
     return {
         "source": source, "kind": kind, "blocks": blocks, "decisions": decisions, "quant_points": points,
-        "precision_input": precision, "dfq": dfq, "conv_weight_gradients": conv_dw, "task": task, "fp32_tables": tables,
+        "precision_input": precision, "dfq": dfq, "conv_weight_gradients": conv_dw, "task": task,
+        "embedding_tables": tables, "fp32_tables": [t for t in tables if not t.get("quantized")],
         "ops": [{k: d[k] for k in ("name", "op_type", "macs", "block", "quantized")} for d in ops],
         "macs_per_sample": total, "quantized_macs_fraction": quant / total if total else 0.0,
     }
@@ -65,10 +67,14 @@ def render(summary: dict) -> None:
         con.print(f"task: language model, input [cyan]{task['input_name']}[/cyan] {task['input_dtype']} token ids "
                   + escape(f"[batch, {task['context']}], logits [batch, {task['context']}, {task['num_classes']}]")
                   + ", loss cross-entropy over the vocabulary, mean over tokens")
-    for t in summary.get("fp32_tables", []):
+        for e in task.get("extra_inputs") or []:
+            con.print(escape(f"input {e['name']} ({e['dtype']} [batch, {task['context']}]): not fed; computed in-graph "
+                             f"as {e['value']}, shaped like {e['like']} (packed text windows)"))
+    for t in summary.get("embedding_tables", []):
         from rich.markup import escape
 
-        con.print(escape(f"{t['node']} (Gather of {t['table']} {t['shape']}): ") + f"[yellow]{escape(t['reason'])}[/yellow]")
+        con.print(escape(f"{t['node']} (Gather of {t['table']} {t['shape']}): ")
+                  + f"[{'green' if t.get('quantized') else 'yellow'}]{escape(t['reason'])}[/]")
     kinds = {}
     for b in summary["blocks"]:
         kinds[b["kind"]] = kinds.get(b["kind"], 0) + 1

@@ -6,7 +6,9 @@ quantizers of fractrain.md §1 inserted where FracTrain puts them: every block G
 activation-by-activation GEMMs (QK^T, attention x V) both operands per tensor at the act bits; every block GEMM's
 output error quantized with stochastic rounding, using the very noise the ORT step drew (exposed as graph outputs,
 or regenerated from the fused kernels' counter-based stream). The head stays FP32 (last-layer policy), the
-embeddings FP32. Loss: cross-entropy over the vocabulary, mean over every token.
+embeddings FP32 (default policy) or, with policy "embeddings": "quantize", the token table fake-quantized per row at
+block 0's weight bits with a straight-through gradient. Loss: cross-entropy over the vocabulary, mean over every
+token.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class GradQ(torch.autograd.Function):
         return fq(g, ctx.bits, noise=noise), None, None
 
 
-def reference_loss(model, ids, labels, bits, noises):
+def reference_loss(model, ids, labels, bits, noises, embeddings="fp32"):
     """The quantized GPT step in PyTorch; `noises[gemm node name]` = that GEMM's error noise."""
     a, w, g = bits
     T, C, H = model.context, model.tok.weight.shape[1], model.blocks[0].attn.heads
@@ -83,7 +85,8 @@ def reference_loss(model, ids, labels, bits, noises):
         return d / torch.sqrt((d * d).mean(-1, keepdim=True) + 1e-5) * m.weight + m.bias
 
     future = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
-    x = model.tok.weight[ids] + model.pos
+    table = model.tok.weight if embeddings == "fp32" else STE.apply(model.tok.weight, w, 0)   # per row
+    x = table[ids] + model.pos
     for i, blk in enumerate(model.blocks):
         p = f"/blocks.{i}/attn"
         h = ln(x, blk.ln1)
@@ -105,10 +108,13 @@ def gpt_model(tmp_path_factory):
     return build_gpt(**SIZES, seed=0), path
 
 
-def _artifacts(gpt_model, tmp_path_factory, mode):
+def _artifacts(gpt_model, tmp_path_factory, mode, embeddings="fp32"):
     """Noise exposed as graph outputs, or the default build (fused kernels, noise regenerated from their stream)."""
+    from fracgraph.policy import LayerPolicy
+
     out = tmp_path_factory.mktemp("gart") / "art"
-    build_artifacts(gpt_model[1], out, BuildOptions(expose_noise=mode == "exposed"))
+    build_artifacts(gpt_model[1], out, BuildOptions(expose_noise=mode == "exposed",
+                                                    policy=LayerPolicy(embeddings=embeddings)))
     return out
 
 
@@ -131,10 +137,11 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-@pytest.mark.parametrize("mode,bits", [("exposed", (8, 8, 8)), ("fused-rng", (4, 4, 6))])
-def test_gpt_quantized_step_matches_pytorch(gpt_model, tmp_path_factory, mode, bits):
+@pytest.mark.parametrize("mode,bits,embeddings", [("exposed", (8, 8, 8), "fp32"), ("fused-rng", (4, 4, 6), "fp32"),
+                                                   ("fused-rng", (6, 4, 6), "quantize")])
+def test_gpt_quantized_step_matches_pytorch(gpt_model, tmp_path_factory, mode, bits, embeddings):
     model, _ = gpt_model
-    gpt_artifacts = _artifacts(gpt_model, tmp_path_factory, mode)
+    gpt_artifacts = _artifacts(gpt_model, tmp_path_factory, mode, embeddings)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, SIZES["vocab"], (3, SIZES["context"])).astype(np.int64)
     labels = rng.integers(0, SIZES["vocab"], (3, SIZES["context"])).astype(np.int64)
@@ -149,7 +156,7 @@ def test_gpt_quantized_step_matches_pytorch(gpt_model, tmp_path_factory, mode, b
 
     ref = build_gpt(**SIZES, seed=0).train()
     ref.load_state_dict(model.state_dict())
-    loss, logits = reference_loss(ref, torch.from_numpy(ids), torch.from_numpy(labels), bits, noises)
+    loss, logits = reference_loss(ref, torch.from_numpy(ids), torch.from_numpy(labels), bits, noises, embeddings)
     loss.backward()
     assert abs(float(outs[0]) - loss.item()) <= 1e-4 * abs(loss.item())
     assert rel_err(np.asarray(outs[1]), logits.detach().numpy()) <= 1e-4

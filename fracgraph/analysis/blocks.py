@@ -26,7 +26,10 @@ class BlockInfo:
 
 
 def dataflow_graph(model: onnx.ModelProto) -> nx.DiGraph:
-    """Node-level DAG (edges follow tensors); one virtual source feeds every graph input."""
+    """Node-level DAG (edges follow tensors); one virtual source feeds every graph input. A Shape or Size node reads
+    its input's shape, not its values, so no edge enters it: values computed from shapes only (an attention mask of
+    ones the size of the token ids, task.py `fill_extra_inputs`; positions 0..T-1) are no path of the data around
+    a block's input."""
     g = nx.DiGraph()
     producer: dict[str, str] = {}
     g.add_node(_SOURCE)
@@ -34,6 +37,10 @@ def dataflow_graph(model: onnx.ModelProto) -> nx.DiGraph:
         producer[i.name] = _SOURCE
     for node in model.graph.node:
         g.add_node(node.name)
+        if node.op_type in ("Shape", "Size"):
+            for o in node.output:
+                producer[o] = node.name
+            continue
         for x in node.input:
             if x in producer:
                 g.add_edge(producer[x], node.name)

@@ -1,6 +1,7 @@
 """Lowering for training: ops onnxruntime-training 1.19.2 cannot differentiate rewritten into ops it can.
 
-`LOWERINGS` maps an op type to one rewrite (one module per op family: pool, variadic, activation, norm, shape);
+`LOWERINGS` maps an op type to one rewrite (one module per op family: pool, variadic, activation, norm, shape;
+mask: a constant attention mask's `Where` as a bias `Add`, for speed);
 `LowerPass` applies them to a shape-inferred model; `load_model` runs it, so `inspect`, `estimate` and `quantize`
 all see the lowered graph. `gradients.py` holds the table of ops that have a gradient and the one-line refusal for
 the rest; `heads.py` normalizes a classifier's output for the loss.
@@ -12,7 +13,7 @@ import onnx
 
 from ..analysis.optable import LOWERED_PREFIX, value_shapes
 from ..passes.base import Pass, PassResult, replace_nodes
-from . import activation, norm, pool, shape, variadic  # noqa: F401  (they fill LOWERINGS)
+from . import activation, mask, norm, pool, shape, variadic  # noqa: F401  (they fill LOWERINGS)
 from .base import LOWERINGS, Ctx
 
 __all__ = ["LOWERINGS", "LOWERED_PREFIX", "LowerPass"]

@@ -35,7 +35,12 @@ is left is the difference between the options' outputs. With only the chosen out
   `fracgraph train --schedule dfq --target-cp 3 --iters 300 --epoch-iters 30 --batch 64 --lr 0.05`) it kept
   both gates on 6/8 after the first epoch, cp 3.39 against the target 3 (2.93 with "none").
 
-Cost (spec §3.4): cost_k = (a_k w + g_k w + a_k g_k) / 1024 per MAC; C = sum_{l,n,k} m[l,n,k] cost_k F_l (in batch
+Cost (spec §3.4): cost_k = (a_k w + g_k w + a_k g_k) / 1024 per MAC of a weight GEMM; an activation x activation
+GEMM (a transformer's QK^T and attention x V: both operands are activations at the act bits) costs
+(a_k a_k + g_k a_k + a_k g_k) / 1024 per MAC (forward a x a, the two error GEMMs g x a and a x g), as the run's
+`cp`/`cum_gmacs` (train/loop.py CostMeter) and `estimate` count it. A block's cost_k is the MAC-weighted mean over its
+GEMMs (`DfqOptions.block_unit_costs`, `act_frac` = the block's share of activation x activation MACs; 0 in a CNN,
+where it is the release's formula exactly); C = sum_{l,n,k} m[l,n,k] cost_k F_l (in batch
 mode m[l,n,k] = m_l[k], so C = B sum_{l,k} m_l[k] cost_k F_l); cp = 100 C / (3 B sum_l F_l); the graph output
 `COST_TERM` = reg * beta * C / mean(F) with the sign controller reg = -1 if cp < target else +1 computed in-graph
 from this very batch's cp, as the reference does; target (cp %) and beta are runtime inputs (beta 0: no cost term).
@@ -164,6 +169,19 @@ class DfqOptions:
         w = float(self.weight_bits)
         return np.array([[a * w, g * w, a * g] for a, g in self.options], np.float64) / 1024.0
 
+    def act_unit_costs(self) -> np.ndarray:
+        """[K, 3] the same for an activation x activation GEMM (attention's QK^T, attention x V): both operands at the
+        act bits, so forward a x a, and its two backward GEMMs are error GEMMs, g x a and a x g (skip: 0)."""
+        return np.array([[a * a, g * a, a * g] for a, g in self.options], np.float64) / 1024.0
+
+    def block_unit_costs(self, act_frac) -> np.ndarray:
+        """[n, K] cost per MAC of each block under each option, `act_frac[l]` the share of block l's MACs in
+        activation x activation GEMMs: the MAC-weighted mean of the two unit costs (exactly `unit_costs` where the
+        share is 0)."""
+        uw, ua = self.unit_costs().sum(1), self.act_unit_costs().sum(1)
+        f = np.asarray(act_frac, np.float64).reshape(-1, 1)
+        return uw[None, :] + f * (ua - uw)[None, :]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -289,12 +307,15 @@ class DfqGatePass(Pass):
         self.precision_input = precision_input
         self.params: list[str] = []           # trainable gate parameters (FP32)
         self.block_macs = np.zeros(len(blocks))
+        self.act_act_macs = np.zeros(len(blocks))      # of which activation x activation GEMMs (attention)
         self.candidates: dict[str, list[tuple[str, str]]] = {}   # GEMM -> (its candidate clones, their bits key)
         self.grad_bits_const: dict[str, float] = {}              # candidates: bits key -> the clone's grad bits
         self.frozen: list[str] = []                                # candidates: their act bits (checkpoint buffers)
         for d in op_dicts:
             if d.get("quantized") and d.get("block") is not None:
                 self.block_macs[d["block"]] += d["macs"]
+                if not d.get("weight_is_param", True):
+                    self.act_act_macs[d["block"]] += d["macs"]
         self.static = static_blocks(blocks, op_dicts, options)    # block index -> why it has no gate
         self.gated = [l for l in range(len(blocks)) if l not in self.static]
         if cost_table is not None and len(cost_table["cost_fp32"]) == len(blocks):   # the gated blocks' rows
@@ -342,8 +363,10 @@ class DfqGatePass(Pass):
 
         acts = em.const(np.array([[a] for a, _ in o.options], np.float32))     # [K, 1]
         grads = em.const(np.array([[g] for _, g in o.options], np.float32))
-        unit = o.unit_costs().sum(1)                     # cost_fw + cost_eb + cost_gc per option
-        F = self.block_macs[self.gated] if o.cost_weighting == "macs" else np.ones(len(self.gated))
+        macs = self.block_macs[self.gated]
+        act_frac = np.divide(self.act_act_macs[self.gated], macs, out=np.zeros(len(self.gated)), where=macs > 0)
+        unit = o.block_unit_costs(act_frac)             # [n, K] cost_fw + cost_eb + cost_gc per MAC of each block
+        F = macs if o.cost_weighting == "macs" else np.ones(len(self.gated))
         block_unit, block_ratio = block_costs(unit, F, self.cost_table)       # gated blocks, in gate order
         batch = em.node("Shape", [ports[0][0]], f"{P}batch/shape", start=0, end=1) if em.opset >= 15 else \
             em.node("Slice", [em.node("Shape", [ports[0][0]], f"{P}batch/shape_all"), em.const([0], np.int64),
@@ -527,6 +550,7 @@ class DfqGatePass(Pass):
         self.extra_outputs = [CP_OUTPUT, BITS_OUTPUT, COUNTS_OUTPUT] + keep
         self.cost_scale = {"gated": list(self.gated), "static_blocks": sorted(self.static), "F": F.tolist(),
                            "mean_F": float(F.mean()), "unit_costs": o.unit_costs().tolist(),
+                           "act_unit_costs": o.act_unit_costs().tolist(), "act_frac": act_frac.tolist(),
                            **(self.cost_table or {}),
                            "skip_index": skip, "skippable": can_skip,
                            "shortcut_ops": [ops for _, ops in shortcuts]}
@@ -574,17 +598,21 @@ def block_costs(unit: np.ndarray, F: np.ndarray, table: dict | None) -> tuple[np
     """(per block [n, K] cost per sample of each option, per block factor) of the cost term, normalized so that
     C_norm = B sum_l unit_l[k_l] ratio_l and cp = 100 C_norm / (3 B n) (n blocks).
 
-    MACs: unit_l = unit (a w + g w + a g)/1024, ratio_l = F_l / mean(F), exactly the release's C / mean(F).
+    `unit`: [K] per MAC of every block, or [n, K] per block (`DfqOptions.block_unit_costs`).
+    MACs: unit_l = unit (a w + g w + a g)/1024 (a weight GEMM; attention's a x a GEMMs: `block_unit_costs`),
+    ratio_l = F_l / mean(F), exactly the release's C / mean(F).
     A hardware table T[l, k] with FP32 cost T32[l] (any unit, per sample): unit_l = 3 n T[l] / sum(T32), ratio 1;
     then cp = 100 sum_l T[l, k_l] / sum_l T32[l] (the block set's cost as % of its FP32 cost on that hardware), and
     for a table proportional to the MAC table (T = F unit, T32 = 3F) both give the same cost term."""
     n = len(F)
+    unit = np.asarray(unit, np.float64)
+    K = unit.shape[-1]
     if table is None:
-        return np.tile(unit, (n, 1)), F / F.mean()
+        return np.broadcast_to(unit, (n, K)).copy(), F / F.mean()
     T = np.asarray(table["cost_table"], np.float64)
     T32 = np.asarray(table["cost_fp32"], np.float64)
-    if T.shape != (n, len(unit)) or T32.shape != (n,):
-        raise ValueError(f"cost table shape {T.shape}/{T32.shape} does not fit {n} blocks x {len(unit)} options")
+    if T.shape != (n, K) or T32.shape != (n,):
+        raise ValueError(f"cost table shape {T.shape}/{T32.shape} does not fit {n} blocks x {K} options")
     return 3 * n * T / T32.sum(), np.ones(n)
 
 

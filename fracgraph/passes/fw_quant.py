@@ -28,7 +28,7 @@ from .base import Pass, PassResult, node_by_name, opset
 
 def weight_channel_axes(op_type: str, rank: int, trans_b: int) -> list[int]:
     """The axes to reduce so that one range remains per output channel."""
-    if op_type == "Conv":
+    if op_type in ("Conv", "Gather"):   # Gather: an embedding table [V, C], one range per row (token)
         return list(range(1, rank))
     if op_type == "Gemm":
         return [1] if trans_b else [0]
@@ -38,8 +38,9 @@ def weight_channel_axes(op_type: str, rank: int, trans_b: int) -> list[int]:
 class FwQuantPass(Pass):
     name = "fw-quant"
 
-    def __init__(self, plan: list[tuple[dict, int]], precision_input: str):
+    def __init__(self, plan: list[tuple[dict, int]], precision_input: str, tables: list[dict] = ()):
         self.plan = plan                      # (GemmOp dict, block index) for every quantized GEMM
+        self.tables = list(tables)            # embedding tables to quantize per row (build.embedding_tables)
         self.precision_input = precision_input
         self.points: list[QuantPoint] = []       # the manifest's points: one act point per tensor (it owns the range)
         self.readers: list[QuantPoint] = []      # further act quantizers of a tensor at other bits (no range of their own)
@@ -97,11 +98,23 @@ class FwQuantPass(Pass):
                     self.points.append(QuantPoint(prefix, "act", x, node.name, block, "per_tensor", "nearest"))
                 node.input[idx] = out
             notes.append(f"{node.name}: FW quant on input and weight (block {block})")
+        for t in self.tables:   # an embedding table: a weight quantizer per row, the weight bits of its block
+            node = nodes[t["node"]]
+            x = node.input[0]
+            prefix = f"{node.name}::fq_w0"
+            axes = weight_channel_axes("Gather", len(inits[x].dims), 0)
+            fake_quant(em, x, f"{prefix}/out", prefix, bits_scalar(em, self.precision_input, t["block"], "weight"),
+                       axes=axes)
+            self.points.append(QuantPoint(prefix, "weight", x, node.name, t["block"], "per_row", "nearest"))
+            node.input[0] = f"{prefix}/out"
+            notes.append(f"{node.name}: FW quant on the embedding table {x}, per row (block {t['block']}'s weight bits)")
         em.flush()
-        return PassResult(model, bool(self.plan), notes)
+        return PassResult(model, bool(self.plan) or bool(self.tables), notes)
 
     def ensures(self, model):
         nodes = node_by_name(model)
         for op, _ in self.plan:
             n = nodes[op["name"]]
             assert n.input[0].endswith("/out") and n.input[1].endswith("/out"), f"{n.name} operands not quantized"
+        for t in self.tables:
+            assert nodes[t["node"]].input[0].endswith("::fq_w0/out"), f"embedding table of {t['node']} not quantized"

@@ -232,25 +232,26 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def pareto(labels: list[str], cost: list[float], acc: list[float], title: str) -> Figure:
-    """Accuracy against cost for sweep points, the Pareto front joined and labeled."""
+def pareto(labels: list[str], cost: list[float], acc: list[float], title: str,
+           ylabel: str = "final test accuracy (%)", scale: float = 100.0, higher: bool = True) -> Figure:
+    """Accuracy (or, higher=False, a loss) against cost for sweep points, the Pareto front joined and labeled."""
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.add_subplot()
     pts = list(zip(cost, acc))
-    front = pareto_front(pts)
-    ax.scatter(cost, [100 * a for a in acc], color="gray", s=30, zorder=2, label="grid point")
-    ax.plot([cost[i] for i in front], [100 * acc[i] for i in front], "-o", color="tab:red", zorder=3,
+    front = pareto_front(pts if higher else [(c, -a) for c, a in pts])
+    ax.scatter(cost, [scale * a for a in acc], color="gray", s=30, zorder=2, label="grid point")
+    ax.plot([cost[i] for i in front], [scale * acc[i] for i in front], "-o", color="tab:red", zorder=3,
             label="Pareto front")
     same: dict[tuple, list[int]] = {}               # points with identical results share one label
     for i, pt in enumerate(pts):
         same.setdefault(pt, []).append(i)
     for (c, a), idx in same.items():
-        ax.annotate("\n".join(labels[i] for i in idx), (c, 100 * a), xytext=(4, 4), textcoords="offset points",
+        ax.annotate("\n".join(labels[i] for i in idx), (c, scale * a), xytext=(4, 4), textcoords="offset points",
                     fontsize="x-small", color="tab:red" if any(i in front for i in idx) else "dimgray")
     ax.margins(x=0.12, y=0.15)                      # room for the labels
     ax.set_xlabel("cumulative effective GMACs of the run")
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="lower right" if higher else "upper right")
     return fig

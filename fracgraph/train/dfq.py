@@ -150,7 +150,9 @@ class TargetClamp:
 def gated_cost_table(d: dict) -> tuple[np.ndarray, np.ndarray]:
     """(T [n_blocks, K], T32 [n_blocks]) of a manifest's DFQ section: the controller's cost of block l under option k
     and at FP32, in its unit (`cost_unit`); the gated cp is 100 sum_l T[l, k_l] / sum_l T32[l]. MACs: T = F_l x
-    (a w + g w + a g)/1024, T32 = 3 F_l; a hardware cost (`quantize --dfq --cost`): the table it stored."""
+    (a w + g w + a g)/1024 for the block's weight GEMMs and F_l x (a a + g a + a g)/1024 for its activation x
+    activation GEMMs (attention; `act_frac` of its MACs, absent = 0 in artifacts from before it), T32 = 3 F_l, the
+    graph's cost term exactly; a hardware cost (`quantize --dfq --cost`): the table it stored."""
     F = np.array(d["F"], np.float64)
     if d.get("cost_table") is not None:
         try:
@@ -162,8 +164,13 @@ def gated_cost_table(d: dict) -> tuple[np.ndarray, np.ndarray]:
                                  "blocks and options, or is not positive; rebuild the artifacts with `fracgraph "
                                  "quantize --dfq --cost ...`")
         return T, T32
-    unit = np.array(d["unit_costs"], np.float64).sum(1)
-    return F[:, None] * unit[None, :], 3 * F
+    uw = np.array(d["unit_costs"], np.float64).sum(1)
+    frac = np.array(d.get("act_frac") or [0.0] * len(F), np.float64).reshape(-1, 1)
+    if frac.shape != (len(F), 1) or (frac < 0).any() or (frac > 1).any() or (frac > 0).any() and "act_unit_costs" not in d:
+        raise FracgraphError("manifest.json: dfq.act_frac (the blocks' share of activation x activation MACs) does "
+                             "not fit the blocks; rebuild the artifacts with `fracgraph quantize --dfq`")
+    ua = np.array(d.get("act_unit_costs") or d["unit_costs"], np.float64).sum(1)
+    return F[:, None] * (uw[None, :] + frac * (ua - uw)[None, :]), 3 * F
 
 
 def cost_label(d: dict | None) -> str:
@@ -215,7 +222,6 @@ class ChoiceRecord:
         self.static_row = np.array([fw, fw, bw], np.float64)
         self.options = np.array(d["options"], np.float64)            # [K, 2] act, grad bits
         self.F = np.array(d["F"], np.float64)                         # the cost term's block weights
-        self.unit = np.array(d["unit_costs"], np.float64).sum(1)      # [K] fw + eb + gc per MAC
         self.table, self.table_fp32 = gated_cost_table(d)            # the controller's cost, its unit
         self.w = float(d["weight_bits"])
         self.meter = meter

@@ -204,7 +204,8 @@ def test_lowering_matches_original_and_pytorch(name, tmp_path):
 
 
 def test_every_registry_entry_has_a_case():
-    assert set(LOWERINGS) <= {c["op"] for c in CASES.values()}
+    # Where (lowering/mask.py) applies only before a Softmax, which a one-op graph lacks: test_mask_lowering.py
+    assert set(LOWERINGS) - {"Where"} <= {c["op"] for c in CASES.values()}
 
 
 def test_declined_lowerings_say_why():
