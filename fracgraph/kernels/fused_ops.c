@@ -16,6 +16,9 @@
  *   DepthwiseConvGradW(dY, X) -> dW            depthwise conv weight gradient; attributes those of ConvGradW
  *   NchwcWeight(W) -> Wb                       a conv weight in onnxruntime's NCHWc filter layout; attributes
  *                                              block, blocked_in, transpose, flip
+ *   Im2Col(X) -> col [C*kh*kw, N*ho*wo]        the whole batch's im2col (a conv as one GEMM); attributes those of
+ *                                              ConvGradW and h, w, ho, wo (X's and the output's spatial size)
+ *   Col2Im(cols) -> Y [N, C, h, w]             its adjoint: sums cols' taps back onto the image; same attributes
  *
  * The quantizers compute, per element and in this order (quantizers.py's chain, each operation IEEE-rounded;
  * the library is compiled with -ffp-contract=off so that no multiply-add is fused; noise = 0 for FakeQuantize):
@@ -129,15 +132,15 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
-            N_KINDS };
+            IM2COL, COL2IM, N_KINDS };
 
 typedef struct {
   int kind;
   float lo;
   uint64_t salt;
   uint64_t calls;
-  int64_t conv[9];   /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group;
-                        NCHWC_WEIGHT: block, blocked_in, transpose, flip */
+  int64_t conv[12];  /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group;
+                        IM2COL, COL2IM: kh .. dw, h, w, ho, wo; NCHWC_WEIGHT: block, blocked_in, transpose, flip */
 } Kernel;
 
 typedef struct {
@@ -530,17 +533,14 @@ typedef struct {
   int64_t N, Ci, H, W, Co, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, G;
 } ColJob;
 
-static void cols_image(void* p, size_t n) {
-  const ColJob* j = (const ColJob*)p;
+/* im2col of image n into col [Ci*kh*kw, N*P]: row (ci, a, b), the image's positions at column n*P */
+static void cols_of_image(const ColJob* j, int64_t n) {
   const int64_t P = j->Ho * j->Wo, NP = j->N * P, H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo;
-  for (int64_t c = 0; c < j->Co; ++c)   /* row c of dYt [Co, N*P]: dY[n][c][:] at column n*P */
-    memcpy(j->dyt + c * NP + (int64_t)n * P, j->dy + ((int64_t)n * j->Co + c) * P, (size_t)P * sizeof(float));
-  const float* xn = j->x + (int64_t)n * j->Ci * H * W;
-  /* col [Ci*kh*kw, N*P] (= [G, Kg, N*P]): row (ci, a, b), image n's positions at column n*P */
+  const float* xn = j->x + n * j->Ci * H * W;
   for (int64_t ci = 0; ci < j->Ci; ++ci)
     for (int64_t a = 0; a < j->kh; ++a)
       for (int64_t b = 0; b < j->kw; ++b) {
-        float* row = j->col + ((ci * j->kh + a) * j->kw + b) * NP + (int64_t)n * P;
+        float* row = j->col + ((ci * j->kh + a) * j->kw + b) * NP + n * P;
         const int64_t off = b * j->dw - j->pw, sw = j->sw;
         /* the output columns whose input column lies inside the image: wo in [w0, w1) */
         int64_t w0 = off >= 0 ? 0 : (-off + sw - 1) / sw, w1 = W - off <= 0 ? 0 : (W - off + sw - 1) / sw;
@@ -560,6 +560,49 @@ static void cols_image(void* p, size_t n) {
           for (int64_t wo = w1; wo < Wo; ++wo) out[wo] = 0.0f;
         }
       }
+}
+
+static void cols_image(void* p, size_t n) {
+  const ColJob* j = (const ColJob*)p;
+  const int64_t P = j->Ho * j->Wo, NP = j->N * P;
+  for (int64_t c = 0; c < j->Co; ++c)   /* row c of dYt [Co, N*P]: dY[n][c][:] at column n*P */
+    memcpy(j->dyt + c * NP + (int64_t)n * P, j->dy + ((int64_t)n * j->Co + c) * P, (size_t)P * sizeof(float));
+  cols_of_image(j, (int64_t)n);
+}
+
+/* Im2Col's task: one image. */
+static void im2col_image(void* p, size_t n) { cols_of_image((const ColJob*)p, (int64_t)n); }
+
+/* Col2Im's task: channel c of image n, t = n * Ci + c. Y[n][c] = sum over taps (a, b) in order of the tap's row
+ * of cols added at the input positions it was read from (zero where none): the adjoint of cols_of_image. A 1x1
+ * stride-1 unpadded Col2Im is the transpose [C, N*P] -> [N, C, P] (a GEMM's output back to NCHW). */
+static void col2im_task(void* p, size_t t) {
+  const ColJob* j = (const ColJob*)p;
+  const int64_t P = j->Ho * j->Wo, NP = j->N * P, H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo;
+  const int64_t n = (int64_t)t / j->Ci, ci = (int64_t)t % j->Ci;
+  float* y = j->col + (n * j->Ci + ci) * H * W;   /* the output image channel */
+  const float* cols = j->x;
+  if (j->kh == 1 && j->kw == 1 && j->sh == 1 && j->sw == 1 && j->ph == 0 && j->pw == 0 && Ho == H && Wo == W) {
+    memcpy(y, cols + ci * NP + n * P, (size_t)P * sizeof(float));
+    return;
+  }
+  memset(y, 0, (size_t)(H * W) * sizeof(float));
+  for (int64_t a = 0; a < j->kh; ++a)
+    for (int64_t b = 0; b < j->kw; ++b) {
+      const float* row = cols + ((ci * j->kh + a) * j->kw + b) * NP + n * P;
+      const int64_t off = b * j->dw - j->pw, sw = j->sw;
+      int64_t w0 = off >= 0 ? 0 : (-off + sw - 1) / sw, w1 = W - off <= 0 ? 0 : (W - off + sw - 1) / sw;
+      w1 = w1 < Wo ? w1 : Wo;
+      w0 = w0 < w1 ? w0 : w1;
+      for (int64_t ho = 0; ho < Ho; ++ho) {
+        const int64_t hi = ho * j->sh - j->ph + a * j->dh;
+        if (hi < 0 || hi >= H) continue;
+        float* out = y + hi * W + off;
+        const float* in = row + ho * Wo;
+        if (sw == 1) for (int64_t wo = w0; wo < w1; ++wo) out[wo] += in[wo];
+        else for (int64_t wo = w0; wo < w1; ++wo) out[wo * sw] += in[wo];
+      }
+    }
 }
 
 /* Reads dY and X, checks they are one batch of a conv with these attributes; fills the shared fields. */
@@ -603,6 +646,48 @@ static OrtStatus* compute_conv_cols(Kernel* k, void* ctx) {
     return st;
   if (j.N > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, cols_image, (size_t)j.N, 0, &j);
   if (j.N == 1) cols_image(&j, 0);
+  return NULL;
+}
+
+/* Im2Col(X [N, C, h, w]) -> [C*kh*kw, N*ho*wo] and Col2Im(cols [.., N*ho*wo] with C*kh*kw rows) -> [N, C, h, w],
+ * ho and wo the conv's output size (the trailing pads follow from them); the spatial sizes are attributes, checked
+ * against the input, so that Col2Im knows its output's and both refuse a tensor of another shape. */
+static OrtStatus* compute_cols(Kernel* k, void* ctx) {
+  const void* xv;
+  void* ov;
+  int64_t d[16];
+  size_t rank, count;
+  OrtStatus* st;
+  ColJob j;
+  memset(&j, 0, sizeof j);
+  const int im = k->kind == IM2COL;
+  j.kh = k->conv[0], j.kw = k->conv[1], j.sh = k->conv[2], j.sw = k->conv[3];
+  j.ph = k->conv[4], j.pw = k->conv[5], j.dh = k->conv[6], j.dw = k->conv[7];
+  j.H = k->conv[8], j.W = k->conv[9], j.Ho = k->conv[10], j.Wo = k->conv[11];
+  const int64_t taps = j.kh * j.kw, P = j.Ho * j.Wo;
+  if (j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.H < 1 || j.W < 1 || P < 1 ||
+      (j.Ho - 1) * j.sh - j.ph + (j.kh - 1) * j.dh < 0 || (j.Wo - 1) * j.sw - j.pw + (j.kw - 1) * j.dw < 0)
+    return fail("fracgraph Im2Col/Col2Im: invalid conv attributes");
+  if ((st = input_shape(ctx, 0, &xv, d, &rank, &count))) return st;
+  if (im) {
+    if (rank != 4 || d[2] != j.H || d[3] != j.W) return fail("fracgraph Im2Col: X must be [N, C, h, w]");
+    j.N = d[0], j.Ci = d[1];
+    int64_t od[2] = {j.Ci * taps, j.N * P};
+    if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 2, &ov))) return st;
+  } else {
+    if (rank < 2 || d[rank - 1] % P || (int64_t)count % (taps * d[rank - 1]))
+      return fail("fracgraph Col2Im: cols must be [C*kh*kw, N*ho*wo] (leading dims flattened)");
+    j.N = d[rank - 1] / P, j.Ci = (int64_t)count / d[rank - 1] / taps;
+    int64_t od[4] = {j.N, j.Ci, j.H, j.W};
+    if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 4, &ov))) return st;
+  }
+  if ((st = API(GetTensorMutableData, GetDataFn)(ov, (void**)&j.col)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
+    return st;
+  const size_t tasks = (size_t)(im ? j.N : j.N * j.Ci);
+  void (*fn)(void*, size_t) = im ? im2col_image : col2im_task;
+  if (tasks > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, fn, tasks, 0, &j);
+  if (tasks == 1) fn(&j, 0);
   return NULL;
 }
 
@@ -835,6 +920,7 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == CONV_COLS) return compute_conv_cols(k, ctx);
   if (k->kind == DW_GRAD_W) return compute_dw_grad_w(k, ctx);
   if (k->kind == NCHWC_WEIGHT) return compute_nchwc_weight(k, ctx);
+  if (k->kind == IM2COL || k->kind == COL2IM) return compute_cols(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
@@ -857,11 +943,12 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
                                            "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
-                                           "NchwcWeight"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1};
+                                           "NchwcWeight", "Im2Col", "Col2Im"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
+static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};
 
 /* Each op's OrtCustomOp sits first in an OpDef, so the callbacks find their kind from the op pointer. */
 typedef struct {
@@ -884,6 +971,9 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   if (k->kind == CONV_GRAD_W || k->kind == CONV_COLS || k->kind == DW_GRAD_W)
     for (int a = 0; a < (k->kind == CONV_COLS ? 9 : 8); ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, CONV_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (k->kind == IM2COL || k->kind == COL2IM)
+    for (int a = 0; a < 12; ++a)
+      if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, COL_ATTRS[a], &k->conv[a]))) { free(k); return st; }
   if (k->kind == NCHWC_WEIGHT)
     for (int a = 0; a < 4; ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, WEIGHT_ATTRS[a], &k->conv[a]))) { free(k); return st; }
