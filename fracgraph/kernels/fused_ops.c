@@ -5,7 +5,10 @@
  *
  *   SRQuantize(x, min, scale, hi)              attributes lo (float), salt (int)   the error quantizer
  *   SRQuantizeNoise(x, min, scale, hi, noise)  attribute lo                        the same, noise from a tensor
- *   FakeQuantize(x, min, scale, hi)            attribute lo                        the activation quantizer
+ *   FakeQuantize(x, min, scale, hi)            attribute lo                        the activation quantizer; min
+ *                                              and scale scalars or [K, 1, ...] (the weights' per-output-channel
+ *                                              ranges, K = x's leading dim)
+ *   MinMaxRows(x) -> (min, max)                 ranges per leading index ([K, 1, ...] each), one read of x
  *   MinMax(x) -> (min, max)                    per-tensor range, one read of x
  *   ReluGrad(dY, X) -> dX                      dY where X > 0, else 0
  *   ConvGradW(dY, X) -> dW                     2-D conv weight gradient (group 1); attributes kh, kw, sh, sw,
@@ -132,7 +135,7 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
-            IM2COL, COL2IM, N_KINDS };
+            IM2COL, COL2IM, MIN_MAX_ROWS, N_KINDS };
 
 typedef struct {
   int kind;
@@ -148,6 +151,8 @@ typedef struct {
   const float* aux;    /* noise (SR_NOISE) or X (RELU_GRAD) */
   float* y;
   float mn, s, lo, hi;
+  const float *mnv, *sv; /* FAKE_QUANT per channel: min and scale of each leading index (else NULL) */
+  size_t inner;          /* elements per leading index */
   uint64_t key;
   size_t n;
   float* part_min;     /* MIN_MAX: one slot per chunk */
@@ -197,6 +202,19 @@ static void run_chunk(void* p, size_t c) {
       break;
     }
     case FAKE_QUANT:
+      if (j->mnv) {   /* per channel: the same chain with channel k's min and scale */
+        for (size_t i = a; i < b;) {
+          const size_t k = i / j->inner, e = (k + 1) * j->inner < b ? (k + 1) * j->inner : b;
+          const float mk = j->mnv[k], sk = j->sv[k];
+          for (; i < e; ++i) {
+            float u = (x[i] - mk) / sk;
+            u = u < lo ? lo : u;
+            u = u > hi ? hi : u;
+            y[i] = nearbyintf(u) * sk + mk;
+          }
+        }
+        break;
+      }
       for (size_t i = a; i < b; ++i) {
         float u = (x[i] - mn) / s;
         u = u < lo ? lo : u;
@@ -263,6 +281,49 @@ static OrtStatus* scalar_input(void* ctx, size_t index, float* out) {
   if (count != 1) return fail("fracgraph quantizer kernels: min, scale and hi must be scalars");
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)v, (void**)&data))) return st;
   *out = data[0];
+  return NULL;
+}
+
+/* MinMaxRows' task: row k of x [K, inner] -> part_min[k], part_max[k] (LANES running extremes, as MIN_MAX) */
+static void min_max_row(void* p, size_t k) {
+  const Job* j = (const Job*)p;
+  enum { LANES = 32 };
+  const float* x = j->x + k * j->inner;
+  const size_t m = j->inner;
+  float lo_l[LANES], hi_l[LANES];
+  size_t i = 0;
+  for (int l = 0; l < LANES; ++l) lo_l[l] = hi_l[l] = x[0];
+  for (; i + LANES <= m; i += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      lo_l[l] = x[i + l] < lo_l[l] ? x[i + l] : lo_l[l];
+      hi_l[l] = x[i + l] > hi_l[l] ? x[i + l] : hi_l[l];
+    }
+  for (; i < m; ++i) {
+    lo_l[0] = x[i] < lo_l[0] ? x[i] : lo_l[0];
+    hi_l[0] = x[i] > hi_l[0] ? x[i] : hi_l[0];
+  }
+  for (int l = 1; l < LANES; ++l) {
+    lo_l[0] = lo_l[l] < lo_l[0] ? lo_l[l] : lo_l[0];
+    hi_l[0] = hi_l[l] > hi_l[0] ? hi_l[l] : hi_l[0];
+  }
+  j->part_min[k] = lo_l[0];
+  j->part_max[k] = hi_l[0];
+}
+
+static OrtStatus* compute_min_max_rows(void* ctx, Job* j, const int64_t* dims, size_t rank) {
+  OrtStatus* st;
+  void *lo_v, *hi_v;
+  int64_t od[16];
+  if (rank < 1 || dims[0] < 1 || !j->n) return fail("fracgraph MinMaxRows: the tensor is empty");
+  const size_t K = (size_t)dims[0];
+  j->inner = j->n / K;
+  for (size_t r = 0; r < rank; ++r) od[r] = r ? 1 : dims[0];
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, rank, &lo_v))) return st;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, od, rank, &hi_v))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(lo_v, (void**)&j->part_min))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(hi_v, (void**)&j->part_max))) return st;
+  if (K > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, min_max_row, K, 0, j);
+  min_max_row(j, 0);
   return NULL;
 }
 
@@ -905,6 +966,24 @@ static OrtStatus* compute_bn_grad(void* ctx) {
   return NULL;
 }
 
+/* FakeQuantize's min and scale: when they hold one value per leading index of x ([K, 1, ...], K = x's dim 0 > 1),
+ * points j->mnv and j->sv at them and reads hi; scalars leave j->mnv NULL for scalar_input. */
+static OrtStatus* channel_inputs(void* ctx, Job* j, const int64_t* dims, size_t rank) {
+  const void *mv, *sv;
+  int64_t md[16], sd[16];
+  size_t mr, sr, mc, sc;
+  OrtStatus* st;
+  if ((st = input_shape(ctx, 1, &mv, md, &mr, &mc)) || (st = input_shape(ctx, 2, &sv, sd, &sr, &sc))) return st;
+  if (mc == 1 && sc == 1) return NULL;
+  if (rank < 1 || mc != sc || (int64_t)mc != dims[0] || md[0] != dims[0] || sd[0] != dims[0])
+    return fail("fracgraph FakeQuantize: min and scale must be scalars or [K, 1, ...] with K = x's leading dim");
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)mv, (void**)&j->mnv)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)sv, (void**)&j->sv)) || (st = scalar_input(ctx, 3, &j->hi)))
+    return st;
+  j->inner = j->n / mc;
+  return NULL;
+}
+
 static OrtStatus* compute(void* kernel, void* ctx) {
   Kernel* k = (Kernel*)kernel;
   const void *xv, *av;
@@ -925,15 +1004,17 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
   if (k->kind == MIN_MAX) return compute_min_max(ctx, &j);
+  if (k->kind == MIN_MAX_ROWS) return compute_min_max_rows(ctx, &j, dims, rank);
   if (k->kind == RELU_GRAD || k->kind == SR_NOISE) {
     if ((st = input_shape(ctx, k->kind == RELU_GRAD ? 1 : 4, &av, adims, &arank, &an))) return st;
     if (an != n) return fail("fracgraph kernels: the second tensor has another element count than the first");
     if ((st = API(GetTensorMutableData, GetDataFn)((void*)av, (void**)&j.aux))) return st;
   }
-  if (k->kind != RELU_GRAD) {
+  if (k->kind == FAKE_QUANT && (st = channel_inputs(ctx, &j, dims, rank))) return st;
+  if (k->kind != RELU_GRAD && !j.mnv) {
     if ((st = scalar_input(ctx, 1, &j.mn)) || (st = scalar_input(ctx, 2, &j.s)) || (st = scalar_input(ctx, 3, &j.hi))) return st;
-    j.lo = k->lo;
   }
+  if (k->kind != RELU_GRAD) j.lo = k->lo;
   if (k->kind == SR_RNG) j.key = mix(g_seed ^ mix(k->salt ^ mix(k->calls)));
   k->calls++;
   if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &yv))) return st;
@@ -943,9 +1024,9 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
                                            "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
-                                           "NchwcWeight", "Im2Col", "Col2Im"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1};
+                                           "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};

@@ -55,6 +55,27 @@ def test_noise_op_is_the_chain_bitwise(shape, threads):
     assert np.array_equal(y, chain_ref(x, mn, s, 0.0, hi, noise))
 
 
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 11, 13), (64, 16, 3, 3), (17, 600, 3, 3), (10, 4)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_per_channel_weight_quantizer_bitwise(shape, threads):
+    """The weight quantizer: min and scale per output channel ([K, 1, ...]), channels across chunk boundaries
+    (17 x 5400 elements), 2-D (Linear) weights; bitwise the chain, and MinMaxRows exactly numpy's per-row range."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    axes = tuple(range(1, len(shape)))
+    lo_r, hi_r = custom_op_session("MinMaxRows", ["x"], ["lo", "hi"], threads).run(None, {"x": x})
+    assert lo_r.shape == hi_r.shape == (shape[0],) + (1,) * (len(shape) - 1)
+    assert np.array_equal(lo_r, x.min(axis=axes, keepdims=True)) and np.array_equal(hi_r, x.max(axis=axes, keepdims=True))
+    s = np.maximum((hi_r - lo_r) / np.float32(15), np.float32(1e-8)).astype(np.float32)
+    hi = np.array(15.5, np.float32)
+    y = session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=x, mn=lo_r, s=s, hi=hi))[0]
+    f = np.float32
+    ref = np.round(np.clip((x - lo_r) / s, f(-0.5), hi)) * s + lo_r
+    assert np.array_equal(y, ref)
+    with pytest.raises(Exception, match="scalars or \\[K, 1, ...\\]"):
+        session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=x, mn=lo_r[:1].repeat(2, 0), s=s[:1].repeat(2, 0), hi=hi))
+
+
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11, 13), (2, 16, 40, 40)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_deterministic_ops_bitwise(shape, threads):
@@ -151,10 +172,11 @@ def test_pass_structure(pair):
     model = onnx.load(str(art / "training_model.onnx"))
     ops = [n.op_type for n in all_nodes(model.graph)]
     assert ops.count("SRQuantizeNoise") == 8 and "SRQuantize" not in ops   # noise exposed: read from the tensor
-    assert ops.count("FakeQuantize") == 8 and ops.count("MinMax") == 16   # every conv input; act + error ranges
-    assert ops.count("ReluGrad") == 7 and ops.count("Round") == 8 and "QuantizeLinear" not in ops   # Round: weights
+    # every conv input and weight; act + error ranges, the weights' per-channel ranges
+    assert ops.count("FakeQuantize") == 16 and ops.count("MinMax") == 16 and ops.count("MinMaxRows") == 8
+    assert ops.count("ReluGrad") == 7 and "Round" not in ops and "QuantizeLinear" not in ops
     assert not any(n.op_type == "ReluGrad" and n.domain != kernels.DOMAIN for n in all_nodes(model.graph))
-    assert "[fused-ops] 16 quantizers, 16 range statistics and 7 ReluGrad on fracgraph's fused ops" in manifest.extra["notes"]
+    assert "[fused-ops] 24 quantizers, 24 range statistics and 7 ReluGrad on fracgraph's fused ops" in manifest.extra["notes"]
 
 
 def test_artifacts_without_fused_ops_need_no_library(pair, monkeypatch):
