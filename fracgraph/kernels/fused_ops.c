@@ -9,6 +9,8 @@
  *                                              and scale scalars or [K, 1, ...] (the weights' per-output-channel
  *                                              ranges, K = x's leading dim)
  *   MinMaxRows(x) -> (min, max)                 ranges per leading index ([K, 1, ...] each), one read of x
+ *   MaxPoolIdx(X) -> (Y, Indices int64)         2-D max pool with onnxruntime's MaxPool indices (storage order 0,
+ *                                              read by its MaxPoolGrad); attributes kh .. dw, ph_end, pw_end
  *   MinMax(x) -> (min, max)                    per-tensor range, one read of x
  *   ReluGrad(dY, X) -> dX                      dY where X > 0, else 0
  *   ConvGradW(dY, X) -> dW                     2-D conv weight gradient (group 1); attributes kh, kw, sh, sw,
@@ -51,6 +53,7 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -76,6 +79,7 @@ enum {
 #define API_VERSION 17
 #define ORT_FAIL 1
 #define FLOAT_T 1
+#define INT64_T 7
 
 typedef OrtStatus* (*CreateStatusFn)(int, const char*);
 typedef OrtStatus* (*CreateDomainFn)(const char*, void**);
@@ -135,7 +139,7 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
-            IM2COL, COL2IM, MIN_MAX_ROWS, N_KINDS };
+            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, N_KINDS };
 
 typedef struct {
   int kind;
@@ -752,6 +756,76 @@ static OrtStatus* compute_cols(Kernel* k, void* ctx) {
   return NULL;
 }
 
+/* ---- MaxPoolIdx: max pool with the indices onnxruntime's MaxPoolGrad reads ---------------------------------- */
+/* onnxruntime 1.19's MaxPool with an Indices output runs a generic per-element loop (5% of resnet18's profiled
+ * step for one 3x3/2 pool); this is the same loop per (image, channel) plane as tasks. Each window keeps its first
+ * strict maximum, starting from the lowest float with index (h, w) = (-1, -1), and the index is
+ * plane * H * W + h * W + w over the whole tensor (storage order 0): onnxruntime's MaxPool values and indices,
+ * bitwise (tests/passes/test_fused_ops.py compares both). */
+typedef struct {
+  const float* x;
+  float* y;
+  int64_t* idx;
+  int64_t H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+} PoolJob;
+
+static void pool_plane(void* p, size_t t) {
+  const PoolJob* j = (const PoolJob*)p;
+  const int64_t H = j->H, W = j->W;
+  const float* x = j->x + (int64_t)t * H * W;
+  float* y = j->y + (int64_t)t * j->Ho * j->Wo;
+  int64_t* id = j->idx + (int64_t)t * j->Ho * j->Wo;
+  for (int64_t oh = 0; oh < j->Ho; ++oh) {
+    const int64_t hs = oh * j->sh - j->ph, he = hs + j->kh * j->dh < H ? hs + j->kh * j->dh : H;
+    for (int64_t ow = 0; ow < j->Wo; ++ow) {
+      const int64_t ws = ow * j->sw - j->pw, we = ws + j->kw * j->dw < W ? ws + j->kw * j->dw : W;
+      float m = -FLT_MAX;
+      int64_t mh = -1, mw = -1;
+      for (int64_t h = hs; h < he; h += j->dh) {
+        if (h < 0) continue;
+        for (int64_t w = ws; w < we; w += j->dw) {
+          if (w < 0) continue;
+          const float v = x[h * W + w];
+          if (v > m) m = v, mh = h, mw = w;
+        }
+      }
+      y[oh * j->Wo + ow] = m;
+      id[oh * j->Wo + ow] = (int64_t)t * H * W + mh * W + mw;
+    }
+  }
+}
+
+static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
+  const void* xv;
+  void *yv, *iv;
+  int64_t d[16];
+  size_t rank, count;
+  OrtStatus* st;
+  PoolJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &xv, d, &rank, &count))) return st;
+  j.kh = k->conv[0], j.kw = k->conv[1], j.sh = k->conv[2], j.sw = k->conv[3];
+  j.ph = k->conv[4], j.pw = k->conv[5], j.dh = k->conv[6], j.dw = k->conv[7];
+  if (rank != 4 || j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1)
+    return fail("fracgraph MaxPoolIdx: X must be [N, C, H, W] and the attributes positive");
+  j.H = d[2], j.W = d[3];
+  j.Ho = (j.H + j.ph + k->conv[8] - j.dh * (j.kh - 1) - 1) / j.sh + 1;
+  j.Wo = (j.W + j.pw + k->conv[9] - j.dw * (j.kw - 1) - 1) / j.sw + 1;
+  if (j.Ho < 1 || j.Wo < 1) return fail("fracgraph MaxPoolIdx: the window is larger than the padded input");
+  int64_t od[4] = {d[0], d[1], j.Ho, j.Wo};
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 4, &yv)) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, od, 4, &iv)))
+    return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y)) ||
+      (st = API(GetTensorMutableData, GetDataFn)(iv, (void**)&j.idx)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
+    return st;
+  const size_t planes = (size_t)(d[0] * d[1]);
+  if (planes > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_plane, planes, 0, &j);
+  if (planes == 1) pool_plane(&j, 0);
+  return NULL;
+}
+
 /* ---- DepthwiseConvGradW: the weight gradient of a depthwise conv (group = Ci = Co) ----------------------- */
 /* dW[c][0][a][b] = sum_{n,ho,wo} dY[n][c][ho][wo] * X[n][c][ho*sh - ph + a*dh][wo*sw - pw + b*dw]: channels as
  * tasks, images in order, each tap a dot product over the image in float lanes, added in double. No GEMM
@@ -1000,6 +1074,7 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == DW_GRAD_W) return compute_dw_grad_w(k, ctx);
   if (k->kind == NCHWC_WEIGHT) return compute_nchwc_weight(k, ctx);
   if (k->kind == IM2COL || k->kind == COL2IM) return compute_cols(k, ctx);
+  if (k->kind == MAX_POOL) return compute_max_pool(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
@@ -1024,12 +1099,13 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
                                            "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
-                                           "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2};
+                                           "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows", "MaxPoolIdx"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};
+static const char* const POOL_ATTRS[10] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "ph_end", "pw_end"};
 
 /* Each op's OrtCustomOp sits first in an OpDef, so the callbacks find their kind from the op pointer. */
 typedef struct {
@@ -1052,6 +1128,9 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   if (k->kind == CONV_GRAD_W || k->kind == CONV_COLS || k->kind == DW_GRAD_W)
     for (int a = 0; a < (k->kind == CONV_COLS ? 9 : 8); ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, CONV_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (k->kind == MAX_POOL)
+    for (int a = 0; a < 10; ++a)
+      if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, POOL_ATTRS[a], &k->conv[a]))) { free(k); return st; }
   if (k->kind == IM2COL || k->kind == COL2IM)
     for (int a = 0; a < 12; ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, COL_ATTRS[a], &k->conv[a]))) { free(k); return st; }
@@ -1066,6 +1145,7 @@ static void destroy(void* k) { free(k); }
 static const char* op_name(const OrtCustomOp* op) { return NAMES[kind_of(op)]; }
 static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int float_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return FLOAT_T; }
+static int output_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == MAX_POOL && i == 1 ? INT64_T : FLOAT_T; }
 static size_t n_inputs(const OrtCustomOp* op) { return N_INPUTS[kind_of(op)]; }
 static size_t n_outputs(const OrtCustomOp* op) { return N_OUTPUTS[kind_of(op)]; }
 static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
@@ -1090,7 +1170,7 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
     op->GetExecutionProviderType = provider;
     op->GetInputType = float_type;
     op->GetInputTypeCount = n_inputs;
-    op->GetOutputType = float_type;
+    op->GetOutputType = output_type;
     op->GetOutputTypeCount = n_outputs;
     op->KernelDestroy = destroy;
     op->GetInputCharacteristic = required;

@@ -76,6 +76,44 @@ def test_per_channel_weight_quantizer_bitwise(shape, threads):
         session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=x, mn=lo_r[:1].repeat(2, 0), s=s[:1].repeat(2, 0), hi=hi))
 
 
+# (X shape, kernel, strides, pads [begin h, w, end h, w], dilations): resnet18's stem pool, odd maps, asymmetric
+# pads, dilation, a window over padding only at the edge, and ties (small integers)
+POOLS = [((2, 8, 16, 16), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), ((3, 5, 9, 11), (2, 2), (2, 2), (0, 0, 0, 0), (1, 1)),
+         ((2, 3, 10, 7), (3, 2), (1, 2), (1, 0, 0, 1), (1, 1)), ((1, 4, 12, 12), (3, 3), (2, 2), (2, 2, 2, 2), (2, 2))]
+
+
+@pytest.mark.parametrize("case", POOLS, ids=str)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_is_onnxruntimes_values_and_indices(case, ties):
+    """MaxPoolIdx against onnxruntime's own 2-output MaxPool (values and indices, exactly) and PyTorch's values;
+    MaxPoolGrad then reads its indices unchanged."""
+    from onnx import TensorProto, helper
+
+    shape, k, st, pads, dil = case
+    rng = np.random.default_rng(4)
+    x = (rng.integers(-3, 3, shape) if ties else rng.standard_normal(shape)).astype(np.float32)
+    attrs = dict(kernel_shape=list(k), strides=list(st), pads=list(pads), dilations=list(dil))
+    g = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y", "i"], **attrs)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    y0, i0 = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    g.node[0].CopyFrom(helper.make_node("MaxPoolIdx", ["x"], ["y", "i"], domain=kernels.DOMAIN, kh=k[0], kw=k[1],
+                                        sh=st[0], sw=st[1], ph=pads[0], pw=pads[1], dh=dil[0], dw=dil[1],
+                                        ph_end=pads[2], pw_end=pads[3]))
+    m.opset_import.append(helper.make_opsetid(kernels.DOMAIN, 1))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    kernels.register(so)
+    y1, i1 = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert i1.dtype == np.int64 and np.array_equal(y1, y0) and np.array_equal(i1, i0)
+    if pads[0] == pads[2] and pads[1] == pads[3] and 2 * max(pads) <= min(k):   # (what PyTorch accepts)
+        ref = torch.nn.functional.max_pool2d(torch.from_numpy(x), k, st, (pads[0], pads[1]), dil).numpy()
+        assert np.array_equal(y1, ref)
+
+
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11, 13), (2, 16, 40, 40)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_deterministic_ops_bitwise(shape, threads):
@@ -210,3 +248,30 @@ def test_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FRACGRAPH_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(FracgraphError, match="FRACGRAPH_CACHE_DIR"):
         kernels.library_path()
+
+
+class PoolNet(torch.nn.Module):
+    """resnet18's stem pattern at a test's size: conv, ReLU, 3x3/2 max pool (padded), and a 2x2 pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c0(x)), 3, 2, 1)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_max_pool_step_bitwise(tmp_path):
+    skip = {"skip_passes": ("conv-grad-w", "bn-grad", "nchwc-conv")}
+    pair = build_pair(PoolNet(), tmp_path, (2, 3, 9, 9), off={"fused_kernels": False, **skip},
+                      on={"fused_kernels": True, **skip})
+    ops = [n.op_type for n in onnx.load(str(pair[True][0] / "training_model.onnx")).graph.node]
+    assert ops.count("MaxPoolIdx") == 2 and "MaxPool" not in ops and ops.count("MaxPoolGrad") == 2
+    loss0, grads0, _ = _step(pair[False][0], (8, 8, 8))
+    loss1, grads1, _ = _step(pair[True][0], (8, 8, 8))
+    assert loss0 == loss1 and grads0.keys() == grads1.keys()
+    assert all(np.array_equal(grads1[k], g) for k, g in grads0.items())
