@@ -6,8 +6,8 @@
  *   SRQuantize(x, min, scale, hi)              attributes lo (float), salt (int)   the error quantizer
  *   SRQuantizeNoise(x, min, scale, hi, noise)  attribute lo                        the same, noise from a tensor
  *   FakeQuantize(x, min, scale, hi)            attribute lo                        the activation quantizer; min
- *                                              and scale scalars or [K, 1, ...] (the weights' per-output-channel
- *                                              ranges, K = x's leading dim)
+ *                                              and scale scalars or per channel along one axis of x (the
+ *                                              weights' ranges: [K, 1, 1, 1] for a conv, [1, N] for a MatMul)
  *   MinMaxRows(x) -> (min, max)                 ranges per leading index ([K, 1, ...] each), one read of x
  *   MaxPoolIdx(X) -> (Y, Indices int64)         2-D max pool with onnxruntime's MaxPool indices (storage order 0,
  *                                              read by its MaxPoolGrad); attributes kh .. dw, ph_end, pw_end
@@ -155,8 +155,10 @@ typedef struct {
   const float* aux;    /* noise (SR_NOISE) or X (RELU_GRAD) */
   float* y;
   float mn, s, lo, hi;
-  const float *mnv, *sv; /* FAKE_QUANT per channel: min and scale of each leading index (else NULL) */
-  size_t inner;          /* elements per leading index */
+  const float *mnv, *sv; /* FAKE_QUANT per channel: min and scale of each channel (else NULL) */
+  size_t inner;          /* FAKE_QUANT per channel: elements per channel step (the axes after the channel axis);
+                            MIN_MAX_ROWS: elements per leading index */
+  size_t channels;       /* FAKE_QUANT per channel: the channel axis' size */
   uint64_t key;
   size_t n;
   float* part_min;     /* MIN_MAX: one slot per chunk */
@@ -206,9 +208,9 @@ static void run_chunk(void* p, size_t c) {
       break;
     }
     case FAKE_QUANT:
-      if (j->mnv) {   /* per channel: the same chain with channel k's min and scale */
+      if (j->mnv) {   /* per channel: the same chain with channel k's min and scale, k = (i / inner) % channels */
         for (size_t i = a; i < b;) {
-          const size_t k = i / j->inner, e = (k + 1) * j->inner < b ? (k + 1) * j->inner : b;
+          const size_t r = i / j->inner, k = r % j->channels, e = (r + 1) * j->inner < b ? (r + 1) * j->inner : b;
           const float mk = j->mnv[k], sk = j->sv[k];
           for (; i < e; ++i) {
             float u = (x[i] - mk) / sk;
@@ -1040,21 +1042,29 @@ static OrtStatus* compute_bn_grad(void* ctx) {
   return NULL;
 }
 
-/* FakeQuantize's min and scale: when they hold one value per leading index of x ([K, 1, ...], K = x's dim 0 > 1),
- * points j->mnv and j->sv at them and reads hi; scalars leave j->mnv NULL for scalar_input. */
+/* FakeQuantize's min and scale: when they hold one value per channel along one axis of x (x's rank, that axis x's
+ * size, every other axis 1), points j->mnv and j->sv at them and reads hi; scalars leave j->mnv NULL. */
 static OrtStatus* channel_inputs(void* ctx, Job* j, const int64_t* dims, size_t rank) {
   const void *mv, *sv;
   int64_t md[16], sd[16];
-  size_t mr, sr, mc, sc;
+  size_t mr, sr, mc, sc, axis = rank;
   OrtStatus* st;
   if ((st = input_shape(ctx, 1, &mv, md, &mr, &mc)) || (st = input_shape(ctx, 2, &sv, sd, &sr, &sc))) return st;
   if (mc == 1 && sc == 1) return NULL;
-  if (rank < 1 || mc != sc || (int64_t)mc != dims[0] || md[0] != dims[0] || sd[0] != dims[0])
-    return fail("fracgraph FakeQuantize: min and scale must be scalars or [K, 1, ...] with K = x's leading dim");
+  int ok = mr == rank && sr == rank && mc == sc;
+  for (size_t r = 0; ok && r < rank; ++r) {
+    ok = md[r] == sd[r] && (md[r] == 1 || (md[r] == dims[r] && axis == rank));
+    if (ok && md[r] != 1) axis = r;
+  }
+  if (!ok || axis == rank)
+    return fail("fracgraph FakeQuantize: min and scale must be scalars or per channel along one axis of x "
+                "(x's rank, 1 on every other axis)");
+  j->channels = (size_t)dims[axis];
+  j->inner = 1;
+  for (size_t r = axis + 1; r < rank; ++r) j->inner *= (size_t)dims[r];
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)mv, (void**)&j->mnv)) ||
       (st = API(GetTensorMutableData, GetDataFn)((void*)sv, (void**)&j->sv)) || (st = scalar_input(ctx, 3, &j->hi)))
     return st;
-  j->inner = j->n / mc;
   return NULL;
 }
 

@@ -72,7 +72,13 @@ def test_per_channel_weight_quantizer_bitwise(shape, threads):
     f = np.float32
     ref = np.round(np.clip((x - lo_r) / s, f(-0.5), hi)) * s + lo_r
     assert np.array_equal(y, ref)
-    with pytest.raises(Exception, match="scalars or \\[K, 1, ...\\]"):
+    # a MatMul weight [in, out]: per column ([1, N]), the last axis
+    lo_c, hi_c = x.reshape(shape[0], -1).min(0, keepdims=True), x.reshape(shape[0], -1).max(0, keepdims=True)
+    s_c = np.maximum((hi_c - lo_c) / np.float32(15), np.float32(1e-8)).astype(np.float32)
+    xc = x.reshape(shape[0], -1)
+    y = session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=xc, mn=lo_c, s=s_c, hi=hi))[0]
+    assert np.array_equal(y, np.round(np.clip((xc - lo_c) / s_c, f(-0.5), hi)) * s_c + lo_c)
+    with pytest.raises(Exception, match="scalars or per channel along one axis"):
         session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=x, mn=lo_r[:1].repeat(2, 0), s=s[:1].repeat(2, 0), hi=hi))
 
 
