@@ -15,11 +15,13 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
   passes/conv_grad_w.py chooses from);
 - fwshapes: resnet18's forward 3x3 convs as Conv, NCHWc and im2col + MatMul; reorder: the NCHWc weight reorder
   as onnxruntime's Transpose vs fracgraph's NchwcWeight;
+- forms: every forward and dX form of nchwc-conv (Conv/ConvTranspose, NCHWc, im2col-gemm on Im2Col/Col2Im) on
+  resnet18, regnet and resnet20 shapes, with the pass's modelled costs and choice;
 - executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
   parallel executor (2 inter-op threads with 1 or 2 intra-op threads);
 - torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with).
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,reorder,executor,torch]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch]
 """
 
 from __future__ import annotations
@@ -346,6 +348,107 @@ def probe_fwshapes(r: Runner, rng):
         r.compare(f"{n}x{c}x{hw}x{hw}, 3x3", ("Conv", plain), cands, {"x": x, "w": w})
 
 
+def _gemm_forward(n, ci, hw, co, k, st, g):
+    """nchwc-conv's im2col-gemm forward form, node for node (Im2Col, MatMul, 1x1 Col2Im)."""
+    p, ho = k // 2, (hw + 2 * (k // 2) - k) // st + 1
+    kg = ci // g * k * k
+    conv = dict(kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, dh=1, dw=1, h=hw, w=hw, ho=ho, wo=ho)
+    one = dict(kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1, h=ho, w=ho, ho=ho, wo=ho)
+    return _model([h.make_node("Im2Col", ["x"], ["col"], domain=FG, **conv),
+                   h.make_node("Reshape", ["col", "cs"], ["colg"]), h.make_node("Reshape", ["w", "ws"], ["wg"]),
+                   h.make_node("MatMul", ["wg", "colg"], ["yc"]), h.make_node("Col2Im", ["yc"], ["y"], domain=FG, **one)],
+                  ["x", "w"], ["y"], [h.make_tensor("cs", T.INT64, [3], [g, kg, -1]),
+                                      h.make_tensor("ws", T.INT64, [3], [g, co // g, kg])])
+
+
+def _gemm_dx(n, ci, hw, co, k, st, g):
+    """nchwc-conv's im2col-gemm dX form: Im2Col1x1(dY) as dYt, FusedMatMul(W^T, dYt), Col2Im."""
+    p, ho = k // 2, (hw + 2 * (k // 2) - k) // st + 1
+    kg = ci // g * k * k
+    conv = dict(kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, dh=1, dw=1, h=hw, w=hw, ho=ho, wo=ho)
+    one = dict(kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1, h=ho, w=ho, ho=ho, wo=ho)
+    return _model([h.make_node("Im2Col", ["dy"], ["dyt"], domain=FG, **one),
+                   h.make_node("Reshape", ["dyt", "ds"], ["dytg"]), h.make_node("Reshape", ["w", "ws"], ["wg"]),
+                   h.make_node("FusedMatMul", ["wg", "dytg"], ["cols"], domain="com.microsoft", transA=1),
+                   h.make_node("Col2Im", ["cols"], ["dx"], domain=FG, **conv)],
+                  ["dy", "w"], ["dx"], [h.make_tensor("ds", T.INT64, [3], [g, co // g, -1]),
+                                        h.make_tensor("ws", T.INT64, [3], [g, co // g, kg])])
+
+
+FORM_SHAPES = [   # label, batch, Ci, H=W, Co, k, stride, group
+    ("resnet18 layer4 512 2x2", 32, 512, 2, 512, 3, 1, 1), ("resnet18 layer3 256 4x4", 32, 256, 4, 256, 3, 1, 1),
+    ("resnet18 layer2 128 8x8", 32, 128, 8, 128, 3, 1, 1), ("resnet18 layer1 64 16x16", 32, 64, 16, 64, 3, 1, 1),
+    ("resnet18 256->512 3x3/2", 32, 256, 4, 512, 3, 2, 1), ("resnet18 128->256 3x3/2", 32, 128, 8, 256, 3, 2, 1),
+    ("resnet18 64->128 3x3/2", 32, 64, 16, 128, 3, 2, 1), ("resnet18 256->512 1x1/2", 32, 256, 4, 512, 1, 2, 1),
+    ("densenet 128->32 2x2", 32, 128, 2, 32, 3, 1, 1), ("resnet20 16->32 3x3/2", 128, 16, 32, 32, 3, 2, 1),
+    ("regnet 400 g25 2x2", 32, 400, 2, 400, 3, 1, 25), ("regnet 160 g10 4x4", 32, 160, 4, 160, 3, 1, 10),
+    ("regnet 64 g4 8x8", 32, 64, 8, 64, 3, 1, 4), ("regnet 32 g2 16x16", 32, 32, 16, 32, 3, 1, 2),
+    ("regnet 400 g25 3x3/2", 32, 400, 4, 400, 3, 2, 25),
+]
+
+
+def probe_forms(r: Runner, rng, shapes=None):
+    """Every forward and dX form of nchwc-conv on every shape: onnxruntime's Conv (forward, stride-1 dX as a conv
+    with the flipped weight) or ConvTranspose (strided dX), NCHWc where its rules take the shape, and im2col-gemm
+    (Im2Col/Col2Im + MLAS); with the pass's modelled costs, so the model can be checked against the times."""
+    from fracgraph.passes.conv_grad_w import ConvShape
+    from fracgraph.passes.nchwc_conv import choose_form, conv_costs
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    print("conv forms by shape: forward and dX, onnxruntime's op vs NCHWc vs im2col-gemm (the pass's model in brackets)")
+    for label, n, ci, hw, co, k, st, g in shapes or FORM_SHAPES:
+        p, ho = k // 2, (hw + 2 * (k // 2) - k) // st + 1
+        s = ConvShape(ci=ci, h=hw, w=hw, co=co, kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, ph_end=p, pw_end=p, dh=1, dw=1,
+                      group=g, bias=False)
+        x = rng.standard_normal((n, ci, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((co, ci // g, k, k)).astype(np.float32)
+        dy = rng.standard_normal((n, co, ho, ho)).astype(np.float32)
+        nchwc_ok = B > 1 and co % B == 0 and ci % B == 0 and g == 1
+        print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{st} group {g}")
+        # forward
+        cands = [("im2col-gemm", _gemm_forward(n, ci, hw, co, k, st, g), None)]
+        if nchwc_ok:
+            cands.append(("NCHWc", _model(
+                [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0),
+                 h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
+                 h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", pads=[p] * 4, kernel_shape=[k, k],
+                             strides=[st, st]),
+                 h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=co)], ["x", "w"], ["y"]),
+                None))
+        costs = conv_costs(s, "forward", nchwc_ok)
+        print(f"   forward: model {({k_: round(v) for k_, v in costs.items() if v is not None})} -> "
+              f"{choose_form(s, 'forward', nchwc_ok, True)[0]}")
+        r.compare("forward", ("Conv", _model([h.make_node("Conv", ["x", "w"], ["y"], pads=[p] * 4, strides=[st, st],
+                                                         group=g)], ["x", "w"], ["y"])), cands, {"x": x, "w": w})
+        # dX
+        role = "dX" if st == 1 else "dX-strided"
+        costs = conv_costs(s, role, nchwc_ok and st == 1)
+        print(f"   {role}: model {({k_: round(v) for k_, v in costs.items() if v is not None})} -> "
+              f"{choose_form(s, role, nchwc_ok and st == 1, True)[0]}")
+        gemm = [("im2col-gemm", _gemm_dx(n, ci, hw, co, k, st, g), {"dy": dy, "w": w})]
+        if st == 1:
+            wt = np.ascontiguousarray(w.reshape(g, co // g, ci // g, k, k).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+                                      .reshape(ci, co // g, k, k))
+            pd = k - 1 - p
+            if nchwc_ok:
+                gemm.append(("NCHWc (flipped weight)", _model(
+                    [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0),
+                     h.make_node("ReorderInput", ["dy"], ["dc"], domain="com.microsoft.nchwc"),
+                     h.make_node("Conv", ["dc", "wb"], ["xc"], domain="com.microsoft.nchwc", pads=[pd] * 4,
+                                 kernel_shape=[k, k]),
+                     h.make_node("ReorderOutput", ["xc"], ["dx"], domain="com.microsoft.nchwc", channels=ci)],
+                    ["dy", "w"], ["dx"]), {"dy": dy, "w": wt}))
+            base = ("Conv (flipped weight)", _model([h.make_node("Conv", ["dy", "w"], ["dx"], pads=[pd] * 4, group=g)],
+                                                    ["dy", "w"], ["dx"]))
+            r.compare("dX", base, gemm, {"dy": dy, "w": wt})
+        else:
+            out_pad = (hw + 2 * p - k) % st
+            base = ("ConvTranspose", _model([h.make_node("ConvTranspose", ["dy", "w"], ["dx"], pads=[p] * 4, strides=[st, st],
+                                                         group=g, output_padding=[out_pad] * 2)], ["dy", "w"], ["dx"]))
+            r.compare("dX", base, gemm, {"dy": dy, "w": w})
+
+
 def probe_reorder(r: Runner, rng):
     """The NCHWc weight reorder: Reshape + 6-D Transpose + Reshape (onnxruntime) vs NchwcWeight, and an Add over
     the same tensor (what one read and one write cost)."""
@@ -453,7 +556,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
-              "fwshapes": probe_fwshapes, "reorder": probe_reorder}
+              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "forms": probe_forms}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

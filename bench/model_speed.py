@@ -204,6 +204,9 @@ def measure(name: str, a) -> dict:
 
         choices = Manifest.read(d / "art").extra.get("conv_grad_w") or []
         out["dw_forms"] = {f: sum(c["form"] == f for c in choices) for f in sorted({c["form"] for c in choices})}
+        forms = Manifest.read(d / "art").extra.get("conv_forms") or []   # nchwc-conv: forward and dX forms
+        out["conv_forms"] = {f"{c['role']} {c['form']}": sum((x["role"], x["form"]) == (c["role"], c["form"]) for x in forms)
+                             for c in forms}
         return out
 
 
@@ -232,7 +235,8 @@ def main() -> None:
         batch, size = MODELS[name]
         print(f"{name}: batch {batch}, {size}x{size}, {a.threads} threads, {a.rounds} rounds of {a.steps} alternated steps")
         results[name] = r = measure(name, a)
-        print(f"  conv weight-gradient forms: {r['dw_forms']}; quantize {r['quantize_s']:.1f} s")
+        print(f"  conv weight-gradient forms: {r['dw_forms']}; forward/dX forms: {r['conv_forms']}; "
+              f"quantize {r['quantize_s']:.1f} s")
         for label in r["rounds"][0]:
             if label == "PyTorch FP32":
                 continue

@@ -266,7 +266,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + fused \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
           + ([GatherGradPass()] if opts.fast_backward else []) \
-          + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 else []) \
+          + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 or fused else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))
@@ -286,9 +286,12 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
                    "optimizer": OPTIMIZER if opts.optimizer == "adamw" else None},
             extra={"trainable": trainable, "frozen": frozen, "head": head,
                    "notes": lower_notes + notes + kernel_notes + n2 + n3,
-                   "custom_ops": kernels.DOMAIN if any(p.fused for p in fused) else None,
+                   "custom_ops": kernels.DOMAIN if any(p.fused for p in fused)
+                   or any(n.domain == kernels.DOMAIN for n in train_model.graph.node) else None,
                    "conv_grad_w": next((p.choices for p in fused if isinstance(p, ConvGradWPass)
                                         and p.name not in opts.skip_passes), None),
+                   "conv_forms": [c for p in train_passes if isinstance(p, NchwcConvPass)
+                                  and p.name not in opts.skip_passes for c in p.choices] or None,
                    "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None,
                    "fp32_tables": [t for t in tables if not t["quantized"]],
                    "quantized_tables": [t for t in tables if t["quantized"]]},

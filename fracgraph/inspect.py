@@ -21,6 +21,7 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         precision = {"input": m.precision_input, "shape": [m.n_blocks, 3], "columns": ["act", "weight", "grad"],
                      "default_bits": m.default_bits}
         conv_dw = m.extra.get("conv_grad_w") or []
+        conv_forms = m.extra.get("conv_forms") or []
         task = m.task_info().to_dict()
         tables = m.extra.get("fp32_tables", []) + m.extra.get("quantized_tables", [])
         dfq = None if m.dfq is None else {k: m.dfq[k] for k in ("options", "weight_bits", "granularity",
@@ -40,13 +41,13 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         task, tables = task.to_dict(), embedding_tables(model, policy or LayerPolicy(), ops)
         blocks = [{"name": b.name, "kind": b.kind, "ops": b.ops} for b in blist]
         decisions = [d.__dict__ for d in dlist]
-        points, source, kind, precision, dfq, conv_dw = [], str(p), "model (plan only)", None, None, []
+        points, source, kind, precision, dfq, conv_dw, conv_forms = [], str(p), "model (plan only)", None, None, [], []
     total = sum(d["macs"] for d in ops)
     quant = sum(d["macs"] for d in ops if d["quantized"])
     return {
         "source": source, "kind": kind, "blocks": blocks, "decisions": decisions, "quant_points": points,
-        "precision_input": precision, "dfq": dfq, "conv_weight_gradients": conv_dw, "task": task,
-        "embedding_tables": tables, "fp32_tables": [t for t in tables if not t.get("quantized")],
+        "precision_input": precision, "dfq": dfq, "conv_weight_gradients": conv_dw, "conv_forms": conv_forms,
+        "task": task, "embedding_tables": tables, "fp32_tables": [t for t in tables if not t.get("quantized")],
         "ops": [{k: d[k] for k in ("name", "op_type", "macs", "block", "quantized")} for d in ops],
         "macs_per_sample": total, "quantized_macs_fraction": quant / total if total else 0.0,
     }
@@ -113,4 +114,11 @@ def render(summary: dict) -> None:
             t.add_column(col)
         for c in summary["conv_weight_gradients"]:
             t.add_row(c["node"], c.get("shape", "-"), c["form"], c["reason"])
+        con.print(t)
+    if summary.get("conv_forms"):   # passes/nchwc_conv.py: the implementation of each conv's forward and dX
+        t = Table(title="conv forward and input-gradient forms (nchwc-conv; costs: the pass's model, per image)")
+        for col in ("node", "role", "shape", "on", "why"):
+            t.add_column(col)
+        for c in summary["conv_forms"]:
+            t.add_row(c["node"], c["role"], c.get("shape", "-"), c["form"], c["reason"])
         con.print(t)

@@ -5,7 +5,12 @@
  *
  *   SRQuantize(x, min, scale, hi)              attributes lo (float), salt (int)   the error quantizer
  *   SRQuantizeNoise(x, min, scale, hi, noise)  attribute lo                        the same, noise from a tensor
- *   FakeQuantize(x, min, scale, hi)            attribute lo                        the activation quantizer
+ *   FakeQuantize(x, min, scale, hi)            attribute lo                        the activation quantizer; min
+ *                                              and scale scalars or per channel along one axis of x (the
+ *                                              weights' ranges: [K, 1, 1, 1] for a conv, [1, N] for a MatMul)
+ *   MinMaxRows(x) -> (min, max)                 ranges per leading index ([K, 1, ...] each), one read of x
+ *   MaxPoolIdx(X) -> (Y, Indices int64)         2-D max pool with onnxruntime's MaxPool indices (storage order 0,
+ *                                              read by its MaxPoolGrad); attributes kh .. dw, ph_end, pw_end
  *   MinMax(x) -> (min, max)                    per-tensor range, one read of x
  *   ReluGrad(dY, X) -> dX                      dY where X > 0, else 0
  *   ConvGradW(dY, X) -> dW                     2-D conv weight gradient (group 1); attributes kh, kw, sh, sw,
@@ -16,6 +21,9 @@
  *   DepthwiseConvGradW(dY, X) -> dW            depthwise conv weight gradient; attributes those of ConvGradW
  *   NchwcWeight(W) -> Wb                       a conv weight in onnxruntime's NCHWc filter layout; attributes
  *                                              block, blocked_in, transpose, flip
+ *   Im2Col(X) -> col [C*kh*kw, N*ho*wo]        the whole batch's im2col (a conv as one GEMM); attributes those of
+ *                                              ConvGradW and h, w, ho, wo (X's and the output's spatial size)
+ *   Col2Im(cols) -> Y [N, C, h, w]             its adjoint: sums cols' taps back onto the image; same attributes
  *
  * The quantizers compute, per element and in this order (quantizers.py's chain, each operation IEEE-rounded;
  * the library is compiled with -ffp-contract=off so that no multiply-add is fused; noise = 0 for FakeQuantize):
@@ -45,6 +53,7 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -70,6 +79,7 @@ enum {
 #define API_VERSION 17
 #define ORT_FAIL 1
 #define FLOAT_T 1
+#define INT64_T 7
 
 typedef OrtStatus* (*CreateStatusFn)(int, const char*);
 typedef OrtStatus* (*CreateDomainFn)(const char*, void**);
@@ -129,15 +139,15 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
-            N_KINDS };
+            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, N_KINDS };
 
 typedef struct {
   int kind;
   float lo;
   uint64_t salt;
   uint64_t calls;
-  int64_t conv[9];   /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group;
-                        NCHWC_WEIGHT: block, blocked_in, transpose, flip */
+  int64_t conv[12];  /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group;
+                        IM2COL, COL2IM: kh .. dw, h, w, ho, wo; NCHWC_WEIGHT: block, blocked_in, transpose, flip */
 } Kernel;
 
 typedef struct {
@@ -145,6 +155,10 @@ typedef struct {
   const float* aux;    /* noise (SR_NOISE) or X (RELU_GRAD) */
   float* y;
   float mn, s, lo, hi;
+  const float *mnv, *sv; /* FAKE_QUANT per channel: min and scale of each channel (else NULL) */
+  size_t inner;          /* FAKE_QUANT per channel: elements per channel step (the axes after the channel axis);
+                            MIN_MAX_ROWS: elements per leading index */
+  size_t channels;       /* FAKE_QUANT per channel: the channel axis' size */
   uint64_t key;
   size_t n;
   float* part_min;     /* MIN_MAX: one slot per chunk */
@@ -194,6 +208,19 @@ static void run_chunk(void* p, size_t c) {
       break;
     }
     case FAKE_QUANT:
+      if (j->mnv) {   /* per channel: the same chain with channel k's min and scale, k = (i / inner) % channels */
+        for (size_t i = a; i < b;) {
+          const size_t r = i / j->inner, k = r % j->channels, e = (r + 1) * j->inner < b ? (r + 1) * j->inner : b;
+          const float mk = j->mnv[k], sk = j->sv[k];
+          for (; i < e; ++i) {
+            float u = (x[i] - mk) / sk;
+            u = u < lo ? lo : u;
+            u = u > hi ? hi : u;
+            y[i] = nearbyintf(u) * sk + mk;
+          }
+        }
+        break;
+      }
       for (size_t i = a; i < b; ++i) {
         float u = (x[i] - mn) / s;
         u = u < lo ? lo : u;
@@ -260,6 +287,49 @@ static OrtStatus* scalar_input(void* ctx, size_t index, float* out) {
   if (count != 1) return fail("fracgraph quantizer kernels: min, scale and hi must be scalars");
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)v, (void**)&data))) return st;
   *out = data[0];
+  return NULL;
+}
+
+/* MinMaxRows' task: row k of x [K, inner] -> part_min[k], part_max[k] (LANES running extremes, as MIN_MAX) */
+static void min_max_row(void* p, size_t k) {
+  const Job* j = (const Job*)p;
+  enum { LANES = 32 };
+  const float* x = j->x + k * j->inner;
+  const size_t m = j->inner;
+  float lo_l[LANES], hi_l[LANES];
+  size_t i = 0;
+  for (int l = 0; l < LANES; ++l) lo_l[l] = hi_l[l] = x[0];
+  for (; i + LANES <= m; i += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      lo_l[l] = x[i + l] < lo_l[l] ? x[i + l] : lo_l[l];
+      hi_l[l] = x[i + l] > hi_l[l] ? x[i + l] : hi_l[l];
+    }
+  for (; i < m; ++i) {
+    lo_l[0] = x[i] < lo_l[0] ? x[i] : lo_l[0];
+    hi_l[0] = x[i] > hi_l[0] ? x[i] : hi_l[0];
+  }
+  for (int l = 1; l < LANES; ++l) {
+    lo_l[0] = lo_l[l] < lo_l[0] ? lo_l[l] : lo_l[0];
+    hi_l[0] = hi_l[l] > hi_l[0] ? hi_l[l] : hi_l[0];
+  }
+  j->part_min[k] = lo_l[0];
+  j->part_max[k] = hi_l[0];
+}
+
+static OrtStatus* compute_min_max_rows(void* ctx, Job* j, const int64_t* dims, size_t rank) {
+  OrtStatus* st;
+  void *lo_v, *hi_v;
+  int64_t od[16];
+  if (rank < 1 || dims[0] < 1 || !j->n) return fail("fracgraph MinMaxRows: the tensor is empty");
+  const size_t K = (size_t)dims[0];
+  j->inner = j->n / K;
+  for (size_t r = 0; r < rank; ++r) od[r] = r ? 1 : dims[0];
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, rank, &lo_v))) return st;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, od, rank, &hi_v))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(lo_v, (void**)&j->part_min))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(hi_v, (void**)&j->part_max))) return st;
+  if (K > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, min_max_row, K, 0, j);
+  min_max_row(j, 0);
   return NULL;
 }
 
@@ -530,17 +600,14 @@ typedef struct {
   int64_t N, Ci, H, W, Co, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, G;
 } ColJob;
 
-static void cols_image(void* p, size_t n) {
-  const ColJob* j = (const ColJob*)p;
+/* im2col of image n into col [Ci*kh*kw, N*P]: row (ci, a, b), the image's positions at column n*P */
+static void cols_of_image(const ColJob* j, int64_t n) {
   const int64_t P = j->Ho * j->Wo, NP = j->N * P, H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo;
-  for (int64_t c = 0; c < j->Co; ++c)   /* row c of dYt [Co, N*P]: dY[n][c][:] at column n*P */
-    memcpy(j->dyt + c * NP + (int64_t)n * P, j->dy + ((int64_t)n * j->Co + c) * P, (size_t)P * sizeof(float));
-  const float* xn = j->x + (int64_t)n * j->Ci * H * W;
-  /* col [Ci*kh*kw, N*P] (= [G, Kg, N*P]): row (ci, a, b), image n's positions at column n*P */
+  const float* xn = j->x + n * j->Ci * H * W;
   for (int64_t ci = 0; ci < j->Ci; ++ci)
     for (int64_t a = 0; a < j->kh; ++a)
       for (int64_t b = 0; b < j->kw; ++b) {
-        float* row = j->col + ((ci * j->kh + a) * j->kw + b) * NP + (int64_t)n * P;
+        float* row = j->col + ((ci * j->kh + a) * j->kw + b) * NP + n * P;
         const int64_t off = b * j->dw - j->pw, sw = j->sw;
         /* the output columns whose input column lies inside the image: wo in [w0, w1) */
         int64_t w0 = off >= 0 ? 0 : (-off + sw - 1) / sw, w1 = W - off <= 0 ? 0 : (W - off + sw - 1) / sw;
@@ -560,6 +627,49 @@ static void cols_image(void* p, size_t n) {
           for (int64_t wo = w1; wo < Wo; ++wo) out[wo] = 0.0f;
         }
       }
+}
+
+static void cols_image(void* p, size_t n) {
+  const ColJob* j = (const ColJob*)p;
+  const int64_t P = j->Ho * j->Wo, NP = j->N * P;
+  for (int64_t c = 0; c < j->Co; ++c)   /* row c of dYt [Co, N*P]: dY[n][c][:] at column n*P */
+    memcpy(j->dyt + c * NP + (int64_t)n * P, j->dy + ((int64_t)n * j->Co + c) * P, (size_t)P * sizeof(float));
+  cols_of_image(j, (int64_t)n);
+}
+
+/* Im2Col's task: one image. */
+static void im2col_image(void* p, size_t n) { cols_of_image((const ColJob*)p, (int64_t)n); }
+
+/* Col2Im's task: channel c of image n, t = n * Ci + c. Y[n][c] = sum over taps (a, b) in order of the tap's row
+ * of cols added at the input positions it was read from (zero where none): the adjoint of cols_of_image. A 1x1
+ * stride-1 unpadded Col2Im is the transpose [C, N*P] -> [N, C, P] (a GEMM's output back to NCHW). */
+static void col2im_task(void* p, size_t t) {
+  const ColJob* j = (const ColJob*)p;
+  const int64_t P = j->Ho * j->Wo, NP = j->N * P, H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo;
+  const int64_t n = (int64_t)t / j->Ci, ci = (int64_t)t % j->Ci;
+  float* y = j->col + (n * j->Ci + ci) * H * W;   /* the output image channel */
+  const float* cols = j->x;
+  if (j->kh == 1 && j->kw == 1 && j->sh == 1 && j->sw == 1 && j->ph == 0 && j->pw == 0 && Ho == H && Wo == W) {
+    memcpy(y, cols + ci * NP + n * P, (size_t)P * sizeof(float));
+    return;
+  }
+  memset(y, 0, (size_t)(H * W) * sizeof(float));
+  for (int64_t a = 0; a < j->kh; ++a)
+    for (int64_t b = 0; b < j->kw; ++b) {
+      const float* row = cols + ((ci * j->kh + a) * j->kw + b) * NP + n * P;
+      const int64_t off = b * j->dw - j->pw, sw = j->sw;
+      int64_t w0 = off >= 0 ? 0 : (-off + sw - 1) / sw, w1 = W - off <= 0 ? 0 : (W - off + sw - 1) / sw;
+      w1 = w1 < Wo ? w1 : Wo;
+      w0 = w0 < w1 ? w0 : w1;
+      for (int64_t ho = 0; ho < Ho; ++ho) {
+        const int64_t hi = ho * j->sh - j->ph + a * j->dh;
+        if (hi < 0 || hi >= H) continue;
+        float* out = y + hi * W + off;
+        const float* in = row + ho * Wo;
+        if (sw == 1) for (int64_t wo = w0; wo < w1; ++wo) out[wo] += in[wo];
+        else for (int64_t wo = w0; wo < w1; ++wo) out[wo * sw] += in[wo];
+      }
+    }
 }
 
 /* Reads dY and X, checks they are one batch of a conv with these attributes; fills the shared fields. */
@@ -603,6 +713,118 @@ static OrtStatus* compute_conv_cols(Kernel* k, void* ctx) {
     return st;
   if (j.N > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, cols_image, (size_t)j.N, 0, &j);
   if (j.N == 1) cols_image(&j, 0);
+  return NULL;
+}
+
+/* Im2Col(X [N, C, h, w]) -> [C*kh*kw, N*ho*wo] and Col2Im(cols [.., N*ho*wo] with C*kh*kw rows) -> [N, C, h, w],
+ * ho and wo the conv's output size (the trailing pads follow from them); the spatial sizes are attributes, checked
+ * against the input, so that Col2Im knows its output's and both refuse a tensor of another shape. */
+static OrtStatus* compute_cols(Kernel* k, void* ctx) {
+  const void* xv;
+  void* ov;
+  int64_t d[16];
+  size_t rank, count;
+  OrtStatus* st;
+  ColJob j;
+  memset(&j, 0, sizeof j);
+  const int im = k->kind == IM2COL;
+  j.kh = k->conv[0], j.kw = k->conv[1], j.sh = k->conv[2], j.sw = k->conv[3];
+  j.ph = k->conv[4], j.pw = k->conv[5], j.dh = k->conv[6], j.dw = k->conv[7];
+  j.H = k->conv[8], j.W = k->conv[9], j.Ho = k->conv[10], j.Wo = k->conv[11];
+  const int64_t taps = j.kh * j.kw, P = j.Ho * j.Wo;
+  if (j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.H < 1 || j.W < 1 || P < 1 ||
+      (j.Ho - 1) * j.sh - j.ph + (j.kh - 1) * j.dh < 0 || (j.Wo - 1) * j.sw - j.pw + (j.kw - 1) * j.dw < 0)
+    return fail("fracgraph Im2Col/Col2Im: invalid conv attributes");
+  if ((st = input_shape(ctx, 0, &xv, d, &rank, &count))) return st;
+  if (im) {
+    if (rank != 4 || d[2] != j.H || d[3] != j.W) return fail("fracgraph Im2Col: X must be [N, C, h, w]");
+    j.N = d[0], j.Ci = d[1];
+    int64_t od[2] = {j.Ci * taps, j.N * P};
+    if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 2, &ov))) return st;
+  } else {
+    if (rank < 2 || d[rank - 1] % P || (int64_t)count % (taps * d[rank - 1]))
+      return fail("fracgraph Col2Im: cols must be [C*kh*kw, N*ho*wo] (leading dims flattened)");
+    j.N = d[rank - 1] / P, j.Ci = (int64_t)count / d[rank - 1] / taps;
+    int64_t od[4] = {j.N, j.Ci, j.H, j.W};
+    if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 4, &ov))) return st;
+  }
+  if ((st = API(GetTensorMutableData, GetDataFn)(ov, (void**)&j.col)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
+    return st;
+  const size_t tasks = (size_t)(im ? j.N : j.N * j.Ci);
+  void (*fn)(void*, size_t) = im ? im2col_image : col2im_task;
+  if (tasks > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, fn, tasks, 0, &j);
+  if (tasks == 1) fn(&j, 0);
+  return NULL;
+}
+
+/* ---- MaxPoolIdx: max pool with the indices onnxruntime's MaxPoolGrad reads ---------------------------------- */
+/* onnxruntime 1.19's MaxPool with an Indices output runs a generic per-element loop (5% of resnet18's profiled
+ * step for one 3x3/2 pool); this is the same loop per (image, channel) plane as tasks. Each window keeps its first
+ * strict maximum, starting from the lowest float with index (h, w) = (-1, -1), and the index is
+ * plane * H * W + h * W + w over the whole tensor (storage order 0): onnxruntime's MaxPool values and indices,
+ * bitwise (tests/passes/test_fused_ops.py compares both). */
+typedef struct {
+  const float* x;
+  float* y;
+  int64_t* idx;
+  int64_t H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+} PoolJob;
+
+static void pool_plane(void* p, size_t t) {
+  const PoolJob* j = (const PoolJob*)p;
+  const int64_t H = j->H, W = j->W;
+  const float* x = j->x + (int64_t)t * H * W;
+  float* y = j->y + (int64_t)t * j->Ho * j->Wo;
+  int64_t* id = j->idx + (int64_t)t * j->Ho * j->Wo;
+  for (int64_t oh = 0; oh < j->Ho; ++oh) {
+    const int64_t hs = oh * j->sh - j->ph, he = hs + j->kh * j->dh < H ? hs + j->kh * j->dh : H;
+    for (int64_t ow = 0; ow < j->Wo; ++ow) {
+      const int64_t ws = ow * j->sw - j->pw, we = ws + j->kw * j->dw < W ? ws + j->kw * j->dw : W;
+      float m = -FLT_MAX;
+      int64_t mh = -1, mw = -1;
+      for (int64_t h = hs; h < he; h += j->dh) {
+        if (h < 0) continue;
+        for (int64_t w = ws; w < we; w += j->dw) {
+          if (w < 0) continue;
+          const float v = x[h * W + w];
+          if (v > m) m = v, mh = h, mw = w;
+        }
+      }
+      y[oh * j->Wo + ow] = m;
+      id[oh * j->Wo + ow] = (int64_t)t * H * W + mh * W + mw;
+    }
+  }
+}
+
+static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
+  const void* xv;
+  void *yv, *iv;
+  int64_t d[16];
+  size_t rank, count;
+  OrtStatus* st;
+  PoolJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &xv, d, &rank, &count))) return st;
+  j.kh = k->conv[0], j.kw = k->conv[1], j.sh = k->conv[2], j.sw = k->conv[3];
+  j.ph = k->conv[4], j.pw = k->conv[5], j.dh = k->conv[6], j.dw = k->conv[7];
+  if (rank != 4 || j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1)
+    return fail("fracgraph MaxPoolIdx: X must be [N, C, H, W] and the attributes positive");
+  j.H = d[2], j.W = d[3];
+  j.Ho = (j.H + j.ph + k->conv[8] - j.dh * (j.kh - 1) - 1) / j.sh + 1;
+  j.Wo = (j.W + j.pw + k->conv[9] - j.dw * (j.kw - 1) - 1) / j.sw + 1;
+  if (j.Ho < 1 || j.Wo < 1) return fail("fracgraph MaxPoolIdx: the window is larger than the padded input");
+  int64_t od[4] = {d[0], d[1], j.Ho, j.Wo};
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 4, &yv)) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, od, 4, &iv)))
+    return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y)) ||
+      (st = API(GetTensorMutableData, GetDataFn)(iv, (void**)&j.idx)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
+    return st;
+  const size_t planes = (size_t)(d[0] * d[1]);
+  if (planes > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_plane, planes, 0, &j);
+  if (planes == 1) pool_plane(&j, 0);
   return NULL;
 }
 
@@ -820,6 +1042,32 @@ static OrtStatus* compute_bn_grad(void* ctx) {
   return NULL;
 }
 
+/* FakeQuantize's min and scale: when they hold one value per channel along one axis of x (x's rank, that axis x's
+ * size, every other axis 1), points j->mnv and j->sv at them and reads hi; scalars leave j->mnv NULL. */
+static OrtStatus* channel_inputs(void* ctx, Job* j, const int64_t* dims, size_t rank) {
+  const void *mv, *sv;
+  int64_t md[16], sd[16];
+  size_t mr, sr, mc, sc, axis = rank;
+  OrtStatus* st;
+  if ((st = input_shape(ctx, 1, &mv, md, &mr, &mc)) || (st = input_shape(ctx, 2, &sv, sd, &sr, &sc))) return st;
+  if (mc == 1 && sc == 1) return NULL;
+  int ok = mr == rank && sr == rank && mc == sc;
+  for (size_t r = 0; ok && r < rank; ++r) {
+    ok = md[r] == sd[r] && (md[r] == 1 || (md[r] == dims[r] && axis == rank));
+    if (ok && md[r] != 1) axis = r;
+  }
+  if (!ok || axis == rank)
+    return fail("fracgraph FakeQuantize: min and scale must be scalars or per channel along one axis of x "
+                "(x's rank, 1 on every other axis)");
+  j->channels = (size_t)dims[axis];
+  j->inner = 1;
+  for (size_t r = axis + 1; r < rank; ++r) j->inner *= (size_t)dims[r];
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)mv, (void**)&j->mnv)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)sv, (void**)&j->sv)) || (st = scalar_input(ctx, 3, &j->hi)))
+    return st;
+  return NULL;
+}
+
 static OrtStatus* compute(void* kernel, void* ctx) {
   Kernel* k = (Kernel*)kernel;
   const void *xv, *av;
@@ -835,19 +1083,23 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == CONV_COLS) return compute_conv_cols(k, ctx);
   if (k->kind == DW_GRAD_W) return compute_dw_grad_w(k, ctx);
   if (k->kind == NCHWC_WEIGHT) return compute_nchwc_weight(k, ctx);
+  if (k->kind == IM2COL || k->kind == COL2IM) return compute_cols(k, ctx);
+  if (k->kind == MAX_POOL) return compute_max_pool(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
   if (k->kind == MIN_MAX) return compute_min_max(ctx, &j);
+  if (k->kind == MIN_MAX_ROWS) return compute_min_max_rows(ctx, &j, dims, rank);
   if (k->kind == RELU_GRAD || k->kind == SR_NOISE) {
     if ((st = input_shape(ctx, k->kind == RELU_GRAD ? 1 : 4, &av, adims, &arank, &an))) return st;
     if (an != n) return fail("fracgraph kernels: the second tensor has another element count than the first");
     if ((st = API(GetTensorMutableData, GetDataFn)((void*)av, (void**)&j.aux))) return st;
   }
-  if (k->kind != RELU_GRAD) {
+  if (k->kind == FAKE_QUANT && (st = channel_inputs(ctx, &j, dims, rank))) return st;
+  if (k->kind != RELU_GRAD && !j.mnv) {
     if ((st = scalar_input(ctx, 1, &j.mn)) || (st = scalar_input(ctx, 2, &j.s)) || (st = scalar_input(ctx, 3, &j.hi))) return st;
-    j.lo = k->lo;
   }
+  if (k->kind != RELU_GRAD) j.lo = k->lo;
   if (k->kind == SR_RNG) j.key = mix(g_seed ^ mix(k->salt ^ mix(k->calls)));
   k->calls++;
   if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &yv))) return st;
@@ -857,11 +1109,13 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
                                            "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
-                                           "NchwcWeight"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1};
+                                           "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows", "MaxPoolIdx"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
+static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};
+static const char* const POOL_ATTRS[10] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "ph_end", "pw_end"};
 
 /* Each op's OrtCustomOp sits first in an OpDef, so the callbacks find their kind from the op pointer. */
 typedef struct {
@@ -884,6 +1138,12 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   if (k->kind == CONV_GRAD_W || k->kind == CONV_COLS || k->kind == DW_GRAD_W)
     for (int a = 0; a < (k->kind == CONV_COLS ? 9 : 8); ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, CONV_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (k->kind == MAX_POOL)
+    for (int a = 0; a < 10; ++a)
+      if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, POOL_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (k->kind == IM2COL || k->kind == COL2IM)
+    for (int a = 0; a < 12; ++a)
+      if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, COL_ATTRS[a], &k->conv[a]))) { free(k); return st; }
   if (k->kind == NCHWC_WEIGHT)
     for (int a = 0; a < 4; ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, WEIGHT_ATTRS[a], &k->conv[a]))) { free(k); return st; }
@@ -895,6 +1155,7 @@ static void destroy(void* k) { free(k); }
 static const char* op_name(const OrtCustomOp* op) { return NAMES[kind_of(op)]; }
 static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
 static int float_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return FLOAT_T; }
+static int output_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == MAX_POOL && i == 1 ? INT64_T : FLOAT_T; }
 static size_t n_inputs(const OrtCustomOp* op) { return N_INPUTS[kind_of(op)]; }
 static size_t n_outputs(const OrtCustomOp* op) { return N_OUTPUTS[kind_of(op)]; }
 static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
@@ -919,7 +1180,7 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
     op->GetExecutionProviderType = provider;
     op->GetInputType = float_type;
     op->GetInputTypeCount = n_inputs;
-    op->GetOutputType = float_type;
+    op->GetOutputType = output_type;
     op->GetOutputTypeCount = n_outputs;
     op->KernelDestroy = destroy;
     op->GetInputCharacteristic = required;

@@ -110,6 +110,7 @@ class ConvGradSplitPass(Pass):
                     wt, onnx.TensorProto.FLOAT, [group * c_per_group, k_per_group] + kernel))
             em.node("Conv", [dy, wt], dx, kernel_shape=kernel, pads=new_pads, dilations=dil, group=group,
                     strides=[1] * nd)
+            self._record(em, dx, x)
             return None
         x_shape = self.shapes.get(x)
         if not x_shape or len(x_shape) != nd + 2 or any(d is None for d in x_shape[2:]):
@@ -117,7 +118,14 @@ class ConvGradSplitPass(Pass):
         out_pad = [(x_shape[2 + i] + pads[i] + pads[nd + i] - dil[i] * (kernel[i] - 1) - 1) % strides[i] for i in range(nd)]
         em.node("ConvTranspose", [dy, w], dx, kernel_shape=kernel, pads=pads, dilations=dil, group=group,
                 strides=strides, output_padding=out_pad)
+        self._record(em, dx, x)
         return None
+
+    def _record(self, em: Emitter, dx: str, x: str) -> None:
+        """dX has X's shape: its static dims, for later passes (nchwc-conv's shape-aware forms)."""
+        x_shape = self.shapes.get(x)
+        if x_shape and all(d is not None for d in x_shape[1:]):
+            em.graph.value_info.append(helper.make_tensor_value_info(dx, onnx.TensorProto.FLOAT, [None] + list(x_shape[1:])))
 
     def ensures(self, model):
         assert_inputs_defined(model)

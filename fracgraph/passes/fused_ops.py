@@ -9,9 +9,14 @@ What onnxruntime runs as several full passes over a tensor, this pass replaces b
   draws the noise from its own counter-based generator (another stream of the same U(-0.5, 0.5), on a 2^-24
   grid). Where the noise tensor is read elsewhere (exposed for exact replay, or one shared draw,
   passes/shared_noise.py) -> `SRQuantizeNoise(x, min, s, hi, noise)`, bitwise the chain's values;
-- activation quantizer (per-tensor, deterministic): the six-op chain -> `FakeQuantize(x, min, s, hi)`;
-- per-tensor range: `ReduceMin(x)` and `ReduceMax(x)` over all axes -> one `MinMax(x)`, one read of x;
-- `ReluGrad(dY, X)` (onnxruntime's is single-threaded) -> `ReluGrad` of this domain.
+- activation quantizer (per-tensor, deterministic): the six-op chain -> `FakeQuantize(x, min, s, hi)`; the
+  weight quantizer (per output channel: min and s of shape [K, 1, 1, 1]) likewise, the kernel reading channel k's
+  min and scale (resnet18's weight quantizer chains were ~12% of its profiled FW8/BW8 graph);
+- per-tensor range: `ReduceMin(x)` and `ReduceMax(x)` over all axes -> one `MinMax(x)`, one read of x; the
+  weights' per-channel range (over every axis but the first, kept) -> one `MinMaxRows(x)`;
+- `ReluGrad(dY, X)` (onnxruntime's is single-threaded) -> `ReluGrad` of this domain;
+- a 2-D `MaxPool` with its Indices output (the training graph's, read by MaxPoolGrad; onnxruntime runs that form
+  on a generic per-element loop, 5% of resnet18's profiled step) -> `MaxPoolIdx`, the same values and indices.
 
 (The conv weight gradient, the one fused op whose values are not bitwise onnxruntime's, is passes/conv_grad_w.py.)
 
@@ -34,7 +39,7 @@ from .base import Pass, PassResult, assert_inputs_defined, replace_nodes
 _SR_STEPS = (("centered", "Sub"), ("u", "Div"), ("u_noisy", "Add"), ("clamped", "Clip"), ("rounded", "Round"),
              ("descaled", "Mul"), ("q", "Add"))
 _FQ_STEPS = tuple(s for s in _SR_STEPS if s[0] != "u_noisy")
-_PER_TENSOR_TAGS = ("::bwq", "::fq_a")   # per-tensor quantizers; weights (::fq_w) have per-channel ranges
+_QUANT_TAGS = ("::bwq", "::fq_a", "::fq_w")   # error, activation (per-tensor) and weight (per-channel) quantizers
 
 
 def import_domain(model) -> None:
@@ -65,7 +70,7 @@ class FusedOpsPass(Pass):
         self.centre_readers = defaultdict(set)   # a shared x - min -> ids of its fused readers' Divs
         for q in [n for n in graph.node if n.name.endswith("/q") and n.op_type == "Add"]:
             prefix = q.name[: -len("/q")]
-            if any(tag in prefix for tag in _PER_TENSOR_TAGS):
+            if any(tag in prefix for tag in _QUANT_TAGS):
                 note = self._quantizer(prefix, q, pairs)
                 if note:
                     notes.append(note)
@@ -75,11 +80,13 @@ class FusedOpsPass(Pass):
                 pairs.append((self.producer[centred], []))
         n_range = self._ranges(graph, pairs)
         n_relu = self._relu_grads(graph, pairs)
+        n_pool = self._max_pools(graph, pairs)
         replace_nodes(graph, pairs)
-        self.fused = n_quant + n_range + n_relu
+        self.fused = n_quant + n_range + n_relu + n_pool
         if self.fused:
             import_domain(model)
-        notes.insert(0, f"{n_quant} quantizers, {n_range} range statistics and {n_relu} ReluGrad on fracgraph's fused ops")
+        notes.insert(0, f"{n_quant} quantizers, {n_range} range statistics and {n_relu} ReluGrad on fracgraph's fused ops"
+                        + (f"; {n_pool} MaxPool with indices on MaxPoolIdx" if n_pool else ""))
         return PassResult(model, bool(self.fused), notes)
 
     # -- quantizers ---------------------------------------------------------------------------------------------
@@ -157,7 +164,7 @@ class FusedOpsPass(Pass):
 
         order = {id(n): i for i, n in enumerate(graph.node)}
         mins = {n.input[0]: n for n in graph.node if n.op_type == "ReduceMin" and whole(n)}
-        count = 0
+        count = self._row_ranges(graph, pairs, order)
         for mx in [n for n in graph.node if n.op_type == "ReduceMax" and whole(n)]:
             mn = mins.pop(mx.input[0], None)
             if mn is None:
@@ -166,6 +173,55 @@ class FusedOpsPass(Pass):
             pairs.append((second, []))
             pairs.append((first, [helper.make_node("MinMax", [mx.input[0]], [mn.output[0], mx.output[0]],
                                                    name=f"{mn.name}::minmax", domain=DOMAIN)]))
+            count += 1
+        return count
+
+    def _row_ranges(self, graph, pairs, order) -> int:
+        """ReduceMin(x) + ReduceMax(x) over every axis but the first, keepdims 1 (the weights' per-channel ranges)
+        -> MinMaxRows(x) with both outputs."""
+        ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in list(graph.input) + list(graph.value_info)
+                 if i.type.tensor_type.HasField("shape")}
+        ranks.update({t.name: len(t.dims) for t in graph.initializer})
+        ints = {t.name: numpy_helper.to_array(t).tolist() for t in graph.initializer if t.data_type == 7}
+
+        def rows(n):
+            keep = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
+            axes = next((list(a.ints) for a in n.attribute if a.name == "axes"), None)
+            if axes is None and len(n.input) > 1:
+                axes = ints.get(n.input[1])
+            r = ranks.get(n.input[0])
+            return keep == 1 and r is not None and r >= 2 and axes is not None and \
+                sorted(a % r for a in axes) == list(range(1, r))
+
+        mins = {n.input[0]: n for n in graph.node if n.op_type == "ReduceMin" and n.domain in ("", "ai.onnx") and rows(n)}
+        count = 0
+        for mx in [n for n in graph.node if n.op_type == "ReduceMax" and n.domain in ("", "ai.onnx") and rows(n)]:
+            mn = mins.pop(mx.input[0], None)
+            if mn is None:
+                continue
+            first, second = (mn, mx) if order[id(mn)] < order[id(mx)] else (mx, mn)
+            pairs.append((second, []))
+            pairs.append((first, [helper.make_node("MinMaxRows", [mx.input[0]], [mn.output[0], mx.output[0]],
+                                                   name=f"{mn.name}::minmax", domain=DOMAIN)]))
+            count += 1
+        return count
+
+    @staticmethod
+    def _max_pools(graph, pairs) -> int:
+        """MaxPool(X) -> (Y, Indices), 2-D, floor mode, explicit pads, storage order 0 -> MaxPoolIdx."""
+        count = 0
+        for n in graph.node:
+            if n.op_type != "MaxPool" or n.domain not in ("", "ai.onnx") or len(n.output) != 2 or not n.output[1]:
+                continue
+            a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+            k = list(a.get("kernel_shape", []))
+            if len(k) != 2 or a.get("ceil_mode", 0) or a.get("storage_order", 0) or \
+                    a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                continue
+            pads, st, dil = list(a.get("pads", [0] * 4)), list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
+            pairs.append((n, [helper.make_node("MaxPoolIdx", [n.input[0]], list(n.output), name=n.name, domain=DOMAIN,
+                                               kh=k[0], kw=k[1], sh=st[0], sw=st[1], ph=pads[0], pw=pads[1],
+                                               dh=dil[0], dw=dil[1], ph_end=pads[2], pw_end=pads[3])]))
             count += 1
         return count
 

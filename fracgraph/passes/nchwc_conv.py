@@ -23,6 +23,34 @@ Slice are then dropped), so that weight is read once per step instead of three t
 
 B is the block size of the machine that builds (`runtime.nchwc_block_size`); the manifest records it and a
 session on a CPU with another block size refuses the artifacts (the reorder would be wrong there).
+
+Shape-aware forms (issue 20). NCHWc is not the fastest form everywhere: on tiny maps (resnet18's 2x2 layer4) its
+kernel runs a few output columns per call and spends its time on the padded edges, and it does not take grouped
+convs at all (onnxruntime's plain Conv then runs one small GEMM per image and group). With fracgraph's kernels,
+each conv the pass sees (the forward convs, conv-grad-split's stride-1 dX convs and its strided dX
+ConvTransposes) goes to the form a cost model (`conv_costs`/`choose_form`) says is cheapest:
+
+- `NCHWc` (above);
+- `im2col-gemm`, the whole batch as one GEMM on onnxruntime's MLAS: forward `Y = Col2Im1x1(W[G, Co/G, Kg] @
+  Im2Col(X))` (Im2Col: [Ci*kh*kw, N*P]; a 1x1 Col2Im is the transpose back to NCHW); dX, stride 1 or strided,
+  as its adjoint `dX = Col2Im(W^T @ dYt)` on the forward weight itself (no transpose or flip of W), dYt [Co, N*P]
+  the one ConvGradWCols already wrote for the conv's weight gradient where conv-grad-w chose im2col-gemm, else an
+  Im2Col1x1 of dY;
+- `Conv` / `ConvTranspose`: onnxruntime's own op, kept.
+
+The model counts, per image and in units of one float read or written, what separates the forms (the GEMM's
+multiply-adds are the same in all): im2col-gemm writes and reads back the col and the output or dYt
+(3 P (G Kg + Co)); NCHWc pays ROW x MACs x the fraction of a row's output columns whose window reaches into the
+padding (it runs those one at a time: all of them on a 2x2 map, none in an unpadded 1x1 conv) plus the activation
+reorders; onnxruntime's Conv and ConvTranspose run one GEMM per image and group (a
+call, the weight read, exposed below HIDE output positions, and the image's col in cache). The constants come
+from `python bench/kernel_probes.py --only forms` (every form on resnet18's, regnet's and resnet20's shapes,
+printed next to the model's costs): im2col-gemm took 0.6x NCHWc's time on 2x2 outputs and 1.4-3.3x on 4x4 and
+larger, and 0.17x onnxruntime's ConvTranspose on resnet18's strided dX into layer4 but 0.6-1.2x (noise) one
+stage up. im2col-gemm must win by `GEMM_MARGIN`. Depthwise convs (no GEMM to speak of), 1x1 stride-1 convs (the
+others read X in place) and grouped convs (onnxruntime's per-group GEMMs of regnet's 16-channel groups were
+0.5-7.7x faster than one batched MatMul in the probe) never take it. The choice per node is in the manifest
+(`extra["conv_forms"]`) and `fracgraph inspect`.
 """
 
 from __future__ import annotations
@@ -34,9 +62,57 @@ from onnx import helper
 from ..kernels import DOMAIN
 from ..quantizers import Emitter
 from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
+from .conv_grad_w import CACHE, CALL, ConvShape, _describe
 from .fused_ops import import_domain
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
+ROW = 0.025           # NCHWc: cost per multiply-add, per edge column of a row (fitted on --only forms)
+HIDE = 16             # onnxruntime's per-image GEMM: the weight read is hidden behind the multiply-adds from P = HIDE
+GEMM_MARGIN = 1.25    # im2col-gemm replaces NCHWc/Conv only where the model says it is this many times cheaper
+SPLIT_W = ("::split/w_flip", "::split/w_t", "::split/w_gt", "::split/w_g")   # conv-grad-split's W' chain
+
+
+def conv_costs(s: ConvShape, role: str, nchwc: bool) -> dict[str, float | None]:
+    """Modelled cost per image, beyond the multiply-adds, of each form of a conv's forward (role "forward") or
+    input gradient ("dX": stride 1, a Conv in the graph; "dX-strided": a ConvTranspose). `s` is the forward conv."""
+    cog, macs = s.co // s.group, s.co * s.kg * s.p
+    out_w = s.wo if role == "forward" else s.w
+    edges = edge_columns(s, role)
+    # per image and group: a call, the weight read (exposed on maps of fewer than HIDE positions), the col in cache
+    own = s.group * (CALL + cog * s.kg * max(0.0, 1.0 - s.p / HIDE) + CACHE * s.kg * s.p)
+    return {
+        "NCHWc": ROW * macs * edges / out_w + s.ci * s.h * s.w + s.co * s.p if nchwc and role != "dX-strided" else None,
+        "im2col-gemm": 3.0 * s.p * (s.group * s.kg + s.co),
+        "ConvTranspose" if role == "dX-strided" else "Conv": own,
+    }
+
+
+def edge_columns(s: ConvShape, role: str) -> int:
+    """Output columns of a row whose window reaches into the padding (NCHWc runs them one at a time): of the forward
+    conv, or (role "dX") of the stride-1 dX conv, dY padded by d (k - 1) - p."""
+    reach = s.dw * (s.kw - 1)
+    if role == "forward":
+        return sum(wo * s.sw - s.pw < 0 or wo * s.sw - s.pw + reach >= s.w for wo in range(s.wo))
+    pad = reach - s.pw
+    return sum(x - pad < 0 or x - pad + reach >= s.wo for x in range(s.w))
+
+
+def choose_form(s: ConvShape, role: str, nchwc: bool, gemm: bool) -> tuple[str, str]:
+    """(form, reason) for one conv: `nchwc` whether NCHWc's rules take it, `gemm` whether fracgraph's kernels do."""
+    c = {k: v for k, v in conv_costs(s, role, nchwc).items() if v is not None}
+    base = "NCHWc" if "NCHWc" in c else next(k for k in c if k in ("Conv", "ConvTranspose"))
+    if not gemm:
+        return base, "fracgraph's kernels not in use"
+    if s.depthwise:
+        return base, "depthwise: no GEMM to speak of"
+    if s.group > 1:
+        return base, "grouped: onnxruntime's per-group GEMMs are as fast (bench/kernel_probes.py --only forms)"
+    if s.pointwise:
+        return base, "1x1 stride 1: reads X in place"
+    if c["im2col-gemm"] * GEMM_MARGIN < c[base]:
+        return "im2col-gemm", (f"modelled {c['im2col-gemm']:,.0f} vs {base}'s {c[base]:,.0f} per image "
+                               f"(below 1/{GEMM_MARGIN:g})")
+    return base, f"modelled {c[base]:,.0f} vs im2col-gemm's {c['im2col-gemm']:,.0f} per image"
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -46,44 +122,92 @@ def _attrs(node: onnx.NodeProto) -> dict:
 class NchwcConvPass(Pass):
     name = "nchwc-conv"
 
-    def __init__(self, shapes: dict[str, list], block: int, fused: bool = False):
+    def __init__(self, shapes: dict[str, list], block: int, fused: bool = False, force: str | None = None):
         self.shapes = shapes   # tensor name -> static shape, for the weights
         self.block = block
-        self.fused = fused     # weight reorders on fracgraph's NchwcWeight (the kernels build here)
+        self.fused = fused     # weight reorders on fracgraph's NchwcWeight, and the im2col-gemm form (the kernels build here)
+        self.force = force     # "im2col-gemm": every conv with static shapes on it, whatever the model says (tests)
+        self.choices: list[dict] = []   # per conv node: role, form, reason, shape, modelled costs
 
     def call(self, model):
         graph = model.graph
-        if self.block <= 1:
+        if self.block <= 1 and not self.fused:
             return PassResult(model, False, ["nchwc-conv: this CPU's onnxruntime has no NCHWc kernels; convs kept"])
         em = Emitter(graph, opset(model))
         shapes = dict(self.shapes)
         for vi in list(graph.value_info) + list(graph.input):
             shapes.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim])
         shapes.update({t.name: list(t.dims) for t in graph.initializer})
-        notes, pairs = [], []
+        notes, pairs, self.choices = [], [], []
         self._producer = {o: n for n in graph.node for o in n.output}
+        cols = {n.input[0]: n for n in graph.node if n.op_type == "ConvGradWCols" and n.domain == DOMAIN}
+        after: dict[int, list] = {}   # id(ConvGradWCols node) -> dX forms that read its dYt, placed after it
+        n_nchwc = n_gemm = 0
         for node in list(graph.node):
-            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            if node.domain not in ("", "ai.onnx") or not (node.op_type == "Conv" or (
+                    node.op_type == "ConvTranspose" and node.output[0].endswith("::split/dX"))):
                 continue
-            reason = self._rewrite(em, node, shapes.get(node.input[1]))
-            if reason is None:
-                pairs.append((node, em.nodes))
-                em.nodes = []
+            role = "forward" if node.op_type == "Conv" and not node.output[0].endswith("::split/dX") else \
+                "dX" if node.op_type == "Conv" else "dX-strided"
+            nchwc_why = "strided dX (ConvTranspose)" if role == "dX-strided" else \
+                "this CPU's onnxruntime has no NCHWc kernels" if self.block <= 1 else \
+                self._nchwc_rule(node, shapes.get(node.input[1]))
+            s, w = _conv_shape(node, role, shapes, self._forward_weight)
+            if s is None:
+                form, reason = ("NCHWc", "") if nchwc_why is None else (node.op_type, f"{w}; {nchwc_why}")
             else:
-                em.nodes = []
-                notes.append(f"{node.name}: kept Conv ({reason})")
+                form, reason = choose_form(s, role, nchwc_why is None, self.fused)
+                if self.force == "im2col-gemm" and self.fused:
+                    form, reason = "im2col-gemm", "forced"
+                if form == node.op_type and nchwc_why:
+                    reason = f"{reason}; no NCHWc: {nchwc_why}"
+            entry = {"node": node.name or node.output[0], "role": role, "form": form, "reason": reason}
+            if s is not None:
+                entry.update(shape=_describe(s), costs={k: round(v) for k, v in
+                                                        conv_costs(s, role, nchwc_why is None).items() if v is not None})
+            self.choices.append(entry)
+            if form == "NCHWc":
+                self._rewrite(em, node, shapes.get(node.input[1]))
+                pairs.append((node, em.nodes))
+                n_nchwc += 1
+            elif form == "im2col-gemm":
+                owner = _emit_gemm(em, node, role, s, w, cols)
+                if owner is None:
+                    pairs.append((node, em.nodes))
+                else:   # reads the ConvGradWCols' dYt, which comes later in the graph
+                    after.setdefault(id(owner), [owner]).extend(em.nodes)
+                    pairs.append((node, []))
+                n_gemm += 1
+            else:
+                notes.append(f"{entry['node']}: kept {form} ({reason})")
+            em.nodes = []
+        by_id = {id(n): n for n in graph.node}
+        pairs += [(by_id[i], nodes) for i, nodes in after.items()]
         replace_nodes(graph, pairs)
         if self.fused and pairs:
-            _drop_dead(graph, ("::split/w_flip", "::split/w_t", "::split/w_gt", "::split/w_g"))
+            _drop_dead(graph, SPLIT_W)
             import_domain(model)
-        if pairs:
-            notes.insert(0, f"{len(pairs)} Conv on NCHWc kernels (block {self.block})"
+        if n_gemm:
+            notes.insert(0, f"{n_gemm} conv(s) as im2col + one GEMM (shape-aware forms)")
+            if not any(o.domain == "com.microsoft" for o in model.opset_import):
+                model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        if n_nchwc:
+            notes.insert(0, f"{n_nchwc} Conv on NCHWc kernels (block {self.block})"
                             + (", weights reordered by fracgraph's NchwcWeight" if self.fused else ""))
             if not any(o.domain == NCHWC_DOMAIN for o in model.opset_import):
                 model.opset_import.append(helper.make_opsetid(NCHWC_DOMAIN, 1))
         return PassResult(model, bool(pairs), notes)
 
-    def _rewrite(self, em: Emitter, node, w_shape) -> str | None:
+    def _forward_weight(self, w: str) -> str:
+        """The forward weight W behind conv-grad-split's W' (its Transpose/Reshape and flip chain)."""
+        node = self._producer.get(w)
+        while node is not None and node.output[0].endswith(SPLIT_W):
+            w = node.input[0]
+            node = self._producer.get(w)
+        return w
+
+    def _nchwc_rule(self, node, w_shape) -> str | None:
+        """Why NCHWc does not take this conv (None: it does); the NchwcTransformer's rules."""
         a = _attrs(node)
         B = self.block
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -95,13 +219,18 @@ class NchwcConvPass(Pass):
         if o % B:
             return f"{o} output channels, not a multiple of {B}"
         if group == 1:
-            blocked_in = c >= B
-            if blocked_in and c % B:
+            if c >= B and c % B:
                 return f"{c} input channels, neither < {B} nor a multiple of it"
-        elif c == 1 and o == group:
-            blocked_in = True   # depthwise: input reordered, filter OIHWBo
-        else:
+        elif not (c == 1 and o == group):
             return "grouped (not depthwise)"
+        return None
+
+    def _rewrite(self, em: Emitter, node, w_shape) -> None:
+        a = _attrs(node)
+        B = self.block
+        o, c, kh, kw = w_shape
+        group = a.get("group", 1)
+        blocked_in = c >= B if group == 1 else True   # depthwise: input reordered, filter OIHWBo
         base = f"{node.name}::nchwc"
         w = node.input[1]
         if self.fused:   # one pass over W, folding in conv-grad-split's transpose and flip of it
@@ -124,7 +253,6 @@ class NchwcConvPass(Pass):
                     kernel_shape=[kh, kw], **attrs)
         em.nodes.append(helper.make_node("ReorderOutput", [y], [node.output[0]], name=f"{base}/out",
                                          domain=NCHWC_DOMAIN, channels=o))
-        return None
 
     def _source(self, w: str, group: int) -> tuple[str, bool, bool]:
         """(tensor, transpose, flip): W' = w, or conv-grad-split's flip (Slice; kernels above 1x1) of its channel
@@ -143,6 +271,69 @@ class NchwcConvPass(Pass):
 
     def ensures(self, model):
         assert_inputs_defined(model)
+
+
+def _conv_shape(node, role: str, shapes: dict, forward_weight) -> tuple[ConvShape | None, str]:
+    """(the forward conv's shape, its weight W) for a forward Conv, a stride-1 dX Conv or a strided dX
+    ConvTranspose of conv-grad-split; (None, why) where a shape is not static."""
+    a = _attrs(node)
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None, "auto_pad"
+    w = node.input[1] if role != "dX" else forward_weight(node.input[1])
+    ws = shapes.get(w)
+    x = shapes.get(node.input[0] if role == "forward" else node.output[0])   # X, or dX (X's shape)
+    if not ws or len(ws) != 4 or any(not d for d in ws):
+        return None, "weight shape not static 2-D"
+    if not x or len(x) != 4 or any(not d for d in x[1:]):
+        return None, "input shape not static"
+    co, cig, kh, kw = ws
+    group = int(a.get("group", 1))
+    strides, dil = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
+    pads = list(a.get("pads", [0, 0, 0, 0]))
+    if role == "dX":   # the dX conv's pads are d (k - 1) - p
+        pads = [dil[i % 2] * ((kh, kw)[i % 2] - 1) - pads[i] for i in range(4)]
+    if len(strides) != 2 or len(dil) != 2 or len(pads) != 4:
+        return None, "not 2-D"
+    s = ConvShape(ci=x[1], h=x[2], w=x[3], co=co, kh=kh, kw=kw, sh=strides[0], sw=strides[1], ph=pads[0],
+                  pw=pads[1], ph_end=pads[2], pw_end=pads[3], dh=dil[0], dw=dil[1], group=group,
+                  bias=role == "forward" and len(node.input) > 2 and bool(node.input[2]))
+    if s.ho < 1 or s.wo < 1 or cig * group != s.ci or co % group or min(strides + dil) < 1:
+        return None, "shapes inconsistent"
+    return s, w
+
+
+def _emit_gemm(em: Emitter, node, role: str, s: ConvShape, w: str, cols: dict):
+    """The im2col-gemm form of a forward conv or of a dX; returns the ConvGradWCols node whose dYt it reads (the
+    form must then come after it), else None."""
+    base = f"{node.name or node.output[0]}::gemm"
+    G, cog, kg = s.group, s.co // s.group, s.kg
+    ka = dict(kh=s.kh, kw=s.kw, sh=s.sh, sw=s.sw, ph=s.ph, pw=s.pw, dh=s.dh, dw=s.dw)
+    one = dict(kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1)
+    w2 = em.node("Reshape", [w, em.const([s.co, kg] if G == 1 else [G, cog, kg], np.int64)], f"{base}/w")
+    if role == "forward":
+        col = em.node("Im2Col", [node.input[0]], f"{base}/col", domain=DOMAIN, h=s.h, w=s.w, ho=s.ho, wo=s.wo, **ka)
+        if G > 1:
+            col = em.node("Reshape", [col, em.const([G, kg, -1], np.int64)], f"{base}/col_g")
+        y = em.node("MatMul", [w2, col], f"{base}/y")
+        out = f"{base}/y_nchw" if s.bias else node.output[0]
+        em.nodes.append(helper.make_node("Col2Im", [y], [out], name=f"{base}/nchw", domain=DOMAIN, h=s.ho, w=s.wo,
+                                         ho=s.ho, wo=s.wo, **one))
+        if s.bias:
+            b = em.node("Reshape", [node.input[2], em.const([s.co, 1, 1], np.int64)], f"{base}/b")
+            em.nodes.append(helper.make_node("Add", [out, b], [node.output[0]], name=f"{base}/out"))
+        return None
+    owner = cols.get(node.input[0])
+    if owner is not None and _attrs(owner).get("group") == G:
+        dyt = owner.output[0]   # [G, Co/G, N*P]
+    else:
+        owner = None
+        dyt = em.node("Im2Col", [node.input[0]], f"{base}/dyt", domain=DOMAIN, h=s.ho, w=s.wo, ho=s.ho, wo=s.wo, **one)
+        if G > 1:
+            dyt = em.node("Reshape", [dyt, em.const([G, cog, -1], np.int64)], f"{base}/dyt_g")
+    c = em.node("FusedMatMul", [w2, dyt], f"{base}/cols", domain="com.microsoft", transA=1)
+    em.nodes.append(helper.make_node("Col2Im", [c], [node.output[0]], name=f"{base}/dx", domain=DOMAIN, h=s.h, w=s.w,
+                                     ho=s.ho, wo=s.wo, **ka))
+    return owner
 
 
 def _drop_dead(graph: onnx.GraphProto, suffixes: tuple[str, ...]) -> None:

@@ -55,6 +55,71 @@ def test_noise_op_is_the_chain_bitwise(shape, threads):
     assert np.array_equal(y, chain_ref(x, mn, s, 0.0, hi, noise))
 
 
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 11, 13), (64, 16, 3, 3), (17, 600, 3, 3), (10, 4)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_per_channel_weight_quantizer_bitwise(shape, threads):
+    """The weight quantizer: min and scale per output channel ([K, 1, ...]), channels across chunk boundaries
+    (17 x 5400 elements), 2-D (Linear) weights; bitwise the chain, and MinMaxRows exactly numpy's per-row range."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    axes = tuple(range(1, len(shape)))
+    lo_r, hi_r = custom_op_session("MinMaxRows", ["x"], ["lo", "hi"], threads).run(None, {"x": x})
+    assert lo_r.shape == hi_r.shape == (shape[0],) + (1,) * (len(shape) - 1)
+    assert np.array_equal(lo_r, x.min(axis=axes, keepdims=True)) and np.array_equal(hi_r, x.max(axis=axes, keepdims=True))
+    s = np.maximum((hi_r - lo_r) / np.float32(15), np.float32(1e-8)).astype(np.float32)
+    hi = np.array(15.5, np.float32)
+    y = session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=x, mn=lo_r, s=s, hi=hi))[0]
+    f = np.float32
+    ref = np.round(np.clip((x - lo_r) / s, f(-0.5), hi)) * s + lo_r
+    assert np.array_equal(y, ref)
+    # a MatMul weight [in, out]: per column ([1, N]), the last axis
+    lo_c, hi_c = x.reshape(shape[0], -1).min(0, keepdims=True), x.reshape(shape[0], -1).max(0, keepdims=True)
+    s_c = np.maximum((hi_c - lo_c) / np.float32(15), np.float32(1e-8)).astype(np.float32)
+    xc = x.reshape(shape[0], -1)
+    y = session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=xc, mn=lo_c, s=s_c, hi=hi))[0]
+    assert np.array_equal(y, np.round(np.clip((xc - lo_c) / s_c, f(-0.5), hi)) * s_c + lo_c)
+    with pytest.raises(Exception, match="scalars or per channel along one axis"):
+        session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=x, mn=lo_r[:1].repeat(2, 0), s=s[:1].repeat(2, 0), hi=hi))
+
+
+# (X shape, kernel, strides, pads [begin h, w, end h, w], dilations): resnet18's stem pool, odd maps, asymmetric
+# pads, dilation, a window over padding only at the edge, and ties (small integers)
+POOLS = [((2, 8, 16, 16), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), ((3, 5, 9, 11), (2, 2), (2, 2), (0, 0, 0, 0), (1, 1)),
+         ((2, 3, 10, 7), (3, 2), (1, 2), (1, 0, 0, 1), (1, 1)), ((1, 4, 12, 12), (3, 3), (2, 2), (2, 2, 2, 2), (2, 2))]
+
+
+@pytest.mark.parametrize("case", POOLS, ids=str)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_is_onnxruntimes_values_and_indices(case, ties):
+    """MaxPoolIdx against onnxruntime's own 2-output MaxPool (values and indices, exactly) and PyTorch's values;
+    MaxPoolGrad then reads its indices unchanged."""
+    from onnx import TensorProto, helper
+
+    shape, k, st, pads, dil = case
+    rng = np.random.default_rng(4)
+    x = (rng.integers(-3, 3, shape) if ties else rng.standard_normal(shape)).astype(np.float32)
+    attrs = dict(kernel_shape=list(k), strides=list(st), pads=list(pads), dilations=list(dil))
+    g = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y", "i"], **attrs)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("i", TensorProto.INT64, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    y0, i0 = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    g.node[0].CopyFrom(helper.make_node("MaxPoolIdx", ["x"], ["y", "i"], domain=kernels.DOMAIN, kh=k[0], kw=k[1],
+                                        sh=st[0], sw=st[1], ph=pads[0], pw=pads[1], dh=dil[0], dw=dil[1],
+                                        ph_end=pads[2], pw_end=pads[3]))
+    m.opset_import.append(helper.make_opsetid(kernels.DOMAIN, 1))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    kernels.register(so)
+    y1, i1 = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert i1.dtype == np.int64 and np.array_equal(y1, y0) and np.array_equal(i1, i0)
+    if pads[0] == pads[2] and pads[1] == pads[3] and 2 * max(pads) <= min(k):   # (what PyTorch accepts)
+        ref = torch.nn.functional.max_pool2d(torch.from_numpy(x), k, st, (pads[0], pads[1]), dil).numpy()
+        assert np.array_equal(y1, ref)
+
+
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11, 13), (2, 16, 40, 40)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_deterministic_ops_bitwise(shape, threads):
@@ -151,10 +216,11 @@ def test_pass_structure(pair):
     model = onnx.load(str(art / "training_model.onnx"))
     ops = [n.op_type for n in all_nodes(model.graph)]
     assert ops.count("SRQuantizeNoise") == 8 and "SRQuantize" not in ops   # noise exposed: read from the tensor
-    assert ops.count("FakeQuantize") == 8 and ops.count("MinMax") == 16   # every conv input; act + error ranges
-    assert ops.count("ReluGrad") == 7 and ops.count("Round") == 8 and "QuantizeLinear" not in ops   # Round: weights
+    # every conv input and weight; act + error ranges, the weights' per-channel ranges
+    assert ops.count("FakeQuantize") == 16 and ops.count("MinMax") == 16 and ops.count("MinMaxRows") == 8
+    assert ops.count("ReluGrad") == 7 and "Round" not in ops and "QuantizeLinear" not in ops
     assert not any(n.op_type == "ReluGrad" and n.domain != kernels.DOMAIN for n in all_nodes(model.graph))
-    assert "[fused-ops] 16 quantizers, 16 range statistics and 7 ReluGrad on fracgraph's fused ops" in manifest.extra["notes"]
+    assert "[fused-ops] 24 quantizers, 24 range statistics and 7 ReluGrad on fracgraph's fused ops" in manifest.extra["notes"]
 
 
 def test_artifacts_without_fused_ops_need_no_library(pair, monkeypatch):
@@ -188,3 +254,30 @@ def test_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FRACGRAPH_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(FracgraphError, match="FRACGRAPH_CACHE_DIR"):
         kernels.library_path()
+
+
+class PoolNet(torch.nn.Module):
+    """resnet18's stem pattern at a test's size: conv, ReLU, 3x3/2 max pool (padded), and a 2x2 pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c0(x)), 3, 2, 1)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_max_pool_step_bitwise(tmp_path):
+    skip = {"skip_passes": ("conv-grad-w", "bn-grad", "nchwc-conv")}
+    pair = build_pair(PoolNet(), tmp_path, (2, 3, 9, 9), off={"fused_kernels": False, **skip},
+                      on={"fused_kernels": True, **skip})
+    ops = [n.op_type for n in onnx.load(str(pair[True][0] / "training_model.onnx")).graph.node]
+    assert ops.count("MaxPoolIdx") == 2 and "MaxPool" not in ops and ops.count("MaxPoolGrad") == 2
+    loss0, grads0, _ = _step(pair[False][0], (8, 8, 8))
+    loss1, grads1, _ = _step(pair[True][0], (8, 8, 8))
+    assert loss0 == loss1 and grads0.keys() == grads1.keys()
+    assert all(np.array_equal(grads1[k], g) for k, g in grads0.items())
