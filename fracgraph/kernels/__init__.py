@@ -22,6 +22,7 @@ from ..errors import FracgraphError
 
 DOMAIN = "ai.fracgraph"
 SOURCE = Path(__file__).with_name("fused_ops.c")
+SOURCES = [SOURCE, Path(__file__).with_name("int_gemm.c")]   # int_gemm.c: IntConv (passes/int_gemm.py)
 # -ffp-contract=off: no fused multiply-add, so every step of the chain rounds like onnxruntime's separate ops
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 _loaded: ctypes.CDLL | None = None
@@ -65,7 +66,7 @@ def library_path() -> Path:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), *version, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS), *version, _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"fused_ops-{key}.so"
     if out.exists():
         return out
@@ -77,7 +78,7 @@ def _build(cc: str) -> Path:
                              f"FRACGRAPH_CACHE_DIR to a writable directory") from None
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True)
         if r.returncode != 0:
             first = (r.stderr.strip().splitlines() or ["no message"])[0][:200]
             raise FracgraphError(f"building fracgraph's kernels failed ({first}); fix the compiler or re-run "

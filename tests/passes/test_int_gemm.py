@@ -1,0 +1,114 @@
+"""Integer convolution (fracgraph/kernels/int_gemm.c, passes/int_gemm.py): the kernel against a float64 conv of
+the same fake-quantized operands, on every path this CPU has (FRACGRAPH_INT_ISA forces each), and the pass.
+
+The bound: the integer sum is exact, so the kernel's error is the float rescale of int32 sums and correction
+terms, each at most K * max|x| * max|w| in size (K = C * kh * kw, the reduction length), plus the fake-quant
+values' own rounding (one ulp each); the FP32 conv it replaces errs by up to K ulps of the same size. Both are
+far below 2^-20 * K * max|x| * max|w|, while one wrong code moves an output by about max|x| * max|w| / 255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+from fracgraph import kernels  # noqa: E402
+
+from conftest import custom_op_session  # noqa: E402
+
+PATHS = ["vnni", "avx2", "scalar"]
+
+
+def available(path: str) -> bool:
+    import ctypes
+
+    lib = ctypes.CDLL(str(kernels.library_path()))
+    return bool(lib.fg_int_isa_available({"scalar": 0, "avx2": 1, "vnni": 2}[path]))
+
+
+def fake_quant(x, bits, axes=None):
+    """quantizers.py's chain in float32 (per tensor, or per output channel over `axes`): value, min, scale."""
+    mn = x.min(axis=axes, keepdims=axes is not None).astype(np.float32)
+    mx = x.max(axis=axes, keepdims=axes is not None).astype(np.float32)
+    levels = np.float32(2.0 ** bits - 1)
+    s = np.maximum((mx - mn) / levels, np.float32(1e-8)).astype(np.float32)
+    q = np.round(np.clip((x - mn) / s, -0.49, levels + np.float32(0.49))).astype(np.float32) * s + mn
+    return q.astype(np.float32), np.asarray(mn, np.float32), np.asarray(s, np.float32)
+
+
+def int_conv(xq, mx, sx, wq, mw, sw, kernel, stride, pad, dilation, threads=2):
+    kh, kw = kernel
+    sess = custom_op_session("IntConv", ["x", "mx", "sx", "w", "mw", "sw"], ["y"], threads=threads,
+                             kh=kh, kw=kw, sh=stride, sw=stride, ph=pad, pw=pad, dh=dilation, dw=dilation)
+    return sess.run(None, {"x": xq, "mx": mx, "sx": sx, "w": wq, "mw": mw, "sw": sw})[0]
+
+
+def reference(xq, wq, stride, pad, dilation):
+    return torch.nn.functional.conv2d(torch.from_numpy(xq).double(), torch.from_numpy(wq).double(),
+                                      stride=stride, padding=pad, dilation=dilation).numpy()
+
+
+# (N, C, H, K, kernel, stride, pad, dilation): the speed passes' shape classes (3x3, 1x1, strided 3x3 and 1x1,
+# a 3-channel stem, tiny maps, channel counts off the vector width, dilation)
+CASES = [
+    (3, 16, 8, 16, 3, 1, 1, 1),
+    (2, 16, 8, 32, 3, 2, 1, 1),
+    (2, 16, 8, 32, 1, 2, 0, 1),
+    (2, 32, 6, 16, 1, 1, 0, 1),
+    (2, 3, 9, 16, 3, 1, 1, 1),
+    (3, 20, 2, 10, 3, 1, 1, 1),
+    (2, 8, 1, 24, 3, 1, 1, 1),
+    (2, 12, 7, 20, 3, 1, 2, 2),
+    (1, 5, 11, 7, 5, 2, 2, 1),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_matches_float64_conv(monkeypatch, path, case, bits):
+    if not available(path):
+        pytest.skip(f"this CPU's build has no {path} path")
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+    n, c, h, k, ks, stride, pad, dil = case
+    rng = np.random.default_rng(hash(case) % 2**32 + bits)
+    x = (rng.standard_normal((n, c, h, h)) * 1.5 + 0.3).astype(np.float32)
+    w = (rng.standard_normal((k, c, ks, ks)) * 0.2).astype(np.float32)
+    xq, mx, sx = fake_quant(x, bits)
+    wq, mw, sw = fake_quant(w, bits, axes=(1, 2, 3))
+    y = int_conv(xq, mx, sx, wq, mw.reshape(k, 1, 1, 1), sw.reshape(k, 1, 1, 1), (ks, ks), stride, pad, dil)
+    ref = reference(xq, wq, stride, pad, dil)
+    assert y.shape == ref.shape
+    bound = 2.0 ** -20 * c * ks * ks * np.abs(xq).max() * np.abs(wq).max()
+    err = np.abs(y - ref).max()
+    assert err <= bound, (err, bound)
+    # one wrong code is well above the bound (the test can fail): shift one weight by a quantization step
+    assert np.abs(sw).min() * np.abs(xq).max() > 8 * bound
+
+
+def test_paths_agree_exactly_on_integer_sums(monkeypatch):
+    """The three paths compute the same int32 sums and the same float rescale: bitwise equal outputs."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 24, 9, 9)).astype(np.float32)
+    w = (rng.standard_normal((40, 24, 3, 3)) * 0.1).astype(np.float32)
+    xq, mx, sx = fake_quant(x, 8)
+    wq, mw, sw = fake_quant(w, 8, axes=(1, 2, 3))
+    outs = {}
+    for path in [p for p in PATHS if available(p)]:
+        monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+        outs[path] = int_conv(xq, mx, sx, wq, mw.reshape(-1, 1, 1, 1), sw.reshape(-1, 1, 1, 1), (3, 3), 1, 1, 1)
+    first = next(iter(outs.values()))
+    for path, y in outs.items():
+        np.testing.assert_array_equal(y, first, err_msg=path)
+
+
+def test_unknown_or_missing_path_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")
+    x = np.zeros((1, 4, 3, 3), np.float32)
+    w = np.zeros((4, 4, 1, 1), np.float32)
+    one = np.ones((4, 1, 1, 1), np.float32)
+    with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
+        int_conv(x, np.zeros((), np.float32), np.ones((), np.float32), w, one * 0, one, (1, 1), 1, 0, 1)
