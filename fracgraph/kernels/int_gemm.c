@@ -123,14 +123,19 @@ typedef struct {
   const void* wpack;       /* packed signed weights (layout per path) */
   const float* a;          /* [Kb]: s_x s_w[k] */
   const float* b;          /* [Kb]: s_x m_w[k] */
-  const float* t;          /* [P][Kb]: m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p] */
+  const float* t;          /* [Kb][P]: m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p] */
   const int64_t* tap_off;  /* [taps]: element offset of each tap in the padded NHWC image */
   const int64_t* pos_off;  /* [P]: element offset of each output position's window origin */
+  const int64_t* tap_pix;  /* the same two in pixels (for the window sums of the codes) */
+  const int64_t* pos_pix;
+  int failed;              /* an image's scratch could not be allocated */
   size_t scratch_bytes;
 } IJob;
 
-static inline uint8_t code_of(float v, float m, float s) {
-  float u = nearbyintf((v - m) / s);
+/* the code of a fake-quantized value v = s q + m: (v - m) / s is q up to a few ulps (far from the 0.5 that would
+ * round elsewhere while |m| / s < 2^20), so multiplying by 1 / s is as good as dividing */
+static inline uint8_t code_of(float v, float m, float inv_s) {
+  float u = nearbyintf((v - m) * inv_s);
   return (uint8_t)(u < 0.0f ? 0.0f : u > 255.0f ? 255.0f : u);
 }
 
@@ -209,32 +214,32 @@ static void conv_image(void* p, size_t n) {
   const int wide = j->isa == ISA_AVX2;
   char* buf = (char*)calloc(1, img * (wide ? 2 : 1) + (size_t)(Hp * Wp) * sizeof(int32_t) + (size_t)P * sizeof(int32_t)
                                    + TILE * 16 * sizeof(int32_t) + 64);
-  if (!buf) return;   /* y keeps NaN (the caller filled it): the step's loss shows it */
+  if (!buf) { ((IJob*)p)->failed = 1; return; }
   uint8_t* xp8 = (uint8_t*)buf;
   uint16_t* xp16 = (uint16_t*)buf;
   int32_t* colsum = (int32_t*)(buf + img * (wide ? 2 : 1));
   int32_t* sx = colsum + Hp * Wp;
   int32_t* acc = (int32_t*)(((uintptr_t)(sx + P) + 63) & ~(uintptr_t)63);
   const float* x = j->x + (size_t)n * C * H * W;
-  const float mx = j->mx, s = j->sx;
+  const float mx = j->mx, inv = 1.0f / j->sx;
   for (int64_t c = 0; c < C; ++c)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t w = 0; w < W; ++w) {
-        const uint8_t q = code_of(x[(c * H + h) * W + w], mx, s);
+        const uint8_t q = code_of(x[(c * H + h) * W + w], mx, inv);
         const size_t at = (size_t)(((h + j->ph) * Wp + w + j->pw) * Cp + c);
         if (wide) xp16[at] = q; else xp8[at] = q;
         colsum[(h + j->ph) * Wp + w + j->pw] += q;
       }
   for (int64_t q = 0; q < P; ++q) {   /* window sums of the codes (pads are 0) */
     int32_t acc_s = 0;
-    for (int64_t tap = 0; tap < j->taps; ++tap) acc_s += colsum[(j->pos_off[q] + j->tap_off[tap]) / Cp];
+    for (int64_t tap = 0; tap < j->taps; ++tap) acc_s += colsum[j->pos_pix[q] + j->tap_pix[tap]];
     sx[q] = acc_s;
   }
   float* y = j->y + (size_t)n * j->K * P;
   int64_t po[TILE];
   for (int64_t p0 = 0; p0 < P; p0 += TILE) {
     const int64_t m = P - p0 < TILE ? P - p0 : TILE;
-    for (int t = 0; t < TILE; ++t) po[t] = j->pos_off[p0 + (t < m ? t : m - 1)] * (wide ? 1 : 1);
+    for (int t = 0; t < TILE; ++t) po[t] = j->pos_off[p0 + (t < m ? t : m - 1)];
     for (int64_t kb = 0; kb < j->Kb / L; ++kb) {
       switch (j->isa) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -250,8 +255,9 @@ static void conv_image(void* p, size_t n) {
         if (k >= j->K) break;
         const float a = j->a[k], b = j->b[k];
         float* yk = y + (size_t)k * P + p0;
+        const float* tk = j->t + (size_t)k * P;
         for (int64_t t = 0; t < m; ++t)
-          yk[t] = a * (float)(acc[t * L + l] + 128 * sx[p0 + t]) + b * (float)sx[p0 + t] + j->t[(size_t)(p0 + t) * j->Kb + k];
+          yk[t] = a * (float)(acc[t * L + l] + 128 * sx[p0 + t]) + b * (float)sx[p0 + t] + tk[p0 + t];
       }
     }
   }
@@ -319,16 +325,18 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   float* t = (float*)calloc((size_t)(P * Kb), sizeof(float));
   int64_t* tap_off = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
   int64_t* pos_off = (int64_t*)malloc((size_t)P * sizeof(int64_t));
+  int64_t* tap_pix = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
+  int64_t* pos_pix = (int64_t*)malloc((size_t)P * sizeof(int64_t));
   size_t wbytes = (size_t)(Kb * taps * Cp) * (j.isa == ISA_AVX2 ? 2 : 1);
   void* wpack = calloc(1, wbytes + 64);
   void* yv;
   int64_t yd[4] = {j.N, K, j.Ho, j.Wo};
   st = NULL;
-  if (!qw || !wsum || !a || !b || !t || !tap_off || !pos_off || !wpack) { st = ifail("fracgraph IntConv: out of memory"); goto done; }
+  if (!qw || !wsum || !a || !b || !t || !tap_off || !pos_off || !tap_pix || !pos_pix || !wpack) { st = ifail("fracgraph IntConv: out of memory"); goto done; }
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t c = 0; c < C; ++c)
       for (int64_t tap = 0; tap < taps; ++tap) {
-        const uint8_t q = code_of(w[(k * C + c) * taps + tap], mw[k], sw[k]);
+        const uint8_t q = code_of(w[(k * C + c) * taps + tap], mw[k], 1.0f / sw[k]);
         qw[(k * C + c) * taps + tap] = q;
         wsum[k * taps + tap] += q;
         const int8_t sq = (int8_t)((int)q - 128);
@@ -343,11 +351,15 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
     b[k] = j.sx * mw[k];
   }
   for (int64_t ta = 0; ta < j.kh; ++ta)
-    for (int64_t tb = 0; tb < j.kw; ++tb) tap_off[ta * j.kw + tb] = (ta * j.dh * j.Wp + tb * j.dw) * Cp;
+    for (int64_t tb = 0; tb < j.kw; ++tb) {
+      tap_pix[ta * j.kw + tb] = ta * j.dh * j.Wp + tb * j.dw;
+      tap_off[ta * j.kw + tb] = tap_pix[ta * j.kw + tb] * Cp;
+    }
   for (int64_t ho = 0; ho < j.Ho; ++ho)
     for (int64_t wo = 0; wo < j.Wo; ++wo) {
       const int64_t q = ho * j.Wo + wo;
-      pos_off[q] = (ho * j.sh * j.Wp + wo * j.sw) * Cp;
+      pos_pix[q] = ho * j.sh * j.Wp + wo * j.sw;
+      pos_off[q] = pos_pix[q] * Cp;
       /* taps inside the image at this position: Sw[k, p] and C T[p] */
       int64_t inside = 0;
       for (int64_t ta = 0; ta < j.kh; ++ta)
@@ -355,20 +367,20 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
           const int64_t hi = ho * j.sh - j.ph + ta * j.dh, wi = wo * j.sw - j.pw + tb * j.dw;
           if (hi < 0 || hi >= j.H || wi < 0 || wi >= j.W) continue;
           ++inside;
-          for (int64_t k = 0; k < K; ++k) t[q * Kb + k] += (float)wsum[k * taps + ta * j.kw + tb];
+          for (int64_t k = 0; k < K; ++k) t[k * P + q] += (float)wsum[k * taps + ta * j.kw + tb];
         }
       for (int64_t k = 0; k < K; ++k)
-        t[q * Kb + k] = (float)((double)j.mx * sw[k] * t[q * Kb + k] + (double)j.mx * mw[k] * (double)(C * inside));
+        t[k * P + q] = (float)((double)j.mx * sw[k] * t[k * P + q] + (double)j.mx * mw[k] * (double)(C * inside));
     }
-  j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.tap_off = tap_off, j.pos_off = pos_off;
+  j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.tap_off = tap_off, j.pos_off = pos_off, j.tap_pix = tap_pix, j.pos_pix = pos_pix;
   if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, yd, 4, &yv))) goto done;
   if ((st = IAPI(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y))) goto done;
-  for (size_t i = 0; i < (size_t)(j.N * K * P); ++i) j.y[i] = NAN;
   (void)L;
   if (j.N == 1) conv_image(&j, 0);
   else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, conv_image, (size_t)j.N, 0, &j);
+  if (!st && j.failed) st = ifail("fracgraph IntConv: out of memory");
 done:
-  free(qw); free(wsum); free(a); free(b); free(t); free(tap_off); free(pos_off); free(wpack);
+  free(qw); free(wsum); free(a); free(b); free(t); free(tap_off); free(pos_off); free(tap_pix); free(pos_pix); free(wpack);
   return st;
 }
 
