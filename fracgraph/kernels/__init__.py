@@ -108,3 +108,21 @@ def set_seed(seed: int) -> None:
     """The process seed of every SRQuantize node's generator (nodes created before or after share it)."""
     _library().fg_set_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
 
+
+
+INT_PATHS = {"vnni": (2, "avx512_vnni"), "avx2": (1, "avx2"), "scalar": (0, None)}   # int_gemm.c's paths, CPU flag
+
+
+def int_path_available(path: str) -> bool:
+    """Whether this machine's build of the library has IntConv's `path` (vnni, avx2 or scalar)."""
+    return bool(_library().fg_int_isa_available(INT_PATHS[path][0]))
+
+
+def int_path() -> str:
+    """The integer path IntConv takes here: FRACGRAPH_INT_ISA when set (auto = the best compiled one)."""
+    want = os.environ.get("FRACGRAPH_INT_ISA", "auto") or "auto"
+    if want != "auto":
+        if want not in INT_PATHS:
+            raise FracgraphError(f"FRACGRAPH_INT_ISA={want} is not a path; use auto, vnni, avx2 or scalar")
+        return want
+    return next(p for p in INT_PATHS if int_path_available(p))

@@ -112,3 +112,73 @@ def test_unknown_or_missing_path_fails_in_one_line(monkeypatch):
     one = np.ones((4, 1, 1, 1), np.float32)
     with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
         int_conv(x, np.zeros((), np.float32), np.ones((), np.float32), w, one * 0, one, (1, 1), 1, 0, 1)
+
+
+# -- the pass ----------------------------------------------------------------------------------------------------
+from fracgraph.errors import FracgraphError  # noqa: E402
+from fracgraph.passes.base import all_nodes  # noqa: E402
+from fracgraph.runtime import TrainSession  # noqa: E402
+
+from test_speed_passes import ConvZoo, _step, assert_same_step, build_pair  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """ConvZoo (stem, depthwise, grouped with bias, 1x1 strided with bias, 5x5, dilated, 1x1 with pads) without and
+    with integer convs."""
+    return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
+
+
+def test_pass_structure_and_manifest(builds):
+    import onnx
+
+    (off, m_off), (on, m_on) = builds[False], builds[True]
+    assert m_off.extra["int_kernels"] is None
+    assert not any(n.op_type == "IntConv" for n in all_nodes(onnx.load(str(off / "training_model.onnx")).graph))
+    rec = m_on.extra["int_kernels"]
+    assert rec["path"] == kernels.int_path() and rec["max_bits"] == 8
+    decided = {c["name"]: c for c in rec["convs"]}
+    assert {n for n, c in decided.items() if c["int"]} == {"/c0/Conv", "/pw_s2/Conv", "/k5/Conv", "/dil/Conv", "/pad1x1/Conv"}
+    assert {decided[n]["reason"] for n in ("/dw_s2/Conv", "/grouped/Conv", "/dw/Conv")} == {"grouped"}
+    graph = onnx.load(str(on / "training_model.onnx")).graph
+    switches = [n for n in graph.node if n.op_type == "If" and n.name.endswith("::int/switch")]
+    assert len(switches) == 5
+    for sw in switches:
+        branches = {a.name: a.g for a in sw.attribute}
+        assert [n.op_type for n in branches["then_branch"].node][0] == "IntConv"
+        float_ops = {n.op_type for n in branches["else_branch"].node}
+        assert "Conv" in float_ops   # plain or NCHWc (with its reorders) as the build's other convs
+    # the forward convs of both operands' bits are gone from the outer graph; the dX convs stay
+    assert not any(n.op_type == "Conv" and n.name in decided and decided[n.name]["int"] for n in graph.node)
+
+
+@pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4), ((8, 8, 16), 1e-4),
+                                      ((12, 12, 8), 1e-4)])
+def test_step_keeps_loss_and_every_gradient(builds, bits, tol):
+    """0 bits: the two builds to float rounding; quantized: each build against ConvZoo's replayed PyTorch step
+    (at 12-bit activations the float branch runs)."""
+    assert_same_step(builds[False][0], builds[True][0], bits, tol)
+
+
+def test_switch_follows_the_bits_at_run_time(builds, monkeypatch):
+    """A path that cannot run makes IntConv fail: the step fails exactly when a conv's act and weight bits are
+    both 1..8, so the switch takes the integer branch there and the float one elsewhere."""
+    on = builds[True][0]
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")   # set: the manifest check defers to it; the kernel refuses
+    for bits in [(0, 0, 0), (12, 12, 8), (8, 12, 8), (12, 8, 8), (16, 16, 16)]:
+        _step(on, bits)
+    for bits in [(8, 8, 8), (1, 8, 12), (8, 2, 0)]:
+        with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
+            _step(on, bits)
+
+
+def test_cpu_without_the_recorded_path_is_refused_in_one_line(builds, monkeypatch):
+    on = builds[True][0]
+    monkeypatch.delenv("FRACGRAPH_INT_ISA", raising=False)
+    monkeypatch.setattr(kernels, "int_path_available", lambda path: path == "scalar")
+    with pytest.raises(FracgraphError, match="needs the CPU flag") as e:
+        TrainSession(on, threads=1)
+    assert "\n" not in str(e.value) and "--no-int-kernels" in str(e.value)
+    TrainSession(builds[False][0], threads=1)   # artifacts without integer convs load anywhere
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "scalar")   # an explicit path: loads and runs
+    TrainSession(on, threads=1)

@@ -1,0 +1,190 @@
+"""Training-graph pass: a quantized conv's forward GEMM on integer codes (fracgraph/kernels/int_gemm.c, IntConv),
+chosen at run time from the precision input.
+
+FracTrain's forward conv reads an activation and a weight that are both fake-quantized (fw-quant): the values are
+s q + m with integer codes q. When both operands' bits are in 1..8 in a step, the conv's sum of products is the
+integer sum of the codes plus correction terms (int_gemm.c's header), which IntConv computes with 8-bit
+multiplies and int32 accumulation, then rescales once. Everything else about the step stays: the fake-quantized
+float tensors are still computed (the backward's ConvGrad reads them), and so are the ranges.
+
+    Conv(x_fq, w_fq[, b]) -> If(0 < act bits <= 8 and 0 < weight bits <= 8)
+                                then: IntConv(x_fq, x_min, x_scale, w_fq, w_min, w_scale) [+ b]
+                                else: Conv(x_fq, w_fq[, b])    (on NCHWc kernels when the build uses them)
+
+The switch is the same mechanism as quant-branch's: a schedule that moves a block to 12 or 16 bits, or to FP32
+(0 bits), runs the float conv of today's graph, without a rebuild. The operands' ranges and scales are read from
+the quantizers' own tensors (Identity'd in the outer graph, so that every pass sees their readers).
+
+Declined, with the reason in the notes (the conv keeps today's form): grouped convs, auto_pad or asymmetric pads,
+a non-2-D or dynamic weight shape, per-sample (DFQ) bits, and operands that are not both fw-quant outputs (the
+first conv under `--first fp32`, conv-grad-split's dX convs, which read errors). MatMul/Gemm and the backward
+GEMMs (dX, dW) are not on integer kernels yet.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+from onnx import TensorProto, helper
+
+from ..kernels import DOMAIN
+from ..quantizers import Emitter
+from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
+from .fused_ops import import_domain
+
+MAX_BITS = 8
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class IntGemmPass(Pass):
+    name = "int-gemm"
+
+    def __init__(self, shapes: dict[str, list], nchwc_block: int = 1, fused: bool = True):
+        self.shapes = shapes              # tensor name -> static shape (the weights)
+        self.nchwc_block = nchwc_block    # > 1: the float branch's conv goes onto NCHWc kernels like the others
+        self.fused = fused
+        self.convs: list[dict] = []       # what the manifest records: each conv's name, shape and decision
+
+    def call(self, model):
+        graph = model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers = defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+        em = Emitter(graph, opset(model))
+        shapes = dict(self.shapes)
+        shapes.update({t.name: list(t.dims) for t in graph.initializer})
+        notes, pairs, self.convs = [], [], []
+        for node in list(graph.node):
+            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+                continue
+            x, w = self._operand(node.input[0], "::fq_a"), self._operand(node.input[1], "::fq_w")
+            if x is None or w is None:
+                continue   # not a forward conv of quantized operands (dX convs, FP32 layers): nothing to say
+            reason = self._decline(node, shapes.get(node.input[1]), x, w)
+            self.convs.append({"name": node.name, "int": reason is None, "reason": reason or "both operands <= 8 bits"})
+            if reason is not None:
+                notes.append(f"{node.name}: kept the float conv ({reason})")
+                continue
+            pairs.append((node, self._rewrite(em, model, node, shapes, x, w)))
+            em.nodes = []
+        replace_nodes(graph, pairs)
+        if pairs:
+            import_domain(model)
+            notes.insert(0, f"{len(pairs)} forward Conv on integer kernels when act and weight bits are 1..{MAX_BITS} "
+                            f"(IntConv), the float conv otherwise")
+        return PassResult(model, bool(pairs), notes)
+
+    # -- matching -------------------------------------------------------------------------------------------------
+    def _operand(self, tensor: str, tag: str) -> dict | None:
+        """The quantizer behind a fw-quant output: `Where(<bits>::on, <prefix>/q, x)` with q a FakeQuantize (fused)
+        or the chain's `Add(<prefix>/descaled, min)`; its bits, min and scale tensors."""
+        where = self.producer.get(tensor)
+        if where is None or where.op_type != "Where" or not where.input[0].endswith("::on"):
+            return None
+        q = self.producer.get(where.input[1])
+        if q is None or not q.name.endswith("/q") or tag not in q.name:
+            return None
+        if q.op_type == "FakeQuantize":
+            mn, s = q.input[1], q.input[2]
+        elif q.op_type == "Add":
+            mul = self.producer.get(q.input[0])
+            if mul is None or mul.op_type != "Mul":
+                return None
+            mn, s = q.input[1], mul.input[1]
+        else:
+            return None
+        return {"bits": where.input[0][: -len("::on")], "min": mn, "scale": s, "prefix": q.name[: -len("/q")]}
+
+    @staticmethod
+    def _decline(node, w_shape, x, w) -> str | None:
+        a = _attrs(node)
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return "auto_pad"
+        if a.get("group", 1) != 1:
+            return "grouped"
+        if not w_shape or len(w_shape) != 4 or any(not d for d in w_shape):
+            return "weight shape not static 2-D"
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:]:
+            return f"asymmetric pads {pads}"
+        return None
+
+    # -- rewrite --------------------------------------------------------------------------------------------------
+    def _switch(self, em: Emitter, act_bits: str, w_bits: str) -> str:
+        """One bool per (act bits, weight bits) pair: both in 1..MAX_BITS."""
+        name = f"{act_bits}&{w_bits}::int{MAX_BITS}"
+        if not em.has(name):
+            conds = []
+            for b in (act_bits, w_bits):
+                ok = f"{b}::int_ok"
+                if not em.has(ok):
+                    lo = em.node("Greater", [b, em.const(0.0)], f"{b}::int_lo")
+                    hi = em.node("LessOrEqual", [b, em.const(float(MAX_BITS))], f"{b}::int_hi")
+                    em.node("And", [lo, hi], ok)
+                conds.append(ok)
+            em.node("And", conds, name)
+        return name
+
+    def _rewrite(self, em: Emitter, model, node, shapes, x, w) -> list[onnx.NodeProto]:
+        base = f"{node.name}::int"
+        a = _attrs(node)
+        o, c, kh, kw = shapes[node.input[1]]
+        strides = list(a.get("strides", [1, 1]))
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        dil = list(a.get("dilations", [1, 1]))
+        cond = self._switch(em, x["bits"], w["bits"])
+        # the quantizers' tensors, read through outer-graph Identities so every later pass sees a reader
+        xm = em.node("Identity", [x["min"]], f"{base}/x_min")
+        xs = em.node("Identity", [x["scale"]], f"{base}/x_scale")
+        wm = em.node("Identity", [w["min"]], f"{base}/w_min")
+        ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
+        y = node.output[0]
+        then_out = f"{base}/y"
+        then_nodes = [helper.make_node("IntConv", [node.input[0], xm, xs, node.input[1], wm, ws],
+                                       [then_out if len(node.input) < 3 else f"{base}/y_nobias"], name=f"{base}/conv",
+                                       domain=DOMAIN, kh=kh, kw=kw, sh=strides[0], sw=strides[1], ph=pads[0],
+                                       pw=pads[1], dh=dil[0], dw=dil[1])]
+        if len(node.input) > 2 and node.input[2]:
+            b4 = em.node("Reshape", [node.input[2], em.const([1, -1, 1, 1], "int64")], f"{base}/bias")
+            then_nodes.append(helper.make_node("Add", [f"{base}/y_nobias", b4], [then_out], name=f"{base}/add_bias"))
+        then_graph = helper.make_graph(then_nodes, f"{base}/integer", [],
+                                       [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)])
+        else_out = f"{base}/y_float"
+        float_conv = helper.make_node("Conv", list(node.input), [else_out], name=f"{base}/float", **a)
+        else_graph = helper.make_graph([float_conv], f"{base}/float", [],
+                                       [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)])
+        if self.nchwc_block > 1:
+            else_graph = self._nchwc(model, else_graph, shapes, base)
+        branch = helper.make_node("If", [cond], [y], name=f"{base}/switch", then_branch=then_graph,
+                                  else_branch=else_graph)
+        return em.nodes + [branch]
+
+    def _nchwc(self, model, graph: onnx.GraphProto, shapes, base: str) -> onnx.GraphProto:
+        """The float branch's conv on NCHWc kernels, by the nchwc-conv pass run on the branch (its constants renamed
+        under the conv's prefix: a subgraph may not redefine an outer name)."""
+        from .nchwc_conv import NchwcConvPass
+
+        sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+        res = NchwcConvPass(shapes, self.nchwc_block, fused=self.fused).call(sub)
+        if not res.modified:
+            return graph
+        for o in res.model.opset_import:
+            if not any(m.domain == o.domain for m in model.opset_import):
+                model.opset_import.append(helper.make_opsetid(o.domain, o.version))
+        out = res.model.graph
+        renamed = {t.name: f"{base}/{t.name}" for t in out.initializer}
+        for t in out.initializer:
+            t.name = renamed[t.name]
+        for n in out.node:
+            for i, name in enumerate(n.input):
+                n.input[i] = renamed.get(name, name)
+        return out
+
+    def ensures(self, model):
+        assert_inputs_defined(model)
