@@ -182,3 +182,18 @@ def test_cpu_without_the_recorded_path_is_refused_in_one_line(builds, monkeypatc
     TrainSession(builds[False][0], threads=1)   # artifacts without integer convs load anywhere
     monkeypatch.setenv("FRACGRAPH_INT_ISA", "scalar")   # an explicit path: loads and runs
     TrainSession(on, threads=1)
+
+
+def test_cli_no_int_kernels_keeps_the_float_convs(small_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from fracgraph.cli import app
+    from fracgraph.manifest import Manifest
+
+    runner = CliRunner()
+    for flag, expect in (([], True), (["--no-int-kernels"], False)):
+        out = tmp_path / f"art{len(flag)}"
+        r = runner.invoke(app, ["quantize", str(small_model[1]), "-o", str(out), *flag])
+        assert r.exit_code == 0, r.output
+        rec = Manifest.read(out).extra["int_kernels"]
+        assert (rec is not None and any(c["int"] for c in rec["convs"])) is expect
