@@ -22,10 +22,12 @@
  *
  * Three paths for the integer sum, picked at run time by FRACGRAPH_INT_ISA (auto | vnni | avx2 | scalar; auto =
  * the best one compiled for this CPU; asking for one not compiled fails in one line):
- *   vnni   AVX-512 VNNI vpdpbusd: 16 output channels x 4 input channels per instruction, 8 positions per tile;
- *   avx2   vpmaddwd on 16-bit codes: 8 output channels x 2 input channels (vpmaddubsw would saturate);
+ *   vnni   AVX-512 VNNI vpdpbusd: 16 output positions x 4 input channels per instruction, a tile of 8 output
+ *          channels x 2 segments of 16 positions (16 accumulators);
+ *   avx2   vpmaddwd on the codes split into 16-bit pairs: 8 positions x 2 channels (vpmaddubsw would saturate);
  *   scalar plain int32 loops.
- * Images are the parallel tasks; each packs its codes into a zero-padded NHWC buffer (channels padded to 4).
+ * All three compute the same int32 sums and the same float rescale, so their outputs are bitwise equal. Images are
+ * the parallel tasks; each packs its codes 4 channels to a word on the zero-padded image (see IJob).
  */
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -86,7 +88,6 @@ typedef struct OrtCustomOp {
 static OrtStatus* ifail(const char* msg) { return IAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
-#define TILE 8   /* output positions per register tile */
 
 /* which paths this build has (the library is compiled with -march=native for the machine that runs it) */
 int fg_int_isa_available(int isa) {
@@ -113,154 +114,198 @@ typedef struct {
   int64_t conv[8];   /* kh, kw, sh, sw, ph, pw, dh, dw */
 } IKernel;
 
+#define RB 8       /* output channels per register tile */
+#define SLACK 64   /* int32 words past the end of the buffers that a vector may read (masked lanes only) */
+
+/* Layout. Each image's codes are packed 4 channels to an int32 word (byte i = channel 4 c4 + i; channels past C
+ * are code 0) on the zero-padded image split into sh x sw phases, phase (r, c) holding the padded pixels
+ * (i sh + r, j sw + c) on a grid Hq x Wq: so every tap of a strided or dilated conv reads output positions
+ * wo, wo + 1, ... from consecutive words. Output positions go in segments of up to `lanes` along a row; a tile
+ * is RB output channels x two segments; vector lanes are positions, the weights are broadcast. */
 typedef struct {
   int isa;
   const float* x;
   float* y;
-  float mx, sx;
+  float mx, inv_sx;
   int64_t N, C, H, W, K, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
-  int64_t Cp, Hp, Wp, Kb, lanes, P, taps;
-  const void* wpack;       /* packed signed weights (layout per path) */
+  int64_t C4, Hp, Wp, Hq, Wq, plane, taps, Kb, P, lanes, nseg;
+  const int32_t* wpack;    /* vnni, scalar: [Kb/RB][taps][C4][RB] words of 4 signed bytes q_w - 128;
+                              avx2: [Kb/RB][taps][C4][2][RB] words of two int16 (channels 0, 2 and 1, 3) */
   const float* a;          /* [Kb]: s_x s_w[k] */
   const float* b;          /* [Kb]: s_x m_w[k] */
-  const float* t;          /* [Kb][P]: m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p] */
-  const int64_t* tap_off;  /* [taps]: element offset of each tap in the padded NHWC image */
-  const int64_t* pos_off;  /* [P]: element offset of each output position's window origin */
-  const int64_t* tap_pix;  /* the same two in pixels (for the window sums of the codes) */
-  const int64_t* pos_pix;
+  const float* t;          /* [K][P] (+ SLACK): m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p] */
+  const int64_t* toff;     /* [taps]: word offset of each tap in a c4 plane */
+  const int64_t* tpix;     /* [taps]: pixel offset of each tap in the padded image */
+  const int64_t* seg_in;   /* [nseg]: a segment's first position on the phase grid (ho Wq + wo0) */
+  const int64_t* seg_out;  /* [nseg]: its first output position (ho Wo + wo0) */
+  const int32_t* seg_n;    /* [nseg]: its length */
   int failed;              /* an image's scratch could not be allocated */
-  size_t scratch_bytes;
 } IJob;
 
 /* the code of a fake-quantized value v = s q + m: (v - m) / s is q up to a few ulps (far from the 0.5 that would
  * round elsewhere while |m| / s < 2^20), so multiplying by 1 / s is as good as dividing */
-static inline uint8_t code_of(float v, float m, float inv_s) {
+static inline int32_t code_of(float v, float m, float inv_s) {
   float u = nearbyintf((v - m) * inv_s);
-  return (uint8_t)(u < 0.0f ? 0.0f : u > 255.0f ? 255.0f : u);
+  return (int32_t)(u < 0.0f ? 0.0f : u > 255.0f ? 255.0f : u);
 }
 
-/* A tile of TILE positions [p0, p0 + TILE) (the last tile repeats its last position) and one block of `lanes`
- * output channels: acc[j][l] = sum_{tap, c} xpad[pos_off[p_j] + tap_off[tap] + c] * wq[kb*lanes + l][tap][c] */
-static void tile_scalar(const IJob* j, const uint8_t* xp, const int8_t* wp, const int64_t* po, int64_t kb, int32_t* acc) {
-  const int64_t L = j->lanes, Cp = j->Cp;
-  for (int t = 0; t < TILE; ++t)
-    for (int64_t l = 0; l < L; ++l) {
-      const int8_t* w = wp + (size_t)(kb * L + l) * j->taps * Cp;
+/* rescale one output channel's sums of one segment into y: A = acc + 128 Sx, y = a A + b Sx + t */
+static inline void store_plain(const IJob* j, const int32_t* acc, const int32_t* sx, int64_t k, int64_t out, int32_t n, float* y) {
+  const float a = j->a[k], b = j->b[k];
+  const float* t = j->t + (size_t)k * j->P + out;
+  float* yk = y + (size_t)k * j->P + out;
+  for (int32_t l = 0; l < n; ++l) yk[l] = a * (float)(acc[l] + 128 * sx[out + l]) + b * (float)sx[out + l] + t[l];
+}
+
+static void tile_scalar(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb, int64_t s0, float* y) {
+  int32_t acc[16];
+  const int64_t n = j->seg_n[s0], in = j->seg_in[s0];
+  for (int r = 0; r < RB; ++r) {
+    const int64_t k = kb * RB + r;
+    if (k >= j->K) break;
+    for (int64_t l = 0; l < n; ++l) {
       int32_t s = 0;
-      for (int64_t tap = 0; tap < j->taps; ++tap) {
-        const uint8_t* xr = xp + po[t] + j->tap_off[tap];
-        const int8_t* wr = w + tap * Cp;
-        for (int64_t c = 0; c < Cp; ++c) s += (int32_t)xr[c] * (int32_t)wr[c];
-      }
-      acc[t * L + l] = s;
+      for (int64_t tap = 0; tap < j->taps; ++tap)
+        for (int64_t c4 = 0; c4 < j->C4; ++c4) {
+          const uint32_t xw = (uint32_t)xq[c4 * j->plane + j->toff[tap] + in + l];
+          const uint32_t ww = (uint32_t)j->wpack[((kb * j->taps + tap) * j->C4 + c4) * RB + r];
+          for (int i = 0; i < 4; ++i) s += (int32_t)((xw >> (8 * i)) & 0xFF) * (int32_t)(int8_t)((ww >> (8 * i)) & 0xFF);
+        }
+      acc[l] = s;
     }
+    store_plain(j, acc, sx, k, j->seg_out[s0], (int32_t)n, y);
+  }
 }
 
 #if defined(__AVX2__)
-/* x as 16-bit codes; weights [Kb/8][taps][Cp/2][8 lanes][2 channels] int16 */
-__attribute__((target("avx2")))
-static void tile_avx2(const IJob* j, const uint16_t* xp, const int16_t* wp, const int64_t* po, int64_t kb, int32_t* acc) {
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  const int64_t c2n = j->Cp / 2;
-  const int16_t* w = wp + (size_t)kb * j->taps * c2n * 16;
+/* one segment of up to 8 positions x RB channels: x words split into 16-bit (c0, c2) and (c1, c3), vpmaddwd */
+static void tile_avx2(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb, int64_t s0, float* y) {
+  __m256i acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_si256();
+  const __m256i lo8 = _mm256_set1_epi32(0x00FF00FF);
+  const int64_t in = j->seg_in[s0];
   for (int64_t tap = 0; tap < j->taps; ++tap) {
-    const int64_t to = j->tap_off[tap];
-    const uint16_t *x0 = xp + po[0] + to, *x1 = xp + po[1] + to, *x2 = xp + po[2] + to, *x3 = xp + po[3] + to;
-    const uint16_t *x4 = xp + po[4] + to, *x5 = xp + po[5] + to, *x6 = xp + po[6] + to, *x7 = xp + po[7] + to;
-    for (int64_t c2 = 0; c2 < c2n; ++c2, w += 16) {
-      const __m256i wv = _mm256_loadu_si256((const __m256i*)w);
-      int32_t v;
-#define STEP(A, X) memcpy(&v, X + 2 * c2, 4); A = _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_set1_epi32(v), wv));
-      STEP(a0, x0) STEP(a1, x1) STEP(a2, x2) STEP(a3, x3) STEP(a4, x4) STEP(a5, x5) STEP(a6, x6) STEP(a7, x7)
-#undef STEP
+    const int32_t* xt = xq + j->toff[tap] + in;
+    const int32_t* w = j->wpack + (kb * j->taps + tap) * j->C4 * 2 * RB;
+    for (int64_t c4 = 0; c4 < j->C4; ++c4, w += 2 * RB) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + c4 * j->plane));
+      const __m256i x02 = _mm256_and_si256(xv, lo8), x13 = _mm256_and_si256(_mm256_srli_epi32(xv, 8), lo8);
+      for (int r = 0; r < RB; ++r)
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(x02, _mm256_set1_epi32(w[r])),
+                                                           _mm256_madd_epi16(x13, _mm256_set1_epi32(w[RB + r]))));
     }
   }
-  _mm256_storeu_si256((__m256i*)(acc + 0), a0); _mm256_storeu_si256((__m256i*)(acc + 8), a1);
-  _mm256_storeu_si256((__m256i*)(acc + 16), a2); _mm256_storeu_si256((__m256i*)(acc + 24), a3);
-  _mm256_storeu_si256((__m256i*)(acc + 32), a4); _mm256_storeu_si256((__m256i*)(acc + 40), a5);
-  _mm256_storeu_si256((__m256i*)(acc + 48), a6); _mm256_storeu_si256((__m256i*)(acc + 56), a7);
+  int32_t tmp[8];
+  for (int r = 0; r < RB; ++r) {
+    const int64_t k = kb * RB + r;
+    if (k >= j->K) break;
+    _mm256_storeu_si256((__m256i*)tmp, acc[r]);
+    store_plain(j, tmp, sx, k, j->seg_out[s0], j->seg_n[s0], y);
+  }
 }
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* x as 8-bit codes; weights [Kb/16][taps][Cp/4][16 lanes][4 channels] int8 */
-static void tile_vnni(const IJob* j, const uint8_t* xp, const int8_t* wp, const int64_t* po, int64_t kb, int32_t* acc) {
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  const int64_t c4n = j->Cp / 4;
-  const int8_t* w = wp + (size_t)kb * j->taps * c4n * 64;
+/* two segments of up to 16 positions x RB channels: 16 accumulators, one vpdpbusd per (channel, segment, c4, tap) */
+static void tile_vnni(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb, int64_t s0, int64_t s1, float* y) {
+  __m512i a0[RB], a1[RB];
+  for (int r = 0; r < RB; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
+  const int64_t in0 = j->seg_in[s0], in1 = j->seg_in[s1];
   for (int64_t tap = 0; tap < j->taps; ++tap) {
-    const int64_t to = j->tap_off[tap];
-    const uint8_t *x0 = xp + po[0] + to, *x1 = xp + po[1] + to, *x2 = xp + po[2] + to, *x3 = xp + po[3] + to;
-    const uint8_t *x4 = xp + po[4] + to, *x5 = xp + po[5] + to, *x6 = xp + po[6] + to, *x7 = xp + po[7] + to;
-    for (int64_t c4 = 0; c4 < c4n; ++c4, w += 64) {
-      const __m512i wv = _mm512_loadu_si512((const void*)w);
-      int32_t v;
-#define STEP(A, X) memcpy(&v, X + 4 * c4, 4); A = _mm512_dpbusd_epi32(A, _mm512_set1_epi32(v), wv);
-      STEP(a0, x0) STEP(a1, x1) STEP(a2, x2) STEP(a3, x3) STEP(a4, x4) STEP(a5, x5) STEP(a6, x6) STEP(a7, x7)
-#undef STEP
+    const int32_t* x0 = xq + j->toff[tap] + in0;
+    const int32_t* x1 = xq + j->toff[tap] + in1;
+    const int32_t* w = j->wpack + (kb * j->taps + tap) * j->C4 * RB;
+    for (int64_t c4 = 0; c4 < j->C4; ++c4, w += RB) {
+      const __m512i v0 = _mm512_loadu_si512((const void*)(x0 + c4 * j->plane));
+      const __m512i v1 = _mm512_loadu_si512((const void*)(x1 + c4 * j->plane));
+      for (int r = 0; r < RB; ++r) {
+        const __m512i wv = _mm512_set1_epi32(w[r]);
+        a0[r] = _mm512_dpbusd_epi32(a0[r], v0, wv);
+        a1[r] = _mm512_dpbusd_epi32(a1[r], v1, wv);
+      }
     }
   }
-  _mm512_storeu_si512(acc + 0, a0); _mm512_storeu_si512(acc + 16, a1); _mm512_storeu_si512(acc + 32, a2);
-  _mm512_storeu_si512(acc + 48, a3); _mm512_storeu_si512(acc + 64, a4); _mm512_storeu_si512(acc + 80, a5);
-  _mm512_storeu_si512(acc + 96, a6); _mm512_storeu_si512(acc + 112, a7);
+  const int64_t segs[2] = {s0, s1};
+  for (int h = 0; h < (s1 == s0 ? 1 : 2); ++h) {
+    const int64_t out = j->seg_out[segs[h]];
+    const __mmask16 m = (__mmask16)((1u << j->seg_n[segs[h]]) - 1u);
+    const __m512i sxi = _mm512_maskz_loadu_epi32(m, sx + out);
+    const __m512 sxf = _mm512_cvtepi32_ps(sxi);
+    const __m512i sx128 = _mm512_slli_epi32(sxi, 7);
+    for (int r = 0; r < RB; ++r) {
+      const int64_t k = kb * RB + r;
+      if (k >= j->K) break;
+      const __m512 A = _mm512_cvtepi32_ps(_mm512_add_epi32(h ? a1[r] : a0[r], sx128));
+      const __m512 t = _mm512_maskz_loadu_ps(m, j->t + (size_t)k * j->P + out);
+      const __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(j->a[k]), A),
+                                                   _mm512_mul_ps(_mm512_set1_ps(j->b[k]), sxf)), t);
+      _mm512_mask_storeu_ps(y + (size_t)k * j->P + out, m, v);
+    }
+  }
 }
 #endif
 
-/* one image: pack codes, window sums, every tile and channel block, rescale into y[n] (NCHW) */
+/* one image: pack the codes, window sums, every tile, rescale into y[n] (NCHW) */
 static void conv_image(void* p, size_t n) {
   const IJob* j = (const IJob*)p;
-  const int64_t C = j->C, H = j->H, W = j->W, Cp = j->Cp, Hp = j->Hp, Wp = j->Wp, P = j->P, L = j->lanes;
-  const size_t img = (size_t)(Hp * Wp * Cp);
-  const int wide = j->isa == ISA_AVX2;
-  char* buf = (char*)calloc(1, img * (wide ? 2 : 1) + (size_t)(Hp * Wp) * sizeof(int32_t) + (size_t)P * sizeof(int32_t)
-                                   + TILE * 16 * sizeof(int32_t) + 64);
+  const int64_t C = j->C, H = j->H, W = j->W, Hp = j->Hp, Wp = j->Wp, P = j->P;
+  const size_t words = (size_t)(j->C4 * j->plane) + SLACK;
+  char* buf = (char*)calloc(1, words * 4 + (size_t)(Hp * Wp) * 4 + (size_t)(P + SLACK) * 4 + (size_t)W * 4 * 4);
   if (!buf) { ((IJob*)p)->failed = 1; return; }
-  uint8_t* xp8 = (uint8_t*)buf;
-  uint16_t* xp16 = (uint16_t*)buf;
-  int32_t* colsum = (int32_t*)(buf + img * (wide ? 2 : 1));
+  int32_t* xq = (int32_t*)buf;
+  int32_t* colsum = xq + words;
   int32_t* sx = colsum + Hp * Wp;
-  int32_t* acc = (int32_t*)(((uintptr_t)(sx + P) + 63) & ~(uintptr_t)63);
+  int32_t* qrow = sx + P + SLACK;   /* 4 rows of codes */
   const float* x = j->x + (size_t)n * C * H * W;
-  const float mx = j->mx, inv = 1.0f / j->sx;
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w) {
-        const uint8_t q = code_of(x[(c * H + h) * W + w], mx, inv);
-        const size_t at = (size_t)(((h + j->ph) * Wp + w + j->pw) * Cp + c);
-        if (wide) xp16[at] = q; else xp8[at] = q;
-        colsum[(h + j->ph) * Wp + w + j->pw] += q;
+  const float mx = j->mx, inv = j->inv_sx;
+  for (int64_t c4 = 0; c4 < j->C4; ++c4)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = c4 * 4 + i;
+        int32_t* q = qrow + i * W;
+        if (c < C) {
+          const float* xr = x + (c * H + h) * W;
+          for (int64_t w = 0; w < W; ++w) q[w] = code_of(xr[w], mx, inv);
+        } else {
+          memset(q, 0, (size_t)W * 4);
+        }
       }
-  for (int64_t q = 0; q < P; ++q) {   /* window sums of the codes (pads are 0) */
-    int32_t acc_s = 0;
-    for (int64_t tap = 0; tap < j->taps; ++tap) acc_s += colsum[j->pos_pix[q] + j->tap_pix[tap]];
-    sx[q] = acc_s;
-  }
-  float* y = j->y + (size_t)n * j->K * P;
-  int64_t po[TILE];
-  for (int64_t p0 = 0; p0 < P; p0 += TILE) {
-    const int64_t m = P - p0 < TILE ? P - p0 : TILE;
-    for (int t = 0; t < TILE; ++t) po[t] = j->pos_off[p0 + (t < m ? t : m - 1)];
-    for (int64_t kb = 0; kb < j->Kb / L; ++kb) {
-      switch (j->isa) {
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        case ISA_VNNI: tile_vnni(j, xp8, (const int8_t*)j->wpack, po, kb, acc); break;
-#endif
-#if defined(__AVX2__)
-        case ISA_AVX2: tile_avx2(j, xp16, (const int16_t*)j->wpack, po, kb, acc); break;
-#endif
-        default: tile_scalar(j, xp8, (const int8_t*)j->wpack, po, kb, acc); break;
-      }
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t k = kb * L + l;
-        if (k >= j->K) break;
-        const float a = j->a[k], b = j->b[k];
-        float* yk = y + (size_t)k * P + p0;
-        const float* tk = j->t + (size_t)k * P;
-        for (int64_t t = 0; t < m; ++t)
-          yk[t] = a * (float)(acc[t * L + l] + 128 * sx[p0 + t]) + b * (float)sx[p0 + t] + tk[p0 + t];
+      const int64_t hp = h + j->ph;
+      int32_t* cs = colsum + hp * Wp + j->pw;
+      for (int64_t w = 0; w < W; ++w) cs[w] += qrow[w] + qrow[W + w] + qrow[2 * W + w] + qrow[3 * W + w];
+      int32_t* plane = xq + c4 * j->plane;
+      if (j->sh == 1 && j->sw == 1) {
+        int32_t* dst = plane + hp * j->Wq + j->pw;
+        for (int64_t w = 0; w < W; ++w)
+          dst[w] = qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
+      } else {
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t wp = w + j->pw;
+          plane[((hp % j->sh) * j->sw + wp % j->sw) * j->Hq * j->Wq + (hp / j->sh) * j->Wq + wp / j->sw] =
+              qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
+        }
       }
     }
-  }
+  for (int64_t ho = 0; ho < j->Ho; ++ho)   /* window sums of the codes (pads are 0) */
+    for (int64_t wo = 0; wo < j->Wo; ++wo) {
+      const int32_t* cs = colsum + ho * j->sh * Wp + wo * j->sw;
+      int32_t s = 0;
+      for (int64_t tap = 0; tap < j->taps; ++tap) s += cs[j->tpix[tap]];
+      sx[ho * j->Wo + wo] = s;
+    }
+  float* y = j->y + (size_t)n * j->K * P;
+  for (int64_t kb = 0; kb < j->Kb / RB; ++kb)
+    for (int64_t s0 = 0; s0 < j->nseg; s0 += (j->isa == ISA_VNNI ? 2 : 1)) {
+      switch (j->isa) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        case ISA_VNNI: tile_vnni(j, xq, sx, kb, s0, s0 + 1 < j->nseg ? s0 + 1 : s0, y); break;
+#endif
+#if defined(__AVX2__)
+        case ISA_AVX2: tile_avx2(j, xq, sx, kb, s0, y); break;
+#endif
+        default: tile_scalar(j, xq, sx, kb, s0, y); break;
+      }
+    }
   free(buf);
 }
 
@@ -309,57 +354,70 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   j.Ho = (j.H + 2 * j.ph - (j.kh - 1) * j.dh - 1) / j.sh + 1;
   j.Wo = (j.W + 2 * j.pw - (j.kw - 1) * j.dw - 1) / j.sw + 1;
   if (j.Ho < 1 || j.Wo < 1) return ifail("fracgraph IntConv: the output would be empty");
-  j.x = x, j.mx = *mxp, j.sx = *sxp;
-  j.lanes = j.isa == ISA_VNNI ? 16 : j.isa == ISA_AVX2 ? 8 : 1;
-  j.Kb = (j.K + j.lanes - 1) / j.lanes * j.lanes;
-  j.Cp = (j.C + 3) / 4 * 4;
+  j.x = x, j.mx = *mxp, j.inv_sx = 1.0f / *sxp;
+  j.lanes = j.isa == ISA_AVX2 ? 8 : 16;
+  j.Kb = (j.K + RB - 1) / RB * RB;
+  j.C4 = (j.C + 3) / 4;
   j.Hp = j.H + 2 * j.ph, j.Wp = j.W + 2 * j.pw;   /* symmetric pads (the pass sends only those) */
+  j.Hq = (j.Hp + j.sh - 1) / j.sh, j.Wq = (j.Wp + j.sw - 1) / j.sw;
+  j.plane = j.sh * j.sw * j.Hq * j.Wq;
   j.P = j.Ho * j.Wo;
   j.taps = j.kh * j.kw;
-  const int64_t K = j.K, C = j.C, Kb = j.Kb, Cp = j.Cp, taps = j.taps, P = j.P, L = j.lanes;
-  /* weight codes, their per-(k, tap) sums, the per-channel coefficients */
-  uint8_t* qw = (uint8_t*)malloc((size_t)(K * C * taps));
+  j.nseg = j.Ho * ((j.Wo + j.lanes - 1) / j.lanes);
+  const int64_t K = j.K, C = j.C, C4 = j.C4, taps = j.taps, P = j.P;
   int32_t* wsum = (int32_t*)calloc((size_t)(K * taps), sizeof(int32_t));
-  float* a = (float*)calloc((size_t)Kb, sizeof(float));
-  float* b = (float*)calloc((size_t)Kb, sizeof(float));
-  float* t = (float*)calloc((size_t)(P * Kb), sizeof(float));
-  int64_t* tap_off = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
-  int64_t* pos_off = (int64_t*)malloc((size_t)P * sizeof(int64_t));
-  int64_t* tap_pix = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
-  int64_t* pos_pix = (int64_t*)malloc((size_t)P * sizeof(int64_t));
-  size_t wbytes = (size_t)(Kb * taps * Cp) * (j.isa == ISA_AVX2 ? 2 : 1);
-  void* wpack = calloc(1, wbytes + 64);
+  float* a = (float*)calloc((size_t)j.Kb, sizeof(float));
+  float* b = (float*)calloc((size_t)j.Kb, sizeof(float));
+  float* t = (float*)calloc((size_t)(K * P + SLACK), sizeof(float));
+  int64_t* toff = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
+  int64_t* tpix = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
+  int64_t* seg_in = (int64_t*)malloc((size_t)j.nseg * sizeof(int64_t));
+  int64_t* seg_out = (int64_t*)malloc((size_t)j.nseg * sizeof(int64_t));
+  int32_t* seg_n = (int32_t*)malloc((size_t)j.nseg * sizeof(int32_t));
+  int32_t* wpack = (int32_t*)calloc((size_t)(j.Kb * taps * C4 * 2), sizeof(int32_t));
   void* yv;
   int64_t yd[4] = {j.N, K, j.Ho, j.Wo};
   st = NULL;
-  if (!qw || !wsum || !a || !b || !t || !tap_off || !pos_off || !tap_pix || !pos_pix || !wpack) { st = ifail("fracgraph IntConv: out of memory"); goto done; }
+  if (!wsum || !a || !b || !t || !toff || !tpix || !seg_in || !seg_out || !seg_n || !wpack) {
+    st = ifail("fracgraph IntConv: out of memory");
+    goto done;
+  }
+  /* weight codes: packed, their per-(k, tap) sums, the per-channel coefficients */
   for (int64_t k = 0; k < K; ++k) {
+    const float inv_w = 1.0f / sw[k];
     for (int64_t c = 0; c < C; ++c)
       for (int64_t tap = 0; tap < taps; ++tap) {
-        const uint8_t q = code_of(w[(k * C + c) * taps + tap], mw[k], 1.0f / sw[k]);
-        qw[(k * C + c) * taps + tap] = q;
+        const int32_t q = code_of(w[(k * C + c) * taps + tap], mw[k], inv_w);
         wsum[k * taps + tap] += q;
-        const int8_t sq = (int8_t)((int)q - 128);
-        if (j.isa == ISA_VNNI)
-          ((int8_t*)wpack)[((((k / 16) * taps + tap) * (Cp / 4) + c / 4) * 16 + k % 16) * 4 + c % 4] = sq;
-        else if (j.isa == ISA_AVX2)
-          ((int16_t*)wpack)[((((k / 8) * taps + tap) * (Cp / 2) + c / 2) * 8 + k % 8) * 2 + c % 2] = sq;
-        else
-          ((int8_t*)wpack)[(k * taps + tap) * Cp + c] = sq;
+        const int32_t sq = q - 128;
+        const int64_t kb = k / RB, rr = k % RB, c4 = c / 4, i = c % 4;
+        if (j.isa == ISA_AVX2) {   /* word h = i % 2 (channels 0, 2 | 1, 3), half = i / 2 */
+          uint32_t* wd32 = (uint32_t*)&wpack[(((kb * taps + tap) * C4 + c4) * 2 + i % 2) * RB + rr];
+          *wd32 |= ((uint32_t)(uint16_t)(int16_t)sq) << (16 * (i / 2));
+        } else {
+          uint32_t* wd32 = (uint32_t*)&wpack[((kb * taps + tap) * C4 + c4) * RB + rr];
+          *wd32 |= ((uint32_t)(uint8_t)(int8_t)sq) << (8 * i);
+        }
       }
-    a[k] = j.sx * sw[k];
-    b[k] = j.sx * mw[k];
+    a[k] = *sxp * sw[k];
+    b[k] = *sxp * mw[k];
   }
   for (int64_t ta = 0; ta < j.kh; ++ta)
     for (int64_t tb = 0; tb < j.kw; ++tb) {
-      tap_pix[ta * j.kw + tb] = ta * j.dh * j.Wp + tb * j.dw;
-      tap_off[ta * j.kw + tb] = tap_pix[ta * j.kw + tb] * Cp;
+      const int64_t rr = ta * j.dh, cc = tb * j.dw;
+      toff[ta * j.kw + tb] = ((rr % j.sh) * j.sw + cc % j.sw) * j.Hq * j.Wq + (rr / j.sh) * j.Wq + cc / j.sw;
+      tpix[ta * j.kw + tb] = rr * j.Wp + cc;
+    }
+  int64_t ns = 0;
+  for (int64_t ho = 0; ho < j.Ho; ++ho)
+    for (int64_t wo = 0; wo < j.Wo; wo += j.lanes, ++ns) {
+      seg_in[ns] = ho * j.Wq + wo;
+      seg_out[ns] = ho * j.Wo + wo;
+      seg_n[ns] = (int32_t)(j.Wo - wo < j.lanes ? j.Wo - wo : j.lanes);
     }
   for (int64_t ho = 0; ho < j.Ho; ++ho)
     for (int64_t wo = 0; wo < j.Wo; ++wo) {
       const int64_t q = ho * j.Wo + wo;
-      pos_pix[q] = ho * j.sh * j.Wp + wo * j.sw;
-      pos_off[q] = pos_pix[q] * Cp;
       /* taps inside the image at this position: Sw[k, p] and C T[p] */
       int64_t inside = 0;
       for (int64_t ta = 0; ta < j.kh; ++ta)
@@ -372,15 +430,15 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
       for (int64_t k = 0; k < K; ++k)
         t[k * P + q] = (float)((double)j.mx * sw[k] * t[k * P + q] + (double)j.mx * mw[k] * (double)(C * inside));
     }
-  j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.tap_off = tap_off, j.pos_off = pos_off, j.tap_pix = tap_pix, j.pos_pix = pos_pix;
+  j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.toff = toff, j.tpix = tpix;
+  j.seg_in = seg_in, j.seg_out = seg_out, j.seg_n = seg_n;
   if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, yd, 4, &yv))) goto done;
   if ((st = IAPI(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y))) goto done;
-  (void)L;
   if (j.N == 1) conv_image(&j, 0);
   else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, conv_image, (size_t)j.N, 0, &j);
   if (!st && j.failed) st = ifail("fracgraph IntConv: out of memory");
 done:
-  free(qw); free(wsum); free(a); free(b); free(t); free(tap_off); free(pos_off); free(tap_pix); free(pos_pix); free(wpack);
+  free(wsum); free(a); free(b); free(t); free(toff); free(tpix); free(seg_in); free(seg_out); free(seg_n); free(wpack);
   return st;
 }
 
