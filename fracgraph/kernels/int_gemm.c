@@ -136,6 +136,7 @@ typedef struct {
   const float* t;          /* [K][P] (+ SLACK): m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p] */
   const int64_t* toff;     /* [taps]: word offset of each tap in a c4 plane */
   const int64_t* tpix;     /* [taps]: pixel offset of each tap in the padded image */
+  const int64_t* col_off;  /* [W]: word offset of input column w in its row of the phase grid */
   const int64_t* seg_in;   /* [nseg]: a segment's first position on the phase grid (ho Wq + wo0) */
   const int64_t* seg_out;  /* [nseg]: its first output position (ho Wo + wo0) */
   const int32_t* seg_n;    /* [nseg]: its length */
@@ -278,12 +279,10 @@ static void conv_image(void* p, size_t n) {
         int32_t* dst = plane + hp * j->Wq + j->pw;
         for (int64_t w = 0; w < W; ++w)
           dst[w] = qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
-      } else {
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t wp = w + j->pw;
-          plane[((hp % j->sh) * j->sw + wp % j->sw) * j->Hq * j->Wq + (hp / j->sh) * j->Wq + wp / j->sw] =
-              qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
-        }
+      } else {   /* strided: the row's phase and grid row, each column's phase and grid column */
+        int32_t* dst = plane + (hp % j->sh) * j->sw * j->Hq * j->Wq + (hp / j->sh) * j->Wq;
+        for (int64_t w = 0; w < W; ++w)
+          dst[j->col_off[w]] = qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
       }
     }
   for (int64_t ho = 0; ho < j->Ho; ++ho)   /* window sums of the codes (pads are 0) */
@@ -375,10 +374,11 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   int64_t* seg_out = (int64_t*)malloc((size_t)j.nseg * sizeof(int64_t));
   int32_t* seg_n = (int32_t*)malloc((size_t)j.nseg * sizeof(int32_t));
   int32_t* wpack = (int32_t*)calloc((size_t)(j.Kb * taps * C4 * 2), sizeof(int32_t));
+  int64_t* col_off = (int64_t*)malloc((size_t)j.W * sizeof(int64_t));
   void* yv;
   int64_t yd[4] = {j.N, K, j.Ho, j.Wo};
   st = NULL;
-  if (!wsum || !a || !b || !t || !toff || !tpix || !seg_in || !seg_out || !seg_n || !wpack) {
+  if (!wsum || !a || !b || !t || !toff || !tpix || !seg_in || !seg_out || !seg_n || !wpack || !col_off) {
     st = ifail("fracgraph IntConv: out of memory");
     goto done;
   }
@@ -408,6 +408,8 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
       toff[ta * j.kw + tb] = ((rr % j.sh) * j.sw + cc % j.sw) * j.Hq * j.Wq + (rr / j.sh) * j.Wq + cc / j.sw;
       tpix[ta * j.kw + tb] = rr * j.Wp + cc;
     }
+  for (int64_t wi = 0; wi < j.W; ++wi)
+    col_off[wi] = ((wi + j.pw) % j.sw) * j.Hq * j.Wq + (wi + j.pw) / j.sw;
   int64_t ns = 0;
   for (int64_t ho = 0; ho < j.Ho; ++ho)
     for (int64_t wo = 0; wo < j.Wo; wo += j.lanes, ++ns) {
@@ -431,14 +433,14 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
         t[k * P + q] = (float)((double)j.mx * sw[k] * t[k * P + q] + (double)j.mx * mw[k] * (double)(C * inside));
     }
   j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.toff = toff, j.tpix = tpix;
-  j.seg_in = seg_in, j.seg_out = seg_out, j.seg_n = seg_n;
+  j.seg_in = seg_in, j.seg_out = seg_out, j.seg_n = seg_n, j.col_off = col_off;
   if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, yd, 4, &yv))) goto done;
   if ((st = IAPI(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y))) goto done;
   if (j.N == 1) conv_image(&j, 0);
   else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, conv_image, (size_t)j.N, 0, &j);
   if (!st && j.failed) st = ifail("fracgraph IntConv: out of memory");
 done:
-  free(wsum); free(a); free(b); free(t); free(toff); free(tpix); free(seg_in); free(seg_out); free(seg_n); free(wpack);
+  free(wsum); free(a); free(b); free(t); free(toff); free(tpix); free(seg_in); free(seg_out); free(seg_n); free(wpack); free(col_off);
   return st;
 }
 

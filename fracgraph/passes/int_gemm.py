@@ -16,7 +16,8 @@ The switch is the same mechanism as quant-branch's: a schedule that moves a bloc
 the quantizers' own tensors (Identity'd in the outer graph, so that every pass sees their readers).
 
 Declined, with the reason in the notes (the conv keeps today's form): grouped convs, auto_pad or asymmetric pads,
-a non-2-D or dynamic weight shape, per-sample (DFQ) bits, and operands that are not both fw-quant outputs (the
+a non-2-D or dynamic weight shape, convs with few multiply-adds per input code (MIN_MACS_PER_CODE: 1x1 strided
+convs, where the float conv is faster), per-sample (DFQ) bits, and operands that are not both fw-quant outputs (the
 first conv under `--first fp32`, conv-grad-split's dX convs, which read errors). MatMul/Gemm and the backward
 GEMMs (dX, dW) are not on integer kernels yet.
 """
@@ -34,6 +35,11 @@ from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
 from .fused_ops import import_domain
 
 MAX_BITS = 8
+# IntConv packs every input code once per image and then runs K * taps / (sh * sw) multiply-adds per packed code;
+# below this many the packing costs more than the integer GEMM saves (bench/kernel_probes.py --only intconv, one
+# thread: resnet20's 1x1 stride-2 32 -> 64 conv, 16 per code, took 2.9-4.9x NCHWc's time; the 3x3 stride-2
+# 16 -> 32 conv, 72 per code, 0.63-0.92x)
+MIN_MACS_PER_CODE = 32
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -113,6 +119,12 @@ class IntGemmPass(Pass):
         pads = list(a.get("pads", [0, 0, 0, 0]))
         if pads[:2] != pads[2:]:
             return f"asymmetric pads {pads}"
+        o, _, kh, kw = w_shape
+        sh, sw = list(a.get("strides", [1, 1]))
+        per_code = o * kh * kw / (sh * sw)
+        if per_code < MIN_MACS_PER_CODE:
+            return (f"{per_code:g} multiply-adds per input code (< {MIN_MACS_PER_CODE}): packing the codes costs more "
+                    f"than the integer GEMM saves")
         return None
 
     # -- rewrite --------------------------------------------------------------------------------------------------

@@ -125,8 +125,27 @@ from test_speed_passes import ConvZoo, _step, assert_same_step, build_pair  # no
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     """ConvZoo (stem, depthwise, grouped with bias, 1x1 strided with bias, 5x5, dilated, 1x1 with pads) without and
-    with integer convs."""
-    return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
+    with integer convs; its convs are too small for the cost rule (MIN_MACS_PER_CODE), which is lifted here so
+    that the 1x1, strided and biased forms run on IntConv too."""
+    from fracgraph.passes import int_gemm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int_gemm, "MIN_MACS_PER_CODE", 0)
+        return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
+
+
+def test_cost_rule_keeps_convs_with_few_macs_per_code_on_floats():
+    from onnx import helper
+
+    from fracgraph.passes.int_gemm import IntGemmPass
+
+    def decide(o, k, stride):
+        node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k, k], strides=[stride, stride],
+                                pads=[k // 2] * 4)
+        return IntGemmPass._decline(node, [o, 32, k, k], None, None)
+
+    assert decide(64, 1, 2) is not None and "multiply-adds per input code" in decide(64, 1, 2)   # resnet20 shortcut
+    assert decide(32, 3, 2) is None and decide(16, 3, 1) is None and decide(32, 1, 1) is None
 
 
 def test_pass_structure_and_manifest(builds):
