@@ -18,7 +18,7 @@
  * (exact; rescaling acc and 128 Sx separately would cancel large float terms at few bits), and
  *
  *   y = a_k A + b_k Sx + t[p,k],  a_k = s_x s_w[k],  b_k = s_x m_w[k],
- *       t[p,k] = m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p]   (per call, in double)
+ *       t[p,k] = m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p]   (per call; the rescale runs in double, rounded once)
  *
  * Three paths for the integer sum, picked at run time by FRACGRAPH_INT_ISA (auto | vnni | avx2 | scalar; auto =
  * the best one compiled for this CPU; asking for one not compiled fails in one line):
@@ -131,9 +131,9 @@ typedef struct {
   int64_t C4, Hp, Wp, Hq, Wq, plane, taps, Kb, P, lanes, nseg;
   const int32_t* wpack;    /* vnni, scalar: [Kb/RB][taps][C4][RB] words of 4 signed bytes q_w - 128;
                               avx2: [Kb/RB][taps][C4][2][RB] words of two int16 (channels 0, 2 and 1, 3) */
-  const float* a;          /* [Kb]: s_x s_w[k] */
-  const float* b;          /* [Kb]: s_x m_w[k] */
-  const float* t;          /* [K][P] (+ SLACK): m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p] */
+  const double* a;         /* [Kb]: s_x s_w[k] */
+  const double* b;         /* [Kb]: s_x m_w[k] */
+  const double* t;         /* [K][P] (+ SLACK): m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p] */
   const int64_t* toff;     /* [taps]: word offset of each tap in a c4 plane */
   const int64_t* tpix;     /* [taps]: pixel offset of each tap in the padded image */
   const int64_t* col_off;  /* [W]: word offset of input column w in its row of the phase grid */
@@ -150,12 +150,13 @@ static inline int32_t code_of(float v, float m, float inv_s) {
   return (int32_t)(u < 0.0f ? 0.0f : u > 255.0f ? 255.0f : u);
 }
 
-/* rescale one output channel's sums of one segment into y: A = acc + 128 Sx, y = a A + b Sx + t */
+/* rescale one output channel's sums of one segment into y: A = acc + 128 Sx, y = a A + b Sx + t in double (the
+ * terms can be far larger than y and cancel; in float that cost ~10x the error of a float conv), rounded once */
 static inline void store_plain(const IJob* j, const int32_t* acc, const int32_t* sx, int64_t k, int64_t out, int32_t n, float* y) {
-  const float a = j->a[k], b = j->b[k];
-  const float* t = j->t + (size_t)k * j->P + out;
+  const double a = j->a[k], b = j->b[k];
+  const double* t = j->t + (size_t)k * j->P + out;
   float* yk = y + (size_t)k * j->P + out;
-  for (int32_t l = 0; l < n; ++l) yk[l] = a * (float)(acc[l] + 128 * sx[out + l]) + b * (float)sx[out + l] + t[l];
+  for (int32_t l = 0; l < n; ++l) yk[l] = (float)(a * (double)(acc[l] + 128 * sx[out + l]) + b * (double)sx[out + l] + t[l]);
 }
 
 static void tile_scalar(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb, int64_t s0, float* y) {
@@ -231,15 +232,21 @@ static void tile_vnni(const IJob* j, const int32_t* xq, const int32_t* sx, int64
     const int64_t out = j->seg_out[segs[h]];
     const __mmask16 m = (__mmask16)((1u << j->seg_n[segs[h]]) - 1u);
     const __m512i sxi = _mm512_maskz_loadu_epi32(m, sx + out);
-    const __m512 sxf = _mm512_cvtepi32_ps(sxi);
+    const __m512d sx_lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sxi));
+    const __m512d sx_hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sxi, 1));
     const __m512i sx128 = _mm512_slli_epi32(sxi, 7);
+    const __mmask8 m_lo = (__mmask8)(m & 0xFF), m_hi = (__mmask8)(m >> 8);
     for (int r = 0; r < RB; ++r) {
       const int64_t k = kb * RB + r;
       if (k >= j->K) break;
-      const __m512 A = _mm512_cvtepi32_ps(_mm512_add_epi32(h ? a1[r] : a0[r], sx128));
-      const __m512 t = _mm512_maskz_loadu_ps(m, j->t + (size_t)k * j->P + out);
-      const __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(j->a[k]), A),
-                                                   _mm512_mul_ps(_mm512_set1_ps(j->b[k]), sxf)), t);
+      const __m512i Ai = _mm512_add_epi32(h ? a1[r] : a0[r], sx128);
+      const __m512d av = _mm512_set1_pd(j->a[k]), bv = _mm512_set1_pd(j->b[k]);
+      const double* t = j->t + (size_t)k * j->P + out;
+      const __m512d lo = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_castsi512_si256(Ai))),
+                                                     _mm512_mul_pd(bv, sx_lo)), _mm512_maskz_loadu_pd(m_lo, t));
+      const __m512d hi = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(Ai, 1))),
+                                                     _mm512_mul_pd(bv, sx_hi)), _mm512_maskz_loadu_pd(m_hi, t + 8));
+      const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
       _mm512_mask_storeu_ps(y + (size_t)k * j->P + out, m, v);
     }
   }
@@ -365,9 +372,9 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   j.nseg = j.Ho * ((j.Wo + j.lanes - 1) / j.lanes);
   const int64_t K = j.K, C = j.C, C4 = j.C4, taps = j.taps, P = j.P;
   int32_t* wsum = (int32_t*)calloc((size_t)(K * taps), sizeof(int32_t));
-  float* a = (float*)calloc((size_t)j.Kb, sizeof(float));
-  float* b = (float*)calloc((size_t)j.Kb, sizeof(float));
-  float* t = (float*)calloc((size_t)(K * P + SLACK), sizeof(float));
+  double* a = (double*)calloc((size_t)j.Kb, sizeof(double));
+  double* b = (double*)calloc((size_t)j.Kb, sizeof(double));
+  double* t = (double*)calloc((size_t)(K * P + SLACK), sizeof(double));
   int64_t* toff = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
   int64_t* tpix = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
   int64_t* seg_in = (int64_t*)malloc((size_t)j.nseg * sizeof(int64_t));
@@ -399,8 +406,8 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
           *wd32 |= ((uint32_t)(uint8_t)(int8_t)sq) << (8 * i);
         }
       }
-    a[k] = *sxp * sw[k];
-    b[k] = *sxp * mw[k];
+    a[k] = (double)*sxp * sw[k];
+    b[k] = (double)*sxp * mw[k];
   }
   for (int64_t ta = 0; ta < j.kh; ++ta)
     for (int64_t tb = 0; tb < j.kw; ++tb) {
@@ -427,10 +434,10 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
           const int64_t hi = ho * j.sh - j.ph + ta * j.dh, wi = wo * j.sw - j.pw + tb * j.dw;
           if (hi < 0 || hi >= j.H || wi < 0 || wi >= j.W) continue;
           ++inside;
-          for (int64_t k = 0; k < K; ++k) t[k * P + q] += (float)wsum[k * taps + ta * j.kw + tb];
+          for (int64_t k = 0; k < K; ++k) t[k * P + q] += (double)wsum[k * taps + ta * j.kw + tb];
         }
       for (int64_t k = 0; k < K; ++k)
-        t[k * P + q] = (float)((double)j.mx * sw[k] * t[k * P + q] + (double)j.mx * mw[k] * (double)(C * inside));
+        t[k * P + q] = (double)j.mx * sw[k] * t[k * P + q] + (double)j.mx * mw[k] * (double)(C * inside);
     }
   j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.toff = toff, j.tpix = tpix;
   j.seg_in = seg_in, j.seg_out = seg_out, j.seg_n = seg_n, j.col_off = col_off;
