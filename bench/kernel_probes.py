@@ -20,9 +20,11 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with);
 - intconv: a quantized conv's forward on resnet20's shapes (8-bit fake-quantized operands): Conv and NCHWc in
   FP32 vs fracgraph's IntConv on each integer path this CPU has (vnni, avx2, scalar) and onnxruntime's
-  ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost).
+  ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost);
+- intmatmul: a quantized MatMul forward on the GPT's shapes (8 bits): FP32 MatMul vs IntCodesU8/S8 +
+  onnxruntime's MatMulInteger + IntMatMulRescale (what passes/int_gemm.py writes), and MatMulInteger alone.
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,reorder,executor,torch,intconv]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,reorder,executor,torch,intconv,intmatmul]
 """
 
 from __future__ import annotations
@@ -517,6 +519,40 @@ def probe_intconv(r: Runner, rng):
             os.environ["FRACGRAPH_INT_ISA"] = saved
 
 
+def probe_intmatmul(r: Runner, rng):
+    print("intmatmul: quantized MatMul forward, FP32 MatMul vs the integer form (codes, MatMulInteger, rescale)")
+    for m, k, n, batched in [(4096, 128, 128, False), (4096, 128, 512, False), (4096, 512, 128, False),
+                             (None, 64, 64, True)]:
+        if batched:   # attention scores: [B, H, T, d] x [B, H, d, T]
+            a = rng.standard_normal((32, 4, 64, 32)).astype(np.float32)
+            b = rng.standard_normal((32, 4, 32, 64)).astype(np.float32)
+        else:
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+        am, as_ = a.min(), np.float32((a.max() - a.min()) / 255)
+        aq = (np.round((a - am) / as_) * as_ + am).astype(np.float32)
+        axis = None if batched else 0
+        bm = np.asarray(b.min(axis=axis, keepdims=not batched), np.float32)
+        bs = np.asarray((b.max(axis=axis, keepdims=not batched) - bm) / 255, np.float32)
+        bq = (np.round((b - bm) / bs) * bs + bm).astype(np.float32)
+        feeds = {"a": aq, "b": bq}
+        plain = _model([h.make_node("MatMul", ["a", "b"], ["y"])], ["a", "b"], ["y"])
+        names = ["a", "am", "as", "b", "bm", "bs"]
+        nodes = [h.make_node("IntCodesU8", ["a", "am", "as"], ["qa"], domain=FG),
+                 h.make_node("IntCodesS8", ["b", "bm", "bs"], ["qb"], domain=FG),
+                 h.make_node("MatMulInteger", ["qa", "qb"], ["acc"]),
+                 h.make_node("IntMatMulRescale", ["acc", "qa", "qb", "am", "as", "bm", "bs"], ["y"], domain=FG)]
+        ifeeds = dict(zip(names, [aq, np.asarray(am, np.float32), np.asarray(as_), bq, bm, bs]))
+        mi = h.make_model(h.make_graph([h.make_node("MatMulInteger", ["qa", "qb"], ["y"])], "probe",
+                                       [h.make_tensor_value_info("qa", T.UINT8, None), h.make_tensor_value_info("qb", T.INT8, None)],
+                                       [h.make_tensor_value_info("y", T.INT32, None)]), opset_imports=OPS)
+        mi.ir_version = 8
+        codes = {"qa": np.round((a - am) / as_).astype(np.uint8), "qb": (np.round((b - bm) / bs) - 128).astype(np.int8)}
+        r.compare(f"{a.shape} x {b.shape}", ("MatMul FP32", plain),
+                  [("codes + MatMulInteger + rescale", _model(nodes, names, ["y"]), ifeeds),
+                   ("MatMulInteger alone (u8 x s8)", mi, codes)], feeds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -527,7 +563,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
-              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "intconv": probe_intconv}
+              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "intconv": probe_intconv, "intmatmul": probe_intmatmul}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

@@ -106,9 +106,11 @@ def gpt_model(tmp_path_factory):
 
 
 def _artifacts(gpt_model, tmp_path_factory, mode):
-    """Noise exposed as graph outputs, or the default build (fused kernels, noise regenerated from their stream)."""
+    """Noise exposed as graph outputs, or the default build (fused kernels, noise regenerated from their stream).
+    Integer MatMuls off: this comparison replays no error quantizer, so it holds only while the forward's float
+    order flips no stochastic rounding; the integer forward is compared with the float one in test_int_gemm.py."""
     out = tmp_path_factory.mktemp("gart") / "art"
-    build_artifacts(gpt_model[1], out, BuildOptions(expose_noise=mode == "exposed"))
+    build_artifacts(gpt_model[1], out, BuildOptions(expose_noise=mode == "exposed", int_kernels=False))
     return out
 
 

@@ -4,6 +4,11 @@
  * calls fg_int_gemm_register to add this file's op to the domain "ai.fracgraph":
  *
  *   IntConv(x, x_min, x_scale, w, w_min, w_scale) -> y     attributes kh, kw, sh, sw, ph, pw, dh, dw (group 1)
+ *   IntCodesU8(v, min, scale) -> q (uint8)                  codes of a per-tensor fake-quantized tensor
+ *   IntCodesS8(v, min, scale) -> q (int8)                   codes - 128; min, scale a scalar or one per last-axis column
+ *   IntMatMulRescale(acc, qa, qb, a_min, a_scale, b_min, b_scale) -> y
+ *        acc = MatMulInteger(qa, qb) (onnxruntime's integer GEMM, which uses VNNI where the CPU has it); y = the
+ *        float product of the fake-quantized operands (below)
  *
  * x is an activation fake-quantized per tensor (x = s_x q_x + m_x, codes q_x in [0, 255]), w a weight
  * fake-quantized per output channel (w[k] = s_w[k] q_w + m_w[k]); both arrive as the float tensors the fake-quant
@@ -451,49 +456,232 @@ done:
   return st;
 }
 
+/* ---- MatMul: codes for onnxruntime's MatMulInteger, and its rescale ------------------------------------------
+ * a[m,k] = s_a qa + m_a (per tensor), b[k,n] = s_b[n] qb + m_b[n] (per column, or per tensor), acc = sum_k qa (qb - 128):
+ *   y[m,n] = s_a s_b[n] (acc + 128 Ra[m]) + s_a m_b[n] Ra[m] + m_a s_b[n] Cb[n] + K m_a m_b[n]
+ * with Ra = the row sums of qa and Cb the column sums of qb (no borders: every product is inside). In double,
+ * rounded once, as IntConv. */
+typedef struct {
+  const float* v;
+  void* q;
+  const float* mn;
+  const float* sc;
+  const float* inv;   /* 1 / scale, per column or one */
+  size_t n, cols, nmin;
+  int sign;
+} CJob;
+
+#define CROWS 64   /* rows (of `cols` elements) per parallel task */
+static void codes_chunk(void* p, size_t c) {
+  const CJob* j = (const CJob*)p;
+  const size_t rows = j->n / j->cols, a = c * CROWS, e = a + CROWS < rows ? a + CROWS : rows, cols = j->cols;
+  const float* inv = j->inv;
+  for (size_t r = a; r < e; ++r) {
+    const float* v = j->v + r * cols;
+    if (j->nmin == 1) {
+      const float m = j->mn[0], is = inv[0];
+      if (j->sign) { int8_t* q = (int8_t*)j->q + r * cols; for (size_t i = 0; i < cols; ++i) q[i] = (int8_t)(code_of(v[i], m, is) - 128); }
+      else { uint8_t* q = (uint8_t*)j->q + r * cols; for (size_t i = 0; i < cols; ++i) q[i] = (uint8_t)code_of(v[i], m, is); }
+    } else {
+      const float* m = j->mn;
+      if (j->sign) { int8_t* q = (int8_t*)j->q + r * cols; for (size_t i = 0; i < cols; ++i) q[i] = (int8_t)(code_of(v[i], m[i], inv[i]) - 128); }
+      else { uint8_t* q = (uint8_t*)j->q + r * cols; for (size_t i = 0; i < cols; ++i) q[i] = (uint8_t)code_of(v[i], m[i], inv[i]); }
+    }
+  }
+}
+
+static OrtStatus* any_input(void* ctx, size_t i, const void** data, int64_t* dims, size_t* rank, size_t* count) {
+  return in_shape(ctx, i, (const float**)data, dims, rank, count);
+}
+
+static OrtStatus* compute_codes(void* ctx, int sign) {
+  int64_t d[8], dm[8];
+  size_t r, rm, n, nm, ns;
+  CJob j;
+  void* out;
+  OrtStatus* st;
+  memset(&j, 0, sizeof j);
+  if ((st = in_shape(ctx, 0, &j.v, d, &r, &n)) || (st = in_shape(ctx, 1, &j.mn, dm, &rm, &nm)) ||
+      (st = in_shape(ctx, 2, &j.sc, dm, &rm, &ns))) return st;
+  j.cols = r ? (size_t)d[r - 1] : 1;
+  if (nm != ns || (nm != 1 && nm != j.cols))
+    return ifail("fracgraph IntCodes: min and scale must be scalars or hold one value per last-axis column");
+  j.n = n, j.nmin = nm, j.sign = sign;
+  if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, d, r, &out))) return st;
+  if ((st = IAPI(GetTensorMutableData, GetDataFn)(out, &j.q))) return st;
+  if (!n) return NULL;
+  float* inv = (float*)malloc(nm * sizeof(float));
+  if (!inv) return ifail("fracgraph IntCodes: out of memory");
+  for (size_t i = 0; i < nm; ++i) inv[i] = 1.0f / j.sc[i];
+  j.inv = inv;
+  const size_t chunks = (n / j.cols + CROWS - 1) / CROWS;
+  if (chunks <= 1) codes_chunk(&j, 0);
+  else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, codes_chunk, chunks, 0, &j);
+  free(inv);
+  return st;
+}
+
+typedef struct {
+  const int32_t* acc;
+  const uint8_t* qa;
+  const int8_t* qb;
+  float* y;
+  double ma, sa;
+  const float* mb;
+  const float* sb;
+  int64_t M, K, N, batches, b_batched, nb;
+  const double* c1;    /* [N]: s_a s_b[n] */
+  const double* c2;    /* [N]: s_a m_b[n] */
+  const double* c3;    /* [batches or 1][N]: m_a s_b[n] Cb[n] + K m_a m_b[n] */
+} RJob;
+
+static void rescale_rows(void* p, size_t task) {
+  const RJob* j = (const RJob*)p;
+  const int64_t bt = (int64_t)task / j->M, m = (int64_t)task % j->M;
+  const uint8_t* qa = j->qa + ((size_t)bt * j->M + m) * j->K;
+  int32_t ra = 0;
+  for (int64_t k = 0; k < j->K; ++k) ra += qa[k];
+  const int32_t* acc = j->acc + ((size_t)bt * j->M + m) * j->N;
+  const double* c1 = j->c1;
+  const double* c2 = j->c2;
+  const double* c3 = j->c3 + (j->b_batched ? (size_t)bt * j->N : 0);
+  float* y = j->y + ((size_t)bt * j->M + m) * j->N;
+  const int32_t r128 = 128 * ra;
+  const double rd = (double)ra;
+  for (int64_t n = 0; n < j->N; ++n) y[n] = (float)(c1[n] * (double)(acc[n] + r128) + c2[n] * rd + c3[n]);
+}
+
+static OrtStatus* compute_rescale(void* ctx) {
+  int64_t da[8], dq[8], db[8], dd[8];
+  size_t ra, rq, rb, r, na, nq, nb, cnt, nsb;
+  const void *acc, *qa, *qb;
+  const float *ma, *sa;
+  RJob j;
+  void* out;
+  OrtStatus* st;
+  memset(&j, 0, sizeof j);
+  if ((st = any_input(ctx, 0, &acc, da, &ra, &na)) || (st = any_input(ctx, 1, &qa, dq, &rq, &nq)) ||
+      (st = any_input(ctx, 2, &qb, db, &rb, &nb))) return st;
+  if ((st = in_shape(ctx, 3, &ma, dd, &r, &cnt)) || cnt != 1) return st ? st : ifail("fracgraph IntMatMulRescale: a_min must be a scalar");
+  if ((st = in_shape(ctx, 4, &sa, dd, &r, &cnt)) || cnt != 1) return st ? st : ifail("fracgraph IntMatMulRescale: a_scale must be a scalar");
+  if ((st = in_shape(ctx, 5, &j.mb, dd, &r, &cnt))) return st;
+  if ((st = in_shape(ctx, 6, &j.sb, dd, &r, &nsb))) return st;
+  if (ra < 2 || rq != ra || rb < 2) return ifail("fracgraph IntMatMulRescale: operands must be matrices or batches of them");
+  j.M = da[ra - 2], j.N = da[ra - 1], j.K = dq[rq - 1];
+  if (dq[rq - 2] != j.M || db[rb - 2] != j.K || db[rb - 1] != j.N)
+    return ifail("fracgraph IntMatMulRescale: acc, qa and qb shapes do not agree");
+  j.batches = (int64_t)(na / (size_t)(j.M * j.N));
+  j.b_batched = rb > 2 && (int64_t)(nb / (size_t)(j.K * j.N)) == j.batches && j.batches > 1;
+  if (rb > 2 && !j.b_batched && nb != (size_t)(j.K * j.N))
+    return ifail("fracgraph IntMatMulRescale: qb must be one matrix or one per batch of qa");
+  if (cnt != nsb || (cnt != 1 && (int64_t)cnt != j.N))
+    return ifail("fracgraph IntMatMulRescale: b_min and b_scale must be scalars or one value per column");
+  j.nb = (int64_t)cnt;
+  j.acc = (const int32_t*)acc, j.qa = (const uint8_t*)qa, j.qb = (const int8_t*)qb;
+  j.ma = *ma, j.sa = *sa;
+  const int64_t nbm = j.b_batched ? j.batches : 1;
+  int32_t* cb = (int32_t*)calloc((size_t)(nbm * j.N), sizeof(int32_t));
+  double* coef = (double*)malloc((size_t)((2 + nbm) * j.N) * sizeof(double));
+  if (!cb || !coef) { free(cb); free(coef); return ifail("fracgraph IntMatMulRescale: out of memory"); }
+  for (int64_t bt = 0; bt < nbm; ++bt)
+    for (int64_t k = 0; k < j.K; ++k) {
+      const int8_t* row = j.qb + ((size_t)bt * j.K + k) * j.N;
+      for (int64_t n = 0; n < j.N; ++n) cb[bt * j.N + n] += (int32_t)row[n] + 128;
+    }
+  for (int64_t n = 0; n < j.N; ++n) {
+    const double sb = j.sb[j.nb == 1 ? 0 : n], mb = j.mb[j.nb == 1 ? 0 : n];
+    coef[n] = j.sa * sb;
+    coef[j.N + n] = j.sa * mb;
+    for (int64_t bt = 0; bt < nbm; ++bt)
+      coef[(2 + bt) * j.N + n] = j.ma * sb * (double)cb[bt * j.N + n] + (double)j.K * j.ma * mb;
+  }
+  j.c1 = coef, j.c2 = coef + j.N, j.c3 = coef + 2 * j.N;
+  st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, da, ra, &out);
+  if (!st) st = IAPI(GetTensorMutableData, GetDataFn)(out, (void**)&j.y);
+  if (!st) {
+    const size_t rows = (size_t)(j.batches * j.M);
+    if (rows <= 1) { if (rows) rescale_rows(&j, 0); }
+    else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, rescale_rows, rows, 0, &j);
+  }
+  free(cb);
+  free(coef);
+  return st;
+}
+
 /* ---- registration ----------------------------------------------------------------------------------------- */
 static const char* const I_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"};
+enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, N_IOPS };
+static const char* const I_NAMES[N_IOPS] = {"IntConv", "IntCodesU8", "IntCodesS8", "IntMatMulRescale"};
+static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7};
+enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
+
+typedef struct {
+  OrtCustomOp op;
+  int kind;
+} IOpDef;
+static IOpDef g_iops[N_IOPS];
+static int ikind(const OrtCustomOp* op) { return ((const IOpDef*)op)->kind; }
 
 static OrtStatus* i_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
-  (void)op, (void)api;
-  IKernel* k = (IKernel*)calloc(1, sizeof(IKernel));
+  (void)api;
+  IKernel* k = (IKernel*)calloc(1, sizeof(IKernel) + sizeof(int));
   OrtStatus* st;
   if (!k) return ifail("fracgraph IntConv: out of memory");
-  for (int a = 0; a < 8; ++a)
-    if ((st = IAPI(KernelInfoGetAttribute_int64, AttrIntFn)(info, I_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (ikind(op) == OP_CONV)
+    for (int a = 0; a < 8; ++a)
+      if ((st = IAPI(KernelInfoGetAttribute_int64, AttrIntFn)(info, I_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  k->conv[0] = ikind(op) == OP_CONV ? k->conv[0] : -1 - ikind(op);   /* the other ops keep their kind here */
   *out = k;
   return NULL;
 }
+static OrtStatus* i_compute(void* kernel, void* ctx) {
+  const IKernel* k = (const IKernel*)kernel;
+  if (k->conv[0] >= 0) return compute_int_conv(kernel, ctx);
+  const int kind = (int)(-1 - k->conv[0]);
+  if (kind == OP_RESCALE) return compute_rescale(ctx);
+  return compute_codes(ctx, kind == OP_CODES_S8);
+}
 static void i_destroy(void* k) { free(k); }
-static const char* i_name(const OrtCustomOp* op) { (void)op; return "IntConv"; }
+static const char* i_name(const OrtCustomOp* op) { return I_NAMES[ikind(op)]; }
 static const char* i_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int i_float(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 1; }
-static size_t i_n_in(const OrtCustomOp* op) { (void)op; return 6; }
+static int i_in_type(const OrtCustomOp* op, size_t i) {
+  if (ikind(op) != OP_RESCALE) return T_FLOAT;
+  return i == 0 ? T_INT32 : i == 1 ? T_UINT8 : i == 2 ? T_INT8 : T_FLOAT;
+}
+static int i_out_type(const OrtCustomOp* op, size_t i) {
+  (void)i;
+  return ikind(op) == OP_CODES_U8 ? T_UINT8 : ikind(op) == OP_CODES_S8 ? T_INT8 : T_FLOAT;
+}
+static size_t i_n_in(const OrtCustomOp* op) { return I_NIN[ikind(op)]; }
 static size_t i_n_out(const OrtCustomOp* op) { (void)op; return 1; }
 static int i_zero(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
 static int i_one(const OrtCustomOp* op) { (void)op; return 1; }
 
-static OrtCustomOp g_int_conv;
-
 OrtStatus* fg_int_gemm_register(void* domain, const void* api) {
+  OrtStatus* st;
   i_api = (const OrtApi*)api;
-  memset(&g_int_conv, 0, sizeof g_int_conv);
-  g_int_conv.version = 16;
-  g_int_conv.GetName = i_name;
-  g_int_conv.GetExecutionProviderType = i_provider;
-  g_int_conv.GetInputType = i_float;
-  g_int_conv.GetInputTypeCount = i_n_in;
-  g_int_conv.GetOutputType = i_float;
-  g_int_conv.GetOutputTypeCount = i_n_out;
-  g_int_conv.KernelDestroy = i_destroy;
-  g_int_conv.GetInputCharacteristic = (int (*)(const struct OrtCustomOp*, size_t))i_zero;
-  g_int_conv.GetOutputCharacteristic = (int (*)(const struct OrtCustomOp*, size_t))i_zero;
-  g_int_conv.GetInputMemoryType = (int (*)(const struct OrtCustomOp*, size_t))i_zero;
-  g_int_conv.GetVariadicInputMinArity = i_one;
-  g_int_conv.GetVariadicInputHomogeneity = i_one;
-  g_int_conv.GetVariadicOutputMinArity = i_one;
-  g_int_conv.GetVariadicOutputHomogeneity = i_one;
-  g_int_conv.CreateKernelV2 = i_create;
-  g_int_conv.KernelComputeV2 = compute_int_conv;
-  return IAPI(CustomOpDomain_Add, DomainAddFn)(domain, &g_int_conv);
+  for (int kind = 0; kind < N_IOPS; ++kind) {
+    OrtCustomOp* op = &g_iops[kind].op;
+    memset(&g_iops[kind], 0, sizeof g_iops[kind]);
+    g_iops[kind].kind = kind;
+    op->version = 16;
+    op->GetName = i_name;
+    op->GetExecutionProviderType = i_provider;
+    op->GetInputType = i_in_type;
+    op->GetInputTypeCount = i_n_in;
+    op->GetOutputType = i_out_type;
+    op->GetOutputTypeCount = i_n_out;
+    op->KernelDestroy = i_destroy;
+    op->GetInputCharacteristic = i_zero;
+    op->GetOutputCharacteristic = i_zero;
+    op->GetInputMemoryType = i_zero;
+    op->GetVariadicInputMinArity = i_one;
+    op->GetVariadicInputHomogeneity = i_one;
+    op->GetVariadicOutputMinArity = i_one;
+    op->GetVariadicOutputHomogeneity = i_one;
+    op->CreateKernelV2 = i_create;
+    op->KernelComputeV2 = i_compute;
+    if ((st = IAPI(CustomOpDomain_Add, DomainAddFn)(domain, op))) return st;
+  }
+  return NULL;
 }

@@ -1,25 +1,34 @@
-"""Training-graph pass: a quantized conv's forward GEMM on integer codes (fracgraph/kernels/int_gemm.c, IntConv),
-chosen at run time from the precision input.
+"""Training-graph pass: quantized forward GEMMs (Conv, MatMul) on integer codes, chosen at run time from the
+precision input (fracgraph/kernels/int_gemm.c).
 
-FracTrain's forward conv reads an activation and a weight that are both fake-quantized (fw-quant): the values are
-s q + m with integer codes q. When both operands' bits are in 1..8 in a step, the conv's sum of products is the
-integer sum of the codes plus correction terms (int_gemm.c's header), which IntConv computes with 8-bit
-multiplies and int32 accumulation, then rescales once. Everything else about the step stays: the fake-quantized
-float tensors are still computed (the backward's ConvGrad reads them), and so are the ranges.
+FracTrain's forward GEMM reads an activation and a weight that are both fake-quantized (fw-quant): the values are
+s q + m with integer codes q (activation per tensor, weight per output channel). When both operands' bits are in
+1..8 in a step, the GEMM's sum of products is the integer sum of the codes plus correction terms (int_gemm.c's
+header), computed with 8-bit multiplies and int32 accumulation and rescaled once. Everything else about the step
+stays: the fake-quantized float tensors are still computed (the backward reads them), and so are the ranges.
 
     Conv(x_fq, w_fq[, b]) -> If(0 < act bits <= 8 and 0 < weight bits <= 8)
                                 then: IntConv(x_fq, x_min, x_scale, w_fq, w_min, w_scale) [+ b]
                                 else: Conv(x_fq, w_fq[, b])    (on NCHWc kernels when the build uses them)
+    MatMul(a_fq, w_fq)    -> If(the same)
+                                then: IntMatMulRescale(MatMulInteger(IntCodesU8(a_fq), IntCodesS8(w_fq)), ...)
+                                else: MatMul(a_fq, w_fq)
+
+Convs run on fracgraph's own kernel (onnxruntime 1.19.2's ConvInteger takes u8 weights only and ran at the speed
+of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv); MatMuls on
+onnxruntime's MatMulInteger (MLAS, VNNI where the CPU has it) between fracgraph's code and rescale ops.
 
 The switch is the same mechanism as quant-branch's: a schedule that moves a block to 12 or 16 bits, or to FP32
-(0 bits), runs the float conv of today's graph, without a rebuild. The operands' ranges and scales are read from
+(0 bits), runs the float op of today's graph, without a rebuild. The operands' ranges and scales are read from
 the quantizers' own tensors (Identity'd in the outer graph, so that every pass sees their readers).
 
-Declined, with the reason in the notes (the conv keeps today's form): grouped convs, auto_pad or asymmetric pads,
-a non-2-D or dynamic weight shape, convs with few multiply-adds per input code (MIN_MACS_PER_CODE: 1x1 strided
-convs, where the float conv is faster), per-sample (DFQ) bits, and operands that are not both fw-quant outputs (the
-first conv under `--first fp32`, conv-grad-split's dX convs, which read errors). MatMul/Gemm and the backward
-GEMMs (dX, dW) are not on integer kernels yet.
+Per-op rules (RULES, keyed by op type) decline, with the reason in the notes and the manifest (the op keeps
+today's form): grouped convs, auto_pad or asymmetric pads, a non-2-D or dynamic weight shape, convs with few
+multiply-adds per input code (MIN_MACS_PER_CODE: 1x1 strided convs, where the float conv is faster), MatMuls
+whose weight is not a 2-D matrix. Not matched at all: GEMMs whose operands are not both fw-quant outputs
+(the first conv under `--first fp32`, conv-grad-split's dX convs, which read errors), attention's MatMuls of two
+activations (the codes and rescale around small batched GEMMs cost 3.5x the float MatMul: --only intmatmul),
+per-sample (DFQ) bits, Gemm. The backward GEMMs (dX, dW) stay float.
 """
 
 from __future__ import annotations
@@ -37,8 +46,8 @@ from .fused_ops import import_domain
 MAX_BITS = 8
 # IntConv packs every input code once per image and then runs K * taps / (sh * sw) multiply-adds per packed code;
 # below this many the packing costs more than the integer GEMM saves (bench/kernel_probes.py --only intconv, one
-# thread: resnet20's 1x1 stride-2 32 -> 64 conv, 16 per code, took 2.9-4.9x NCHWc's time; the 3x3 stride-2
-# 16 -> 32 conv, 72 per code, 0.63-0.92x)
+# thread: resnet20's 1x1 stride-2 32 -> 64 conv, 16 per code, took 2.4-4.9x NCHWc's time; the 3x3 stride-2
+# 16 -> 32 conv, 72 per code, 0.39-0.92x)
 MIN_MACS_PER_CODE = 32
 
 
@@ -46,69 +55,9 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-class IntGemmPass(Pass):
-    name = "int-gemm"
-
-    def __init__(self, shapes: dict[str, list], nchwc_block: int = 1, fused: bool = True):
-        self.shapes = shapes              # tensor name -> static shape (the weights)
-        self.nchwc_block = nchwc_block    # > 1: the float branch's conv goes onto NCHWc kernels like the others
-        self.fused = fused
-        self.convs: list[dict] = []       # what the manifest records: each conv's name, shape and decision
-
-    def call(self, model):
-        graph = model.graph
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.consumers = defaultdict(list)
-        for n in graph.node:
-            for i in n.input:
-                self.consumers[i].append(n)
-        em = Emitter(graph, opset(model))
-        shapes = dict(self.shapes)
-        shapes.update({t.name: list(t.dims) for t in graph.initializer})
-        notes, pairs, self.convs = [], [], []
-        for node in list(graph.node):
-            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
-                continue
-            x, w = self._operand(node.input[0], "::fq_a"), self._operand(node.input[1], "::fq_w")
-            if x is None or w is None:
-                continue   # not a forward conv of quantized operands (dX convs, FP32 layers): nothing to say
-            reason = self._decline(node, shapes.get(node.input[1]), x, w)
-            self.convs.append({"name": node.name, "int": reason is None, "reason": reason or "both operands <= 8 bits"})
-            if reason is not None:
-                notes.append(f"{node.name}: kept the float conv ({reason})")
-                continue
-            pairs.append((node, self._rewrite(em, model, node, shapes, x, w)))
-            em.nodes = []
-        replace_nodes(graph, pairs)
-        if pairs:
-            import_domain(model)
-            notes.insert(0, f"{len(pairs)} forward Conv on integer kernels when act and weight bits are 1..{MAX_BITS} "
-                            f"(IntConv), the float conv otherwise")
-        return PassResult(model, bool(pairs), notes)
-
-    # -- matching -------------------------------------------------------------------------------------------------
-    def _operand(self, tensor: str, tag: str) -> dict | None:
-        """The quantizer behind a fw-quant output: `Where(<bits>::on, <prefix>/q, x)` with q a FakeQuantize (fused)
-        or the chain's `Add(<prefix>/descaled, min)`; its bits, min and scale tensors."""
-        where = self.producer.get(tensor)
-        if where is None or where.op_type != "Where" or not where.input[0].endswith("::on"):
-            return None
-        q = self.producer.get(where.input[1])
-        if q is None or not q.name.endswith("/q") or tag not in q.name:
-            return None
-        if q.op_type == "FakeQuantize":
-            mn, s = q.input[1], q.input[2]
-        elif q.op_type == "Add":
-            mul = self.producer.get(q.input[0])
-            if mul is None or mul.op_type != "Mul":
-                return None
-            mn, s = q.input[1], mul.input[1]
-        else:
-            return None
-        return {"bits": where.input[0][: -len("::on")], "min": mn, "scale": s, "prefix": q.name[: -len("/q")]}
-
+class _ConvRule:
     @staticmethod
-    def _decline(node, w_shape, x, w) -> str | None:
+    def decline(node, w_shape) -> str | None:
         a = _attrs(node)
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return "auto_pad"
@@ -127,7 +76,97 @@ class IntGemmPass(Pass):
                     f"than the integer GEMM saves")
         return None
 
-    # -- rewrite --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def integer(node, base, w_shape, xm, xs, wm, ws, out) -> list[onnx.NodeProto]:
+        a = _attrs(node)
+        _, _, kh, kw = w_shape
+        st, pads, dil = list(a.get("strides", [1, 1])), list(a.get("pads", [0, 0, 0, 0])), list(a.get("dilations", [1, 1]))
+        return [helper.make_node("IntConv", [node.input[0], xm, xs, node.input[1], wm, ws], [out], name=f"{base}/conv",
+                                 domain=DOMAIN, kh=kh, kw=kw, sh=st[0], sw=st[1], ph=pads[0], pw=pads[1],
+                                 dh=dil[0], dw=dil[1])]
+
+
+class _MatMulRule:
+    @staticmethod
+    def decline(node, w_shape) -> str | None:
+        if not w_shape or len(w_shape) != 2 or any(not d for d in w_shape):
+            return "weight not a static 2-D matrix"
+        return None
+
+    @staticmethod
+    def integer(node, base, w_shape, xm, xs, wm, ws, out) -> list[onnx.NodeProto]:
+        qa, qb, acc = f"{base}/qa", f"{base}/qb", f"{base}/acc"
+        return [helper.make_node("IntCodesU8", [node.input[0], xm, xs], [qa], name=qa, domain=DOMAIN),
+                helper.make_node("IntCodesS8", [node.input[1], wm, ws], [qb], name=qb, domain=DOMAIN),
+                helper.make_node("MatMulInteger", [qa, qb], [acc], name=acc),
+                helper.make_node("IntMatMulRescale", [acc, qa, qb, xm, xs, wm, ws], [out], name=f"{base}/rescale",
+                                 domain=DOMAIN)]
+
+
+RULES = {"Conv": _ConvRule, "MatMul": _MatMulRule}   # one entry per op type the pass puts on integers
+
+
+class IntGemmPass(Pass):
+    name = "int-gemm"
+
+    def __init__(self, shapes: dict[str, list], nchwc_block: int = 1, fused: bool = True):
+        self.shapes = shapes              # tensor name -> static shape (the weights)
+        self.nchwc_block = nchwc_block    # > 1: a float branch's conv goes onto NCHWc kernels like the others
+        self.fused = fused
+        self.convs: list[dict] = []       # what the manifest records: each GEMM's name, op type and decision
+
+    def call(self, model):
+        graph = model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        em = Emitter(graph, opset(model))
+        shapes = dict(self.shapes)
+        shapes.update({t.name: list(t.dims) for t in graph.initializer})
+        notes, pairs, self.convs = [], [], []
+        counts = defaultdict(int)
+        for node in list(graph.node):
+            rule = RULES.get(node.op_type)
+            if rule is None or node.domain not in ("", "ai.onnx"):
+                continue
+            x, w = self._operand(node.input[0], "::fq_a"), self._operand(node.input[1], "::fq_w")
+            if x is None or w is None:
+                continue   # not an activation x quantized weight GEMM (see the module docstring): nothing to say
+            reason = rule.decline(node, shapes.get(node.input[1]))
+            self.convs.append({"name": node.name, "op_type": node.op_type, "int": reason is None,
+                               "reason": reason or "both operands <= 8 bits"})
+            if reason is not None:
+                notes.append(f"{node.name}: kept the float {node.op_type} ({reason})")
+                continue
+            pairs.append((node, self._rewrite(em, model, node, shapes, x, w, rule)))
+            counts[node.op_type] += 1
+            em.nodes = []
+        replace_nodes(graph, pairs)
+        if pairs:
+            import_domain(model)
+            what = " and ".join(f"{n} {op}" for op, n in counts.items())
+            notes.insert(0, f"{what} forward on integer kernels when act and weight bits are 1..{MAX_BITS}, the float "
+                            f"op otherwise")
+        return PassResult(model, bool(pairs), notes)
+
+    def _operand(self, tensor: str, tag: str) -> dict | None:
+        """The quantizer behind a fw-quant output: `Where(<bits>::on, <prefix>/q, x)` with q a FakeQuantize (fused)
+        or the chain's `Add(<prefix>/descaled, min)`; its bits, min and scale tensors."""
+        where = self.producer.get(tensor)
+        if where is None or where.op_type != "Where" or not where.input[0].endswith("::on"):
+            return None
+        q = self.producer.get(where.input[1])
+        if q is None or not q.name.endswith("/q") or tag not in q.name:
+            return None
+        if q.op_type == "FakeQuantize":
+            mn, s = q.input[1], q.input[2]
+        elif q.op_type == "Add":
+            mul = self.producer.get(q.input[0])
+            if mul is None or mul.op_type != "Mul":
+                return None
+            mn, s = q.input[1], mul.input[1]
+        else:
+            return None
+        return {"bits": where.input[0][: -len("::on")], "min": mn, "scale": s}
+
     def _switch(self, em: Emitter, act_bits: str, w_bits: str) -> str:
         """One bool per (act bits, weight bits) pair: both in 1..MAX_BITS."""
         name = f"{act_bits}&{w_bits}::int{MAX_BITS}"
@@ -143,37 +182,30 @@ class IntGemmPass(Pass):
             em.node("And", conds, name)
         return name
 
-    def _rewrite(self, em: Emitter, model, node, shapes, x, w) -> list[onnx.NodeProto]:
+    def _rewrite(self, em: Emitter, model, node, shapes, x, w, rule) -> list[onnx.NodeProto]:
         base = f"{node.name}::int"
-        a = _attrs(node)
-        o, c, kh, kw = shapes[node.input[1]]
-        strides = list(a.get("strides", [1, 1]))
-        pads = list(a.get("pads", [0, 0, 0, 0]))
-        dil = list(a.get("dilations", [1, 1]))
         cond = self._switch(em, x["bits"], w["bits"])
         # the quantizers' tensors, read through outer-graph Identities so every later pass sees a reader
         xm = em.node("Identity", [x["min"]], f"{base}/x_min")
         xs = em.node("Identity", [x["scale"]], f"{base}/x_scale")
         wm = em.node("Identity", [w["min"]], f"{base}/w_min")
         ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
-        y = node.output[0]
         then_out = f"{base}/y"
-        then_nodes = [helper.make_node("IntConv", [node.input[0], xm, xs, node.input[1], wm, ws],
-                                       [then_out if len(node.input) < 3 else f"{base}/y_nobias"], name=f"{base}/conv",
-                                       domain=DOMAIN, kh=kh, kw=kw, sh=strides[0], sw=strides[1], ph=pads[0],
-                                       pw=pads[1], dh=dil[0], dw=dil[1])]
-        if len(node.input) > 2 and node.input[2]:
+        has_bias = len(node.input) > 2 and node.input[2]
+        then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws,
+                                  f"{base}/y_nobias" if has_bias else then_out)
+        if has_bias:
             b4 = em.node("Reshape", [node.input[2], em.const([1, -1, 1, 1], "int64")], f"{base}/bias")
             then_nodes.append(helper.make_node("Add", [f"{base}/y_nobias", b4], [then_out], name=f"{base}/add_bias"))
         then_graph = helper.make_graph(then_nodes, f"{base}/integer", [],
                                        [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)])
         else_out = f"{base}/y_float"
-        float_conv = helper.make_node("Conv", list(node.input), [else_out], name=f"{base}/float", **a)
-        else_graph = helper.make_graph([float_conv], f"{base}/float", [],
+        float_op = helper.make_node(node.op_type, list(node.input), [else_out], name=f"{base}/float", **_attrs(node))
+        else_graph = helper.make_graph([float_op], f"{base}/float", [],
                                        [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)])
-        if self.nchwc_block > 1:
+        if self.nchwc_block > 1 and node.op_type == "Conv":
             else_graph = self._nchwc(model, else_graph, shapes, base)
-        branch = helper.make_node("If", [cond], [y], name=f"{base}/switch", then_branch=then_graph,
+        branch = helper.make_node("If", [cond], [node.output[0]], name=f"{base}/switch", then_branch=then_graph,
                                   else_branch=else_graph)
         return em.nodes + [branch]
 

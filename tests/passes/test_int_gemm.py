@@ -137,12 +137,12 @@ def builds(tmp_path_factory):
 def test_cost_rule_keeps_convs_with_few_macs_per_code_on_floats():
     from onnx import helper
 
-    from fracgraph.passes.int_gemm import IntGemmPass
+    from fracgraph.passes.int_gemm import RULES
 
     def decide(o, k, stride):
         node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k, k], strides=[stride, stride],
                                 pads=[k // 2] * 4)
-        return IntGemmPass._decline(node, [o, 32, k, k], None, None)
+        return RULES["Conv"].decline(node, [o, 32, k, k])
 
     assert decide(64, 1, 2) is not None and "multiply-adds per input code" in decide(64, 1, 2)   # resnet20 shortcut
     assert decide(32, 3, 2) is None and decide(16, 3, 1) is None and decide(32, 1, 1) is None
@@ -216,3 +216,90 @@ def test_cli_no_int_kernels_keeps_the_float_convs(small_model, tmp_path):
         assert r.exit_code == 0, r.output
         rec = Manifest.read(out).extra["int_kernels"]
         assert (rec is not None and any(c["int"] for c in rec["convs"])) is expect
+
+
+# -- MatMul: codes for onnxruntime's MatMulInteger and the rescale ------------------------------------------------
+def int_matmul(aq, am, as_, bq, bm, bs, threads=2):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("IntCodesU8", ["a", "am", "as"], ["qa"], domain=kernels.DOMAIN),
+             helper.make_node("IntCodesS8", ["b", "bm", "bs"], ["qb"], domain=kernels.DOMAIN),
+             helper.make_node("MatMulInteger", ["qa", "qb"], ["acc"]),
+             helper.make_node("IntMatMulRescale", ["acc", "qa", "qb", "am", "as", "bm", "bs"], ["y"], domain=kernels.DOMAIN)]
+    names = ["a", "am", "as", "b", "bm", "bs"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    kernels.register(so)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, dict(zip(names, [aq, am, as_, bq, bm, bs])))[0]
+
+
+@pytest.mark.parametrize("a_shape,b_shape,per_column", [
+    ((37, 64), (64, 48), True),            # a linear layer: weight ranges per output column
+    ((2, 5, 32), (32, 128), True),         # batched activations, one weight
+    ((2, 3, 9, 16), (2, 3, 16, 9), False),  # attention: two activations, both per tensor
+])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int_matmul_matches_float64(a_shape, b_shape, per_column, bits):
+    rng = np.random.default_rng(len(a_shape) * 10 + bits)
+    a = (rng.standard_normal(a_shape) + 0.7).astype(np.float32)
+    b = (rng.standard_normal(b_shape) * 0.3 - 0.1).astype(np.float32)
+    aq, am, as_ = fake_quant(a, bits)
+    if per_column:
+        bq, bm, bs = fake_quant(b, bits, axes=(0,))
+    else:
+        bq, bm, bs = fake_quant(b, bits)
+    y = int_matmul(aq, am, as_, bq, bm, bs)
+    ref = np.matmul(aq.astype(np.float64), bq.astype(np.float64))
+    k = a_shape[-1]
+    bound = 2.0 ** -20 * k * np.abs(aq).max() * np.abs(bq).max()
+    assert y.shape == ref.shape and np.abs(y - ref).max() <= bound
+    assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()   # rescaled in double: a float GEMM's rounding
+
+
+@pytest.fixture(scope="module")
+def gpt_builds(tmp_path_factory):
+    """The zoo GPT (tests/test_gpt_step_reference.py's size) with integer MatMuls off and on."""
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.zoo import export_gpt
+    from test_gpt_step_reference import SIZES
+
+    d = tmp_path_factory.mktemp("intgpt")
+    path = export_gpt(d / "gpt.onnx", seed=0, **SIZES)
+    return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_kernels=key)))
+            for key in (False, True)}, SIZES
+
+
+def test_gpt_weight_matmuls_on_integers(gpt_builds):
+    builds, sizes = gpt_builds
+    rec = builds[True][1].extra["int_kernels"]
+    assert builds[False][1].extra["int_kernels"] is None
+    mats = [c for c in rec["convs"] if c["op_type"] == "MatMul"]
+    # q, k, v, proj, fc, fc_proj per layer (the head stays FP32 by the default policy; QK^T and AV are not matched)
+    assert len(mats) == 6 * sizes["layers"] and all(c["int"] for c in mats)
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 0), (4, 4, 0), (6, 8, 0), (12, 12, 0), (16, 8, 16)])
+def test_gpt_step_integer_matmuls_equal_float_ones(gpt_builds, bits):
+    """FP32 errors (a stochastic rounding would amplify a last-bit difference into one quantizer step, see
+    test_gpt_step_reference): the integer forward gives the float one's loss, logits and every gradient to float
+    rounding; at 12-16 act bits the float branch runs, the same ops as the float build."""
+    builds, sizes = gpt_builds
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, sizes["vocab"], (3, sizes["context"])).astype(np.int64)
+    labels = rng.integers(0, sizes["vocab"], (3, sizes["context"])).astype(np.int64)
+    got = {}
+    for key, (art, m) in builds.items():
+        sess = TrainSession(art, seed=0, threads=1)
+        outs = sess.forward_backward(ids, labels, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
+        got[key] = float(outs[0]), np.asarray(outs[1]), {n: sess.gradient(n) for n in sess.trainable}
+    (l0, y0, g0), (l1, y1, g1) = got[False], got[True]
+    assert abs(l1 - l0) <= 1e-6 * abs(l0) and np.abs(y1 - y0).max() <= 1e-5 * np.abs(y0).max()
+    for name, g in g0.items():
+        ref = g0[name.replace("k.bias", "q.bias")] if name.endswith("attn.k.bias") else g   # ~0 by shift invariance
+        assert np.linalg.norm(g1[name] - g) <= 1e-5 * np.linalg.norm(ref), name
