@@ -80,6 +80,7 @@ class BuildOptions:
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
     fused_kernels: bool = True           # fracgraph custom ops (passes/fused_ops.py, conv_grad_w.py, bn_grad.py); needs a C compiler
     int_kernels: bool = True             # forward convs on integer codes when both operands are <= 8 bits (passes/int_gemm.py)
+    int_matmul: bool = False             # ... and MatMuls (slower in the GPT step: passes/int_gemm.py)
     skip_passes: tuple = ()              # training-graph passes left out by name (tests and benches compare on/off)
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
     output: str | None = None            # which graph output holds the logits (needed when there are several)
@@ -275,7 +276,7 @@ def _int_gemm_passes(opts: BuildOptions, fused: list, shapes: dict, nchwc_block:
     """int-gemm when asked for and the kernels library builds (IntConv lives in it)."""
     if not (opts.int_kernels and fused):
         return []
-    return [IntGemmPass(shapes, nchwc_block, fused=True)]
+    return [IntGemmPass(shapes, nchwc_block, fused=True, matmul=opts.int_matmul)]
 
 
 def _int_kernels_record(passes: list, opts: BuildOptions) -> dict | None:

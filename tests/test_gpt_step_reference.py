@@ -106,11 +106,9 @@ def gpt_model(tmp_path_factory):
 
 
 def _artifacts(gpt_model, tmp_path_factory, mode):
-    """Noise exposed as graph outputs, or the default build (fused kernels, noise regenerated from their stream).
-    Integer MatMuls off: this comparison replays no error quantizer, so it holds only while the forward's float
-    order flips no stochastic rounding; the integer forward is compared with the float one in test_int_gemm.py."""
+    """Noise exposed as graph outputs, or the default build (fused kernels, noise regenerated from their stream)."""
     out = tmp_path_factory.mktemp("gart") / "art"
-    build_artifacts(gpt_model[1], out, BuildOptions(expose_noise=mode == "exposed", int_kernels=False))
+    build_artifacts(gpt_model[1], out, BuildOptions(expose_noise=mode == "exposed"))
     return out
 
 

@@ -535,9 +535,8 @@ typedef struct {
   const double* c3;    /* [batches or 1][N]: m_a s_b[n] Cb[n] + K m_a m_b[n] */
 } RJob;
 
-static void rescale_rows(void* p, size_t task) {
-  const RJob* j = (const RJob*)p;
-  const int64_t bt = (int64_t)task / j->M, m = (int64_t)task % j->M;
+static void rescale_row(const RJob* j, size_t row) {
+  const int64_t bt = (int64_t)row / j->M, m = (int64_t)row % j->M;
   const uint8_t* qa = j->qa + ((size_t)bt * j->M + m) * j->K;
   int32_t ra = 0;
   for (int64_t k = 0; k < j->K; ++k) ra += qa[k];
@@ -549,6 +548,13 @@ static void rescale_rows(void* p, size_t task) {
   const int32_t r128 = 128 * ra;
   const double rd = (double)ra;
   for (int64_t n = 0; n < j->N; ++n) y[n] = (float)(c1[n] * (double)(acc[n] + r128) + c2[n] * rd + c3[n]);
+}
+
+#define RROWS 64   /* rows per parallel task: a row alone is too little work for a task */
+static void rescale_rows(void* p, size_t task) {
+  const RJob* j = (const RJob*)p;
+  const size_t rows = (size_t)(j->batches * j->M), a = task * RROWS, e = a + RROWS < rows ? a + RROWS : rows;
+  for (size_t r = a; r < e; ++r) rescale_row(j, r);
 }
 
 static OrtStatus* compute_rescale(void* ctx) {
@@ -599,9 +605,9 @@ static OrtStatus* compute_rescale(void* ctx) {
   st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, da, ra, &out);
   if (!st) st = IAPI(GetTensorMutableData, GetDataFn)(out, (void**)&j.y);
   if (!st) {
-    const size_t rows = (size_t)(j.batches * j.M);
-    if (rows <= 1) { if (rows) rescale_rows(&j, 0); }
-    else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, rescale_rows, rows, 0, &j);
+    const size_t tasks = ((size_t)(j.batches * j.M) + RROWS - 1) / RROWS;
+    if (tasks <= 1) rescale_rows(&j, 0);
+    else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, rescale_rows, tasks, 0, &j);
   }
   free(cb);
   free(coef);

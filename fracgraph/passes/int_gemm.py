@@ -16,7 +16,11 @@ stays: the fake-quantized float tensors are still computed (the backward reads t
 
 Convs run on fracgraph's own kernel (onnxruntime 1.19.2's ConvInteger takes u8 weights only and ran at the speed
 of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv); MatMuls on
-onnxruntime's MatMulInteger (MLAS, VNNI where the CPU has it) between fracgraph's code and rescale ops.
+onnxruntime's MatMulInteger (MLAS, VNNI where the CPU has it) between fracgraph's code and rescale ops. The
+MatMul form is off by default (`BuildOptions.int_matmul`, `quantize --int-matmul`): alone it runs the GPT's
+linear layers in 0.28-0.89x the float MatMul's time (bench/kernel_probes.py --only intmatmul, one thread), but in
+the zoo GPT's step (d = 128) the artifacts with it took 1.15-1.23x the time of those without, and as much even at
+12 bits, where every If runs its float branch: the If around small GEMMs costs more than the integer GEMM saves.
 
 The switch is the same mechanism as quant-branch's: a schedule that moves a block to 12 or 16 bits, or to FP32
 (0 bits), runs the float op of today's graph, without a rebuild. The operands' ranges and scales are read from
@@ -109,8 +113,9 @@ RULES = {"Conv": _ConvRule, "MatMul": _MatMulRule}   # one entry per op type the
 class IntGemmPass(Pass):
     name = "int-gemm"
 
-    def __init__(self, shapes: dict[str, list], nchwc_block: int = 1, fused: bool = True):
+    def __init__(self, shapes: dict[str, list], nchwc_block: int = 1, fused: bool = True, matmul: bool = False):
         self.shapes = shapes              # tensor name -> static shape (the weights)
+        self.matmul = matmul              # MatMuls too (off by default: slower in the GPT step, see the docstring)
         self.nchwc_block = nchwc_block    # > 1: a float branch's conv goes onto NCHWc kernels like the others
         self.fused = fused
         self.convs: list[dict] = []       # what the manifest records: each GEMM's name, op type and decision
@@ -125,7 +130,7 @@ class IntGemmPass(Pass):
         counts = defaultdict(int)
         for node in list(graph.node):
             rule = RULES.get(node.op_type)
-            if rule is None or node.domain not in ("", "ai.onnx"):
+            if rule is None or node.domain not in ("", "ai.onnx") or (rule is _MatMulRule and not self.matmul):
                 continue
             x, w = self._operand(node.input[0], "::fq_a"), self._operand(node.input[1], "::fq_w")
             if x is None or w is None:

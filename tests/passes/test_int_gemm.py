@@ -264,14 +264,14 @@ def test_int_matmul_matches_float64(a_shape, b_shape, per_column, bits):
 
 @pytest.fixture(scope="module")
 def gpt_builds(tmp_path_factory):
-    """The zoo GPT (tests/test_gpt_step_reference.py's size) with integer MatMuls off and on."""
+    """The zoo GPT (tests/test_gpt_step_reference.py's size) with integer MatMuls off (the default) and on."""
     from fracgraph.build import BuildOptions, build_artifacts
     from fracgraph.zoo import export_gpt
     from test_gpt_step_reference import SIZES
 
     d = tmp_path_factory.mktemp("intgpt")
     path = export_gpt(d / "gpt.onnx", seed=0, **SIZES)
-    return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_kernels=key)))
+    return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_matmul=key)))
             for key in (False, True)}, SIZES
 
 
