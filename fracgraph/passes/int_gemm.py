@@ -53,6 +53,11 @@ MAX_BITS = 8
 # thread: resnet20's 1x1 stride-2 32 -> 64 conv, 16 per code, took 2.4-4.9x NCHWc's time; the 3x3 stride-2
 # 16 -> 32 conv, 72 per code, 0.39-0.92x)
 MIN_MACS_PER_CODE = 32
+# The integer paths that beat the float convs they replace: VNNI ran resnet20's 3x3 convs in 0.52-0.85x the time
+# of the NCHWc conv, AVX2 (vpmaddwd on 16-bit codes) in 1.0-1.6x (--only intconv, one thread), so on a CPU
+# without VNNI the pass leaves the convs as they are (the AVX2 and scalar paths serve artifacts moved there with
+# FRACGRAPH_INT_ISA set, and the tests)
+FAST_PATHS = ("vnni",)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -121,7 +126,13 @@ class IntGemmPass(Pass):
         self.convs: list[dict] = []       # what the manifest records: each GEMM's name, op type and decision
 
     def call(self, model):
+        from .. import kernels
+
         graph = model.graph
+        path = kernels.int_path()
+        if path not in FAST_PATHS:
+            return PassResult(model, False, [f"int-gemm: this CPU's integer path ({path}) is not faster than the float "
+                                             f"ops; GEMMs kept"])
         self.producer = {o: n for n in graph.node for o in n.output}
         em = Emitter(graph, opset(model))
         shapes = dict(self.shapes)

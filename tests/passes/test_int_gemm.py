@@ -131,7 +131,17 @@ def builds(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int_gemm, "MIN_MACS_PER_CODE", 0)
+        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))   # the pass on CPUs without VNNI too
         return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
+
+
+def test_without_a_fast_path_the_pass_keeps_every_gemm(small_model, tmp_path, monkeypatch):
+    from fracgraph.build import build_artifacts
+
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "scalar")   # as on a CPU without VNNI
+    m = build_artifacts(small_model[1], tmp_path / "art")
+    assert m.extra["int_kernels"] is None
+    assert any("int-gemm: this CPU's integer path (scalar) is not faster" in n for n in m.extra["notes"])
 
 
 def test_cost_rule_keeps_convs_with_few_macs_per_code_on_floats():
@@ -210,6 +220,8 @@ def test_cli_no_int_kernels_keeps_the_float_convs(small_model, tmp_path):
     from fracgraph.manifest import Manifest
 
     runner = CliRunner()
+    if kernels.int_path() != "vnni":
+        pytest.skip("without VNNI the default build keeps the float convs (int_gemm.FAST_PATHS)")
     for flag, expect in (([], True), (["--no-int-kernels"], False)):
         out = tmp_path / f"art{len(flag)}"
         r = runner.invoke(app, ["quantize", str(small_model[1]), "-o", str(out), *flag])
@@ -269,10 +281,14 @@ def gpt_builds(tmp_path_factory):
     from fracgraph.zoo import export_gpt
     from test_gpt_step_reference import SIZES
 
+    from fracgraph.passes import int_gemm
+
     d = tmp_path_factory.mktemp("intgpt")
     path = export_gpt(d / "gpt.onnx", seed=0, **SIZES)
-    return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_matmul=key)))
-            for key in (False, True)}, SIZES
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_matmul=key)))
+                for key in (False, True)}, SIZES
 
 
 def test_gpt_weight_matmuls_on_integers(gpt_builds):
