@@ -50,11 +50,11 @@ from .fused_ops import import_domain
 MAX_BITS = 8
 # IntConv packs every input code once per image and then runs K * taps / (sh * sw) multiply-adds per packed code;
 # below this many the packing costs more than the integer GEMM saves (bench/kernel_probes.py --only intconv, one
-# thread: resnet20's 1x1 stride-2 32 -> 64 conv, 16 per code, took 2.4-4.9x NCHWc's time; the 3x3 stride-2
-# 16 -> 32 conv, 72 per code, 0.39-0.92x)
+# thread: resnet20's 1x1 stride-2 32 -> 64 conv, 16 per code, took 2.4-5.2x a plain Conv's time; the 3x3
+# stride-2 16 -> 32 conv, 72 per code, 0.39-0.41x)
 MIN_MACS_PER_CODE = 32
 # The integer paths that beat the float convs they replace: VNNI ran resnet20's 3x3 convs in 0.52-0.85x the time
-# of the NCHWc conv, AVX2 (vpmaddwd on 16-bit codes) in 1.0-1.6x (--only intconv, one thread), so on a CPU
+# of the NCHWc conv, AVX2 (vpmaddwd on 16-bit codes) in 1.1-1.6x (--only intconv, one thread), so on a CPU
 # without VNNI the pass leaves the convs as they are (the AVX2 and scalar paths serve artifacts moved there with
 # FRACGRAPH_INT_ISA set, and the tests)
 FAST_PATHS = ("vnni",)
