@@ -19,9 +19,14 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
   resnet18, regnet and resnet20 shapes, with the pass's modelled costs and choice;
 - executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
   parallel executor (2 inter-op threads with 1 or 2 intra-op threads);
-- torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with).
+- torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with);
+- intconv: a quantized conv's forward on resnet20's shapes (8-bit fake-quantized operands): Conv and NCHWc in
+  FP32 vs fracgraph's IntConv on each integer path this CPU has (vnni, avx2, scalar) and onnxruntime's
+  ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost);
+- intmatmul: a quantized MatMul forward on the GPT's shapes (8 bits): FP32 MatMul vs IntCodesU8/S8 +
+  onnxruntime's MatMulInteger + IntMatMulRescale (what passes/int_gemm.py writes), and MatMulInteger alone.
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intmatmul]
 """
 
 from __future__ import annotations
@@ -546,6 +551,111 @@ def probe_torch(threads: int, reps: int):
         print(f"  {e.key:40s} {e.self_cpu_time_total / 1e3 / steps:7.1f} ms")
 
 
+def probe_intconv(r: Runner, rng):
+    print("intconv: quantized conv forward, FP32 Conv vs NCHWc vs IntConv per path vs ConvInteger (8 bits)")
+    import ctypes
+
+    from fracgraph import kernels
+    from fracgraph.runtime import nchwc_block_size
+
+    lib = ctypes.CDLL(str(kernels.library_path()))
+    paths = [p for p, i in (("vnni", 2), ("avx2", 1), ("scalar", 0)) if lib.fg_int_isa_available(i)]
+    B = nchwc_block_size()
+    saved = os.environ.get("FRACGRAPH_INT_ISA")
+    for n, c, hw, o, k, stride in [(n, c, s, c, 3, 1) for n, c, s in SHAPES] + [(128, 16, 32, 32, 3, 2),
+                                                                              (128, 32, 16, 64, 1, 2)]:
+        pad = k // 2
+        x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+        w = (rng.standard_normal((o, c, k, k)) * 0.1).astype(np.float32)
+        mx, sx = x.min(), np.float32((x.max() - x.min()) / 255)
+        xq = (np.round((x - mx) / sx) * sx + mx).astype(np.float32)
+        mw, Mw = w.min(axis=(1, 2, 3), keepdims=True), w.max(axis=(1, 2, 3), keepdims=True)
+        sw = ((Mw - mw) / 255).astype(np.float32)
+        wq = (np.round((w - mw) / sw) * sw + mw).astype(np.float32)
+        feeds = {"x": xq, "w": wq}
+        attrs = dict(pads=[pad] * 4, strides=[stride, stride])
+        plain = _model([h.make_node("Conv", ["x", "w"], ["y"], **attrs)], ["x", "w"], ["y"])
+        rows = [("Conv FP32", None, plain, feeds)]
+        if B > 1 and c % B == 0 and o % B == 0:
+            nodes = [h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
+                     h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0),
+                     h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", kernel_shape=[k, k], **attrs),
+                     h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=o)]
+            rows.append(("NCHWc FP32 (reorders included)", None, _model(nodes, ["x", "w"], ["y"]), feeds))
+        ic = _model([h.make_node("IntConv", ["x", "mx", "sx", "w", "mw", "sw"], ["y"], domain=FG, kh=k, kw=k, sh=stride,
+                                 sw=stride, ph=pad, pw=pad, dh=1, dw=1)], ["x", "mx", "sx", "w", "mw", "sw"], ["y"])
+        ifeeds = {"x": xq, "mx": np.asarray(mx, np.float32), "sx": np.asarray(sx), "w": wq,
+                  "mw": mw.astype(np.float32), "sw": sw}
+        rows += [(f"IntConv {p}", p, ic, ifeeds) for p in paths]
+        ci = h.make_model(h.make_graph([h.make_node("ConvInteger", ["x", "w"], ["y"], **attrs)], "probe",
+                                       [h.make_tensor_value_info("x", T.UINT8, None), h.make_tensor_value_info("w", T.UINT8, None)],
+                                       [h.make_tensor_value_info("y", T.INT32, None)]), opset_imports=OPS)
+        ci.ir_version = 8
+        codes = {"x": np.round((x - mx) / sx).astype(np.uint8), "w": np.round((w - mw) / sw).astype(np.uint8)}
+        rows.append(("ConvInteger u8 (no corrections)", None, ci, codes))
+        # interleaved: one run of each per round, so that a change in the machine's load hits all alike
+        sessions = [r.session(m) for _, _, m, _ in rows]
+        times = [[] for _ in rows]
+        outs = []
+        for rep in range(r.reps + 1):
+            for i, ((name, path, _, f), sess) in enumerate(zip(rows, sessions)):
+                if path:
+                    os.environ["FRACGRAPH_INT_ISA"] = path
+                t0 = time.perf_counter()
+                out = sess.run(None, f)[0]
+                if rep:
+                    times[i].append(time.perf_counter() - t0)
+                else:
+                    outs.append(out)
+        tb = 1e3 * statistics.median(times[0])
+        print(f"  {n}x{c}x{hw}x{hw} -> {o}, {k}x{k} stride {stride}: Conv {tb:.2f} ms")
+        for (name, _, _, _), ts, out in zip(rows[1:], times[1:], outs[1:]):
+            tc = 1e3 * statistics.median(ts)
+            agree = ""
+            if out.dtype == np.float32:
+                diff = float(np.max(np.abs(out.astype(np.float64) - outs[0])) / max(float(np.max(np.abs(outs[0]))), 1e-30))
+                agree = f"max rel diff {diff:.1e}"
+            print(f"    {name:34s} {tc:7.2f} ms  x{tc / tb:5.2f}  {agree}")
+        if saved is None:
+            os.environ.pop("FRACGRAPH_INT_ISA", None)
+        else:
+            os.environ["FRACGRAPH_INT_ISA"] = saved
+
+
+def probe_intmatmul(r: Runner, rng):
+    print("intmatmul: quantized MatMul forward, FP32 MatMul vs the integer form (codes, MatMulInteger, rescale)")
+    for m, k, n, batched in [(4096, 128, 128, False), (4096, 128, 512, False), (4096, 512, 128, False),
+                             (None, 64, 64, True)]:
+        if batched:   # attention scores: [B, H, T, d] x [B, H, d, T]
+            a = rng.standard_normal((32, 4, 64, 32)).astype(np.float32)
+            b = rng.standard_normal((32, 4, 32, 64)).astype(np.float32)
+        else:
+            a = rng.standard_normal((m, k)).astype(np.float32)
+            b = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+        am, as_ = a.min(), np.float32((a.max() - a.min()) / 255)
+        aq = (np.round((a - am) / as_) * as_ + am).astype(np.float32)
+        axis = None if batched else 0
+        bm = np.asarray(b.min(axis=axis, keepdims=not batched), np.float32)
+        bs = np.asarray((b.max(axis=axis, keepdims=not batched) - bm) / 255, np.float32)
+        bq = (np.round((b - bm) / bs) * bs + bm).astype(np.float32)
+        feeds = {"a": aq, "b": bq}
+        plain = _model([h.make_node("MatMul", ["a", "b"], ["y"])], ["a", "b"], ["y"])
+        names = ["a", "am", "as", "b", "bm", "bs"]
+        nodes = [h.make_node("IntCodesU8", ["a", "am", "as"], ["qa"], domain=FG),
+                 h.make_node("IntCodesS8", ["b", "bm", "bs"], ["qb"], domain=FG),
+                 h.make_node("MatMulInteger", ["qa", "qb"], ["acc"]),
+                 h.make_node("IntMatMulRescale", ["acc", "qa", "qb", "am", "as", "bm", "bs"], ["y"], domain=FG)]
+        ifeeds = dict(zip(names, [aq, np.asarray(am, np.float32), np.asarray(as_), bq, bm, bs]))
+        mi = h.make_model(h.make_graph([h.make_node("MatMulInteger", ["qa", "qb"], ["y"])], "probe",
+                                       [h.make_tensor_value_info("qa", T.UINT8, None), h.make_tensor_value_info("qb", T.INT8, None)],
+                                       [h.make_tensor_value_info("y", T.INT32, None)]), opset_imports=OPS)
+        mi.ir_version = 8
+        codes = {"qa": np.round((a - am) / as_).astype(np.uint8), "qb": (np.round((b - bm) / bs) - 128).astype(np.int8)}
+        r.compare(f"{a.shape} x {b.shape}", ("MatMul FP32", plain),
+                  [("codes + MatMulInteger + rescale", _model(nodes, names, ["y"]), ifeeds),
+                   ("MatMulInteger alone (u8 x s8)", mi, codes)], feeds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -556,7 +666,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
-              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "forms": probe_forms}
+              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "forms": probe_forms, "intconv": probe_intconv,
+              "intmatmul": probe_intmatmul}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

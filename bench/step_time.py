@@ -15,6 +15,9 @@ that the threads of the step before (PyTorch's OpenMP threads spin ~0.2 s by def
     python bench/step_time.py [--steps 7] [--batch 128] [--threads 2] [--no-quantize-time]
     python bench/step_time.py --settings      # the session-settings sweep behind runtime.SESSION_TUNING
     python bench/step_time.py --noise-check 3 # identical workers: how far this machine's noise moves a ratio
+    python bench/step_time.py --int [--steps 5] [--bits-sweep 8/8,4/6,...]
+        # integer convs (issue 18): the default artifacts and --no-int-kernels ones per precision FW/BW, the 0-bit
+        # step, PyTorch eager FP32, and the step's GEMMs at this CPU's measured FP32 and int8 GEMM rates
     python bench/step_time.py --corpus [--corpus-models a,b] [--corpus-size 64] [--corpus-batch 32]
         # the model corpus (fracgraph/zoo_external.py): FW8/BW8 step of the default artifacts against PyTorch
         # eager FP32 of the same torch module, batch 32, 64x64, plus resnet20 batch 128; peak RSS of each worker
@@ -129,14 +132,16 @@ def make_step(kind: str, directory: Path, batch: int, threads: int, tuning: dict
         torch.set_num_threads(threads)
         net = zoo_external.torch_model(zoo_external.entry(model), classes=10, size=size, seed=0)
         return torch_step(net, x, y, quantized=False)
-    if kind in ("after", "before", "zero", "shared", "ort_ops"):
+    if kind in ("after", "before", "zero", "shared", "ort_ops", "noint"):
         from onnxruntime.training import api  # noqa: F401  (import outside TrainSession, see fracgraph/profile.py)
 
         from fracgraph.runtime import TrainSession
 
-        art = {"before": "art_before", "shared": "art_shared", "ort_ops": "art_ort_ops"}.get(kind, "art")
+        art = {"before": "art_before", "shared": "art_shared", "ort_ops": "art_ort_ops", "noint": "art_noint"}.get(kind, "art")
         sess = TrainSession(directory / art, threads=threads, seed=0, tuning=tuning)
         bits = np.full((sess.manifest.n_blocks, 3), 0 if kind == "zero" else 8, np.float32)
+        if os.environ.get("FRACGRAPH_BENCH_BITS"):   # --int's precision sweep: "act,weight,grad" for every block
+            bits[:] = [float(b) for b in os.environ["FRACGRAPH_BENCH_BITS"].split(",")]
         return lambda: sess.step(x, y, bits, 0.01)
     if kind == "plain":
         from onnxruntime.training import api
@@ -213,6 +218,77 @@ class Worker:
         peak = json.loads(self._expect("{"))["peak_rss_mb"]
         self.proc.wait()
         return peak
+
+
+def gemm_rates(threads: int, n: int = 1024, reps: int = 5) -> tuple[float, float]:
+    """(FP32, int8) multiply-adds per second of onnxruntime's MatMul and MatMulInteger (u8 x s8) on an n x n x n
+    GEMM at `threads` threads, median of `reps`: this CPU's practical GEMM rate, the step's arithmetic limit."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    sessions = []
+    for op, at, bt in (("MatMul", T.FLOAT, T.FLOAT), ("MatMulInteger", T.UINT8, T.INT8)):
+        g = h.make_graph([h.make_node(op, ["a", "b"], ["y"])], "gemm", [h.make_tensor_value_info("a", at, [n, n]),
+                         h.make_tensor_value_info("b", bt, [n, n])], [h.make_tensor_value_info("y", T.FLOAT if at == T.FLOAT else T.INT32, None)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8).SerializeToString(),
+                                    so, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feeds = {"a": rng.integers(0, 255, (n, n)).astype(np.float32 if at == T.FLOAT else np.uint8),
+                 "b": rng.integers(-127, 127, (n, n)).astype(np.float32 if at == T.FLOAT else np.int8)}
+        sess.run(None, feeds)
+        sessions.append((sess, feeds, []))
+    for _ in range(reps):   # interleaved, so that both see the same load
+        for sess, feeds, ts in sessions:
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            ts.append(time.perf_counter() - t)
+    rates = [n ** 3 / statistics.median(ts) for _, _, ts in sessions]
+    return rates[0], rates[1]
+
+
+def run_int(d: Path, a) -> None:
+    """--int: the step with integer convs per precision against --no-int-kernels, 0 bits and PyTorch eager FP32."""
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.manifest import Manifest
+
+    build_artifacts(d / "r20.onnx", d / "art_noint", BuildOptions(int_kernels=False))
+    sweep = [tuple(int(b) for b in p.split("/")) for p in a.bits_sweep.split(",")]
+    configs = []
+    for fw, bw in sweep:
+        env = {"FRACGRAPH_BENCH_BITS": f"{fw},{fw},{bw}"}
+        configs.append((f"fracgraph FW{fw}/BW{bw}", "after", {}, env))
+        configs.append((f"fracgraph FW{fw}/BW{bw} --no-int-kernels", "noint", {}, env))
+    configs += [("fracgraph 0-bit", "zero", {}), ("PyTorch eager FP32", "torch_fp32", {}),
+                ("PyTorch eager FP32, OMP passive", "torch_fp32", {}, {"OMP_WAIT_POLICY": "PASSIVE"})]
+    load0 = os.getloadavg()[0]
+    rows = run_interleaved(configs, d, a)
+    load1 = os.getloadavg()[0]
+    fp_label = min(("PyTorch eager FP32", "PyTorch eager FP32, OMP passive"), key=lambda k: rows[k][0])
+    torch_fp = rows[fp_label][0]
+    m = Manifest.read(d / "art")
+    rec = m.extra.get("int_kernels") or {}
+    n_int = sum(c["int"] for c in rec.get("convs", []))
+    # forward, dX and dW of every costed GEMM (the first conv's dX, never computed, included: an upper bound)
+    step_macs = 3 * a.batch * sum(op["macs"] for op in m.ops)
+    int_names = {c["name"] for c in rec.get("convs", []) if c["int"]}
+    fwd_conv_macs = a.batch * sum(op["macs"] for op in m.ops if op["name"] in int_names)
+    fp_rate, int_rate = gemm_rates(a.threads)
+    print(f"integer convs: {n_int} forward convs on IntConv, path {rec.get('path')}; load average "
+          f"{load0:.1f} -> {load1:.1f} over the run")
+    print(f"  {'':44s} {'step':>9s} {'/PT FP32':>9s} {'/no-int':>8s} {'peak RSS':>9s}")
+    for k, (t, mem) in rows.items():
+        ref = rows.get(f"{k} --no-int-kernels")
+        rel = f"{t / ref[0]:8.2f}" if ref else " " * 8
+        print(f"  {k:44s} {1000 * t:7.1f}ms {t / torch_fp:9.2f} {rel} {mem:7.0f}MB")
+    print(f"  PyTorch baseline: {fp_label!r}")
+    print(f"  the step's GEMMs ({step_macs / 1e9:.1f} GMAC) at onnxruntime's FP32 GEMM rate ({fp_rate / 1e9:.0f} GMAC/s, "
+          f"1024^3 MatMul): {1000 * step_macs / fp_rate:.0f} ms = FP32 arithmetic limit, x{step_macs / fp_rate / torch_fp:.2f} "
+          f"PyTorch FP32")
+    print(f"  the integer forward convs alone ({fwd_conv_macs / 1e9:.1f} GMAC): FP32 {1000 * fwd_conv_macs / fp_rate:.0f} ms, at the "
+          f"int8 MatMulInteger rate ({int_rate / 1e9:.0f} GMAC/s) {1000 * fwd_conv_macs / int_rate:.0f} ms")
 
 
 def prepare(directory: Path, default_only: bool = False) -> None:
@@ -338,6 +414,9 @@ def main() -> None:
     ap.add_argument("--corpus-models", help="comma-separated corpus names (default: every torchvision/timm model)")
     ap.add_argument("--corpus-size", type=int, default=64)
     ap.add_argument("--corpus-batch", type=int, default=32)
+    ap.add_argument("--int", action="store_true", help="integer convs (issue 18): per precision, against --no-int-kernels")
+    ap.add_argument("--bits-sweep", default="8/8,8/6,6/8,6/6,4/8,4/6", metavar="FW/BW,...",
+                    help="--int: the precisions (FW = activation and weight bits, BW = error bits)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=32, help=argparse.SUPPRESS)
@@ -349,7 +428,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        prepare(d, default_only=a.corpus)
+        prepare(d, default_only=a.corpus or a.int)
         # On this VM the first workers started after prepare() ran slower for the whole run than the same
         # configuration started later (ad-hoc runs of identical workers); holding freshly touched memory in the
         # parent, so that the workers do not start on the pages prepare() just freed, reduced that (with the pilot
@@ -357,6 +436,8 @@ def main() -> None:
         ballast = np.ones(int(a.ballast_gb * 2**30) // 8)  # noqa: F841  (held until the run ends)
         if a.corpus:
             return run_corpus(d, a)
+        if a.int:
+            return run_int(d, a)
         print(f"resnet20, batch {a.batch}, {a.threads} threads, median of {a.steps} interleaved steps per row")
         if a.noise_check:
             rows = run_interleaved([(f"fracgraph FW8/BW8 #{k + 1}", "after", {}) for k in range(a.noise_check)], d, a)

@@ -25,7 +25,7 @@ from .manifest import Block, LayerDecision, Manifest
 from .lowering.gradients import check_differentiable, explain_build_error
 from .model import load_model, lowering_notes
 from .passes.act_range_ema import ActRangeEmaPass
-from .passes.base import run_passes
+from .passes.base import all_nodes, run_passes
 from .passes.bn_grad import BnGradPass
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
@@ -37,6 +37,8 @@ from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fused_ops import FusedOpsPass
 from .passes.fw_quant import FwQuantPass
 from .passes.gather_grad import GatherGradPass
+from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
+from .passes.int_gemm import IntGemmPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.qdq_act import QdqActPass
 from .passes.quant_branch import QuantBranchPass
@@ -78,6 +80,8 @@ class BuildOptions:
     nchwc: bool = True                   # convs on NCHWc kernels (passes/nchwc_conv.py); ties the artifacts to the CPU's block size
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
     fused_kernels: bool = True           # fracgraph custom ops (passes/fused_ops.py, conv_grad_w.py, bn_grad.py); needs a C compiler
+    int_kernels: bool = True             # forward convs on integer codes when both operands are <= 8 bits (passes/int_gemm.py)
+    int_matmul: bool = False             # ... and MatMuls (slower in the GPT step: passes/int_gemm.py)
     skip_passes: tuple = ()              # training-graph passes left out by name (tests and benches compare on/off)
     dfq: DfqOptions | None = None        # DFQ gates + cost term (passes/dfq_gate.py); None = runtime bits only
     output: str | None = None            # which graph output holds the logits (needed when there are several)
@@ -264,6 +268,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
           + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
+          + _int_gemm_passes(opts, fused, shapes, nchwc_block) \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
           + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 or fused else []) \
@@ -287,12 +292,13 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             extra={"trainable": trainable, "frozen": frozen, "head": head,
                    "notes": lower_notes + notes + kernel_notes + n2 + n3,
                    "custom_ops": kernels.DOMAIN if any(p.fused for p in fused)
-                   or any(n.domain == kernels.DOMAIN for n in train_model.graph.node) else None,
+                   or any(n.domain == kernels.DOMAIN for n in all_nodes(train_model.graph)) else None,
                    "conv_grad_w": next((p.choices for p in fused if isinstance(p, ConvGradWPass)
                                         and p.name not in opts.skip_passes), None),
                    "conv_forms": [c for p in train_passes if isinstance(p, NchwcConvPass)
                                   and p.name not in opts.skip_passes for c in p.choices] or None,
-                   "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in train_model.graph.node) else None,
+                   "nchwc_block": nchwc_block if any(n.domain == NCHWC_DOMAIN for n in all_nodes(train_model.graph)) else None,
+                   "int_kernels": _int_kernels_record(train_passes, opts),
                    "fp32_tables": [t for t in tables if not t["quantized"]],
                    "quantized_tables": [t for t in tables if t["quantized"]]},
             dfq=None if gate is None else {**opts.dfq.to_dict(), **gate.cost_scale, "gate_params": gate.params},
@@ -304,6 +310,23 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _int_gemm_passes(opts: BuildOptions, fused: list, shapes: dict, nchwc_block: int) -> list:
+    """int-gemm when asked for and the kernels library builds (IntConv lives in it)."""
+    if not (opts.int_kernels and fused):
+        return []
+    return [IntGemmPass(shapes, nchwc_block, fused=True, matmul=opts.int_matmul)]
+
+
+def _int_kernels_record(passes: list, opts: BuildOptions) -> dict | None:
+    """The manifest's record of the integer convs: which convs, and the integer path (with the CPU flag it needs)
+    the building machine runs them on; runtime.TrainSession refuses a CPU without that flag in one line."""
+    p = next((p for p in passes if isinstance(p, IntGemmPass) and p.name not in opts.skip_passes), None)
+    if p is None or not any(c["int"] for c in p.convs):
+        return None
+    path = kernels.int_path()
+    return {"path": path, "cpu_flag": kernels.INT_PATHS[path][1], "max_bits": MAX_INT_BITS, "convs": p.convs}
 
 
 def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]]:

@@ -110,6 +110,8 @@ def quantize(
     sr_noise: str = typer.Option("independent", "--sr-noise", help="Stochastic-rounding noise of the error quantizers: independent (a draw per layer) or shared (one draw per step read at random offsets; see passes/shared_noise.py)."),
     logits: str = typer.Option(None, "--logits", help="The graph output that holds the logits, for a model with several outputs (the others are dropped from the artifacts)."),
     fused_kernels: bool = typer.Option(True, "--fused-kernels/--no-fused-kernels", help="Run the quantizers, range statistics, ReluGrad, conv weight gradients (per shape), NCHWc weight reorders and batch-norm backward on fracgraph's own custom ops (built here with the C compiler; faster). --no-fused-kernels keeps onnxruntime's own ops, for a machine without a compiler."),
+    int_kernels: bool = typer.Option(True, "--int-kernels/--no-int-kernels", help="Run each quantized forward conv on integer codes (fracgraph's IntConv: 8-bit multiplies, int32 sums; AVX-512 VNNI, AVX2 or plain loops) in steps where its activation and weight bits are both 1-8, the float conv otherwise (decided each step from the precision input). Needs the fused kernels. --no-int-kernels keeps the float convs."),
+    int_matmul: bool = typer.Option(False, "--int-matmul/--no-int-matmul", help="With --int-kernels, also the MatMuls with a weight matrix (onnxruntime's MatMulInteger between fracgraph's code and rescale ops). Off by default: slower in the zoo GPT's step (README, Integer GEMMs)."),
 ) -> None:
     """Rewrite MODEL into onnxruntime-training artifacts with FW/BW fake-quantization and runtime precisions."""
     import time
@@ -134,7 +136,7 @@ def quantize(
         first = None if first == "static" else first
     opts = BuildOptions(fw=fw, bw=bw, policy=_policy(policy, first, last, keep_fp32),
                         optimizer=optimizer, weight_decay=weight_decay, dfq=gates, nchwc=nchwc, sr_noise=sr_noise,
-                        fused_kernels=fused_kernels, output=logits)
+                        fused_kernels=fused_kernels, int_kernels=int_kernels, int_matmul=int_matmul, output=logits)
     m = build_artifacts(model, output, opts, force=force)
     n_q = sum(1 for d in m.decisions if d.quantized)
     typer.echo(f"{output}: {n_q}/{len(m.decisions)} GEMMs quantized in {m.n_blocks} blocks, "

@@ -142,6 +142,19 @@ class SGDMomentum:
         self.buffers = {k[len("momentum/"):]: np.array(v, np.float32) for k, v in arrays.items() if k.startswith("momentum/")}
 
 
+def check_int_kernels(art, record: dict | None) -> None:
+    """Artifacts with integer convs (passes/int_gemm.py) name the path they were built for and the CPU flag it needs;
+    on a CPU without it they would run on a slower path than the one measured, so they are refused in one line,
+    unless FRACGRAPH_INT_ISA picks a path explicitly."""
+    if not record or os.environ.get("FRACGRAPH_INT_ISA", "auto") not in ("", "auto"):
+        return
+    path = record.get("path", "scalar")
+    if path in kernels.INT_PATHS and not kernels.int_path_available(path):
+        raise FracgraphError(f"{art}: the artifacts run their integer convs on the {path} path, which needs the CPU flag "
+                             f"{record.get('cpu_flag')} that this CPU lacks; re-run `fracgraph quantize` on this machine, "
+                             f"or with --no-int-kernels, or set FRACGRAPH_INT_ISA=avx2|scalar to run on a slower path")
+
+
 class TrainSession:
     """One training run's ORT objects; `step` trains on a batch, `evaluate` predicts with running statistics."""
 
@@ -164,6 +177,7 @@ class TrainSession:
             raise FracgraphError(f"{self.art}: the artifacts run convs on NCHWc blocks of {block} channels but this CPU's "
                                  f"onnxruntime uses {nchwc_block_size()}; re-run `fracgraph quantize` on this machine "
                                  f"(or with --no-nchwc for artifacts that move between machines)")
+        check_int_kernels(self.art, self.manifest.extra.get("int_kernels"))
         ckpt = Path(checkpoint) if checkpoint else self.art / self.manifest.files["checkpoint"]
         self.flush = bool({**SESSION_TUNING, **(tuning or {})}["flush_denormals"])
         try:

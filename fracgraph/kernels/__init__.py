@@ -1,4 +1,5 @@
-"""fracgraph's onnxruntime custom-op library (fused_ops.c): built here, on first use, with the C compiler.
+"""fracgraph's onnxruntime custom-op library (fused_ops.c; int_gemm.c, the integer GEMMs): built here, on first use,
+with the C compiler.
 
 The training step's elementwise chains (the quantizers' centre, scale, noise, clamp, round, rescale; the range
 statistics; ReluGrad) are ops of domain `ai.fracgraph`, one multithreaded pass each (passes/fused_ops.py). The
@@ -22,6 +23,7 @@ from ..errors import FracgraphError
 
 DOMAIN = "ai.fracgraph"
 SOURCE = Path(__file__).with_name("fused_ops.c")
+SOURCES = [SOURCE, Path(__file__).with_name("int_gemm.c")]   # int_gemm.c: IntConv (passes/int_gemm.py)
 # -ffp-contract=off: no fused multiply-add, so every step of the chain rounds like onnxruntime's separate ops
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 _loaded: ctypes.CDLL | None = None
@@ -65,7 +67,7 @@ def library_path() -> Path:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), *version, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS), *version, _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"fused_ops-{key}.so"
     if out.exists():
         return out
@@ -77,7 +79,7 @@ def _build(cc: str) -> Path:
                              f"FRACGRAPH_CACHE_DIR to a writable directory") from None
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True)
         if r.returncode != 0:
             first = (r.stderr.strip().splitlines() or ["no message"])[0][:200]
             raise FracgraphError(f"building fracgraph's kernels failed ({first}); fix the compiler or re-run "
@@ -107,3 +109,21 @@ def set_seed(seed: int) -> None:
     """The process seed of every SRQuantize node's generator (nodes created before or after share it)."""
     _library().fg_set_seed(int(seed) & 0xFFFFFFFFFFFFFFFF)
 
+
+
+INT_PATHS = {"vnni": (2, "avx512_vnni"), "avx2": (1, "avx2"), "scalar": (0, None)}   # int_gemm.c's paths, CPU flag
+
+
+def int_path_available(path: str) -> bool:
+    """Whether this machine's build of the library has IntConv's `path` (vnni, avx2 or scalar)."""
+    return bool(_library().fg_int_isa_available(INT_PATHS[path][0]))
+
+
+def int_path() -> str:
+    """The integer path IntConv takes here: FRACGRAPH_INT_ISA when set (auto = the best compiled one)."""
+    want = os.environ.get("FRACGRAPH_INT_ISA", "auto") or "auto"
+    if want != "auto":
+        if want not in INT_PATHS:
+            raise FracgraphError(f"FRACGRAPH_INT_ISA={want} is not a path; use auto, vnni, avx2 or scalar")
+        return want
+    return next(p for p in INT_PATHS if int_path_available(p))

@@ -1165,6 +1165,9 @@ static int homogeneous(const OrtCustomOp* op) { (void)op; return 1; }
 
 static OpDef g_ops[N_KINDS];
 
+/* int_gemm.c's IntConv, when the library is built with it (kernels/__init__.py compiles both sources) */
+OrtStatus* fg_int_gemm_register(void* domain, const void* api) __attribute__((weak));
+
 OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   void* domain;
   OrtStatus* st;
@@ -1194,5 +1197,6 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
     op->KernelComputeV2 = compute;
     if ((st = API(CustomOpDomain_Add, DomainAddFn)(domain, op))) return st;
   }
+  if (fg_int_gemm_register && (st = fg_int_gemm_register(domain, g_api))) return st;
   return API(AddCustomOpDomain, AddDomainFn)(options, domain);
 }

@@ -18,6 +18,7 @@ nn = torch.nn
 from fracgraph.errors import FracgraphError  # noqa: E402
 from fracgraph.runtime import TrainSession, nchwc_block_size  # noqa: E402
 
+from fracgraph.passes.base import all_nodes  # noqa: E402
 from test_speed_passes import _step, build_pair  # noqa: E402
 
 BLOCK = nchwc_block_size()
@@ -53,8 +54,8 @@ def builds(tmp_path_factory):
 
 def test_every_conv_runs_on_nchwc_kernels(builds):
     graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
-    nchwc = [n for n in graph.node if n.domain == "com.microsoft.nchwc" and n.op_type == "Conv"]
-    plain = [n for n in graph.node if n.op_type == "Conv" and n.domain == ""]
+    nchwc = [n for n in all_nodes(graph) if n.domain == "com.microsoft.nchwc" and n.op_type == "Conv"]   # int-gemm's
+    plain = [n for n in all_nodes(graph) if n.op_type == "Conv" and n.domain == ""]                       # float branches too
     # 6 forward convs + the stride-1 dX convs of conv-grad-split (c3, dil, dw, pw; the stem needs no dX and s2's is a ConvTranspose)
     assert len(nchwc) == 10 and plain == []
     assert builds[True][1].extra["nchwc_block"] == BLOCK
@@ -92,7 +93,7 @@ def test_other_block_size_is_refused(builds, tmp_path):
 
 def test_weight_reorders_are_one_fracgraph_kernel(builds):
     graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
-    reorders = [n for n in graph.node if n.op_type == "NchwcWeight"]
+    reorders = [n for n in all_nodes(graph) if n.op_type == "NchwcWeight"]
     assert len(reorders) == 10   # one per NCHWc conv
     # conv-grad-split's transposes and flips of the weights are folded into them and gone
     assert not any(n.output[0].endswith(("::split/w_flip", "::split/w_t")) for n in graph.node)

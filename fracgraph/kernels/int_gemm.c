@@ -1,0 +1,693 @@
+/* fracgraph's integer convolution: a quantized conv's forward GEMM on 8-bit codes with int32 accumulation.
+ *
+ * Compiled into the same library as fused_ops.c (fracgraph/kernels/__init__.py); fused_ops.c's RegisterCustomOps
+ * calls fg_int_gemm_register to add this file's op to the domain "ai.fracgraph":
+ *
+ *   IntConv(x, x_min, x_scale, w, w_min, w_scale) -> y     attributes kh, kw, sh, sw, ph, pw, dh, dw (group 1)
+ *   IntCodesU8(v, min, scale) -> q (uint8)                  codes of a per-tensor fake-quantized tensor
+ *   IntCodesS8(v, min, scale) -> q (int8)                   codes - 128; min, scale a scalar or one per last-axis column
+ *   IntMatMulRescale(acc, qa, qb, a_min, a_scale, b_min, b_scale) -> y
+ *        acc = MatMulInteger(qa, qb) (onnxruntime's integer GEMM, which uses VNNI where the CPU has it); y = the
+ *        float product of the fake-quantized operands (below)
+ *
+ * x is an activation fake-quantized per tensor (x = s_x q_x + m_x, codes q_x in [0, 255]), w a weight
+ * fake-quantized per output channel (w[k] = s_w[k] q_w + m_w[k]); both arrive as the float tensors the fake-quant
+ * step computes (the backward reads them too), and the codes are recovered as round((v - m) / s), clamped to
+ * [0, 255]. Over the taps inside the image (zero padding is a real 0, not a code):
+ *
+ *   y[n,k,p] = s_x s_w[k] A + s_x m_w[k] Sx[n,p] + m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p]
+ *
+ * with A = sum q_x q_w (exact, int32), Sx = the window sum of q_x, Sw = the sum of q_w over the taps that fall
+ * inside the image at p, T = the number of such taps. The integer sum runs with the weights offset to signed
+ * bytes (q_w - 128) and the codes unsigned (pads are code 0): acc = A - 128 Sx, A = acc + 128 Sx in int32
+ * (exact; rescaling acc and 128 Sx separately would cancel large float terms at few bits), and
+ *
+ *   y = a_k A + b_k Sx + t[p,k],  a_k = s_x s_w[k],  b_k = s_x m_w[k],
+ *       t[p,k] = m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p]   (per call; the rescale runs in double, rounded once)
+ *
+ * Three paths for the integer sum, picked at run time by FRACGRAPH_INT_ISA (auto | vnni | avx2 | scalar; auto =
+ * the best one compiled for this CPU; asking for one not compiled fails in one line):
+ *   vnni   AVX-512 VNNI vpdpbusd: 16 output positions x 4 input channels per instruction, a tile of 8 output
+ *          channels x 2 segments of 16 positions (16 accumulators);
+ *   avx2   vpmaddwd on the codes split into 16-bit pairs: 8 positions x 2 channels (vpmaddubsw would saturate);
+ *   scalar plain int32 loops.
+ * All three compute the same int32 sums and the same float rescale, so their outputs are bitwise equal. Images are
+ * the parallel tasks; each packs its codes 4 channels to a word on the zero-padded image (see IJob).
+ */
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The ORT C API subset (the same slot table as fused_ops.c; see its header for why slots). */
+typedef struct OrtStatus OrtStatus;
+typedef struct { void* slot[275]; } OrtApi;
+enum {
+  S_CreateStatus = 0, S_CustomOpDomain_Add = 27, S_GetTensorMutableData = 51, S_GetDimensionsCount = 61,
+  S_GetDimensions = 62, S_GetTensorShapeElementCount = 64, S_GetTensorTypeAndShape = 65,
+  S_KernelInfoGetAttribute_int64 = 86, S_KernelContext_GetInput = 90, S_KernelContext_GetOutput = 91,
+  S_ReleaseTensorTypeAndShapeInfo = 99, S_KernelContext_ParallelFor = 274,
+};
+typedef OrtStatus* (*CreateStatusFn)(int, const char*);
+typedef OrtStatus* (*DomainAddFn)(void*, const void*);
+typedef OrtStatus* (*GetDataFn)(void*, void**);
+typedef OrtStatus* (*ElemCountFn)(const void*, size_t*);
+typedef OrtStatus* (*TypeShapeFn)(const void*, void**);
+typedef OrtStatus* (*AttrIntFn)(const void*, const char*, int64_t*);
+typedef OrtStatus* (*GetInputFn)(const void*, size_t, const void**);
+typedef OrtStatus* (*GetOutputFn)(void*, size_t, const int64_t*, size_t, void**);
+typedef void (*ReleaseFn)(void*);
+typedef OrtStatus* (*DimCountFn)(const void*, size_t*);
+typedef OrtStatus* (*DimsFn)(const void*, int64_t*, size_t);
+typedef OrtStatus* (*ParallelForFn)(const void*, void (*)(void*, size_t), size_t, size_t, void*);
+static const OrtApi* i_api;
+#define IAPI(name, type) ((type)i_api->slot[S_##name])
+
+typedef struct OrtCustomOp {
+  uint32_t version;
+  void* (*CreateKernel)(const struct OrtCustomOp*, const OrtApi*, const void*);
+  const char* (*GetName)(const struct OrtCustomOp*);
+  const char* (*GetExecutionProviderType)(const struct OrtCustomOp*);
+  int (*GetInputType)(const struct OrtCustomOp*, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp*);
+  int (*GetOutputType)(const struct OrtCustomOp*, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp*);
+  void (*KernelCompute)(void*, void*);
+  void (*KernelDestroy)(void*);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp*, size_t);
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp*, size_t);
+  int (*GetInputMemoryType)(const struct OrtCustomOp*, size_t);
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp*);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp*);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp*);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp*);
+  OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp*, const OrtApi*, const void*, void**);
+  OrtStatus* (*KernelComputeV2)(void*, void*);
+  void* tail[16];   /* later fields, unread at version 16 */
+} OrtCustomOp;
+
+static OrtStatus* ifail(const char* msg) { return IAPI(CreateStatus, CreateStatusFn)(1, msg); }
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+
+/* which paths this build has (the library is compiled with -march=native for the machine that runs it) */
+int fg_int_isa_available(int isa) {
+  if (isa == ISA_SCALAR) return 1;
+#if defined(__AVX2__)
+  if (isa == ISA_AVX2) return 1;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (isa == ISA_VNNI) return 1;
+#endif
+  return 0;
+}
+
+/* FRACGRAPH_INT_ISA -> path, or -1 when it names one this build lacks (or an unknown word) */
+static int chosen_isa(void) {
+  const char* e = getenv("FRACGRAPH_INT_ISA");
+  if (!e || !*e || !strcmp(e, "auto"))
+    return fg_int_isa_available(ISA_VNNI) ? ISA_VNNI : fg_int_isa_available(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
+  int isa = !strcmp(e, "vnni") ? ISA_VNNI : !strcmp(e, "avx2") ? ISA_AVX2 : !strcmp(e, "scalar") ? ISA_SCALAR : -1;
+  return isa >= 0 && fg_int_isa_available(isa) ? isa : -1;
+}
+
+typedef struct {
+  int64_t conv[8];   /* kh, kw, sh, sw, ph, pw, dh, dw */
+} IKernel;
+
+#define RB 8       /* output channels per register tile */
+#define SLACK 64   /* int32 words past the end of the buffers that a vector may read (masked lanes only) */
+
+/* Layout. Each image's codes are packed 4 channels to an int32 word (byte i = channel 4 c4 + i; channels past C
+ * are code 0) on the zero-padded image split into sh x sw phases, phase (r, c) holding the padded pixels
+ * (i sh + r, j sw + c) on a grid Hq x Wq: so every tap of a strided or dilated conv reads output positions
+ * wo, wo + 1, ... from consecutive words. Output positions go in segments of up to `lanes` along a row; a tile
+ * is RB output channels x two segments; vector lanes are positions, the weights are broadcast. */
+typedef struct {
+  int isa;
+  const float* x;
+  float* y;
+  float mx, inv_sx;
+  int64_t N, C, H, W, K, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t C4, Hp, Wp, Hq, Wq, plane, taps, Kb, P, lanes, nseg;
+  const int32_t* wpack;    /* vnni, scalar: [Kb/RB][taps][C4][RB] words of 4 signed bytes q_w - 128;
+                              avx2: [Kb/RB][taps][C4][2][RB] words of two int16 (channels 0, 2 and 1, 3) */
+  const double* a;         /* [Kb]: s_x s_w[k] */
+  const double* b;         /* [Kb]: s_x m_w[k] */
+  const double* t;         /* [K][P] (+ SLACK): m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p] */
+  const int64_t* toff;     /* [taps]: word offset of each tap in a c4 plane */
+  const int64_t* tpix;     /* [taps]: pixel offset of each tap in the padded image */
+  const int64_t* col_off;  /* [W]: word offset of input column w in its row of the phase grid */
+  const int64_t* seg_in;   /* [nseg]: a segment's first position on the phase grid (ho Wq + wo0) */
+  const int64_t* seg_out;  /* [nseg]: its first output position (ho Wo + wo0) */
+  const int32_t* seg_n;    /* [nseg]: its length */
+  int failed;              /* an image's scratch could not be allocated */
+} IJob;
+
+/* the code of a fake-quantized value v = s q + m: (v - m) / s is q up to a few ulps (far from the 0.5 that would
+ * round elsewhere while |m| / s < 2^20), so multiplying by 1 / s is as good as dividing */
+static inline int32_t code_of(float v, float m, float inv_s) {
+  float u = nearbyintf((v - m) * inv_s);
+  return (int32_t)(u < 0.0f ? 0.0f : u > 255.0f ? 255.0f : u);
+}
+
+/* rescale one output channel's sums of one segment into y: A = acc + 128 Sx, y = a A + b Sx + t in double (the
+ * terms can be far larger than y and cancel; in float that cost ~10x the error of a float conv), rounded once */
+static inline void store_plain(const IJob* j, const int32_t* acc, const int32_t* sx, int64_t k, int64_t out, int32_t n, float* y) {
+  const double a = j->a[k], b = j->b[k];
+  const double* t = j->t + (size_t)k * j->P + out;
+  float* yk = y + (size_t)k * j->P + out;
+  for (int32_t l = 0; l < n; ++l) yk[l] = (float)(a * (double)(acc[l] + 128 * sx[out + l]) + b * (double)sx[out + l] + t[l]);
+}
+
+static void tile_scalar(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb, int64_t s0, float* y) {
+  int32_t acc[16];
+  const int64_t n = j->seg_n[s0], in = j->seg_in[s0];
+  for (int r = 0; r < RB; ++r) {
+    const int64_t k = kb * RB + r;
+    if (k >= j->K) break;
+    for (int64_t l = 0; l < n; ++l) {
+      int32_t s = 0;
+      for (int64_t tap = 0; tap < j->taps; ++tap)
+        for (int64_t c4 = 0; c4 < j->C4; ++c4) {
+          const uint32_t xw = (uint32_t)xq[c4 * j->plane + j->toff[tap] + in + l];
+          const uint32_t ww = (uint32_t)j->wpack[((kb * j->taps + tap) * j->C4 + c4) * RB + r];
+          for (int i = 0; i < 4; ++i) s += (int32_t)((xw >> (8 * i)) & 0xFF) * (int32_t)(int8_t)((ww >> (8 * i)) & 0xFF);
+        }
+      acc[l] = s;
+    }
+    store_plain(j, acc, sx, k, j->seg_out[s0], (int32_t)n, y);
+  }
+}
+
+#if defined(__AVX2__)
+/* one segment of up to 8 positions x RB channels: x words split into 16-bit (c0, c2) and (c1, c3), vpmaddwd */
+static void tile_avx2(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb, int64_t s0, float* y) {
+  __m256i acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_si256();
+  const __m256i lo8 = _mm256_set1_epi32(0x00FF00FF);
+  const int64_t in = j->seg_in[s0];
+  for (int64_t tap = 0; tap < j->taps; ++tap) {
+    const int32_t* xt = xq + j->toff[tap] + in;
+    const int32_t* w = j->wpack + (kb * j->taps + tap) * j->C4 * 2 * RB;
+    for (int64_t c4 = 0; c4 < j->C4; ++c4, w += 2 * RB) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + c4 * j->plane));
+      const __m256i x02 = _mm256_and_si256(xv, lo8), x13 = _mm256_and_si256(_mm256_srli_epi32(xv, 8), lo8);
+      for (int r = 0; r < RB; ++r)
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(x02, _mm256_set1_epi32(w[r])),
+                                                           _mm256_madd_epi16(x13, _mm256_set1_epi32(w[RB + r]))));
+    }
+  }
+  int32_t tmp[8];
+  for (int r = 0; r < RB; ++r) {
+    const int64_t k = kb * RB + r;
+    if (k >= j->K) break;
+    _mm256_storeu_si256((__m256i*)tmp, acc[r]);
+    store_plain(j, tmp, sx, k, j->seg_out[s0], j->seg_n[s0], y);
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* two segments of up to 16 positions x RB channels: 16 accumulators, one vpdpbusd per (channel, segment, c4, tap) */
+static void tile_vnni(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb, int64_t s0, int64_t s1, float* y) {
+  __m512i a0[RB], a1[RB];
+  for (int r = 0; r < RB; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
+  const int64_t in0 = j->seg_in[s0], in1 = j->seg_in[s1];
+  for (int64_t tap = 0; tap < j->taps; ++tap) {
+    const int32_t* x0 = xq + j->toff[tap] + in0;
+    const int32_t* x1 = xq + j->toff[tap] + in1;
+    const int32_t* w = j->wpack + (kb * j->taps + tap) * j->C4 * RB;
+    for (int64_t c4 = 0; c4 < j->C4; ++c4, w += RB) {
+      const __m512i v0 = _mm512_loadu_si512((const void*)(x0 + c4 * j->plane));
+      const __m512i v1 = _mm512_loadu_si512((const void*)(x1 + c4 * j->plane));
+      for (int r = 0; r < RB; ++r) {
+        const __m512i wv = _mm512_set1_epi32(w[r]);
+        a0[r] = _mm512_dpbusd_epi32(a0[r], v0, wv);
+        a1[r] = _mm512_dpbusd_epi32(a1[r], v1, wv);
+      }
+    }
+  }
+  const int64_t segs[2] = {s0, s1};
+  for (int h = 0; h < (s1 == s0 ? 1 : 2); ++h) {
+    const int64_t out = j->seg_out[segs[h]];
+    const __mmask16 m = (__mmask16)((1u << j->seg_n[segs[h]]) - 1u);
+    const __m512i sxi = _mm512_maskz_loadu_epi32(m, sx + out);
+    const __m512d sx_lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sxi));
+    const __m512d sx_hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sxi, 1));
+    const __m512i sx128 = _mm512_slli_epi32(sxi, 7);
+    const __mmask8 m_lo = (__mmask8)(m & 0xFF), m_hi = (__mmask8)(m >> 8);
+    for (int r = 0; r < RB; ++r) {
+      const int64_t k = kb * RB + r;
+      if (k >= j->K) break;
+      const __m512i Ai = _mm512_add_epi32(h ? a1[r] : a0[r], sx128);
+      const __m512d av = _mm512_set1_pd(j->a[k]), bv = _mm512_set1_pd(j->b[k]);
+      const double* t = j->t + (size_t)k * j->P + out;
+      const __m512d lo = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_castsi512_si256(Ai))),
+                                                     _mm512_mul_pd(bv, sx_lo)), _mm512_maskz_loadu_pd(m_lo, t));
+      const __m512d hi = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(Ai, 1))),
+                                                     _mm512_mul_pd(bv, sx_hi)), _mm512_maskz_loadu_pd(m_hi, t + 8));
+      const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+      _mm512_mask_storeu_ps(y + (size_t)k * j->P + out, m, v);
+    }
+  }
+}
+#endif
+
+/* one image: pack the codes, window sums, every tile, rescale into y[n] (NCHW) */
+static void conv_image(void* p, size_t n) {
+  const IJob* j = (const IJob*)p;
+  const int64_t C = j->C, H = j->H, W = j->W, Hp = j->Hp, Wp = j->Wp, P = j->P;
+  const size_t words = (size_t)(j->C4 * j->plane) + SLACK;
+  char* buf = (char*)calloc(1, words * 4 + (size_t)(Hp * Wp) * 4 + (size_t)(P + SLACK) * 4 + (size_t)W * 4 * 4);
+  if (!buf) { ((IJob*)p)->failed = 1; return; }
+  int32_t* xq = (int32_t*)buf;
+  int32_t* colsum = xq + words;
+  int32_t* sx = colsum + Hp * Wp;
+  int32_t* qrow = sx + P + SLACK;   /* 4 rows of codes */
+  const float* x = j->x + (size_t)n * C * H * W;
+  const float mx = j->mx, inv = j->inv_sx;
+  for (int64_t c4 = 0; c4 < j->C4; ++c4)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = c4 * 4 + i;
+        int32_t* q = qrow + i * W;
+        if (c < C) {
+          const float* xr = x + (c * H + h) * W;
+          for (int64_t w = 0; w < W; ++w) q[w] = code_of(xr[w], mx, inv);
+        } else {
+          memset(q, 0, (size_t)W * 4);
+        }
+      }
+      const int64_t hp = h + j->ph;
+      int32_t* cs = colsum + hp * Wp + j->pw;
+      for (int64_t w = 0; w < W; ++w) cs[w] += qrow[w] + qrow[W + w] + qrow[2 * W + w] + qrow[3 * W + w];
+      int32_t* plane = xq + c4 * j->plane;
+      if (j->sh == 1 && j->sw == 1) {
+        int32_t* dst = plane + hp * j->Wq + j->pw;
+        for (int64_t w = 0; w < W; ++w)
+          dst[w] = qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
+      } else {   /* strided: the row's phase and grid row, each column's phase and grid column */
+        int32_t* dst = plane + (hp % j->sh) * j->sw * j->Hq * j->Wq + (hp / j->sh) * j->Wq;
+        for (int64_t w = 0; w < W; ++w)
+          dst[j->col_off[w]] = qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
+      }
+    }
+  for (int64_t ho = 0; ho < j->Ho; ++ho)   /* window sums of the codes (pads are 0) */
+    for (int64_t wo = 0; wo < j->Wo; ++wo) {
+      const int32_t* cs = colsum + ho * j->sh * Wp + wo * j->sw;
+      int32_t s = 0;
+      for (int64_t tap = 0; tap < j->taps; ++tap) s += cs[j->tpix[tap]];
+      sx[ho * j->Wo + wo] = s;
+    }
+  float* y = j->y + (size_t)n * j->K * P;
+  for (int64_t kb = 0; kb < j->Kb / RB; ++kb)
+    for (int64_t s0 = 0; s0 < j->nseg; s0 += (j->isa == ISA_VNNI ? 2 : 1)) {
+      switch (j->isa) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        case ISA_VNNI: tile_vnni(j, xq, sx, kb, s0, s0 + 1 < j->nseg ? s0 + 1 : s0, y); break;
+#endif
+#if defined(__AVX2__)
+        case ISA_AVX2: tile_avx2(j, xq, sx, kb, s0, y); break;
+#endif
+        default: tile_scalar(j, xq, sx, kb, s0, y); break;
+      }
+    }
+  free(buf);
+}
+
+static OrtStatus* in_shape(void* ctx, size_t i, const float** data, int64_t* dims, size_t* rank, size_t* count) {
+  const void* v;
+  void* info;
+  OrtStatus* st;
+  if ((st = IAPI(KernelContext_GetInput, GetInputFn)(ctx, i, &v))) return st;
+  if ((st = IAPI(GetTensorTypeAndShape, TypeShapeFn)(v, &info))) return st;
+  if (!(st = IAPI(GetDimensionsCount, DimCountFn)(info, rank))) {
+    if (*rank > 8) st = ifail("fracgraph IntConv: tensors above rank 8 are not supported");
+    else if (!(st = IAPI(GetDimensions, DimsFn)(info, dims, *rank)))
+      st = IAPI(GetTensorShapeElementCount, ElemCountFn)(info, count);
+  }
+  IAPI(ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
+  if (!st) st = IAPI(GetTensorMutableData, GetDataFn)((void*)v, (void**)data);
+  return st;
+}
+
+static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
+  IKernel* kern = (IKernel*)kernel;
+  int64_t xd[8], wd[8], d[8];
+  size_t xr, wr, r, xn, wn, cnt;
+  const float *x, *w, *mxp, *sxp, *mw, *sw;
+  OrtStatus* st;
+  IJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = in_shape(ctx, 0, &x, xd, &xr, &xn)) || (st = in_shape(ctx, 3, &w, wd, &wr, &wn))) return st;
+  if (xr != 4 || wr != 4 || xd[1] != wd[1]) return ifail("fracgraph IntConv: x must be [N, C, H, W] and w [K, C, kh, kw]");
+  if ((st = in_shape(ctx, 1, &mxp, d, &r, &cnt))) return st;
+  if (cnt != 1) return ifail("fracgraph IntConv: x_min must be a scalar");
+  if ((st = in_shape(ctx, 2, &sxp, d, &r, &cnt))) return st;
+  if (cnt != 1) return ifail("fracgraph IntConv: x_scale must be a scalar");
+  if ((st = in_shape(ctx, 4, &mw, d, &r, &cnt))) return st;
+  if ((int64_t)cnt != wd[0]) return ifail("fracgraph IntConv: w_min must hold one value per output channel");
+  if ((st = in_shape(ctx, 5, &sw, d, &r, &cnt))) return st;
+  if ((int64_t)cnt != wd[0]) return ifail("fracgraph IntConv: w_scale must hold one value per output channel");
+  j.isa = chosen_isa();
+  if (j.isa < 0) return ifail("fracgraph IntConv: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
+                              "(use auto, vnni, avx2 or scalar; vnni needs AVX-512 VNNI, avx2 needs AVX2)");
+  j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = wd[0];
+  j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
+  j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
+  if (wd[2] != j.kh || wd[3] != j.kw || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0)
+    return ifail("fracgraph IntConv: the weight's shape or the conv attributes do not match");
+  j.Ho = (j.H + 2 * j.ph - (j.kh - 1) * j.dh - 1) / j.sh + 1;
+  j.Wo = (j.W + 2 * j.pw - (j.kw - 1) * j.dw - 1) / j.sw + 1;
+  if (j.Ho < 1 || j.Wo < 1) return ifail("fracgraph IntConv: the output would be empty");
+  j.x = x, j.mx = *mxp, j.inv_sx = 1.0f / *sxp;
+  j.lanes = j.isa == ISA_AVX2 ? 8 : 16;
+  j.Kb = (j.K + RB - 1) / RB * RB;
+  j.C4 = (j.C + 3) / 4;
+  j.Hp = j.H + 2 * j.ph, j.Wp = j.W + 2 * j.pw;   /* symmetric pads (the pass sends only those) */
+  j.Hq = (j.Hp + j.sh - 1) / j.sh, j.Wq = (j.Wp + j.sw - 1) / j.sw;
+  j.plane = j.sh * j.sw * j.Hq * j.Wq;
+  j.P = j.Ho * j.Wo;
+  j.taps = j.kh * j.kw;
+  j.nseg = j.Ho * ((j.Wo + j.lanes - 1) / j.lanes);
+  const int64_t K = j.K, C = j.C, C4 = j.C4, taps = j.taps, P = j.P;
+  int32_t* wsum = (int32_t*)calloc((size_t)(K * taps), sizeof(int32_t));
+  double* a = (double*)calloc((size_t)j.Kb, sizeof(double));
+  double* b = (double*)calloc((size_t)j.Kb, sizeof(double));
+  double* t = (double*)calloc((size_t)(K * P + SLACK), sizeof(double));
+  int64_t* toff = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
+  int64_t* tpix = (int64_t*)malloc((size_t)taps * sizeof(int64_t));
+  int64_t* seg_in = (int64_t*)malloc((size_t)j.nseg * sizeof(int64_t));
+  int64_t* seg_out = (int64_t*)malloc((size_t)j.nseg * sizeof(int64_t));
+  int32_t* seg_n = (int32_t*)malloc((size_t)j.nseg * sizeof(int32_t));
+  int32_t* wpack = (int32_t*)calloc((size_t)(j.Kb * taps * C4 * 2), sizeof(int32_t));
+  int64_t* col_off = (int64_t*)malloc((size_t)j.W * sizeof(int64_t));
+  void* yv;
+  int64_t yd[4] = {j.N, K, j.Ho, j.Wo};
+  st = NULL;
+  if (!wsum || !a || !b || !t || !toff || !tpix || !seg_in || !seg_out || !seg_n || !wpack || !col_off) {
+    st = ifail("fracgraph IntConv: out of memory");
+    goto done;
+  }
+  /* weight codes: packed, their per-(k, tap) sums, the per-channel coefficients */
+  for (int64_t k = 0; k < K; ++k) {
+    const float inv_w = 1.0f / sw[k];
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int32_t q = code_of(w[(k * C + c) * taps + tap], mw[k], inv_w);
+        wsum[k * taps + tap] += q;
+        const int32_t sq = q - 128;
+        const int64_t kb = k / RB, rr = k % RB, c4 = c / 4, i = c % 4;
+        if (j.isa == ISA_AVX2) {   /* word h = i % 2 (channels 0, 2 | 1, 3), half = i / 2 */
+          uint32_t* wd32 = (uint32_t*)&wpack[(((kb * taps + tap) * C4 + c4) * 2 + i % 2) * RB + rr];
+          *wd32 |= ((uint32_t)(uint16_t)(int16_t)sq) << (16 * (i / 2));
+        } else {
+          uint32_t* wd32 = (uint32_t*)&wpack[((kb * taps + tap) * C4 + c4) * RB + rr];
+          *wd32 |= ((uint32_t)(uint8_t)(int8_t)sq) << (8 * i);
+        }
+      }
+    a[k] = (double)*sxp * sw[k];
+    b[k] = (double)*sxp * mw[k];
+  }
+  for (int64_t ta = 0; ta < j.kh; ++ta)
+    for (int64_t tb = 0; tb < j.kw; ++tb) {
+      const int64_t rr = ta * j.dh, cc = tb * j.dw;
+      toff[ta * j.kw + tb] = ((rr % j.sh) * j.sw + cc % j.sw) * j.Hq * j.Wq + (rr / j.sh) * j.Wq + cc / j.sw;
+      tpix[ta * j.kw + tb] = rr * j.Wp + cc;
+    }
+  for (int64_t wi = 0; wi < j.W; ++wi)
+    col_off[wi] = ((wi + j.pw) % j.sw) * j.Hq * j.Wq + (wi + j.pw) / j.sw;
+  int64_t ns = 0;
+  for (int64_t ho = 0; ho < j.Ho; ++ho)
+    for (int64_t wo = 0; wo < j.Wo; wo += j.lanes, ++ns) {
+      seg_in[ns] = ho * j.Wq + wo;
+      seg_out[ns] = ho * j.Wo + wo;
+      seg_n[ns] = (int32_t)(j.Wo - wo < j.lanes ? j.Wo - wo : j.lanes);
+    }
+  for (int64_t ho = 0; ho < j.Ho; ++ho)
+    for (int64_t wo = 0; wo < j.Wo; ++wo) {
+      const int64_t q = ho * j.Wo + wo;
+      /* taps inside the image at this position: Sw[k, p] and C T[p] */
+      int64_t inside = 0;
+      for (int64_t ta = 0; ta < j.kh; ++ta)
+        for (int64_t tb = 0; tb < j.kw; ++tb) {
+          const int64_t hi = ho * j.sh - j.ph + ta * j.dh, wi = wo * j.sw - j.pw + tb * j.dw;
+          if (hi < 0 || hi >= j.H || wi < 0 || wi >= j.W) continue;
+          ++inside;
+          for (int64_t k = 0; k < K; ++k) t[k * P + q] += (double)wsum[k * taps + ta * j.kw + tb];
+        }
+      for (int64_t k = 0; k < K; ++k)
+        t[k * P + q] = (double)j.mx * sw[k] * t[k * P + q] + (double)j.mx * mw[k] * (double)(C * inside);
+    }
+  j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.toff = toff, j.tpix = tpix;
+  j.seg_in = seg_in, j.seg_out = seg_out, j.seg_n = seg_n, j.col_off = col_off;
+  if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, yd, 4, &yv))) goto done;
+  if ((st = IAPI(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y))) goto done;
+  if (j.N == 1) conv_image(&j, 0);
+  else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, conv_image, (size_t)j.N, 0, &j);
+  if (!st && j.failed) st = ifail("fracgraph IntConv: out of memory");
+done:
+  free(wsum); free(a); free(b); free(t); free(toff); free(tpix); free(seg_in); free(seg_out); free(seg_n); free(wpack); free(col_off);
+  return st;
+}
+
+/* ---- MatMul: codes for onnxruntime's MatMulInteger, and its rescale ------------------------------------------
+ * a[m,k] = s_a qa + m_a (per tensor), b[k,n] = s_b[n] qb + m_b[n] (per column, or per tensor), acc = sum_k qa (qb - 128):
+ *   y[m,n] = s_a s_b[n] (acc + 128 Ra[m]) + s_a m_b[n] Ra[m] + m_a s_b[n] Cb[n] + K m_a m_b[n]
+ * with Ra = the row sums of qa and Cb the column sums of qb (no borders: every product is inside). In double,
+ * rounded once, as IntConv. */
+typedef struct {
+  const float* v;
+  void* q;
+  const float* mn;
+  const float* sc;
+  const float* inv;   /* 1 / scale, per column or one */
+  size_t n, cols, nmin;
+  int sign;
+} CJob;
+
+#define CROWS 64   /* rows (of `cols` elements) per parallel task */
+static void codes_chunk(void* p, size_t c) {
+  const CJob* j = (const CJob*)p;
+  const size_t rows = j->n / j->cols, a = c * CROWS, e = a + CROWS < rows ? a + CROWS : rows, cols = j->cols;
+  const float* inv = j->inv;
+  for (size_t r = a; r < e; ++r) {
+    const float* v = j->v + r * cols;
+    if (j->nmin == 1) {
+      const float m = j->mn[0], is = inv[0];
+      if (j->sign) { int8_t* q = (int8_t*)j->q + r * cols; for (size_t i = 0; i < cols; ++i) q[i] = (int8_t)(code_of(v[i], m, is) - 128); }
+      else { uint8_t* q = (uint8_t*)j->q + r * cols; for (size_t i = 0; i < cols; ++i) q[i] = (uint8_t)code_of(v[i], m, is); }
+    } else {
+      const float* m = j->mn;
+      if (j->sign) { int8_t* q = (int8_t*)j->q + r * cols; for (size_t i = 0; i < cols; ++i) q[i] = (int8_t)(code_of(v[i], m[i], inv[i]) - 128); }
+      else { uint8_t* q = (uint8_t*)j->q + r * cols; for (size_t i = 0; i < cols; ++i) q[i] = (uint8_t)code_of(v[i], m[i], inv[i]); }
+    }
+  }
+}
+
+static OrtStatus* any_input(void* ctx, size_t i, const void** data, int64_t* dims, size_t* rank, size_t* count) {
+  return in_shape(ctx, i, (const float**)data, dims, rank, count);
+}
+
+static OrtStatus* compute_codes(void* ctx, int sign) {
+  int64_t d[8], dm[8];
+  size_t r, rm, n, nm, ns;
+  CJob j;
+  void* out;
+  OrtStatus* st;
+  memset(&j, 0, sizeof j);
+  if ((st = in_shape(ctx, 0, &j.v, d, &r, &n)) || (st = in_shape(ctx, 1, &j.mn, dm, &rm, &nm)) ||
+      (st = in_shape(ctx, 2, &j.sc, dm, &rm, &ns))) return st;
+  j.cols = r ? (size_t)d[r - 1] : 1;
+  if (nm != ns || (nm != 1 && nm != j.cols))
+    return ifail("fracgraph IntCodes: min and scale must be scalars or hold one value per last-axis column");
+  j.n = n, j.nmin = nm, j.sign = sign;
+  if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, d, r, &out))) return st;
+  if ((st = IAPI(GetTensorMutableData, GetDataFn)(out, &j.q))) return st;
+  if (!n) return NULL;
+  float* inv = (float*)malloc(nm * sizeof(float));
+  if (!inv) return ifail("fracgraph IntCodes: out of memory");
+  for (size_t i = 0; i < nm; ++i) inv[i] = 1.0f / j.sc[i];
+  j.inv = inv;
+  const size_t chunks = (n / j.cols + CROWS - 1) / CROWS;
+  if (chunks <= 1) codes_chunk(&j, 0);
+  else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, codes_chunk, chunks, 0, &j);
+  free(inv);
+  return st;
+}
+
+typedef struct {
+  const int32_t* acc;
+  const uint8_t* qa;
+  const int8_t* qb;
+  float* y;
+  double ma, sa;
+  const float* mb;
+  const float* sb;
+  int64_t M, K, N, batches, b_batched, nb;
+  const double* c1;    /* [N]: s_a s_b[n] */
+  const double* c2;    /* [N]: s_a m_b[n] */
+  const double* c3;    /* [batches or 1][N]: m_a s_b[n] Cb[n] + K m_a m_b[n] */
+} RJob;
+
+static void rescale_row(const RJob* j, size_t row) {
+  const int64_t bt = (int64_t)row / j->M, m = (int64_t)row % j->M;
+  const uint8_t* qa = j->qa + ((size_t)bt * j->M + m) * j->K;
+  int32_t ra = 0;
+  for (int64_t k = 0; k < j->K; ++k) ra += qa[k];
+  const int32_t* acc = j->acc + ((size_t)bt * j->M + m) * j->N;
+  const double* c1 = j->c1;
+  const double* c2 = j->c2;
+  const double* c3 = j->c3 + (j->b_batched ? (size_t)bt * j->N : 0);
+  float* y = j->y + ((size_t)bt * j->M + m) * j->N;
+  const int32_t r128 = 128 * ra;
+  const double rd = (double)ra;
+  for (int64_t n = 0; n < j->N; ++n) y[n] = (float)(c1[n] * (double)(acc[n] + r128) + c2[n] * rd + c3[n]);
+}
+
+#define RROWS 64   /* rows per parallel task: a row alone is too little work for a task */
+static void rescale_rows(void* p, size_t task) {
+  const RJob* j = (const RJob*)p;
+  const size_t rows = (size_t)(j->batches * j->M), a = task * RROWS, e = a + RROWS < rows ? a + RROWS : rows;
+  for (size_t r = a; r < e; ++r) rescale_row(j, r);
+}
+
+static OrtStatus* compute_rescale(void* ctx) {
+  int64_t da[8], dq[8], db[8], dd[8];
+  size_t ra, rq, rb, r, na, nq, nb, cnt, nsb;
+  const void *acc, *qa, *qb;
+  const float *ma, *sa;
+  RJob j;
+  void* out;
+  OrtStatus* st;
+  memset(&j, 0, sizeof j);
+  if ((st = any_input(ctx, 0, &acc, da, &ra, &na)) || (st = any_input(ctx, 1, &qa, dq, &rq, &nq)) ||
+      (st = any_input(ctx, 2, &qb, db, &rb, &nb))) return st;
+  if ((st = in_shape(ctx, 3, &ma, dd, &r, &cnt)) || cnt != 1) return st ? st : ifail("fracgraph IntMatMulRescale: a_min must be a scalar");
+  if ((st = in_shape(ctx, 4, &sa, dd, &r, &cnt)) || cnt != 1) return st ? st : ifail("fracgraph IntMatMulRescale: a_scale must be a scalar");
+  if ((st = in_shape(ctx, 5, &j.mb, dd, &r, &cnt))) return st;
+  if ((st = in_shape(ctx, 6, &j.sb, dd, &r, &nsb))) return st;
+  if (ra < 2 || rq != ra || rb < 2) return ifail("fracgraph IntMatMulRescale: operands must be matrices or batches of them");
+  j.M = da[ra - 2], j.N = da[ra - 1], j.K = dq[rq - 1];
+  if (dq[rq - 2] != j.M || db[rb - 2] != j.K || db[rb - 1] != j.N)
+    return ifail("fracgraph IntMatMulRescale: acc, qa and qb shapes do not agree");
+  j.batches = (int64_t)(na / (size_t)(j.M * j.N));
+  j.b_batched = rb > 2 && (int64_t)(nb / (size_t)(j.K * j.N)) == j.batches && j.batches > 1;
+  if (rb > 2 && !j.b_batched && nb != (size_t)(j.K * j.N))
+    return ifail("fracgraph IntMatMulRescale: qb must be one matrix or one per batch of qa");
+  if (cnt != nsb || (cnt != 1 && (int64_t)cnt != j.N))
+    return ifail("fracgraph IntMatMulRescale: b_min and b_scale must be scalars or one value per column");
+  j.nb = (int64_t)cnt;
+  j.acc = (const int32_t*)acc, j.qa = (const uint8_t*)qa, j.qb = (const int8_t*)qb;
+  j.ma = *ma, j.sa = *sa;
+  const int64_t nbm = j.b_batched ? j.batches : 1;
+  int32_t* cb = (int32_t*)calloc((size_t)(nbm * j.N), sizeof(int32_t));
+  double* coef = (double*)malloc((size_t)((2 + nbm) * j.N) * sizeof(double));
+  if (!cb || !coef) { free(cb); free(coef); return ifail("fracgraph IntMatMulRescale: out of memory"); }
+  for (int64_t bt = 0; bt < nbm; ++bt)
+    for (int64_t k = 0; k < j.K; ++k) {
+      const int8_t* row = j.qb + ((size_t)bt * j.K + k) * j.N;
+      for (int64_t n = 0; n < j.N; ++n) cb[bt * j.N + n] += (int32_t)row[n] + 128;
+    }
+  for (int64_t n = 0; n < j.N; ++n) {
+    const double sb = j.sb[j.nb == 1 ? 0 : n], mb = j.mb[j.nb == 1 ? 0 : n];
+    coef[n] = j.sa * sb;
+    coef[j.N + n] = j.sa * mb;
+    for (int64_t bt = 0; bt < nbm; ++bt)
+      coef[(2 + bt) * j.N + n] = j.ma * sb * (double)cb[bt * j.N + n] + (double)j.K * j.ma * mb;
+  }
+  j.c1 = coef, j.c2 = coef + j.N, j.c3 = coef + 2 * j.N;
+  st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, da, ra, &out);
+  if (!st) st = IAPI(GetTensorMutableData, GetDataFn)(out, (void**)&j.y);
+  if (!st) {
+    const size_t tasks = ((size_t)(j.batches * j.M) + RROWS - 1) / RROWS;
+    if (tasks <= 1) rescale_rows(&j, 0);
+    else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, rescale_rows, tasks, 0, &j);
+  }
+  free(cb);
+  free(coef);
+  return st;
+}
+
+/* ---- registration ----------------------------------------------------------------------------------------- */
+static const char* const I_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"};
+enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, N_IOPS };
+static const char* const I_NAMES[N_IOPS] = {"IntConv", "IntCodesU8", "IntCodesS8", "IntMatMulRescale"};
+static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7};
+enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
+
+typedef struct {
+  OrtCustomOp op;
+  int kind;
+} IOpDef;
+static IOpDef g_iops[N_IOPS];
+static int ikind(const OrtCustomOp* op) { return ((const IOpDef*)op)->kind; }
+
+static OrtStatus* i_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
+  (void)api;
+  IKernel* k = (IKernel*)calloc(1, sizeof(IKernel) + sizeof(int));
+  OrtStatus* st;
+  if (!k) return ifail("fracgraph IntConv: out of memory");
+  if (ikind(op) == OP_CONV)
+    for (int a = 0; a < 8; ++a)
+      if ((st = IAPI(KernelInfoGetAttribute_int64, AttrIntFn)(info, I_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  k->conv[0] = ikind(op) == OP_CONV ? k->conv[0] : -1 - ikind(op);   /* the other ops keep their kind here */
+  *out = k;
+  return NULL;
+}
+static OrtStatus* i_compute(void* kernel, void* ctx) {
+  const IKernel* k = (const IKernel*)kernel;
+  if (k->conv[0] >= 0) return compute_int_conv(kernel, ctx);
+  const int kind = (int)(-1 - k->conv[0]);
+  if (kind == OP_RESCALE) return compute_rescale(ctx);
+  return compute_codes(ctx, kind == OP_CODES_S8);
+}
+static void i_destroy(void* k) { free(k); }
+static const char* i_name(const OrtCustomOp* op) { return I_NAMES[ikind(op)]; }
+static const char* i_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
+static int i_in_type(const OrtCustomOp* op, size_t i) {
+  if (ikind(op) != OP_RESCALE) return T_FLOAT;
+  return i == 0 ? T_INT32 : i == 1 ? T_UINT8 : i == 2 ? T_INT8 : T_FLOAT;
+}
+static int i_out_type(const OrtCustomOp* op, size_t i) {
+  (void)i;
+  return ikind(op) == OP_CODES_U8 ? T_UINT8 : ikind(op) == OP_CODES_S8 ? T_INT8 : T_FLOAT;
+}
+static size_t i_n_in(const OrtCustomOp* op) { return I_NIN[ikind(op)]; }
+static size_t i_n_out(const OrtCustomOp* op) { (void)op; return 1; }
+static int i_zero(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int i_one(const OrtCustomOp* op) { (void)op; return 1; }
+
+OrtStatus* fg_int_gemm_register(void* domain, const void* api) {
+  OrtStatus* st;
+  i_api = (const OrtApi*)api;
+  for (int kind = 0; kind < N_IOPS; ++kind) {
+    OrtCustomOp* op = &g_iops[kind].op;
+    memset(&g_iops[kind], 0, sizeof g_iops[kind]);
+    g_iops[kind].kind = kind;
+    op->version = 16;
+    op->GetName = i_name;
+    op->GetExecutionProviderType = i_provider;
+    op->GetInputType = i_in_type;
+    op->GetInputTypeCount = i_n_in;
+    op->GetOutputType = i_out_type;
+    op->GetOutputTypeCount = i_n_out;
+    op->KernelDestroy = i_destroy;
+    op->GetInputCharacteristic = i_zero;
+    op->GetOutputCharacteristic = i_zero;
+    op->GetInputMemoryType = i_zero;
+    op->GetVariadicInputMinArity = i_one;
+    op->GetVariadicInputHomogeneity = i_one;
+    op->GetVariadicOutputMinArity = i_one;
+    op->GetVariadicOutputHomogeneity = i_one;
+    op->CreateKernelV2 = i_create;
+    op->KernelComputeV2 = i_compute;
+    if ((st = IAPI(CustomOpDomain_Add, DomainAddFn)(domain, op))) return st;
+  }
+  return NULL;
+}

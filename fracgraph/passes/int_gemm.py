@@ -1,0 +1,250 @@
+"""Training-graph pass: quantized forward GEMMs (Conv, MatMul) on integer codes, chosen at run time from the
+precision input (fracgraph/kernels/int_gemm.c).
+
+FracTrain's forward GEMM reads an activation and a weight that are both fake-quantized (fw-quant): the values are
+s q + m with integer codes q (activation per tensor, weight per output channel). When both operands' bits are in
+1..8 in a step, the GEMM's sum of products is the integer sum of the codes plus correction terms (int_gemm.c's
+header), computed with 8-bit multiplies and int32 accumulation and rescaled once. Everything else about the step
+stays: the fake-quantized float tensors are still computed (the backward reads them), and so are the ranges.
+
+    Conv(x_fq, w_fq[, b]) -> If(0 < act bits <= 8 and 0 < weight bits <= 8)
+                                then: IntConv(x_fq, x_min, x_scale, w_fq, w_min, w_scale) [+ b]
+                                else: Conv(x_fq, w_fq[, b])    (on NCHWc kernels when the build uses them)
+    MatMul(a_fq, w_fq)    -> If(the same)
+                                then: IntMatMulRescale(MatMulInteger(IntCodesU8(a_fq), IntCodesS8(w_fq)), ...)
+                                else: MatMul(a_fq, w_fq)
+
+Convs run on fracgraph's own kernel (onnxruntime 1.19.2's ConvInteger takes u8 weights only and ran at the speed
+of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv); MatMuls on
+onnxruntime's MatMulInteger (MLAS, VNNI where the CPU has it) between fracgraph's code and rescale ops. The
+MatMul form is off by default (`BuildOptions.int_matmul`, `quantize --int-matmul`): alone it runs the GPT's
+linear layers in 0.28-0.89x the float MatMul's time (bench/kernel_probes.py --only intmatmul, one thread), but in
+the zoo GPT's step (d = 128) the artifacts with it took 1.15-1.23x the time of those without, and as much even at
+12 bits, where every If runs its float branch: the If around small GEMMs costs more than the integer GEMM saves.
+
+The switch is the same mechanism as quant-branch's: a schedule that moves a block to 12 or 16 bits, or to FP32
+(0 bits), runs the float op of today's graph, without a rebuild. The operands' ranges and scales are read from
+the quantizers' own tensors (Identity'd in the outer graph, so that every pass sees their readers).
+
+Per-op rules (RULES, keyed by op type) decline, with the reason in the notes and the manifest (the op keeps
+today's form): grouped convs, auto_pad or asymmetric pads, a non-2-D or dynamic weight shape, convs with few
+multiply-adds per input code (MIN_MACS_PER_CODE: 1x1 strided convs, where the float conv is faster), MatMuls
+whose weight is not a 2-D matrix. Not matched at all: GEMMs whose operands are not both fw-quant outputs
+(the first conv under `--first fp32`, conv-grad-split's dX convs, which read errors), attention's MatMuls of two
+activations (the codes and rescale around small batched GEMMs cost 3.5x the float MatMul: --only intmatmul),
+per-sample (DFQ) bits, Gemm. The backward GEMMs (dX, dW) stay float.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+from onnx import TensorProto, helper
+
+from ..kernels import DOMAIN
+from ..quantizers import Emitter
+from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
+from .fused_ops import import_domain
+
+MAX_BITS = 8
+# IntConv packs every input code once per image and then runs K * taps / (sh * sw) multiply-adds per packed code;
+# below this many the packing costs more than the integer GEMM saves (bench/kernel_probes.py --only intconv, one
+# thread: resnet20's 1x1 stride-2 32 -> 64 conv, 16 per code, took 2.4-5.2x a plain Conv's time; the 3x3
+# stride-2 16 -> 32 conv, 72 per code, 0.39-0.41x)
+MIN_MACS_PER_CODE = 32
+# The integer paths that beat the float convs they replace: VNNI ran resnet20's 3x3 convs in 0.52-0.85x the time
+# of the NCHWc conv, AVX2 (vpmaddwd on 16-bit codes) in 1.1-1.6x (--only intconv, one thread), so on a CPU
+# without VNNI the pass leaves the convs as they are (the AVX2 and scalar paths serve artifacts moved there with
+# FRACGRAPH_INT_ISA set, and the tests)
+FAST_PATHS = ("vnni",)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _ConvRule:
+    @staticmethod
+    def decline(node, w_shape) -> str | None:
+        a = _attrs(node)
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return "auto_pad"
+        if a.get("group", 1) != 1:
+            return "grouped"
+        if not w_shape or len(w_shape) != 4 or any(not d for d in w_shape):
+            return "weight shape not static 2-D"
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:]:
+            return f"asymmetric pads {pads}"
+        o, _, kh, kw = w_shape
+        sh, sw = list(a.get("strides", [1, 1]))
+        per_code = o * kh * kw / (sh * sw)
+        if per_code < MIN_MACS_PER_CODE:
+            return (f"{per_code:g} multiply-adds per input code (< {MIN_MACS_PER_CODE}): packing the codes costs more "
+                    f"than the integer GEMM saves")
+        return None
+
+    @staticmethod
+    def integer(node, base, w_shape, xm, xs, wm, ws, out) -> list[onnx.NodeProto]:
+        a = _attrs(node)
+        _, _, kh, kw = w_shape
+        st, pads, dil = list(a.get("strides", [1, 1])), list(a.get("pads", [0, 0, 0, 0])), list(a.get("dilations", [1, 1]))
+        return [helper.make_node("IntConv", [node.input[0], xm, xs, node.input[1], wm, ws], [out], name=f"{base}/conv",
+                                 domain=DOMAIN, kh=kh, kw=kw, sh=st[0], sw=st[1], ph=pads[0], pw=pads[1],
+                                 dh=dil[0], dw=dil[1])]
+
+
+class _MatMulRule:
+    @staticmethod
+    def decline(node, w_shape) -> str | None:
+        if not w_shape or len(w_shape) != 2 or any(not d for d in w_shape):
+            return "weight not a static 2-D matrix"
+        return None
+
+    @staticmethod
+    def integer(node, base, w_shape, xm, xs, wm, ws, out) -> list[onnx.NodeProto]:
+        qa, qb, acc = f"{base}/qa", f"{base}/qb", f"{base}/acc"
+        return [helper.make_node("IntCodesU8", [node.input[0], xm, xs], [qa], name=qa, domain=DOMAIN),
+                helper.make_node("IntCodesS8", [node.input[1], wm, ws], [qb], name=qb, domain=DOMAIN),
+                helper.make_node("MatMulInteger", [qa, qb], [acc], name=acc),
+                helper.make_node("IntMatMulRescale", [acc, qa, qb, xm, xs, wm, ws], [out], name=f"{base}/rescale",
+                                 domain=DOMAIN)]
+
+
+RULES = {"Conv": _ConvRule, "MatMul": _MatMulRule}   # one entry per op type the pass puts on integers
+
+
+class IntGemmPass(Pass):
+    name = "int-gemm"
+
+    def __init__(self, shapes: dict[str, list], nchwc_block: int = 1, fused: bool = True, matmul: bool = False):
+        self.shapes = shapes              # tensor name -> static shape (the weights)
+        self.matmul = matmul              # MatMuls too (off by default: slower in the GPT step, see the docstring)
+        self.nchwc_block = nchwc_block    # > 1: a float branch's conv goes onto NCHWc kernels like the others
+        self.fused = fused
+        self.convs: list[dict] = []       # what the manifest records: each GEMM's name, op type and decision
+
+    def call(self, model):
+        from .. import kernels
+
+        graph = model.graph
+        path = kernels.int_path()
+        if path not in FAST_PATHS:
+            return PassResult(model, False, [f"int-gemm: this CPU's integer path ({path}) is not faster than the float "
+                                             f"ops; GEMMs kept"])
+        self.producer = {o: n for n in graph.node for o in n.output}
+        em = Emitter(graph, opset(model))
+        shapes = dict(self.shapes)
+        shapes.update({t.name: list(t.dims) for t in graph.initializer})
+        notes, pairs, self.convs = [], [], []
+        counts = defaultdict(int)
+        for node in list(graph.node):
+            rule = RULES.get(node.op_type)
+            if rule is None or node.domain not in ("", "ai.onnx") or (rule is _MatMulRule and not self.matmul):
+                continue
+            x, w = self._operand(node.input[0], "::fq_a"), self._operand(node.input[1], "::fq_w")
+            if x is None or w is None:
+                continue   # not an activation x quantized weight GEMM (see the module docstring): nothing to say
+            reason = rule.decline(node, shapes.get(node.input[1]))
+            self.convs.append({"name": node.name, "op_type": node.op_type, "int": reason is None,
+                               "reason": reason or "both operands <= 8 bits"})
+            if reason is not None:
+                notes.append(f"{node.name}: kept the float {node.op_type} ({reason})")
+                continue
+            pairs.append((node, self._rewrite(em, model, node, shapes, x, w, rule)))
+            counts[node.op_type] += 1
+            em.nodes = []
+        replace_nodes(graph, pairs)
+        if pairs:
+            import_domain(model)
+            what = " and ".join(f"{n} {op}" for op, n in counts.items())
+            notes.insert(0, f"{what} forward on integer kernels when act and weight bits are 1..{MAX_BITS}, the float "
+                            f"op otherwise")
+        return PassResult(model, bool(pairs), notes)
+
+    def _operand(self, tensor: str, tag: str) -> dict | None:
+        """The quantizer behind a fw-quant output: `Where(<bits>::on, <prefix>/q, x)` with q a FakeQuantize (fused)
+        or the chain's `Add(<prefix>/descaled, min)`; its bits, min and scale tensors."""
+        where = self.producer.get(tensor)
+        if where is None or where.op_type != "Where" or not where.input[0].endswith("::on"):
+            return None
+        q = self.producer.get(where.input[1])
+        if q is None or not q.name.endswith("/q") or tag not in q.name:
+            return None
+        if q.op_type == "FakeQuantize":
+            mn, s = q.input[1], q.input[2]
+        elif q.op_type == "Add":
+            mul = self.producer.get(q.input[0])
+            if mul is None or mul.op_type != "Mul":
+                return None
+            mn, s = q.input[1], mul.input[1]
+        else:
+            return None
+        return {"bits": where.input[0][: -len("::on")], "min": mn, "scale": s}
+
+    def _switch(self, em: Emitter, act_bits: str, w_bits: str) -> str:
+        """One bool per (act bits, weight bits) pair: both in 1..MAX_BITS."""
+        name = f"{act_bits}&{w_bits}::int{MAX_BITS}"
+        if not em.has(name):
+            conds = []
+            for b in (act_bits, w_bits):
+                ok = f"{b}::int_ok"
+                if not em.has(ok):
+                    lo = em.node("Greater", [b, em.const(0.0)], f"{b}::int_lo")
+                    hi = em.node("LessOrEqual", [b, em.const(float(MAX_BITS))], f"{b}::int_hi")
+                    em.node("And", [lo, hi], ok)
+                conds.append(ok)
+            em.node("And", conds, name)
+        return name
+
+    def _rewrite(self, em: Emitter, model, node, shapes, x, w, rule) -> list[onnx.NodeProto]:
+        base = f"{node.name}::int"
+        cond = self._switch(em, x["bits"], w["bits"])
+        # the quantizers' tensors, read through outer-graph Identities so every later pass sees a reader
+        xm = em.node("Identity", [x["min"]], f"{base}/x_min")
+        xs = em.node("Identity", [x["scale"]], f"{base}/x_scale")
+        wm = em.node("Identity", [w["min"]], f"{base}/w_min")
+        ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
+        then_out = f"{base}/y"
+        has_bias = len(node.input) > 2 and node.input[2]
+        then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws,
+                                  f"{base}/y_nobias" if has_bias else then_out)
+        if has_bias:
+            b4 = em.node("Reshape", [node.input[2], em.const([1, -1, 1, 1], "int64")], f"{base}/bias")
+            then_nodes.append(helper.make_node("Add", [f"{base}/y_nobias", b4], [then_out], name=f"{base}/add_bias"))
+        then_graph = helper.make_graph(then_nodes, f"{base}/integer", [],
+                                       [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)])
+        else_out = f"{base}/y_float"
+        float_op = helper.make_node(node.op_type, list(node.input), [else_out], name=f"{base}/float", **_attrs(node))
+        else_graph = helper.make_graph([float_op], f"{base}/float", [],
+                                       [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)])
+        if self.nchwc_block > 1 and node.op_type == "Conv":
+            else_graph = self._nchwc(model, else_graph, shapes, base)
+        branch = helper.make_node("If", [cond], [node.output[0]], name=f"{base}/switch", then_branch=then_graph,
+                                  else_branch=else_graph)
+        return em.nodes + [branch]
+
+    def _nchwc(self, model, graph: onnx.GraphProto, shapes, base: str) -> onnx.GraphProto:
+        """The float branch's conv on NCHWc kernels, by the nchwc-conv pass run on the branch (its constants renamed
+        under the conv's prefix: a subgraph may not redefine an outer name)."""
+        from .nchwc_conv import NchwcConvPass
+
+        sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+        res = NchwcConvPass(shapes, self.nchwc_block, fused=self.fused).call(sub)
+        if not res.modified:
+            return graph
+        for o in res.model.opset_import:
+            if not any(m.domain == o.domain for m in model.opset_import):
+                model.opset_import.append(helper.make_opsetid(o.domain, o.version))
+        out = res.model.graph
+        renamed = {t.name: f"{base}/{t.name}" for t in out.initializer}
+        for t in out.initializer:
+            t.name = renamed[t.name]
+        for n in out.node:
+            for i, name in enumerate(n.input):
+                n.input[i] = renamed.get(name, name)
+        return out
+
+    def ensures(self, model):
+        assert_inputs_defined(model)

@@ -1,0 +1,321 @@
+"""Integer convolution (fracgraph/kernels/int_gemm.c, passes/int_gemm.py): the kernel against a float64 conv of
+the same fake-quantized operands, on every path this CPU has (FRACGRAPH_INT_ISA forces each), and the pass.
+
+The bound: the integer sum is exact, so the kernel's error is the float rescale of int32 sums and correction
+terms, each at most K * max|x| * max|w| in size (K = C * kh * kw, the reduction length), plus the fake-quant
+values' own rounding (one ulp each); the FP32 conv it replaces errs by up to K ulps of the same size. Both are
+far below 2^-20 * K * max|x| * max|w|, while one wrong code moves an output by about max|x| * max|w| / 255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+from fracgraph import kernels  # noqa: E402
+
+from conftest import custom_op_session  # noqa: E402
+
+PATHS = ["vnni", "avx2", "scalar"]
+
+
+def available(path: str) -> bool:
+    import ctypes
+
+    lib = ctypes.CDLL(str(kernels.library_path()))
+    return bool(lib.fg_int_isa_available({"scalar": 0, "avx2": 1, "vnni": 2}[path]))
+
+
+def fake_quant(x, bits, axes=None):
+    """quantizers.py's chain in float32 (per tensor, or per output channel over `axes`): value, min, scale."""
+    mn = x.min(axis=axes, keepdims=axes is not None).astype(np.float32)
+    mx = x.max(axis=axes, keepdims=axes is not None).astype(np.float32)
+    levels = np.float32(2.0 ** bits - 1)
+    s = np.maximum((mx - mn) / levels, np.float32(1e-8)).astype(np.float32)
+    q = np.round(np.clip((x - mn) / s, -0.49, levels + np.float32(0.49))).astype(np.float32) * s + mn
+    return q.astype(np.float32), np.asarray(mn, np.float32), np.asarray(s, np.float32)
+
+
+def int_conv(xq, mx, sx, wq, mw, sw, kernel, stride, pad, dilation, threads=2):
+    kh, kw = kernel
+    sess = custom_op_session("IntConv", ["x", "mx", "sx", "w", "mw", "sw"], ["y"], threads=threads,
+                             kh=kh, kw=kw, sh=stride, sw=stride, ph=pad, pw=pad, dh=dilation, dw=dilation)
+    return sess.run(None, {"x": xq, "mx": mx, "sx": sx, "w": wq, "mw": mw, "sw": sw})[0]
+
+
+def reference(xq, wq, stride, pad, dilation):
+    return torch.nn.functional.conv2d(torch.from_numpy(xq).double(), torch.from_numpy(wq).double(),
+                                      stride=stride, padding=pad, dilation=dilation).numpy()
+
+
+# (N, C, H, K, kernel, stride, pad, dilation): the speed passes' shape classes (3x3, 1x1, strided 3x3 and 1x1,
+# a 3-channel stem, tiny maps, channel counts off the vector width, dilation)
+CASES = [
+    (3, 16, 8, 16, 3, 1, 1, 1),
+    (2, 16, 8, 32, 3, 2, 1, 1),
+    (2, 16, 8, 32, 1, 2, 0, 1),
+    (2, 32, 6, 16, 1, 1, 0, 1),
+    (2, 3, 9, 16, 3, 1, 1, 1),
+    (3, 20, 2, 10, 3, 1, 1, 1),
+    (2, 8, 1, 24, 3, 1, 1, 1),
+    (2, 12, 7, 20, 3, 1, 2, 2),
+    (1, 5, 11, 7, 5, 2, 2, 1),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_matches_float64_conv(monkeypatch, path, case, bits):
+    if not available(path):
+        pytest.skip(f"this CPU's build has no {path} path")
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+    n, c, h, k, ks, stride, pad, dil = case
+    rng = np.random.default_rng(hash(case) % 2**32 + bits)
+    x = (rng.standard_normal((n, c, h, h)) * 1.5 + 0.3).astype(np.float32)
+    w = (rng.standard_normal((k, c, ks, ks)) * 0.2).astype(np.float32)
+    xq, mx, sx = fake_quant(x, bits)
+    wq, mw, sw = fake_quant(w, bits, axes=(1, 2, 3))
+    y = int_conv(xq, mx, sx, wq, mw.reshape(k, 1, 1, 1), sw.reshape(k, 1, 1, 1), (ks, ks), stride, pad, dil)
+    ref = reference(xq, wq, stride, pad, dil)
+    assert y.shape == ref.shape
+    bound = 2.0 ** -20 * c * ks * ks * np.abs(xq).max() * np.abs(wq).max()
+    err = np.abs(y - ref).max()
+    assert err <= bound, (err, bound)
+    # one wrong code is well above the bound (the test can fail): shift one weight by a quantization step
+    assert np.abs(sw).min() * np.abs(xq).max() > 8 * bound
+
+
+def test_paths_agree_exactly_on_integer_sums(monkeypatch):
+    """The three paths compute the same int32 sums and the same float rescale: bitwise equal outputs."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 24, 9, 9)).astype(np.float32)
+    w = (rng.standard_normal((40, 24, 3, 3)) * 0.1).astype(np.float32)
+    xq, mx, sx = fake_quant(x, 8)
+    wq, mw, sw = fake_quant(w, 8, axes=(1, 2, 3))
+    outs = {}
+    for path in [p for p in PATHS if available(p)]:
+        monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+        outs[path] = int_conv(xq, mx, sx, wq, mw.reshape(-1, 1, 1, 1), sw.reshape(-1, 1, 1, 1), (3, 3), 1, 1, 1)
+    first = next(iter(outs.values()))
+    for path, y in outs.items():
+        np.testing.assert_array_equal(y, first, err_msg=path)
+
+
+def test_unknown_or_missing_path_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")
+    x = np.zeros((1, 4, 3, 3), np.float32)
+    w = np.zeros((4, 4, 1, 1), np.float32)
+    one = np.ones((4, 1, 1, 1), np.float32)
+    with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
+        int_conv(x, np.zeros((), np.float32), np.ones((), np.float32), w, one * 0, one, (1, 1), 1, 0, 1)
+
+
+# -- the pass ----------------------------------------------------------------------------------------------------
+from fracgraph.errors import FracgraphError  # noqa: E402
+from fracgraph.passes.base import all_nodes  # noqa: E402
+from fracgraph.runtime import TrainSession  # noqa: E402
+
+from test_speed_passes import ConvZoo, _step, assert_same_step, build_pair  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """ConvZoo (stem, depthwise, grouped with bias, 1x1 strided with bias, 5x5, dilated, 1x1 with pads) without and
+    with integer convs; its convs are too small for the cost rule (MIN_MACS_PER_CODE), which is lifted here so
+    that the 1x1, strided and biased forms run on IntConv too."""
+    from fracgraph.passes import int_gemm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int_gemm, "MIN_MACS_PER_CODE", 0)
+        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))   # the pass on CPUs without VNNI too
+        return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
+
+
+def test_without_a_fast_path_the_pass_keeps_every_gemm(small_model, tmp_path, monkeypatch):
+    from fracgraph.build import build_artifacts
+
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "scalar")   # as on a CPU without VNNI
+    m = build_artifacts(small_model[1], tmp_path / "art")
+    assert m.extra["int_kernels"] is None
+    assert any("int-gemm: this CPU's integer path (scalar) is not faster" in n for n in m.extra["notes"])
+
+
+def test_cost_rule_keeps_convs_with_few_macs_per_code_on_floats():
+    from onnx import helper
+
+    from fracgraph.passes.int_gemm import RULES
+
+    def decide(o, k, stride):
+        node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k, k], strides=[stride, stride],
+                                pads=[k // 2] * 4)
+        return RULES["Conv"].decline(node, [o, 32, k, k])
+
+    assert decide(64, 1, 2) is not None and "multiply-adds per input code" in decide(64, 1, 2)   # resnet20 shortcut
+    assert decide(32, 3, 2) is None and decide(16, 3, 1) is None and decide(32, 1, 1) is None
+
+
+def test_pass_structure_and_manifest(builds):
+    import onnx
+
+    (off, m_off), (on, m_on) = builds[False], builds[True]
+    assert m_off.extra["int_kernels"] is None
+    assert not any(n.op_type == "IntConv" for n in all_nodes(onnx.load(str(off / "training_model.onnx")).graph))
+    rec = m_on.extra["int_kernels"]
+    assert rec["path"] == kernels.int_path() and rec["max_bits"] == 8
+    decided = {c["name"]: c for c in rec["convs"]}
+    assert {n for n, c in decided.items() if c["int"]} == {"/c0/Conv", "/pw_s2/Conv", "/k5/Conv", "/dil/Conv", "/pad1x1/Conv"}
+    assert {decided[n]["reason"] for n in ("/dw_s2/Conv", "/grouped/Conv", "/dw/Conv")} == {"grouped"}
+    graph = onnx.load(str(on / "training_model.onnx")).graph
+    switches = [n for n in graph.node if n.op_type == "If" and n.name.endswith("::int/switch")]
+    assert len(switches) == 5
+    for sw in switches:
+        branches = {a.name: a.g for a in sw.attribute}
+        assert [n.op_type for n in branches["then_branch"].node][0] == "IntConv"
+        float_ops = {n.op_type for n in branches["else_branch"].node}
+        assert "Conv" in float_ops   # plain or NCHWc (with its reorders) as the build's other convs
+    # the forward convs of both operands' bits are gone from the outer graph; the dX convs stay
+    assert not any(n.op_type == "Conv" and n.name in decided and decided[n.name]["int"] for n in graph.node)
+
+
+@pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4), ((8, 8, 16), 1e-4),
+                                      ((12, 12, 8), 1e-4)])
+def test_step_keeps_loss_and_every_gradient(builds, bits, tol):
+    """0 bits: the two builds to float rounding; quantized: each build against ConvZoo's replayed PyTorch step
+    (at 12-bit activations the float branch runs)."""
+    assert_same_step(builds[False][0], builds[True][0], bits, tol)
+
+
+def test_switch_follows_the_bits_at_run_time(builds, monkeypatch):
+    """A path that cannot run makes IntConv fail: the step fails exactly when a conv's act and weight bits are
+    both 1..8, so the switch takes the integer branch there and the float one elsewhere."""
+    on = builds[True][0]
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")   # set: the manifest check defers to it; the kernel refuses
+    for bits in [(0, 0, 0), (12, 12, 8), (8, 12, 8), (12, 8, 8), (16, 16, 16)]:
+        _step(on, bits)
+    for bits in [(8, 8, 8), (1, 8, 12), (8, 2, 0)]:
+        with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
+            _step(on, bits)
+
+
+def test_cpu_without_the_recorded_path_is_refused_in_one_line(builds, monkeypatch):
+    on = builds[True][0]
+    monkeypatch.delenv("FRACGRAPH_INT_ISA", raising=False)
+    monkeypatch.setattr(kernels, "int_path_available", lambda path: path == "scalar")
+    with pytest.raises(FracgraphError, match="needs the CPU flag") as e:
+        TrainSession(on, threads=1)
+    assert "\n" not in str(e.value) and "--no-int-kernels" in str(e.value)
+    TrainSession(builds[False][0], threads=1)   # artifacts without integer convs load anywhere
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "scalar")   # an explicit path: loads and runs
+    TrainSession(on, threads=1)
+
+
+def test_cli_no_int_kernels_keeps_the_float_convs(small_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from fracgraph.cli import app
+    from fracgraph.manifest import Manifest
+
+    runner = CliRunner()
+    if kernels.int_path() != "vnni":
+        pytest.skip("without VNNI the default build keeps the float convs (int_gemm.FAST_PATHS)")
+    for flag, expect in (([], True), (["--no-int-kernels"], False)):
+        out = tmp_path / f"art{len(flag)}"
+        r = runner.invoke(app, ["quantize", str(small_model[1]), "-o", str(out), *flag])
+        assert r.exit_code == 0, r.output
+        rec = Manifest.read(out).extra["int_kernels"]
+        assert (rec is not None and any(c["int"] for c in rec["convs"])) is expect
+
+
+# -- MatMul: codes for onnxruntime's MatMulInteger and the rescale ------------------------------------------------
+def int_matmul(aq, am, as_, bq, bm, bs, threads=2):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("IntCodesU8", ["a", "am", "as"], ["qa"], domain=kernels.DOMAIN),
+             helper.make_node("IntCodesS8", ["b", "bm", "bs"], ["qb"], domain=kernels.DOMAIN),
+             helper.make_node("MatMulInteger", ["qa", "qb"], ["acc"]),
+             helper.make_node("IntMatMulRescale", ["acc", "qa", "qb", "am", "as", "bm", "bs"], ["y"], domain=kernels.DOMAIN)]
+    names = ["a", "am", "as", "b", "bm", "bs"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    kernels.register(so)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, dict(zip(names, [aq, am, as_, bq, bm, bs])))[0]
+
+
+@pytest.mark.parametrize("a_shape,b_shape,per_column", [
+    ((37, 64), (64, 48), True),            # a linear layer: weight ranges per output column
+    ((2, 5, 32), (32, 128), True),         # batched activations, one weight
+    ((2, 3, 9, 16), (2, 3, 16, 9), False),  # attention: two activations, both per tensor
+])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int_matmul_matches_float64(a_shape, b_shape, per_column, bits):
+    rng = np.random.default_rng(len(a_shape) * 10 + bits)
+    a = (rng.standard_normal(a_shape) + 0.7).astype(np.float32)
+    b = (rng.standard_normal(b_shape) * 0.3 - 0.1).astype(np.float32)
+    aq, am, as_ = fake_quant(a, bits)
+    if per_column:
+        bq, bm, bs = fake_quant(b, bits, axes=(0,))
+    else:
+        bq, bm, bs = fake_quant(b, bits)
+    y = int_matmul(aq, am, as_, bq, bm, bs)
+    ref = np.matmul(aq.astype(np.float64), bq.astype(np.float64))
+    k = a_shape[-1]
+    bound = 2.0 ** -20 * k * np.abs(aq).max() * np.abs(bq).max()
+    assert y.shape == ref.shape and np.abs(y - ref).max() <= bound
+    assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()   # rescaled in double: a float GEMM's rounding
+
+
+@pytest.fixture(scope="module")
+def gpt_builds(tmp_path_factory):
+    """The zoo GPT (tests/test_gpt_step_reference.py's size) with integer MatMuls off (the default) and on."""
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.zoo import export_gpt
+    from test_gpt_step_reference import SIZES
+
+    from fracgraph.passes import int_gemm
+
+    d = tmp_path_factory.mktemp("intgpt")
+    path = export_gpt(d / "gpt.onnx", seed=0, **SIZES)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_matmul=key)))
+                for key in (False, True)}, SIZES
+
+
+def test_gpt_weight_matmuls_on_integers(gpt_builds):
+    builds, sizes = gpt_builds
+    rec = builds[True][1].extra["int_kernels"]
+    assert builds[False][1].extra["int_kernels"] is None
+    mats = [c for c in rec["convs"] if c["op_type"] == "MatMul"]
+    # q, k, v, proj, fc, fc_proj per layer (the head stays FP32 by the default policy; QK^T and AV are not matched)
+    assert len(mats) == 6 * sizes["layers"] and all(c["int"] for c in mats)
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 0), (4, 4, 0), (6, 8, 0), (12, 12, 0), (16, 8, 16)])
+def test_gpt_step_integer_matmuls_equal_float_ones(gpt_builds, bits):
+    """FP32 errors (a stochastic rounding would amplify a last-bit difference into one quantizer step, see
+    test_gpt_step_reference): the integer forward gives the float one's loss, logits and every gradient to float
+    rounding; at 12-16 act bits the float branch runs, the same ops as the float build."""
+    builds, sizes = gpt_builds
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, sizes["vocab"], (3, sizes["context"])).astype(np.int64)
+    labels = rng.integers(0, sizes["vocab"], (3, sizes["context"])).astype(np.int64)
+    got = {}
+    for key, (art, m) in builds.items():
+        sess = TrainSession(art, seed=0, threads=1)
+        outs = sess.forward_backward(ids, labels, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
+        got[key] = float(outs[0]), np.asarray(outs[1]), {n: sess.gradient(n) for n in sess.trainable}
+    (l0, y0, g0), (l1, y1, g1) = got[False], got[True]
+    assert abs(l1 - l0) <= 1e-6 * abs(l0) and np.abs(y1 - y0).max() <= 1e-5 * np.abs(y0).max()
+    for name, g in g0.items():
+        ref = g0[name.replace("k.bias", "q.bias")] if name.endswith("attn.k.bias") else g   # ~0 by shift invariance
+        assert np.linalg.norm(g1[name] - g) <= 1e-5 * np.linalg.norm(ref), name
