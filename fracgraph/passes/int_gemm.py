@@ -53,6 +53,11 @@ MAX_BITS = 8
 # thread: resnet20's 1x1 stride-2 32 -> 64 conv, 16 per code, took 2.4-5.2x a plain Conv's time; the 3x3
 # stride-2 16 -> 32 conv, 72 per code, 0.39-0.41x)
 MIN_MACS_PER_CODE = 32
+# IntConv's vector lanes run along the output positions (16 per tile), so maps smaller than 8x8 leave most lanes idle;
+# there nchwc-conv's im2col-gemm form (one GEMM over the whole batch) is the faster forward: resnet18 at 64x64 (layer3
+# 4x4, layer4 2x2) stepped in 0.43-0.48 s with IntConv on every eligible conv against 0.33-0.39 s with the float
+# forms (`python bench/model_speed.py --models resnet18 --rounds 2 --steps 2 --off int-gemm`, idle machine)
+MIN_POSITIONS = 64
 # The integer paths that beat the float convs they replace: VNNI ran resnet20's 3x3 convs in 0.52-0.85x the time
 # of the NCHWc conv, AVX2 (vpmaddwd on 16-bit codes) in 1.1-1.6x (--only intconv, one thread), so on a CPU
 # without VNNI the pass leaves the convs as they are (the AVX2 and scalar paths serve artifacts moved there with
@@ -66,7 +71,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 class _ConvRule:
     @staticmethod
-    def decline(node, w_shape) -> str | None:
+    def decline(node, w_shape, y_shape=None) -> str | None:
         a = _attrs(node)
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return "auto_pad"
@@ -83,6 +88,10 @@ class _ConvRule:
         if per_code < MIN_MACS_PER_CODE:
             return (f"{per_code:g} multiply-adds per input code (< {MIN_MACS_PER_CODE}): packing the codes costs more "
                     f"than the integer GEMM saves")
+        if y_shape and len(y_shape) == 4 and all(isinstance(d, int) and d > 0 for d in y_shape[2:]) \
+                and y_shape[2] * y_shape[3] < MIN_POSITIONS:
+            return (f"{y_shape[2]}x{y_shape[3]} output map (< {MIN_POSITIONS} positions): IntConv's 16-position lanes "
+                    f"would idle; the float forms are faster there")
         return None
 
     @staticmethod
@@ -97,7 +106,7 @@ class _ConvRule:
 
 class _MatMulRule:
     @staticmethod
-    def decline(node, w_shape) -> str | None:
+    def decline(node, w_shape, y_shape=None) -> str | None:
         if not w_shape or len(w_shape) != 2 or any(not d for d in w_shape):
             return "weight not a static 2-D matrix"
         return None
@@ -146,7 +155,7 @@ class IntGemmPass(Pass):
             x, w = self._operand(node.input[0], "::fq_a"), self._operand(node.input[1], "::fq_w")
             if x is None or w is None:
                 continue   # not an activation x quantized weight GEMM (see the module docstring): nothing to say
-            reason = rule.decline(node, shapes.get(node.input[1]))
+            reason = rule.decline(node, shapes.get(node.input[1]), shapes.get(node.output[0]))
             self.convs.append({"name": node.name, "op_type": node.op_type, "int": reason is None,
                                "reason": reason or "both operands <= 8 bits"})
             if reason is not None:

@@ -131,6 +131,7 @@ def builds(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int_gemm, "MIN_MACS_PER_CODE", 0)
+        mp.setattr(int_gemm, "MIN_POSITIONS", 0)       # ConvZoo's maps are smaller than 8x8 too
         mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))   # the pass on CPUs without VNNI too
         return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
 
@@ -156,6 +157,11 @@ def test_cost_rule_keeps_convs_with_few_macs_per_code_on_floats():
 
     assert decide(64, 1, 2) is not None and "multiply-adds per input code" in decide(64, 1, 2)   # resnet20 shortcut
     assert decide(32, 3, 2) is None and decide(16, 3, 1) is None and decide(32, 1, 1) is None
+    # maps under 8x8 (resnet18's layer3/layer4 at 64x64) keep the float forms: IntConv's position lanes would idle
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)
+    assert "output map" in RULES["Conv"].decline(node, [512, 512, 3, 3], [32, 512, 2, 2])
+    assert "output map" in RULES["Conv"].decline(node, [256, 256, 3, 3], [32, 256, 4, 4])
+    assert RULES["Conv"].decline(node, [64, 64, 3, 3], [128, 64, 8, 8]) is None
 
 
 def test_pass_structure_and_manifest(builds):
