@@ -158,14 +158,17 @@ class ErrorReplay:
         return torch.from_numpy(theirs.copy())
 
 
-def fq_ref(x, bits, per_channel=False, noise=None):
-    """FracTrain's min/max fake quantizer (spec fractrain.md §1.1) in PyTorch: per tensor or per output channel,
-    `noise` added before rounding (stochastic rounding of errors); 0 bits pass x through."""
+def fq_ref(x, bits, per_channel=False, noise=None, axis=None):
+    """FracTrain's min/max fake quantizer (spec fractrain.md §1.1) in PyTorch: per tensor, per output channel
+    (`per_channel`, i.e. axis 0) or one range per slice along `axis`; `noise` added before rounding (stochastic
+    rounding of errors); 0 bits pass x through."""
     if bits == 0:
         return x
     if per_channel:
-        mn = x.flatten(1).min(1).values.view(-1, *([1] * (x.dim() - 1)))
-        mx = x.flatten(1).max(1).values.view(-1, *([1] * (x.dim() - 1)))
+        axis = 0
+    if axis is not None:
+        dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+        mn, mx = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     else:
         mn, mx = x.min(), x.max()
     levels = 2.0 ** bits - 1

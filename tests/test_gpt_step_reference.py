@@ -24,25 +24,14 @@ F = torch.nn.functional
 from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 from fracgraph.zoo import build_gpt, export_gpt  # noqa: E402
+from conftest import fq_ref  # noqa: E402
 
 SIZES = dict(layers=2, heads=2, width=16, context=8, vocab=11)
 
 
 def fq(x, bits, axis=None, noise=None):
-    """Min/max fake quantization: per tensor (axis None) or one range per slice along `axis` (kept)."""
-    if bits == 0:
-        return x
-    if axis is None:
-        mn, mx = x.min(), x.max()
-    else:
-        dims = [d for d in range(x.dim()) if d != axis]
-        mn, mx = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-    levels = 2.0 ** bits - 1
-    scale = torch.clamp((mx - mn) / levels, min=1e-8)
-    y = (x - mn) / scale
-    if noise is not None:
-        y = y + noise
-    return torch.round(torch.clamp(y, 0, levels)) * scale + mn
+    """Min/max fake quantization: per tensor (axis None) or one range per slice along `axis` (conftest's)."""
+    return fq_ref(x, bits, noise=noise, axis=axis)
 
 
 class STE(torch.autograd.Function):
