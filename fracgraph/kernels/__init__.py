@@ -24,6 +24,7 @@ from ..errors import FracgraphError
 DOMAIN = "ai.fracgraph"
 SOURCE = Path(__file__).with_name("fused_ops.c")
 SOURCES = [SOURCE, Path(__file__).with_name("int_gemm.c")]   # int_gemm.c: IntConv (passes/int_gemm.py)
+HEADERS = [Path(__file__).with_name("ort_abi.h")]   # included by the sources: part of the cache key
 # -ffp-contract=off: no fused multiply-add, so every step of the chain rounds like onnxruntime's separate ops
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 _loaded: ctypes.CDLL | None = None
@@ -65,10 +66,15 @@ def library_path() -> Path:
     return _built[slot]
 
 
-def _build(cc: str) -> Path:
+def cache_key(cc: str) -> str:
+    """What the compiled library depends on: every source and header's text, the flags, the compiler, the CPU."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS), *version, _cpu_flags()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"fused_ops-{key}.so"
+    texts = [s.read_text() for s in (*SOURCES, *HEADERS)]
+    return hashlib.sha256("\n".join([*texts, " ".join(FLAGS), *version, _cpu_flags()]).encode()).hexdigest()[:16]
+
+
+def _build(cc: str) -> Path:
+    out = cache_dir() / f"fused_ops-{cache_key(cc)}.so"
     if out.exists():
         return out
     try:

@@ -47,8 +47,7 @@
  * kernel where the CPU has it and Co is a multiple of 16, plain loops otherwise); the partials are then added.
  * Its values differ from ConvGrad's by float summation order only.
  *
- * The ABI: only the C API's stable parts are used, through a table of function-pointer slots of OrtApi
- * version 17 (the slot numbers are the C API header's member order, which onnxruntime only ever appends to).
+ * The ABI: ort_abi.h (the C API's stable parts, through OrtApi's function-pointer slots).
  */
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -60,69 +59,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct OrtStatus OrtStatus;
-typedef void OrtApiSlot;
-typedef struct { OrtApiSlot* slot[275]; } OrtApi;
-typedef struct {
-  const OrtApi* (*GetApi)(uint32_t version);
-  const char* (*GetVersionString)(void);
-} OrtApiBase;
-
-/* OrtApi slot numbers (member order of struct OrtApi in onnxruntime_c_api.h) */
-enum {
-  S_CreateStatus = 0, S_CreateCustomOpDomain = 26, S_CustomOpDomain_Add = 27, S_AddCustomOpDomain = 28,
-  S_GetTensorMutableData = 51, S_GetTensorShapeElementCount = 64, S_GetTensorTypeAndShape = 65,
-  S_KernelInfoGetAttribute_float = 85, S_KernelInfoGetAttribute_int64 = 86, S_KernelContext_GetInput = 90,
-  S_KernelContext_GetOutput = 91, S_ReleaseTensorTypeAndShapeInfo = 99, S_GetDimensionsCount = 61,
-  S_GetDimensions = 62, S_KernelContext_ParallelFor = 274,
-};
-#define API_VERSION 17
-#define ORT_FAIL 1
-#define FLOAT_T 1
-#define INT64_T 7
-
-typedef OrtStatus* (*CreateStatusFn)(int, const char*);
-typedef OrtStatus* (*CreateDomainFn)(const char*, void**);
-typedef OrtStatus* (*DomainAddFn)(void*, const void*);
-typedef OrtStatus* (*AddDomainFn)(void*, void*);
-typedef OrtStatus* (*GetDataFn)(void*, void**);
-typedef OrtStatus* (*ElemCountFn)(const void*, size_t*);
-typedef OrtStatus* (*TypeShapeFn)(const void*, void**);
-typedef OrtStatus* (*AttrFloatFn)(const void*, const char*, float*);
-typedef OrtStatus* (*AttrIntFn)(const void*, const char*, int64_t*);
-typedef OrtStatus* (*GetInputFn)(const void*, size_t, const void**);
-typedef OrtStatus* (*GetOutputFn)(void*, size_t, const int64_t*, size_t, void**);
-typedef void (*ReleaseFn)(void*);
-typedef OrtStatus* (*DimCountFn)(const void*, size_t*);
-typedef OrtStatus* (*DimsFn)(const void*, int64_t*, size_t);
-typedef OrtStatus* (*ParallelForFn)(const void*, void (*)(void*, size_t), size_t, size_t, void*);
+#include "ort_abi.h"
 
 static const OrtApi* g_api;
 #define API(name, type) ((type)g_api->slot[S_##name])
-
-/* The op description read by onnxruntime (struct OrtCustomOp, version 16 fields). */
-typedef struct OrtCustomOp {
-  uint32_t version;
-  void* (*CreateKernel)(const struct OrtCustomOp*, const OrtApi*, const void*);
-  const char* (*GetName)(const struct OrtCustomOp*);
-  const char* (*GetExecutionProviderType)(const struct OrtCustomOp*);
-  int (*GetInputType)(const struct OrtCustomOp*, size_t);
-  size_t (*GetInputTypeCount)(const struct OrtCustomOp*);
-  int (*GetOutputType)(const struct OrtCustomOp*, size_t);
-  size_t (*GetOutputTypeCount)(const struct OrtCustomOp*);
-  void (*KernelCompute)(void*, void*);
-  void (*KernelDestroy)(void*);
-  int (*GetInputCharacteristic)(const struct OrtCustomOp*, size_t);
-  int (*GetOutputCharacteristic)(const struct OrtCustomOp*, size_t);
-  int (*GetInputMemoryType)(const struct OrtCustomOp*, size_t);
-  int (*GetVariadicInputMinArity)(const struct OrtCustomOp*);
-  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp*);
-  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp*);
-  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp*);
-  OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp*, const OrtApi*, const void*, void**);
-  OrtStatus* (*KernelComputeV2)(void*, void*);
-  void* tail[16];   /* later fields, unread at version 16 */
-} OrtCustomOp;
 
 /* ---- the generator ------------------------------------------------------------------------------------- */
 static uint64_t g_seed = 0x5EEDF4AC7A41ULL;

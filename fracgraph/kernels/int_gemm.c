@@ -43,52 +43,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The ORT C API subset (the same slot table as fused_ops.c; see its header for why slots). */
-typedef struct OrtStatus OrtStatus;
-typedef struct { void* slot[275]; } OrtApi;
-enum {
-  S_CreateStatus = 0, S_CustomOpDomain_Add = 27, S_GetTensorMutableData = 51, S_GetDimensionsCount = 61,
-  S_GetDimensions = 62, S_GetTensorShapeElementCount = 64, S_GetTensorTypeAndShape = 65,
-  S_KernelInfoGetAttribute_int64 = 86, S_KernelContext_GetInput = 90, S_KernelContext_GetOutput = 91,
-  S_ReleaseTensorTypeAndShapeInfo = 99, S_KernelContext_ParallelFor = 274,
-};
-typedef OrtStatus* (*CreateStatusFn)(int, const char*);
-typedef OrtStatus* (*DomainAddFn)(void*, const void*);
-typedef OrtStatus* (*GetDataFn)(void*, void**);
-typedef OrtStatus* (*ElemCountFn)(const void*, size_t*);
-typedef OrtStatus* (*TypeShapeFn)(const void*, void**);
-typedef OrtStatus* (*AttrIntFn)(const void*, const char*, int64_t*);
-typedef OrtStatus* (*GetInputFn)(const void*, size_t, const void**);
-typedef OrtStatus* (*GetOutputFn)(void*, size_t, const int64_t*, size_t, void**);
-typedef void (*ReleaseFn)(void*);
-typedef OrtStatus* (*DimCountFn)(const void*, size_t*);
-typedef OrtStatus* (*DimsFn)(const void*, int64_t*, size_t);
-typedef OrtStatus* (*ParallelForFn)(const void*, void (*)(void*, size_t), size_t, size_t, void*);
+#include "ort_abi.h"   /* the slot table, shared with fused_ops.c */
 static const OrtApi* i_api;
 #define IAPI(name, type) ((type)i_api->slot[S_##name])
-
-typedef struct OrtCustomOp {
-  uint32_t version;
-  void* (*CreateKernel)(const struct OrtCustomOp*, const OrtApi*, const void*);
-  const char* (*GetName)(const struct OrtCustomOp*);
-  const char* (*GetExecutionProviderType)(const struct OrtCustomOp*);
-  int (*GetInputType)(const struct OrtCustomOp*, size_t);
-  size_t (*GetInputTypeCount)(const struct OrtCustomOp*);
-  int (*GetOutputType)(const struct OrtCustomOp*, size_t);
-  size_t (*GetOutputTypeCount)(const struct OrtCustomOp*);
-  void (*KernelCompute)(void*, void*);
-  void (*KernelDestroy)(void*);
-  int (*GetInputCharacteristic)(const struct OrtCustomOp*, size_t);
-  int (*GetOutputCharacteristic)(const struct OrtCustomOp*, size_t);
-  int (*GetInputMemoryType)(const struct OrtCustomOp*, size_t);
-  int (*GetVariadicInputMinArity)(const struct OrtCustomOp*);
-  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp*);
-  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp*);
-  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp*);
-  OrtStatus* (*CreateKernelV2)(const struct OrtCustomOp*, const OrtApi*, const void*, void**);
-  OrtStatus* (*KernelComputeV2)(void*, void*);
-  void* tail[16];   /* later fields, unread at version 16 */
-} OrtCustomOp;
 
 static OrtStatus* ifail(const char* msg) { return IAPI(CreateStatus, CreateStatusFn)(1, msg); }
 

@@ -256,6 +256,20 @@ def test_unwritable_cache_is_one_clear_error(tmp_path, monkeypatch):
         kernels.library_path()
 
 
+def test_cache_key_covers_headers(tmp_path, monkeypatch):
+    """A header the sources include (ort_abi.h) is part of the library's cache key, like the sources."""
+    cc = kernels._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    assert [h.name for h in kernels.HEADERS] == ["ort_abi.h"]
+    head = tmp_path / "ort_abi.h"
+    head.write_text(kernels.HEADERS[0].read_text())
+    monkeypatch.setattr(kernels, "HEADERS", [head])
+    before = kernels.cache_key(cc)
+    head.write_text(head.read_text() + "\n/* changed */\n")
+    assert kernels.cache_key(cc) != before
+
+
 class PoolNet(torch.nn.Module):
     """resnet18's stem pattern at a test's size: conv, ReLU, 3x3/2 max pool (padded), and a 2x2 pool."""
 
