@@ -55,8 +55,12 @@ ROWS = {
     # % of the gated blocks' FP32 Bit-Fusion energy (11.1: what every gated block on 4/8 costs there, which
     # Bit-Fusion computes at nearly the 3/6 rate); compared with the `dfq` row by bench/dfq_hw_cost.py --reproduce
     "dfq-bitfusion": ("DFQ, Bit-Fusion energy target 11.1%", dict(schedule="dfq", target_cp=11.1, artifacts="artifacts-dfq-bitfusion")),
+    # opt-in ablation (issue 15 item 3; README "Reproducing FracTrain"): PFQ and FracTrain lose their points in the
+    # first ~1,500 steps at cp 1.5-2.5 at this scale, so these start one stage higher; select on --holdout runs
+    "pfq-from4": ("PFQ FW(4,6,8)/BW(6,8,8)", dict(schedule="pfq", fw_schedule=[4, 6, 8], bw_schedule=[6, 8, 8])),
+    "fractrain-from2": ("FracTrain cp(2,2.5,3)", dict(schedule="fractrain", target_cp_schedule=[2.0, 2.5, 3.0])),
 }
-OPT_IN = ("dfq-fp32first", "dfq-bitfusion")
+OPT_IN = ("dfq-fp32first", "dfq-bitfusion", "pfq-from4", "fractrain-from2")
 DFQ_SCHEDULES = ("dfq", "fractrain")
 BASELINE = "fw8bw8"
 
