@@ -23,7 +23,8 @@ from ..errors import FracgraphError
 
 DOMAIN = "ai.fracgraph"
 SOURCE = Path(__file__).with_name("fused_ops.c")
-SOURCES = [SOURCE, Path(__file__).with_name("int_gemm.c")]   # int_gemm.c: IntConv (passes/int_gemm.py)
+SOURCES = [SOURCE, Path(__file__).with_name("int_gemm.c"),   # int_gemm.c: IntConv (passes/int_gemm.py)
+           Path(__file__).with_name("gelu.c")]                # gelu.c: GeluGrad (passes/gelu_grad.py)
 # -ffp-contract=off: no fused multiply-add, so every step of the chain rounds like onnxruntime's separate ops
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 _loaded: ctypes.CDLL | None = None
