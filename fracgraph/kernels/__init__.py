@@ -1,5 +1,5 @@
-"""fracgraph's onnxruntime custom-op library (fused_ops.c; int_gemm.c, the integer GEMMs): built here, on first use,
-with the C compiler.
+"""fracgraph's onnxruntime custom-op library (fused_ops.c; int_gemm.c, the integer GEMMs; gelu.c, the GELU
+gradient): built here, on first use, with the C compiler.
 
 The training step's elementwise chains (the quantizers' centre, scale, noise, clamp, round, rescale; the range
 statistics; ReluGrad) are ops of domain `ai.fracgraph`, one multithreaded pass each (passes/fused_ops.py). The
