@@ -24,9 +24,12 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
   FP32 vs fracgraph's IntConv on each integer path this CPU has (vnni, avx2, scalar) and onnxruntime's
   ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost);
 - intmatmul: a quantized MatMul forward on the GPT's shapes (8 bits): FP32 MatMul vs IntCodesU8/S8 +
-  onnxruntime's MatMulInteger + IntMatMulRescale (what passes/int_gemm.py writes), and MatMulInteger alone.
+  onnxruntime's MatMulInteger + IntMatMulRescale (what passes/int_gemm.py writes), and MatMulInteger alone;
+- gelu: the GELU gradient on convnext_atto's and the GPT's largest GELU tensors: onnxruntime's com.microsoft
+  GeluGrad vs fracgraph's GeluGrad vs PyTorch's gelu backward (aten.gelu_backward, same thread count), the three
+  timed in turn on each rep (rotating order), with each one's error against the float64 derivative.
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intmatmul]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intmatmul,gelu]
 """
 
 from __future__ import annotations
@@ -656,6 +659,45 @@ def probe_intmatmul(r: Runner, rng):
                    ("MatMulInteger alone (u8 x s8)", mi, codes)], feeds)
 
 
+GELU_SHAPES = [("convnext_atto stage 1 MLP, batch 32, 64x64", (32, 160, 16, 16)),
+               ("convnext_atto stage 3 MLP", (32, 1280, 2, 2)), ("GPT MLP, batch 12, T 64, width 128", (12, 64, 512))]
+
+
+def probe_gelu(r: Runner, rng):
+    """onnxruntime's GeluGrad, fracgraph's GeluGrad and PyTorch's gelu backward on the same tensors, interleaved."""
+    import torch
+    from scipy.special import erfc
+
+    torch.set_num_threads(r.threads)
+    print("gelu: dX = dY * (Phi(X) + X phi(X)); ms per call, median; error = max |dX - float64| / max |float64|")
+    ops = {"onnxruntime GeluGrad": "com.microsoft", "fracgraph GeluGrad": FG}
+    sessions = {k: r.session(_model([h.make_node("GeluGrad", ["dy", "x"], ["dx"], domain=d)], ["dy", "x"], ["dx"]))
+                for k, d in ops.items()}
+    for title, shape in GELU_SHAPES:
+        x = (rng.standard_normal(shape) * 1.5).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+        feeds = {"dy": dy, "x": x}
+        calls = {k: (lambda s=s: s.run(None, feeds)[0]) for k, s in sessions.items()}
+        calls["PyTorch gelu_backward"] = lambda: torch.ops.aten.gelu_backward(tdy, tx).numpy()
+        names = list(calls)
+        outs = {k: f() for k, f in calls.items()}
+        ts = {k: [] for k in names}
+        for rep in range(r.reps):
+            for k in names[rep % 3:] + names[: rep % 3]:
+                t = time.perf_counter()
+                calls[k]()
+                ts[k].append(time.perf_counter() - t)
+        xd = x.astype(np.float64)
+        ref = dy * (0.5 * erfc(-xd / np.sqrt(2)) + xd * np.exp(-xd * xd / 2) / np.sqrt(2 * np.pi))
+        base = statistics.median(ts[names[0]])
+        print(f"  {title} {'x'.join(map(str, shape))}:")
+        for k in names:
+            err = float(np.max(np.abs(outs[k] - ref)) / np.max(np.abs(ref)))
+            tk = statistics.median(ts[k])
+            print(f"    {k:24s} {1e3 * tk:7.3f} ms  x{tk / base:5.2f}  error {err:.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -667,7 +709,7 @@ def main() -> None:
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "forms": probe_forms, "intconv": probe_intconv,
-              "intmatmul": probe_intmatmul}
+              "intmatmul": probe_intmatmul, "gelu": probe_gelu}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

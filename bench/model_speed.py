@@ -13,7 +13,7 @@ and nodes of the default artifacts (which op holds a model above 1.0x).
 torchvision is imported without its compiled ops (its CUDA wheel's `import torchvision` fails with the CPU torch;
 the model code is pure Python): `pip install --no-deps torchvision` is enough.
 
-    python bench/model_speed.py [--models resnet18,efficientnet_b0,regnet_x_400mf,resnet20] [--rounds 3]
+    python bench/model_speed.py [--models resnet18,efficientnet_b0,regnet_x_400mf,resnet20,convnext_atto] [--rounds 3]
                                 [--steps 3] [--threads 2] [--off conv-grad-w] [--profile]
 """
 
@@ -36,7 +36,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 # model -> (batch, input size)
-MODELS = {"resnet18": (32, 64), "efficientnet_b0": (32, 64), "regnet_x_400mf": (32, 64), "resnet20": (128, 32)}
+MODELS = {"resnet18": (32, 64), "efficientnet_b0": (32, 64), "regnet_x_400mf": (32, 64), "resnet20": (128, 32),
+          "convnext_atto": (32, 64)}   # convnext_atto: timm's, from the model corpus (fracgraph/zoo_external.py)
 
 
 def _torchvision_models():
@@ -74,6 +75,10 @@ def torch_model(name: str):
         from fracgraph.zoo import build
 
         return build("resnet20", seed=0)
+    if name == "convnext_atto":
+        from fracgraph import zoo_external
+
+        return zoo_external.torch_model(zoo_external.entry(name))
     torch.manual_seed(0)
     return _torchvision_models()[name](num_classes=10).eval()
 
@@ -87,12 +92,17 @@ def prepare(name: str, directory: Path, off: list[str]) -> None:
 
     batch, size = MODELS[name]
     path = directory / f"{name}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(torch_model(name), torch.randn(2, 3, size, size), str(path), dynamo=False,
-                          training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17)
+    if name == "convnext_atto":   # the corpus's export (bench/step_time.py --corpus builds it the same way)
+        from fracgraph import zoo_external
+
+        zoo_external.export_entry(zoo_external.entry(name), path, classes=10, size=size)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(torch_model(name), torch.randn(2, 3, size, size), str(path), dynamo=False,
+                              training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=17)
     build_artifacts(path, directory / "art", BuildOptions(fw=8, bw=8), force=True)
     for p in off:
         build_artifacts(path, directory / f"art-{p}", BuildOptions(fw=8, bw=8, skip_passes=(p,)), force=True)
@@ -212,7 +222,7 @@ def measure(name: str, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(m for m in MODELS if m != "convnext_atto"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="steps of each configuration per round")
     ap.add_argument("--threads", type=int, default=2)

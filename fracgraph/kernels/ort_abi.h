@@ -1,4 +1,4 @@
-/* The onnxruntime C API subset that fracgraph's kernel sources use (fused_ops.c, int_gemm.c, ...): only the C
+/* The onnxruntime C API subset that fracgraph's kernel sources use (fused_ops.c, int_gemm.c, gelu.c): only the C
  * API's stable parts, through a table of function-pointer slots of OrtApi version 17 (the slot numbers are the
  * C API header's member order, which onnxruntime only ever appends to). Each source keeps its own static
  * pointer to the table (set in RegisterCustomOps). Part of the kernel cache key (kernels/__init__.py). */
