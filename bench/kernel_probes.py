@@ -65,14 +65,19 @@ def _c(name, value, t=T.FLOAT):
 
 
 class Runner:
-    def __init__(self, threads: int, reps: int):
+    def __init__(self, threads: int, reps: int, cpu_time: bool = False):
         self.threads, self.reps = threads, reps
+        # cpu_time: sessions without spinning threads, so that the process' CPU time per run is the work done; on a
+        # shared machine it moves far less with the load than the wall time (preemption adds no CPU time)
+        self.cpu_time = cpu_time
 
     def session(self, model):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
+        if self.cpu_time:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED   # no NCHWc rewrite of its own
         so.log_severity_level = 3
         if any(n.domain == FG for n in model.graph.node):
@@ -275,6 +280,20 @@ DW_SHAPES = [
     ("regnet g16 3x3 400", 32, 400, 2, 400, 3, 1, 25), ("regnet 1x1 160->400", 32, 160, 4, 400, 1, 1, 1),
     ("resnet20 16", 128, 16, 32, 16, 3, 1, 1), ("resnet20 32", 128, 32, 16, 32, 3, 1, 1),
     ("resnet20 64", 128, 64, 8, 64, 3, 1, 1), ("resnet20 16->32 3x3/2", 128, 16, 32, 32, 3, 2, 1),
+    # densenet121's 1x1 convs (dense layers' bottlenecks into 128 channels, transitions) and convnext_atto's (timm,
+    # conv_mlp: the MLP as 1x1 convs) and its 7x7 depthwise convs, batch 32, 64x64 inputs
+    ("densenet 1x1 64->128 16x16", 32, 64, 16, 128, 1, 1, 1), ("densenet 1x1 224->128 16x16", 32, 224, 16, 128, 1, 1, 1),
+    ("densenet 1x1 256->128 16x16", 32, 256, 16, 128, 1, 1, 1), ("densenet 1x1 128->128 8x8", 32, 128, 8, 128, 1, 1, 1),
+    ("densenet 1x1 480->128 8x8", 32, 480, 8, 128, 1, 1, 1), ("densenet 1x1 512->256 8x8", 32, 512, 8, 256, 1, 1, 1),
+    ("densenet 1x1 256->128 4x4", 32, 256, 4, 128, 1, 1, 1), ("densenet 1x1 992->128 4x4", 32, 992, 4, 128, 1, 1, 1),
+    ("densenet 1x1 1024->512 4x4", 32, 1024, 4, 512, 1, 1, 1), ("densenet 1x1 512->128 2x2", 32, 512, 2, 128, 1, 1, 1),
+    ("densenet 1x1 992->128 2x2", 32, 992, 2, 128, 1, 1, 1),
+    ("convnext 1x1 40->160 16x16", 32, 40, 16, 160, 1, 1, 1), ("convnext 1x1 160->40 16x16", 32, 160, 16, 40, 1, 1, 1),
+    ("convnext 1x1 80->320 8x8", 32, 80, 8, 320, 1, 1, 1), ("convnext 1x1 320->80 8x8", 32, 320, 8, 80, 1, 1, 1),
+    ("convnext 1x1 160->640 4x4", 32, 160, 4, 640, 1, 1, 1), ("convnext 1x1 640->160 4x4", 32, 640, 4, 160, 1, 1, 1),
+    ("convnext 1x1 320->1280 2x2", 32, 320, 2, 1280, 1, 1, 1), ("convnext 1x1 1280->320 2x2", 32, 1280, 2, 320, 1, 1, 1),
+    ("convnext dw 7x7 40 16x16", 32, 40, 16, 40, 7, 1, 40), ("convnext dw 7x7 80 8x8", 32, 80, 8, 80, 7, 1, 80),
+    ("convnext dw 7x7 160 4x4", 32, 160, 4, 160, 7, 1, 160), ("convnext dw 7x7 320 2x2", 32, 320, 2, 320, 7, 1, 320),
 ]
 
 
@@ -285,7 +304,7 @@ def dw_candidates(n, ci, hw, co, k, s, g):
     cands = [("ConvGrad (dW only)", _model([h.make_node("ConvGrad", ["dy", "x", "w"], ["", "dw"], domain="com.microsoft",
                                                          pads=[p] * 4, strides=[s, s], kernel_shape=[k, k], group=g,
                                                          dilations=[1, 1])], ["dy", "x", "w"], ["dw"]))]
-    if g == 1:
+    if g == 1 and co % 16 == 0 and co <= 64:   # its AVX-512 tile; elsewhere 3-48x ConvGrad (README), not re-timed
         cands.append(("fracgraph ConvGradW", _model([h.make_node("ConvGradW", ["dy", "x"], ["dw"], domain=FG, **conv)],
                                                     ["dy", "x"], ["dw"])))
     cands.append(("ConvGradWCols + MatMul", _model(
@@ -308,16 +327,34 @@ def probe_dwshapes(r: Runner, rng, shapes=None):
         dy = rng.standard_normal((n, co, ho, ho)).astype(np.float32)
         w = rng.standard_normal((co, ci // g, k, k)).astype(np.float32)
         cands = dw_candidates(n, ci, hw, co, k, s, g)
-        print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{s} group {g}")
+        from fracgraph.passes.conv_grad_w import ConvShape, _has_avx512, choose, dw_costs
+
+        cs = ConvShape(ci=ci, h=hw, w=hw, co=co, kh=k, kw=k, sh=s, sw=s, ph=k // 2, pw=k // 2, ph_end=k // 2,
+                       pw_end=k // 2, dh=1, dw=1, group=g, bias=False)
+        model = {f: round(v) for f, v in dw_costs(cs, _has_avx512()).items() if v is not None}
+        print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{s} group {g}; model {model} -> "
+              f"{choose(cs, _has_avx512())[0]}")
         row, ref = {}, None
-        for name, model in cands:
-            feeds = {"dy": dy, "x": x, "w": w} if name.startswith("ConvGrad (") else {"dy": dy, "x": x}
-            t, out = r.time(r.session(model), feeds)
-            ref = out[0].astype(np.float64) if ref is None else ref
-            diff = float(np.max(np.abs(out[0] - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+        # the candidates' runs interleaved (rep by rep), so that a change of the machine's load hits all of them
+        runs = [(name, r.session(model), {"dy": dy, "x": x, "w": w} if name.startswith("ConvGrad (") else {"dy": dy, "x": x})
+                for name, model in cands]
+        outs = {name: sess.run(None, feeds)[0] for name, sess, feeds in runs}
+        ts = {name: [] for name, _, _ in runs}
+        clock = time.process_time if r.cpu_time else time.perf_counter
+        for _ in range(r.reps):
+            for name, sess, feeds in runs:
+                t = clock()
+                sess.run(None, feeds)
+                ts[name].append(clock() - t)
+        what = "CPU ms" if r.cpu_time else "ms"
+        for name, _, _ in runs:
+            ref = outs[name].astype(np.float64) if ref is None else ref
+            diff = float(np.max(np.abs(outs[name] - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+            t, tmin = 1e3 * statistics.median(ts[name]), 1e3 * min(ts[name])
             row[name] = t
-            base = row["ConvGrad (dW only)"]
-            print(f"    {name:30s} {t:8.2f} ms  x{t / base:5.2f}  max rel diff {diff:.1e}")
+            base, bmin = row["ConvGrad (dW only)"], 1e3 * min(ts["ConvGrad (dW only)"])
+            print(f"    {name:30s} {t:8.2f} {what}  x{t / base:5.2f}  (min {tmin:7.2f}  x{tmin / bmin:5.2f})  "
+                  f"max rel diff {diff:.1e}")
         table[label] = row
     return table
 
@@ -661,8 +698,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--only", default="nchwc,relu,qdq,noise,sr,bn,dw,executor,torch")
+    ap.add_argument("--cpu-time", action="store_true", help="dwshapes: time by the process' CPU time, threads not "
+                                                              "spinning (a shared machine's load moves it far less)")
+    ap.add_argument("--match", default="", help="dwshapes/forms: only the shapes whose label contains one of these "
+                                                "comma-separated strings (e.g. 'densenet 1x1,convnext dw')")
     a = ap.parse_args()
-    r = Runner(a.threads, a.reps)
+    if a.match:
+        keys = [m for m in a.match.split(",") if m]
+        DW_SHAPES[:] = [s for s in DW_SHAPES if any(m in s[0] for m in keys)]
+        FORM_SHAPES[:] = [s for s in FORM_SHAPES if any(m in s[0] for m in keys)]
+    r = Runner(a.threads, a.reps, a.cpu_time)
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,

@@ -604,6 +604,11 @@ typedef struct {
 static void cols_of_image(const ColJob* j, int64_t n) {
   const int64_t P = j->Ho * j->Wo, NP = j->N * P, H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo;
   const float* xn = j->x + n * j->Ci * H * W;
+  if (j->kh == 1 && j->kw == 1 && j->sh == 1 && j->sw == 1 && j->ph == 0 && j->pw == 0 && Ho == H && Wo == W) {
+    for (int64_t ci = 0; ci < j->Ci; ++ci)   /* 1x1 stride 1 unpadded: each channel's plane is its row, as it is */
+      memcpy(j->col + ci * NP + n * P, xn + ci * P, (size_t)P * sizeof(float));
+    return;
+  }
   for (int64_t ci = 0; ci < j->Ci; ++ci)
     for (int64_t a = 0; a < j->kh; ++a)
       for (int64_t b = 0; b < j->kw; ++b) {
@@ -878,6 +883,105 @@ static void dw_channel(void* p, size_t c) {
   for (int64_t t = 0; t < taps; ++t) j->dwt[(int64_t)c * taps + t] = (float)sums[t];
 }
 
+#if defined(__AVX512F__)
+/* The AVX-512 form of dw_channel: vectors run along the output row (16 output columns per lane set), the taps
+ * of a kernel row together (up to DW_NB accumulators, one per tap, each dY vector loaded once for all of them).
+ * Each image is first copied into a zero-padded buffer split into sw column phases (column u of the padded
+ * image at phase u % sw, index u / sw), so that tap (a, b) of every output column wo reads padded row
+ * ho*sh + a*dh, phase (b*dw) % sw, index wo + (b*dw) / sw: a contiguous load for any stride and dilation, and no
+ * bounds to test (the padding reads zeros). Loads are masked to the row's Wo columns, so lanes past the row never
+ * see other values. Per image the taps' float lanes (a sum of Ho * ceil(Wo/16) products each) are added into
+ * double lanes; the 16 double lanes are added at the end. Returns 0 where the buffers cannot be allocated (the
+ * caller then runs the plain loops). */
+enum { DW_NB = 8 };
+
+static inline __attribute__((always_inline)) void dw_taps(const float* dy, const float* const* xs, int64_t Ho,
+                                                          int64_t Wo, int64_t row_step, int nb, __m512d* dsum) {
+  __m512 acc[DW_NB];
+  for (int i = 0; i < DW_NB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t ho = 0; ho < Ho; ++ho) {
+    const float* dr = dy + ho * Wo;
+    const int64_t xo = ho * row_step;
+    for (int64_t v = 0; v < Wo; v += 16) {
+      const __mmask16 m = Wo - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Wo - v)) - 1u);
+      const __m512 d = _mm512_maskz_loadu_ps(m, dr + v);
+      for (int i = 0; i < DW_NB; ++i)
+        if (i < nb) acc[i] = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, xs[i] + xo + v), acc[i]);
+    }
+  }
+  for (int i = 0; i < DW_NB; ++i)
+    if (i < nb) {
+      dsum[2 * i] = _mm512_add_pd(dsum[2 * i], _mm512_cvtps_pd(_mm512_castps512_ps256(acc[i])));
+      dsum[2 * i + 1] = _mm512_add_pd(dsum[2 * i + 1], _mm512_cvtps_pd(_mm256_castpd_ps(
+                                                           _mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1))));
+    }
+}
+
+static int dw_channel_avx512(const DwJob* j, size_t c) {
+  const int64_t H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo, sh = j->sh, sw = j->sw, kh = j->kh, kw = j->kw;
+  const int64_t taps = kh * kw;
+  /* padded extent: rows -ph .. (Ho-1)*sh - ph + (kh-1)*dh, columns likewise */
+  const int64_t Hp = (Ho - 1) * sh + (kh - 1) * j->dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * j->dw + 1;
+  const int64_t Wq = (Wp + sw - 1) / sw, plane = Hp * Wq;
+  float* xq = (float*)calloc((size_t)(sw * plane), sizeof(float));
+  __m512d* dsum = (__m512d*)aligned_alloc(64, (size_t)taps * 2 * sizeof(__m512d));
+  if (!xq || !dsum) {
+    free(xq);
+    free(dsum);
+    return 0;
+  }
+  for (int64_t t = 0; t < 2 * taps; ++t) dsum[t] = _mm512_setzero_pd();
+  /* the image columns inside the padded extent: wi in [wlo, whi), rows hi in [hlo, hhi) */
+  const int64_t wlo = j->pw > 0 ? 0 : -j->pw, whi = W < Wp - j->pw ? W : Wp - j->pw;
+  const int64_t hlo = j->ph > 0 ? 0 : -j->ph, hhi = H < Hp - j->ph ? H : Hp - j->ph;
+  for (int64_t n = 0; n < j->N; ++n) {
+    const float* dy = j->dy + (n * j->C + (int64_t)c) * Ho * Wo;
+    const float* x = j->x + (n * j->C + (int64_t)c) * H * W;
+    for (int64_t hi = hlo; hi < hhi; ++hi) {
+      const float* xr = x + hi * W;
+      const int64_t r = hi + j->ph;
+      if (sw == 1) memcpy(xq + r * Wq + wlo + j->pw, xr + wlo, (size_t)(whi - wlo) * sizeof(float));
+      else
+        for (int64_t wi = wlo; wi < whi; ++wi) {
+          const int64_t u = wi + j->pw;
+          xq[(u % sw) * plane + r * Wq + u / sw] = xr[wi];
+        }
+    }
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t b0 = 0; b0 < kw; b0 += DW_NB) {
+        const int nb = kw - b0 < DW_NB ? (int)(kw - b0) : DW_NB;
+        const float* xs[DW_NB];
+        for (int i = 0; i < nb; ++i) {
+          const int64_t u = (b0 + i) * j->dw;
+          xs[i] = xq + (u % sw) * plane + a * j->dh * Wq + u / sw;
+        }
+        __m512d* ds = dsum + 2 * (a * kw + b0);
+        switch (nb) {   /* constant tap counts, so that the accumulators stay in registers */
+          case 1: dw_taps(dy, xs, Ho, Wo, sh * Wq, 1, ds); break;
+          case 2: dw_taps(dy, xs, Ho, Wo, sh * Wq, 2, ds); break;
+          case 3: dw_taps(dy, xs, Ho, Wo, sh * Wq, 3, ds); break;
+          case 4: dw_taps(dy, xs, Ho, Wo, sh * Wq, 4, ds); break;
+          case 5: dw_taps(dy, xs, Ho, Wo, sh * Wq, 5, ds); break;
+          case 6: dw_taps(dy, xs, Ho, Wo, sh * Wq, 6, ds); break;
+          case 7: dw_taps(dy, xs, Ho, Wo, sh * Wq, 7, ds); break;
+          default: dw_taps(dy, xs, Ho, Wo, sh * Wq, DW_NB, ds); break;
+        }
+      }
+  }
+  for (int64_t t = 0; t < taps; ++t)
+    j->dwt[(int64_t)c * taps + t] = (float)(_mm512_reduce_add_pd(dsum[2 * t]) + _mm512_reduce_add_pd(dsum[2 * t + 1]));
+  free(xq);
+  free(dsum);
+  return 1;
+}
+
+static void dw_channel_task(void* p, size_t c) {
+  if (!dw_channel_avx512((const DwJob*)p, c)) dw_channel(p, c);
+}
+#else
+static void dw_channel_task(void* p, size_t c) { dw_channel(p, c); }
+#endif
+
 static OrtStatus* compute_dw_grad_w(Kernel* k, void* ctx) {
   const void *dyv, *xv;
   void* wv;
@@ -897,8 +1001,8 @@ static OrtStatus* compute_dw_grad_w(Kernel* k, void* ctx) {
       (st = API(GetTensorMutableData, GetDataFn)((void*)dyv, (void**)&j.dy)) ||
       (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
     return st;
-  if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, dw_channel, (size_t)j.C, 0, &j);
-  if (j.C == 1) dw_channel(&j, 0);
+  if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, dw_channel_task, (size_t)j.C, 0, &j);
+  if (j.C == 1) dw_channel_task(&j, 0);
   return NULL;
 }
 
