@@ -89,10 +89,11 @@ class Runner:
     def time(self, sess, feeds) -> tuple[float, list]:
         out = sess.run(None, feeds)
         ts = []
+        clock = time.process_time if self.cpu_time else time.perf_counter
         for _ in range(self.reps):
-            t = time.perf_counter()
+            t = clock()
             sess.run(None, feeds)
-            ts.append(time.perf_counter() - t)
+            ts.append(clock() - t)
         return 1e3 * statistics.median(ts), out
 
     def compare(self, title, base, cands, feeds, ref=None, exact=False):
@@ -491,6 +492,52 @@ def probe_forms(r: Runner, rng, shapes=None):
             r.compare("dX", base, gemm, {"dy": dy, "w": w})
 
 
+# depthwise convs (label, batch, C, H=W, k, stride) of convnext_atto (7x7), efficientnet_b0 and mobilenet_v2 at 64x64
+DWCONV_SHAPES = [
+    ("convnext dw 7x7 40 16x16", 32, 40, 16, 7, 1), ("convnext dw 7x7 80 8x8", 32, 80, 8, 7, 1),
+    ("convnext dw 7x7 160 4x4", 32, 160, 4, 7, 1), ("convnext dw 7x7 320 2x2", 32, 320, 2, 7, 1),
+    ("effnet dw 3x3 32 32x32", 32, 32, 32, 3, 1), ("effnet dw 3x3 144 16x16", 32, 144, 16, 3, 1),
+    ("effnet dw 5x5 240 8x8", 32, 240, 8, 5, 1), ("effnet dw 3x3 480 4x4", 32, 480, 4, 3, 1),
+    ("effnet dw 5x5 1152 2x2", 32, 1152, 2, 5, 1), ("effnet dw 3x3 96/2 32x32", 32, 96, 32, 3, 2),
+    ("effnet dw 5x5 144/2 16x16", 32, 144, 16, 5, 2), ("mobilenet dw 3x3 384 4x4", 32, 384, 4, 3, 1),
+    ("mobilenet dw 3x3 960 2x2", 32, 960, 2, 3, 1),
+]
+
+
+def probe_dwconv(r: Runner, rng, shapes=None):
+    """Depthwise convs, forward and stride-1 dX: onnxruntime's Conv (group = C), NCHWc where its rules take it, and
+    fracgraph's DepthwiseConv (dX: flip of the forward weight, as conv-grad-split's flipped-weight conv)."""
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    print("depthwise conv: onnxruntime's Conv vs NCHWc vs fracgraph DepthwiseConv")
+    for label, n, c, hw, k, st in shapes or DWCONV_SHAPES:
+        p = k // 2
+        ho = (hw + 2 * p - k) // st + 1
+        x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+        dy = rng.standard_normal((n, c, ho, ho)).astype(np.float32)
+        print(f"  {label}: N{n} C{c} {hw}x{hw} {k}x{k}/{st}")
+        roles = [("forward", x, w, p, st, 0)]
+        if st == 1:
+            roles.append(("dX", dy, np.ascontiguousarray(w[:, :, ::-1, ::-1]), k - 1 - p, 1, 1))
+        for role, inp, wk, pad, stride, flip in roles:
+            conv = dict(kh=k, kw=k, sh=stride, sw=stride, ph=pad, pw=pad, dh=1, dw=1, ph_end=pad, pw_end=pad)
+            cands = [("fracgraph DepthwiseConv", _model([h.make_node("DepthwiseConv", ["x", "w"], ["y"], domain=FG, flip=flip,
+                                                                     **conv)], ["x", "w"], ["y"]),
+                      {"x": inp, "w": w if flip else wk})]
+            if B > 1 and c % B == 0:
+                cands.append(("NCHWc", _model(
+                    [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=0, transpose=0, flip=0),
+                     h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
+                     h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", pads=[pad] * 4,
+                                 kernel_shape=[k, k], strides=[stride] * 2, group=c),
+                     h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=c)], ["x", "w"], ["y"]),
+                    None))
+            r.compare(role, ("Conv", _model([h.make_node("Conv", ["x", "w"], ["y"], pads=[pad] * 4, strides=[stride] * 2,
+                                                         group=c)], ["x", "w"], ["y"])), cands, {"x": inp, "w": wk})
+
+
 def probe_reorder(r: Runner, rng):
     """The NCHWc weight reorder: Reshape + 6-D Transpose + Reshape (onnxruntime) vs NchwcWeight, and an Add over
     the same tensor (what one read and one write cost)."""
@@ -698,7 +745,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--only", default="nchwc,relu,qdq,noise,sr,bn,dw,executor,torch")
-    ap.add_argument("--cpu-time", action="store_true", help="dwshapes: time by the process' CPU time, threads not "
+    ap.add_argument("--cpu-time", action="store_true", help="time by the process' CPU time, threads not "
                                                               "spinning (a shared machine's load moves it far less)")
     ap.add_argument("--match", default="", help="dwshapes/forms: only the shapes whose label contains one of these "
                                                 "comma-separated strings (e.g. 'densenet 1x1,convnext dw')")
@@ -707,11 +754,12 @@ def main() -> None:
         keys = [m for m in a.match.split(",") if m]
         DW_SHAPES[:] = [s for s in DW_SHAPES if any(m in s[0] for m in keys)]
         FORM_SHAPES[:] = [s for s in FORM_SHAPES if any(m in s[0] for m in keys)]
+        DWCONV_SHAPES[:] = [s for s in DWCONV_SHAPES if any(m in s[0] for m in keys)]
     r = Runner(a.threads, a.reps, a.cpu_time)
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
-              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "forms": probe_forms, "intconv": probe_intconv,
+              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms, "intconv": probe_intconv,
               "intmatmul": probe_intmatmul}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
