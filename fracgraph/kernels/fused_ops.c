@@ -898,6 +898,16 @@ static void dw_channel(void* p, size_t c) {
  * caller then runs the plain loops). */
 enum { DW_NB = 8 };
 
+/* Row xr's columns [wlo, whi) into the sw phases of a padded row (column u = wi + pw at phase u % sw, index
+ * u / sw; phase q at out + q * plane): one strided sweep per phase, no division per element. */
+static void dw_split_row(const float* xr, float* out, int64_t wlo, int64_t whi, int64_t pw, int64_t sw, int64_t plane) {
+  for (int64_t q = 0; q < sw; ++q) {
+    int64_t wi = wlo + ((q - (wlo + pw)) % sw + sw) % sw;   /* the first column of phase q */
+    float* o = out + q * plane + (wi + pw) / sw;
+    for (; wi < whi; wi += sw) *o++ = xr[wi];
+  }
+}
+
 static inline __attribute__((always_inline)) void dw_taps(const float* dy, const float* const* xs, int64_t Ho,
                                                           int64_t Wo, int64_t row_step, int nb, __m512d* dsum) {
   __m512 acc[DW_NB];
@@ -945,10 +955,7 @@ static int dw_channel_avx512(const DwJob* j, size_t c) {
       const int64_t r = hi + j->ph;
       if (sw == 1) memcpy(xq + r * Wq + wlo + j->pw, xr + wlo, (size_t)(whi - wlo) * sizeof(float));
       else
-        for (int64_t wi = wlo; wi < whi; ++wi) {
-          const int64_t u = wi + j->pw;
-          xq[(u % sw) * plane + r * Wq + u / sw] = xr[wi];
-        }
+        dw_split_row(xr, xq + r * Wq, wlo, whi, j->pw, sw, plane);
     }
     for (int64_t a = 0; a < kh; ++a)
       for (int64_t b0 = 0; b0 < kw; b0 += DW_NB) {
@@ -1067,10 +1074,7 @@ static int dc_plane_avx512(const DcJob* j, size_t t) {
     const int64_t r = hi + j->ph;
     if (sw == 1) memcpy(xq + r * Wq + wlo + j->pw, x + hi * W + wlo, (size_t)(whi - wlo) * sizeof(float));
     else
-      for (int64_t wi = wlo; wi < whi; ++wi) {
-        const int64_t u = wi + j->pw;
-        xq[(u % sw) * plane + r * Wq + u / sw] = x[hi * W + wi];
-      }
+      dw_split_row(x + hi * W, xq + r * Wq, wlo, whi, j->pw, sw, plane);
   }
   float* y = j->y + (n * j->C + c) * Ho * Wo;
   int64_t ho = 0;
