@@ -68,14 +68,19 @@ def _c(name, value, t=T.FLOAT):
 
 
 class Runner:
-    def __init__(self, threads: int, reps: int):
+    def __init__(self, threads: int, reps: int, cpu_time: bool = False):
         self.threads, self.reps = threads, reps
+        # cpu_time: sessions without spinning threads, so that the process' CPU time per run is the work done; on a
+        # shared machine it moves far less with the load than the wall time (preemption adds no CPU time)
+        self.cpu_time = cpu_time
 
     def session(self, model):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
+        if self.cpu_time:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED   # no NCHWc rewrite of its own
         so.log_severity_level = 3
         if any(n.domain == FG for n in model.graph.node):
@@ -87,10 +92,11 @@ class Runner:
     def time(self, sess, feeds) -> tuple[float, list]:
         out = sess.run(None, feeds)
         ts = []
+        clock = time.process_time if self.cpu_time else time.perf_counter
         for _ in range(self.reps):
-            t = time.perf_counter()
+            t = clock()
             sess.run(None, feeds)
-            ts.append(time.perf_counter() - t)
+            ts.append(clock() - t)
         return 1e3 * statistics.median(ts), out
 
     def compare(self, title, base, cands, feeds, ref=None, exact=False):
@@ -278,6 +284,20 @@ DW_SHAPES = [
     ("regnet g16 3x3 400", 32, 400, 2, 400, 3, 1, 25), ("regnet 1x1 160->400", 32, 160, 4, 400, 1, 1, 1),
     ("resnet20 16", 128, 16, 32, 16, 3, 1, 1), ("resnet20 32", 128, 32, 16, 32, 3, 1, 1),
     ("resnet20 64", 128, 64, 8, 64, 3, 1, 1), ("resnet20 16->32 3x3/2", 128, 16, 32, 32, 3, 2, 1),
+    # densenet121's 1x1 convs (dense layers' bottlenecks into 128 channels, transitions) and convnext_atto's (timm,
+    # conv_mlp: the MLP as 1x1 convs) and its 7x7 depthwise convs, batch 32, 64x64 inputs
+    ("densenet 1x1 64->128 16x16", 32, 64, 16, 128, 1, 1, 1), ("densenet 1x1 224->128 16x16", 32, 224, 16, 128, 1, 1, 1),
+    ("densenet 1x1 256->128 16x16", 32, 256, 16, 128, 1, 1, 1), ("densenet 1x1 128->128 8x8", 32, 128, 8, 128, 1, 1, 1),
+    ("densenet 1x1 480->128 8x8", 32, 480, 8, 128, 1, 1, 1), ("densenet 1x1 512->256 8x8", 32, 512, 8, 256, 1, 1, 1),
+    ("densenet 1x1 256->128 4x4", 32, 256, 4, 128, 1, 1, 1), ("densenet 1x1 992->128 4x4", 32, 992, 4, 128, 1, 1, 1),
+    ("densenet 1x1 1024->512 4x4", 32, 1024, 4, 512, 1, 1, 1), ("densenet 1x1 512->128 2x2", 32, 512, 2, 128, 1, 1, 1),
+    ("densenet 1x1 992->128 2x2", 32, 992, 2, 128, 1, 1, 1),
+    ("convnext 1x1 40->160 16x16", 32, 40, 16, 160, 1, 1, 1), ("convnext 1x1 160->40 16x16", 32, 160, 16, 40, 1, 1, 1),
+    ("convnext 1x1 80->320 8x8", 32, 80, 8, 320, 1, 1, 1), ("convnext 1x1 320->80 8x8", 32, 320, 8, 80, 1, 1, 1),
+    ("convnext 1x1 160->640 4x4", 32, 160, 4, 640, 1, 1, 1), ("convnext 1x1 640->160 4x4", 32, 640, 4, 160, 1, 1, 1),
+    ("convnext 1x1 320->1280 2x2", 32, 320, 2, 1280, 1, 1, 1), ("convnext 1x1 1280->320 2x2", 32, 1280, 2, 320, 1, 1, 1),
+    ("convnext dw 7x7 40 16x16", 32, 40, 16, 40, 7, 1, 40), ("convnext dw 7x7 80 8x8", 32, 80, 8, 80, 7, 1, 80),
+    ("convnext dw 7x7 160 4x4", 32, 160, 4, 160, 7, 1, 160), ("convnext dw 7x7 320 2x2", 32, 320, 2, 320, 7, 1, 320),
 ]
 
 
@@ -288,7 +308,7 @@ def dw_candidates(n, ci, hw, co, k, s, g):
     cands = [("ConvGrad (dW only)", _model([h.make_node("ConvGrad", ["dy", "x", "w"], ["", "dw"], domain="com.microsoft",
                                                          pads=[p] * 4, strides=[s, s], kernel_shape=[k, k], group=g,
                                                          dilations=[1, 1])], ["dy", "x", "w"], ["dw"]))]
-    if g == 1:
+    if g == 1 and co % 16 == 0 and co <= 64:   # its AVX-512 tile; elsewhere 3-48x ConvGrad (README), not re-timed
         cands.append(("fracgraph ConvGradW", _model([h.make_node("ConvGradW", ["dy", "x"], ["dw"], domain=FG, **conv)],
                                                     ["dy", "x"], ["dw"])))
     cands.append(("ConvGradWCols + MatMul", _model(
@@ -311,16 +331,34 @@ def probe_dwshapes(r: Runner, rng, shapes=None):
         dy = rng.standard_normal((n, co, ho, ho)).astype(np.float32)
         w = rng.standard_normal((co, ci // g, k, k)).astype(np.float32)
         cands = dw_candidates(n, ci, hw, co, k, s, g)
-        print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{s} group {g}")
+        from fracgraph.passes.conv_grad_w import ConvShape, _has_avx512, choose, dw_costs
+
+        cs = ConvShape(ci=ci, h=hw, w=hw, co=co, kh=k, kw=k, sh=s, sw=s, ph=k // 2, pw=k // 2, ph_end=k // 2,
+                       pw_end=k // 2, dh=1, dw=1, group=g, bias=False)
+        model = {f: round(v) for f, v in dw_costs(cs, _has_avx512()).items() if v is not None}
+        print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{s} group {g}; model {model} -> "
+              f"{choose(cs, _has_avx512())[0]}")
         row, ref = {}, None
-        for name, model in cands:
-            feeds = {"dy": dy, "x": x, "w": w} if name.startswith("ConvGrad (") else {"dy": dy, "x": x}
-            t, out = r.time(r.session(model), feeds)
-            ref = out[0].astype(np.float64) if ref is None else ref
-            diff = float(np.max(np.abs(out[0] - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+        # the candidates' runs interleaved (rep by rep), so that a change of the machine's load hits all of them
+        runs = [(name, r.session(model), {"dy": dy, "x": x, "w": w} if name.startswith("ConvGrad (") else {"dy": dy, "x": x})
+                for name, model in cands]
+        outs = {name: sess.run(None, feeds)[0] for name, sess, feeds in runs}
+        ts = {name: [] for name, _, _ in runs}
+        clock = time.process_time if r.cpu_time else time.perf_counter
+        for _ in range(r.reps):
+            for name, sess, feeds in runs:
+                t = clock()
+                sess.run(None, feeds)
+                ts[name].append(clock() - t)
+        what = "CPU ms" if r.cpu_time else "ms"
+        for name, _, _ in runs:
+            ref = outs[name].astype(np.float64) if ref is None else ref
+            diff = float(np.max(np.abs(outs[name] - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+            t, tmin = 1e3 * statistics.median(ts[name]), 1e3 * min(ts[name])
             row[name] = t
-            base = row["ConvGrad (dW only)"]
-            print(f"    {name:30s} {t:8.2f} ms  x{t / base:5.2f}  max rel diff {diff:.1e}")
+            base, bmin = row["ConvGrad (dW only)"], 1e3 * min(ts["ConvGrad (dW only)"])
+            print(f"    {name:30s} {t:8.2f} {what}  x{t / base:5.2f}  (min {tmin:7.2f}  x{tmin / bmin:5.2f})  "
+                  f"max rel diff {diff:.1e}")
         table[label] = row
     return table
 
@@ -455,6 +493,52 @@ def probe_forms(r: Runner, rng, shapes=None):
             base = ("ConvTranspose", _model([h.make_node("ConvTranspose", ["dy", "w"], ["dx"], pads=[p] * 4, strides=[st, st],
                                                          group=g, output_padding=[out_pad] * 2)], ["dy", "w"], ["dx"]))
             r.compare("dX", base, gemm, {"dy": dy, "w": w})
+
+
+# depthwise convs (label, batch, C, H=W, k, stride) of convnext_atto (7x7), efficientnet_b0 and mobilenet_v2 at 64x64
+DWCONV_SHAPES = [
+    ("convnext dw 7x7 40 16x16", 32, 40, 16, 7, 1), ("convnext dw 7x7 80 8x8", 32, 80, 8, 7, 1),
+    ("convnext dw 7x7 160 4x4", 32, 160, 4, 7, 1), ("convnext dw 7x7 320 2x2", 32, 320, 2, 7, 1),
+    ("effnet dw 3x3 32 32x32", 32, 32, 32, 3, 1), ("effnet dw 3x3 144 16x16", 32, 144, 16, 3, 1),
+    ("effnet dw 5x5 240 8x8", 32, 240, 8, 5, 1), ("effnet dw 3x3 480 4x4", 32, 480, 4, 3, 1),
+    ("effnet dw 5x5 1152 2x2", 32, 1152, 2, 5, 1), ("effnet dw 3x3 96/2 32x32", 32, 96, 32, 3, 2),
+    ("effnet dw 5x5 144/2 16x16", 32, 144, 16, 5, 2), ("mobilenet dw 3x3 384 4x4", 32, 384, 4, 3, 1),
+    ("mobilenet dw 3x3 960 2x2", 32, 960, 2, 3, 1),
+]
+
+
+def probe_dwconv(r: Runner, rng, shapes=None):
+    """Depthwise convs, forward and stride-1 dX: onnxruntime's Conv (group = C), NCHWc where its rules take it, and
+    fracgraph's DepthwiseConv (dX: flip of the forward weight, as conv-grad-split's flipped-weight conv)."""
+    from fracgraph.runtime import nchwc_block_size
+
+    B = nchwc_block_size()
+    print("depthwise conv: onnxruntime's Conv vs NCHWc vs fracgraph DepthwiseConv")
+    for label, n, c, hw, k, st in shapes or DWCONV_SHAPES:
+        p = k // 2
+        ho = (hw + 2 * p - k) // st + 1
+        x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+        dy = rng.standard_normal((n, c, ho, ho)).astype(np.float32)
+        print(f"  {label}: N{n} C{c} {hw}x{hw} {k}x{k}/{st}")
+        roles = [("forward", x, w, p, st, 0)]
+        if st == 1:
+            roles.append(("dX", dy, np.ascontiguousarray(w[:, :, ::-1, ::-1]), k - 1 - p, 1, 1))
+        for role, inp, wk, pad, stride, flip in roles:
+            conv = dict(kh=k, kw=k, sh=stride, sw=stride, ph=pad, pw=pad, dh=1, dw=1, ph_end=pad, pw_end=pad)
+            cands = [("fracgraph DepthwiseConv", _model([h.make_node("DepthwiseConv", ["x", "w"], ["y"], domain=FG, flip=flip,
+                                                                     **conv)], ["x", "w"], ["y"]),
+                      {"x": inp, "w": w if flip else wk})]
+            if B > 1 and c % B == 0:
+                cands.append(("NCHWc", _model(
+                    [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=0, transpose=0, flip=0),
+                     h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
+                     h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", pads=[pad] * 4,
+                                 kernel_shape=[k, k], strides=[stride] * 2, group=c),
+                     h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=c)], ["x", "w"], ["y"]),
+                    None))
+            r.compare(role, ("Conv", _model([h.make_node("Conv", ["x", "w"], ["y"], pads=[pad] * 4, strides=[stride] * 2,
+                                                         group=c)], ["x", "w"], ["y"])), cands, {"x": inp, "w": wk})
 
 
 def probe_reorder(r: Runner, rng):
@@ -703,13 +787,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--only", default="nchwc,relu,qdq,noise,sr,bn,dw,executor,torch")
+    ap.add_argument("--cpu-time", action="store_true", help="time by the process' CPU time, threads not "
+                                                              "spinning (a shared machine's load moves it far less)")
+    ap.add_argument("--match", default="", help="dwshapes/forms: only the shapes whose label contains one of these "
+                                                "comma-separated strings (e.g. 'densenet 1x1,convnext dw')")
     a = ap.parse_args()
-    r = Runner(a.threads, a.reps)
+    if a.match:
+        keys = [m for m in a.match.split(",") if m]
+        DW_SHAPES[:] = [s for s in DW_SHAPES if any(m in s[0] for m in keys)]
+        FORM_SHAPES[:] = [s for s in FORM_SHAPES if any(m in s[0] for m in keys)]
+        DWCONV_SHAPES[:] = [s for s in DWCONV_SHAPES if any(m in s[0] for m in keys)]
+    r = Runner(a.threads, a.reps, a.cpu_time)
     rng = np.random.default_rng(0)
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
-              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "forms": probe_forms, "intconv": probe_intconv,
-              "intmatmul": probe_intmatmul, "gelu": probe_gelu}
+              "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
+              "intconv": probe_intconv, "intmatmul": probe_intmatmul, "gelu": probe_gelu}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

@@ -24,6 +24,8 @@
  *   Im2Col(X) -> col [C*kh*kw, N*ho*wo]        the whole batch's im2col (a conv as one GEMM); attributes those of
  *                                              ConvGradW and h, w, ho, wo (X's and the output's spatial size)
  *   Col2Im(cols) -> Y [N, C, h, w]             its adjoint: sums cols' taps back onto the image; same attributes
+ *   DepthwiseConv(X, W) -> Y                   depthwise conv (W [C, 1, kh, kw]); attributes kh .. dw, ph_end,
+ *                                              pw_end, flip (W's taps reversed: a stride-1 dX conv)
  *
  * The quantizers compute, per element and in this order (quantizers.py's chain, each operation IEEE-rounded;
  * the library is compiled with -ffp-contract=off so that no multiply-add is fused; noise = 0 for FakeQuantize):
@@ -79,7 +81,7 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
-            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, N_KINDS };
+            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, DW_CONV, N_KINDS };
 
 typedef struct {
   int kind;
@@ -87,6 +89,7 @@ typedef struct {
   uint64_t salt;
   uint64_t calls;
   int64_t conv[12];  /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group;
+                        DW_CONV: kh .. dw, ph_end, pw_end, flip;
                         IM2COL, COL2IM: kh .. dw, h, w, ho, wo; NCHWC_WEIGHT: block, blocked_in, transpose, flip */
 } Kernel;
 
@@ -544,6 +547,11 @@ typedef struct {
 static void cols_of_image(const ColJob* j, int64_t n) {
   const int64_t P = j->Ho * j->Wo, NP = j->N * P, H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo;
   const float* xn = j->x + n * j->Ci * H * W;
+  if (j->kh == 1 && j->kw == 1 && j->sh == 1 && j->sw == 1 && j->ph == 0 && j->pw == 0 && Ho == H && Wo == W) {
+    for (int64_t ci = 0; ci < j->Ci; ++ci)   /* 1x1 stride 1 unpadded: each channel's plane is its row, as it is */
+      memcpy(j->col + ci * NP + n * P, xn + ci * P, (size_t)P * sizeof(float));
+    return;
+  }
   for (int64_t ci = 0; ci < j->Ci; ++ci)
     for (int64_t a = 0; a < j->kh; ++a)
       for (int64_t b = 0; b < j->kw; ++b) {
@@ -818,6 +826,112 @@ static void dw_channel(void* p, size_t c) {
   for (int64_t t = 0; t < taps; ++t) j->dwt[(int64_t)c * taps + t] = (float)sums[t];
 }
 
+#if defined(__AVX512F__)
+/* The AVX-512 form of dw_channel: vectors run along the output row (16 output columns per lane set), the taps
+ * of a kernel row together (up to DW_NB accumulators, one per tap, each dY vector loaded once for all of them).
+ * Each image is first copied into a zero-padded buffer split into sw column phases (column u of the padded
+ * image at phase u % sw, index u / sw), so that tap (a, b) of every output column wo reads padded row
+ * ho*sh + a*dh, phase (b*dw) % sw, index wo + (b*dw) / sw: a contiguous load for any stride and dilation, and no
+ * bounds to test (the padding reads zeros). Loads are masked to the row's Wo columns, so lanes past the row never
+ * see other values. Per image the taps' float lanes (a sum of Ho * ceil(Wo/16) products each) are added into
+ * double lanes; the 16 double lanes are added at the end. Returns 0 where the buffers cannot be allocated (the
+ * caller then runs the plain loops). */
+enum { DW_NB = 8 };
+
+/* Row xr's columns [wlo, whi) into the sw phases of a padded row (column u = wi + pw at phase u % sw, index
+ * u / sw; phase q at out + q * plane): one strided sweep per phase, no division per element. */
+static void dw_split_row(const float* xr, float* out, int64_t wlo, int64_t whi, int64_t pw, int64_t sw, int64_t plane) {
+  for (int64_t q = 0; q < sw; ++q) {
+    int64_t wi = wlo + ((q - (wlo + pw)) % sw + sw) % sw;   /* the first column of phase q */
+    float* o = out + q * plane + (wi + pw) / sw;
+    for (; wi < whi; wi += sw) *o++ = xr[wi];
+  }
+}
+
+static inline __attribute__((always_inline)) void dw_taps(const float* dy, const float* const* xs, int64_t Ho,
+                                                          int64_t Wo, int64_t row_step, int nb, __m512d* dsum) {
+  __m512 acc[DW_NB];
+  for (int i = 0; i < DW_NB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t ho = 0; ho < Ho; ++ho) {
+    const float* dr = dy + ho * Wo;
+    const int64_t xo = ho * row_step;
+    for (int64_t v = 0; v < Wo; v += 16) {
+      const __mmask16 m = Wo - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Wo - v)) - 1u);
+      const __m512 d = _mm512_maskz_loadu_ps(m, dr + v);
+      for (int i = 0; i < DW_NB; ++i)
+        if (i < nb) acc[i] = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, xs[i] + xo + v), acc[i]);
+    }
+  }
+  for (int i = 0; i < DW_NB; ++i)
+    if (i < nb) {
+      dsum[2 * i] = _mm512_add_pd(dsum[2 * i], _mm512_cvtps_pd(_mm512_castps512_ps256(acc[i])));
+      dsum[2 * i + 1] = _mm512_add_pd(dsum[2 * i + 1], _mm512_cvtps_pd(_mm256_castpd_ps(
+                                                           _mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1))));
+    }
+}
+
+static int dw_channel_avx512(const DwJob* j, size_t c) {
+  const int64_t H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo, sh = j->sh, sw = j->sw, kh = j->kh, kw = j->kw;
+  const int64_t taps = kh * kw;
+  /* padded extent: rows -ph .. (Ho-1)*sh - ph + (kh-1)*dh, columns likewise */
+  const int64_t Hp = (Ho - 1) * sh + (kh - 1) * j->dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * j->dw + 1;
+  const int64_t Wq = (Wp + sw - 1) / sw, plane = Hp * Wq;
+  float* xq = (float*)calloc((size_t)(sw * plane), sizeof(float));
+  __m512d* dsum = (__m512d*)aligned_alloc(64, (size_t)taps * 2 * sizeof(__m512d));
+  if (!xq || !dsum) {
+    free(xq);
+    free(dsum);
+    return 0;
+  }
+  for (int64_t t = 0; t < 2 * taps; ++t) dsum[t] = _mm512_setzero_pd();
+  /* the image columns inside the padded extent: wi in [wlo, whi), rows hi in [hlo, hhi) */
+  const int64_t wlo = j->pw > 0 ? 0 : -j->pw, whi = W < Wp - j->pw ? W : Wp - j->pw;
+  const int64_t hlo = j->ph > 0 ? 0 : -j->ph, hhi = H < Hp - j->ph ? H : Hp - j->ph;
+  for (int64_t n = 0; n < j->N; ++n) {
+    const float* dy = j->dy + (n * j->C + (int64_t)c) * Ho * Wo;
+    const float* x = j->x + (n * j->C + (int64_t)c) * H * W;
+    for (int64_t hi = hlo; hi < hhi; ++hi) {
+      const float* xr = x + hi * W;
+      const int64_t r = hi + j->ph;
+      if (sw == 1) memcpy(xq + r * Wq + wlo + j->pw, xr + wlo, (size_t)(whi - wlo) * sizeof(float));
+      else
+        dw_split_row(xr, xq + r * Wq, wlo, whi, j->pw, sw, plane);
+    }
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t b0 = 0; b0 < kw; b0 += DW_NB) {
+        const int nb = kw - b0 < DW_NB ? (int)(kw - b0) : DW_NB;
+        const float* xs[DW_NB];
+        for (int i = 0; i < nb; ++i) {
+          const int64_t u = (b0 + i) * j->dw;
+          xs[i] = xq + (u % sw) * plane + a * j->dh * Wq + u / sw;
+        }
+        __m512d* ds = dsum + 2 * (a * kw + b0);
+        switch (nb) {   /* constant tap counts, so that the accumulators stay in registers */
+          case 1: dw_taps(dy, xs, Ho, Wo, sh * Wq, 1, ds); break;
+          case 2: dw_taps(dy, xs, Ho, Wo, sh * Wq, 2, ds); break;
+          case 3: dw_taps(dy, xs, Ho, Wo, sh * Wq, 3, ds); break;
+          case 4: dw_taps(dy, xs, Ho, Wo, sh * Wq, 4, ds); break;
+          case 5: dw_taps(dy, xs, Ho, Wo, sh * Wq, 5, ds); break;
+          case 6: dw_taps(dy, xs, Ho, Wo, sh * Wq, 6, ds); break;
+          case 7: dw_taps(dy, xs, Ho, Wo, sh * Wq, 7, ds); break;
+          default: dw_taps(dy, xs, Ho, Wo, sh * Wq, DW_NB, ds); break;
+        }
+      }
+  }
+  for (int64_t t = 0; t < taps; ++t)
+    j->dwt[(int64_t)c * taps + t] = (float)(_mm512_reduce_add_pd(dsum[2 * t]) + _mm512_reduce_add_pd(dsum[2 * t + 1]));
+  free(xq);
+  free(dsum);
+  return 1;
+}
+
+static void dw_channel_task(void* p, size_t c) {
+  if (!dw_channel_avx512((const DwJob*)p, c)) dw_channel(p, c);
+}
+#else
+static void dw_channel_task(void* p, size_t c) { dw_channel(p, c); }
+#endif
+
 static OrtStatus* compute_dw_grad_w(Kernel* k, void* ctx) {
   const void *dyv, *xv;
   void* wv;
@@ -837,11 +951,140 @@ static OrtStatus* compute_dw_grad_w(Kernel* k, void* ctx) {
       (st = API(GetTensorMutableData, GetDataFn)((void*)dyv, (void**)&j.dy)) ||
       (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
     return st;
-  if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, dw_channel, (size_t)j.C, 0, &j);
-  if (j.C == 1) dw_channel(&j, 0);
+  if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, dw_channel_task, (size_t)j.C, 0, &j);
+  if (j.C == 1) dw_channel_task(&j, 0);
   return NULL;
 }
 
+
+/* ---- DepthwiseConv: a depthwise conv's forward, or its stride-1 input gradient (flip) -------------------- */
+/* Y[n][c][ho][wo] = sum_{a,b} W'[c][a][b] * X[n][c][ho*sh - ph + a*dh][wo*sw - pw + b*dw], W' = W, or with flip
+ * W'[c][a][b] = W[c][kh-1-a][kw-1-b] (the stride-1 dX conv of conv-grad-split reads the forward weight itself).
+ * (image, channel) planes as tasks. As in dw_channel_avx512 the plane is copied into a zero-padded buffer split
+ * into sw column phases, so that every tap of an output row is one contiguous (masked) load; vectors run along the
+ * output row, DC_ROWS output rows at once share each tap's broadcast weight (independent accumulators), and each
+ * output is the taps' sum in order a, b, in float. Plain loops without AVX-512. */
+typedef struct {
+  const float *x, *w;
+  float* y;
+  int64_t N, C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw, flip;
+} DcJob;
+
+static inline float dc_weight(const DcJob* j, int64_t c, int64_t a, int64_t b) {
+  return j->flip ? j->w[(c * j->kh + j->kh - 1 - a) * j->kw + j->kw - 1 - b] : j->w[(c * j->kh + a) * j->kw + b];
+}
+
+#if defined(__AVX512F__)
+enum { DC_ROWS = 4 };
+
+static inline __attribute__((always_inline)) void dc_rows(const DcJob* j, const float* xq, const float* wt, float* y,
+                                                           int64_t ho, int rows, int64_t Wq, int64_t plane) {
+  const int64_t Wo = j->Wo, kh = j->kh, kw = j->kw, sw = j->sw;
+  for (int64_t v = 0; v < Wo; v += 16) {
+    const __mmask16 m = Wo - v >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Wo - v)) - 1u);
+    __m512 acc[DC_ROWS];
+    for (int r = 0; r < DC_ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t a = 0; a < kh; ++a)
+      for (int64_t b = 0; b < kw; ++b) {
+        const __m512 wv = _mm512_set1_ps(wt[a * kw + b]);
+        const int64_t u = b * j->dw;
+        const float* xs = xq + (u % sw) * plane + (ho * j->sh + a * j->dh) * Wq + u / sw + v;
+        for (int r = 0; r < DC_ROWS; ++r)
+          if (r < rows) acc[r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, xs + r * j->sh * Wq), acc[r]);
+      }
+    for (int r = 0; r < DC_ROWS; ++r)
+      if (r < rows) _mm512_mask_storeu_ps(y + (ho + r) * Wo + v, m, acc[r]);
+  }
+}
+
+static int dc_plane_avx512(const DcJob* j, size_t t) {
+  const int64_t n = (int64_t)t / j->C, c = (int64_t)t % j->C;
+  const int64_t H = j->H, W = j->W, Ho = j->Ho, Wo = j->Wo, sw = j->sw, kh = j->kh, kw = j->kw;
+  const int64_t Hp = (Ho - 1) * j->sh + (kh - 1) * j->dh + 1, Wp = (Wo - 1) * sw + (kw - 1) * j->dw + 1;
+  const int64_t Wq = (Wp + sw - 1) / sw, plane = Hp * Wq;
+  float* xq = (float*)calloc((size_t)(sw * plane + kh * kw), sizeof(float));
+  if (!xq) return 0;
+  float* wt = xq + sw * plane;   /* W' of channel c, flipped where asked */
+  for (int64_t a = 0; a < kh; ++a)
+    for (int64_t b = 0; b < kw; ++b) wt[a * kw + b] = dc_weight(j, c, a, b);
+  const int64_t wlo = j->pw > 0 ? 0 : -j->pw, whi = W < Wp - j->pw ? W : Wp - j->pw;
+  const int64_t hlo = j->ph > 0 ? 0 : -j->ph, hhi = H < Hp - j->ph ? H : Hp - j->ph;
+  const float* x = j->x + (n * j->C + c) * H * W;
+  for (int64_t hi = hlo; hi < hhi; ++hi) {
+    const int64_t r = hi + j->ph;
+    if (sw == 1) memcpy(xq + r * Wq + wlo + j->pw, x + hi * W + wlo, (size_t)(whi - wlo) * sizeof(float));
+    else
+      dw_split_row(x + hi * W, xq + r * Wq, wlo, whi, j->pw, sw, plane);
+  }
+  float* y = j->y + (n * j->C + c) * Ho * Wo;
+  int64_t ho = 0;
+  for (; ho + DC_ROWS <= Ho; ho += DC_ROWS) dc_rows(j, xq, wt, y, ho, DC_ROWS, Wq, plane);
+  switch (Ho - ho) {
+    case 1: dc_rows(j, xq, wt, y, ho, 1, Wq, plane); break;
+    case 2: dc_rows(j, xq, wt, y, ho, 2, Wq, plane); break;
+    case 3: dc_rows(j, xq, wt, y, ho, 3, Wq, plane); break;
+    default: break;
+  }
+  free(xq);
+  return 1;
+}
+#endif
+
+static void dc_plane(void* p, size_t t) {
+  const DcJob* j = (const DcJob*)p;
+#if defined(__AVX512F__)
+  if (dc_plane_avx512(j, t)) return;
+#endif
+  const int64_t n = (int64_t)t / j->C, c = (int64_t)t % j->C, H = j->H, W = j->W;
+  const float* x = j->x + (n * j->C + c) * H * W;
+  float* y = j->y + (n * j->C + c) * j->Ho * j->Wo;
+  for (int64_t ho = 0; ho < j->Ho; ++ho)
+    for (int64_t wo = 0; wo < j->Wo; ++wo) {
+      float acc = 0.0f;
+      for (int64_t a = 0; a < j->kh; ++a) {
+        const int64_t hi = ho * j->sh - j->ph + a * j->dh;
+        if (hi < 0 || hi >= H) continue;
+        for (int64_t b = 0; b < j->kw; ++b) {
+          const int64_t wi = wo * j->sw - j->pw + b * j->dw;
+          if (wi >= 0 && wi < W) acc += dc_weight(j, c, a, b) * x[hi * W + wi];
+        }
+      }
+      y[ho * j->Wo + wo] = acc;
+    }
+}
+
+static OrtStatus* compute_dw_conv(Kernel* k, void* ctx) {
+  const void *xv, *wv;
+  void* yv;
+  int64_t xd[16], wd[16];
+  size_t xr, wr, xn, wn;
+  OrtStatus* st;
+  DcJob j;
+  memset(&j, 0, sizeof j);
+  j.kh = k->conv[0], j.kw = k->conv[1], j.sh = k->conv[2], j.sw = k->conv[3], j.ph = k->conv[4], j.pw = k->conv[5];
+  j.dh = k->conv[6], j.dw = k->conv[7], j.flip = k->conv[10];
+  const int64_t ph_end = k->conv[8], pw_end = k->conv[9];
+  if ((st = input_shape(ctx, 0, &xv, xd, &xr, &xn)) || (st = input_shape(ctx, 1, &wv, wd, &wr, &wn))) return st;
+  if (xr != 4 || wr != 4 || wd[0] != xd[1] || wd[1] != 1 || wd[2] != j.kh || wd[3] != j.kw)
+    return fail("fracgraph DepthwiseConv: X must be [N, C, H, W] and W [C, 1, kh, kw] with the kernel attributes");
+  j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3];
+  if (j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0 || ph_end < 0 || pw_end < 0)
+    return fail("fracgraph DepthwiseConv: invalid conv attributes");
+  j.Ho = (j.H + j.ph + ph_end - j.dh * (j.kh - 1) - 1) / j.sh + 1;
+  j.Wo = (j.W + j.pw + pw_end - j.dw * (j.kw - 1) - 1) / j.sw + 1;
+  if (j.H + j.ph + ph_end < j.dh * (j.kh - 1) + 1 || j.W + j.pw + pw_end < j.dw * (j.kw - 1) + 1)
+    return fail("fracgraph DepthwiseConv: the kernel is larger than the padded input");
+  int64_t yd[4] = {j.N, j.C, j.Ho, j.Wo};
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, yd, 4, &yv))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)wv, (void**)&j.w)))
+    return st;
+  const size_t tasks = (size_t)(j.N * j.C);
+  if (tasks > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, dc_plane, tasks, 0, &j);
+  if (tasks == 1) dc_plane(&j, 0);
+  return NULL;
+}
 
 /* ---- NchwcWeight: a conv weight in the NCHWc filter layout, in one pass --------------------------------- */
 /* The logical weight W' [O, C, kh, kw] is W itself, or (transpose) W with its two channel axes swapped and/or
@@ -1025,6 +1268,7 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == NCHWC_WEIGHT) return compute_nchwc_weight(k, ctx);
   if (k->kind == IM2COL || k->kind == COL2IM) return compute_cols(k, ctx);
   if (k->kind == MAX_POOL) return compute_max_pool(k, ctx);
+  if (k->kind == DW_CONV) return compute_dw_conv(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
@@ -1049,13 +1293,14 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
                                            "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
-                                           "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows", "MaxPoolIdx"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2};
+                                           "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows", "MaxPoolIdx",
+                                           "DepthwiseConv"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};
-static const char* const POOL_ATTRS[10] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "ph_end", "pw_end"};
+static const char* const POOL_ATTRS[11] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "ph_end", "pw_end", "flip"};
 
 /* Each op's OrtCustomOp sits first in an OpDef, so the callbacks find their kind from the op pointer. */
 typedef struct {
@@ -1078,8 +1323,8 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   if (k->kind == CONV_GRAD_W || k->kind == CONV_COLS || k->kind == DW_GRAD_W)
     for (int a = 0; a < (k->kind == CONV_COLS ? 9 : 8); ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, CONV_ATTRS[a], &k->conv[a]))) { free(k); return st; }
-  if (k->kind == MAX_POOL)
-    for (int a = 0; a < 10; ++a)
+  if (k->kind == MAX_POOL || k->kind == DW_CONV)
+    for (int a = 0; a < (k->kind == DW_CONV ? 11 : 10); ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, POOL_ATTRS[a], &k->conv[a]))) { free(k); return st; }
   if (k->kind == IM2COL || k->kind == COL2IM)
     for (int a = 0; a < 12; ++a)

@@ -26,8 +26,15 @@ its plain loops, which are slower than ConvGrad everywhere measured: 7-48x on th
 resnet18's 128-512 channel layers, which the old rule gave it). im2col-gemm must win by a margin
 (`MARGIN`) so that a shape near the break-even point stays on onnxruntime's op: never slower than it by more than
 the model's error. ConvGradW keeps the shapes it was tuned for (tile applies, P >= 64, not 1x1 stride 1, stride 1 or >= 16
-input channels). 1x1 stride-1
-unpadded convs stay on ConvGrad: it skips the im2col there and its GEMM reads X in place.
+input channels).
+
+1x1 stride-1 unpadded convs (densenet's bottlenecks and transitions, convnext's MLP, efficientnet's expansions
+and projections): ConvGrad skips the im2col there and its GEMM reads X in place, and the per-image update of dW
+stays in cache, so its per-image dW term is `PW_DW` instead of 2 (a full read and write). im2col-gemm (whose
+ConvGradWCols then copies each plane as it is) wins only on the smallest maps: `python bench/kernel_probes.py
+--only dwshapes --cpu-time --match "densenet 1x1,convnext 1x1,effnet 1x1,regnet 1x1"` measured it at 0.6-0.9x
+ConvGrad's CPU time on 2x2 maps (densenet's block 4, convnext's last stage, efficientnet's head) and 1.1-1.7x on
+4x4 and larger; `PW_DW` sits inside the window those ratios leave (0.12-0.2).
 
 Every form's values are the same sums in another order (float rounding differs), so the step is compared with
 the pass on and off within float rounding, and each kernel against PyTorch's float64 weight gradient
@@ -53,6 +60,7 @@ TILE_MIN_P = 64       # ConvGradW's register tile measured down to 8x8 maps (res
 # cost-model constants, in units of one float read from or written to memory (bench/kernel_probes.py --only dwshapes)
 CALL = 4000.0         # one GEMM call of onnxruntime's ConvGrad (per image and group): dispatch onto the thread pool
 CACHE = 0.3           # a float of an image's im2col that stays in cache (ConvGrad's per-image col)
+PW_DW = 0.15          # 1x1 stride 1: ConvGrad's per-image update of dW, which stays in cache (--only dwshapes --cpu-time)
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ class ConvShape:
 def dw_costs(s: ConvShape, avx512: bool) -> dict[str, float | None]:
     """Modelled cost per image of each form beyond the GEMM's multiply-adds (None: the form does not apply)."""
     cog = s.co // s.group
-    convgrad = s.group * (CALL + 2 * cog * s.kg + (0 if s.pointwise else CACHE * s.kg * s.p))
+    convgrad = s.group * (CALL + (PW_DW if s.pointwise else 2) * cog * s.kg + (0 if s.pointwise else CACHE * s.kg * s.p))
     gemm = 3 * s.p * (s.group * s.kg + s.co)   # col and dYt: written, read back (and packed) by the GEMM
     tile = avx512 and s.group == 1 and s.co % 16 == 0 and s.co <= 64 and not s.bias and \
         (s.sh == s.sw == 1 or s.ci >= 16)
@@ -123,12 +131,11 @@ def choose(s: ConvShape, avx512: bool) -> tuple[str, str]:
         return "depthwise", "depthwise: one output row per channel, no GEMM"
     if c["ConvGradW"] is not None and s.p >= TILE_MIN_P and not s.pointwise:
         return "ConvGradW", f"AVX-512 tile over {s.co} output channels on {s.ho}x{s.wo} maps"
-    if s.pointwise:
-        return "ConvGrad", "1x1 stride 1: onnxruntime's GEMM reads X in place"
     if c["im2col-gemm"] * MARGIN < c["ConvGrad"]:
         return "im2col-gemm", (f"modelled {c['im2col-gemm']:,.0f} vs ConvGrad's {c['ConvGrad']:,.0f} per image "
                                f"(below 1/{MARGIN:g})")
-    return "ConvGrad", (f"modelled {c['ConvGrad']:,.0f} vs im2col-gemm's {c['im2col-gemm']:,.0f} per image "
+    pw = "1x1 stride 1, X read in place: " if s.pointwise else ""
+    return "ConvGrad", (f"{pw}modelled {c['ConvGrad']:,.0f} vs im2col-gemm's {c['im2col-gemm']:,.0f} per image "
                         f"(im2col-gemm needs below 1/{MARGIN:g})")
 
 

@@ -36,6 +36,13 @@ ConvTransposes) goes to the form a cost model (`conv_costs`/`choose_form`) says 
   as its adjoint `dX = Col2Im(W^T @ dYt)` on the forward weight itself (no transpose or flip of W), dYt [Co, N*P]
   the one ConvGradWCols already wrote for the conv's weight gradient where conv-grad-w chose im2col-gemm, else an
   Im2Col1x1 of dY;
+- `depthwise`: fracgraph's `DepthwiseConv(X, W)` for a depthwise conv's forward and its stride-1 dX (the flipped
+  kernel, `flip=1` on the forward weight itself): vectors along the output row over a zero-padded copy of each
+  plane (fused_ops.c). `python bench/kernel_probes.py --only dwconv --cpu-time` (convnext's 7x7, efficientnet's
+  and mobilenet's 3x3/5x5): 0.14-0.41x onnxruntime's Conv on maps 16 columns wide and more, where NCHWc took
+  0.39-0.90x (or does not apply: convnext's 40 channels); on 8x8 and smaller maps NCHWc (0.02-0.21x) beats it
+  (0.28-1.1x), and strided it loses (0.8-1.9x). So it is taken (AVX-512 only) for stride-1 depthwise convs whose
+  output rows are >= `DW_MIN_W` wide, or >= `DW_MIN_W_NO_NCHWC` where NCHWc's rules decline the conv;
 - `Conv` / `ConvTranspose`: onnxruntime's own op, kept.
 
 The model counts, per image and in units of one float read or written, what separates the forms (the GEMM's
@@ -62,13 +69,15 @@ from onnx import helper
 from ..kernels import DOMAIN
 from ..quantizers import Emitter
 from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
-from .conv_grad_w import CACHE, CALL, ConvShape, _describe
+from .conv_grad_w import CACHE, CALL, ConvShape, _describe, _has_avx512
 from .fused_ops import import_domain
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 ROW = 0.025           # NCHWc: cost per multiply-add, per edge column of a row (fitted on --only forms)
 HIDE = 16             # onnxruntime's per-image GEMM: the weight read is hidden behind the multiply-adds from P = HIDE
 GEMM_MARGIN = 1.25    # im2col-gemm replaces NCHWc/Conv only where the model says it is this many times cheaper
+DW_MIN_W = 16          # depthwise kernel: output row width from which it beats NCHWc (one full vector per row)
+DW_MIN_W_NO_NCHWC = 4  # ... and from which it beats onnxruntime's plain Conv (2x2 maps: 0.6-1.1x, not taken)
 SPLIT_W = ("::split/w_flip", "::split/w_t", "::split/w_gt", "::split/w_g")   # conv-grad-split's W' chain
 
 
@@ -97,14 +106,21 @@ def edge_columns(s: ConvShape, role: str) -> int:
     return sum(x - pad < 0 or x - pad + reach >= s.wo for x in range(s.w))
 
 
-def choose_form(s: ConvShape, role: str, nchwc: bool, gemm: bool) -> tuple[str, str]:
-    """(form, reason) for one conv: `nchwc` whether NCHWc's rules take it, `gemm` whether fracgraph's kernels do."""
+def choose_form(s: ConvShape, role: str, nchwc: bool, gemm: bool, avx512: bool = False) -> tuple[str, str]:
+    """(form, reason) for one conv: `nchwc` whether NCHWc's rules take it, `gemm` whether fracgraph's kernels do,
+    `avx512` whether the CPU has the depthwise kernel's vectors."""
     c = {k: v for k, v in conv_costs(s, role, nchwc).items() if v is not None}
     base = "NCHWc" if "NCHWc" in c else next(k for k in c if k in ("Conv", "ConvTranspose"))
     if not gemm:
         return base, "fracgraph's kernels not in use"
     if s.depthwise:
-        return base, "depthwise: no GEMM to speak of"
+        out_w = s.wo if role == "forward" else s.w
+        need = DW_MIN_W if base == "NCHWc" else DW_MIN_W_NO_NCHWC
+        if avx512 and role != "dX-strided" and s.sh == s.sw == 1 and out_w >= need:
+            return "depthwise", (f"depthwise stride 1, rows of {out_w} >= {need}: fracgraph's kernel beats {base} "
+                                 f"(bench/kernel_probes.py --only dwconv)")
+        return base, "depthwise: no GEMM to speak of" + (
+            "" if not avx512 or s.sh != 1 or s.sw != 1 or role == "dX-strided" else f"; rows of {out_w} < {need}")
     if s.group > 1:
         return base, "grouped: onnxruntime's per-group GEMMs are as fast (bench/kernel_probes.py --only forms)"
     if s.pointwise:
@@ -122,9 +138,11 @@ def _attrs(node: onnx.NodeProto) -> dict:
 class NchwcConvPass(Pass):
     name = "nchwc-conv"
 
-    def __init__(self, shapes: dict[str, list], block: int, fused: bool = False, force: str | None = None):
+    def __init__(self, shapes: dict[str, list], block: int, fused: bool = False, force: str | None = None,
+                 avx512: bool | None = None):
         self.shapes = shapes   # tensor name -> static shape, for the weights
         self.block = block
+        self.avx512 = _has_avx512() if avx512 is None else avx512   # the depthwise kernel's vectors
         self.fused = fused     # weight reorders on fracgraph's NchwcWeight, and the im2col-gemm form (the kernels build here)
         self.force = force     # "im2col-gemm": every conv with static shapes on it, whatever the model says (tests)
         self.choices: list[dict] = []   # per conv node: role, form, reason, shape, modelled costs
@@ -142,7 +160,7 @@ class NchwcConvPass(Pass):
         self._producer = {o: n for n in graph.node for o in n.output}
         cols = {n.input[0]: n for n in graph.node if n.op_type == "ConvGradWCols" and n.domain == DOMAIN}
         after: dict[int, list] = {}   # id(ConvGradWCols node) -> dX forms that read its dYt, placed after it
-        n_nchwc = n_gemm = 0
+        n_nchwc = n_gemm = n_dw = 0
         for node in list(graph.node):
             if node.domain not in ("", "ai.onnx") or not (node.op_type == "Conv" or (
                     node.op_type == "ConvTranspose" and node.output[0].endswith("::split/dX"))):
@@ -156,7 +174,7 @@ class NchwcConvPass(Pass):
             if s is None:
                 form, reason = ("NCHWc", "") if nchwc_why is None else (node.op_type, f"{w}; {nchwc_why}")
             else:
-                form, reason = choose_form(s, role, nchwc_why is None, self.fused)
+                form, reason = choose_form(s, role, nchwc_why is None, self.fused, self.avx512)
                 if self.force == "im2col-gemm" and self.fused:
                     form, reason = "im2col-gemm", "forced"
                 if form == node.op_type and nchwc_why:
@@ -178,6 +196,10 @@ class NchwcConvPass(Pass):
                     after.setdefault(id(owner), [owner]).extend(em.nodes)
                     pairs.append((node, []))
                 n_gemm += 1
+            elif form == "depthwise":
+                self._depthwise(em, node, role, s)
+                pairs.append((node, em.nodes))
+                n_dw += 1
             else:
                 notes.append(f"{entry['node']}: kept {form} ({reason})")
             em.nodes = []
@@ -187,6 +209,8 @@ class NchwcConvPass(Pass):
         if self.fused and pairs:
             _drop_dead(graph, SPLIT_W)
             import_domain(model)
+        if n_dw:
+            notes.insert(0, f"{n_dw} depthwise conv(s) on fracgraph's DepthwiseConv (shape-aware forms)")
         if n_gemm:
             notes.insert(0, f"{n_gemm} conv(s) as im2col + one GEMM (shape-aware forms)")
             if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -253,6 +277,25 @@ class NchwcConvPass(Pass):
                     kernel_shape=[kh, kw], **attrs)
         em.nodes.append(helper.make_node("ReorderOutput", [y], [node.output[0]], name=f"{base}/out",
                                          domain=NCHWC_DOMAIN, channels=o))
+
+    def _depthwise(self, em: Emitter, node, role: str, s: ConvShape) -> None:
+        """DepthwiseConv(X, W) for a depthwise forward conv (bias as an Add), or for a stride-1 dX conv on the
+        forward weight with flip=1 where its W' is conv-grad-split's flip of it."""
+        a = _attrs(node)
+        kh, kw = s.kh, s.kw
+        pads, dil, st = list(a.get("pads", [0, 0, 0, 0])), list(a.get("dilations", [1, 1])), list(a.get("strides", [1, 1]))
+        w, flip = node.input[1], False
+        if role == "dX":
+            w, _, flip = self._source(w, int(a.get("group", 1)))
+        base = f"{node.name or node.output[0]}::dwconv"
+        bias = len(node.input) > 2 and bool(node.input[2])
+        out = f"{base}/y" if bias else node.output[0]
+        em.nodes.append(helper.make_node("DepthwiseConv", [node.input[0], w], [out], name=f"{base}/conv", domain=DOMAIN,
+                                         kh=kh, kw=kw, sh=st[0], sw=st[1], ph=pads[0], pw=pads[1], ph_end=pads[2],
+                                         pw_end=pads[3], dh=dil[0], dw=dil[1], flip=int(flip)))
+        if bias:
+            b = em.node("Reshape", [node.input[2], em.const([-1, 1, 1], np.int64)], f"{base}/b")
+            em.nodes.append(helper.make_node("Add", [out, b], [node.output[0]], name=f"{base}/out"))
 
     def _source(self, w: str, group: int) -> tuple[str, bool, bool]:
         """(tensor, transpose, flip): W' = w, or conv-grad-split's flip (Slice; kernels above 1x1) of its channel

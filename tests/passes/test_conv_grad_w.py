@@ -97,6 +97,9 @@ GEMM_CASES = [
     ((2, 3, 19, 21, 16, (7, 7), (2, 2), (3, 3), (1, 1)), 1),
     ((2, 8, 9, 9, 16, (3, 3), (1, 1), (2, 2), (2, 2)), 2),
     ((1, 5, 6, 9, 7, (1, 3), (1, 2), (0, 1), (1, 1)), 1),
+    # 1x1 stride 1 unpadded (each plane copied as it is): densenet's and convnext's 2x2 maps, grouped, not square
+    ((3, 48, 2, 2, 24, (1, 1), (1, 1), (0, 0), (1, 1)), 1),
+    ((2, 12, 5, 3, 8, (1, 1), (1, 1), (0, 0), (1, 1)), 4),
 ]
 
 
@@ -129,6 +132,14 @@ DW_CASES = [
     (3, 32, 2, 2, 32, (5, 5), (1, 1), (2, 2), (1, 1)),
     (2, 8, 12, 10, 8, (3, 3), (1, 1), (2, 2), (2, 2)),
     (1, 5, 7, 13, 5, (3, 5), (1, 3), (1, 0), (1, 1)),
+    # the AVX-512 form's vectors along the output row: rows of 19 and 40 columns (a full vector and a masked tail),
+    # convnext's 7x7 on 16x16 and 2x2 maps, more than 8 taps in a kernel row (two tap groups), dilated and strided
+    (2, 6, 20, 37, 6, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (2, 3, 18, 40, 3, (7, 7), (1, 1), (3, 3), (1, 1)),
+    (2, 4, 16, 16, 4, (7, 7), (1, 1), (3, 3), (1, 1)),
+    (3, 4, 2, 2, 4, (7, 7), (1, 1), (3, 3), (1, 1)),
+    (1, 2, 9, 30, 2, (2, 11), (1, 1), (0, 5), (1, 2)),
+    (2, 3, 13, 29, 3, (5, 9), (2, 3), (2, 4), (2, 1)),
 ]
 
 
@@ -174,8 +185,20 @@ CHOICES = [
     (_shape(16, 32, 32, 3, 2), "ConvGradW"),        # resnet20's strided convs: 0.6-0.9x (README table)
     (_shape(32, 16, 64, 1, 2), "ConvGradW"),
     (_shape(64, 16, 128, 1, 2), "ConvGrad"),        # 1x1 strided: im2col-gemm 0.9-1.9x, ConvGradW 9-23x
-    (_shape(144, 16, 24, 1, 1), "ConvGrad"),        # 1x1: ConvGrad reads X in place
-    (_shape(1152, 2, 192, 1, 1), "ConvGrad"),
+    (_shape(144, 16, 24, 1, 1), "ConvGrad"),        # 1x1: ConvGrad reads X in place; im2col-gemm 1.5-1.7x
+    # 1x1 on 2x2 maps (--only dwshapes --cpu-time): im2col-gemm 0.6-0.9x ConvGrad; on 4x4 and up 1.1-1.7x
+    (_shape(1152, 2, 192, 1, 1), "im2col-gemm"),    # efficientnet's head
+    (_shape(512, 2, 128, 1, 1), "im2col-gemm"),     # densenet block 4
+    (_shape(992, 2, 128, 1, 1), "im2col-gemm"),
+    (_shape(1280, 2, 320, 1, 1), "im2col-gemm"),    # convnext's last MLP
+    (_shape(320, 2, 1280, 1, 1), "im2col-gemm"),
+    (_shape(992, 4, 128, 1, 1), "ConvGrad"),        # densenet block 3
+    (_shape(1024, 4, 512, 1, 1), "ConvGrad"),
+    (_shape(640, 4, 160, 1, 1), "ConvGrad"),        # convnext stage 3
+    (_shape(160, 4, 400, 1, 1), "ConvGrad"),        # regnet
+    (_shape(480, 8, 128, 1, 1), "ConvGrad"),        # densenet block 2
+    (_shape(224, 16, 128, 1, 1), "ConvGrad"),       # densenet block 1
+    (_shape(40, 16, 160, 1, 1), "ConvGrad"),        # convnext stage 1
     (_shape(3, 64, 32, 3, 2), "ConvGrad"),          # 3-channel stem: im2col-gemm 2-6x, ConvGradW 3-6x
     (_shape(3, 64, 64, 7, 2), "ConvGrad"),          # resnet18's 7x7 stride 2
     (_shape(400, 2, 400, 3, 1, g=25), "im2col-gemm"),   # regnet group width 16 on 2x2: 0.6-0.9x
@@ -221,7 +244,8 @@ def test_pass_keeps_loss_and_every_gradient(builds, bits, tol):
 
 class WideZoo(torch.nn.Module):
     """The shapes that select each form at a test's size: ConvGradW (16 channels, 8x8, stride 1, dilated),
-    im2col-gemm (64 channels on 4x4 and 2x2 maps, strided, grouped), depthwise (with a bias), and ConvGrad (1x1)."""
+    im2col-gemm (64 channels on 4x4 and 2x2 maps, strided, grouped; a 1x1 with bias on 2x2), depthwise (with a
+    bias), and ConvGrad (1x1 on 8x8)."""
 
     def __init__(self):
         super().__init__()
@@ -229,6 +253,7 @@ class WideZoo(torch.nn.Module):
         self.c0 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.bn0 = nn.BatchNorm2d(16)
         self.c1 = nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False)
+        self.pw0 = nn.Conv2d(16, 16, 1, bias=False)
         self.down = nn.Conv2d(16, 64, 3, stride=2, padding=1, bias=False)
         self.c3 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
         self.g = nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=4, bias=False)
@@ -239,7 +264,7 @@ class WideZoo(torch.nn.Module):
     def forward(self, x):
         r = torch.relu
         x = r(self.bn0(self.c0(x)))
-        x = r(self.c1(x) + x)
+        x = r(self.pw0(r(self.c1(x) + x)))
         x = r(self.c3(r(self.down(x))))
         x = r(self.dw(r(self.g(x))))
         x = self.pw(x)
@@ -255,8 +280,8 @@ def test_every_form_is_chosen_on_its_shape(wide):
     choices = {c["node"].split("/")[1]: c["form"] for c in wide[True][1].extra["conv_grad_w"]}
     avx512 = ConvGradWPass().avx512
     assert choices == {"c0": "ConvGradW" if avx512 else "ConvGrad", "c1": "ConvGradW" if avx512 else "ConvGrad",
-                       "down": "im2col-gemm", "c3": "im2col-gemm", "g": "im2col-gemm", "dw": "depthwise",
-                       "pw": "ConvGrad"}
+                       "pw0": "ConvGrad", "down": "im2col-gemm", "c3": "im2col-gemm", "g": "im2col-gemm",
+                       "dw": "depthwise", "pw": "im2col-gemm"}
 
 
 def test_every_form_keeps_loss_and_every_gradient(wide):
