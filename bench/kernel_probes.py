@@ -394,12 +394,22 @@ def probe_fwshapes(r: Runner, rng):
         r.compare(f"{n}x{c}x{hw}x{hw}, 3x3", ("Conv", plain), cands, {"x": x, "w": w})
 
 
-def _gemm_forward(n, ci, hw, co, k, st, g):
-    """nchwc-conv's im2col-gemm forward form, node for node (Im2Col, MatMul, 1x1 Col2Im)."""
-    p, ho = k // 2, (hw + 2 * (k // 2) - k) // st + 1
-    kg = ci // g * k * k
+def _same_pad_out(hw, k, st):
+    """(pad, output size) of a k x k conv with padding k // 2 and stride st on an hw x hw map."""
+    return k // 2, (hw + 2 * (k // 2) - k) // st + 1
+
+
+def _gemm_geometry(ci, hw, k, st, g):
+    """The im2col-gemm forms' sizes: output size, taps per group, the conv's and the 1x1 Im2Col/Col2Im attributes."""
+    p, ho = _same_pad_out(hw, k, st)
     conv = dict(kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, dh=1, dw=1, h=hw, w=hw, ho=ho, wo=ho)
     one = dict(kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1, h=ho, w=ho, ho=ho, wo=ho)
+    return ho, ci // g * k * k, conv, one
+
+
+def _gemm_forward(n, ci, hw, co, k, st, g):
+    """nchwc-conv's im2col-gemm forward form, node for node (Im2Col, MatMul, 1x1 Col2Im)."""
+    _, kg, conv, one = _gemm_geometry(ci, hw, k, st, g)
     return _model([h.make_node("Im2Col", ["x"], ["col"], domain=FG, **conv),
                    h.make_node("Reshape", ["col", "cs"], ["colg"]), h.make_node("Reshape", ["w", "ws"], ["wg"]),
                    h.make_node("MatMul", ["wg", "colg"], ["yc"]), h.make_node("Col2Im", ["yc"], ["y"], domain=FG, **one)],
@@ -409,10 +419,7 @@ def _gemm_forward(n, ci, hw, co, k, st, g):
 
 def _gemm_dx(n, ci, hw, co, k, st, g):
     """nchwc-conv's im2col-gemm dX form: Im2Col1x1(dY) as dYt, FusedMatMul(W^T, dYt), Col2Im."""
-    p, ho = k // 2, (hw + 2 * (k // 2) - k) // st + 1
-    kg = ci // g * k * k
-    conv = dict(kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, dh=1, dw=1, h=hw, w=hw, ho=ho, wo=ho)
-    one = dict(kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1, h=ho, w=ho, ho=ho, wo=ho)
+    _, kg, conv, one = _gemm_geometry(ci, hw, k, st, g)
     return _model([h.make_node("Im2Col", ["dy"], ["dyt"], domain=FG, **one),
                    h.make_node("Reshape", ["dyt", "ds"], ["dytg"]), h.make_node("Reshape", ["w", "ws"], ["wg"]),
                    h.make_node("FusedMatMul", ["wg", "dytg"], ["cols"], domain="com.microsoft", transA=1),
@@ -444,7 +451,7 @@ def probe_forms(r: Runner, rng, shapes=None):
     B = nchwc_block_size()
     print("conv forms by shape: forward and dX, onnxruntime's op vs NCHWc vs im2col-gemm (the pass's model in brackets)")
     for label, n, ci, hw, co, k, st, g in shapes or FORM_SHAPES:
-        p, ho = k // 2, (hw + 2 * (k // 2) - k) // st + 1
+        p, ho = _same_pad_out(hw, k, st)
         s = ConvShape(ci=ci, h=hw, w=hw, co=co, kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, ph_end=p, pw_end=p, dh=1, dw=1,
                       group=g, bias=False)
         x = rng.standard_normal((n, ci, hw, hw)).astype(np.float32)

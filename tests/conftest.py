@@ -207,3 +207,23 @@ class GradQ(torch.autograd.Function):
             replay, gemm = ctx.replay
             return replay.quantize(gemm, g, ctx.bits, noise), None, None, None
         return fq_ref(g, ctx.bits, noise=noise), None, None, None
+
+
+class MacsModel:
+    """A stand-in hardware model whose 'energy' is the effective MACs of a GEMM (MACs x a/32 x b/32): a hardware cost
+    table built with it must reproduce the MAC cost table (tests/train/test_dfq_hw_cost.py,
+    tests/passes/test_dfq_attention_cost.py)."""
+
+    name, freq_hz, static_power_w = "macs", 1.0, 0.0
+
+    def conv_cost(self, op):
+        from fracgraph.hwmodels import LEVELS, Cost
+
+        e = {k: 0.0 for k in LEVELS}
+        e["compute"] = op.macs * op.a_bits / 32 * op.b_bits / 32
+        return Cost(latency_s=1.0, macs=op.macs, energy_pj=e)
+
+    def mem_cost(self, op):
+        from fracgraph.hwmodels import Cost
+
+        return Cost()

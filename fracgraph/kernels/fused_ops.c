@@ -111,6 +111,32 @@ typedef struct {
 
 #define CHUNK 16384
 
+/* min and max of x[0..m) (m >= 1): LANES independent running extremes, elementwise over arrays, which the
+ * compiler vectorizes (a scalar min/max reduction it may not reorder without -ffast-math); MIN_MAX's chunks and
+ * MinMaxRows' rows */
+static inline void lane_min_max(const float* x, size_t m, float* mn, float* mx) {
+  enum { LANES = 32 };
+  float lo_l[LANES], hi_l[LANES];
+  size_t i = 0;
+  for (int l = 0; l < LANES; ++l) lo_l[l] = hi_l[l] = x[0];
+  for (; i + LANES <= m; i += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      lo_l[l] = x[i + l] < lo_l[l] ? x[i + l] : lo_l[l];
+      hi_l[l] = x[i + l] > hi_l[l] ? x[i + l] : hi_l[l];
+    }
+  for (; i < m; ++i) {
+    lo_l[0] = x[i] < lo_l[0] ? x[i] : lo_l[0];
+    hi_l[0] = x[i] > hi_l[0] ? x[i] : hi_l[0];
+  }
+  for (int l = 1; l < LANES; ++l) {
+    lo_l[0] = lo_l[l] < lo_l[0] ? lo_l[l] : lo_l[0];
+    hi_l[0] = hi_l[l] > hi_l[0] ? hi_l[l] : hi_l[0];
+  }
+  *mn = lo_l[0];
+  *mx = hi_l[0];
+}
+
+
 static void run_chunk(void* p, size_t c) {
   const Job* j = (const Job*)p;
   size_t a = c * CHUNK, b = a + CHUNK < j->n ? a + CHUNK : j->n;
@@ -172,27 +198,7 @@ static void run_chunk(void* p, size_t c) {
       }
       break;
     case MIN_MAX: {
-      /* LANES independent running extremes: elementwise over arrays, which the compiler vectorizes (a scalar
-       * min/max reduction it may not reorder without -ffast-math) */
-      enum { LANES = 32 };
-      float lo_l[LANES], hi_l[LANES];
-      size_t i = a;
-      for (int l = 0; l < LANES; ++l) lo_l[l] = hi_l[l] = x[a];
-      for (; i + LANES <= b; i += LANES)
-        for (int l = 0; l < LANES; ++l) {
-          lo_l[l] = x[i + l] < lo_l[l] ? x[i + l] : lo_l[l];
-          hi_l[l] = x[i + l] > hi_l[l] ? x[i + l] : hi_l[l];
-        }
-      for (; i < b; ++i) {
-        lo_l[0] = x[i] < lo_l[0] ? x[i] : lo_l[0];
-        hi_l[0] = x[i] > hi_l[0] ? x[i] : hi_l[0];
-      }
-      for (int l = 1; l < LANES; ++l) {
-        lo_l[0] = lo_l[l] < lo_l[0] ? lo_l[l] : lo_l[0];
-        hi_l[0] = hi_l[l] > hi_l[0] ? hi_l[l] : hi_l[0];
-      }
-      j->part_min[c] = lo_l[0];
-      j->part_max[c] = hi_l[0];
+      lane_min_max(x + a, b - a, &j->part_min[c], &j->part_max[c]);
       break;
     }
     case RELU_GRAD: {
@@ -233,30 +239,10 @@ static OrtStatus* scalar_input(void* ctx, size_t index, float* out) {
   return NULL;
 }
 
-/* MinMaxRows' task: row k of x [K, inner] -> part_min[k], part_max[k] (LANES running extremes, as MIN_MAX) */
+/* MinMaxRows' task: row k of x [K, inner] -> part_min[k], part_max[k] */
 static void min_max_row(void* p, size_t k) {
   const Job* j = (const Job*)p;
-  enum { LANES = 32 };
-  const float* x = j->x + k * j->inner;
-  const size_t m = j->inner;
-  float lo_l[LANES], hi_l[LANES];
-  size_t i = 0;
-  for (int l = 0; l < LANES; ++l) lo_l[l] = hi_l[l] = x[0];
-  for (; i + LANES <= m; i += LANES)
-    for (int l = 0; l < LANES; ++l) {
-      lo_l[l] = x[i + l] < lo_l[l] ? x[i + l] : lo_l[l];
-      hi_l[l] = x[i + l] > hi_l[l] ? x[i + l] : hi_l[l];
-    }
-  for (; i < m; ++i) {
-    lo_l[0] = x[i] < lo_l[0] ? x[i] : lo_l[0];
-    hi_l[0] = x[i] > hi_l[0] ? x[i] : hi_l[0];
-  }
-  for (int l = 1; l < LANES; ++l) {
-    lo_l[0] = lo_l[l] < lo_l[0] ? lo_l[l] : lo_l[0];
-    hi_l[0] = hi_l[l] > hi_l[0] ? hi_l[l] : hi_l[0];
-  }
-  j->part_min[k] = lo_l[0];
-  j->part_max[k] = hi_l[0];
+  lane_min_max(j->x + k * j->inner, j->inner, &j->part_min[k], &j->part_max[k]);
 }
 
 static OrtStatus* compute_min_max_rows(void* ctx, Job* j, const int64_t* dims, size_t rank) {

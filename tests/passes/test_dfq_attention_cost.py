@@ -12,13 +12,14 @@ pytest.importorskip("torch")
 
 from fracgraph.analysis.estimate import block_option_costs, from_artifacts  # noqa: E402
 from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
-from fracgraph.hwmodels import LEVELS, Cost  # noqa: E402
 from fracgraph.passes.dfq_gate import COUNTS_OUTPUT, CP_OUTPUT, DfqOptions, block_costs  # noqa: E402
 from fracgraph.policy import LayerPolicy  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 from fracgraph.train.dfq import gated_cost_table  # noqa: E402
 from fracgraph.train.loop import CostMeter  # noqa: E402
 from fracgraph.zoo import export_gpt  # noqa: E402
+
+from conftest import MacsModel  # noqa: E402
 
 C, T, V, HEADS = 16, 8, 11, 2
 OPTIONS = [[3, 6], [4, 8], [6, 8], [8, 8]]
@@ -37,19 +38,6 @@ def hand_table() -> tuple[np.ndarray, np.ndarray]:
         rows.append([w_attn * weight_unit + aa_attn * act_unit, w_mlp * weight_unit])
     return np.array(rows).T, 3.0 * np.array([w_attn + aa_attn, w_mlp])
 
-
-class MacsModel:
-    """A stand-in hardware model whose 'energy' is a GEMM's effective MACs (MACs x a/32 x b/32)."""
-
-    name, freq_hz, static_power_w = "macs", 1.0, 0.0
-
-    def conv_cost(self, op):
-        e = {k: 0.0 for k in LEVELS}
-        e["compute"] = op.macs * op.a_bits / 32 * op.b_bits / 32
-        return Cost(latency_s=1.0, macs=op.macs, energy_pj=e)
-
-    def mem_cost(self, op):
-        return Cost()
 
 
 @pytest.fixture(scope="module")

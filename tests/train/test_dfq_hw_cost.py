@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from fracgraph.analysis.estimate import Estimator, block_option_costs, from_artifacts
-from fracgraph.hwmodels import LEVELS, Cost, get_model
+from fracgraph.hwmodels import get_model
 from fracgraph.passes.dfq_gate import DfqOptions, block_costs
 from fracgraph.train.dfq import TargetClamp, gated_cost_table
 from fracgraph.train.loop import TrainConfig, train
+
+from conftest import MacsModel  # noqa: E402  (a stand-in model whose energy is the effective MACs)
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +64,6 @@ def test_table_is_the_estimate_of_each_option(arts, name, hw, metric):
     # fewer bits never cost more on these models, and FP32 costs more than any option
     assert (T[:, [k for k, o in enumerate(d["options"]) if o != [0, 0]]] < T32[:, None]).all()
 
-
-class MacsModel:
-    """A stand-in hardware model whose 'energy' is the effective MACs of a GEMM (MACs x a/32 x b/32): its table must
-    reproduce the release's MAC cost table, and the normalized cost term must equal the MAC controller's."""
-
-    name, freq_hz, static_power_w = "macs", 1.0, 0.0
-
-    def conv_cost(self, op):
-        e = {k: 0.0 for k in LEVELS}
-        e["compute"] = op.macs * op.a_bits / 32 * op.b_bits / 32
-        return Cost(latency_s=1.0, macs=op.macs, energy_pj=e)
-
-    def mem_cost(self, op):
-        return Cost()
 
 
 def test_mac_proportional_table_gives_the_release_cost_term(arts):
