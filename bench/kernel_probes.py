@@ -457,7 +457,7 @@ def probe_forms(r: Runner, rng, shapes=None):
         x = rng.standard_normal((n, ci, hw, hw)).astype(np.float32)
         w = rng.standard_normal((co, ci // g, k, k)).astype(np.float32)
         dy = rng.standard_normal((n, co, ho, ho)).astype(np.float32)
-        nchwc_ok = B > 1 and co % B == 0 and ci % B == 0 and g == 1
+        nchwc_ok = B > 1 and (co // g) % B == 0 and (ci // g) % B == 0   # nchwc-conv's rule (grouped: per group)
         print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{st} group {g}")
         # forward
         cands = [("im2col-gemm", _gemm_forward(n, ci, hw, co, k, st, g), None)]
@@ -466,7 +466,7 @@ def probe_forms(r: Runner, rng, shapes=None):
                 [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0),
                  h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
                  h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", pads=[p] * 4, kernel_shape=[k, k],
-                             strides=[st, st]),
+                             strides=[st, st], group=g),
                  h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=co)], ["x", "w"], ["y"]),
                 None))
         costs = conv_costs(s, "forward", nchwc_ok)
@@ -489,7 +489,7 @@ def probe_forms(r: Runner, rng, shapes=None):
                     [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0),
                      h.make_node("ReorderInput", ["dy"], ["dc"], domain="com.microsoft.nchwc"),
                      h.make_node("Conv", ["dc", "wb"], ["xc"], domain="com.microsoft.nchwc", pads=[pd] * 4,
-                                 kernel_shape=[k, k]),
+                                 kernel_shape=[k, k], group=g),
                      h.make_node("ReorderOutput", ["xc"], ["dx"], domain="com.microsoft.nchwc", channels=ci)],
                     ["dy", "w"], ["dx"]), {"dy": dy, "w": wt}))
             base = ("Conv (flipped weight)", _model([h.make_node("Conv", ["dy", "w"], ["dx"], pads=[pd] * 4, group=g)],

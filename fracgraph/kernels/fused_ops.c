@@ -1073,16 +1073,16 @@ static OrtStatus* compute_dw_conv(Kernel* k, void* ctx) {
 }
 
 /* ---- NchwcWeight: a conv weight in the NCHWc filter layout, in one pass --------------------------------- */
-/* The logical weight W' [O, C, kh, kw] is W itself, or (transpose) W with its two channel axes swapped and/or
- * (flip) its kernel axes reversed: the weight of the stride-1 dX conv of conv-grad-split, W'[c][o][a][b] =
- * W[o][c][kh-1-a][kw-1-b]. The output keeps W''s logical shape and holds onnxruntime's filter layout for block B:
+/* The logical weight W' [O, C, kh, kw] is W itself, or (transpose = G >= 1) W with its two channel axes swapped
+ * within each of G groups and/or (flip) its kernel axes reversed: the weight of the stride-1 dX conv of
+ * conv-grad-split, W'[g Cg + c][o][a][b] = W[g Og + o][c][kh-1-a][kw-1-b] (W [G Og, Cg, kh, kw]). The output keeps W''s logical shape and holds onnxruntime's filter layout for block B:
  * OIHWBiBo [O/B, C/B, kh, kw, Bi, Bo] (blocked_in) or OIHWBo [O/B, C, kh, kw, Bo]. onnxruntime's Transpose
  * runs the 6-D permutation of OIHWBiBo at a fraction of memory speed (bench/kernel_probes.py --only reorder);
  * this writes the output in order, one output-channel block per task. */
 typedef struct {
   const float* w;
   float* out;
-  int64_t O, C, kh, kw, B, blocked_in, transpose, flip, Ow, Cw;   /* Ow x Cw: W's own channel dims */
+  int64_t O, C, kh, kw, B, blocked_in, transpose, flip, Ow, Cw;   /* Ow x Cw: W's own channel dims; transpose: G or 0 */
 } WtJob;
 
 static void weight_block(void* p, size_t ob) {
@@ -1098,7 +1098,8 @@ static void weight_block(void* p, size_t ob) {
           const int64_t c = cb * bi_n + bi;
           for (int64_t bo = 0; bo < B; ++bo) {
             const int64_t o = (int64_t)ob * B + bo;
-            const int64_t wo = j->transpose ? c : o, wc = j->transpose ? o : c;
+            const int64_t g = j->transpose ? o / j->Cw : 0;   /* W''s output channel o is W's input channel o - g Cg */
+            const int64_t wo = j->transpose ? g * j->C + c : o, wc = j->transpose ? o - g * j->Cw : c;
             *out++ = j->w[((wo * j->Cw + wc) * kh + sa) * kw + sb];
           }
         }
@@ -1117,7 +1118,9 @@ static OrtStatus* compute_nchwc_weight(Kernel* k, void* ctx) {
   if (rank != 4) return fail("fracgraph NchwcWeight: the weight must be [O, C, kh, kw]");
   j.B = k->conv[0], j.blocked_in = k->conv[1], j.transpose = k->conv[2], j.flip = k->conv[3];
   j.Ow = d[0], j.Cw = d[1], j.kh = d[2], j.kw = d[3];
-  j.O = j.transpose ? j.Cw : j.Ow, j.C = j.transpose ? j.Ow : j.Cw;
+  if (j.transpose < 0 || (j.transpose && j.Ow % j.transpose))
+    return fail("fracgraph NchwcWeight: transpose must be 0 or a group count that divides the output channels");
+  j.O = j.transpose ? j.transpose * j.Cw : j.Ow, j.C = j.transpose ? j.Ow / j.transpose : j.Cw;
   if (j.B < 1 || j.O % j.B || (j.blocked_in && j.C % j.B))
     return fail("fracgraph NchwcWeight: the channel counts must be multiples of the block");
   int64_t od[4] = {j.O, j.C, j.kh, j.kw};

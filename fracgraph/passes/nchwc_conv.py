@@ -9,8 +9,11 @@ graph every step, so the forward convs and the stride-1 dX convs of `conv-grad-s
 
 The reorder of W [O, C, kh, kw] is a Reshape and a Transpose into the kernel's filter layout (the tensor keeps
 its logical OIHW shape): OIHWBiBo = [O/B, C/B, kh, kw, Bi, Bo] when C is a multiple of B, OIHWBo =
-[O/B, C, kh, kw, Bo] when C < B (the input then stays NCHW) and for depthwise convs. The rules are those of the
-transformer: O a multiple of B, C < B or a multiple of B, groups only depthwise. The values are the same
+[O/B, C, kh, kw, Bo] when C < B (the input then stays NCHW) and for depthwise convs. The rules: O a multiple of
+B, C < B or a multiple of B; grouped convs depthwise, or with the per-group C and O/G multiples of B (MLAS's NCHWc
+kernel runs each group on its own channel blocks, filter OIHWBiBo as above; regnet's 16-channel groups on AVX-512
+took 0.14-0.88x onnxruntime's Conv, forward and dX: `bench/kernel_probes.py --only forms --match regnet
+--cpu-time`; per-group channels below B, e.g. resnext's 4, stay on Conv). The values are the same
 convolution, summed in another order (float rounding differs). Measured per conv on resnet20 shapes on 2 cores,
 reorders included, the NCHWc form takes 0.5-0.75x the time of Conv (bench/kernel_probes.py; bench/step_time.py
 for the whole step).
@@ -26,7 +29,8 @@ session on a CPU with another block size refuses the artifacts (the reorder woul
 
 Shape-aware forms (issue 20). NCHWc is not the fastest form everywhere: on tiny maps (resnet18's 2x2 layer4) its
 kernel runs a few output columns per call and spends its time on the padded edges, and it does not take grouped
-convs at all (onnxruntime's plain Conv then runs one small GEMM per image and group). With fracgraph's kernels,
+convs whose groups are narrower than a block (onnxruntime's plain Conv then runs one small GEMM per image and
+group). With fracgraph's kernels,
 each conv the pass sees (the forward convs, conv-grad-split's stride-1 dX convs and its strided dX
 ConvTransposes) goes to the form a cost model (`conv_costs`/`choose_form`) says is cheapest:
 
@@ -122,7 +126,8 @@ def choose_form(s: ConvShape, role: str, nchwc: bool, gemm: bool, avx512: bool =
         return base, "depthwise: no GEMM to speak of" + (
             "" if not avx512 or s.sh != 1 or s.sw != 1 or role == "dX-strided" else f"; rows of {out_w} < {need}")
     if s.group > 1:
-        return base, "grouped: onnxruntime's per-group GEMMs are as fast (bench/kernel_probes.py --only forms)"
+        return base, ("grouped: NCHWc per group (0.14-0.88x Conv: bench/kernel_probes.py --only forms --match regnet)"
+                      if base == "NCHWc" else "grouped: im2col-gemm's batched GEMM is slower than the per-group GEMMs")
     if s.pointwise:
         return base, "1x1 stride 1: reads X in place"
     if c["im2col-gemm"] * GEMM_MARGIN < c[base]:
@@ -245,8 +250,8 @@ class NchwcConvPass(Pass):
         if group == 1:
             if c >= B and c % B:
                 return f"{c} input channels, neither < {B} nor a multiple of it"
-        elif not (c == 1 and o == group):
-            return "grouped (not depthwise)"
+        elif not (c == 1 and o == group) and (c % B or (o // group) % B):
+            return f"grouped with {c} input and {o // group} output channels per group, not multiples of {B}"
         return None
 
     def _rewrite(self, em: Emitter, node, w_shape) -> None:
@@ -254,14 +259,16 @@ class NchwcConvPass(Pass):
         B = self.block
         o, c, kh, kw = w_shape
         group = a.get("group", 1)
-        blocked_in = c >= B if group == 1 else True   # depthwise: input reordered, filter OIHWBo
+        depthwise = group > 1 and c == 1 and o == group
+        blocked_in = c >= B or group > 1   # input reordered; filter OIHWBo where C < B and for depthwise
+        filter_bibo = blocked_in and not depthwise   # OIHWBiBo: also grouped convs (C and O/G multiples of B)
         base = f"{node.name}::nchwc"
         w = node.input[1]
         if self.fused:   # one pass over W, folding in conv-grad-split's transpose and flip of it
             src, transpose, flip = self._source(w, group)
-            wb = em.node("NchwcWeight", [src], f"{base}/w", domain=DOMAIN, block=B, blocked_in=int(blocked_in and group == 1),
-                         transpose=int(transpose), flip=int(flip))
-        elif blocked_in and group == 1:   # OIHWBiBo
+            wb = em.node("NchwcWeight", [src], f"{base}/w", domain=DOMAIN, block=B, blocked_in=int(filter_bibo),
+                         transpose=transpose, flip=int(flip))
+        elif filter_bibo:   # OIHWBiBo
             r = em.node("Reshape", [w, em.const([o // B, B, c // B, B, kh, kw], np.int64)], f"{base}/w6")
             t = em.node("Transpose", [r], f"{base}/w6t", perm=[0, 2, 4, 5, 3, 1])
         else:                            # OIHWBo
@@ -297,9 +304,10 @@ class NchwcConvPass(Pass):
             b = em.node("Reshape", [node.input[2], em.const([-1, 1, 1], np.int64)], f"{base}/b")
             em.nodes.append(helper.make_node("Add", [out, b], [node.output[0]], name=f"{base}/out"))
 
-    def _source(self, w: str, group: int) -> tuple[str, bool, bool]:
+    def _source(self, w: str, group: int) -> tuple[str, int, bool]:
         """(tensor, transpose, flip): W' = w, or conv-grad-split's flip (Slice; kernels above 1x1) of its channel
-        transpose (Transpose; group 1) or of the weight itself (depthwise), followed back to the forward weight."""
+        transpose (a Transpose for group 1; Reshape, Transpose, Reshape per group: `transpose` is then the group
+        count, NchwcWeight's attribute) or of the weight itself (depthwise), followed back to the forward weight."""
         src, flip = w, False
         node = self._producer.get(src)
         if node is not None and node.op_type == "Slice" and node.output[0].endswith("::split/w_flip"):
@@ -307,10 +315,16 @@ class NchwcConvPass(Pass):
             node = self._producer.get(src)
         if group == 1 and node is not None and node.op_type == "Transpose" and node.output[0].endswith("::split/w_t") \
                 and list(helper.get_attribute_value(node.attribute[0])) == [1, 0, 2, 3]:
-            return node.input[0], True, flip
+            return node.input[0], 1, flip
+        if group > 1 and node is not None and node.op_type == "Reshape" and node.output[0].endswith("::split/w_t"):
+            t = self._producer.get(node.input[0])
+            g5 = self._producer.get(t.input[0]) if t is not None and t.op_type == "Transpose" else None
+            if g5 is not None and g5.op_type == "Reshape" and g5.output[0].endswith("::split/w_g") \
+                    and list(helper.get_attribute_value(t.attribute[0])) == [0, 2, 1, 3, 4]:
+                return g5.input[0], group, flip
         if group == 1 and flip:   # a flip of something else: leave W' as it is
-            return w, False, False
-        return src, False, flip
+            return w, 0, False
+        return src, 0, flip
 
     def ensures(self, model):
         assert_inputs_defined(model)

@@ -1,7 +1,7 @@
 """nchwc-conv keeps the training step's values: loss and every parameter gradient with the convs on NCHWc kernels
 equal those with plain Conv (both builds with the other speed passes on), for every filter layout the pass
-writes: NCHW input with fewer channels than a block (the stem), blocked 3x3, strided, dilated, biased, 1x1 and
-depthwise convs. Block-size-dependent: on a CPU without NCHWc kernels the pass writes nothing and the tests skip.
+writes: NCHW input with fewer channels than a block (the stem), blocked 3x3, strided, dilated, biased, 1x1, grouped
+(a block per group) and depthwise convs. Block-size-dependent: on a CPU without NCHWc kernels the pass writes nothing and the tests skip.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class BlockedNet(nn.Module):
         self.c3 = nn.Conv2d(16, 16, 3, padding=1, bias=True)           # OIHWBiBo, biased
         self.s2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
         self.dil = nn.Conv2d(32, 32, 3, padding=2, dilation=2, bias=False)
+        self.grp = nn.Conv2d(32, 32, 3, padding=1, groups=2, bias=False)   # grouped, 16 channels a group: OIHWBiBo
         self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)   # depthwise: OIHWBo, blocked input
         self.pw = nn.Conv2d(32, 16, 1, bias=False)
         self.fc = nn.Linear(16, 5)
@@ -42,6 +43,7 @@ class BlockedNet(nn.Module):
         x = torch.relu(self.c3(x) + x)
         x = torch.relu(self.s2(x))
         x = torch.relu(self.dil(x))
+        x = torch.relu(self.grp(x))
         x = torch.relu(self.dw(x))
         x = self.pw(x)
         return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
@@ -56,8 +58,10 @@ def test_every_conv_runs_on_nchwc_kernels(builds):
     graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
     nchwc = [n for n in all_nodes(graph) if n.domain == "com.microsoft.nchwc" and n.op_type == "Conv"]   # int-gemm's
     plain = [n for n in all_nodes(graph) if n.op_type == "Conv" and n.domain == ""]                       # float branches too
-    # 6 forward convs + the stride-1 dX convs of conv-grad-split (c3, dil, dw, pw; the stem needs no dX and s2's is a ConvTranspose)
-    assert len(nchwc) == 10 and plain == []
+    # 7 forward convs + the stride-1 dX convs of conv-grad-split (c3, dil, grp, dw, pw; the stem needs no dX and s2's
+    # is a ConvTranspose)
+    assert len(nchwc) == 12 and plain == []
+    assert sorted(a.i for n in nchwc for a in n.attribute if a.name == "group" and a.i > 1) == [2, 2, 32, 32]
     assert builds[True][1].extra["nchwc_block"] == BLOCK
     assert builds[False][1].extra["nchwc_block"] is None
     assert not any(n.op_type == "ReluGrad" and n.domain == "com.microsoft" for n in graph.node)   # none of ORT's left
@@ -94,7 +98,7 @@ def test_other_block_size_is_refused(builds, tmp_path):
 def test_weight_reorders_are_one_fracgraph_kernel(builds):
     graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
     reorders = [n for n in all_nodes(graph) if n.op_type == "NchwcWeight"]
-    assert len(reorders) == 10   # one per NCHWc conv
+    assert len(reorders) == 12   # one per NCHWc conv
     # conv-grad-split's transposes and flips of the weights are folded into them and gone
     assert not any(n.output[0].endswith(("::split/w_flip", "::split/w_t")) for n in graph.node)
     assert sorted((a.name, a.i) for a in reorders[0].attribute)[0][0] == "block"
@@ -102,15 +106,18 @@ def test_weight_reorders_are_one_fracgraph_kernel(builds):
 
 @pytest.mark.parametrize("shape,blocked_in,transpose,flip", [
     ((32, 48, 3, 3), 1, 0, 0), ((32, 3, 7, 7), 0, 0, 0), ((48, 32, 3, 3), 1, 1, 1), ((32, 1, 5, 5), 0, 0, 1),
-    ((16, 32, 1, 1), 1, 1, 1), ((32, 16, 1, 3), 1, 0, 1)])
+    ((16, 32, 1, 1), 1, 1, 1), ((32, 16, 1, 3), 1, 0, 1), ((64, 32, 3, 3), 1, 2, 1), ((96, 16, 3, 3), 1, 3, 0)])
 def test_nchwc_weight_kernel_is_the_layout(shape, blocked_in, transpose, flip):
-    """NchwcWeight against numpy's reshape/transpose of the layout the pass writes without it (exact: a copy)."""
+    """NchwcWeight against numpy's reshape/transpose of the layout the pass writes without it (exact: a copy);
+    transpose = G swaps the channel axes within each of G groups (a grouped conv's dX weight)."""
     from conftest import custom_op_session
 
     B = BLOCK
     shape = tuple(d * B // 16 if i < 2 and d >= 16 else d for i, d in enumerate(shape))   # multiples of this block
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    wl = w.transpose(1, 0, 2, 3) if transpose else w
+    g = max(transpose, 1)
+    wl = w.reshape(g, shape[0] // g, *shape[1:]).transpose(0, 2, 1, 3, 4).reshape(g * shape[1], shape[0] // g, *shape[2:]) \
+        if transpose else w
     wl = wl[:, :, ::-1, ::-1] if flip else wl
     o, c, kh, kw = wl.shape
     if blocked_in:
@@ -130,7 +137,7 @@ def unfused(tmp_path_factory):
 def test_without_fracgraph_kernels_the_reorder_is_in_the_graph(unfused):
     graph = onnx.load(str(unfused[True][0] / "training_model.onnx")).graph
     assert not any(n.op_type == "NchwcWeight" for n in graph.node)
-    assert sum(n.domain == "com.microsoft.nchwc" and n.op_type == "Conv" for n in graph.node) == 10
+    assert sum(n.domain == "com.microsoft.nchwc" and n.op_type == "Conv" for n in graph.node) == 12
     loss0, grads0, _ = _step(unfused[False][0], (0, 0, 0), shape=(4, 3, 10, 10), classes=5)
     loss1, grads1, _ = _step(unfused[True][0], (0, 0, 0), shape=(4, 3, 10, 10), classes=5)
     assert abs(loss0 - loss1) <= 1e-5 * abs(loss0)
