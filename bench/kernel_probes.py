@@ -657,7 +657,8 @@ def probe_intconv(r: Runner, rng):
     B = nchwc_block_size()
     saved = os.environ.get("FRACGRAPH_INT_ISA")
     for n, c, hw, o, k, stride in [(n, c, s, c, 3, 1) for n, c, s in SHAPES] + [(128, 16, 32, 32, 3, 2),
-                                                                              (128, 32, 16, 64, 1, 2)]:
+                                                                              (128, 32, 16, 64, 1, 2)] + [
+            (128, 3, 32, 16, 3, 1), (32, 3, 64, 64, 7, 2), (32, 3, 64, 32, 3, 2)]:   # stems: resnet20, resnet18, effnet
         pad = k // 2
         x = rng.standard_normal((n, c, hw, hw)).astype(np.float32)
         w = (rng.standard_normal((o, c, k, k)) * 0.1).astype(np.float32)
@@ -670,9 +671,11 @@ def probe_intconv(r: Runner, rng):
         attrs = dict(pads=[pad] * 4, strides=[stride, stride])
         plain = _model([h.make_node("Conv", ["x", "w"], ["y"], **attrs)], ["x", "w"], ["y"])
         rows = [("Conv FP32", None, plain, feeds)]
-        if B > 1 and c % B == 0 and o % B == 0:
-            nodes = [h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc"),
-                     h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=1, transpose=0, flip=0),
+        if B > 1 and (c % B == 0 or c < B) and o % B == 0:   # c < B: OIHWBo on the NCHW input (a stem)
+            nodes = [h.make_node("ReorderInput", ["x"], ["xc"], domain="com.microsoft.nchwc")] if c >= B else [
+                h.make_node("Identity", ["x"], ["xc"])]
+            nodes += [h.make_node("NchwcWeight", ["w"], ["wb"], domain=FG, block=B, blocked_in=int(c >= B), transpose=0,
+                                  flip=0),
                      h.make_node("Conv", ["xc", "wb"], ["yc"], domain="com.microsoft.nchwc", kernel_shape=[k, k], **attrs),
                      h.make_node("ReorderOutput", ["yc"], ["y"], domain="com.microsoft.nchwc", channels=o)]
             rows.append(("NCHWc FP32 (reorders included)", None, _model(nodes, ["x", "w"], ["y"]), feeds))

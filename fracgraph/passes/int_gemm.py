@@ -28,7 +28,8 @@ the quantizers' own tensors (Identity'd in the outer graph, so that every pass s
 
 Per-op rules (RULES, keyed by op type) decline, with the reason in the notes and the manifest (the op keeps
 today's form): grouped convs, auto_pad or asymmetric pads, a non-2-D or dynamic weight shape, convs with few
-multiply-adds per input code (MIN_MACS_PER_CODE: 1x1 strided convs, where the float conv is faster), MatMuls
+multiply-adds per input code (MIN_MACS_PER_CODE: 1x1 strided convs, where the float conv is faster), strided
+convs on fewer than 4 input channels (MIN_STRIDED_CHANNELS: the stems of torchvision's models), MatMuls
 whose weight is not a 2-D matrix. Not matched at all: GEMMs whose operands are not both fw-quant outputs
 (the first conv under `--first fp32`, conv-grad-split's dX convs, which read errors), attention's MatMuls of two
 activations (the codes and rescale around small batched GEMMs cost 3.5x the float MatMul: --only intmatmul),
@@ -58,6 +59,11 @@ MIN_MACS_PER_CODE = 32
 # 4x4, layer4 2x2) stepped in 0.43-0.48 s with IntConv on every eligible conv against 0.33-0.39 s with the float
 # forms (`python bench/model_speed.py --models resnet18 --rounds 2 --steps 2 --off int-gemm`, idle machine)
 MIN_POSITIONS = 64
+# A strided conv on fewer input channels than one VNNI group of 4 (the stems of torchvision's models) packs a
+# gather of a few channels per tap, where NCHWc's float kernel (OIHWBo on the plain NCHW image) runs at full width:
+# `bench/kernel_probes.py --only intconv --cpu-time --threads 1` took IntConv at 2.4-2.8x NCHWc's time on resnet18's
+# 3 -> 64 7x7/2 stem and 1.2-1.5x on efficientnet's 3 -> 32 3x3/2, but 0.84x on resnet20's stride-1 3 -> 16 stem
+MIN_STRIDED_CHANNELS = 4
 # The integer paths that beat the float convs they replace: VNNI ran resnet20's 3x3 convs in 0.52-0.85x the time
 # of the NCHWc conv, AVX2 (vpmaddwd on 16-bit codes) in 1.1-1.6x (--only intconv, one thread), so on a CPU
 # without VNNI the pass leaves the convs as they are (the AVX2 and scalar paths serve artifacts moved there with
@@ -82,8 +88,11 @@ class _ConvRule:
         pads = list(a.get("pads", [0, 0, 0, 0]))
         if pads[:2] != pads[2:]:
             return f"asymmetric pads {pads}"
-        o, _, kh, kw = w_shape
+        o, c, kh, kw = w_shape
         sh, sw = list(a.get("strides", [1, 1]))
+        if c < MIN_STRIDED_CHANNELS and sh * sw > 1:
+            return (f"strided conv on {c} input channel(s) (< {MIN_STRIDED_CHANNELS}): IntConv's strided gather of "
+                    f"so few channels is slower than NCHWc's float kernel")
         per_code = o * kh * kw / (sh * sw)
         if per_code < MIN_MACS_PER_CODE:
             return (f"{per_code:g} multiply-adds per input code (< {MIN_MACS_PER_CODE}): packing the codes costs more "

@@ -132,6 +132,7 @@ def builds(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int_gemm, "MIN_MACS_PER_CODE", 0)
         mp.setattr(int_gemm, "MIN_POSITIONS", 0)       # ConvZoo's maps are smaller than 8x8 too
+        mp.setattr(int_gemm, "MIN_STRIDED_CHANNELS", 0)   # and a strided stem would stay float
         mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))   # the pass on CPUs without VNNI too
         return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
 
@@ -162,6 +163,10 @@ def test_cost_rule_keeps_convs_with_few_macs_per_code_on_floats():
     assert "output map" in RULES["Conv"].decline(node, [512, 512, 3, 3], [32, 512, 2, 2])
     assert "output map" in RULES["Conv"].decline(node, [256, 256, 3, 3], [32, 256, 4, 4])
     assert RULES["Conv"].decline(node, [64, 64, 3, 3], [128, 64, 8, 8]) is None
+    # strided stems on 3 channels keep NCHWc's float kernel; resnet20's stride-1 stem goes to IntConv
+    stem = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4)
+    assert "input channel" in RULES["Conv"].decline(stem, [64, 3, 7, 7], [32, 64, 32, 32])
+    assert RULES["Conv"].decline(node, [16, 3, 3, 3], [128, 16, 32, 32]) is None
 
 
 def test_pass_structure_and_manifest(builds):
