@@ -13,7 +13,7 @@ and nodes of the default artifacts (which op holds a model above 1.0x).
 torchvision is imported without its compiled ops (its CUDA wheel's `import torchvision` fails with the CPU torch;
 the model code is pure Python): `pip install --no-deps torchvision` is enough.
 
-    python bench/model_speed.py [--models resnet18,efficientnet_b0,regnet_x_400mf,resnet20,convnext_atto] [--rounds 3]
+    python bench/model_speed.py [--models resnet18,efficientnet_b0,regnet_x_400mf,resnet20,CORPUS_NAME] [--rounds 3]
                                 [--steps 3] [--threads 2] [--off conv-grad-w] [--profile]
 """
 
@@ -36,8 +36,19 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 # model -> (batch, input size)
-MODELS = {"resnet18": (32, 64), "efficientnet_b0": (32, 64), "regnet_x_400mf": (32, 64), "resnet20": (128, 32),
-          "convnext_atto": (32, 64)}   # convnext_atto: timm's, from the model corpus (fracgraph/zoo_external.py)
+MODELS = {"resnet18": (32, 64), "efficientnet_b0": (32, 64), "regnet_x_400mf": (32, 64), "resnet20": (128, 32)}
+DIRECT = tuple(MODELS)   # built here; every other name is a model-corpus entry (fracgraph/zoo_external.py), batch 32, 64x64
+
+
+def _geometry(name: str) -> tuple[int, int]:
+    """(batch, input size) of a model: MODELS', or the corpus' 32 at 64x64."""
+    return MODELS.get(name, (32, 64))
+
+
+def _corpus_names() -> tuple[str, ...]:
+    from fracgraph import zoo_external
+
+    return tuple(e.name for e in zoo_external.CORPUS)
 
 
 def _torchvision_models():
@@ -75,7 +86,7 @@ def torch_model(name: str):
         from fracgraph.zoo import build
 
         return build("resnet20", seed=0)
-    if name == "convnext_atto":
+    if name not in DIRECT:
         from fracgraph import zoo_external
 
         return zoo_external.torch_model(zoo_external.entry(name))
@@ -90,9 +101,9 @@ def prepare(name: str, directory: Path, off: list[str]) -> None:
 
     from fracgraph.build import BuildOptions, build_artifacts
 
-    batch, size = MODELS[name]
+    batch, size = _geometry(name)
     path = directory / f"{name}.onnx"
-    if name == "convnext_atto":   # the corpus's export (bench/step_time.py --corpus builds it the same way)
+    if name not in DIRECT:   # the corpus's export (bench/step_time.py --corpus builds it the same way)
         from fracgraph import zoo_external
 
         zoo_external.export_entry(zoo_external.entry(name), path, classes=10, size=size)
@@ -109,7 +120,7 @@ def prepare(name: str, directory: Path, off: list[str]) -> None:
 
 
 def make_step(kind: str, name: str, directory: Path, threads: int):
-    batch, size = MODELS[name]
+    batch, size = _geometry(name)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int64)
@@ -207,7 +218,7 @@ def measure(name: str, a) -> dict:
         if a.profile:
             from fracgraph.profile import profile_step, render
 
-            batch, _ = MODELS[name]
+            batch, _ = _geometry(name)
             print("\n".join("    " + line for line in render(profile_step(d / "art", batch=batch, steps=2,
                                                                        threads=a.threads, top=8), limit=10).splitlines()))
         from fracgraph.manifest import Manifest
@@ -222,7 +233,7 @@ def measure(name: str, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(m for m in MODELS if m != "convnext_atto"))
+    ap.add_argument("--models", default=",".join(MODELS), help="also any model-corpus name (convnext_atto, vit_tiny, ...)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="steps of each configuration per round")
     ap.add_argument("--threads", type=int, default=2)
@@ -240,9 +251,9 @@ def main() -> None:
         return worker(a)
     results = {}
     for name in a.models.split(","):
-        if name not in MODELS:
-            raise SystemExit(f"unknown model {name!r}; one of {', '.join(MODELS)}")
-        batch, size = MODELS[name]
+        if name not in MODELS and name not in _corpus_names():
+            raise SystemExit(f"unknown model {name!r}; one of {', '.join(DIRECT + _corpus_names())}")
+        batch, size = _geometry(name)
         print(f"{name}: batch {batch}, {size}x{size}, {a.threads} threads, {a.rounds} rounds of {a.steps} alternated steps")
         results[name] = r = measure(name, a)
         print(f"  conv weight-gradient forms: {r['dw_forms']}; forward/dX forms: {r['conv_forms']}; "

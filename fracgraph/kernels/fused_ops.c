@@ -9,8 +9,13 @@
  *                                              and scale scalars or per channel along one axis of x (the
  *                                              weights' ranges: [K, 1, 1, 1] for a conv, [1, N] for a MatMul)
  *   MinMaxRows(x) -> (min, max)                 ranges per leading index ([K, 1, ...] each), one read of x
+ *   MinMaxCols(x) -> (min, max)                 ranges per last index ([1, ..., K] each: a MatMul weight's
+ *                                              output channels), one read of x
  *   MaxPoolIdx(X) -> (Y, Indices int64)         2-D max pool with onnxruntime's MaxPool indices (storage order 0,
- *                                              read by its MaxPoolGrad); attributes kh .. dw, ph_end, pw_end
+ *                                              read by its MaxPoolGrad); attributes kh .. dw, ph_end, pw_end and
+ *                                              (optional) ceil_mode
+ *   MaxPoolIdxGrad(dY, Indices, shape) -> dX    its gradient: dX (of X's shape, the int64 `shape`) zero but at each
+ *                                              window's index, where dY adds up (onnxruntime's MaxPoolGrad)
  *   MinMax(x) -> (min, max)                    per-tensor range, one read of x
  *   ReluGrad(dY, X) -> dX                      dY where X > 0, else 0
  *   ConvGradW(dY, X) -> dW                     2-D conv weight gradient (group 1); attributes kh, kw, sh, sw,
@@ -81,7 +86,7 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
-            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, DW_CONV, N_KINDS };
+            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, DW_CONV, MIN_MAX_COLS, MAX_POOL_GRAD, N_KINDS };
 
 typedef struct {
   int kind;
@@ -177,6 +182,22 @@ static void run_chunk(void* p, size_t c) {
       break;
     }
     case FAKE_QUANT:
+      if (j->mnv && j->inner == 1) {   /* channels along the last axis (a MatMul weight [in, out]): runs of one row */
+        for (size_t i = a; i < b;) {
+          const size_t k0 = i % j->channels, m = j->channels - k0 < b - i ? j->channels - k0 : b - i;
+          const float *mk = j->mnv + k0, *sk = j->sv + k0;
+          const float* xi = x + i;
+          float* yi = y + i;
+          for (size_t t = 0; t < m; ++t) {   /* contiguous in x, y and the channels' min and scale: vectorized */
+            float u = (xi[t] - mk[t]) / sk[t];
+            u = u < lo ? lo : u;
+            u = u > hi ? hi : u;
+            yi[t] = nearbyintf(u) * sk[t] + mk[t];
+          }
+          i += m;
+        }
+        break;
+      }
       if (j->mnv) {   /* per channel: the same chain with channel k's min and scale, k = (i / inner) % channels */
         for (size_t i = a; i < b;) {
           const size_t r = i / j->inner, k = r % j->channels, e = (r + 1) * j->inner < b ? (r + 1) * j->inner : b;
@@ -236,6 +257,42 @@ static OrtStatus* scalar_input(void* ctx, size_t index, float* out) {
   if (count != 1) return fail("fracgraph quantizer kernels: min, scale and hi must be scalars");
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)v, (void**)&data))) return st;
   *out = data[0];
+  return NULL;
+}
+
+/* MinMaxCols' task: columns [c * COLS, ...) of x [outer, K] -> their min and max over the rows, elementwise over
+ * the columns (vectorized); the same comparisons as lane_min_max, so the extremes are exact */
+enum { COLS = 256 };
+static void min_max_cols(void* p, size_t c) {
+  const Job* j = (const Job*)p;
+  const size_t K = j->channels, a = c * COLS, m = K - a < COLS ? K - a : COLS;
+  float* lo = j->part_min + a;
+  float* hi = j->part_max + a;
+  for (size_t t = 0; t < m; ++t) lo[t] = hi[t] = j->x[a + t];
+  for (size_t r = 1; r < j->inner; ++r) {
+    const float* xr = j->x + r * K + a;
+    for (size_t t = 0; t < m; ++t) {
+      lo[t] = xr[t] < lo[t] ? xr[t] : lo[t];
+      hi[t] = xr[t] > hi[t] ? xr[t] : hi[t];
+    }
+  }
+}
+
+static OrtStatus* compute_min_max_cols(void* ctx, Job* j, const int64_t* dims, size_t rank) {
+  OrtStatus* st;
+  void *lo_v, *hi_v;
+  int64_t od[16];
+  if (rank < 1 || dims[rank - 1] < 1 || !j->n) return fail("fracgraph MinMaxCols: the tensor is empty");
+  j->channels = (size_t)dims[rank - 1];
+  j->inner = j->n / j->channels;   /* rows */
+  for (size_t r = 0; r < rank; ++r) od[r] = r + 1 < rank ? 1 : dims[r];
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, rank, &lo_v))) return st;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, od, rank, &hi_v))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(lo_v, (void**)&j->part_min))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(hi_v, (void**)&j->part_max))) return st;
+  const size_t tasks = (j->channels + COLS - 1) / COLS;
+  if (tasks > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, min_max_cols, tasks, 0, j);
+  min_max_cols(j, 0);
   return NULL;
 }
 
@@ -745,8 +802,11 @@ static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
   if (rank != 4 || j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1)
     return fail("fracgraph MaxPoolIdx: X must be [N, C, H, W] and the attributes positive");
   j.H = d[2], j.W = d[3];
-  j.Ho = (j.H + j.ph + k->conv[8] - j.dh * (j.kh - 1) - 1) / j.sh + 1;
-  j.Wo = (j.W + j.pw + k->conv[9] - j.dw * (j.kw - 1) - 1) / j.sw + 1;
+  /* onnxruntime's output size: floor, or with ceil_mode the ceiling, of (padded extent - window) / stride, + 1 */
+  const int64_t eh = j.H + j.ph + k->conv[8] - j.dh * (j.kh - 1) - 1, ew = j.W + j.pw + k->conv[9] - j.dw * (j.kw - 1) - 1;
+  const int64_t ch = k->conv[10] ? j.sh - 1 : 0, cw = k->conv[10] ? j.sw - 1 : 0;
+  j.Ho = (eh < 0 ? eh - j.sh + 1 : eh + ch) / j.sh + 1;
+  j.Wo = (ew < 0 ? ew - j.sw + 1 : ew + cw) / j.sw + 1;
   if (j.Ho < 1 || j.Wo < 1) return fail("fracgraph MaxPoolIdx: the window is larger than the padded input");
   int64_t od[4] = {d[0], d[1], j.Ho, j.Wo};
   if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 4, &yv)) ||
@@ -759,6 +819,63 @@ static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
   const size_t planes = (size_t)(d[0] * d[1]);
   if (planes > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_plane, planes, 0, &j);
   if (planes == 1) pool_plane(&j, 0);
+  return NULL;
+}
+
+/* ---- MaxPoolIdxGrad: dX of a max pool from MaxPoolIdx's (or onnxruntime's MaxPool's) indices -------------- */
+/* onnxruntime's MaxPoolGrad zeroes dX and adds each dY element at its index, one thread (6.7-8.7% of squeezenet's
+ * and googlenet's profiled step). The indices of storage order 0 stay inside their (image, channel) plane, so the
+ * planes are independent tasks; within a plane the adds run in dY's order, as onnxruntime's do (bitwise its dX,
+ * tests/passes/test_fused_ops.py). A window that covers padding only (ceil mode with padding can make one) has no
+ * input element: MaxPool gives it the lowest float and the index of (h, w) = (-1, -1), outside its plane, where
+ * onnxruntime's MaxPoolGrad would add its dY into another plane (or before the tensor); here it is dropped. */
+typedef struct {
+  const float* dy;
+  const int64_t* idx;
+  float* dx;
+  int64_t plane_in, plane_out;   /* H * W, Ho * Wo */
+} PoolGradJob;
+
+static void pool_grad_plane(void* p, size_t t) {
+  PoolGradJob* j = (PoolGradJob*)p;
+  float* dx = j->dx + (int64_t)t * j->plane_in;
+  const float* dy = j->dy + (int64_t)t * j->plane_out;
+  const int64_t* id = j->idx + (int64_t)t * j->plane_out;
+  const int64_t base = (int64_t)t * j->plane_in;
+  memset(dx, 0, sizeof(float) * (size_t)j->plane_in);
+  for (int64_t o = 0; o < j->plane_out; ++o) {
+    const int64_t i = id[o] - base;
+    if (i >= 0 && i < j->plane_in) dx[i] += dy[o];   /* else an empty window's (below) */
+  }
+}
+
+static OrtStatus* compute_max_pool_grad(void* ctx) {
+  const void *dyv, *iv, *sv;
+  void* xv;
+  int64_t d[16], di[16], ds[16], xs[16];
+  size_t rank, irank, srank, count, icount, scount;
+  OrtStatus* st;
+  PoolGradJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &dyv, d, &rank, &count)) || (st = input_shape(ctx, 1, &iv, di, &irank, &icount)) ||
+      (st = input_shape(ctx, 2, &sv, ds, &srank, &scount)))
+    return st;
+  if (rank != 4 || irank != 4 || icount != count || srank != 1 || scount != 4)
+    return fail("fracgraph MaxPoolIdxGrad: dY and Indices must be [N, C, Ho, Wo] and shape X's 4 dims");
+  const int64_t* shape;
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)sv, (void**)&shape))) return st;
+  for (int r = 0; r < 4; ++r) xs[r] = shape[r];
+  if (xs[0] != d[0] || xs[1] != d[1] || xs[2] < 1 || xs[3] < 1)
+    return fail("fracgraph MaxPoolIdxGrad: X's shape does not match dY's images and channels");
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, xs, 4, &xv))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(xv, (void**)&j.dx)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)dyv, (void**)&j.dy)) ||
+      (st = API(GetTensorMutableData, GetDataFn)((void*)iv, (void**)&j.idx)))
+    return st;
+  j.plane_in = xs[2] * xs[3], j.plane_out = d[2] * d[3];
+  const size_t planes = (size_t)(d[0] * d[1]);
+  if (planes > 1 && (st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_grad_plane, planes, 0, &j))) return st;
+  if (planes == 1) pool_grad_plane(&j, 0);
   return NULL;
 }
 
@@ -1257,12 +1374,14 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == NCHWC_WEIGHT) return compute_nchwc_weight(k, ctx);
   if (k->kind == IM2COL || k->kind == COL2IM) return compute_cols(k, ctx);
   if (k->kind == MAX_POOL) return compute_max_pool(k, ctx);
+  if (k->kind == MAX_POOL_GRAD) return compute_max_pool_grad(ctx);
   if (k->kind == DW_CONV) return compute_dw_conv(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
   if (k->kind == MIN_MAX) return compute_min_max(ctx, &j);
   if (k->kind == MIN_MAX_ROWS) return compute_min_max_rows(ctx, &j, dims, rank);
+  if (k->kind == MIN_MAX_COLS) return compute_min_max_cols(ctx, &j, dims, rank);
   if (k->kind == RELU_GRAD || k->kind == SR_NOISE) {
     if ((st = input_shape(ctx, k->kind == RELU_GRAD ? 1 : 4, &av, adims, &arank, &an))) return st;
     if (an != n) return fail("fracgraph kernels: the second tensor has another element count than the first");
@@ -1283,9 +1402,9 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
                                            "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
                                            "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows", "MaxPoolIdx",
-                                           "DepthwiseConv"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1};
+                                           "DepthwiseConv", "MinMaxCols", "MaxPoolIdxGrad"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};
@@ -1315,6 +1434,10 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   if (k->kind == MAX_POOL || k->kind == DW_CONV)
     for (int a = 0; a < (k->kind == DW_CONV ? 11 : 10); ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, POOL_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (k->kind == MAX_POOL && (st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "ceil_mode", &k->conv[10]))) {
+    API(ReleaseStatus, ReleaseFn)(st);   /* optional (artifacts written before it): floor mode */
+    k->conv[10] = 0;
+  }
   if (k->kind == IM2COL || k->kind == COL2IM)
     for (int a = 0; a < 12; ++a)
       if ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, COL_ATTRS[a], &k->conv[a]))) { free(k); return st; }
@@ -1328,7 +1451,7 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
 static void destroy(void* k) { free(k); }
 static const char* op_name(const OrtCustomOp* op) { return NAMES[kind_of(op)]; }
 static const char* provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int float_type(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return FLOAT_T; }
+static int float_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == MAX_POOL_GRAD && i ? INT64_T : FLOAT_T; }
 static int output_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == MAX_POOL && i == 1 ? INT64_T : FLOAT_T; }
 static size_t n_inputs(const OrtCustomOp* op) { return N_INPUTS[kind_of(op)]; }
 static size_t n_outputs(const OrtCustomOp* op) { return N_OUTPUTS[kind_of(op)]; }

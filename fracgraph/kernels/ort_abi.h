@@ -21,7 +21,7 @@ enum {
   S_CreateStatus = 0, S_CreateCustomOpDomain = 26, S_CustomOpDomain_Add = 27, S_AddCustomOpDomain = 28,
   S_GetTensorMutableData = 51, S_GetTensorShapeElementCount = 64, S_GetTensorTypeAndShape = 65,
   S_KernelInfoGetAttribute_float = 85, S_KernelInfoGetAttribute_int64 = 86, S_KernelContext_GetInput = 90,
-  S_KernelContext_GetOutput = 91, S_ReleaseTensorTypeAndShapeInfo = 99, S_GetDimensionsCount = 61,
+  S_KernelContext_GetOutput = 91, S_ReleaseStatus = 93, S_ReleaseTensorTypeAndShapeInfo = 99, S_GetDimensionsCount = 61,
   S_GetDimensions = 62, S_KernelContext_ParallelFor = 274,
 };
 #define API_VERSION 17

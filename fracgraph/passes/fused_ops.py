@@ -13,10 +13,13 @@ What onnxruntime runs as several full passes over a tensor, this pass replaces b
   weight quantizer (per output channel: min and s of shape [K, 1, 1, 1]) likewise, the kernel reading channel k's
   min and scale (resnet18's weight quantizer chains were ~12% of its profiled FW8/BW8 graph);
 - per-tensor range: `ReduceMin(x)` and `ReduceMax(x)` over all axes -> one `MinMax(x)`, one read of x; the
-  weights' per-channel range (over every axis but the first, kept) -> one `MinMaxRows(x)`;
+  weights' per-channel range (over every axis but the first, kept) -> one `MinMaxRows(x)`, a MatMul weight's
+  (every axis but the last) -> one `MinMaxCols(x)`;
 - `ReluGrad(dY, X)` (onnxruntime's is single-threaded) -> `ReluGrad` of this domain;
 - a 2-D `MaxPool` with its Indices output (the training graph's, read by MaxPoolGrad; onnxruntime runs that form
-  on a generic per-element loop, 5% of resnet18's profiled step) -> `MaxPoolIdx`, the same values and indices.
+  on a generic per-element loop, 5% of resnet18's profiled step; floor or ceil mode) -> `MaxPoolIdx`, the same
+  values and indices, and the MaxPoolGrad reading them (one thread in onnxruntime: with the pools, 20-24% of
+  googlenet's and squeezenet's profiled steps) -> `MaxPoolIdxGrad`, planes as tasks, bitwise its dX.
 
 (The conv weight gradient, the one fused op whose values are not bitwise onnxruntime's, is passes/conv_grad_w.py.)
 
@@ -177,52 +180,67 @@ class FusedOpsPass(Pass):
         return count
 
     def _row_ranges(self, graph, pairs, order) -> int:
-        """ReduceMin(x) + ReduceMax(x) over every axis but the first, keepdims 1 (the weights' per-channel ranges)
-        -> MinMaxRows(x) with both outputs."""
+        """ReduceMin(x) + ReduceMax(x) over every axis but the first, keepdims 1 (a conv weight's per-channel
+        ranges) -> MinMaxRows(x) with both outputs; over every axis but the last (a MatMul weight [in, out]'s
+        per-output-channel ranges) -> MinMaxCols(x)."""
         ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in list(graph.input) + list(graph.value_info)
                  if i.type.tensor_type.HasField("shape")}
         ranks.update({t.name: len(t.dims) for t in graph.initializer})
         ints = {t.name: numpy_helper.to_array(t).tolist() for t in graph.initializer if t.data_type == 7}
 
-        def rows(n):
+        def kept(n) -> str | None:
             keep = next((a.i for a in n.attribute if a.name == "keepdims"), 1)
             axes = next((list(a.ints) for a in n.attribute if a.name == "axes"), None)
             if axes is None and len(n.input) > 1:
                 axes = ints.get(n.input[1])
             r = ranks.get(n.input[0])
-            return keep == 1 and r is not None and r >= 2 and axes is not None and \
-                sorted(a % r for a in axes) == list(range(1, r))
+            if keep != 1 or r is None or r < 2 or axes is None:
+                return None
+            axes = sorted(a % r for a in axes)
+            return "MinMaxRows" if axes == list(range(1, r)) else "MinMaxCols" if axes == list(range(r - 1)) else None
 
-        mins = {n.input[0]: n for n in graph.node if n.op_type == "ReduceMin" and n.domain in ("", "ai.onnx") and rows(n)}
+        def reduces(op):
+            return [n for n in graph.node if n.op_type == op and n.domain in ("", "ai.onnx") and kept(n)]
+
+        mins = {(n.input[0], kept(n)): n for n in reduces("ReduceMin")}
         count = 0
-        for mx in [n for n in graph.node if n.op_type == "ReduceMax" and n.domain in ("", "ai.onnx") and rows(n)]:
-            mn = mins.pop(mx.input[0], None)
+        for mx in reduces("ReduceMax"):
+            mn = mins.pop((mx.input[0], kept(mx)), None)
             if mn is None:
                 continue
             first, second = (mn, mx) if order[id(mn)] < order[id(mx)] else (mx, mn)
             pairs.append((second, []))
-            pairs.append((first, [helper.make_node("MinMaxRows", [mx.input[0]], [mn.output[0], mx.output[0]],
+            pairs.append((first, [helper.make_node(kept(mx), [mx.input[0]], [mn.output[0], mx.output[0]],
                                                    name=f"{mn.name}::minmax", domain=DOMAIN)]))
             count += 1
         return count
 
     @staticmethod
     def _max_pools(graph, pairs) -> int:
-        """MaxPool(X) -> (Y, Indices), 2-D, floor mode, explicit pads, storage order 0 -> MaxPoolIdx."""
-        count = 0
+        """MaxPool(X) -> (Y, Indices), 2-D, explicit pads, storage order 0 -> MaxPoolIdx (floor or ceil mode); the
+        MaxPoolGrad(dY, Indices) that reads its indices -> MaxPoolIdxGrad(dY, Indices, Shape(X))."""
+        count, fused = 0, {}
         for n in graph.node:
             if n.op_type != "MaxPool" or n.domain not in ("", "ai.onnx") or len(n.output) != 2 or not n.output[1]:
                 continue
             a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
             k = list(a.get("kernel_shape", []))
-            if len(k) != 2 or a.get("ceil_mode", 0) or a.get("storage_order", 0) or \
-                    a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            if len(k) != 2 or a.get("storage_order", 0) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 continue
             pads, st, dil = list(a.get("pads", [0] * 4)), list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
-            pairs.append((n, [helper.make_node("MaxPoolIdx", [n.input[0]], list(n.output), name=n.name, domain=DOMAIN,
+            shape = f"{n.name or n.output[0]}::x_shape"
+            pairs.append((n, [helper.make_node("Shape", [n.input[0]], [shape], name=shape),
+                              helper.make_node("MaxPoolIdx", [n.input[0]], list(n.output), name=n.name, domain=DOMAIN,
                                                kh=k[0], kw=k[1], sh=st[0], sw=st[1], ph=pads[0], pw=pads[1],
-                                               dh=dil[0], dw=dil[1], ph_end=pads[2], pw_end=pads[3])]))
+                                               dh=dil[0], dw=dil[1], ph_end=pads[2], pw_end=pads[3],
+                                               ceil_mode=int(a.get("ceil_mode", 0)))]))
+            fused[n.output[1]] = shape
             count += 1
+        for n in graph.node:
+            if n.op_type == "MaxPoolGrad" and n.domain in ("", "ai.onnx", "com.microsoft") and len(n.input) == 2 \
+                    and n.input[1] in fused:
+                pairs.append((n, [helper.make_node("MaxPoolIdxGrad", [n.input[0], n.input[1], fused[n.input[1]]],
+                                                   list(n.output), name=n.name, domain=DOMAIN)]))
         return count
 
     @staticmethod

@@ -59,7 +59,8 @@ def test_noise_op_is_the_chain_bitwise(shape, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_per_channel_weight_quantizer_bitwise(shape, threads):
     """The weight quantizer: min and scale per output channel ([K, 1, ...]), channels across chunk boundaries
-    (17 x 5400 elements), 2-D (Linear) weights; bitwise the chain, and MinMaxRows exactly numpy's per-row range."""
+    (17 x 5400 elements), 2-D (Linear) weights; bitwise the chain, and MinMaxRows exactly numpy's per-row range;
+    a MatMul weight's per-column quantizer (FakeQuantize's last-axis path, MinMaxCols) likewise."""
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
     axes = tuple(range(1, len(shape)))
@@ -76,39 +77,43 @@ def test_per_channel_weight_quantizer_bitwise(shape, threads):
     lo_c, hi_c = x.reshape(shape[0], -1).min(0, keepdims=True), x.reshape(shape[0], -1).max(0, keepdims=True)
     s_c = np.maximum((hi_c - lo_c) / np.float32(15), np.float32(1e-8)).astype(np.float32)
     xc = x.reshape(shape[0], -1)
+    lo_k, hi_k = custom_op_session("MinMaxCols", ["x"], ["lo", "hi"], threads).run(None, {"x": xc})   # 256 columns a task
+    assert np.array_equal(lo_k, lo_c) and np.array_equal(hi_k, hi_c) and lo_k.shape == (1, xc.shape[1])
     y = session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=xc, mn=lo_c, s=s_c, hi=hi))[0]
     assert np.array_equal(y, np.round(np.clip((xc - lo_c) / s_c, f(-0.5), hi)) * s_c + lo_c)
     with pytest.raises(Exception, match="scalars or per channel along one axis"):
         session("FakeQuantize", threads, lo=-0.5).run(None, dict(x=x, mn=lo_r[:1].repeat(2, 0), s=s[:1].repeat(2, 0), hi=hi))
 
 
-# (X shape, kernel, strides, pads [begin h, w, end h, w], dilations): resnet18's stem pool, odd maps, asymmetric
-# pads, dilation, a window over padding only at the edge, and ties (small integers)
-POOLS = [((2, 8, 16, 16), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), ((3, 5, 9, 11), (2, 2), (2, 2), (0, 0, 0, 0), (1, 1)),
-         ((2, 3, 10, 7), (3, 2), (1, 2), (1, 0, 0, 1), (1, 1)), ((1, 4, 12, 12), (3, 3), (2, 2), (2, 2, 2, 2), (2, 2))]
+# (X shape, kernel, strides, pads [begin h, w, end h, w], dilations, ceil_mode): resnet18's stem pool, odd maps,
+# asymmetric pads, dilation, a window over padding only at the edge, ties (small integers), and ceil mode
+# (squeezenet's and googlenet's 3x3/2 pools, a partial last window, inception's 3x3/1 padded)
+POOLS = [((2, 8, 16, 16), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 0), ((3, 5, 9, 11), (2, 2), (2, 2), (0, 0, 0, 0), (1, 1), 0),
+         ((2, 3, 10, 7), (3, 2), (1, 2), (1, 0, 0, 1), (1, 1), 0), ((1, 4, 12, 12), (3, 3), (2, 2), (2, 2, 2, 2), (2, 2), 0),
+         ((2, 8, 15, 15), (3, 3), (2, 2), (0, 0, 0, 0), (1, 1), 1), ((2, 3, 8, 10), (3, 3), (2, 2), (0, 0, 0, 0), (1, 1), 1),
+         ((2, 3, 7, 7), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), ((1, 2, 6, 9), (2, 2), (2, 3), (1, 0, 0, 1), (1, 1), 1)]
 
 
 @pytest.mark.parametrize("case", POOLS, ids=str)
 @pytest.mark.parametrize("ties", [False, True])
 def test_max_pool_is_onnxruntimes_values_and_indices(case, ties):
     """MaxPoolIdx against onnxruntime's own 2-output MaxPool (values and indices, exactly) and PyTorch's values;
-    MaxPoolGrad then reads its indices unchanged."""
+    MaxPoolIdxGrad against onnxruntime's MaxPoolGrad on those indices (exactly: the same adds in the same order)."""
     from onnx import TensorProto, helper
 
-    shape, k, st, pads, dil = case
+    shape, k, st, pads, dil, ceil = case
     rng = np.random.default_rng(4)
     x = (rng.integers(-3, 3, shape) if ties else rng.standard_normal(shape)).astype(np.float32)
-    attrs = dict(kernel_shape=list(k), strides=list(st), pads=list(pads), dilations=list(dil))
+    attrs = dict(kernel_shape=list(k), strides=list(st), pads=list(pads), dilations=list(dil), ceil_mode=ceil)
+    vi = helper.make_tensor_value_info
     g = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y", "i"], **attrs)], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-                           helper.make_tensor_value_info("i", TensorProto.INT64, None)])
+                          [vi("x", TensorProto.FLOAT, None)], [vi("y", TensorProto.FLOAT, None), vi("i", TensorProto.INT64, None)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     y0, i0 = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     g.node[0].CopyFrom(helper.make_node("MaxPoolIdx", ["x"], ["y", "i"], domain=kernels.DOMAIN, kh=k[0], kw=k[1],
                                         sh=st[0], sw=st[1], ph=pads[0], pw=pads[1], dh=dil[0], dw=dil[1],
-                                        ph_end=pads[2], pw_end=pads[3]))
+                                        ph_end=pads[2], pw_end=pads[3], ceil_mode=ceil))
     m.opset_import.append(helper.make_opsetid(kernels.DOMAIN, 1))
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
@@ -116,8 +121,24 @@ def test_max_pool_is_onnxruntimes_values_and_indices(case, ties):
     y1, i1 = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert i1.dtype == np.int64 and np.array_equal(y1, y0) and np.array_equal(i1, i0)
     if pads[0] == pads[2] and pads[1] == pads[3] and 2 * max(pads) <= min(k):   # (what PyTorch accepts)
-        ref = torch.nn.functional.max_pool2d(torch.from_numpy(x), k, st, (pads[0], pads[1]), dil).numpy()
-        assert np.array_equal(y1, ref)
+        ref = torch.nn.functional.max_pool2d(torch.from_numpy(x), k, st, (pads[0], pads[1]), dil, ceil_mode=bool(ceil))
+        assert np.array_equal(y1, ref.numpy())
+    # the gradient: overlapping windows (stride < kernel) add several dY elements into one dX element
+    dy = rng.standard_normal(y0.shape).astype(np.float32)
+    ref = np.zeros(x.size, np.float32)
+    plane = np.repeat(np.arange(shape[0] * shape[1]), y0[0, 0].size)
+    inside = i0.ravel() // x[0, 0].size == plane   # a window over padding only (ceil mode) has no input element
+    assert inside.all() or ceil
+    np.add.at(ref, i0.ravel()[inside], dy.ravel()[inside])   # unbuffered, in dY's order
+    grad = helper.make_graph([helper.make_node("Shape", ["x"], ["s"]),
+                              helper.make_node("MaxPoolIdxGrad", ["dy", "i", "s"], ["dx"], domain=kernels.DOMAIN)], "g",
+                             [vi("x", TensorProto.FLOAT, None), vi("dy", TensorProto.FLOAT, None), vi("i", TensorProto.INT64, None)],
+                             [vi("dx", TensorProto.FLOAT, None)])
+    gm = helper.make_model(grad, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    gm.ir_version = 8
+    dx = ort.InferenceSession(gm.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "dy": dy, "i": i1})[0]
+    assert dx.shape == x.shape and np.array_equal(dx.ravel(), ref)
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11, 13), (2, 16, 40, 40)])
@@ -282,7 +303,7 @@ class PoolNet(torch.nn.Module):
 
     def forward(self, x):
         x = torch.nn.functional.max_pool2d(torch.relu(self.c0(x)), 3, 2, 1)
-        x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2, 2)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2, 2, ceil_mode=True)   # 5x5 -> 3x3
         return self.fc(x.mean((2, 3)))
 
 
@@ -291,7 +312,8 @@ def test_max_pool_step_bitwise(tmp_path):
     pair = build_pair(PoolNet(), tmp_path, (2, 3, 9, 9), off={"fused_kernels": False, **skip},
                       on={"fused_kernels": True, **skip})
     ops = [n.op_type for n in onnx.load(str(pair[True][0] / "training_model.onnx")).graph.node]
-    assert ops.count("MaxPoolIdx") == 2 and "MaxPool" not in ops and ops.count("MaxPoolGrad") == 2
+    assert ops.count("MaxPoolIdx") == 2 and "MaxPool" not in ops and ops.count("MaxPoolIdxGrad") == 2
+    assert "MaxPoolGrad" not in ops
     loss0, grads0, _ = _step(pair[False][0], (8, 8, 8))
     loss1, grads1, _ = _step(pair[True][0], (8, 8, 8))
     assert loss0 == loss1 and grads0.keys() == grads1.keys()
