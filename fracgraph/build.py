@@ -38,6 +38,7 @@ from .passes.fused_ops import FusedOpsPass
 from .passes.fw_quant import FwQuantPass
 from .passes.gather_grad import GatherGradPass
 from .passes.gelu_grad import GeluGradPass
+from .passes.ln_grad import LnGradPass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
 from .passes.int_gemm import IntGemmPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
@@ -338,7 +339,7 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
         kernels.library_path()
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
-    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), GeluGradPass()], []
+    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), LnGradPass(), GeluGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,

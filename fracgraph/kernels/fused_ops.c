@@ -14,6 +14,8 @@
  *   MaxPoolIdx(X) -> (Y, Indices int64)         2-D max pool with onnxruntime's MaxPool indices (storage order 0,
  *                                              read by its MaxPoolGrad); attributes kh .. dw, ph_end, pw_end and
  *                                              (optional) ceil_mode
+ *   LayerNormGrad(dY, X, scale, mean, inv_std) -> (dX, dscale, dbias)   onnxruntime's LayerNormalizationGrad
+ *                                              (normalized over the last axes, scale's size), rows as tasks
  *   MaxPoolIdxGrad(dY, Indices, shape) -> dX    its gradient: dX (of X's shape, the int64 `shape`) zero but at each
  *                                              window's index, where dY adds up (onnxruntime's MaxPoolGrad)
  *   MinMax(x) -> (min, max)                    per-tensor range, one read of x
@@ -86,7 +88,7 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
-            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, DW_CONV, MIN_MAX_COLS, MAX_POOL_GRAD, N_KINDS };
+            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, DW_CONV, MIN_MAX_COLS, MAX_POOL_GRAD, LN_GRAD, N_KINDS };
 
 typedef struct {
   int kind;
@@ -822,6 +824,102 @@ static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
   return NULL;
 }
 
+/* ---- LayerNormGrad ---------------------------------------------------------------------------------------- */
+/* onnxruntime's com.microsoft LayerNormalizationGrad (saved mean and inverse std per row from the forward) over
+ * rows of D = the normalized size: with a = dY * scale and b = (X - mean) * inv_std, dX = inv_std * (a - mean(a)
+ * - b mean(a b)), dscale = sum over rows of dY b, dbias = sum of dY. onnxruntime runs it on one thread (10.6% of
+ * vit_tv's profiled step for 9 nodes); here blocks of LN_ROWS rows are tasks, each row's two sums in float lanes
+ * added in double, and each block's dscale/dbias partial sums (float, in row order) are added across blocks in
+ * block order in double: the same result on any thread count. */
+enum { LN_ROWS = 32 };
+typedef struct {
+  const float *dy, *x, *scale, *mean, *inv_std;
+  float *dx, *part;   /* part: [blocks][2][D] partial dscale, dbias */
+  size_t R, D;
+} LnJob;
+
+static void ln_grad_block(void* p, size_t blk) {
+  const LnJob* j = (const LnJob*)p;
+  const size_t D = j->D, r0 = blk * LN_ROWS, r1 = r0 + LN_ROWS < j->R ? r0 + LN_ROWS : j->R;
+  float* ps = j->part + blk * 2 * D;
+  float* pb = ps + D;
+  memset(ps, 0, sizeof(float) * 2 * D);
+  enum { LANES = 16 };
+  for (size_t r = r0; r < r1; ++r) {
+    const float *dy = j->dy + r * D, *x = j->x + r * D;
+    float* dx = j->dx + r * D;
+    const float mu = j->mean[r], is = j->inv_std[r];
+    float sa[LANES] = {0}, sab[LANES] = {0};
+    size_t i = 0;
+    for (; i + LANES <= D; i += LANES)
+      for (int l = 0; l < LANES; ++l) {
+        const float av = dy[i + l] * j->scale[i + l], bv = (x[i + l] - mu) * is;
+        sa[l] += av;
+        sab[l] += av * bv;
+      }
+    for (; i < D; ++i) {
+      const float av = dy[i] * j->scale[i], bv = (x[i] - mu) * is;
+      sa[0] += av;
+      sab[0] += av * bv;
+    }
+    double ma = 0.0, mab = 0.0;
+    for (int l = 0; l < LANES; ++l) ma += sa[l], mab += sab[l];
+    const float fa = (float)(ma / (double)D), fab = (float)(mab / (double)D);
+    for (size_t d = 0; d < D; ++d) {
+      const float bv = (x[d] - mu) * is;
+      dx[d] = is * (dy[d] * j->scale[d] - fa - bv * fab);
+      ps[d] += dy[d] * bv;
+      pb[d] += dy[d];
+    }
+  }
+}
+
+static OrtStatus* compute_ln_grad(void* ctx) {
+  const void* in[5];
+  void* out[3];
+  int64_t dims[16], other[16], sdims[16];
+  size_t rank, r2, srank, n, count;
+  OrtStatus* st;
+  LnJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &in[0], dims, &rank, &n)) || (st = input_shape(ctx, 1, &in[1], other, &r2, &count))) return st;
+  if (count != n) return fail("fracgraph LayerNormGrad: dY and X must be one shape");
+  if ((st = input_shape(ctx, 2, &in[2], sdims, &srank, &count))) return st;
+  j.D = count;
+  if (!j.D || n % j.D) return fail("fracgraph LayerNormGrad: X's size is not a multiple of scale's");
+  j.R = n / j.D;
+  for (size_t i = 3; i < 5; ++i) {
+    if ((st = input_shape(ctx, i, &in[i], other, &r2, &count))) return st;
+    if (count != j.R) return fail("fracgraph LayerNormGrad: mean and inv_std need one value per normalized row");
+  }
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &out[0])) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, sdims, srank, &out[1])) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 2, sdims, srank, &out[2])))
+    return st;
+  const float** src[5] = {&j.dy, &j.x, &j.scale, &j.mean, &j.inv_std};
+  for (int i = 0; i < 5; ++i)
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)in[i], (void**)src[i]))) return st;
+  float *dscale, *dbias;
+  if ((st = API(GetTensorMutableData, GetDataFn)(out[0], (void**)&j.dx)) ||
+      (st = API(GetTensorMutableData, GetDataFn)(out[1], (void**)&dscale)) ||
+      (st = API(GetTensorMutableData, GetDataFn)(out[2], (void**)&dbias)))
+    return st;
+  const size_t blocks = (j.R + LN_ROWS - 1) / LN_ROWS;
+  double* acc = (double*)calloc(2 * j.D, sizeof(double));
+  j.part = (float*)malloc(sizeof(float) * 2 * j.D * (blocks ? blocks : 1));
+  if (!acc || !j.part) {
+    free(acc), free(j.part);
+    return fail("fracgraph LayerNormGrad: out of memory");
+  }
+  if (blocks > 1) st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, ln_grad_block, blocks, 0, &j);
+  else if (blocks == 1) ln_grad_block(&j, 0);
+  for (size_t b = 0; !st && b < blocks; ++b)
+    for (size_t d = 0; d < 2 * j.D; ++d) acc[d] += j.part[b * 2 * j.D + d];
+  for (size_t d = 0; !st && d < j.D; ++d) dscale[d] = (float)acc[d], dbias[d] = (float)acc[j.D + d];
+  free(acc), free(j.part);
+  return st;
+}
+
 /* ---- MaxPoolIdxGrad: dX of a max pool from MaxPoolIdx's (or onnxruntime's MaxPool's) indices -------------- */
 /* onnxruntime's MaxPoolGrad zeroes dX and adds each dY element at its index, one thread (6.7-8.7% of squeezenet's
  * and googlenet's profiled step). The indices of storage order 0 stay inside their (image, channel) plane, so the
@@ -1375,6 +1473,7 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == IM2COL || k->kind == COL2IM) return compute_cols(k, ctx);
   if (k->kind == MAX_POOL) return compute_max_pool(k, ctx);
   if (k->kind == MAX_POOL_GRAD) return compute_max_pool_grad(ctx);
+  if (k->kind == LN_GRAD) return compute_ln_grad(ctx);
   if (k->kind == DW_CONV) return compute_dw_conv(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
@@ -1402,9 +1501,9 @@ static OrtStatus* compute(void* kernel, void* ctx) {
 static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "FakeQuantize", "MinMax", "ReluGrad",
                                            "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
                                            "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows", "MaxPoolIdx",
-                                           "DepthwiseConv", "MinMaxCols", "MaxPoolIdxGrad"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1};
+                                           "DepthwiseConv", "MinMaxCols", "MaxPoolIdxGrad", "LayerNormGrad"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 5};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1, 3};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};
