@@ -792,6 +792,42 @@ def probe_gelu(r: Runner, rng):
             print(f"    {k:24s} {1e3 * tk:7.3f} ms  x{tk / base:5.2f}  error {err:.1e}")
 
 
+# max pools with their indices (label, X shape, kernel, stride, pad, ceil_mode): squeezenet's and googlenet's
+# ceil-mode pools and resnet18's stem pool, at batch 32 and 64x64 inputs
+POOL_SHAPES = [("squeezenet 3x3/2 ceil", (32, 64, 31, 31), 3, 2, 0, 1), ("googlenet 3x3/1 pad 1 ceil", (32, 192, 16, 16), 3, 1, 1, 1),
+               ("resnet18 stem 3x3/2 pad 1", (32, 64, 32, 32), 3, 2, 1, 0)]
+
+
+def probe_pool(r: Runner, rng):
+    """MaxPool with its Indices output (the training graph's form): onnxruntime's vs fracgraph's MaxPoolIdx (values
+    and indices compared); the gradient: onnxruntime's MaxPoolGrad vs MaxPoolIdxGrad on those indices."""
+    print("max pool with indices, and its gradient: onnxruntime vs fracgraph")
+    for label, shape, k, st, p, ceil in POOL_SHAPES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        attrs = dict(kernel_shape=[k, k], strides=[st, st], pads=[p] * 4, ceil_mode=ceil)
+        ours = dict(kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, dh=1, dw=1, ph_end=p, pw_end=p, ceil_mode=ceil)
+        base = _model([h.make_node("MaxPool", ["x"], ["y", "i"], **attrs)], ["x"], ["y", "i"])
+        base.graph.output[1].type.tensor_type.elem_type = T.INT64
+        fg = _model([h.make_node("MaxPoolIdx", ["x"], ["y", "i"], domain=FG, **ours)], ["x"], ["y", "i"])
+        fg.graph.output[1].type.tensor_type.elem_type = T.INT64
+        print(f"  {label}: {shape}")
+        r.compare("forward", ("MaxPool", base), [("MaxPoolIdx", fg, None)], {"x": x})
+        import onnxruntime as ort
+
+        y, idx = ort.InferenceSession(base.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        grad = _model([h.make_node("MaxPoolGrad", ["dy", "i"], ["dx"], **attrs)], ["dy", "i"], ["dx"])
+        grad.graph.input[1].type.tensor_type.elem_type = T.INT64
+        grad.graph.value_info.append(h.make_tensor_value_info("dx", T.FLOAT, list(shape)))
+        grad.graph.output[0].type.tensor_type.shape.CopyFrom(h.make_tensor_value_info("dx", T.FLOAT, list(shape)).type.tensor_type.shape)
+        fgrad = _model([h.make_node("MaxPoolIdxGrad", ["dy", "i", "s"], ["dx"], domain=FG)], ["dy", "i", "s"], ["dx"])
+        fgrad.graph.input[1].type.tensor_type.elem_type = T.INT64
+        fgrad.graph.input[2].type.tensor_type.elem_type = T.INT64
+        r.compare("gradient", ("MaxPoolGrad", grad), [("MaxPoolIdxGrad", fgrad, {"dy": dy, "i": idx,
+                                                                              "s": np.asarray(shape, np.int64)})],
+                  {"dy": dy, "i": idx})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -812,7 +848,7 @@ def main() -> None:
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
-              "intconv": probe_intconv, "intmatmul": probe_intmatmul, "gelu": probe_gelu}
+              "intconv": probe_intconv, "intmatmul": probe_intmatmul, "gelu": probe_gelu, "pool": probe_pool}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

@@ -764,29 +764,73 @@ typedef struct {
   int64_t H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
 } PoolJob;
 
+/* one output row's windows [ow0, ow1) on the scalar path (the first strict maximum in row-major tap order) */
+static void pool_row(const PoolJob* j, const float* x, int64_t oh, int64_t ow0, int64_t ow1, float* y, int64_t* id,
+                     int64_t base) {
+  const int64_t H = j->H, W = j->W;
+  int64_t hs = oh * j->sh - j->ph;
+  const int64_t he = hs + j->kh * j->dh < H ? hs + j->kh * j->dh : H;
+  while (hs < 0) hs += j->dh;
+  for (int64_t ow = ow0; ow < ow1; ++ow) {
+    int64_t ws = ow * j->sw - j->pw;
+    const int64_t we = ws + j->kw * j->dw < W ? ws + j->kw * j->dw : W;
+    while (ws < 0) ws += j->dw;
+    float m = -FLT_MAX;
+    int64_t at = -W - 1;   /* (h, w) = (-1, -1): a window over padding only */
+    for (int64_t h = hs; h < he; h += j->dh)
+      for (int64_t w = ws; w < we; w += j->dw) {
+        const float v = x[h * W + w];
+        if (v > m) m = v, at = h * W + w;
+      }
+    y[oh * j->Wo + ow] = m;
+    id[oh * j->Wo + ow] = base + at;
+  }
+}
+
 static void pool_plane(void* p, size_t t) {
   const PoolJob* j = (const PoolJob*)p;
-  const int64_t H = j->H, W = j->W;
+  const int64_t H = j->H, W = j->W, Wo = j->Wo;
   const float* x = j->x + (int64_t)t * H * W;
-  float* y = j->y + (int64_t)t * j->Ho * j->Wo;
-  int64_t* id = j->idx + (int64_t)t * j->Ho * j->Wo;
+  float* y = j->y + (int64_t)t * j->Ho * Wo;
+  int64_t* id = j->idx + (int64_t)t * j->Ho * Wo;
+  const int64_t base = (int64_t)t * H * W;
+  /* output columns whose windows lie inside the row: [lo, hi) */
+  int64_t lo = (j->pw + j->sw - 1) / j->sw, hi = (W - 1 - (j->kw - 1) * j->dw + j->pw) / j->sw + 1;
+  hi = hi < Wo ? hi : Wo;
+  if (hi < lo || W - 1 - (j->kw - 1) * j->dw + j->pw < 0) hi = lo = Wo;
   for (int64_t oh = 0; oh < j->Ho; ++oh) {
-    const int64_t hs = oh * j->sh - j->ph, he = hs + j->kh * j->dh < H ? hs + j->kh * j->dh : H;
-    for (int64_t ow = 0; ow < j->Wo; ++ow) {
-      const int64_t ws = ow * j->sw - j->pw, we = ws + j->kw * j->dw < W ? ws + j->kw * j->dw : W;
-      float m = -FLT_MAX;
-      int64_t mh = -1, mw = -1;
-      for (int64_t h = hs; h < he; h += j->dh) {
-        if (h < 0) continue;
-        for (int64_t w = ws; w < we; w += j->dw) {
-          if (w < 0) continue;
-          const float v = x[h * W + w];
-          if (v > m) m = v, mh = h, mw = w;
-        }
+    int64_t v0 = lo;
+#if defined(__AVX512F__)
+    /* 16 windows of the row at a time, taps in row-major order, each lane keeping its first strict maximum: the
+     * scalar loop's values and indices lane by lane */
+    if (H * W < (1LL << 31)) {
+      int64_t hs = oh * j->sh - j->ph;
+      const int64_t he = hs + j->kh * j->dh < H ? hs + j->kh * j->dh : H;
+      while (hs < 0) hs += j->dh;
+      const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32((int)j->sw));
+      for (; v0 + 16 <= hi; v0 += 16) {
+        __m512 m = _mm512_set1_ps(-FLT_MAX);
+        __m512i at = _mm512_set1_epi32((int)(-W - 1));
+        for (int64_t h = hs; h < he; h += j->dh)
+          for (int64_t b = 0; b < j->kw; ++b) {
+            const int64_t w0 = v0 * j->sw - j->pw + b * j->dw;
+            const __m512i pos = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(h * W + w0)));
+            const __m512 v = j->sw == 1 ? _mm512_loadu_ps(x + h * W + w0) : _mm512_i32gather_ps(pos, x, 4);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ);
+            m = _mm512_mask_mov_ps(m, gt, v);
+            at = _mm512_mask_mov_epi32(at, gt, pos);
+          }
+        _mm512_storeu_ps(y + oh * Wo + v0, m);
+        const __m512i b64 = _mm512_set1_epi64(base);
+        _mm512_storeu_si512((void*)(id + oh * Wo + v0), _mm512_add_epi64(b64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(at))));
+        _mm512_storeu_si512((void*)(id + oh * Wo + v0 + 8),
+                            _mm512_add_epi64(b64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(at, 1))));
       }
-      y[oh * j->Wo + ow] = m;
-      id[oh * j->Wo + ow] = (int64_t)t * H * W + mh * W + mw;
     }
+#endif
+    pool_row(j, x, oh, 0, lo < Wo ? lo : Wo, y, id, base);
+    pool_row(j, x, oh, v0 < Wo ? v0 : Wo, Wo, y, id, base);
   }
 }
 
