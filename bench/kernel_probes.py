@@ -7,7 +7,7 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - noise: RandomUniformLike per element, against an Add of the same size;
 - sr: the error quantizer (RandomUniformLike and its seven ops) vs fused SRQuantize, the same chain on a given
   noise tensor vs SRQuantizeNoise, and ReduceMin + ReduceMax vs fused MinMax;
-- bn: BatchNormalizationGrad vs fracgraph's BatchNormGrad;
+- bn: BatchNormalizationGrad vs fracgraph's BatchNormGrad, BatchNormInternal (training) vs BatchNormTrain;
 - dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc) and
   vs fracgraph's ConvGradW;
 - dwshapes: the weight gradient on every shape of the model corpus (resnet18, efficientnet_b0, regnet_x_400mf at
@@ -226,6 +226,16 @@ def probe_bn(r: Runner, rng):
                  "scale": rng.standard_normal(c).astype(np.float32), "mean": x.mean((0, 2, 3)).astype(np.float32),
                  "inv_std": (1 / np.sqrt(x.var((0, 2, 3)) + 1e-5)).astype(np.float32)}
         r.compare(f"{n}x{c}x{s}x{s}", ("BatchNormalizationGrad", ort_bn), [("fracgraph BatchNormGrad", own, None)], feeds)
+    print("bn: batch-norm forward, training mode (batch statistics; running statistics updated)")
+    names, outs = ["x", "scale", "b", "rm", "rv"], ["y", "rm2", "rv2", "mean", "inv_std"]
+    ort_fw = _model([h.make_node("BatchNormInternal", names, outs, domain="com.microsoft", epsilon=1e-5, momentum=0.9,
+                                 training_mode=1)], names, outs)
+    own_fw = _model([h.make_node("BatchNormTrain", names, outs, domain=FG, epsilon=1e-5, momentum=0.9)], names, outs)
+    for n, c, s in SHAPES + [(32, 96, 32), (32, 576, 4)]:   # + mobilenet_v2's widest and deepest at 64x64
+        x = (rng.standard_normal((n, c, s, s)) * 2 + 0.5).astype(np.float32)
+        feeds = {"x": x, "scale": rng.standard_normal(c).astype(np.float32), "b": rng.standard_normal(c).astype(np.float32),
+                 "rm": np.zeros(c, np.float32), "rv": np.ones(c, np.float32)}
+        r.compare(f"{n}x{c}x{s}x{s}", ("BatchNormInternal", ort_fw), [("fracgraph BatchNormTrain", own_fw, None)], feeds)
 
 
 def probe_dw(r: Runner, rng):

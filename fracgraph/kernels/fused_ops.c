@@ -1414,31 +1414,38 @@ typedef struct {
   size_t N, C, S;
 } BnTrainJob;
 
+/* sum over a channel's N planes of S floats of f(x): LANES float partial sums across the whole channel, added in
+ * double at the end (one reduction per channel, not per plane: 8x8 maps are 64 floats a plane) */
+#define BN_CHANNEL_SUM(expr, out)                                      \
+  do {                                                                 \
+    float acc_[LANES] = {0};                                           \
+    for (size_t n_ = 0; n_ < N; ++n_) {                                \
+      const float* x = j->x + (n_ * C + c) * S;                        \
+      size_t i = 0;                                                    \
+      for (; i + LANES <= S; i += LANES)                               \
+        for (int l = 0; l < LANES; ++l) {                              \
+          const float v = x[i + l];                                    \
+          acc_[l] += (expr);                                           \
+        }                                                              \
+      for (; i < S; ++i) {                                             \
+        const float v = x[i];                                          \
+        acc_[i % LANES] += (expr);                                     \
+      }                                                                \
+    }                                                                  \
+    double t_ = 0.0;                                                   \
+    for (int l = 0; l < LANES; ++l) t_ += acc_[l];                     \
+    (out) = t_;                                                        \
+  } while (0)
+
 static void bn_train_channel(void* p, size_t c) {
   const BnTrainJob* j = (const BnTrainJob*)p;
   const size_t N = j->N, C = j->C, S = j->S;
   enum { LANES = 16 };
-  double sum = 0.0, sq = 0.0;
-  for (size_t n = 0; n < N; ++n) {
-    const float* x = j->x + (n * C + c) * S;
-    float a[LANES] = {0};
-    size_t i = 0;
-    for (; i + LANES <= S; i += LANES)
-      for (int l = 0; l < LANES; ++l) a[l] += x[i + l];
-    for (; i < S; ++i) a[0] += x[i];
-    for (int l = 0; l < LANES; ++l) sum += a[l];
-  }
+  double sum, sq;
+  BN_CHANNEL_SUM(v, sum);
   const double M = (double)(N * S);
   const float mean = (float)(sum / M);
-  for (size_t n = 0; n < N; ++n) {
-    const float* x = j->x + (n * C + c) * S;
-    float a[LANES] = {0};
-    size_t i = 0;
-    for (; i + LANES <= S; i += LANES)
-      for (int l = 0; l < LANES; ++l) a[l] += (x[i + l] - mean) * (x[i + l] - mean);
-    for (; i < S; ++i) a[0] += (x[i] - mean) * (x[i] - mean);
-    for (int l = 0; l < LANES; ++l) sq += a[l];
-  }
+  BN_CHANNEL_SUM((v - mean) * (v - mean), sq);
   const float var = (float)(sq / M), inv_std = sqrtf(1.0f / (var + j->eps));
   const float ks = inv_std * j->scale[c], kb = j->bias[c] - mean * ks;
   for (size_t n = 0; n < N; ++n) {
