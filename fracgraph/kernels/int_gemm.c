@@ -615,6 +615,9 @@ typedef struct {
 } DJob;
 
 #define DW_SLACK 64
+/* tasks a call splits the batch into (each with its own integer sums, added at the end): enough to balance a few
+ * threads, few enough that the sums' allocation and final addition stay small */
+#define DW_TASKS 8
 
 static void dw_tile_scalar(const DJob* j, const uint8_t* xb, const int32_t* gp, int32_t* part, int64_t ct0, int64_t kv0) {
   for (int64_t ct = ct0; ct < ct0 + 8 && ct < j->CT; ++ct) {
@@ -707,9 +710,28 @@ static void dw_tile_vnni_16x1(const DJob* j, const uint8_t* xb, const uint8_t* z
 }
 #endif
 
-/* the codes of a row of a per-tensor fake-quantized tensor, offset by `off` (0 for x, -128 for the errors) */
-static void codes_row(const float* v, int64_t n, float m, float inv, int32_t off, int32_t* q) {
-  for (int64_t i = 0; i < n; ++i) q[i] = code_of(v[i], m, inv) + off;
+/* a row of x's codes: bytes into the channel's planes (consecutive when stride 1, else through xoff) and added to
+ * the task's code sums; the loops are written for the compiler's vectorizer */
+static void x_row_direct(const float* restrict v, int64_t n, float m, float inv, uint8_t* restrict dst,
+                         int32_t* restrict sum) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t q = code_of(v[i], m, inv);
+    dst[i] = (uint8_t)q;
+    sum[i] += q;
+  }
+}
+
+static void codes_row(const float* restrict v, int64_t n, float m, float inv, int32_t* restrict q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = code_of(v[i], m, inv);
+}
+
+/* a row of the error's codes: signed bytes g - 128 onto the channel's virtual-grid row, added to the code sums */
+static void g_row(const float* restrict v, int64_t n, float m, float inv, int8_t* restrict dst, int32_t* restrict sum) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t q = code_of(v[i], m, inv);
+    dst[i] = (int8_t)(q - 128);
+    sum[i] += q;
+  }
 }
 
 /* one task: its images, one after another: pack, tiles, running sums of the codes */
@@ -718,38 +740,41 @@ static void dw_task(void* p, size_t task) {
   const int64_t n0 = (int64_t)task * j->chunk, n1 = n0 + j->chunk < j->N ? n0 + j->chunk : j->N;
   const int64_t C = j->C, H = j->H, W = j->W, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
   const size_t xbytes = (size_t)(C * j->cstride), gwords = (size_t)(V4 * Kv);
-  char* buf = (char*)calloc(1, xbytes + (size_t)(4 * V4 + DW_SLACK) + gwords * 4 + (size_t)((W > j->Wo ? W : j->Wo) * 4));
+  /* x planes | a zero row | packed error words | the error codes by channel on the virtual grid | a row of codes */
+  char* buf = (char*)calloc(1, xbytes + (size_t)(4 * V4 + DW_SLACK) + gwords * 4 + (size_t)(K * V4 * 4) + (size_t)(W * 4));
   if (!buf) { j->failed = 1; return; }
   uint8_t* xb = (uint8_t*)buf;
   uint8_t* zero = xb + xbytes;
   int32_t* gp = (int32_t*)(zero + 4 * V4 + DW_SLACK);
-  int32_t* row = gp + gwords;
-  uint8_t* gb = (uint8_t*)gp;
+  int8_t* gk = (int8_t*)(gp + gwords);
+  int32_t* row = (int32_t*)(gk + K * V4 * 4);
   int32_t* part = j->part + (size_t)task * j->CT * Kv;
   int32_t* gsum = j->gsum + (size_t)task * K * P;
   int32_t* xsum = j->xsum + (size_t)task * C * j->cstride;
+  const int direct = j->sh == 1 && j->sw == 1;
   for (int64_t n = n0; n < n1; ++n) {
     const float* x = j->x + (size_t)n * C * H * W;
     for (int64_t c = 0; c < C; ++c) {
       uint8_t* xc = xb + c * j->cstride;
       int32_t* xs = xsum + c * j->cstride;
       for (int64_t h = 0; h < H; ++h) {
-        codes_row(x + (c * H + h) * W, W, j->mx, j->inv_sx, 0, row);
-        const int64_t* off = j->xoff + h * W;
-        for (int64_t w = 0; w < W; ++w) { xc[off[w]] = (uint8_t)row[w]; xs[off[w]] += row[w]; }
+        const float* xr = x + (c * H + h) * W;
+        if (direct) {
+          const int64_t o = (h + j->ph) * j->Wq + j->pw;
+          x_row_direct(xr, W, j->mx, j->inv_sx, xc + o, xs + o);
+        } else {
+          codes_row(xr, W, j->mx, j->inv_sx, row);
+          const int64_t* off = j->xoff + h * W;
+          for (int64_t w = 0; w < W; ++w) { xc[off[w]] = (uint8_t)row[w]; xs[off[w]] += row[w]; }
+        }
       }
     }
     const float* dy = j->dy + (size_t)n * K * P;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t ho = 0; ho < j->Ho; ++ho) {
-        codes_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, 0, row);
-        int32_t* gs = gsum + k * P + ho * j->Wo;
-        for (int64_t wo = 0; wo < j->Wo; ++wo) {
-          const int64_t v = ho * j->Wq + wo;
-          gb[((v >> 2) * Kv + k) * 4 + (v & 3)] = (uint8_t)(int8_t)(row[wo] - 128);
-          gs[wo] += row[wo];
-        }
-      }
+    for (int64_t k = 0; k < K; ++k)   /* the grid's columns wo >= Wo stay 0 */
+      for (int64_t ho = 0; ho < j->Ho; ++ho)
+        g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo);
+    for (int64_t w4 = 0; w4 < V4; ++w4)   /* [K][V] bytes -> [V/4][Kv] words */
+      for (int64_t k = 0; k < K; ++k) gp[w4 * Kv + k] = load_word((const uint8_t*)gk + (k * V4 + w4) * 4);
     for (int64_t ct0 = 0; ct0 < j->CT; ct0 += (j->isa == ISA_VNNI && Kv == 16) ? 16 : 8)
       for (int64_t kv0 = 0; kv0 < Kv; kv0 += 32) {
         switch (j->isa) {
@@ -815,10 +840,10 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   /* a tap reads up to 4 V4 bytes past its offset, whose largest lies inside the last phase */
   j.cstride = (j.sh * j.sw * j.Hq * j.Wq + j.Wq + DW_SLACK + 63) / 64 * 64;
   j.Kv = (j.K + 15) / 16 * 16;
-  /* images per task: int32-safe (P 255 128 per image), at least 16 tasks where the batch allows */
+  /* images per task: int32-safe (P 255 128 per image), DW_TASKS tasks where the batch allows */
   const int64_t safe = (int64_t)(2147483647LL / (j.P * 255LL * 128LL));
   if (safe < 1) return ifail("fracgraph IntConvGradW: the output map is too large for int32 sums (over 65,000 positions)");
-  j.chunk = (j.N + 15) / 16;
+  j.chunk = (j.N + DW_TASKS - 1) / DW_TASKS;
   if (j.chunk > safe) j.chunk = safe;
   j.tasks = (j.N + j.chunk - 1) / j.chunk;
   int64_t* toff = (int64_t*)malloc((size_t)j.taps * sizeof(int64_t));
@@ -883,14 +908,20 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   {
     const double sg = *sgp, mg = *mgp, sx = *sxp, mx = *mxp;
     const double a = sg * sx, b = sg * mx, cq = mg * sx, dt = mg * mx;
+    const int64_t cells = j.CT * j.Kv;
+    int64_t* At = (int64_t*)calloc((size_t)cells, sizeof(int64_t));   /* the tasks' sums, added in int64 */
+    if (!At) { st = ifail("fracgraph IntConvGradW: out of memory"); goto done; }
+    for (int64_t t = 0; t < j.tasks; ++t) {
+      const int32_t* pt = j.part + t * cells;
+      for (int64_t i = 0; i < cells; ++i) At[i] += pt[i];
+    }
     for (int64_t ct = 0; ct < j.CT; ++ct) {
       const int64_t c = ct / j.taps, tap = ct % j.taps, q = Qt[c * j.taps + tap];
-      for (int64_t k = 0; k < j.K; ++k) {
-        int64_t A = 128 * q;
-        for (int64_t t = 0; t < j.tasks; ++t) A += j.part[(t * j.CT + ct) * j.Kv + k];
-        dwo[k * j.CT + ct] = (float)(a * (double)A + b * (double)Gt[k * j.taps + tap] + cq * (double)q + dt * (double)Tt[tap]);
-      }
+      for (int64_t k = 0; k < j.K; ++k)
+        dwo[k * j.CT + ct] = (float)(a * (double)(At[ct * j.Kv + k] + 128 * q) + b * (double)Gt[k * j.taps + tap] +
+                                     cq * (double)q + dt * (double)Tt[tap]);
     }
+    free(At);
   }
 done:
   free(toff); free(xoff); free(j.part); free(j.gsum); free(j.xsum); free(Gt); free(Qt); free(Tt); free(gtot); free(xtot);

@@ -145,7 +145,7 @@ def test_threads_do_not_change_the_result(monkeypatch):
 
 def test_large_map_sums_stay_exact(monkeypatch):
     """142x142 maps at the extreme codes (x code 255, error code 0, i.e. signed -128): each image's sum is near
-    -9.3e8, so the 64 images would run 4 to a task (16 tasks) and overflow int32; the kernel takes at most 3 (its
+    -9.3e8, so the 64 images would run 8 to a task (8 tasks) and overflow int32; the kernel takes at most 3 (its
     int32 bound) and adds the tasks in int64."""
     monkeypatch.delenv("FRACGRAPH_INT_ISA", raising=False)
     rng = np.random.default_rng(5)
