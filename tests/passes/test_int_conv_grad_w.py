@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
 
 from fracgraph import kernels  # noqa: E402
 
@@ -171,3 +172,148 @@ def test_bad_inputs_fail_in_one_line(monkeypatch):
     monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")
     with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
         int_dw(np.zeros((2, 4, 5, 5), np.float32), zero, one, x, zero, one, 1, 1, 0, 1)
+
+
+# -- the pass (passes/int_gemm.py): conv weight gradients behind an If on the act and grad bits ---------------------
+import onnx  # noqa: E402
+
+from fracgraph.passes.base import all_nodes  # noqa: E402
+
+from test_speed_passes import ConvZoo, _step, assert_same_step, build_pair  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dw_builds(tmp_path_factory):
+    """ConvZoo without integer kernels and with integer weight gradients only (the forward conv rule left out, so
+    that a failing IntConvGradW is the only integer op); its maps are below MIN_DW_POSITIONS and some convs below
+    MIN_DW_MACS_PER_CODE, both lifted here, and the pass runs on CPUs without VNNI too."""
+    from fracgraph.passes import int_gemm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int_gemm, "MIN_DW_POSITIONS", 0)
+        mp.setattr(int_gemm, "MIN_DW_MACS_PER_CODE", 0)
+        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        mp.setattr(int_gemm, "RULES", {k: v for k, v in int_gemm.RULES.items() if k != "Conv"})
+        return build_pair(ConvZoo(), tmp_path_factory.mktemp("intdw"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
+
+
+def test_pass_structure_and_manifest(dw_builds):
+    (off, m_off), (on, m_on) = dw_builds[False], dw_builds[True]
+    assert m_off.extra["int_kernels"] is None
+    rec = m_on.extra["int_kernels"]
+    assert not any(c["int"] for c in rec["convs"])
+    decided = {w["name"].split("_Grad/")[0]: w for w in rec["weight_grads"]}
+    # c0's float form is onnxruntime's ConvGrad, k5's and dil's im2col-gemm (conv-grad-w's cost model)
+    assert {n for n, w in decided.items() if w["int"]} == {"/c0/Conv", "/k5/Conv", "/dil/Conv"}
+    assert decided["/pw_s2/Conv"]["reason"] in ("bias gradient", "its bias gradient reads the float form's transposed error")
+    assert decided["/pad1x1/Conv"]["reason"] == "ConvGrad computes dX too"   # pads beyond the kernel: not split
+    assert decided["/grouped/Conv"]["reason"] in ("grouped", "bias gradient")
+    assert "/dw/Conv" not in decided or not decided["/dw/Conv"]["int"]   # depthwise: DepthwiseConvGradW, no entry
+    # the float branch is conv-grad-w's pick for the conv, as the manifest records it
+    forms = {c["node"].split("_Grad/")[0]: c["form"] for c in m_on.extra["conv_grad_w"]}
+    graph = onnx.load(str(on / "training_model.onnx")).graph
+    switches = {n.name.split("_Grad/")[0]: n for n in graph.node if n.op_type == "If" and n.name.endswith("::int_dw/switch")}
+    assert switches.keys() == {n for n, w in decided.items() if w["int"]}
+    kernel_of = {"ConvGradW": "ConvGradW", "im2col-gemm": "ConvGradWCols", "ConvGrad": "ConvGrad"}
+    for name, sw in switches.items():
+        branches = {a.name: a.g for a in sw.attribute}
+        assert [n.op_type for n in branches["then_branch"].node] == ["IntConvGradW"]
+        assert kernel_of[forms[name]] in {n.op_type for n in branches["else_branch"].node}
+        assert ".act&" in sw.input[0] and sw.input[0].endswith(".grad::int8")   # the act and grad bits, not the weight's
+    # no float weight-gradient node of those convs is left outside the branches
+    outer = [n for n in graph.node if n.op_type in ("ConvGradW", "ConvGradWCols", "ConvGrad")]
+    assert not any(n.name.split("_Grad/")[0] in switches for n in outer)
+    assert sum(n.op_type == "IntConvGradW" for n in all_nodes(graph)) == 3
+
+
+@pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4), ((8, 12, 8), 1e-4),
+                                      ((8, 8, 16), 1e-4), ((12, 12, 8), 1e-4)])
+def test_step_keeps_loss_and_every_gradient(dw_builds, bits, tol):
+    """0 bits: the two builds to float rounding; quantized: each build against ConvZoo's replayed PyTorch step (the
+    weight gradients on integers at act and grad bits <= 8, whatever the weight bits; at 16-bit errors or 12-bit
+    activations the float branch runs)."""
+    assert_same_step(dw_builds[False][0], dw_builds[True][0], bits, tol)
+
+
+def test_switch_follows_act_and_grad_bits_at_run_time(dw_builds, monkeypatch):
+    """A path that cannot run makes IntConvGradW fail: the step fails exactly when a conv's act and grad bits are
+    both 1..8 (the weight's do not matter), so the switch takes the integer branch there and the float one
+    elsewhere."""
+    on = dw_builds[True][0]
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")
+    for bits in [(0, 0, 0), (12, 8, 8), (8, 8, 12), (8, 8, 0), (16, 16, 16)]:
+        _step(on, bits)
+    for bits in [(8, 8, 8), (8, 12, 8), (8, 0, 8), (1, 8, 2)]:
+        with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
+            _step(on, bits)
+
+
+def test_cost_rules_on_resnet20_shapes():
+    """resnet20's 1x1 stride-2 shortcuts keep the float form (5-11 multiply-adds per packed code), its 3x3 convs
+    and stem go on integers; maps under 8x8 keep the float form."""
+    from fracgraph.passes.int_gemm import decline_dw
+
+    def attrs(k, s):
+        return dict(kh=k, kw=k, sh=s, sw=s, ph=k // 2, pw=k // 2, dh=1, dw=1)
+
+    assert "per packed code" in decline_dw(attrs(1, 2), [128, 16, 32, 32], 32)
+    assert "per packed code" in decline_dw(attrs(1, 2), [128, 32, 16, 16], 64)
+    for k, s, x, ko in [(3, 1, [128, 3, 32, 32], 16), (3, 1, [128, 16, 32, 32], 16), (3, 2, [128, 16, 32, 32], 32),
+                        (3, 1, [128, 64, 8, 8], 64)]:
+        assert decline_dw(attrs(k, s), x, ko) is None
+    assert "output map" in decline_dw(attrs(3, 1), [32, 512, 2, 2], 512)
+    assert "int32" in decline_dw(attrs(1, 1), [1, 1, 300, 300], 16)
+    assert decline_dw(attrs(3, 1), [None, 16, None, None], 16) == "input shape unknown"
+
+
+class TileNet(torch.nn.Module):
+    """Convs whose float weight gradient is conv-grad-w's ConvGradW tile (16-64 output channels, maps of 8x8 and
+    more): stem, 3x3, 3x3 stride 2, at the default cost rules."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c0 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.c0(x)))
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+
+@pytest.fixture(scope="module")
+def tile_builds(tmp_path_factory):
+    from fracgraph.passes import int_gemm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        mp.setattr(int_gemm, "RULES", {k: v for k, v in int_gemm.RULES.items() if k != "Conv"})
+        return build_pair(TileNet(), tmp_path_factory.mktemp("intdw_tile"), (2, 3, 16, 16), off={"int_kernels": False},
+                          on={})
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 8), (4, 8, 6), (8, 12, 8), (12, 8, 8)])
+def test_tile_form_step_equals_the_float_one(tile_builds, bits):
+    """A weight gradient is read by no error quantizer, so with only the weight gradients on integers every error,
+    the loss and every other gradient are the float build's bitwise, and the conv weight gradients differ by float
+    summation order only (the integer sum is exact, the float one rounds)."""
+    (off, _), (on, m_on) = tile_builds[False], tile_builds[True]
+    forms = {c["node"].split("_Grad/")[0]: c["form"] for c in m_on.extra["conv_grad_w"]}
+    ints = {w["name"].split("_Grad/")[0] for w in m_on.extra["int_kernels"]["weight_grads"] if w["int"]}
+    assert ints == {"/c0/Conv", "/c1/Conv", "/c2/Conv"} and forms["/c1/Conv"] == forms["/c2/Conv"] == "ConvGradW"
+    shape = (4, 3, 16, 16)
+    loss0, grads0, noise0 = _step(off, bits, shape)
+    loss1, grads1, noise1 = _step(on, bits, shape)
+    assert loss0 == loss1 and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
+    for name, g in grads0.items():
+        if name.startswith(("c0.", "c1.", "c2.")) and name.endswith("weight"):
+            err = np.abs(grads1[name] - g).max() / np.abs(g).max()
+            assert err <= 1e-5, (name, err)
+        else:
+            np.testing.assert_array_equal(grads1[name], g, err_msg=name)
