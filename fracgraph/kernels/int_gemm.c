@@ -688,12 +688,15 @@ static inline __attribute__((always_inline)) void dw_tile_vnni_t(const DJob* j, 
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
   }
   const int32_t* g = gp + kv0;
-  for (int64_t w4 = 0; w4 < j->V4; ++w4, g += j->Kv) {
-    __m512i gv[2];
-    for (int v = 0; v < NV; ++v) gv[v] = _mm512_loadu_si512((const void*)(g + 16 * v));
-    for (int r = 0; r < R; ++r) {
-      const __m512i xw = _mm512_set1_epi32(load_word(xr[r] + 4 * w4));
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xw, gv[v]);
+  /* 4 steps at a time (V4 is a multiple of 4): the row pointers, more than the free registers, advance once per 4 */
+  for (int64_t w4 = 0; w4 < j->V4; w4 += 4, g += 4 * j->Kv) {
+    for (int u = 0; u < 4; ++u) {
+      __m512i gv[2];
+      for (int v = 0; v < NV; ++v) gv[v] = _mm512_loadu_si512((const void*)(g + u * j->Kv + 16 * v));
+      for (int r = 0; r < R; ++r) {
+        const __m512i xw = _mm512_set1_epi32(load_word(xr[r] + 4 * w4 + 4 * u));
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xw, gv[v]);
+      }
     }
   }
   for (int r = 0; r < R && ct0 + r < j->CT; ++r)
@@ -836,7 +839,7 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   j.Hp = reach_h > j.H + j.ph ? reach_h : j.H + j.ph;
   j.Wp = reach_w > j.W + j.pw ? reach_w : j.W + j.pw;
   j.Hq = (j.Hp + j.sh - 1) / j.sh, j.Wq = (j.Wp + j.sw - 1) / j.sw;
-  j.V4 = (j.Ho * j.Wq + 3) / 4;
+  j.V4 = (j.Ho * j.Wq + 15) / 16 * 4;   /* words of 4 positions, a multiple of 4 (the vnni loop's unroll) */
   /* a tap reads up to 4 V4 bytes past its offset, whose largest lies inside the last phase */
   j.cstride = (j.sh * j.sw * j.Hq * j.Wq + j.Wq + DW_SLACK + 63) / 64 * 64;
   j.Kv = (j.K + 15) / 16 * 16;
