@@ -82,9 +82,9 @@ MIN_POSITIONS = 64
 # FRACGRAPH_INT_ISA set, and the tests)
 FAST_PATHS = ("vnni",)
 # IntConvGradW packs every activation and error code once per image and then runs K C kh kw Ho Wo multiply-adds;
-# per packed code (C H W + K Ho Wo) resnet20's 1x1 stride-2 shortcuts have 5-11 and took 1.4-1.5x the float form's
-# CPU time, its 3x3 stem 23 (0.68-0.89x), its 3x3 convs 48-72 (0.57-0.88x) (bench/kernel_probes.py --only intdw
-# --threads 1 --cpu-time)
+# per packed code (C H W + K Ho Wo) resnet20's 1x1 stride-2 shortcuts have 5-11 and took 1.65-1.83x the float
+# form's CPU time, its 3x3 stem 23 (0.51-0.61x), its 3x3 convs 48-72 (0.42-0.86x) (bench/kernel_probes.py --only
+# intdw --threads 1 --cpu-time, two runs)
 MIN_DW_MACS_PER_CODE = 16
 # measured down to resnet20's 8x8 maps; smaller maps leave each register tile a few steps of work
 MIN_DW_POSITIONS = 64
