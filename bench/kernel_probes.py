@@ -23,13 +23,16 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - intconv: a quantized conv's forward on resnet20's shapes (8-bit fake-quantized operands): Conv and NCHWc in
   FP32 vs fracgraph's IntConv on each integer path this CPU has (vnni, avx2, scalar) and onnxruntime's
   ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost);
+- intdw: a quantized conv's weight gradient on resnet20's shapes (8-bit operands, the error stochastically
+  rounded): the float form passes/conv_grad_w.py picks (and onnxruntime's ConvGrad) vs fracgraph's IntConvGradW
+  on each integer path; --cpu-time and --match apply;
 - intmatmul: a quantized MatMul forward on the GPT's shapes (8 bits): FP32 MatMul vs IntCodesU8/S8 +
   onnxruntime's MatMulInteger + IntMatMulRescale (what passes/int_gemm.py writes), and MatMulInteger alone;
 - gelu: the GELU gradient on convnext_atto's and the GPT's largest GELU tensors: onnxruntime's com.microsoft
   GeluGrad vs fracgraph's GeluGrad vs PyTorch's gelu backward (aten.gelu_backward, same thread count), the three
   timed in turn on each rep (rotating order), with each one's error against the float64 derivative.
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intmatmul,gelu]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]   # resnet20's stages: batch, channels, spatial
+DW_MATCH: list[str] = []   # --match for the probes that filter their own shape lists (intdw)
 FG = "ai.fracgraph"   # fracgraph's fused ops (fracgraph/kernels)
 OPS = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1), h.make_opsetid("com.microsoft.nchwc", 1),
        h.make_opsetid(FG, 1)]
@@ -729,6 +733,79 @@ def probe_intconv(r: Runner, rng):
             os.environ["FRACGRAPH_INT_ISA"] = saved
 
 
+# resnet20's weight-gradient shapes at batch 128: (label, N, Ci, H, Co, k, stride); the 3x3 stride-1 stages, the
+# stride-2 entries of stages 2 and 3, their 1x1 stride-2 shortcuts and the 3-channel stem
+INTDW_SHAPES = [("stem 3->16 3x3", 128, 3, 32, 16, 3, 1), ("16 3x3", 128, 16, 32, 16, 3, 1),
+                ("32 3x3", 128, 32, 16, 32, 3, 1), ("64 3x3", 128, 64, 8, 64, 3, 1),
+                ("16->32 3x3/2", 128, 16, 32, 32, 3, 2), ("32->64 3x3/2", 128, 32, 16, 64, 3, 2),
+                ("16->32 1x1/2", 128, 16, 32, 32, 1, 2), ("32->64 1x1/2", 128, 32, 16, 64, 1, 2)]
+
+
+def probe_intdw(r: Runner, rng):
+    """IntConvGradW per integer path against the float form passes/conv_grad_w.py picks for the shape (and
+    onnxruntime's ConvGrad), on 8-bit fake-quantized operands (the error with stochastic rounding), runs
+    interleaved rep by rep; each output's max difference from the float64 weight gradient, relative to its max."""
+    print("intdw: conv weight gradient, the float form conv-grad-w picks vs IntConvGradW per path (8 bits)")
+    from fracgraph import kernels
+    from fracgraph.passes.conv_grad_w import ConvShape, _has_avx512, choose
+
+    paths = [p for p in ("vnni", "avx2", "scalar") if kernels.int_path_available(p)]
+    saved = os.environ.get("FRACGRAPH_INT_ISA")
+    what = "CPU ms" if r.cpu_time else "ms"
+    for label, n, ci, hw, co, k, s in INTDW_SHAPES:
+        if DW_MATCH and not any(m in label for m in DW_MATCH):
+            continue
+        p = k // 2
+        ho = (hw + 2 * p - k) // s + 1
+        x = np.maximum(rng.standard_normal((n, ci, hw, hw)), 0).astype(np.float32)
+        mx, sx = np.float32(0), np.float32(x.max() / 255)
+        xq = (np.round(x / sx) * sx).astype(np.float32)
+        g = (rng.standard_normal((n, co, ho, ho)) * 1e-3).astype(np.float32)
+        mg, sg = np.float32(g.min()), np.float32((g.max() - g.min()) / 255)
+        gq = (np.round(np.clip((g - mg) / sg + rng.random(g.shape, dtype=np.float32) - 0.5, 0, 255)) * sg + mg).astype(np.float32)
+        cs = ConvShape(ci=ci, h=hw, w=hw, co=co, kh=k, kw=k, sh=s, sw=s, ph=p, pw=p, ph_end=p, pw_end=p, dh=1, dw=1,
+                       group=1, bias=False)
+        form = choose(cs, _has_avx512())[0]
+        cands = dict(dw_candidates(n, ci, hw, co, k, s, 1))
+        pick = {"ConvGradW": "fracgraph ConvGradW", "im2col-gemm": "ConvGradWCols + MatMul"}.get(form, "ConvGrad (dW only)")
+        rows = [(f"{form} (conv-grad-w's pick)", None, cands[pick], {"dy": gq, "x": xq} if pick != "ConvGrad (dW only)"
+                 else {"dy": gq, "x": xq, "w": np.zeros((co, ci, k, k), np.float32)})]
+        if pick != "ConvGrad (dW only)":
+            rows.append(("ConvGrad (dW only)", None, cands["ConvGrad (dW only)"],
+                         {"dy": gq, "x": xq, "w": np.zeros((co, ci, k, k), np.float32)}))
+        idw = _model([h.make_node("IntConvGradW", ["dy", "gm", "gs", "x", "xm", "xs"], ["dw"], domain=FG, kh=k, kw=k,
+                                  sh=s, sw=s, ph=p, pw=p, dh=1, dw=1)], ["dy", "gm", "gs", "x", "xm", "xs"], ["dw"])
+        ifeeds = {"dy": gq, "gm": np.asarray(mg), "gs": np.asarray(sg), "x": xq, "xm": np.asarray(mx), "xs": np.asarray(sx)}
+        rows += [(f"IntConvGradW {q}", q, idw, ifeeds) for q in paths]
+        import torch
+
+        ref = torch.nn.grad.conv2d_weight(torch.from_numpy(xq).double(), (co, ci, k, k), torch.from_numpy(gq).double(),
+                                          stride=s, padding=p).numpy()
+        sessions = [r.session(m) for _, _, m, _ in rows]
+        times, outs = [[] for _ in rows], []
+        clock = time.process_time if r.cpu_time else time.perf_counter
+        for rep in range(r.reps + 1):
+            for i, ((name, path, _, f), sess) in enumerate(zip(rows, sessions)):
+                if path:
+                    os.environ["FRACGRAPH_INT_ISA"] = path
+                t0 = clock()
+                out = sess.run(None, f)[0]
+                if rep:
+                    times[i].append(clock() - t0)
+                else:
+                    outs.append(out)
+        tb = 1e3 * statistics.median(times[0])
+        print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{s}")
+        for (name, _, _, _), ts, out in zip(rows, times, outs):
+            tc = 1e3 * statistics.median(ts)
+            diff = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+            print(f"    {name:34s} {tc:8.2f} {what}  x{tc / tb:5.2f}  max rel diff from float64 {diff:.1e}")
+        if saved is None:
+            os.environ.pop("FRACGRAPH_INT_ISA", None)
+        else:
+            os.environ["FRACGRAPH_INT_ISA"] = saved
+
+
 def probe_intmatmul(r: Runner, rng):
     print("intmatmul: quantized MatMul forward, FP32 MatMul vs the integer form (codes, MatMulInteger, rescale)")
     for m, k, n, batched in [(4096, 128, 128, False), (4096, 128, 512, False), (4096, 512, 128, False),
@@ -850,6 +927,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.match:
         keys = [m for m in a.match.split(",") if m]
+        DW_MATCH[:] = keys
         DW_SHAPES[:] = [s for s in DW_SHAPES if any(m in s[0] for m in keys)]
         FORM_SHAPES[:] = [s for s in FORM_SHAPES if any(m in s[0] for m in keys)]
         DWCONV_SHAPES[:] = [s for s in DWCONV_SHAPES if any(m in s[0] for m in keys)]
@@ -858,7 +936,8 @@ def main() -> None:
     probes = {"nchwc": probe_nchwc, "relu": probe_relu, "qdq": probe_qdq, "noise": probe_noise, "sr": probe_sr,
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
-              "intconv": probe_intconv, "intmatmul": probe_intmatmul, "gelu": probe_gelu, "pool": probe_pool}
+              "intconv": probe_intconv, "intdw": probe_intdw, "intmatmul": probe_intmatmul, "gelu": probe_gelu,
+              "pool": probe_pool}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

@@ -16,7 +16,7 @@ that the threads of the step before (PyTorch's OpenMP threads spin ~0.2 s by def
     python bench/step_time.py --settings      # the session-settings sweep behind runtime.SESSION_TUNING
     python bench/step_time.py --noise-check 3 # identical workers: how far this machine's noise moves a ratio
     python bench/step_time.py --int [--steps 5] [--bits-sweep 8/8,4/6,...]
-        # integer convs (issue 18): the default artifacts and --no-int-kernels ones per precision FW/BW, the 0-bit
+        # integer convs and weight gradients (issue 18): the default artifacts and --no-int-kernels ones per precision FW/BW, the 0-bit
         # step, PyTorch eager FP32, and the step's GEMMs at this CPU's measured FP32 and int8 GEMM rates
     python bench/step_time.py --corpus [--corpus-models a,b] [--corpus-size 64] [--corpus-batch 32]
         # the model corpus (fracgraph/zoo_external.py): FW8/BW8 step of the default artifacts against PyTorch
@@ -275,9 +275,11 @@ def run_int(d: Path, a) -> None:
     step_macs = 3 * a.batch * sum(op["macs"] for op in m.ops)
     int_names = {c["name"] for c in rec.get("convs", []) if c["int"]}
     fwd_conv_macs = a.batch * sum(op["macs"] for op in m.ops if op["name"] in int_names)
+    dw_names = {w["name"].split("_Grad/")[0] for w in rec.get("weight_grads", []) if w["int"]}
+    dw_macs = a.batch * sum(op["macs"] for op in m.ops if op["name"] in dw_names)   # dW: the forward's MACs
     fp_rate, int_rate = gemm_rates(a.threads)
-    print(f"integer convs: {n_int} forward convs on IntConv, path {rec.get('path')}; load average "
-          f"{load0:.1f} -> {load1:.1f} over the run")
+    print(f"integer convs: {n_int} forward convs on IntConv, {len(dw_names)} weight gradients on IntConvGradW, path "
+          f"{rec.get('path')}; load average {load0:.1f} -> {load1:.1f} over the run")
     print(f"  {'':44s} {'step':>9s} {'/PT FP32':>9s} {'/no-int':>8s} {'peak RSS':>9s}")
     for k, (t, mem) in rows.items():
         ref = rows.get(f"{k} --no-int-kernels")
@@ -289,6 +291,8 @@ def run_int(d: Path, a) -> None:
           f"PyTorch FP32")
     print(f"  the integer forward convs alone ({fwd_conv_macs / 1e9:.1f} GMAC): FP32 {1000 * fwd_conv_macs / fp_rate:.0f} ms, at the "
           f"int8 MatMulInteger rate ({int_rate / 1e9:.0f} GMAC/s) {1000 * fwd_conv_macs / int_rate:.0f} ms")
+    print(f"  the integer weight gradients alone ({dw_macs / 1e9:.1f} GMAC): FP32 {1000 * dw_macs / fp_rate:.0f} ms, at the "
+          f"int8 rate {1000 * dw_macs / int_rate:.0f} ms")
 
 
 def prepare(directory: Path, default_only: bool = False) -> None:

@@ -325,10 +325,11 @@ def _int_kernels_record(passes: list, opts: BuildOptions) -> dict | None:
     """The manifest's record of the integer convs: which convs, and the integer path (with the CPU flag it needs)
     the building machine runs them on; runtime.TrainSession refuses a CPU without that flag in one line."""
     p = next((p for p in passes if isinstance(p, IntGemmPass) and p.name not in opts.skip_passes), None)
-    if p is None or not any(c["int"] for c in p.convs):
+    if p is None or not any(c["int"] for c in p.convs + p.weight_grads):
         return None
     path = kernels.int_path()
-    return {"path": path, "cpu_flag": kernels.INT_PATHS[path][1], "max_bits": MAX_INT_BITS, "convs": p.convs}
+    return {"path": path, "cpu_flag": kernels.INT_PATHS[path][1], "max_bits": MAX_INT_BITS, "convs": p.convs,
+            "weight_grads": p.weight_grads}
 
 
 def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]]:

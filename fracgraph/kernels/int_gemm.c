@@ -9,6 +9,8 @@
  *   IntMatMulRescale(acc, qa, qb, a_min, a_scale, b_min, b_scale) -> y
  *        acc = MatMulInteger(qa, qb) (onnxruntime's integer GEMM, which uses VNNI where the CPU has it); y = the
  *        float product of the fake-quantized operands (below)
+ *   IntConvGradW(dy, dy_min, dy_scale, x, x_min, x_scale) -> dw    the weight gradient on the error and
+ *        activation codes (both per tensor); attributes those of IntConv (see its section below)
  *
  * x is an activation fake-quantized per tensor (x = s_x q_x + m_x, codes q_x in [0, 255]), w a weight
  * fake-quantized per output channel (w[k] = s_w[k] q_w + m_w[k]); both arrive as the float tensors the fake-quant
@@ -74,6 +76,7 @@ static int chosen_isa(void) {
 
 typedef struct {
   int64_t conv[8];   /* kh, kw, sh, sw, ph, pw, dh, dw */
+  int kind;          /* which op (the registration's OP_ enum) */
 } IKernel;
 
 #define RB 8       /* output channels per register tile */
@@ -571,11 +574,368 @@ static OrtStatus* compute_rescale(void* ctx) {
   return st;
 }
 
+/* ---- IntConvGradW: a quantized conv's weight gradient on codes -----------------------------------------------
+ *
+ *   IntConvGradW(dy, dy_min, dy_scale, x, x_min, x_scale) -> dw [K, C, kh, kw]
+ *        attributes kh, kw, sh, sw, ph, pw (leading pads; the trailing ones follow from dy's shape), dh, dw
+ *
+ * dy is the error the BW quantizer (stochastic rounding) wrote, per tensor: dy = s_g g + m_g with codes g in
+ * [0, 255]; x the activation the FW quantizer wrote, per tensor: x = s_x q + m_x. Both scales lie outside the
+ * reduction (over images and positions), so, with zero padding a real 0 (not a code):
+ *
+ *   dw[k,c,t] = sum_{n,p: tap t of p inside the image} dy[n,k,p] x[n,c,p+t]
+ *             = s_g s_x A + s_g m_x G[k,t] + m_g s_x Q[c,t] + m_g m_x T[t]
+ *
+ * with A = sum g q (exact), G = the sum of g over the positions whose tap t lies inside the image, Q the sum of q
+ * over the same (pads are code 0), T their count (times the batch). The integer sum runs on unsigned x codes and
+ * signed errors g - 128: acc = A - 128 Q, each image's sum below P 255 128 (int32), int32 over a task's images
+ * (at most 2^31 / (P 255 128) of them) and int64 across tasks; the rescale runs in double and rounds once.
+ *
+ * Layout (no im2col): each image's x codes are bytes on the zero-padded image split into sh x sw phases (as
+ * IntConv's words), so that tap t of output position (ho, wo) is byte toff[t] + v of the channel's planes, with v
+ * = ho Wq + wo on a "virtual" grid Ho x Wq; the error codes are packed on the same grid, 4 consecutive v to a
+ * word, one word per output channel: [V/4][Kv] words, 0 at the grid's columns wo >= Wo (so those positions add
+ * nothing whatever x holds there). Vector lanes are 16 output channels (vnni: vpdpbusd with a broadcast word of 4
+ * x codes; avx2: 8 channels, vpmaddwd on 16-bit pairs; scalar: loops); a tile is 8 (c, t) rows x 32 channels or
+ * 16 rows x 16 channels, accumulated in registers over an image. */
+typedef struct {
+  int isa;
+  const float *dy, *x;
+  float mg, inv_sg, mx, inv_sx;
+  int64_t N, C, H, W, K, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t Hp, Wp, Hq, Wq, cstride;   /* padded image, phase grid, bytes per channel (planes + slack) */
+  int64_t V4, Kv, taps, CT, P;       /* words of the virtual grid, K rounded to 16, taps, C taps, Ho Wo */
+  int64_t chunk, tasks;              /* images per task */
+  const int64_t* toff;               /* [taps] byte offset of each tap in a channel's planes */
+  const int64_t* xoff;               /* [H W] byte offset of each input pixel in a channel's planes */
+  int32_t* part;                     /* [tasks][CT][Kv] integer sums */
+  int32_t* gsum;                     /* [tasks][K][P] sums of g over the task's images */
+  int32_t* xsum;                     /* [tasks][C][cstride] sums of q over the task's images */
+  int failed;
+} DJob;
+
+#define DW_SLACK 64
+/* tasks a call splits the batch into (each with its own integer sums, added at the end): enough to balance a few
+ * threads, few enough that the sums' allocation and final addition stay small */
+#define DW_TASKS 8
+
+static void dw_tile_scalar(const DJob* j, const uint8_t* xb, const int32_t* gp, int32_t* part, int64_t ct0, int64_t kv0) {
+  for (int64_t ct = ct0; ct < ct0 + 8 && ct < j->CT; ++ct) {
+    const uint8_t* xr = xb + (ct / j->taps) * j->cstride + j->toff[ct % j->taps];
+    for (int64_t k = kv0; k < kv0 + 32 && k < j->Kv; ++k) {
+      int32_t s = 0;
+      for (int64_t w4 = 0; w4 < j->V4; ++w4) {
+        const uint32_t gw = (uint32_t)gp[w4 * j->Kv + k];
+        for (int i = 0; i < 4; ++i) s += (int32_t)xr[4 * w4 + i] * (int32_t)(int8_t)((gw >> (8 * i)) & 0xFF);
+      }
+      part[ct * j->Kv + k] += s;
+    }
+  }
+}
+
+static inline int32_t load_word(const uint8_t* p) {
+  int32_t w;
+  memcpy(&w, p, 4);
+  return w;
+}
+
+#if defined(__AVX2__)
+/* 8 rows x 32 channels (4 vectors of 8) */
+static void dw_tile_avx2(const DJob* j, const uint8_t* xb, const uint8_t* zero, const int32_t* gp, int32_t* part,
+                         int64_t ct0, int64_t kv0) {
+  enum { R = 8, NV = 4 };
+  __m256i acc[R][NV];
+  const uint8_t* xr[R];
+  const int nv = (int)((j->Kv - kv0) / 8 < NV ? (j->Kv - kv0) / 8 : NV);
+  for (int r = 0; r < R; ++r) {
+    const int64_t ct = ct0 + r;
+    xr[r] = ct < j->CT ? xb + (ct / j->taps) * j->cstride + j->toff[ct % j->taps] : zero;
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_si256();
+  }
+  const __m256i lo8 = _mm256_set1_epi32(0x00FF00FF);
+  for (int64_t w4 = 0; w4 < j->V4; ++w4) {
+    __m256i g02[NV], g13[NV];
+    for (int v = 0; v < nv; ++v) {
+      const __m256i g = _mm256_loadu_si256((const __m256i*)(gp + w4 * j->Kv + kv0 + 8 * v));
+      g02[v] = _mm256_srai_epi16(_mm256_slli_epi16(g, 8), 8);
+      g13[v] = _mm256_srai_epi16(g, 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i xw = _mm256_set1_epi32(load_word(xr[r] + 4 * w4));
+      const __m256i x02 = _mm256_and_si256(xw, lo8), x13 = _mm256_and_si256(_mm256_srli_epi32(xw, 8), lo8);
+      for (int v = 0; v < nv; ++v)
+        acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_add_epi32(_mm256_madd_epi16(x02, g02[v]), _mm256_madd_epi16(x13, g13[v])));
+    }
+  }
+  for (int r = 0; r < R && ct0 + r < j->CT; ++r)
+    for (int v = 0; v < nv; ++v) {
+      int32_t* p = part + (ct0 + r) * j->Kv + kv0 + 8 * v;
+      _mm256_storeu_si256((__m256i*)p, _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)p), acc[r][v]));
+    }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* R rows x NV vectors of 16 channels; one vpdpbusd per (row, vector, 4 positions) */
+static inline __attribute__((always_inline)) void dw_tile_vnni_t(const DJob* j, const uint8_t* xb, const uint8_t* zero,
+                                                                 const int32_t* gp, int32_t* part, int64_t ct0,
+                                                                 int64_t kv0, const int R, const int NV) {
+  __m512i acc[16][2];
+  const uint8_t* xr[16];
+  for (int r = 0; r < R; ++r) {
+    const int64_t ct = ct0 + r;
+    xr[r] = ct < j->CT ? xb + (ct / j->taps) * j->cstride + j->toff[ct % j->taps] : zero;
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
+  }
+  const int32_t* g = gp + kv0;
+  /* 4 steps at a time (V4 is a multiple of 4): the row pointers, more than the free registers, advance once per 4 */
+  for (int64_t w4 = 0; w4 < j->V4; w4 += 4, g += 4 * j->Kv) {
+    for (int u = 0; u < 4; ++u) {
+      __m512i gv[2];
+      for (int v = 0; v < NV; ++v) gv[v] = _mm512_loadu_si512((const void*)(g + u * j->Kv + 16 * v));
+      for (int r = 0; r < R; ++r) {
+        const __m512i xw = _mm512_set1_epi32(load_word(xr[r] + 4 * w4 + 4 * u));
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xw, gv[v]);
+      }
+    }
+  }
+  for (int r = 0; r < R && ct0 + r < j->CT; ++r)
+    for (int v = 0; v < NV; ++v) {
+      int32_t* p = part + (ct0 + r) * j->Kv + kv0 + 16 * v;
+      _mm512_storeu_si512((void*)p, _mm512_add_epi32(_mm512_loadu_si512((const void*)p), acc[r][v]));
+    }
+}
+static void dw_tile_vnni_8x2(const DJob* j, const uint8_t* xb, const uint8_t* z, const int32_t* gp, int32_t* part, int64_t ct0, int64_t kv0) {
+  dw_tile_vnni_t(j, xb, z, gp, part, ct0, kv0, 8, 2);
+}
+static void dw_tile_vnni_16x1(const DJob* j, const uint8_t* xb, const uint8_t* z, const int32_t* gp, int32_t* part, int64_t ct0, int64_t kv0) {
+  dw_tile_vnni_t(j, xb, z, gp, part, ct0, kv0, 16, 1);
+}
+#endif
+
+/* a row of x's codes: bytes into the channel's planes (consecutive when stride 1, else through xoff) and added to
+ * the task's code sums; the loops are written for the compiler's vectorizer */
+static void x_row_direct(const float* restrict v, int64_t n, float m, float inv, uint8_t* restrict dst,
+                         int32_t* restrict sum) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t q = code_of(v[i], m, inv);
+    dst[i] = (uint8_t)q;
+    sum[i] += q;
+  }
+}
+
+static void codes_row(const float* restrict v, int64_t n, float m, float inv, int32_t* restrict q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = code_of(v[i], m, inv);
+}
+
+/* a row of the error's codes: signed bytes g - 128 onto the channel's virtual-grid row, added to the code sums */
+static void g_row(const float* restrict v, int64_t n, float m, float inv, int8_t* restrict dst, int32_t* restrict sum) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t q = code_of(v[i], m, inv);
+    dst[i] = (int8_t)(q - 128);
+    sum[i] += q;
+  }
+}
+
+/* one task: its images, one after another: pack, tiles, running sums of the codes */
+static void dw_task(void* p, size_t task) {
+  DJob* j = (DJob*)p;
+  const int64_t n0 = (int64_t)task * j->chunk, n1 = n0 + j->chunk < j->N ? n0 + j->chunk : j->N;
+  const int64_t C = j->C, H = j->H, W = j->W, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
+  const size_t xbytes = (size_t)(C * j->cstride), gwords = (size_t)(V4 * Kv);
+  /* x planes | a zero row | packed error words | the error codes by channel on the virtual grid | a row of codes */
+  char* buf = (char*)calloc(1, xbytes + (size_t)(4 * V4 + DW_SLACK) + gwords * 4 + (size_t)(K * V4 * 4) + (size_t)(W * 4));
+  if (!buf) { j->failed = 1; return; }
+  uint8_t* xb = (uint8_t*)buf;
+  uint8_t* zero = xb + xbytes;
+  int32_t* gp = (int32_t*)(zero + 4 * V4 + DW_SLACK);
+  int8_t* gk = (int8_t*)(gp + gwords);
+  int32_t* row = (int32_t*)(gk + K * V4 * 4);
+  int32_t* part = j->part + (size_t)task * j->CT * Kv;
+  int32_t* gsum = j->gsum + (size_t)task * K * P;
+  int32_t* xsum = j->xsum + (size_t)task * C * j->cstride;
+  const int direct = j->sh == 1 && j->sw == 1;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* x = j->x + (size_t)n * C * H * W;
+    for (int64_t c = 0; c < C; ++c) {
+      uint8_t* xc = xb + c * j->cstride;
+      int32_t* xs = xsum + c * j->cstride;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xr = x + (c * H + h) * W;
+        if (direct) {
+          const int64_t o = (h + j->ph) * j->Wq + j->pw;
+          x_row_direct(xr, W, j->mx, j->inv_sx, xc + o, xs + o);
+        } else {
+          codes_row(xr, W, j->mx, j->inv_sx, row);
+          const int64_t* off = j->xoff + h * W;
+          for (int64_t w = 0; w < W; ++w) { xc[off[w]] = (uint8_t)row[w]; xs[off[w]] += row[w]; }
+        }
+      }
+    }
+    const float* dy = j->dy + (size_t)n * K * P;
+    for (int64_t k = 0; k < K; ++k)   /* the grid's columns wo >= Wo stay 0 */
+      for (int64_t ho = 0; ho < j->Ho; ++ho)
+        g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo);
+    for (int64_t w4 = 0; w4 < V4; ++w4)   /* [K][V] bytes -> [V/4][Kv] words */
+      for (int64_t k = 0; k < K; ++k) gp[w4 * Kv + k] = load_word((const uint8_t*)gk + (k * V4 + w4) * 4);
+    for (int64_t ct0 = 0; ct0 < j->CT; ct0 += (j->isa == ISA_VNNI && Kv == 16) ? 16 : 8)
+      for (int64_t kv0 = 0; kv0 < Kv; kv0 += 32) {
+        switch (j->isa) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+          case ISA_VNNI:
+            if (Kv == 16) dw_tile_vnni_16x1(j, xb, zero, gp, part, ct0, kv0);
+            else if (Kv - kv0 >= 32) dw_tile_vnni_8x2(j, xb, zero, gp, part, ct0, kv0);
+            else dw_tile_vnni_t(j, xb, zero, gp, part, ct0, kv0, 8, 1);
+            break;
+#endif
+#if defined(__AVX2__)
+          case ISA_AVX2: dw_tile_avx2(j, xb, zero, gp, part, ct0, kv0); break;
+#endif
+          default: dw_tile_scalar(j, xb, gp, part, ct0, kv0); break;
+        }
+      }
+  }
+  free(buf);
+}
+
+static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
+  int64_t gd[8], xd[8], d[8];
+  size_t gr, xr, r, gn, xn, cnt;
+  const float *dy, *x, *mgp, *sgp, *mxp, *sxp;
+  OrtStatus* st;
+  DJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = in_shape(ctx, 0, &dy, gd, &gr, &gn)) || (st = in_shape(ctx, 3, &x, xd, &xr, &xn))) return st;
+  if (gr != 4 || xr != 4 || gd[0] != xd[0])
+    return ifail("fracgraph IntConvGradW: dy must be [N, K, Ho, Wo] and x [N, C, H, W] of one batch");
+  const float** scal[4] = {&mgp, &sgp, &mxp, &sxp};
+  const size_t at[4] = {1, 2, 4, 5};
+  for (int i = 0; i < 4; ++i) {
+    if ((st = in_shape(ctx, at[i], scal[i], d, &r, &cnt))) return st;
+    if (cnt != 1) return ifail("fracgraph IntConvGradW: dy_min, dy_scale, x_min and x_scale must be scalars");
+  }
+  j.isa = chosen_isa();
+  if (j.isa < 0) return ifail("fracgraph IntConvGradW: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
+                              "(use auto, vnni, avx2 or scalar; vnni needs AVX-512 VNNI, avx2 needs AVX2)");
+  j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = gd[1], j.Ho = gd[2], j.Wo = gd[3];
+  j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
+  j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
+  if (j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0)
+    return ifail("fracgraph IntConvGradW: kernel, strides and dilations must be >= 1 and pads >= 0");
+  int64_t wd[4] = {j.K, j.C, j.kh, j.kw};
+  void* wv;
+  float* dwo;
+  if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, wd, 4, &wv))) return st;
+  if ((st = IAPI(GetTensorMutableData, GetDataFn)(wv, (void**)&dwo))) return st;
+  j.taps = j.kh * j.kw, j.CT = j.C * j.taps, j.P = j.Ho * j.Wo;
+  if (j.N == 0 || j.P == 0 || j.CT == 0 || j.K == 0) {
+    memset(dwo, 0, (size_t)(j.K * j.CT) * sizeof(float));
+    return NULL;
+  }
+  j.dy = dy, j.x = x;
+  j.mg = *mgp, j.inv_sg = 1.0f / *sgp, j.mx = *mxp, j.inv_sx = 1.0f / *sxp;
+  /* the padded image covers every tap of every output position and the whole input */
+  const int64_t reach_h = (j.Ho - 1) * j.sh + (j.kh - 1) * j.dh + 1, reach_w = (j.Wo - 1) * j.sw + (j.kw - 1) * j.dw + 1;
+  j.Hp = reach_h > j.H + j.ph ? reach_h : j.H + j.ph;
+  j.Wp = reach_w > j.W + j.pw ? reach_w : j.W + j.pw;
+  j.Hq = (j.Hp + j.sh - 1) / j.sh, j.Wq = (j.Wp + j.sw - 1) / j.sw;
+  j.V4 = (j.Ho * j.Wq + 15) / 16 * 4;   /* words of 4 positions, a multiple of 4 (the vnni loop's unroll) */
+  /* a tap reads up to 4 V4 bytes past its offset, whose largest lies inside the last phase */
+  j.cstride = (j.sh * j.sw * j.Hq * j.Wq + j.Wq + DW_SLACK + 63) / 64 * 64;
+  j.Kv = (j.K + 15) / 16 * 16;
+  /* images per task: int32-safe (P 255 128 per image), DW_TASKS tasks where the batch allows */
+  const int64_t safe = (int64_t)(2147483647LL / (j.P * 255LL * 128LL));
+  if (safe < 1) return ifail("fracgraph IntConvGradW: the output map is too large for int32 sums (over 65,000 positions)");
+  j.chunk = (j.N + DW_TASKS - 1) / DW_TASKS;
+  if (j.chunk > safe) j.chunk = safe;
+  j.tasks = (j.N + j.chunk - 1) / j.chunk;
+  int64_t* toff = (int64_t*)malloc((size_t)j.taps * sizeof(int64_t));
+  int64_t* xoff = (int64_t*)malloc((size_t)(j.H * j.W) * sizeof(int64_t));
+  j.part = (int32_t*)calloc((size_t)(j.tasks * j.CT * j.Kv), sizeof(int32_t));
+  j.gsum = (int32_t*)calloc((size_t)(j.tasks * j.K * j.P), sizeof(int32_t));
+  j.xsum = (int32_t*)calloc((size_t)(j.tasks * j.C * j.cstride), sizeof(int32_t));
+  int64_t* Gt = (int64_t*)calloc((size_t)(j.K * j.taps), sizeof(int64_t));
+  int64_t* Qt = (int64_t*)calloc((size_t)(j.C * j.taps), sizeof(int64_t));
+  int64_t* Tt = (int64_t*)calloc((size_t)j.taps, sizeof(int64_t));
+  int64_t* gtot = (int64_t*)calloc((size_t)(j.K * j.P), sizeof(int64_t));
+  int64_t* xtot = (int64_t*)calloc((size_t)j.cstride, sizeof(int64_t));
+  st = NULL;
+  if (!toff || !xoff || !j.part || !j.gsum || !j.xsum || !Gt || !Qt || !Tt || !gtot || !xtot) {
+    st = ifail("fracgraph IntConvGradW: out of memory");
+    goto done;
+  }
+  for (int64_t ta = 0; ta < j.kh; ++ta)
+    for (int64_t tb = 0; tb < j.kw; ++tb) {
+      const int64_t rr = ta * j.dh, cc = tb * j.dw;
+      toff[ta * j.kw + tb] = ((rr % j.sh) * j.sw + cc % j.sw) * j.Hq * j.Wq + (rr / j.sh) * j.Wq + cc / j.sw;
+    }
+  for (int64_t h = 0; h < j.H; ++h)
+    for (int64_t w = 0; w < j.W; ++w) {
+      const int64_t hp = h + j.ph, wp = w + j.pw;
+      xoff[h * j.W + w] = ((hp % j.sh) * j.sw + wp % j.sw) * j.Hq * j.Wq + (hp / j.sh) * j.Wq + wp / j.sw;
+    }
+  j.toff = toff, j.xoff = xoff;
+  if (j.tasks == 1) dw_task(&j, 0);
+  else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, dw_task, (size_t)j.tasks, 0, &j);
+  if (!st && j.failed) st = ifail("fracgraph IntConvGradW: out of memory");
+  if (st) goto done;
+  /* the task sums: G and T per (k, tap) and tap from the positions whose tap lies inside the image */
+  for (int64_t t = 0; t < j.tasks; ++t)
+    for (int64_t i = 0; i < j.K * j.P; ++i) gtot[i] += j.gsum[t * j.K * j.P + i];
+  for (int64_t ta = 0; ta < j.kh; ++ta)
+    for (int64_t tb = 0; tb < j.kw; ++tb)
+      for (int64_t ho = 0; ho < j.Ho; ++ho) {
+        const int64_t hi = ho * j.sh - j.ph + ta * j.dh;
+        if (hi < 0 || hi >= j.H) continue;
+        for (int64_t wo = 0; wo < j.Wo; ++wo) {
+          const int64_t wi = wo * j.sw - j.pw + tb * j.dw;
+          if (wi < 0 || wi >= j.W) continue;
+          Tt[ta * j.kw + tb] += j.N;
+          for (int64_t k = 0; k < j.K; ++k) Gt[k * j.taps + ta * j.kw + tb] += gtot[k * j.P + ho * j.Wo + wo];
+        }
+      }
+  /* Q per (c, tap): the x code sums on the virtual grid's valid positions (pads are code 0) */
+  for (int64_t c = 0; c < j.C; ++c) {
+    memset(xtot, 0, (size_t)j.cstride * sizeof(int64_t));
+    for (int64_t t = 0; t < j.tasks; ++t) {
+      const int32_t* xs = j.xsum + (t * j.C + c) * j.cstride;
+      for (int64_t i = 0; i < j.cstride; ++i) xtot[i] += xs[i];
+    }
+    for (int64_t tap = 0; tap < j.taps; ++tap) {
+      int64_t s = 0;
+      for (int64_t ho = 0; ho < j.Ho; ++ho)
+        for (int64_t wo = 0; wo < j.Wo; ++wo) s += xtot[toff[tap] + ho * j.Wq + wo];
+      Qt[c * j.taps + tap] = s;
+    }
+  }
+  {
+    const double sg = *sgp, mg = *mgp, sx = *sxp, mx = *mxp;
+    const double a = sg * sx, b = sg * mx, cq = mg * sx, dt = mg * mx;
+    const int64_t cells = j.CT * j.Kv;
+    int64_t* At = (int64_t*)calloc((size_t)cells, sizeof(int64_t));   /* the tasks' sums, added in int64 */
+    if (!At) { st = ifail("fracgraph IntConvGradW: out of memory"); goto done; }
+    for (int64_t t = 0; t < j.tasks; ++t) {
+      const int32_t* pt = j.part + t * cells;
+      for (int64_t i = 0; i < cells; ++i) At[i] += pt[i];
+    }
+    for (int64_t ct = 0; ct < j.CT; ++ct) {
+      const int64_t c = ct / j.taps, tap = ct % j.taps, q = Qt[c * j.taps + tap];
+      for (int64_t k = 0; k < j.K; ++k)
+        dwo[k * j.CT + ct] = (float)(a * (double)(At[ct * j.Kv + k] + 128 * q) + b * (double)Gt[k * j.taps + tap] +
+                                     cq * (double)q + dt * (double)Tt[tap]);
+    }
+    free(At);
+  }
+done:
+  free(toff); free(xoff); free(j.part); free(j.gsum); free(j.xsum); free(Gt); free(Qt); free(Tt); free(gtot); free(xtot);
+  return st;
+}
+
 /* ---- registration ----------------------------------------------------------------------------------------- */
 static const char* const I_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"};
-enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, N_IOPS };
-static const char* const I_NAMES[N_IOPS] = {"IntConv", "IntCodesU8", "IntCodesS8", "IntMatMulRescale"};
-static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7};
+enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, OP_CONV_GRAD_W, N_IOPS };
+static const char* const I_NAMES[N_IOPS] = {"IntConv", "IntCodesU8", "IntCodesS8", "IntMatMulRescale", "IntConvGradW"};
+static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7, 6};
 enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
 
 typedef struct {
@@ -587,22 +947,24 @@ static int ikind(const OrtCustomOp* op) { return ((const IOpDef*)op)->kind; }
 
 static OrtStatus* i_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
   (void)api;
-  IKernel* k = (IKernel*)calloc(1, sizeof(IKernel) + sizeof(int));
+  IKernel* k = (IKernel*)calloc(1, sizeof(IKernel));
   OrtStatus* st;
   if (!k) return ifail("fracgraph IntConv: out of memory");
-  if (ikind(op) == OP_CONV)
+  k->kind = ikind(op);
+  if (k->kind == OP_CONV || k->kind == OP_CONV_GRAD_W)
     for (int a = 0; a < 8; ++a)
       if ((st = IAPI(KernelInfoGetAttribute_int64, AttrIntFn)(info, I_ATTRS[a], &k->conv[a]))) { free(k); return st; }
-  k->conv[0] = ikind(op) == OP_CONV ? k->conv[0] : -1 - ikind(op);   /* the other ops keep their kind here */
   *out = k;
   return NULL;
 }
 static OrtStatus* i_compute(void* kernel, void* ctx) {
-  const IKernel* k = (const IKernel*)kernel;
-  if (k->conv[0] >= 0) return compute_int_conv(kernel, ctx);
-  const int kind = (int)(-1 - k->conv[0]);
-  if (kind == OP_RESCALE) return compute_rescale(ctx);
-  return compute_codes(ctx, kind == OP_CODES_S8);
+  IKernel* k = (IKernel*)kernel;
+  switch (k->kind) {
+    case OP_CONV: return compute_int_conv(kernel, ctx);
+    case OP_CONV_GRAD_W: return compute_int_conv_grad_w(k, ctx);
+    case OP_RESCALE: return compute_rescale(ctx);
+    default: return compute_codes(ctx, k->kind == OP_CODES_S8);
+  }
 }
 static void i_destroy(void* k) { free(k); }
 static const char* i_name(const OrtCustomOp* op) { return I_NAMES[ikind(op)]; }

@@ -33,7 +33,25 @@ convs on fewer than 4 input channels (MIN_STRIDED_CHANNELS: the stems of torchvi
 whose weight is not a 2-D matrix. Not matched at all: GEMMs whose operands are not both fw-quant outputs
 (the first conv under `--first fp32`, conv-grad-split's dX convs, which read errors), attention's MatMuls of two
 activations (the codes and rescale around small batched GEMMs cost 3.5x the float MatMul: --only intmatmul),
-per-sample (DFQ) bits, Gemm. The backward GEMMs (dX, dW) stay float.
+per-sample (DFQ) bits, Gemm.
+
+The weight gradient of a conv (dW = sum over images and positions of dY x im2col(X)) reads the error the BW
+quantizer wrote (stochastic rounding, per tensor: dY = s_g g + m_g) and the activation the FW quantizer wrote (per
+tensor: X = s_x q + m_x): both scales lie outside its reduction, so it is one integer sum plus correction terms
+(int_gemm.c's IntConvGradW). It is switched on the activation and error bits (the weight's do not enter it):
+
+    <conv-grad-w's float form of dW>(dY, X) -> If(0 < act bits <= 8 and 0 < grad bits <= 8)
+                                                 then: IntConvGradW(dY, g_min, g_scale, X, x_min, x_scale)
+                                                 else: the float form, moved into the branch as it was
+
+The pass runs after conv-grad-w (build.py's order), so the float branch is whatever form conv-grad-w's cost model
+chose for the shape (ConvGradW, im2col-gemm's ConvGradWCols + FusedMatMul + Reshape, or onnxruntime's ConvGrad)
+and its manifest record stays true of the float branch; DW_FORMS (keyed by the op type of the node that reads dY
+and X) says how to find each form's nodes. Declined, with the reason: grouped convs, a bias gradient (computed
+from the float form's tensors), a ConvGrad that still computes dX, unknown input shapes, maps under
+MIN_DW_POSITIONS or over the int32 bound, and few multiply-adds per packed code (MIN_DW_MACS_PER_CODE: the 1x1
+stride-2 shortcuts). The error GEMM (dX) cannot be integer with today's math: the weight's per-output-channel
+scales lie along its reduction axis, so its sum does not factor into one integer sum and one rescale.
 """
 
 from __future__ import annotations
@@ -69,6 +87,15 @@ MIN_STRIDED_CHANNELS = 4
 # without VNNI the pass leaves the convs as they are (the AVX2 and scalar paths serve artifacts moved there with
 # FRACGRAPH_INT_ISA set, and the tests)
 FAST_PATHS = ("vnni",)
+# IntConvGradW packs every activation and error code once per image and then runs K C kh kw Ho Wo multiply-adds;
+# per packed code (C H W + K Ho Wo) resnet20's 1x1 stride-2 shortcuts have 5-11 and took 1.65-1.83x the float
+# form's CPU time, its 3x3 stem 23 (0.51-0.61x), its 3x3 convs 48-72 (0.42-0.86x) (bench/kernel_probes.py --only
+# intdw --threads 1 --cpu-time, two runs)
+MIN_DW_MACS_PER_CODE = 16
+# measured down to resnet20's 8x8 maps; smaller maps leave each register tile a few steps of work
+MIN_DW_POSITIONS = 64
+# each image's integer sum is below Ho Wo 255 128, which must fit in int32 (the kernel refuses larger maps)
+MAX_DW_POSITIONS = (2**31 - 1) // (255 * 128)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -132,6 +159,84 @@ class _MatMulRule:
 
 RULES = {"Conv": _ConvRule, "MatMul": _MatMulRule}   # one entry per op type the pass puts on integers
 
+_DW_ATTRS = ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")
+
+
+def _fg_conv_attrs(node) -> tuple[dict, int]:
+    a = _attrs(node)
+    return {k: int(a[k]) for k in _DW_ATTRS}, int(a.get("group", 1))
+
+
+def _form_tile(node, consumers):
+    """ConvGradW(dY, X) -> dW: one node."""
+    attrs, _ = _fg_conv_attrs(node)
+    return [node], node.output[0], attrs
+
+
+def _form_cols(node, consumers):
+    """ConvGradWCols(dY, X) -> (dYt, col), FusedMatMul(dYt, col^T), Reshape -> dW (im2col-gemm)."""
+    attrs, group = _fg_conv_attrs(node)
+    if group != 1:
+        return "grouped"
+    dyt, col = node.output[0], node.output[1]
+    if len(consumers[dyt]) != 1:
+        return "its bias gradient reads the float form's transposed error"
+    mm = consumers[dyt][0]
+    if mm.op_type != "FusedMatMul" or consumers[col] != [mm] or len(consumers[mm.output[0]]) != 1:
+        return "not conv-grad-w's im2col-gemm form"
+    rs = consumers[mm.output[0]][0]
+    if rs.op_type != "Reshape":
+        return "not conv-grad-w's im2col-gemm form"
+    return [node, mm, rs], rs.output[0], attrs
+
+
+def _form_convgrad(node, consumers):
+    """onnxruntime's ConvGrad(dY, X, W) -> ("", dW), kept by conv-grad-w."""
+    a = _attrs(node)
+    outs = list(node.output) + [""] * (3 - len(node.output))
+    kernel, pads = list(a.get("kernel_shape", [])), list(a.get("pads", [0, 0, 0, 0]))
+    strides, dil = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
+    if outs[0]:
+        return "ConvGrad computes dX too"
+    if outs[2]:
+        return "bias gradient"
+    if a.get("group", 1) != 1:
+        return "grouped"
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return "auto_pad"
+    if len(kernel) != 2 or len(pads) != 4 or len(strides) != 2 or len(dil) != 2:
+        return "not 2-D"
+    attrs = dict(kh=kernel[0], kw=kernel[1], sh=strides[0], sw=strides[1], ph=pads[0], pw=pads[1], dh=dil[0], dw=dil[1])
+    return [node], outs[1], {k: int(v) for k, v in attrs.items()}
+
+
+# the float forms of a conv's weight gradient (passes/conv_grad_w.py), keyed by the op type of the node that reads
+# dY and X: each returns (its nodes in graph order, the dW tensor, the conv attributes) or why it declines
+DW_FORMS = {("ai.fracgraph", "ConvGradW"): _form_tile, ("ai.fracgraph", "ConvGradWCols"): _form_cols,
+            ("com.microsoft", "ConvGrad"): _form_convgrad}
+
+
+def decline_dw(attrs: dict, x_shape, k_out: int | None) -> str | None:
+    """Why a conv's weight gradient keeps its float form (None: it goes on IntConvGradW)."""
+    if not x_shape or len(x_shape) != 4 or any(not isinstance(d, int) or d <= 0 for d in x_shape[1:]):
+        return "input shape unknown"
+    if not k_out:
+        return "output channels unknown"
+    _, c, h, w = x_shape
+    a = attrs
+    ho = (h + 2 * a["ph"] - a["dh"] * (a["kh"] - 1) - 1) // a["sh"] + 1
+    wo = (w + 2 * a["pw"] - a["dw"] * (a["kw"] - 1) - 1) // a["sw"] + 1
+    p = ho * wo
+    if p < MIN_DW_POSITIONS:
+        return f"{ho}x{wo} output map (< {MIN_DW_POSITIONS} positions, not measured)"
+    if p > MAX_DW_POSITIONS:
+        return f"{ho}x{wo} output map: an image's integer sum could overflow int32"
+    per_code = k_out * c * a["kh"] * a["kw"] * p / (c * h * w + k_out * p)
+    if per_code < MIN_DW_MACS_PER_CODE:
+        return (f"{per_code:.1f} multiply-adds per packed code (< {MIN_DW_MACS_PER_CODE}): packing the codes costs "
+                f"more than the integer GEMM saves")
+    return None
+
 
 class IntGemmPass(Pass):
     name = "int-gemm"
@@ -142,6 +247,7 @@ class IntGemmPass(Pass):
         self.nchwc_block = nchwc_block    # > 1: a float branch's conv goes onto NCHWc kernels like the others
         self.fused = fused
         self.convs: list[dict] = []       # what the manifest records: each GEMM's name, op type and decision
+        self.weight_grads: list[dict] = []   # ... and each conv weight gradient's (name, float form, decision)
 
     def call(self, model):
         from .. import kernels
@@ -157,6 +263,8 @@ class IntGemmPass(Pass):
         shapes.update({t.name: list(t.dims) for t in graph.initializer})
         notes, pairs, self.convs = [], [], []
         counts = defaultdict(int)
+        # each conv's weight shape by the conv's name (the BW quantizer of its output error is `<name>::bwq`)
+        self.conv_weights = {n.name: shapes.get(n.input[1]) for n in graph.node if n.op_type == "Conv" and len(n.input) > 1}
         for node in list(graph.node):
             rule = RULES.get(node.op_type)
             if rule is None or node.domain not in ("", "ai.onnx") or (rule is _MatMulRule and not self.matmul):
@@ -179,18 +287,87 @@ class IntGemmPass(Pass):
             what = " and ".join(f"{n} {op}" for op, n in counts.items())
             notes.insert(0, f"{what} forward on integer kernels when act and weight bits are 1..{MAX_BITS}, the float "
                             f"op otherwise")
-        return PassResult(model, bool(pairs), notes)
+        dw_pairs, dw_notes = self._weight_grads(model, em, shapes)
+        replace_nodes(graph, dw_pairs)
+        if dw_pairs:
+            import_domain(model)
+        return PassResult(model, bool(pairs) or bool(dw_pairs), notes + dw_notes)
+
+    def _weight_grads(self, model, em: Emitter, shapes) -> tuple[list, list[str]]:
+        """Every conv weight gradient whose dY is a BW quantizer's output and X a FW quantizer's: its float form
+        (DW_FORMS) into the else branch of an If whose then branch is IntConvGradW."""
+        graph = model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        consumers = defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                consumers[i].append(n)
+        outputs = {o.name for o in graph.output}
+        pairs, notes, self.weight_grads = [], [], []
+        for node in list(graph.node):
+            form = DW_FORMS.get((node.domain, node.op_type))
+            if form is None or len(node.input) < 2:
+                continue
+            g, x = self._operand(node.input[0], "::bwq"), self._operand(node.input[1], "::fq_a")
+            if g is None or x is None or not g["prefix"].endswith("::bwq"):
+                continue   # not a quantized error x quantized activation product (e.g. --first fp32's conv)
+            name = node.name.split("::cgw/")[0]
+            found = form(node, consumers)
+            if isinstance(found, str):
+                reason = found
+            else:
+                cone, dw, attrs = found
+                w_shape = self.conv_weights.get(g["prefix"][: -len("::bwq")])
+                reason = "its weight gradient is a graph output" if dw in outputs else \
+                    decline_dw(attrs, shapes.get(node.input[1]), w_shape[0] if w_shape and w_shape[0] else None)
+            self.weight_grads.append({"name": name, "float_form": node.op_type, "int": reason is None,
+                                      "reason": reason or "activation and error both <= 8 bits"})
+            if reason is not None:
+                notes.append(f"{name}: weight gradient kept on {node.op_type} ({reason})")
+                continue
+            new = self._rewrite_dw(em, name, node, cone, dw, attrs, g, x)
+            pairs += [(n, []) for n in cone[:-1]] + [(cone[-1], new)]
+            em.nodes = []
+        if pairs:
+            n = sum(w["int"] for w in self.weight_grads)
+            notes.insert(0, f"{n} conv weight gradients on IntConvGradW when act and grad bits are 1..{MAX_BITS}, "
+                            f"their float form otherwise")
+        return pairs, notes
+
+    def _rewrite_dw(self, em: Emitter, name, node, cone, dw, attrs, g, x) -> list[onnx.NodeProto]:
+        base = f"{name}::int_dw"
+        cond = self._switch(em, x["bits"], g["bits"])
+        ins = [node.input[0]] + [em.node("Identity", [g[k]], f"{base}/g_{k}") for k in ("min", "scale")] + \
+              [node.input[1]] + [em.node("Identity", [x[k]], f"{base}/x_{k}") for k in ("min", "scale")]
+        then_out, else_out = f"{base}/dw", f"{base}/dw_float"
+        then_graph = helper.make_graph(
+            [helper.make_node("IntConvGradW", ins, [then_out], name=f"{base}/int", domain=DOMAIN, **attrs)],
+            f"{base}/integer", [], [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)])
+        moved = []
+        for n in cone:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            for i, o in enumerate(c.output):
+                if o == dw:
+                    c.output[i] = else_out
+            moved.append(c)
+        else_graph = helper.make_graph(moved, f"{base}/float", [],
+                                       [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)])
+        branch = helper.make_node("If", [cond], [dw], name=f"{base}/switch", then_branch=then_graph,
+                                  else_branch=else_graph)
+        return em.nodes + [branch]
 
     def _operand(self, tensor: str, tag: str) -> dict | None:
-        """The quantizer behind a fw-quant output: `Where(<bits>::on, <prefix>/q, x)` with q a FakeQuantize (fused)
-        or the chain's `Add(<prefix>/descaled, min)`; its bits, min and scale tensors."""
+        """The quantizer behind a fw-quant (or bw-quant) output: `Where(<bits>::on, <prefix>/q, x)` with q a
+        FakeQuantize or SRQuantize(Noise) (fused) or the chain's `Add(<prefix>/descaled, min)`; its bits, min and
+        scale tensors."""
         where = self.producer.get(tensor)
         if where is None or where.op_type != "Where" or not where.input[0].endswith("::on"):
             return None
         q = self.producer.get(where.input[1])
         if q is None or not q.name.endswith("/q") or tag not in q.name:
             return None
-        if q.op_type == "FakeQuantize":
+        if q.op_type in ("FakeQuantize", "SRQuantize", "SRQuantizeNoise"):
             mn, s = q.input[1], q.input[2]
         elif q.op_type == "Add":
             mul = self.producer.get(q.input[0])
@@ -199,7 +376,7 @@ class IntGemmPass(Pass):
             mn, s = q.input[1], mul.input[1]
         else:
             return None
-        return {"bits": where.input[0][: -len("::on")], "min": mn, "scale": s}
+        return {"bits": where.input[0][: -len("::on")], "min": mn, "scale": s, "prefix": q.name[: -len("/q")]}
 
     def _switch(self, em: Emitter, act_bits: str, w_bits: str) -> str:
         """One bool per (act bits, weight bits) pair: both in 1..MAX_BITS."""

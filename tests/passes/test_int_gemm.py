@@ -134,6 +134,7 @@ def builds(tmp_path_factory):
         mp.setattr(int_gemm, "MIN_POSITIONS", 0)       # ConvZoo's maps are smaller than 8x8 too
         mp.setattr(int_gemm, "MIN_STRIDED_CHANNELS", 0)   # and a strided stem would stay float
         mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))   # the pass on CPUs without VNNI too
+        mp.setattr(int_gemm, "MIN_DW_POSITIONS", 10**9)   # forward convs only (weight gradients: test_int_conv_grad_w.py)
         return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
 
 
