@@ -194,6 +194,10 @@ def dw_builds(tmp_path_factory):
         mp.setattr(int_gemm, "MIN_DW_MACS_PER_CODE", 0)
         mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
         mp.setattr(int_gemm, "RULES", {k: v for k, v in int_gemm.RULES.items() if k != "Conv"})
+        # fixed weights: with others an activation code can flip between onnxruntime's and PyTorch's float convs
+        # (a value on a rounding boundary), which moves a weight gradient by a quantum, past the tolerance, in
+        # either build (seen on the float build's 1x1 stride-2 conv in about one process in three)
+        torch.manual_seed(0)
         return build_pair(ConvZoo(), tmp_path_factory.mktemp("intdw"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
 
 

@@ -65,7 +65,10 @@ def build_pair(module, directory, input_shape, option: str | None = None, *, off
                on: dict | None = None) -> dict:
     """{False: (artifacts, manifest), True: ...} of `module` built with BuildOptions.<option> off and on (or with the
     `off` and `on` options), the BW noise exposed and seeded alike."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)   # the module's weights, whatever the RNG's state when the caller built it: a test's values
+    for m in module.modules():   # then do not depend on which tests ran before it in the process
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
     path = export(module, directory / "model.onnx", shape=input_shape)
     variants = {False: off if option is None else {option: False}, True: on if option is None else {option: True}}
     out = {}
