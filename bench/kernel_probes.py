@@ -11,8 +11,8 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc) and
   vs fracgraph's ConvGradW;
 - dwshapes: the weight gradient on every shape of the model corpus (resnet18, efficientnet_b0, regnet_x_400mf at
-  batch 32, 64x64; resnet20): ConvGrad vs ConvGradW vs ConvGradWCols + MatMul vs DepthwiseConvGradW (the forms
-  passes/conv_grad_w.py chooses from);
+  batch 32, 64x64; resnet20): ConvGrad vs ConvGradW vs ConvGradWCols + MatMul vs ConvGradWNhwc vs
+  DepthwiseConvGradW (the forms passes/conv_grad_w.py chooses from);
 - fwshapes: resnet18's forward 3x3 convs as Conv, NCHWc and im2col + MatMul; reorder: the NCHWc weight reorder
   as onnxruntime's Transpose vs fracgraph's NchwcWeight;
 - forms: every forward and dX form of nchwc-conv (Conv/ConvTranspose, NCHWc, im2col-gemm on Im2Col/Col2Im) on
@@ -315,6 +315,9 @@ def dw_candidates(n, ci, hw, co, k, s, g):
         [h.make_node("ConvGradWCols", ["dy", "x"], ["dyt", "col"], domain=FG, group=g, **conv),
          h.make_node("FusedMatMul", ["dyt", "col"], ["dwg"], domain="com.microsoft", transB=1), h.make_node("Reshape", ["dwg", "ws"], ["dw"])],
         ["dy", "x"], ["dw"], [h.make_tensor("ws", T.INT64, [4], [co, ci // g, k, k])])))
+    if g != ci or ci != co:   # the channel-tiled kernel (kernels/conv_grad_w.c): every non-depthwise shape
+        cands.append(("fracgraph ConvGradWNhwc", _model([h.make_node("ConvGradWNhwc", ["dy", "x"], ["dw"], domain=FG, group=g,
+                                                                     **conv)], ["dy", "x"], ["dw"])))
     if g == ci == co:
         cands.append(("fracgraph DepthwiseConvGradW", _model(
             [h.make_node("DepthwiseConvGradW", ["dy", "x"], ["dw"], domain=FG, **conv)], ["dy", "x"], ["dw"])))
