@@ -61,6 +61,11 @@ TILE_MIN_P = 64       # ConvGradW's register tile measured down to 8x8 maps (res
 CALL = 4000.0         # one GEMM call of onnxruntime's ConvGrad (per image and group): dispatch onto the thread pool
 CACHE = 0.3           # a float of an image's im2col that stays in cache (ConvGrad's per-image col)
 PW_DW = 0.15          # 1x1 stride 1: ConvGrad's per-image update of dW, which stays in cache (--only dwshapes --cpu-time)
+# nhwc-tiles (ConvGradWNhwc): fitted on bench/kernel_probes.py --only dwshapes --cpu-time (resnet18, regnet, densenet)
+NT_COPY = 2.0         # a float of X or dY copied into the channel-blocked layouts (written, read back)
+NT_MAC = 0.03         # one multiply-add at MLAS's GEMM rate, in the same units (the other forms' MACs cancel)
+NT_SLOW = 0.8         # the kernel's extra time per multiply-add over MLAS's (its tile is 8 x 32 or 16 x 16)
+NT_MARGIN = 1.25      # nhwc-tiles replaces ConvGrad / im2col-gemm only where it is modelled this many times cheaper
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,13 @@ class ConvShape:
         return self.group == self.ci == self.co
 
     @property
+    def valid_taps(self) -> int:
+        """Sum over the kernel's taps of the output positions whose input lies inside X (not in the padding)."""
+        def one(size, out, stride, pad, dil, k):
+            return sum(1 for t in range(k) for o in range(out) if 0 <= o * stride - pad + t * dil < size)
+        return one(self.h, self.ho, self.sh, self.ph, self.dh, self.kh) * one(self.w, self.wo, self.sw, self.pw, self.dw, self.kw)
+
+    @property
     def pointwise(self) -> bool:
         return self.kh == self.kw == 1 and self.sh == self.sw == 1 and self.ph == self.pw == self.ph_end == self.pw_end == 0
 
@@ -115,9 +127,14 @@ def dw_costs(s: ConvShape, avx512: bool) -> dict[str, float | None]:
     gemm = 3 * s.p * (s.group * s.kg + s.co)   # col and dYt: written, read back (and packed) by the GEMM
     tile = avx512 and s.group == 1 and s.co % 16 == 0 and s.co <= 64 and not s.bias and \
         (s.sh == s.sw == 1 or s.ci >= 16)
+    cig = s.ci // s.group
+    macs, valid = s.co * s.kg * s.p, s.co * cig * s.valid_taps    # per image: the GEMM's and those off the padding
+    lanes = 16 * -(-cig // 16) / cig                               # vector lanes per input channel (16 per register)
+    tiles = NT_COPY * (s.ci * s.h * s.w + s.co * s.p) + NT_MAC * (lanes * valid * (1 + NT_SLOW) - macs)
     return {
         "ConvGrad": convgrad,
         "im2col-gemm": gemm,
+        "nhwc-tiles": tiles if avx512 and not s.depthwise else None,
         # the tile keeps dW^T in registers over the image: its extra cost is the image's col or padded copy
         "ConvGradW": CACHE * s.kg * s.p if tile else None,
         "depthwise": CACHE * s.kh * s.kw * s.p * s.ci if s.depthwise else None,
@@ -131,6 +148,9 @@ def choose(s: ConvShape, avx512: bool) -> tuple[str, str]:
         return "depthwise", "depthwise: one output row per channel, no GEMM"
     if c["ConvGradW"] is not None and s.p >= TILE_MIN_P and not s.pointwise:
         return "ConvGradW", f"AVX-512 tile over {s.co} output channels on {s.ho}x{s.wo} maps"
+    if c["nhwc-tiles"] is not None and c["nhwc-tiles"] * NT_MARGIN < min(c["ConvGrad"], c["im2col-gemm"]):
+        return "nhwc-tiles", (f"modelled {c['nhwc-tiles']:,.0f} vs ConvGrad's {c['ConvGrad']:,.0f} and im2col-gemm's "
+                              f"{c['im2col-gemm']:,.0f} per image (below 1/{NT_MARGIN:g})")
     if c["im2col-gemm"] * MARGIN < c["ConvGrad"]:
         return "im2col-gemm", (f"modelled {c['im2col-gemm']:,.0f} vs ConvGrad's {c['ConvGrad']:,.0f} per image "
                                f"(below 1/{MARGIN:g})")
@@ -182,7 +202,8 @@ class ConvGradWPass(Pass):
             import_domain(model)
             if not any(o.domain == "com.microsoft" for o in model.opset_import):
                 model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        counts = {f: sum(c["form"] == f for c in self.choices) for f in ("ConvGradW", "im2col-gemm", "depthwise", "ConvGrad")}
+        counts = {f: sum(c["form"] == f for c in self.choices)
+                  for f in ("ConvGradW", "im2col-gemm", "nhwc-tiles", "depthwise", "ConvGrad")}
         notes.insert(0, "conv weight gradients: " + ", ".join(f"{v} on {k}" for k, v in counts.items()))
         return PassResult(model, bool(pairs), notes)
 
@@ -212,6 +233,15 @@ def _emit_gemm(em: Emitter, n, s: ConvShape) -> None:
         em.nodes.append(helper.make_node("Reshape", [db, em.const([s.co], np.int64)], [n.output[2]], name=f"{base}/db"))
 
 
+def _emit_tiles(em: Emitter, n, s: ConvShape) -> None:
+    base = f"{n.name}::cgw"
+    em.nodes.append(helper.make_node("ConvGradWNhwc", [n.input[0], n.input[1]], [n.output[1]], name=f"{base}/dw",
+                                     domain=DOMAIN, group=s.group, **_conv_attrs(s)))
+    if len(n.output) > 2 and n.output[2]:
+        db = _reduce_sum(em, n.input[0], [0, 2, 3], f"{base}/db_c")
+        em.nodes.append(helper.make_node("Identity", [db], [n.output[2]], name=f"{base}/db"))
+
+
 def _emit_depthwise(em: Emitter, n, s: ConvShape) -> None:
     base = f"{n.name}::cgw"
     em.nodes.append(helper.make_node("DepthwiseConvGradW", [n.input[0], n.input[1]], [n.output[1]], name=f"{base}/dw",
@@ -227,7 +257,7 @@ def _reduce_sum(em: Emitter, x: str, axes: list[int], out: str) -> str:
     return em.node("ReduceSum", [x], out, axes=axes, keepdims=0)
 
 
-FORMS = {"ConvGradW": _emit_tile, "im2col-gemm": _emit_gemm, "depthwise": _emit_depthwise}
+FORMS = {"ConvGradW": _emit_tile, "im2col-gemm": _emit_gemm, "nhwc-tiles": _emit_tiles, "depthwise": _emit_depthwise}
 
 
 def _shape(n, shapes) -> tuple[ConvShape | None, str]:
