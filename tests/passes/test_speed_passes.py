@@ -166,7 +166,7 @@ def test_conv_grad_split_structure_and_reasons(builds):
     graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
     # dW only: ConvGrad without dX, or the forms of passes/conv_grad_w.py
     split = [n for n in graph.node if (n.op_type == "ConvGrad" and n.output[0] == "")
-             or n.op_type in ("ConvGradW", "ConvGradWCols", "DepthwiseConvGradW")]
+             or n.op_type in ("ConvGradW", "ConvGradWCols", "ConvGradWNhwc", "DepthwiseConvGradW")]
     assert len(split) == 7   # six lowered + the first conv, whose dX onnxruntime already drops
 
 
