@@ -13,6 +13,12 @@ memory-bound, 32 times per step. The forms this pass chooses from (a registry ke
   batch's im2col and dY with the batch moved next to the positions), then one `FusedMatMul(dYt, col^T)` on
   onnxruntime's MLAS: one GEMM with inner dimension N*P, so dW is written once instead of once per image (and
   grouped convs are one batched GEMM); dB, where asked for, is a ReduceSum of dYt;
+- `nhwc-tiles`: `ConvGradWNhwc(dY, X)` (fracgraph's kernel, kernels/conv_grad_w.c, AVX-512): X and dY copied once
+  into channel-blocked layouts, then tiles of dW (a block of 16 or 32 of a group's input channels x one tap x the
+  group's output channels in register blocks of 8 or 16) each reduce over all N*P positions in registers: dW
+  written once, no im2col, and each tap runs over its valid output range only, so the padding's zeros are never
+  multiplied (on a 2x2 map with a 3x3 kernel that is 5/9 of the im2col's multiply-adds); grouped convs are tiles
+  inside one group;
 - `depthwise`: `DepthwiseConvGradW(dY, X)` (fracgraph's kernel): group = Ci = Co has no GEMM to speak of (one
   output row per channel); channels as tasks, each tap a dot product over the images;
 - `ConvGrad`: onnxruntime's own op, kept.
@@ -35,6 +41,15 @@ ConvGradWCols then copies each plane as it is) wins only on the smallest maps: `
 --only dwshapes --cpu-time --match "densenet 1x1,convnext 1x1,effnet 1x1,regnet 1x1"` measured it at 0.6-0.9x
 ConvGrad's CPU time on 2x2 maps (densenet's block 4, convnext's last stage, efficientnet's head) and 1.1-1.7x on
 4x4 and larger; `PW_DW` sits inside the window those ratios leave (0.12-0.2).
+
+nhwc-tiles' term (`NT_*`, fitted on `--only dwshapes --cpu-time` over resnet18's, regnet's and densenet's shapes):
+the copies of X and dY, plus the multiply-adds it does (those off the padding, times the vector lanes a group's
+input channels fill, times NT_SLOW: its tile is slower per multiply-add than MLAS's packed GEMM) minus the GEMM's
+that the other forms' costs leave out; so the term is negative where the padding's share is large. It wins on
+grouped convs (0.15-0.35x ConvGrad on regnet's group width 16) and 3x3 convs of 128-512 channels on 8x8-2x2 maps
+(0.5-0.9x), loses on 1x1 convs (its copies are not hidden by a 1x1's few multiply-adds per element: 1.05-2.4x on
+4x4 and larger maps), on strided 3x3 convs of 16x16 inputs and on 3-channel stems (3 of 16 lanes). It must win by
+NT_MARGIN over both other forms; it comes after the depthwise and ConvGradW rules.
 
 Every form's values are the same sums in another order (float rounding differs), so the step is compared with
 the pass on and off within float rounding, and each kernel against PyTorch's float64 weight gradient
