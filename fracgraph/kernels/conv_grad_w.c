@@ -23,13 +23,10 @@
  *   position of the batch, so dW is written once and nothing the size of the batch's im2col exists;
  * - the padding costs nothing: each tap runs over its valid output range only (ho in [ho0, ho1), wo in [wo0, wo1):
  *   the positions whose input lies inside X), no branch per position and no multiply-add with a padded zero;
- * - 1x1 stride-1 unpadded convs are walked as one row of H*W positions per image; where H*W is 16, 32, 48 or 64
- *   (4x4 to 8x8 maps) they take another path with no copies at all: positions as the vector lanes, X and dY read
- *   in place (lanes_task).
+ * - 1x1 stride-1 unpadded convs are walked as one row of H*W positions per image.
  *
  * Sums run over the positions in the order (n, ho, wo), one fused multiply-add per product into one float
- * accumulator per dW element (the lanes path: 16 accumulators, positions p = l mod 16 in lane l, then added in a
- * fixed tree). The plain-C path (CPUs without AVX-512) does the same fused multiply-adds (fmaf) in
+ * accumulator per dW element. The plain-C path (CPUs without AVX-512) does the same fused multiply-adds (fmaf) in
  * the same order, so both give bitwise the same dW (tests/passes/test_conv_grad_w.py checks that, and both
  * against PyTorch's float64 weight gradient, bounded by the reduction length N*P).
  */
@@ -57,7 +54,6 @@ typedef struct {
                      block width (16 or 32) and blocks, output units of 16; output channels per task, chunks */
   size_t tasks;
   int plain;          /* 1: the plain-C path even where AVX-512 is compiled (tests) */
-  int lanes;          /* 1x1 stride 1 unpadded, H*W in 16..64, a multiple of 16: positions as lanes (lanes_task) */
 } CJob;
 
 #define CBLOCK 32     /* input channels per tile: two vectors */
@@ -257,96 +253,6 @@ static void tile_task(void* p, size_t t) {
   }
 }
 
-/* ---- 1x1 stride-1 unpadded convs whose maps are a multiple of 16 positions: positions as lanes, no copies ------
- * dW[o][c] = sum_n sum_p dY[n][o][p] X[n][c][p]: both operands' rows are contiguous runs of positions, read in
- * place. A register tile holds PO output x PC input channels, each accumulator 16 partial sums (lane l: the
- * positions p = l mod 16 of every image, in the order (n, p)); the 16 lanes are then added in a fixed tree
- * (lane_sum), the same on both paths. Tasks: a group's block of OB output x CB input channels. */
-#define PO 4
-#define PC 6
-#define LANES_MAX_P 64   /* above, the task's rows (N*P positions each) no longer stay in L2 between register tiles
-                            and the blocked path wins (16x16 maps: 0.6x the lanes path's time on densenet's 224->128) */
-#define OB 32
-#define CB 48
-
-static float lane_sum(const float* v) {   /* ((v0 + v8) + (v4 + v12)) + ... : pairs 8 apart, then 4, 2, 1 */
-  float a[8];
-  for (int i = 0; i < 8; ++i) a[i] = v[i] + v[i + 8];
-  for (int i = 0; i < 4; ++i) a[i] = a[i] + a[i + 4];
-  for (int i = 0; i < 2; ++i) a[i] = a[i] + a[i + 2];
-  return a[0] + a[1];
-}
-
-static void lanes_plain(const CJob* j, int64_t o0, int64_t c0, int ro, int rc, float* out) {
-  float acc[PO][PC][16];
-  const int64_t P = j->Ho * j->Wo;
-  memset(acc, 0, sizeof acc);
-  for (int64_t n = 0; n < j->N; ++n) {
-    const float* d = j->dy + (n * j->Co + o0) * P;
-    const float* x = j->x + (n * j->Ci + c0) * P;
-    for (int64_t p = 0; p < P; p += 16)
-      for (int c = 0; c < rc; ++c)
-        for (int r = 0; r < ro; ++r)
-          for (int l = 0; l < 16; ++l) acc[r][c][l] = fmaf(d[r * P + p + l], x[c * P + p + l], acc[r][c][l]);
-  }
-  for (int r = 0; r < ro; ++r)
-    for (int c = 0; c < rc; ++c) out[r * PC + c] = lane_sum(acc[r][c]);
-}
-
-#if defined(__AVX512F__)
-static inline __attribute__((always_inline)) void lanes_avx512(const CJob* j, int64_t o0, int64_t c0, const int ro,
-                                                               const int rc, float* out) {
-  __m512 acc[PO][PC];
-  const int64_t P = j->Ho * j->Wo;
-  for (int r = 0; r < ro; ++r)
-    for (int c = 0; c < rc; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t n = 0; n < j->N; ++n) {
-    const float* d = j->dy + (n * j->Co + o0) * P;
-    const float* x = j->x + (n * j->Ci + c0) * P;
-    for (int64_t p = 0; p < P; p += 16) {
-      __m512 dv[PO];
-      for (int r = 0; r < ro; ++r) dv[r] = _mm512_loadu_ps(d + r * P + p);
-      for (int c = 0; c < rc; ++c) {
-        const __m512 xv = _mm512_loadu_ps(x + c * P + p);
-        for (int r = 0; r < ro; ++r) acc[r][c] = _mm512_fmadd_ps(dv[r], xv, acc[r][c]);
-      }
-    }
-  }
-  float v[16];
-  for (int r = 0; r < ro; ++r)
-    for (int c = 0; c < rc; ++c) {
-      _mm512_storeu_ps(v, acc[r][c]);
-      out[r * PC + c] = lane_sum(v);
-    }
-}
-
-#define LC(ro, rc) case (ro) * 8 + (rc): lanes_avx512(j, o0, c0, ro, rc, out); return;
-#define LROW(ro) LC(ro, 1) LC(ro, 2) LC(ro, 3) LC(ro, 4) LC(ro, 5) LC(ro, 6)
-static void lanes_vec(const CJob* j, int64_t o0, int64_t c0, int ro, int rc, float* out) {
-  switch (ro * 8 + rc) { LROW(1) LROW(2) LROW(3) LROW(4) }
-}
-#endif
-
-static void lanes_task(void* p, size_t t) {
-  const CJob* j = (const CJob*)p;
-  const int64_t ob_n = (j->cog + OB - 1) / OB, cb_n = (j->cig + CB - 1) / CB;
-  const int64_t cb = (int64_t)t % cb_n, ob = (int64_t)t / cb_n % ob_n, g = (int64_t)t / cb_n / ob_n;
-  const int64_t o_lo = g * j->cog + ob * OB, o_hi = o_lo + OB < (g + 1) * j->cog ? o_lo + OB : (g + 1) * j->cog;
-  const int64_t c_lo = cb * CB, c_hi = c_lo + CB < j->cig ? c_lo + CB : j->cig;   /* within the group */
-  float out[PO * PC];
-  for (int64_t o0 = o_lo; o0 < o_hi; o0 += PO)
-    for (int64_t c0 = c_lo; c0 < c_hi; c0 += PC) {
-      const int ro = (int)(o_hi - o0 < PO ? o_hi - o0 : PO), rc = (int)(c_hi - c0 < PC ? c_hi - c0 : PC);
-#if defined(__AVX512F__)
-      if (!j->plain) lanes_vec(j, o0, g * j->cig + c0, ro, rc, out);
-      else
-#endif
-        lanes_plain(j, o0, g * j->cig + c0, ro, rc, out);
-      for (int r = 0; r < ro; ++r)
-        for (int c = 0; c < rc; ++c) j->dw[(o0 + r) * j->cig + c0 + c] = out[r * PC + c];
-    }
-}
-
 /* Fills the job's geometry from the shapes; 0, or a message. */
 static const char* setup(CJob* j, const int64_t* xd, const int64_t* dd, const int64_t* conv) {
   j->N = xd[0], j->Ci = xd[1], j->H = xd[2], j->W = xd[3], j->Co = dd[1], j->Ho = dd[2], j->Wo = dd[3];
@@ -360,11 +266,6 @@ static const char* setup(CJob* j, const int64_t* xd, const int64_t* dd, const in
   if (j->kh == 1 && j->kw == 1 && j->sh == 1 && j->sw == 1 && j->ph == 0 && j->pw == 0 && j->Ho == j->H && j->Wo == j->W) {
     j->W = j->Wo = j->H * j->W;   /* 1x1 stride 1 unpadded: one row of H*W positions per image */
     j->H = j->Ho = 1;
-    if (j->W % 16 == 0 && j->W <= LANES_MAX_P) {   /* ... and a multiple of 16 of them: positions as lanes */
-      j->lanes = 1;
-      j->tasks = (size_t)(j->G * ((j->cog + OB - 1) / OB) * ((j->cig + CB - 1) / CB));
-      return 0;
-    }
   }
   j->bw = j->cig <= 16 ? 16 : CBLOCK;
   j->cblocks = (j->cig + j->bw - 1) / j->bw;
@@ -396,10 +297,6 @@ int fg_conv_grad_w_nhwc(const float* dy, const float* x, float* dw, const int64_
 #endif
   if (setup(&j, xd, dd, conv)) return 2;
   j.dy = dy, j.x = x, j.dw = dw, j.plain = path == 0;
-  if (j.lanes) {
-    for (size_t t = 0; t < j.tasks; ++t) lanes_task(&j, t);
-    return 0;
-  }
   j.xt = (float*)malloc(scratch_floats(&j) * sizeof(float) + 64);
   if (!j.xt) return 2;
   j.dt = j.xt + j.N * j.G * j.cblocks * j.bw * j.H * j.W;
@@ -452,9 +349,6 @@ static OrtStatus* cw_compute(void* kernel, void* ctx) {
     memset(j.dw, 0, (size_t)(j.Co * j.cig * j.kh * j.kw) * sizeof(float));
     return NULL;
   }
-  if (j.lanes)
-    return j.tasks > 1 ? CAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, lanes_task, j.tasks, 0, &j)
-                       : (lanes_task(&j, 0), NULL);
   j.xt = (float*)malloc(scratch_floats(&j) * sizeof(float) + 64);
   if (!j.xt) return cfail("fracgraph ConvGradWNhwc: out of memory");
   j.dt = j.xt + j.N * j.G * j.cblocks * j.bw * j.H * j.W;

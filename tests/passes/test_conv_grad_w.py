@@ -163,8 +163,7 @@ def test_depthwise_kernel_matches_pytorch(case, threads):
 # not a multiple of 16 (masked last vector: 40 = 32 + 8, 33 = 32 + 1, 24, 5, 4, 3), output channels not a multiple
 # of the register block (20, 17, 7), strided, dilated, 1x1 (stride 1: one row per image; strided), 7x7 stride 2,
 # unpadded, asymmetric kernels and strides, one image, several image slices per tap (70 images of 2x2; 20x20 maps),
-# output channels in several chunks (160 = 3 chunks of 48 + 16; 400 = chunks of 128), grouped 1x1, and the 1x1
-# stride-1 path that reads both tensors in place (maps of 16k positions)
+# output channels in several chunks (160 = 3 chunks of 48 + 16; 400 = chunks of 128), grouped 1x1
 TILE_CASES = [
     ((3, 40, 5, 6, 20, (3, 3), (1, 1), (1, 1), (1, 1)), 1),
     ((3, 128, 2, 2, 96, (3, 3), (1, 1), (1, 1), (1, 1)), 1),
@@ -183,8 +182,7 @@ TILE_CASES = [
     ((3, 16, 20, 20, 16, (3, 3), (1, 1), (1, 1), (1, 1)), 1),
     ((2, 16, 2, 2, 160, (3, 3), (1, 1), (1, 1), (1, 1)), 1),
     ((1, 320, 2, 2, 400, (3, 3), (1, 1), (1, 1), (1, 1)), 1),
-    # 1x1 stride 1 on maps of a multiple of 16 positions (the lanes path: no copies): register-tile tails (40 input
-    # channels = 6 x 6 + 4, 70 output = 17 x 4 + 2), several tasks, grouped, 4x4 / 4x8 / 8x8 maps
+    # 1x1 stride 1 on 4x4 / 4x8 / 8x8 maps (one row of 16-64 positions per image), grouped
     ((2, 40, 4, 4, 22, (1, 1), (1, 1), (0, 0), (1, 1)), 1),
     ((3, 100, 4, 8, 70, (1, 1), (1, 1), (0, 0), (1, 1)), 1),
     ((2, 12, 8, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1)), 4),
