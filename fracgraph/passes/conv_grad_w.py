@@ -42,14 +42,15 @@ ConvGradWCols then copies each plane as it is) wins only on the smallest maps: `
 ConvGrad's CPU time on 2x2 maps (densenet's block 4, convnext's last stage, efficientnet's head) and 1.1-1.7x on
 4x4 and larger; `PW_DW` sits inside the window those ratios leave (0.12-0.2).
 
-nhwc-tiles' term (`NT_*`, fitted on `--only dwshapes --cpu-time` over resnet18's, regnet's and densenet's shapes):
-the copies of X and dY, plus the multiply-adds it does (those off the padding, times the vector lanes a group's
-input channels fill, times NT_SLOW: its tile is slower per multiply-add than MLAS's packed GEMM) minus the GEMM's
-that the other forms' costs leave out; so the term is negative where the padding's share is large. It wins on
-grouped convs (0.15-0.35x ConvGrad on regnet's group width 16) and 3x3 convs of 128-512 channels on 8x8-2x2 maps
-(0.5-0.9x), loses on 1x1 convs (its copies are not hidden by a 1x1's few multiply-adds per element: 1.05-2.4x on
-4x4 and larger maps), on strided 3x3 convs of 16x16 inputs and on 3-channel stems (3 of 16 lanes). It must win by
-NT_MARGIN over both other forms; it comes after the depthwise and ConvGradW rules.
+nhwc-tiles' term (`NT_*`, fitted on `--only dwshapes --cpu-time` over resnet18's, regnet's and densenet's shapes,
+two to three runs each): the copies of X and dY, plus the multiply-adds it does (those off the padding, times the
+vector lanes a group's input channels fill, times 1 + NT_SLOW: its tile is slower per multiply-add than MLAS's
+packed GEMM) minus the GEMM's that the other forms' costs leave out; so the term is negative where the padding's
+share is large. It must win by NT_MARGIN over both other forms, comes after the depthwise and ConvGradW rules, and
+competes only where `tiles_apply` says (its measured losses: group-1 1x1 convs, group-1 strided convs of inputs
+above 8x8, 3-channel stems). Measured, CPU time / ConvGrad's: regnet's grouped 3x3 convs (group width 16) 0.15-0.49,
+densenet's 128 -> 32 growth convs on 4x4 and 2x2 0.17-0.27, resnet18's 3x3 convs of 128-512 channels on 8x8-2x2
+maps 0.36-0.91.
 
 Every form's values are the same sums in another order (float rounding differs), so the step is compared with
 the pass on and off within float rounding, and each kernel against PyTorch's float64 weight gradient
@@ -77,9 +78,9 @@ CALL = 4000.0         # one GEMM call of onnxruntime's ConvGrad (per image and g
 CACHE = 0.3           # a float of an image's im2col that stays in cache (ConvGrad's per-image col)
 PW_DW = 0.15          # 1x1 stride 1: ConvGrad's per-image update of dW, which stays in cache (--only dwshapes --cpu-time)
 # nhwc-tiles (ConvGradWNhwc): fitted on bench/kernel_probes.py --only dwshapes --cpu-time (resnet18, regnet, densenet)
-NT_COPY = 2.0         # a float of X or dY copied into the channel-blocked layouts (written, read back)
+NT_COPY = 0.5         # a float of X or dY copied into the channel-blocked layouts (a streaming copy)
 NT_MAC = 0.03         # one multiply-add at MLAS's GEMM rate, in the same units (the other forms' MACs cancel)
-NT_SLOW = 0.8         # the kernel's extra time per multiply-add over MLAS's (its tile is 8 x 32 or 16 x 16)
+NT_SLOW = 0.4         # the kernel's extra time per multiply-add over MLAS's (its tile is 8 x 32 or 16 x 16)
 NT_MARGIN = 1.25      # nhwc-tiles replaces ConvGrad / im2col-gemm only where it is modelled this many times cheaper
 
 
@@ -149,11 +150,22 @@ def dw_costs(s: ConvShape, avx512: bool) -> dict[str, float | None]:
     return {
         "ConvGrad": convgrad,
         "im2col-gemm": gemm,
-        "nhwc-tiles": tiles if avx512 and not s.depthwise else None,
+        "nhwc-tiles": tiles if avx512 and tiles_apply(s) else None,
         # the tile keeps dW^T in registers over the image: its extra cost is the image's col or padded copy
         "ConvGradW": CACHE * s.kg * s.p if tile else None,
         "depthwise": CACHE * s.kh * s.kw * s.p * s.ci if s.depthwise else None,
     }
+
+
+def tiles_apply(s: ConvShape) -> bool:
+    """Where nhwc-tiles competes: not depthwise (its own kernel), not a group-1 1x1 conv (1.05-2.4x ConvGrad on 4x4
+    and larger maps, level with im2col-gemm on 2x2, 1.5x on a 1x1 map), and not a group-1 strided conv of an input
+    above 8x8 (resnet18's 64 -> 128 3x3/2 on 16x16: 0.82-1.69x ConvGrad over three runs; the strided tap's reads
+    skip positions of a slice larger than L1), nor where a group's input channels fill fewer than 4 of a vector's 16
+    lanes (3-channel stems: 4.6-7.9x ConvGrad on resnet18's 7x7/2)."""
+    if s.depthwise or (s.group == 1 and s.kh == s.kw == 1) or s.ci // s.group < 4:
+        return False
+    return s.group > 1 or (s.sh == s.sw == 1) or s.h * s.w <= 64
 
 
 def choose(s: ConvShape, avx512: bool) -> tuple[str, str]:
