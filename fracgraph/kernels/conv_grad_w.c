@@ -14,13 +14,16 @@
  * a rank-P update that reads and writes all of dW (P = 4 on a 2x2 map); the im2col-gemm form writes the whole
  * batch's im2col (kh*kw times X, zeros of the padding included) and multiplies those zeros too. Here:
  *
- * - X is copied once per call into channels-last order, Xt [N, H, W, Ci], so that the input of one tap at one
- *   position is a contiguous vector of channels (16 per AVX-512 register); dY is read in place, one broadcast of
- *   dY[n][o][p] per output channel;
- * - a task is a tile of dW: a block of one group's input channels (16 or 32: one or two vectors, the last block
- *   masked) x one tap (a, b) x a range of the group's output channels, walked in register blocks of R output
- *   channels (R x V accumulators, R <= 16 / V... up to 16 registers); each register block reduces over every
- *   position of the batch, so dW is written once and nothing the size of the batch's im2col exists;
+ * - X and dY are copied once per call into channel-blocked layouts (Xb: a group's input channels in blocks of bw =
+ *   32, or 16 where the group has <= 16, per position; Db: 16 output channels per position), by 16 x 16 register
+ *   transposes, so that the input of one tap at one position is one or two contiguous vectors and a register
+ *   block's dY values are one cache line (broadcast one by one);
+ * - a task is a tile of dW: a block of one group's input channels (one or two vectors, the last block masked) x
+ *   one tap (a, b) x a range of the group's output channels (chunk), walked in register blocks of R output channels
+ *   (R x V accumulators, R * V <= 16: 8 x 32 or 16 x 16 channels); each register block reduces over every position
+ *   of the batch, in image slices of about SLICE positions (the slice stays in L1 while every register block of
+ *   the chunk runs over it; the accumulators wait in memory between slices), so dW is written once and nothing the
+ *   size of the batch's im2col exists;
  * - the padding costs nothing: each tap runs over its valid output range only (ho in [ho0, ho1), wo in [wo0, wo1):
  *   the positions whose input lies inside X), no branch per position and no multiply-add with a padded zero;
  * - 1x1 stride-1 unpadded convs are walked as one row of H*W positions per image.
