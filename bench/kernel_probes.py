@@ -11,8 +11,8 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - dW: ConvGrad's weight gradient vs the same as a convolution of the transposed tensors (plain and NCHWc) and
   vs fracgraph's ConvGradW;
 - dwshapes: the weight gradient on every shape of the model corpus (resnet18, efficientnet_b0, regnet_x_400mf at
-  batch 32, 64x64; resnet20): ConvGrad vs ConvGradW vs ConvGradWCols + MatMul vs DepthwiseConvGradW (the forms
-  passes/conv_grad_w.py chooses from);
+  batch 32, 64x64; resnet20): ConvGrad vs ConvGradW vs ConvGradWCols + MatMul vs ConvGradWNhwc vs
+  DepthwiseConvGradW (the forms passes/conv_grad_w.py chooses from);
 - fwshapes: resnet18's forward 3x3 convs as Conv, NCHWc and im2col + MatMul; reorder: the NCHWc weight reorder
   as onnxruntime's Transpose vs fracgraph's NchwcWeight;
 - forms: every forward and dX form of nchwc-conv (Conv/ConvTranspose, NCHWc, im2col-gemm on Im2Col/Col2Im) on
@@ -296,9 +296,12 @@ DW_SHAPES = [
     ("effnet 1x1 320->1280", 32, 320, 2, 1280, 1, 1, 1), ("effnet SE 1x1 480->20", 32, 480, 1, 20, 1, 1, 1),
     ("regnet g16 3x3 64", 32, 64, 8, 64, 3, 1, 4), ("regnet g16 3x3 160/2", 32, 160, 8, 160, 3, 2, 10),
     ("regnet g16 3x3 400", 32, 400, 2, 400, 3, 1, 25), ("regnet 1x1 160->400", 32, 160, 4, 400, 1, 1, 1),
+    ("regnet g16 3x3 32 16x16", 32, 32, 16, 32, 3, 1, 2), ("regnet g16 3x3 160 4x4", 32, 160, 4, 160, 3, 1, 10),
+    ("regnet g16 3x3 400/2", 32, 400, 4, 400, 3, 2, 25),
     ("resnet20 16", 128, 16, 32, 16, 3, 1, 1), ("resnet20 32", 128, 32, 16, 32, 3, 1, 1),
     ("resnet20 64", 128, 64, 8, 64, 3, 1, 1), ("resnet20 16->32 3x3/2", 128, 16, 32, 32, 3, 2, 1),
-    # densenet121's 1x1 convs (dense layers' bottlenecks into 128 channels, transitions) and convnext_atto's (timm,
+    # densenet121's 1x1 convs (dense layers' bottlenecks into 128 channels, transitions) and 3x3 growth convs (128 -> 32),
+    # and convnext_atto's (timm,
     # conv_mlp: the MLP as 1x1 convs) and its 7x7 depthwise convs, batch 32, 64x64 inputs
     ("densenet 1x1 64->128 16x16", 32, 64, 16, 128, 1, 1, 1), ("densenet 1x1 224->128 16x16", 32, 224, 16, 128, 1, 1, 1),
     ("densenet 1x1 256->128 16x16", 32, 256, 16, 128, 1, 1, 1), ("densenet 1x1 128->128 8x8", 32, 128, 8, 128, 1, 1, 1),
@@ -306,6 +309,8 @@ DW_SHAPES = [
     ("densenet 1x1 256->128 4x4", 32, 256, 4, 128, 1, 1, 1), ("densenet 1x1 992->128 4x4", 32, 992, 4, 128, 1, 1, 1),
     ("densenet 1x1 1024->512 4x4", 32, 1024, 4, 512, 1, 1, 1), ("densenet 1x1 512->128 2x2", 32, 512, 2, 128, 1, 1, 1),
     ("densenet 1x1 992->128 2x2", 32, 992, 2, 128, 1, 1, 1),
+    ("densenet 3x3 128->32 16x16", 32, 128, 16, 32, 3, 1, 1), ("densenet 3x3 128->32 8x8", 32, 128, 8, 32, 3, 1, 1),
+    ("densenet 3x3 128->32 4x4", 32, 128, 4, 32, 3, 1, 1), ("densenet 3x3 128->32 2x2", 32, 128, 2, 32, 3, 1, 1),
     ("convnext 1x1 40->160 16x16", 32, 40, 16, 160, 1, 1, 1), ("convnext 1x1 160->40 16x16", 32, 160, 16, 40, 1, 1, 1),
     ("convnext 1x1 80->320 8x8", 32, 80, 8, 320, 1, 1, 1), ("convnext 1x1 320->80 8x8", 32, 320, 8, 80, 1, 1, 1),
     ("convnext 1x1 160->640 4x4", 32, 160, 4, 640, 1, 1, 1), ("convnext 1x1 640->160 4x4", 32, 640, 4, 160, 1, 1, 1),
@@ -329,6 +334,9 @@ def dw_candidates(n, ci, hw, co, k, s, g):
         [h.make_node("ConvGradWCols", ["dy", "x"], ["dyt", "col"], domain=FG, group=g, **conv),
          h.make_node("FusedMatMul", ["dyt", "col"], ["dwg"], domain="com.microsoft", transB=1), h.make_node("Reshape", ["dwg", "ws"], ["dw"])],
         ["dy", "x"], ["dw"], [h.make_tensor("ws", T.INT64, [4], [co, ci // g, k, k])])))
+    if g != ci or ci != co:   # the channel-tiled kernel (kernels/conv_grad_w.c): every non-depthwise shape
+        cands.append(("fracgraph ConvGradWNhwc", _model([h.make_node("ConvGradWNhwc", ["dy", "x"], ["dw"], domain=FG, group=g,
+                                                                     **conv)], ["dy", "x"], ["dw"])))
     if g == ci == co:
         cands.append(("fracgraph DepthwiseConvGradW", _model(
             [h.make_node("DepthwiseConvGradW", ["dy", "x"], ["dw"], domain=FG, **conv)], ["dy", "x"], ["dw"])))

@@ -13,6 +13,12 @@ memory-bound, 32 times per step. The forms this pass chooses from (a registry ke
   batch's im2col and dY with the batch moved next to the positions), then one `FusedMatMul(dYt, col^T)` on
   onnxruntime's MLAS: one GEMM with inner dimension N*P, so dW is written once instead of once per image (and
   grouped convs are one batched GEMM); dB, where asked for, is a ReduceSum of dYt;
+- `nhwc-tiles`: `ConvGradWNhwc(dY, X)` (fracgraph's kernel, kernels/conv_grad_w.c, AVX-512): X and dY copied once
+  into channel-blocked layouts, then tiles of dW (a block of 16 or 32 of a group's input channels x one tap x the
+  group's output channels in register blocks of 8 or 16) each reduce over all N*P positions in registers: dW
+  written once, no im2col, and each tap runs over its valid output range only, so the padding's zeros are never
+  multiplied (on a 2x2 map with a 3x3 kernel that is 5/9 of the im2col's multiply-adds); grouped convs are tiles
+  inside one group;
 - `depthwise`: `DepthwiseConvGradW(dY, X)` (fracgraph's kernel): group = Ci = Co has no GEMM to speak of (one
   output row per channel); channels as tasks, each tap a dot product over the images;
 - `ConvGrad`: onnxruntime's own op, kept.
@@ -35,6 +41,16 @@ ConvGradWCols then copies each plane as it is) wins only on the smallest maps: `
 --only dwshapes --cpu-time --match "densenet 1x1,convnext 1x1,effnet 1x1,regnet 1x1"` measured it at 0.6-0.9x
 ConvGrad's CPU time on 2x2 maps (densenet's block 4, convnext's last stage, efficientnet's head) and 1.1-1.7x on
 4x4 and larger; `PW_DW` sits inside the window those ratios leave (0.12-0.2).
+
+nhwc-tiles' term (`NT_*`, fitted on `--only dwshapes --cpu-time` over resnet18's, regnet's and densenet's shapes,
+two to three runs each): the copies of X and dY, plus the multiply-adds it does (those off the padding, times the
+vector lanes a group's input channels fill, times 1 + NT_SLOW: its tile is slower per multiply-add than MLAS's
+packed GEMM) minus the GEMM's that the other forms' costs leave out; so the term is negative where the padding's
+share is large. It must win by NT_MARGIN over both other forms, comes after the depthwise and ConvGradW rules, and
+competes only where `tiles_apply` says (its measured losses: group-1 1x1 convs, group-1 strided convs of inputs
+above 8x8, 3-channel stems). Measured, CPU time / ConvGrad's: regnet's grouped 3x3 convs (group width 16) 0.15-0.49,
+densenet's 128 -> 32 growth convs on 4x4 and 2x2 0.17-0.27, resnet18's 3x3 convs of 128-512 channels on 8x8-2x2
+maps 0.36-0.91.
 
 Every form's values are the same sums in another order (float rounding differs), so the step is compared with
 the pass on and off within float rounding, and each kernel against PyTorch's float64 weight gradient
@@ -61,6 +77,11 @@ TILE_MIN_P = 64       # ConvGradW's register tile measured down to 8x8 maps (res
 CALL = 4000.0         # one GEMM call of onnxruntime's ConvGrad (per image and group): dispatch onto the thread pool
 CACHE = 0.3           # a float of an image's im2col that stays in cache (ConvGrad's per-image col)
 PW_DW = 0.15          # 1x1 stride 1: ConvGrad's per-image update of dW, which stays in cache (--only dwshapes --cpu-time)
+# nhwc-tiles (ConvGradWNhwc): fitted on bench/kernel_probes.py --only dwshapes --cpu-time (resnet18, regnet, densenet)
+NT_COPY = 0.5         # a float of X or dY copied into the channel-blocked layouts (a streaming copy)
+NT_MAC = 0.03         # one multiply-add at MLAS's GEMM rate, in the same units (the other forms' MACs cancel)
+NT_SLOW = 0.4         # the kernel's extra time per multiply-add over MLAS's (its tile is 8 x 32 or 16 x 16)
+NT_MARGIN = 1.25      # nhwc-tiles replaces ConvGrad / im2col-gemm only where it is modelled this many times cheaper
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,13 @@ class ConvShape:
         return self.group == self.ci == self.co
 
     @property
+    def valid_taps(self) -> int:
+        """Sum over the kernel's taps of the output positions whose input lies inside X (not in the padding)."""
+        def one(size, out, stride, pad, dil, k):
+            return sum(1 for t in range(k) for o in range(out) if 0 <= o * stride - pad + t * dil < size)
+        return one(self.h, self.ho, self.sh, self.ph, self.dh, self.kh) * one(self.w, self.wo, self.sw, self.pw, self.dw, self.kw)
+
+    @property
     def pointwise(self) -> bool:
         return self.kh == self.kw == 1 and self.sh == self.sw == 1 and self.ph == self.pw == self.ph_end == self.pw_end == 0
 
@@ -115,13 +143,29 @@ def dw_costs(s: ConvShape, avx512: bool) -> dict[str, float | None]:
     gemm = 3 * s.p * (s.group * s.kg + s.co)   # col and dYt: written, read back (and packed) by the GEMM
     tile = avx512 and s.group == 1 and s.co % 16 == 0 and s.co <= 64 and not s.bias and \
         (s.sh == s.sw == 1 or s.ci >= 16)
+    cig = s.ci // s.group
+    macs, valid = s.co * s.kg * s.p, s.co * cig * s.valid_taps    # per image: the GEMM's and those off the padding
+    lanes = 16 * -(-cig // 16) / cig                               # vector lanes per input channel (16 per register)
+    tiles = NT_COPY * (s.ci * s.h * s.w + s.co * s.p) + NT_MAC * (lanes * valid * (1 + NT_SLOW) - macs)
     return {
         "ConvGrad": convgrad,
         "im2col-gemm": gemm,
+        "nhwc-tiles": tiles if avx512 and tiles_apply(s) else None,
         # the tile keeps dW^T in registers over the image: its extra cost is the image's col or padded copy
         "ConvGradW": CACHE * s.kg * s.p if tile else None,
         "depthwise": CACHE * s.kh * s.kw * s.p * s.ci if s.depthwise else None,
     }
+
+
+def tiles_apply(s: ConvShape) -> bool:
+    """Where nhwc-tiles competes: not depthwise (its own kernel), not a group-1 1x1 conv (1.05-2.4x ConvGrad on 4x4
+    and larger maps, level with im2col-gemm on 2x2, 1.5x on a 1x1 map), and not a group-1 strided conv of an input
+    above 8x8 (resnet18's 64 -> 128 3x3/2 on 16x16: 0.82-1.69x ConvGrad over three runs; the strided tap's reads
+    skip positions of a slice larger than L1), nor where a group's input channels fill fewer than 4 of a vector's 16
+    lanes (3-channel stems: 4.6-7.9x ConvGrad on resnet18's 7x7/2)."""
+    if s.depthwise or (s.group == 1 and s.kh == s.kw == 1) or s.ci // s.group < 4:
+        return False
+    return s.group > 1 or (s.sh == s.sw == 1) or s.h * s.w <= 64
 
 
 def choose(s: ConvShape, avx512: bool) -> tuple[str, str]:
@@ -131,6 +175,9 @@ def choose(s: ConvShape, avx512: bool) -> tuple[str, str]:
         return "depthwise", "depthwise: one output row per channel, no GEMM"
     if c["ConvGradW"] is not None and s.p >= TILE_MIN_P and not s.pointwise:
         return "ConvGradW", f"AVX-512 tile over {s.co} output channels on {s.ho}x{s.wo} maps"
+    if c["nhwc-tiles"] is not None and c["nhwc-tiles"] * NT_MARGIN < min(c["ConvGrad"], c["im2col-gemm"]):
+        return "nhwc-tiles", (f"modelled {c['nhwc-tiles']:,.0f} vs ConvGrad's {c['ConvGrad']:,.0f} and im2col-gemm's "
+                              f"{c['im2col-gemm']:,.0f} per image (below 1/{NT_MARGIN:g})")
     if c["im2col-gemm"] * MARGIN < c["ConvGrad"]:
         return "im2col-gemm", (f"modelled {c['im2col-gemm']:,.0f} vs ConvGrad's {c['ConvGrad']:,.0f} per image "
                                f"(below 1/{MARGIN:g})")
@@ -182,7 +229,8 @@ class ConvGradWPass(Pass):
             import_domain(model)
             if not any(o.domain == "com.microsoft" for o in model.opset_import):
                 model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        counts = {f: sum(c["form"] == f for c in self.choices) for f in ("ConvGradW", "im2col-gemm", "depthwise", "ConvGrad")}
+        counts = {f: sum(c["form"] == f for c in self.choices)
+                  for f in ("ConvGradW", "im2col-gemm", "nhwc-tiles", "depthwise", "ConvGrad")}
         notes.insert(0, "conv weight gradients: " + ", ".join(f"{v} on {k}" for k, v in counts.items()))
         return PassResult(model, bool(pairs), notes)
 
@@ -212,6 +260,15 @@ def _emit_gemm(em: Emitter, n, s: ConvShape) -> None:
         em.nodes.append(helper.make_node("Reshape", [db, em.const([s.co], np.int64)], [n.output[2]], name=f"{base}/db"))
 
 
+def _emit_tiles(em: Emitter, n, s: ConvShape) -> None:
+    base = f"{n.name}::cgw"
+    em.nodes.append(helper.make_node("ConvGradWNhwc", [n.input[0], n.input[1]], [n.output[1]], name=f"{base}/dw",
+                                     domain=DOMAIN, group=s.group, **_conv_attrs(s)))
+    if len(n.output) > 2 and n.output[2]:
+        db = _reduce_sum(em, n.input[0], [0, 2, 3], f"{base}/db_c")
+        em.nodes.append(helper.make_node("Identity", [db], [n.output[2]], name=f"{base}/db"))
+
+
 def _emit_depthwise(em: Emitter, n, s: ConvShape) -> None:
     base = f"{n.name}::cgw"
     em.nodes.append(helper.make_node("DepthwiseConvGradW", [n.input[0], n.input[1]], [n.output[1]], name=f"{base}/dw",
@@ -227,7 +284,7 @@ def _reduce_sum(em: Emitter, x: str, axes: list[int], out: str) -> str:
     return em.node("ReduceSum", [x], out, axes=axes, keepdims=0)
 
 
-FORMS = {"ConvGradW": _emit_tile, "im2col-gemm": _emit_gemm, "depthwise": _emit_depthwise}
+FORMS = {"ConvGradW": _emit_tile, "im2col-gemm": _emit_gemm, "nhwc-tiles": _emit_tiles, "depthwise": _emit_depthwise}
 
 
 def _shape(n, shapes) -> tuple[ConvShape | None, str]:

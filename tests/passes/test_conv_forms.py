@@ -22,7 +22,7 @@ F = torch.nn.functional
 
 from fracgraph import kernels  # noqa: E402
 from fracgraph.passes.conv_grad_split import ConvGradSplitPass  # noqa: E402
-from fracgraph.passes.conv_grad_w import ConvShape  # noqa: E402
+from fracgraph.passes.conv_grad_w import ConvGradWPass, ConvShape  # noqa: E402
 from fracgraph.passes.nchwc_conv import NchwcConvPass, choose_form  # noqa: E402
 from fracgraph.runtime import nchwc_block_size  # noqa: E402
 
@@ -248,9 +248,13 @@ def test_each_conv_gets_its_form_and_inspect_lists_it(forms):
                    ("dw", "forward"): base, ("dw", "dX"): base,
                    ("pw", "forward"): base, ("pw", "dX"): base}
     graph = onnx.load(str(art / "training_model.onnx")).graph
-    # a dX form reads the dYt that conv-grad-w's ConvGradWCols already wrote for the same conv's weight gradient
+    # a dX form reads the dYt that conv-grad-w's ConvGradWCols already wrote for the same conv's weight gradient;
+    # where conv-grad-w chose nhwc-tiles for it (AVX-512: c3's and dil's dW), the form writes its own (Im2Col of dY)
     dyts = {n.output[0] for n in graph.node if n.op_type == "ConvGradWCols"}
-    assert any(n.op_type == "FusedMatMul" and n.input[1] in dyts for n in graph.node)
+    own = {n.output[0] for n in graph.node if n.op_type == "Im2Col" and n.output[0].endswith("::gemm/dyt")}
+    tiles = {_layer(c["node"]) for c in manifest.extra["conv_grad_w"] if c["form"] == "nhwc-tiles"}
+    assert tiles == ({"down", "c3", "dil", "g"} if ConvGradWPass().avx512 else set())
+    assert any(n.op_type == "FusedMatMul" and n.input[1] in (own if "c3" in tiles else dyts) for n in graph.node)
     assert not any(n.output[0].endswith(("::split/w_t", "::split/w_flip")) and "c3" in n.output[0] for n in graph.node)
     assert forms[False][1].extra["conv_forms"] is None
     rows = summarize(str(art))["conv_forms"]

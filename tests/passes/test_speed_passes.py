@@ -171,7 +171,7 @@ def test_conv_grad_split_structure_and_reasons(builds):
     # dW only: ConvGrad without dX, or the forms of passes/conv_grad_w.py (in int-gemm's weight-gradient If's float
     # branch where IntConvGradW takes the dW at <= 8 bits)
     split = [n for n in all_nodes(graph) if (n.op_type == "ConvGrad" and n.output[0] == "")
-             or n.op_type in ("ConvGradW", "ConvGradWCols", "DepthwiseConvGradW")]
+             or n.op_type in ("ConvGradW", "ConvGradWCols", "ConvGradWNhwc", "DepthwiseConvGradW")]
     assert len(split) == 7   # six lowered + the first conv, whose dX onnxruntime already drops
 
 
