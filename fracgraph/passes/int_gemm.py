@@ -173,6 +173,14 @@ def _form_tile(node, consumers):
     return [node], node.output[0], attrs
 
 
+def _form_nhwc(node, consumers):
+    """ConvGradWNhwc(dY, X) -> dW (nhwc-tiles): one node; grouped ones stay float (IntConvGradW is group 1)."""
+    attrs, group = _fg_conv_attrs(node)
+    if group != 1:
+        return "grouped"
+    return [node], node.output[0], attrs
+
+
 def _form_cols(node, consumers):
     """ConvGradWCols(dY, X) -> (dYt, col), FusedMatMul(dYt, col^T), Reshape -> dW (im2col-gemm)."""
     attrs, group = _fg_conv_attrs(node)
@@ -213,7 +221,7 @@ def _form_convgrad(node, consumers):
 # the float forms of a conv's weight gradient (passes/conv_grad_w.py), keyed by the op type of the node that reads
 # dY and X: each returns (its nodes in graph order, the dW tensor, the conv attributes) or why it declines
 DW_FORMS = {("ai.fracgraph", "ConvGradW"): _form_tile, ("ai.fracgraph", "ConvGradWCols"): _form_cols,
-            ("com.microsoft", "ConvGrad"): _form_convgrad}
+            ("ai.fracgraph", "ConvGradWNhwc"): _form_nhwc, ("com.microsoft", "ConvGrad"): _form_convgrad}
 
 
 def decline_dw(attrs: dict, x_shape, k_out: int | None) -> str | None:

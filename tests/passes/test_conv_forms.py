@@ -253,7 +253,7 @@ def test_each_conv_gets_its_form_and_inspect_lists_it(forms):
     dyts = {n.output[0] for n in graph.node if n.op_type == "ConvGradWCols"}
     own = {n.output[0] for n in graph.node if n.op_type == "Im2Col" and n.output[0].endswith("::gemm/dyt")}
     tiles = {_layer(c["node"]) for c in manifest.extra["conv_grad_w"] if c["form"] == "nhwc-tiles"}
-    assert tiles == ({"down", "c3", "dil", "g"} if ConvGradWPass().avx512 else set())
+    assert tiles == ({"down", "c3", "dil", "g", "g4"} if ConvGradWPass().avx512 else set())
     assert any(n.op_type == "FusedMatMul" and n.input[1] in (own if "c3" in tiles else dyts) for n in graph.node)
     assert not any(n.output[0].endswith(("::split/w_t", "::split/w_flip")) and "c3" in n.output[0] for n in graph.node)
     assert forms[False][1].extra["conv_forms"] is None

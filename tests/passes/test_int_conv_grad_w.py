@@ -207,7 +207,7 @@ def test_pass_structure_and_manifest(dw_builds):
     rec = m_on.extra["int_kernels"]
     assert not any(c["int"] for c in rec["convs"])
     decided = {w["name"].split("_Grad/")[0]: w for w in rec["weight_grads"]}
-    # c0's float form is onnxruntime's ConvGrad, k5's and dil's im2col-gemm (conv-grad-w's cost model)
+    # c0's float form is onnxruntime's ConvGrad, k5's and dil's im2col-gemm or nhwc-tiles (conv-grad-w's cost model)
     assert {n for n, w in decided.items() if w["int"]} == {"/c0/Conv", "/k5/Conv", "/dil/Conv"}
     assert decided["/pw_s2/Conv"]["reason"] in ("bias gradient", "its bias gradient reads the float form's transposed error")
     assert decided["/pad1x1/Conv"]["reason"] == "ConvGrad computes dX too"   # pads beyond the kernel: not split
@@ -218,14 +218,15 @@ def test_pass_structure_and_manifest(dw_builds):
     graph = onnx.load(str(on / "training_model.onnx")).graph
     switches = {n.name.split("_Grad/")[0]: n for n in graph.node if n.op_type == "If" and n.name.endswith("::int_dw/switch")}
     assert switches.keys() == {n for n, w in decided.items() if w["int"]}
-    kernel_of = {"ConvGradW": "ConvGradW", "im2col-gemm": "ConvGradWCols", "ConvGrad": "ConvGrad"}
+    kernel_of = {"ConvGradW": "ConvGradW", "im2col-gemm": "ConvGradWCols", "ConvGrad": "ConvGrad",
+                 "nhwc-tiles": "ConvGradWNhwc"}
     for name, sw in switches.items():
         branches = {a.name: a.g for a in sw.attribute}
         assert [n.op_type for n in branches["then_branch"].node] == ["IntConvGradW"]
         assert kernel_of[forms[name]] in {n.op_type for n in branches["else_branch"].node}
         assert ".act&" in sw.input[0] and sw.input[0].endswith(".grad::int8")   # the act and grad bits, not the weight's
     # no float weight-gradient node of those convs is left outside the branches
-    outer = [n for n in graph.node if n.op_type in ("ConvGradW", "ConvGradWCols", "ConvGrad")]
+    outer = [n for n in graph.node if n.op_type in ("ConvGradW", "ConvGradWCols", "ConvGrad", "ConvGradWNhwc")]
     assert not any(n.name.split("_Grad/")[0] in switches for n in outer)
     assert sum(n.op_type == "IntConvGradW" for n in all_nodes(graph)) == 3
 
