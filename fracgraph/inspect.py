@@ -8,6 +8,18 @@ from .manifest import FILENAME, Manifest
 from .policy import LayerPolicy
 
 
+def _int_gemms(rec: dict | None) -> list[dict]:
+    """The manifest's int_kernels record as rows: each forward GEMM and conv weight gradient, on integers or not."""
+    if not rec:
+        return []
+    def row(e: dict, gemm: str, form: str) -> dict:
+        return {"node": str(e.get("name", "?")), "gemm": gemm, "float_form": str(e.get(form, "-")),
+                "int": bool(e.get("int")), "reason": str(e.get("reason", "-"))}
+
+    return [row(c, "forward", "op_type") for c in rec.get("convs", []) if isinstance(c, dict)] + \
+        [row(w, "weight gradient", "float_form") for w in rec.get("weight_grads", []) if isinstance(w, dict)]
+
+
 def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
     """A JSON-able summary of an artifact directory, or of the plan for a plain model."""
     p = Path(target)
@@ -22,6 +34,7 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
                      "default_bits": m.default_bits}
         conv_dw = m.extra.get("conv_grad_w") or []
         conv_forms = m.extra.get("conv_forms") or []
+        int_gemms = _int_gemms(m.extra.get("int_kernels"))
         task = m.task_info().to_dict()
         tables = m.extra.get("fp32_tables", []) + m.extra.get("quantized_tables", [])
         dfq = None if m.dfq is None else {k: m.dfq[k] for k in ("options", "weight_bits", "granularity",
@@ -42,11 +55,13 @@ def summarize(target: str, policy: LayerPolicy | None = None) -> dict:
         blocks = [{"name": b.name, "kind": b.kind, "ops": b.ops} for b in blist]
         decisions = [d.__dict__ for d in dlist]
         points, source, kind, precision, dfq, conv_dw, conv_forms = [], str(p), "model (plan only)", None, None, [], []
+        int_gemms = []
     total = sum(d["macs"] for d in ops)
     quant = sum(d["macs"] for d in ops if d["quantized"])
     return {
         "source": source, "kind": kind, "blocks": blocks, "decisions": decisions, "quant_points": points,
         "precision_input": precision, "dfq": dfq, "conv_weight_gradients": conv_dw, "conv_forms": conv_forms,
+        "int_gemms": int_gemms,
         "task": task, "embedding_tables": tables, "fp32_tables": [t for t in tables if not t.get("quantized")],
         "ops": [{k: d[k] for k in ("name", "op_type", "macs", "block", "quantized")} for d in ops],
         "macs_per_sample": total, "quantized_macs_fraction": quant / total if total else 0.0,
@@ -114,6 +129,14 @@ def render(summary: dict) -> None:
             t.add_column(col)
         for c in summary["conv_weight_gradients"]:
             t.add_row(c["node"], c.get("shape", "-"), c["form"], c["reason"])
+        con.print(t)
+    if summary.get("int_gemms"):   # passes/int_gemm.py: which GEMMs run on integer codes at <= 8 bits
+        t = Table(title="integer GEMMs (int-gemm; at act/weight or act/grad bits 1-8, else the float form)")
+        for col in ("node", "GEMM", "float form", "on integers", "why"):
+            t.add_column(col)
+        for g in summary["int_gemms"]:
+            t.add_row(g["node"], g["gemm"], g["float_form"], "yes" if g["int"] else "no", g["reason"],
+                      style=None if g["int"] else "yellow")
         con.print(t)
     if summary.get("conv_forms"):   # passes/nchwc_conv.py: the implementation of each conv's forward and dX
         t = Table(title="conv forward and input-gradient forms (nchwc-conv; costs: the pass's model, per image)")

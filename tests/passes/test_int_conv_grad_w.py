@@ -231,6 +231,21 @@ def test_pass_structure_and_manifest(dw_builds):
     assert sum(n.op_type == "IntConvGradW" for n in all_nodes(graph)) == 3
 
 
+def test_inspect_lists_the_integer_gemms(dw_builds):
+    from typer.testing import CliRunner
+
+    from fracgraph.cli import app
+    from fracgraph.inspect import summarize
+
+    on = dw_builds[True][0]
+    rows = summarize(str(on))["int_gemms"]
+    dw = {r["node"].split("_Grad/")[0]: r for r in rows if r["gemm"] == "weight gradient"}
+    assert {n for n, r in dw.items() if r["int"]} == {"/c0/Conv", "/k5/Conv", "/dil/Conv"}
+    assert all(r["reason"] for r in rows) and summarize(str(dw_builds[False][0]))["int_gemms"] == []
+    r = CliRunner().invoke(app, ["inspect", str(on)], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "integer GEMMs" in r.output and "weight gradient" in r.output
+
+
 @pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 1e-4), ((4, 4, 6), 1e-4), ((8, 12, 8), 1e-4),
                                       ((8, 8, 16), 1e-4), ((12, 12, 8), 1e-4)])
 def test_step_keeps_loss_and_every_gradient(dw_builds, bits, tol):
