@@ -32,7 +32,7 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
   GeluGrad vs fracgraph's GeluGrad vs PyTorch's gelu backward (aten.gelu_backward, same thread count), the three
   timed in turn on each rep (rotating order), with each one's error against the float64 derivative.
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu,bnrelu]
 """
 
 from __future__ import annotations
@@ -240,6 +240,56 @@ def probe_bn(r: Runner, rng):
         feeds = {"x": x, "scale": rng.standard_normal(c).astype(np.float32), "b": rng.standard_normal(c).astype(np.float32),
                  "rm": np.zeros(c, np.float32), "rv": np.ones(c, np.float32)}
         r.compare(f"{n}x{c}x{s}x{s}", ("BatchNormInternal", ort_fw), [("fracgraph BatchNormTrain", own_fw, None)], feeds)
+
+
+def probe_bnrelu(r: Runner, rng):
+    """passes/bn_relu.py's fused batch norms against the chains they replace (same values, bitwise)."""
+    names, stats = ["x", "scale", "b", "rm", "rv"], ["rm2", "rv2", "mean", "inv_std"]
+    bn = dict(epsilon=1e-5, momentum=0.9)
+    fw = h.make_node("BatchNormTrain", names, ["y", *stats], domain=FG, **bn)
+    shapes = SHAPES + [(32, 64, 16), (32, 128, 8)]   # + resnet18's and densenet121's at batch 32, 64x64
+    for title, extra, chain, fused_in, relu in (
+            ("bn-relu: forward BatchNormTrain -> Relu -> MinMax", [],
+             [h.make_node("Relu", ["y"], ["out"])], "", 1),
+            ("bn-relu: forward BatchNormTrain -> Add(residual) -> Relu -> MinMax", ["r"],
+             [h.make_node("Add", ["y", "r"], ["s"]), h.make_node("Relu", ["s"], ["out"])], "r", 1)):
+        print(title)
+        base = _model([fw, *chain, h.make_node("MinMax", ["out"], ["lo", "hi"], domain=FG)], names + extra,
+                      ["out", "lo", "hi"])
+        own = _model([h.make_node("BatchNormTrainFused", names + [fused_in], ["out", *stats, "lo", "hi"], domain=FG,
+                                  relu=relu, **bn)], names + extra, ["out", "lo", "hi"])
+        for n, c, s in shapes:
+            x = (rng.standard_normal((n, c, s, s)) * 2 + 0.5).astype(np.float32)
+            feeds = {"x": x, "scale": rng.standard_normal(c).astype(np.float32), "b": rng.standard_normal(c).astype(np.float32),
+                     "rm": np.zeros(c, np.float32), "rv": np.ones(c, np.float32)}
+            if extra:
+                feeds["r"] = rng.standard_normal(x.shape).astype(np.float32)
+            r.compare(f"{n}x{c}x{s}x{s}", ("unfused", base), [("BatchNormTrainFused", own, None)], feeds, exact=True)
+    print("bn-relu: backward ReluGrad -> BatchNormGrad -> MinMax (the forward's ReLU mask)")
+    gin = ["dy", "x", "scale", "mean", "inv_std"]
+    base = _model([h.make_node("ReluGrad", ["dy", "yr"], ["g"], domain=FG),
+                   h.make_node("BatchNormGrad", ["g", "x", "scale", "mean", "inv_std"], ["dx", "ds", "db"], domain=FG),
+                   h.make_node("MinMax", ["dx"], ["lo", "hi"], domain=FG)], gin + ["yr"], ["dx", "lo", "hi"])
+    own = _model([h.make_node("BatchNormGradRange", gin + ["b"], ["dx", "ds", "db", "lo", "hi"], domain=FG, relu=1)],
+                 gin + ["b"], ["dx", "lo", "hi"])
+    for n, c, s in shapes:
+        x = (rng.standard_normal((n, c, s, s)) * 2 + 0.5).astype(np.float32)
+        scale, b = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+        mean = x.mean((0, 2, 3)).astype(np.float32)
+        inv_std = (1 / np.sqrt(x.var((0, 2, 3)) + 1e-5)).astype(np.float32)
+        ks = inv_std * scale   # the forward's own float operations (BatchNormTrain), so the masks agree bitwise
+        y = x * ks.reshape(1, -1, 1, 1) + (b - mean * ks).reshape(1, -1, 1, 1)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        feeds = {"dy": dy, "x": x, "scale": scale, "mean": mean, "inv_std": inv_std}
+        r.compare(f"{n}x{c}x{s}x{s}", ("unfused", base), [("BatchNormGradRange", own, {**feeds, "b": b})],
+                  {**feeds, "yr": np.maximum(y, 0).astype(np.float32)}, exact=True)
+    print("bn-relu: backward Sum(dY1, dY2) -> ReluGrad")
+    base = _model([h.make_node("Sum", ["a", "c"], ["s"]), h.make_node("ReluGrad", ["s", "x"], ["dx"], domain=FG)],
+                  ["a", "c", "x"], ["dx"])
+    own = _model([h.make_node("ReluGradSum", ["a", "c", "x"], ["dx"], domain=FG)], ["a", "c", "x"], ["dx"])
+    for n, c, s in shapes:
+        feeds = {k: rng.standard_normal((n, c, s, s)).astype(np.float32) for k in ("a", "c", "x")}
+        r.compare(f"{n}x{c}x{s}x{s}", ("Sum + ReluGrad", base), [("ReluGradSum", own, None)], feeds, exact=True)
 
 
 def probe_dw(r: Runner, rng):
@@ -945,7 +995,7 @@ def main() -> None:
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
               "intconv": probe_intconv, "intdw": probe_intdw, "intmatmul": probe_intmatmul, "gelu": probe_gelu,
-              "pool": probe_pool}
+              "pool": probe_pool, "bnrelu": probe_bnrelu}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

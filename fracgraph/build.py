@@ -27,6 +27,7 @@ from .model import load_model, lowering_notes
 from .passes.act_range_ema import ActRangeEmaPass
 from .passes.base import all_nodes, run_passes
 from .passes.bn_grad import BnGradPass
+from .passes.bn_relu import BnReluPass
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
 from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
@@ -340,7 +341,7 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
         kernels.library_path()
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
-    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), LnGradPass(), GeluGradPass()], []
+    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), BnReluPass(shapes), LnGradPass(), GeluGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,

@@ -26,6 +26,12 @@
  *                                              onnxruntime's training-mode BatchNormInternal, channels as tasks;
  *                                              attributes epsilon, momentum (running' also written in place)
  *   BatchNormGrad(dY, X, scale, mean, inv_std) -> (dX, dscale, dbias)   training-mode batch norm backward
+ *   BatchNormTrainFused(X, scale, B, running_mean, running_var, residual?) -> (Y, running_mean', running_var', mean,
+ *                                              inv_std, min, max)   BatchNormTrain, + residual, ReLU (attribute
+ *                                              relu), and Y's range: passes/bn_relu.py
+ *   BatchNormGradRange(dY, X, scale, mean, inv_std, B?) -> (dX, dscale, dbias, min, max)   BatchNormGrad and dX's
+ *                                              range; relu = 1: dY is the gradient of the fused forward's ReLU
+ *   ReluGradSum(dY1, dY2, X) -> dX              X > 0 ? dY1 + dY2 : 0 (ReluGrad of a Sum of two gradients)
  *   ConvGradWCols(dY, X) -> (dYt, col)          the operands of dW as one batched GEMM (a MatMul in the graph);
  *                                              attributes those of ConvGradW and group
  *   DepthwiseConvGradW(dY, X) -> dW            depthwise conv weight gradient; attributes those of ConvGradW
@@ -91,12 +97,14 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
-            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, DW_CONV, MIN_MAX_COLS, MAX_POOL_GRAD, LN_GRAD, BN_TRAIN, N_KINDS };
+            IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, DW_CONV, MIN_MAX_COLS, MAX_POOL_GRAD, LN_GRAD, BN_TRAIN,
+            BN_TRAIN_FUSED, BN_GRAD_RANGE, RELU_GRAD_SUM, N_KINDS };
 
 typedef struct {
   int kind;
   float lo;
-  float eps, momentum;   /* BN_TRAIN */
+  float eps, momentum;   /* BN_TRAIN, BN_TRAIN_FUSED */
+  int64_t relu;          /* BN_TRAIN_FUSED, BN_GRAD_RANGE */
   uint64_t salt;
   uint64_t calls;
   int64_t conv[12];  /* CONV_GRAD_W, CONV_COLS, DW_GRAD_W: kh, kw, sh, sw, ph, pw, dh, dw; CONV_COLS: group;
@@ -106,7 +114,8 @@ typedef struct {
 
 typedef struct {
   const float* x;
-  const float* aux;    /* noise (SR_NOISE) or X (RELU_GRAD) */
+  const float* aux;    /* noise (SR_NOISE) or X (RELU_GRAD, RELU_GRAD_SUM) */
+  const float* aux2;   /* RELU_GRAD_SUM: the second gradient */
   float* y;
   float mn, s, lo, hi;
   const float *mnv, *sv; /* FAKE_QUANT per channel: min and scale of each channel (else NULL) */
@@ -231,6 +240,11 @@ static void run_chunk(void* p, size_t c) {
     case RELU_GRAD: {
       const float* xr = j->aux;
       for (size_t i = a; i < b; ++i) y[i] = xr[i] > 0.0f ? x[i] : 0.0f;
+      break;
+    }
+    case RELU_GRAD_SUM: {   /* ReluGrad(Sum(dY1, dY2), X): the sum rounds as onnxruntime's Sum of two */
+      const float *xr = j->aux, *x2 = j->aux2;
+      for (size_t i = a; i < b; ++i) y[i] = xr[i] > 0.0f ? x[i] + x2[i] : 0.0f;
       break;
     }
   }
@@ -1412,6 +1426,10 @@ typedef struct {
   float *y, *rmean, *rvar, *mean, *inv_std;
   float eps, momentum;
   size_t N, C, S;
+  /* BatchNormTrainFused: Y = relu?(X * ks + kb + residual?), and each channel's min and max of Y (NULL: plain) */
+  const float* res;
+  int relu;
+  float *cmin, *cmax;
 } BnTrainJob;
 
 /* sum over a channel's N planes of S floats of f(x): LANES float partial sums across the whole channel, added in
@@ -1437,6 +1455,8 @@ typedef struct {
     (out) = t_;                                                        \
   } while (0)
 
+static inline float relu0(float v) { return v > 0.0f ? v : 0.0f; }
+
 static void bn_train_channel(void* p, size_t c) {
   const BnTrainJob* j = (const BnTrainJob*)p;
   const size_t N = j->N, C = j->C, S = j->S;
@@ -1448,16 +1468,101 @@ static void bn_train_channel(void* p, size_t c) {
   BN_CHANNEL_SUM((v - mean) * (v - mean), sq);
   const float var = (float)(sq / M), inv_std = sqrtf(1.0f / (var + j->eps));
   const float ks = inv_std * j->scale[c], kb = j->bias[c] - mean * ks;
-  for (size_t n = 0; n < N; ++n) {
-    const float* x = j->x + (n * C + c) * S;
-    float* y = j->y + (n * C + c) * S;
-    for (size_t i = 0; i < S; ++i) y[i] = x[i] * ks + kb;
+  if (!j->cmin) {
+    for (size_t n = 0; n < N; ++n) {
+      const float* x = j->x + (n * C + c) * S;
+      float* y = j->y + (n * C + c) * S;
+      for (size_t i = 0; i < S; ++i) y[i] = x[i] * ks + kb;
+    }
+  } else {   /* the same y, then (y + residual), then the ReLU, and the range: one pass, channel-wide lanes */
+    enum { L = 16 };
+    float lo_l[L], hi_l[L];
+    for (int l = 0; l < L; ++l) lo_l[l] = INFINITY, hi_l[l] = -INFINITY;
+#define BN_FUSED_ROW(EXPR)                                                              \
+    for (size_t n = 0; n < N; ++n) {                                                   \
+      const float* x = j->x + (n * C + c) * S;                                         \
+      const float* r = j->res ? j->res + (n * C + c) * S : x; (void)r;                 \
+      float* y = j->y + (n * C + c) * S;                                               \
+      size_t i = 0;                                                                    \
+      for (; i + L <= S; i += L)                                                       \
+        for (int l = 0; l < L; ++l) {                                                  \
+          const size_t t = i + l;                                                      \
+          const float v = (EXPR);                                                      \
+          y[t] = v;                                                                    \
+          lo_l[l] = v < lo_l[l] ? v : lo_l[l];                                         \
+          hi_l[l] = v > hi_l[l] ? v : hi_l[l];                                         \
+        }                                                                              \
+      for (; i < S; ++i) {                                                             \
+        const size_t t = i;                                                            \
+        const float v = (EXPR);                                                        \
+        y[t] = v;                                                                      \
+        lo_l[0] = v < lo_l[0] ? v : lo_l[0];                                           \
+        hi_l[0] = v > hi_l[0] ? v : hi_l[0];                                           \
+      }                                                                                \
+    }
+    if (j->res && j->relu) { BN_FUSED_ROW(relu0(x[t] * ks + kb + r[t])) }
+    else if (j->res) { BN_FUSED_ROW(x[t] * ks + kb + r[t]) }
+    else if (j->relu) { BN_FUSED_ROW(relu0(x[t] * ks + kb)) }
+    else { BN_FUSED_ROW(x[t] * ks + kb) }
+#undef BN_FUSED_ROW
+    for (int l = 1; l < L; ++l) {
+      lo_l[0] = lo_l[l] < lo_l[0] ? lo_l[l] : lo_l[0];
+      hi_l[0] = hi_l[l] > hi_l[0] ? hi_l[l] : hi_l[0];
+    }
+    j->cmin[c] = lo_l[0], j->cmax[c] = hi_l[0];
   }
   const float m = j->momentum, m1 = (float)(1.0 - (double)m);
   const float rm = j->rmean_in[c] * m + mean * m1, rv = j->rvar_in[c] * m + var * m1;
   j->mean[c] = mean, j->inv_std[c] = inv_std;
   j->rmean[c] = rm, j->rvar[c] = rv;
   j->rmean_in[c] = rm, j->rvar_in[c] = rv;
+}
+
+/* the two scalar outputs min, max (indices i, i + 1) from per-channel ranges lo[C], hi[C] */
+static OrtStatus* write_range(void* ctx, size_t i, const float* lo, const float* hi, size_t C) {
+  void *lv, *hv;
+  float *l, *h;
+  OrtStatus* st;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, i, NULL, 0, &lv)) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, i + 1, NULL, 0, &hv)) ||
+      (st = API(GetTensorMutableData, GetDataFn)(lv, (void**)&l)) || (st = API(GetTensorMutableData, GetDataFn)(hv, (void**)&h)))
+    return st;
+  float a = lo[0], b = hi[0];
+  for (size_t c = 1; c < C; ++c) {
+    a = lo[c] < a ? lo[c] : a;
+    b = hi[c] > b ? hi[c] : b;
+  }
+  *l = a, *h = b;
+  return NULL;
+}
+
+/* BatchNormTrainFused(X, scale, B, running_mean, running_var, residual?) -> (Y, running_mean', running_var', mean,
+ * inv_std, min, max): BatchNormTrain's statistics and running update, Y = X * ks + kb (the same float operations),
+ * then + residual (optional, X's shape; onnxruntime's Add), then max(., 0) where attribute relu = 1 (written as
+ * y > 0 ? y : 0), and the range of Y (MinMax's min and max). */
+static OrtStatus* bn_train_fused(Kernel* k, void* ctx, BnTrainJob* j, const int64_t* dims, size_t rank, size_t n) {
+  const void* rv = NULL;
+  OrtStatus* st;
+  if ((st = API(KernelContext_GetInput, GetInputFn)(ctx, 5, &rv))) return st;
+  if (rv) {
+    int64_t rd[16];
+    size_t rr, rc;
+    if ((st = input_shape(ctx, 5, &rv, rd, &rr, &rc))) return st;
+    int same = rr == rank && rc == n;
+    for (size_t r = 0; same && r < rank; ++r) same = rd[r] == dims[r];
+    if (!same) return fail("fracgraph BatchNormTrainFused: the residual must have X's shape");
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)rv, (void**)&j->res))) return st;
+  }
+  j->relu = k->relu != 0;
+  j->cmin = (float*)malloc(2 * j->C * sizeof(float));
+  if (!j->cmin) return fail("fracgraph BatchNormTrainFused: out of memory");
+  j->cmax = j->cmin + j->C;
+  st = NULL;
+  if (j->C > 1) st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_train_channel, j->C, 0, j);
+  else bn_train_channel(j, 0);
+  if (!st) st = write_range(ctx, 5, j->cmin, j->cmax, j->C);
+  free(j->cmin);
+  return st;
 }
 
 static OrtStatus* compute_bn_train(Kernel* k, void* ctx) {
@@ -1490,6 +1595,7 @@ static OrtStatus* compute_bn_train(Kernel* k, void* ctx) {
     if ((st = API(GetTensorMutableData, GetDataFn)(out[i], (void**)dst[i]))) return st;
   j.eps = k->eps, j.momentum = k->momentum;
   if (!j.N || !j.S) return fail("fracgraph BatchNormTrain: X is empty");
+  if (k->kind == BN_TRAIN_FUSED) return bn_train_fused(k, ctx, &j, dims, rank, n);
   if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_train_channel, j.C, 0, &j);
   if (j.C == 1) bn_train_channel(&j, 0);
   return NULL;
@@ -1504,6 +1610,8 @@ typedef struct {
   const float *dy, *x, *scale, *mean, *inv_std;
   float *dx, *dscale, *dbias;
   size_t N, C, S;   /* batch, channels, spatial size */
+  const float* bias;   /* BatchNormGradRange with relu: the forward's B */
+  float *cmin, *cmax;  /* BatchNormGradRange: each channel's range of dX */
 } BnJob;
 
 static void bn_grad_channel(void* p, size_t c) {
@@ -1543,7 +1651,81 @@ static void bn_grad_channel(void* p, size_t c) {
   }
 }
 
-static OrtStatus* compute_bn_grad(void* ctx) {
+/* BatchNormGradRange(dY, X, scale, mean, inv_std, B?) -> (dX, dscale, dbias, min, max): BatchNormGrad, and the
+ * range of dX (MinMax's min and max). With attribute relu = 1 the forward was BatchNormTrainFused with relu and no
+ * residual, and dY is the gradient of its ReLU's output: the ReLU's mask is recomputed from X with the forward's own
+ * float operations (y = X * ks + kb, ks = inv_std scale, kb = B - mean ks), so dY' = y > 0 ? dY : 0 is bitwise what
+ * ReluGrad(dY, relu(y)) wrote, and the two reads of dY' become reads of dY (no ReluGrad pass, no dY' tensor). */
+static void bn_grad_range_channel(void* p, size_t c) {
+  const BnJob* j = (const BnJob*)p;
+  const size_t N = j->N, C = j->C, S = j->S;
+  const float mean = j->mean[c];
+  const int relu = j->bias != NULL;
+  const float ks = j->inv_std[c] * j->scale[c], kb = relu ? j->bias[c] - mean * ks : 0.0f;
+  double sum_dy = 0.0, sum_dy_xmu = 0.0;
+  enum { LANES = 16 };
+  for (size_t n = 0; n < N; ++n) {
+    const float* dy = j->dy + (n * C + c) * S;
+    const float* x = j->x + (n * C + c) * S;
+    float a[LANES] = {0}, b[LANES] = {0};
+    size_t i = 0;
+    for (; i + LANES <= S; i += LANES)
+      for (int l = 0; l < LANES; ++l) {
+        const float g = relu ? (x[i + l] * ks + kb > 0.0f ? dy[i + l] : 0.0f) : dy[i + l];
+        a[l] += g;
+        b[l] += g * (x[i + l] - mean);
+      }
+    for (; i < S; ++i) {
+      const float g = relu ? (x[i] * ks + kb > 0.0f ? dy[i] : 0.0f) : dy[i];
+      a[0] += g;
+      b[0] += g * (x[i] - mean);
+    }
+    for (int l = 0; l < LANES; ++l) {
+      sum_dy += a[l];
+      sum_dy_xmu += b[l];
+    }
+  }
+  const double M = (double)(N * S), inv_std = j->inv_std[c], k = j->scale[c] * inv_std;
+  j->dbias[c] = (float)sum_dy;
+  j->dscale[c] = (float)(sum_dy_xmu * inv_std);
+  const float kd = (float)k, kx = (float)(-k * inv_std * inv_std * sum_dy_xmu / M), k0 = (float)(-k * sum_dy / M);
+  enum { L = 16 };
+  float lo_l[L], hi_l[L];
+  for (int l = 0; l < L; ++l) lo_l[l] = INFINITY, hi_l[l] = -INFINITY;
+#define BN_GRAD_ROW(G)                                                                  \
+  for (size_t n = 0; n < N; ++n) {                                                     \
+    const float* dy = j->dy + (n * C + c) * S;                                         \
+    const float* x = j->x + (n * C + c) * S;                                           \
+    float* dx = j->dx + (n * C + c) * S;                                               \
+    size_t i = 0;                                                                      \
+    for (; i + L <= S; i += L)                                                         \
+      for (int l = 0; l < L; ++l) {                                                    \
+        const size_t t = i + l;                                                        \
+        const float v = kd * (G) + kx * (x[t] - mean) + k0;                            \
+        dx[t] = v;                                                                     \
+        lo_l[l] = v < lo_l[l] ? v : lo_l[l];                                           \
+        hi_l[l] = v > hi_l[l] ? v : hi_l[l];                                           \
+      }                                                                                \
+    for (; i < S; ++i) {                                                               \
+      const size_t t = i;                                                              \
+      const float v = kd * (G) + kx * (x[t] - mean) + k0;                              \
+      dx[t] = v;                                                                       \
+      lo_l[0] = v < lo_l[0] ? v : lo_l[0];                                             \
+      hi_l[0] = v > hi_l[0] ? v : hi_l[0];                                             \
+    }                                                                                  \
+  }
+  if (relu) { BN_GRAD_ROW(x[t] * ks + kb > 0.0f ? dy[t] : 0.0f) }
+  else { BN_GRAD_ROW(dy[t]) }
+#undef BN_GRAD_ROW
+  for (int l = 1; l < L; ++l) {
+    lo_l[0] = lo_l[l] < lo_l[0] ? lo_l[l] : lo_l[0];
+    hi_l[0] = hi_l[l] > hi_l[0] ? hi_l[l] : hi_l[0];
+  }
+  const float lo = lo_l[0], hi = hi_l[0];
+  j->cmin[c] = lo, j->cmax[c] = hi;
+}
+
+static OrtStatus* compute_bn_grad(Kernel* k, void* ctx) {
   const void* in[5];
   void* out[3];
   int64_t dims[16], other[16], cdims[1];
@@ -1569,6 +1751,24 @@ static OrtStatus* compute_bn_grad(void* ctx) {
     if ((st = API(GetTensorMutableData, GetDataFn)((void*)in[i], (void**)src[i]))) return st;
   for (int i = 0; i < 3; ++i)
     if ((st = API(GetTensorMutableData, GetDataFn)(out[i], (void**)dst[i]))) return st;
+  if (k->kind == BN_GRAD_RANGE) {
+    if (!j.N || !j.S) return fail("fracgraph BatchNormGradRange: X is empty");
+    if (k->relu) {
+      const void* bv;
+      if ((st = input_shape(ctx, 5, &bv, other, &r2, &count))) return st;
+      if (count != j.C) return fail("fracgraph BatchNormGradRange: B needs one value per channel");
+      if ((st = API(GetTensorMutableData, GetDataFn)((void*)bv, (void**)&j.bias))) return st;
+    }
+    j.cmin = (float*)malloc(2 * j.C * sizeof(float));
+    if (!j.cmin) return fail("fracgraph BatchNormGradRange: out of memory");
+    j.cmax = j.cmin + j.C;
+    st = NULL;
+    if (j.C > 1) st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_grad_range_channel, j.C, 0, &j);
+    else bn_grad_range_channel(&j, 0);
+    if (!st) st = write_range(ctx, 3, j.cmin, j.cmax, j.C);
+    free(j.cmin);
+    return st;
+  }
   if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_grad_channel, j.C, 0, &j);
   if (j.C == 1) bn_grad_channel(&j, 0);
   return NULL;
@@ -1611,8 +1811,8 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   memset(&j, 0, sizeof j);
   j.kind = k->kind;
   if (k->kind == CONV_GRAD_W) return compute_conv_grad_w(k, ctx);
-  if (k->kind == BN_GRAD) return compute_bn_grad(ctx);
-  if (k->kind == BN_TRAIN) return compute_bn_train(k, ctx);
+  if (k->kind == BN_GRAD || k->kind == BN_GRAD_RANGE) return compute_bn_grad(k, ctx);
+  if (k->kind == BN_TRAIN || k->kind == BN_TRAIN_FUSED) return compute_bn_train(k, ctx);
   if (k->kind == CONV_COLS) return compute_conv_cols(k, ctx);
   if (k->kind == DW_GRAD_W) return compute_dw_grad_w(k, ctx);
   if (k->kind == NCHWC_WEIGHT) return compute_nchwc_weight(k, ctx);
@@ -1627,16 +1827,24 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == MIN_MAX) return compute_min_max(ctx, &j);
   if (k->kind == MIN_MAX_ROWS) return compute_min_max_rows(ctx, &j, dims, rank);
   if (k->kind == MIN_MAX_COLS) return compute_min_max_cols(ctx, &j, dims, rank);
-  if (k->kind == RELU_GRAD || k->kind == SR_NOISE) {
-    if ((st = input_shape(ctx, k->kind == RELU_GRAD ? 1 : 4, &av, adims, &arank, &an))) return st;
+  if (k->kind == RELU_GRAD || k->kind == SR_NOISE || k->kind == RELU_GRAD_SUM) {
+    if ((st = input_shape(ctx, k->kind == RELU_GRAD ? 1 : k->kind == SR_NOISE ? 4 : 2, &av, adims, &arank, &an))) return st;
     if (an != n) return fail("fracgraph kernels: the second tensor has another element count than the first");
     if ((st = API(GetTensorMutableData, GetDataFn)((void*)av, (void**)&j.aux))) return st;
   }
+  if (k->kind == RELU_GRAD_SUM) {   /* ReluGradSum(dY1, dY2, X): dY2 of dY1's shape (no broadcasting) */
+    int same = 1;
+    if ((st = input_shape(ctx, 1, &av, adims, &arank, &an))) return st;
+    same = arank == rank && an == n;
+    for (size_t r = 0; same && r < rank; ++r) same = adims[r] == dims[r];
+    if (!same) return fail("fracgraph ReluGradSum: the two gradients must have one shape");
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)av, (void**)&j.aux2))) return st;
+  }
   if (k->kind == FAKE_QUANT && (st = channel_inputs(ctx, &j, dims, rank))) return st;
-  if (k->kind != RELU_GRAD && !j.mnv) {
+  if (k->kind != RELU_GRAD && k->kind != RELU_GRAD_SUM && !j.mnv) {
     if ((st = scalar_input(ctx, 1, &j.mn)) || (st = scalar_input(ctx, 2, &j.s)) || (st = scalar_input(ctx, 3, &j.hi))) return st;
   }
-  if (k->kind != RELU_GRAD) j.lo = k->lo;
+  if (k->kind != RELU_GRAD && k->kind != RELU_GRAD_SUM) j.lo = k->lo;
   if (k->kind == SR_RNG) j.key = mix(g_seed ^ mix(k->salt ^ mix(k->calls)));
   k->calls++;
   if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &yv))) return st;
@@ -1648,9 +1856,10 @@ static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "Fak
                                            "ConvGradW", "BatchNormGrad", "ConvGradWCols", "DepthwiseConvGradW",
                                            "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows", "MaxPoolIdx",
                                            "DepthwiseConv", "MinMaxCols", "MaxPoolIdxGrad", "LayerNormGrad",
-                                           "BatchNormTrain"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 5, 5};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1, 3, 5};
+                                           "BatchNormTrain", "BatchNormTrainFused", "BatchNormGradRange",
+                                           "ReluGradSum"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 5, 5, 6, 6, 3};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1, 3, 5, 7, 5, 1};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};
@@ -1672,8 +1881,14 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   if (!k) return fail("fracgraph kernels: out of memory");
   k->kind = kind_of(op);
   if (k->kind <= FAKE_QUANT && (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "lo", &k->lo))) { free(k); return st; }
-  if (k->kind == BN_TRAIN && ((st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "epsilon", &k->eps)) ||
-                              (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "momentum", &k->momentum)))) {
+  if ((k->kind == BN_TRAIN || k->kind == BN_TRAIN_FUSED) &&
+      ((st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "epsilon", &k->eps)) ||
+       (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "momentum", &k->momentum)))) {
+    free(k);
+    return st;
+  }
+  if ((k->kind == BN_TRAIN_FUSED || k->kind == BN_GRAD_RANGE) &&
+      (st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "relu", &k->relu))) {
     free(k);
     return st;
   }
@@ -1706,7 +1921,11 @@ static int float_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == M
 static int output_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == MAX_POOL && i == 1 ? INT64_T : FLOAT_T; }
 static size_t n_inputs(const OrtCustomOp* op) { return N_INPUTS[kind_of(op)]; }
 static size_t n_outputs(const OrtCustomOp* op) { return N_OUTPUTS[kind_of(op)]; }
-static int required(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+/* 0 required, 1 optional: the fused batch norms' sixth input (the residual; B, read only with relu) */
+static int required(const OrtCustomOp* op, size_t i) {
+  return (kind_of(op) == BN_TRAIN_FUSED || kind_of(op) == BN_GRAD_RANGE) && i == 5;
+}
+static int required_out(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
 static int mem_default(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
 static int arity(const OrtCustomOp* op) { (void)op; return 1; }
 static int homogeneous(const OrtCustomOp* op) { (void)op; return 1; }
@@ -1737,7 +1956,7 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
     op->GetOutputTypeCount = n_outputs;
     op->KernelDestroy = destroy;
     op->GetInputCharacteristic = required;
-    op->GetOutputCharacteristic = required;
+    op->GetOutputCharacteristic = required_out;
     op->GetInputMemoryType = mem_default;
     op->GetVariadicInputMinArity = arity;
     op->GetVariadicInputHomogeneity = homogeneous;

@@ -76,7 +76,8 @@ def test_forward_kernel_matches_float64(shape):
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    return build_pair(ConvZoo(), tmp_path_factory.mktemp("bn"), (2, 3, 9, 9), off={"skip_passes": ("bn-grad",)}, on={})
+    return build_pair(ConvZoo(), tmp_path_factory.mktemp("bn"), (2, 3, 9, 9), off={"skip_passes": ("bn-grad", "bn-relu")},
+                      on={"skip_passes": ("bn-relu",)})   # bn-relu (test_bn_relu.py) would fuse the BN further
 
 
 def test_pass_structure(builds):
