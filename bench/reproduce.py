@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=1e-3)
     ap.add_argument("--beta-schedule", default="constant", help="DFQ rows: constant (the authors') or lr "
                     "(beta x lr0/lr: the gates keep their speed after the LR decays; README, Controller speed)")
-    ap.add_argument("--pfq-noise-floor", type=float, default=2.0, help="train --pfq-noise-floor (0: the authors' "
+    ap.add_argument("--pfq-noise-floor", type=float, default=0.0, help="train --pfq-noise-floor (0: the authors' "
                     "PFQ thresholds; rows started before the floor existed resume only with 0)")
     ap.add_argument("--eval-batches", type=int, default=10, help="test batches per evaluation during the run "
                     "(the final evaluation always covers the whole test set)")

@@ -205,7 +205,7 @@ def train(
     bw_schedule: str = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage."),
     eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
     alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
-    pfq_noise_floor: float = typer.Option(2.0, "--pfq-noise-floor", help="PFQ/FracTrain indicator: a threshold is never below this many standard errors of the epoch's mean loss (relative to the loss scale); 0 = the authors' thresholds. See README 'Reproduction'."),
+    pfq_noise_floor: float = typer.Option(0.0, "--pfq-noise-floor", help="PFQ/FracTrain indicator: a threshold is never below this many standard errors of the epoch's mean loss (relative to the loss scale); 0 = the authors' thresholds. See README 'Reproduction'."),
     data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH, text:PATH (UTF-8, for a language model); default: scikit-learn digits."),
     iters: int = typer.Option(200, "--iters", help="Training iterations."),
     epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),

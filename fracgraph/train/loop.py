@@ -49,7 +49,7 @@ class TrainConfig:
     bw_schedule: list[int] = field(default_factory=lambda: [6, 6, 8, 8])
     eps: float = 0.05
     alpha: float = 0.3
-    pfq_noise_floor: float = 2.0          # PFQ/FracTrain thresholds >= this x the epoch loss's noise (0: the authors')
+    pfq_noise_floor: float = 0.0          # PFQ/FracTrain thresholds >= this x the epoch loss's noise (0: the authors', the default: README)
     data: str | None = None
     iters: int = 200
     epoch_iters: int = 50
