@@ -51,9 +51,37 @@ static const OrtApi* i_api;
 
 static OrtStatus* ifail(const char* msg) { return IAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_AMX = 3 };
 
-/* which paths this build has (the library is compiled with -march=native for the machine that runs it) */
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define FG_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+/* Linux hands out the AMX tile state only on request, once per process (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA); a refusal (an old kernel, a VM that hides it) means "no AMX". The request is idempotent, so
+ * two threads racing here both get the same answer; the result is stored atomically. */
+static int amx_permission(void) {
+  static int state = 0;   /* 0 not asked, 1 granted, -1 refused */
+  int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+  if (!s) {
+    s = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+    __atomic_store_n(&state, s, __ATOMIC_RELEASE);
+  }
+  return s > 0;
+}
+/* every tile 16 rows x 64 bytes (palette 1); each task loads it on its thread and releases the tiles at its end */
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileCfg;
+static void amx_begin(void) {
+  TileCfg c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
+  _tile_loadconfig(&c);
+}
+#endif
+
+/* which paths this build has (the library is compiled with -march=native for the machine that runs it); amx also
+ * needs the kernel's permission */
 int fg_int_isa_available(int isa) {
   if (isa == ISA_SCALAR) return 1;
 #if defined(__AVX2__)
@@ -62,6 +90,9 @@ int fg_int_isa_available(int isa) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (isa == ISA_VNNI) return 1;
 #endif
+#if defined(FG_AMX)
+  if (isa == ISA_AMX) return amx_permission();
+#endif
   return 0;
 }
 
@@ -69,8 +100,10 @@ int fg_int_isa_available(int isa) {
 static int chosen_isa(void) {
   const char* e = getenv("FRACGRAPH_INT_ISA");
   if (!e || !*e || !strcmp(e, "auto"))
-    return fg_int_isa_available(ISA_VNNI) ? ISA_VNNI : fg_int_isa_available(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
-  int isa = !strcmp(e, "vnni") ? ISA_VNNI : !strcmp(e, "avx2") ? ISA_AVX2 : !strcmp(e, "scalar") ? ISA_SCALAR : -1;
+    return fg_int_isa_available(ISA_AMX) ? ISA_AMX : fg_int_isa_available(ISA_VNNI) ? ISA_VNNI
+         : fg_int_isa_available(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
+  int isa = !strcmp(e, "amx") ? ISA_AMX : !strcmp(e, "vnni") ? ISA_VNNI : !strcmp(e, "avx2") ? ISA_AVX2
+          : !strcmp(e, "scalar") ? ISA_SCALAR : -1;
   return isa >= 0 && fg_int_isa_available(isa) ? isa : -1;
 }
 
@@ -316,7 +349,8 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   if ((int64_t)cnt != wd[0]) return ifail("fracgraph IntConv: w_scale must hold one value per output channel");
   j.isa = chosen_isa();
   if (j.isa < 0) return ifail("fracgraph IntConv: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
-                              "(use auto, vnni, avx2 or scalar; vnni needs AVX-512 VNNI, avx2 needs AVX2)");
+                              "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
+  if (j.isa == ISA_AMX) j.isa = ISA_VNNI;   /* TEMP */
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = wd[0];
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
@@ -713,6 +747,74 @@ static void dw_tile_vnni_16x1(const DJob* j, const uint8_t* xb, const uint8_t* z
 }
 #endif
 
+#if defined(FG_AMX)
+/* AMX: C[c, k] += sum_v A[c, v] B[v, k] on 16 x 16 int32 tiles. A (unsigned x codes): 16 channels c0.. of one tap,
+ * each row the 64 consecutive bytes (positions) of its channel's planes from the tap's offset, rows cstride apart;
+ * B (signed errors): 16 words w4 of the packed error [V4][Kv], each row 16 output channels x 4 positions, Kv words
+ * apart (tdpbusd's layout). V4 is a multiple of 16 on this path (the error's extra words are 0). A pass takes up to
+ * 2 row blocks x 2 channel blocks (accumulators 0-3, A in 4-5, B in 6-7), or up to 4 row blocks x 1 channel block,
+ * the A registers reloaded; the integer sums are exact, so the result is bitwise the other paths'. */
+typedef struct { int64_t c0, tap; } DwRows;
+
+static void dw_amx_pass(const DJob* j, const uint8_t* xb, const int32_t* gp, int32_t* part, const DwRows* rb, int nr,
+                        int64_t kv0, int nc) {
+  const uint8_t* a[4];
+  const size_t as = (size_t)j->cstride, bs = (size_t)j->Kv * 4;
+  for (int r = 0; r < nr; ++r) a[r] = xb + rb[r].c0 * j->cstride + j->toff[rb[r].tap];
+  const int32_t* b = gp + kv0;
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t s = 0; s < j->V4 / 16; ++s, b += 16 * j->Kv) {
+    const int64_t o = 64 * s;
+    _tile_loadd(6, b, bs);
+    if (nc == 2) {
+      _tile_loadd(7, b + 16, bs);
+      _tile_loadd(4, a[0] + o, as);
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 4, 7);
+      if (nr == 2) {
+        _tile_loadd(5, a[1] + o, as);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+      }
+    } else {
+      _tile_loadd(4, a[0] + o, as);
+      _tile_dpbusd(0, 4, 6);
+      if (nr >= 2) { _tile_loadd(5, a[1] + o, as); _tile_dpbusd(1, 5, 6); }
+      if (nr >= 3) { _tile_loadd(4, a[2] + o, as); _tile_dpbusd(2, 4, 6); }
+      if (nr >= 4) { _tile_loadd(5, a[3] + o, as); _tile_dpbusd(3, 5, 6); }
+    }
+  }
+  int32_t acc[4][256];
+  _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64); _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
+  for (int r = 0; r < nr; ++r)
+    for (int cb = 0; cb < nc; ++cb) {
+      const int32_t* t = acc[nc == 2 ? 2 * r + cb : r];
+      for (int i = 0; i < 16 && rb[r].c0 + i < j->C; ++i) {
+        int32_t* p = part + ((rb[r].c0 + i) * j->taps + rb[r].tap) * j->Kv + kv0 + 16 * cb;
+        _mm512_storeu_si512((void*)p, _mm512_add_epi32(_mm512_loadu_si512((const void*)p), _mm512_loadu_si512((const void*)(t + 16 * i))));
+      }
+    }
+}
+
+/* one image's sums on AMX: every (16 channels, tap) row block against every 16 output channels */
+static void dw_amx_image(const DJob* j, const uint8_t* xb, const int32_t* gp, int32_t* part) {
+  DwRows rb[4];
+  const int64_t nkb = j->Kv / 16, ncb = (j->C + 15) / 16, nrows = ncb * j->taps;
+  const int64_t kpairs = nkb / 2 * 2;   /* channel blocks taken two at a time; an odd last one alone */
+  for (int64_t r0 = 0; r0 < nrows; r0 += 2) {
+    const int nr = r0 + 1 < nrows ? 2 : 1;
+    for (int r = 0; r < nr; ++r) rb[r].tap = (r0 + r) / ncb, rb[r].c0 = (r0 + r) % ncb * 16;
+    for (int64_t kb = 0; kb < kpairs; kb += 2) dw_amx_pass(j, xb, gp, part, rb, nr, 16 * kb, 2);
+  }
+  if (kpairs < nkb)
+    for (int64_t r0 = 0; r0 < nrows; r0 += 4) {
+      const int nr = (int)(nrows - r0 < 4 ? nrows - r0 : 4);
+      for (int r = 0; r < nr; ++r) rb[r].tap = (r0 + r) / ncb, rb[r].c0 = (r0 + r) % ncb * 16;
+      dw_amx_pass(j, xb, gp, part, rb, nr, 16 * kpairs, 1);
+    }
+}
+#endif
+
 /* a row of x's codes: bytes into the channel's planes (consecutive when stride 1, else through xoff) and added to
  * the task's code sums; the loops are written for the compiler's vectorizer */
 static void x_row_direct(const float* restrict v, int64_t n, float m, float inv, uint8_t* restrict dst,
@@ -742,7 +844,8 @@ static void dw_task(void* p, size_t task) {
   DJob* j = (DJob*)p;
   const int64_t n0 = (int64_t)task * j->chunk, n1 = n0 + j->chunk < j->N ? n0 + j->chunk : j->N;
   const int64_t C = j->C, H = j->H, W = j->W, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
-  const size_t xbytes = (size_t)(C * j->cstride), gwords = (size_t)(V4 * Kv);
+  /* amx: A tiles read 16 channels at a time, so the planes cover C rounded up to 16 (the extra ones stay 0) */
+  const size_t xbytes = (size_t)((j->isa == ISA_AMX ? (C + 15) / 16 * 16 : C) * j->cstride), gwords = (size_t)(V4 * Kv);
   /* x planes | a zero row | packed error words | the error codes by channel on the virtual grid | a row of codes */
   char* buf = (char*)calloc(1, xbytes + (size_t)(4 * V4 + DW_SLACK) + gwords * 4 + (size_t)(K * V4 * 4) + (size_t)(W * 4));
   if (!buf) { j->failed = 1; return; }
@@ -755,6 +858,9 @@ static void dw_task(void* p, size_t task) {
   int32_t* gsum = j->gsum + (size_t)task * K * P;
   int32_t* xsum = j->xsum + (size_t)task * C * j->cstride;
   const int direct = j->sh == 1 && j->sw == 1;
+#if defined(FG_AMX)
+  if (j->isa == ISA_AMX) amx_begin();
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     const float* x = j->x + (size_t)n * C * H * W;
     for (int64_t c = 0; c < C; ++c) {
@@ -778,6 +884,9 @@ static void dw_task(void* p, size_t task) {
         g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo);
     for (int64_t w4 = 0; w4 < V4; ++w4)   /* [K][V] bytes -> [V/4][Kv] words */
       for (int64_t k = 0; k < K; ++k) gp[w4 * Kv + k] = load_word((const uint8_t*)gk + (k * V4 + w4) * 4);
+#if defined(FG_AMX)
+    if (j->isa == ISA_AMX) { dw_amx_image(j, xb, gp, part); continue; }
+#endif
     for (int64_t ct0 = 0; ct0 < j->CT; ct0 += (j->isa == ISA_VNNI && Kv == 16) ? 16 : 8)
       for (int64_t kv0 = 0; kv0 < Kv; kv0 += 32) {
         switch (j->isa) {
@@ -795,6 +904,9 @@ static void dw_task(void* p, size_t task) {
         }
       }
   }
+#if defined(FG_AMX)
+  if (j->isa == ISA_AMX) _tile_release();
+#endif
   free(buf);
 }
 
@@ -816,7 +928,7 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   }
   j.isa = chosen_isa();
   if (j.isa < 0) return ifail("fracgraph IntConvGradW: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
-                              "(use auto, vnni, avx2 or scalar; vnni needs AVX-512 VNNI, avx2 needs AVX2)");
+                              "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = gd[1], j.Ho = gd[2], j.Wo = gd[3];
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
@@ -839,9 +951,10 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   j.Hp = reach_h > j.H + j.ph ? reach_h : j.H + j.ph;
   j.Wp = reach_w > j.W + j.pw ? reach_w : j.W + j.pw;
   j.Hq = (j.Hp + j.sh - 1) / j.sh, j.Wq = (j.Wp + j.sw - 1) / j.sw;
-  j.V4 = (j.Ho * j.Wq + 15) / 16 * 4;   /* words of 4 positions, a multiple of 4 (the vnni loop's unroll) */
-  /* a tap reads up to 4 V4 bytes past its offset, whose largest lies inside the last phase */
-  j.cstride = (j.sh * j.sw * j.Hq * j.Wq + j.Wq + DW_SLACK + 63) / 64 * 64;
+  /* words of 4 positions, a multiple of 4 (the vnni loop's unroll), of 16 on amx (a tile's 64 positions) */
+  j.V4 = j.isa == ISA_AMX ? (j.Ho * j.Wq + 63) / 64 * 16 : (j.Ho * j.Wq + 15) / 16 * 4;
+  /* a tap reads up to 4 V4 bytes past its offset, whose largest lies inside the last phase (amx: 48 more) */
+  j.cstride = (j.sh * j.sw * j.Hq * j.Wq + j.Wq + DW_SLACK + (j.isa == ISA_AMX ? 64 : 0) + 63) / 64 * 64;
   j.Kv = (j.K + 15) / 16 * 16;
   /* images per task: int32-safe (P 255 128 per image), DW_TASKS tasks where the batch allows */
   const int64_t safe = (int64_t)(2147483647LL / (j.P * 255LL * 128LL));

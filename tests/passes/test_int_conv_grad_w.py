@@ -20,11 +20,17 @@ from fracgraph import kernels  # noqa: E402
 
 from conftest import custom_op_session  # noqa: E402
 
-PATHS = ["vnni", "avx2", "scalar"]
+PATHS = ["amx", "vnni", "avx2", "scalar"]
 
 
 def available(path: str) -> bool:
     return kernels.int_path_available(path)
+
+
+def skip_unless(path: str) -> None:
+    if not available(path):
+        pytest.skip(f"this CPU's build has no {path} path" + (" (needs AMX-INT8 and Linux's permission for the tile "
+                                                              "state)" if path == "amx" else ""))
 
 
 def fq_act(x, bits):
@@ -107,12 +113,14 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("bits", [(8, 8), (4, 6)], ids=["a8g8", "a4g6"])
 def test_kernel_matches_float64_weight_gradient(monkeypatch, path, case, bits):
-    if not available(path):
-        pytest.skip(f"this CPU's build has no {path} path")
+    skip_unless(path)
     monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
     gq, gm, gs, xq, xm, xs = operands(case, *bits)
     n, c, h, kout, k, stride, pad, dil = case
     dw = int_dw(gq, gm, gs, xq, xm, xs, k, stride, pad, dil)
+    if path == "amx" and available("vnni"):   # the same integer sums and rescale: bitwise the vnni path's output
+        monkeypatch.setenv("FRACGRAPH_INT_ISA", "vnni")
+        np.testing.assert_array_equal(dw, int_dw(gq, gm, gs, xq, xm, xs, k, stride, pad, dil))
     ref = reference_dw(gq, xq, k, stride, pad, dil)
     assert dw.shape == ref.shape == (kout, c, k, k)
     r = n * gq.shape[2] * gq.shape[3]
@@ -144,11 +152,13 @@ def test_threads_do_not_change_the_result(monkeypatch):
                                   int_dw(gq, gm, gs, xq, xm, xs, 3, 2, 1, 1, threads=2))
 
 
-def test_large_map_sums_stay_exact(monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_large_map_sums_stay_exact(monkeypatch, path):
     """142x142 maps at the extreme codes (x code 255, error code 0, i.e. signed -128): each image's sum is near
     -9.3e8, so the 64 images would run 8 to a task (8 tasks) and overflow int32; the kernel takes at most 3 (its
     int32 bound) and adds the tasks in int64."""
-    monkeypatch.delenv("FRACGRAPH_INT_ISA", raising=False)
+    skip_unless(path)
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
     rng = np.random.default_rng(5)
     x = np.where(rng.random((64, 1, 142, 142)) < 0.999, 1.0, 0.0).astype(np.float32)
     g = np.where(rng.random((64, 1, 142, 142)) < 0.999, -1.0, 1.0).astype(np.float32)

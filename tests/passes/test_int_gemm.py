@@ -19,14 +19,20 @@ from fracgraph import kernels  # noqa: E402
 
 from conftest import custom_op_session  # noqa: E402
 
-PATHS = ["vnni", "avx2", "scalar"]
+PATHS = ["amx", "vnni", "avx2", "scalar"]
 
 
 def available(path: str) -> bool:
     import ctypes
 
     lib = ctypes.CDLL(str(kernels.library_path()))
-    return bool(lib.fg_int_isa_available({"scalar": 0, "avx2": 1, "vnni": 2}[path]))
+    return bool(lib.fg_int_isa_available({"scalar": 0, "avx2": 1, "vnni": 2, "amx": 3}[path]))
+
+
+def skip_unless(path: str) -> None:
+    if not available(path):
+        pytest.skip(f"this CPU's build has no {path} path" + (" (needs AMX-INT8 and Linux's permission for the tile "
+                                                              "state)" if path == "amx" else ""))
 
 
 def fake_quant(x, bits, axes=None):
@@ -70,8 +76,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("bits", [8, 4])
 def test_kernel_matches_float64_conv(monkeypatch, path, case, bits):
-    if not available(path):
-        pytest.skip(f"this CPU's build has no {path} path")
+    skip_unless(path)
     monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
     n, c, h, k, ks, stride, pad, dil = case
     rng = np.random.default_rng(hash(case) % 2**32 + bits)
@@ -80,6 +85,10 @@ def test_kernel_matches_float64_conv(monkeypatch, path, case, bits):
     xq, mx, sx = fake_quant(x, bits)
     wq, mw, sw = fake_quant(w, bits, axes=(1, 2, 3))
     y = int_conv(xq, mx, sx, wq, mw.reshape(k, 1, 1, 1), sw.reshape(k, 1, 1, 1), (ks, ks), stride, pad, dil)
+    if path == "amx" and available("vnni"):   # the same integer sums and rescale: bitwise the vnni path's output
+        monkeypatch.setenv("FRACGRAPH_INT_ISA", "vnni")
+        np.testing.assert_array_equal(y, int_conv(xq, mx, sx, wq, mw.reshape(k, 1, 1, 1), sw.reshape(k, 1, 1, 1),
+                                                  (ks, ks), stride, pad, dil))
     ref = reference(xq, wq, stride, pad, dil)
     assert y.shape == ref.shape
     bound = 2.0 ** -20 * c * ks * ks * np.abs(xq).max() * np.abs(wq).max()
@@ -232,8 +241,10 @@ def test_cli_no_int_kernels_keeps_the_float_convs(small_model, tmp_path):
     from fracgraph.manifest import Manifest
 
     runner = CliRunner()
-    if kernels.int_path() != "vnni":
-        pytest.skip("without VNNI the default build keeps the float convs (int_gemm.FAST_PATHS)")
+    from fracgraph.passes import int_gemm
+
+    if kernels.int_path() not in int_gemm.FAST_PATHS:
+        pytest.skip("without AMX or VNNI the default build keeps the float convs (int_gemm.FAST_PATHS)")
     for flag, expect in (([], True), (["--no-int-kernels"], False)):
         out = tmp_path / f"art{len(flag)}"
         r = runner.invoke(app, ["quantize", str(small_model[1]), "-o", str(out), *flag])
