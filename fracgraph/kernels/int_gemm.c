@@ -138,6 +138,8 @@ typedef struct {
   const int64_t* seg_in;   /* [nseg]: a segment's first position on the phase grid (ho Wq + wo0) */
   const int64_t* seg_out;  /* [nseg]: its first output position (ho Wo + wo0) */
   const int32_t* seg_n;    /* [nseg]: its length */
+  const int32_t* wamx;     /* amx: [Kv/16][taps][nch][16][kc] words of 4 signed bytes q_w - 128 (0 past K and C) */
+  int64_t kc, nch, C4r;    /* amx: words of a tile's reduction (min(C4, 16)), chunks of 16 words per tap, planes */
   int failed;              /* an image's scratch could not be allocated */
 } IJob;
 
@@ -251,11 +253,102 @@ static void tile_vnni(const IJob* j, const int32_t* xq, const int32_t* sx, int64
 }
 #endif
 
+#if defined(FG_AMX)
+/* AMX, transposed: C[k, p] += sum A[k, 4 c4 + i] B[c4, 4 p + i] on 16 x 16 int32 tiles (rows 16 output channels,
+ * columns 16 positions of a segment), tdpbsud (signed weights, unsigned codes). A: the weights of one tap and
+ * chunk, 16 channels x kc words (wamx); B: kc words c4 of the packed image from the tap's offset, 16 consecutive
+ * positions each (the other paths' packing, rows a plane apart). Tiles: accumulators 0-3, A 4-5 (16 rows x 4 kc
+ * bytes), B 6-7 (kc rows x 64 bytes): 2 channel blocks x 2 segments, or 1 x up to 4. The rescale is the vnni
+ * path's, lane for lane, so the output is bitwise the other paths'. */
+static void amx_begin_fw(int64_t kc) {
+  TileCfg c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 4; ++i) c.colsb[i] = 64, c.rows[i] = 16;
+  for (int i = 4; i < 6; ++i) c.colsb[i] = (uint16_t)(4 * kc), c.rows[i] = 16;
+  for (int i = 6; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = (uint8_t)kc;
+  _tile_loadconfig(&c);
+}
+
+static void tile_amx(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb0, int nk, const int64_t* segs,
+                     int ns, float* y) {
+  const int64_t kc = j->kc, nch = j->nch, blk = 16 * kc, kstride = j->taps * nch * blk;
+  const size_t as = (size_t)kc * 4, bs = (size_t)j->plane * 4;
+  int64_t in[4];
+  for (int h = 0; h < ns; ++h) in[h] = j->seg_in[segs[h]];
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t tap = 0; tap < j->taps; ++tap)
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      const int32_t* w0 = j->wamx + ((kb0 * j->taps + tap) * nch + ch) * blk;
+      const int32_t* x = xq + ch * 16 * j->plane + j->toff[tap];
+      _tile_loadd(4, w0, as);
+      _tile_loadd(6, x + in[0], bs);
+      _tile_dpbsud(0, 4, 6);
+      if (nk == 2) {
+        _tile_loadd(5, w0 + kstride, as);
+        _tile_dpbsud(2, 5, 6);
+        if (ns == 2) {
+          _tile_loadd(7, x + in[1], bs);
+          _tile_dpbsud(1, 4, 7);
+          _tile_dpbsud(3, 5, 7);
+        }
+      } else {
+        if (ns >= 2) { _tile_loadd(7, x + in[1], bs); _tile_dpbsud(1, 4, 7); }
+        if (ns >= 3) { _tile_loadd(6, x + in[2], bs); _tile_dpbsud(2, 4, 6); }
+        if (ns >= 4) { _tile_loadd(7, x + in[3], bs); _tile_dpbsud(3, 4, 7); }
+      }
+    }
+  int32_t acc[4][256];
+  _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64); _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
+  for (int h = 0; h < ns; ++h) {   /* the vnni path's rescale */
+    const int64_t out = j->seg_out[segs[h]];
+    const __mmask16 m = (__mmask16)((1u << j->seg_n[segs[h]]) - 1u);
+    const __m512i sxi = _mm512_maskz_loadu_epi32(m, sx + out);
+    const __m512d sx_lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sxi));
+    const __m512d sx_hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sxi, 1));
+    const __m512i sx128 = _mm512_slli_epi32(sxi, 7);
+    const __mmask8 m_lo = (__mmask8)(m & 0xFF), m_hi = (__mmask8)(m >> 8);
+    for (int kk = 0; kk < nk; ++kk)
+      for (int r = 0; r < 16; ++r) {
+        const int64_t k = (kb0 + kk) * 16 + r;
+        if (k >= j->K) break;
+        const __m512i Ai = _mm512_add_epi32(_mm512_loadu_si512((const void*)(acc[nk == 2 ? 2 * kk + h : h] + 16 * r)), sx128);
+        const __m512d av = _mm512_set1_pd(j->a[k]), bv = _mm512_set1_pd(j->b[k]);
+        const double* t = j->t + (size_t)k * j->P + out;
+        const __m512d lo = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_castsi512_si256(Ai))),
+                                                       _mm512_mul_pd(bv, sx_lo)), _mm512_maskz_loadu_pd(m_lo, t));
+        const __m512d hi = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(Ai, 1))),
+                                                       _mm512_mul_pd(bv, sx_hi)), _mm512_maskz_loadu_pd(m_hi, t + 8));
+        const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+        _mm512_mask_storeu_ps(y + (size_t)k * j->P + out, m, v);
+      }
+  }
+}
+
+/* every tile of one image: channel blocks two at a time over segment pairs, an odd last block over up to 4 */
+static void amx_image(const IJob* j, const int32_t* xq, const int32_t* sx, float* y) {
+  const int64_t nkb = (j->K + 15) / 16, pairs = nkb / 2 * 2;
+  int64_t segs[4];
+  for (int64_t kb = 0; kb < pairs; kb += 2)
+    for (int64_t s0 = 0; s0 < j->nseg; s0 += 2) {
+      const int ns = s0 + 1 < j->nseg ? 2 : 1;
+      for (int h = 0; h < ns; ++h) segs[h] = s0 + h;
+      tile_amx(j, xq, sx, kb, 2, segs, ns, y);
+    }
+  if (pairs < nkb)
+    for (int64_t s0 = 0; s0 < j->nseg; s0 += 4) {
+      const int ns = (int)(j->nseg - s0 < 4 ? j->nseg - s0 : 4);
+      for (int h = 0; h < ns; ++h) segs[h] = s0 + h;
+      tile_amx(j, xq, sx, pairs, 1, segs, ns, y);
+    }
+}
+#endif
+
 /* one image: pack the codes, window sums, every tile, rescale into y[n] (NCHW) */
 static void conv_image(void* p, size_t n) {
   const IJob* j = (const IJob*)p;
   const int64_t C = j->C, H = j->H, W = j->W, Hp = j->Hp, Wp = j->Wp, P = j->P;
-  const size_t words = (size_t)(j->C4 * j->plane) + SLACK;
+  const size_t words = (size_t)((j->isa == ISA_AMX ? j->C4r : j->C4) * j->plane) + SLACK;   /* amx: zero planes to a chunk */
   char* buf = (char*)calloc(1, words * 4 + (size_t)(Hp * Wp) * 4 + (size_t)(P + SLACK) * 4 + (size_t)W * 4 * 4);
   if (!buf) { ((IJob*)p)->failed = 1; return; }
   int32_t* xq = (int32_t*)buf;
@@ -298,6 +391,15 @@ static void conv_image(void* p, size_t n) {
       sx[ho * j->Wo + wo] = s;
     }
   float* y = j->y + (size_t)n * j->K * P;
+#if defined(FG_AMX)
+  if (j->isa == ISA_AMX) {
+    amx_begin_fw(j->kc);
+    amx_image(j, xq, sx, y);
+    _tile_release();
+    free(buf);
+    return;
+  }
+#endif
   for (int64_t kb = 0; kb < j->Kb / RB; ++kb)
     for (int64_t s0 = 0; s0 < j->nseg; s0 += (j->isa == ISA_VNNI ? 2 : 1)) {
       switch (j->isa) {
@@ -350,7 +452,6 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   j.isa = chosen_isa();
   if (j.isa < 0) return ifail("fracgraph IntConv: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
                               "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
-  if (j.isa == ISA_AMX) j.isa = ISA_VNNI;   /* TEMP */
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = wd[0];
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
@@ -369,6 +470,9 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   j.P = j.Ho * j.Wo;
   j.taps = j.kh * j.kw;
   j.nseg = j.Ho * ((j.Wo + j.lanes - 1) / j.lanes);
+  j.kc = j.C4 < 16 ? j.C4 : 16;              /* amx: a tile's reduction, in words of 4 channels */
+  j.nch = (j.C4 + 15) / 16, j.C4r = j.C4 <= 16 ? j.C4 : j.nch * 16;
+  const int64_t nkb16 = (j.K + 15) / 16;
   const int64_t K = j.K, C = j.C, C4 = j.C4, taps = j.taps, P = j.P;
   int32_t* wsum = (int32_t*)calloc((size_t)(K * taps), sizeof(int32_t));
   double* a = (double*)calloc((size_t)j.Kb, sizeof(double));
@@ -381,10 +485,12 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   int32_t* seg_n = (int32_t*)malloc((size_t)j.nseg * sizeof(int32_t));
   int32_t* wpack = (int32_t*)calloc((size_t)(j.Kb * taps * C4 * 2), sizeof(int32_t));
   int64_t* col_off = (int64_t*)malloc((size_t)j.W * sizeof(int64_t));
+  int32_t* wamx = j.isa == ISA_AMX ? (int32_t*)calloc((size_t)(nkb16 * taps * j.nch * 16 * j.kc), sizeof(int32_t)) : NULL;
   void* yv;
   int64_t yd[4] = {j.N, K, j.Ho, j.Wo};
   st = NULL;
-  if (!wsum || !a || !b || !t || !toff || !tpix || !seg_in || !seg_out || !seg_n || !wpack || !col_off) {
+  if (!wsum || !a || !b || !t || !toff || !tpix || !seg_in || !seg_out || !seg_n || !wpack || !col_off ||
+      (j.isa == ISA_AMX && !wamx)) {
     st = ifail("fracgraph IntConv: out of memory");
     goto done;
   }
@@ -397,7 +503,10 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
         wsum[k * taps + tap] += q;
         const int32_t sq = q - 128;
         const int64_t kb = k / RB, rr = k % RB, c4 = c / 4, i = c % 4;
-        if (j.isa == ISA_AVX2) {   /* word h = i % 2 (channels 0, 2 | 1, 3), half = i / 2 */
+        if (j.isa == ISA_AMX) {
+          uint32_t* wd32 = (uint32_t*)&wamx[(((k / 16) * taps + tap) * j.nch + c4 / 16) * 16 * j.kc + (k % 16) * j.kc + c4 % 16];
+          *wd32 |= ((uint32_t)(uint8_t)(int8_t)sq) << (8 * i);
+        } else if (j.isa == ISA_AVX2) {   /* word h = i % 2 (channels 0, 2 | 1, 3), half = i / 2 */
           uint32_t* wd32 = (uint32_t*)&wpack[(((kb * taps + tap) * C4 + c4) * 2 + i % 2) * RB + rr];
           *wd32 |= ((uint32_t)(uint16_t)(int16_t)sq) << (16 * (i / 2));
         } else {
@@ -438,7 +547,7 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
       for (int64_t k = 0; k < K; ++k)
         t[k * P + q] = (double)j.mx * sw[k] * t[k * P + q] + (double)j.mx * mw[k] * (double)(C * inside);
     }
-  j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.toff = toff, j.tpix = tpix;
+  j.wpack = wpack, j.wamx = wamx, j.a = a, j.b = b, j.t = t, j.toff = toff, j.tpix = tpix;
   j.seg_in = seg_in, j.seg_out = seg_out, j.seg_n = seg_n, j.col_off = col_off;
   if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, yd, 4, &yv))) goto done;
   if ((st = IAPI(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y))) goto done;
@@ -446,7 +555,7 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, conv_image, (size_t)j.N, 0, &j);
   if (!st && j.failed) st = ifail("fracgraph IntConv: out of memory");
 done:
-  free(wsum); free(a); free(b); free(t); free(toff); free(tpix); free(seg_in); free(seg_out); free(seg_n); free(wpack); free(col_off);
+  free(wsum); free(a); free(b); free(t); free(toff); free(tpix); free(seg_in); free(seg_out); free(seg_n); free(wpack); free(col_off); free(wamx);
   return st;
 }
 
