@@ -22,7 +22,8 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with);
 - intconv: a quantized conv's forward on resnet20's shapes (8-bit fake-quantized operands): Conv and NCHWc in
   FP32 vs fracgraph's IntConv on each integer path this CPU has (amx, vnni, avx2, scalar) and onnxruntime's
-  ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost);
+  ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost); --cpu-time and
+  --int-paths apply;
 - intdw: a quantized conv's weight gradient on resnet20's shapes (8-bit operands, the error stochastically
   rounded): the float form passes/conv_grad_w.py picks (and onnxruntime's ConvGrad) vs fracgraph's IntConvGradW
   on each integer path; --cpu-time, --match and --int-paths apply;
@@ -717,25 +718,27 @@ def probe_intconv(r: Runner, rng):
         sessions = [r.session(m) for _, _, m, _ in rows]
         times = [[] for _ in rows]
         outs = []
+        clock = time.process_time if r.cpu_time else time.perf_counter
         for rep in range(r.reps + 1):
             for i, ((name, path, _, f), sess) in enumerate(zip(rows, sessions)):
                 if path:
                     os.environ["FRACGRAPH_INT_ISA"] = path
-                t0 = time.perf_counter()
+                t0 = clock()
                 out = sess.run(None, f)[0]
                 if rep:
-                    times[i].append(time.perf_counter() - t0)
+                    times[i].append(clock() - t0)
                 else:
                     outs.append(out)
         tb = 1e3 * statistics.median(times[0])
-        print(f"  {n}x{c}x{hw}x{hw} -> {o}, {k}x{k} stride {stride}: Conv {tb:.2f} ms")
+        what = "CPU ms" if r.cpu_time else "ms"
+        print(f"  {n}x{c}x{hw}x{hw} -> {o}, {k}x{k} stride {stride}: Conv {tb:.2f} {what}")
         for (name, _, _, _), ts, out in zip(rows[1:], times[1:], outs[1:]):
             tc = 1e3 * statistics.median(ts)
             agree = ""
             if out.dtype == np.float32:
                 diff = float(np.max(np.abs(out.astype(np.float64) - outs[0])) / max(float(np.max(np.abs(outs[0]))), 1e-30))
                 agree = f"max rel diff {diff:.1e}"
-            print(f"    {name:34s} {tc:7.2f} ms  x{tc / tb:5.2f}  {agree}")
+            print(f"    {name:34s} {tc:7.2f} {what}  x{tc / tb:5.2f}  {agree}")
         if saved is None:
             os.environ.pop("FRACGRAPH_INT_ISA", None)
         else:

@@ -865,32 +865,43 @@ static void dw_tile_vnni_16x1(const DJob* j, const uint8_t* xb, const uint8_t* z
  * the A registers reloaded; the integer sums are exact, so the result is bitwise the other paths'. */
 typedef struct { int64_t c0, tap; } DwRows;
 
-static void dw_amx_pass(const DJob* j, const uint8_t* xb, const int32_t* gp, int32_t* part, const DwRows* rb, int nr,
-                        int64_t kv0, int nc) {
-  const uint8_t* a[4];
+/* a group of ng packed images, slot bytes apart (x planes, then the error words at xbytes): the tiles accumulate
+ * over all of them (the task's images keep its sums in int32) and are added into part once */
+typedef struct { const char* base; size_t slot, xbytes; int64_t ng; } DwGroup;
+
+static void dw_amx_pass(const DJob* j, const DwGroup* g, int32_t* part, const DwRows* rb, int nr, int64_t kv0, int nc) {
+  int64_t aoff[4];
   const size_t as = (size_t)j->cstride, bs = (size_t)j->Kv * 4;
-  for (int r = 0; r < nr; ++r) a[r] = xb + rb[r].c0 * j->cstride + j->toff[rb[r].tap];
-  const int32_t* b = gp + kv0;
+  for (int r = 0; r < nr; ++r) aoff[r] = rb[r].c0 * j->cstride + j->toff[rb[r].tap];
+  const int64_t steps = j->V4 / 16;
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  for (int64_t s = 0; s < j->V4 / 16; ++s, b += 16 * j->Kv) {
-    const int64_t o = 64 * s;
-    _tile_loadd(6, b, bs);
-    if (nc == 2) {
-      _tile_loadd(7, b + 16, bs);
-      _tile_loadd(4, a[0] + o, as);
-      _tile_dpbusd(0, 4, 6);
-      _tile_dpbusd(1, 4, 7);
-      if (nr == 2) {
-        _tile_loadd(5, a[1] + o, as);
-        _tile_dpbusd(2, 5, 6);
-        _tile_dpbusd(3, 5, 7);
+  for (int64_t im = 0; im < g->ng; ++im) {
+    const uint8_t* xb = (const uint8_t*)g->base + im * g->slot;
+    const int32_t* b = (const int32_t*)(g->base + im * g->slot + g->xbytes) + kv0;
+    const uint8_t* a0 = xb + aoff[0];
+    const uint8_t* a1 = xb + aoff[nr > 1 ? 1 : 0];
+    const uint8_t* a2 = xb + aoff[nr > 2 ? 2 : 0];
+    const uint8_t* a3 = xb + aoff[nr > 3 ? 3 : 0];
+    for (int64_t s = 0; s < steps; ++s, b += 16 * j->Kv) {
+      const int64_t o = 64 * s;
+      _tile_loadd(6, b, bs);
+      if (nc == 2) {
+        _tile_loadd(7, b + 16, bs);
+        _tile_loadd(4, a0 + o, as);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        if (nr == 2) {
+          _tile_loadd(5, a1 + o, as);
+          _tile_dpbusd(2, 5, 6);
+          _tile_dpbusd(3, 5, 7);
+        }
+      } else {
+        _tile_loadd(4, a0 + o, as);
+        _tile_dpbusd(0, 4, 6);
+        if (nr >= 2) { _tile_loadd(5, a1 + o, as); _tile_dpbusd(1, 5, 6); }
+        if (nr >= 3) { _tile_loadd(4, a2 + o, as); _tile_dpbusd(2, 4, 6); }
+        if (nr >= 4) { _tile_loadd(5, a3 + o, as); _tile_dpbusd(3, 5, 6); }
       }
-    } else {
-      _tile_loadd(4, a[0] + o, as);
-      _tile_dpbusd(0, 4, 6);
-      if (nr >= 2) { _tile_loadd(5, a[1] + o, as); _tile_dpbusd(1, 5, 6); }
-      if (nr >= 3) { _tile_loadd(4, a[2] + o, as); _tile_dpbusd(2, 4, 6); }
-      if (nr >= 4) { _tile_loadd(5, a[3] + o, as); _tile_dpbusd(3, 5, 6); }
     }
   }
   int32_t acc[4][256];
@@ -905,21 +916,21 @@ static void dw_amx_pass(const DJob* j, const uint8_t* xb, const int32_t* gp, int
     }
 }
 
-/* one image's sums on AMX: every (16 channels, tap) row block against every 16 output channels */
-static void dw_amx_image(const DJob* j, const uint8_t* xb, const int32_t* gp, int32_t* part) {
+/* a group's sums on AMX: every (16 channels, tap) row block against every 16 output channels */
+static void dw_amx_group(const DJob* j, const DwGroup* g, int32_t* part) {
   DwRows rb[4];
   const int64_t nkb = j->Kv / 16, ncb = (j->C + 15) / 16, nrows = ncb * j->taps;
   const int64_t kpairs = nkb / 2 * 2;   /* channel blocks taken two at a time; an odd last one alone */
   for (int64_t r0 = 0; r0 < nrows; r0 += 2) {
     const int nr = r0 + 1 < nrows ? 2 : 1;
     for (int r = 0; r < nr; ++r) rb[r].tap = (r0 + r) / ncb, rb[r].c0 = (r0 + r) % ncb * 16;
-    for (int64_t kb = 0; kb < kpairs; kb += 2) dw_amx_pass(j, xb, gp, part, rb, nr, 16 * kb, 2);
+    for (int64_t kb = 0; kb < kpairs; kb += 2) dw_amx_pass(j, g, part, rb, nr, 16 * kb, 2);
   }
   if (kpairs < nkb)
     for (int64_t r0 = 0; r0 < nrows; r0 += 4) {
       const int nr = (int)(nrows - r0 < 4 ? nrows - r0 : 4);
       for (int r = 0; r < nr; ++r) rb[r].tap = (r0 + r) / ncb, rb[r].c0 = (r0 + r) % ncb * 16;
-      dw_amx_pass(j, xb, gp, part, rb, nr, 16 * kpairs, 1);
+      dw_amx_pass(j, g, part, rb, nr, 16 * kpairs, 1);
     }
 }
 #endif
@@ -948,15 +959,79 @@ static void g_row(const float* restrict v, int64_t n, float m, float inv, int8_t
   }
 }
 
+/* one image's codes: x bytes onto its planes (xb), the error words [V4][Kv] (gp, through the byte rows gk), both
+ * added to the task's code sums */
+static void dw_pack_image(const DJob* j, int64_t n, uint8_t* xb, int32_t* gp, int8_t* gk, int32_t* row, int32_t* xsum,
+                          int32_t* gsum) {
+  const int64_t C = j->C, H = j->H, W = j->W, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
+  const int direct = j->sh == 1 && j->sw == 1;
+  const float* x = j->x + (size_t)n * C * H * W;
+  for (int64_t c = 0; c < C; ++c) {
+    uint8_t* xc = xb + c * j->cstride;
+    int32_t* xs = xsum + c * j->cstride;
+    for (int64_t h = 0; h < H; ++h) {
+      const float* xr = x + (c * H + h) * W;
+      if (direct) {
+        const int64_t o = (h + j->ph) * j->Wq + j->pw;
+        x_row_direct(xr, W, j->mx, j->inv_sx, xc + o, xs + o);
+      } else {
+        codes_row(xr, W, j->mx, j->inv_sx, row);
+        const int64_t* off = j->xoff + h * W;
+        for (int64_t w = 0; w < W; ++w) { xc[off[w]] = (uint8_t)row[w]; xs[off[w]] += row[w]; }
+      }
+    }
+  }
+  const float* dy = j->dy + (size_t)n * K * P;
+  for (int64_t k = 0; k < K; ++k)   /* the grid's columns wo >= Wo stay 0 */
+    for (int64_t ho = 0; ho < j->Ho; ++ho)
+      g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo);
+  for (int64_t w4 = 0; w4 < V4; ++w4)   /* [K][V] bytes -> [V/4][Kv] words */
+    for (int64_t k = 0; k < K; ++k) gp[w4 * Kv + k] = load_word((const uint8_t*)gk + (k * V4 + w4) * 4);
+}
+
+#if defined(FG_AMX)
+/* packed images an amx group holds at most (at least one): the tiles run over all of them before their sums go
+ * out, so small maps, whose image is a few tile steps, do not pay a store per image */
+#define DW_AMX_GROUP_BYTES (1 << 20)
+
+static void dw_task_amx(DJob* j, size_t task, int64_t n0, int64_t n1) {
+  const int64_t C = j->C, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
+  /* A tiles read 16 channels at a time, so the planes cover C rounded up to 16 (the extra ones stay 0) */
+  const size_t xbytes = (size_t)((C + 15) / 16 * 16 * j->cstride);
+  const size_t slot = (xbytes + (size_t)(V4 * Kv) * 4 + 63) / 64 * 64;
+  int64_t G = (int64_t)(DW_AMX_GROUP_BYTES / slot);
+  if (G < 1) G = 1;
+  if (G > n1 - n0) G = n1 - n0;
+  char* buf = (char*)calloc(1, (size_t)G * slot + (size_t)(K * V4 * 4) + (size_t)(j->W * 4));
+  if (!buf) { j->failed = 1; return; }
+  int8_t* gk = (int8_t*)(buf + (size_t)G * slot);
+  int32_t* row = (int32_t*)(gk + K * V4 * 4);
+  int32_t* part = j->part + (size_t)task * j->CT * Kv;
+  int32_t* gsum = j->gsum + (size_t)task * K * P;
+  int32_t* xsum = j->xsum + (size_t)task * C * j->cstride;
+  amx_begin();
+  for (int64_t g0 = n0; g0 < n1; g0 += G) {
+    const DwGroup g = {buf, slot, xbytes, g0 + G < n1 ? G : n1 - g0};
+    for (int64_t i = 0; i < g.ng; ++i)
+      dw_pack_image(j, g0 + i, (uint8_t*)buf + i * slot, (int32_t*)(buf + i * slot + xbytes), gk, row, xsum, gsum);
+    dw_amx_group(j, &g, part);
+  }
+  _tile_release();
+  free(buf);
+}
+#endif
+
 /* one task: its images, one after another: pack, tiles, running sums of the codes */
 static void dw_task(void* p, size_t task) {
   DJob* j = (DJob*)p;
   const int64_t n0 = (int64_t)task * j->chunk, n1 = n0 + j->chunk < j->N ? n0 + j->chunk : j->N;
-  const int64_t C = j->C, H = j->H, W = j->W, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
-  /* amx: A tiles read 16 channels at a time, so the planes cover C rounded up to 16 (the extra ones stay 0) */
-  const size_t xbytes = (size_t)((j->isa == ISA_AMX ? (C + 15) / 16 * 16 : C) * j->cstride), gwords = (size_t)(V4 * Kv);
+#if defined(FG_AMX)
+  if (j->isa == ISA_AMX) { dw_task_amx(j, task, n0, n1); return; }
+#endif
+  const int64_t C = j->C, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
+  const size_t xbytes = (size_t)(C * j->cstride), gwords = (size_t)(V4 * Kv);
   /* x planes | a zero row | packed error words | the error codes by channel on the virtual grid | a row of codes */
-  char* buf = (char*)calloc(1, xbytes + (size_t)(4 * V4 + DW_SLACK) + gwords * 4 + (size_t)(K * V4 * 4) + (size_t)(W * 4));
+  char* buf = (char*)calloc(1, xbytes + (size_t)(4 * V4 + DW_SLACK) + gwords * 4 + (size_t)(K * V4 * 4) + (size_t)(j->W * 4));
   if (!buf) { j->failed = 1; return; }
   uint8_t* xb = (uint8_t*)buf;
   uint8_t* zero = xb + xbytes;
@@ -966,36 +1041,8 @@ static void dw_task(void* p, size_t task) {
   int32_t* part = j->part + (size_t)task * j->CT * Kv;
   int32_t* gsum = j->gsum + (size_t)task * K * P;
   int32_t* xsum = j->xsum + (size_t)task * C * j->cstride;
-  const int direct = j->sh == 1 && j->sw == 1;
-#if defined(FG_AMX)
-  if (j->isa == ISA_AMX) amx_begin();
-#endif
   for (int64_t n = n0; n < n1; ++n) {
-    const float* x = j->x + (size_t)n * C * H * W;
-    for (int64_t c = 0; c < C; ++c) {
-      uint8_t* xc = xb + c * j->cstride;
-      int32_t* xs = xsum + c * j->cstride;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* xr = x + (c * H + h) * W;
-        if (direct) {
-          const int64_t o = (h + j->ph) * j->Wq + j->pw;
-          x_row_direct(xr, W, j->mx, j->inv_sx, xc + o, xs + o);
-        } else {
-          codes_row(xr, W, j->mx, j->inv_sx, row);
-          const int64_t* off = j->xoff + h * W;
-          for (int64_t w = 0; w < W; ++w) { xc[off[w]] = (uint8_t)row[w]; xs[off[w]] += row[w]; }
-        }
-      }
-    }
-    const float* dy = j->dy + (size_t)n * K * P;
-    for (int64_t k = 0; k < K; ++k)   /* the grid's columns wo >= Wo stay 0 */
-      for (int64_t ho = 0; ho < j->Ho; ++ho)
-        g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo);
-    for (int64_t w4 = 0; w4 < V4; ++w4)   /* [K][V] bytes -> [V/4][Kv] words */
-      for (int64_t k = 0; k < K; ++k) gp[w4 * Kv + k] = load_word((const uint8_t*)gk + (k * V4 + w4) * 4);
-#if defined(FG_AMX)
-    if (j->isa == ISA_AMX) { dw_amx_image(j, xb, gp, part); continue; }
-#endif
+    dw_pack_image(j, n, xb, gp, gk, row, xsum, gsum);
     for (int64_t ct0 = 0; ct0 < j->CT; ct0 += (j->isa == ISA_VNNI && Kv == 16) ? 16 : 8)
       for (int64_t kv0 = 0; kv0 < Kv; kv0 += 32) {
         switch (j->isa) {
@@ -1013,9 +1060,6 @@ static void dw_task(void* p, size_t task) {
         }
       }
   }
-#if defined(FG_AMX)
-  if (j->isa == ISA_AMX) _tile_release();
-#endif
   free(buf);
 }
 
