@@ -27,13 +27,16 @@
  *   y = a_k A + b_k Sx + t[p,k],  a_k = s_x s_w[k],  b_k = s_x m_w[k],
  *       t[p,k] = m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p]   (per call; the rescale runs in double, rounded once)
  *
- * Three paths for the integer sum, picked at run time by FRACGRAPH_INT_ISA (auto | vnni | avx2 | scalar; auto =
- * the best one compiled for this CPU; asking for one not compiled fails in one line):
+ * Four paths for the integer sum, picked at run time by FRACGRAPH_INT_ISA (auto | amx | vnni | avx2 | scalar; auto =
+ * the best one compiled for this CPU, amx only where Linux grants the tile state; asking for one not compiled, or
+ * amx where the permission is refused, fails in one line):
+ *   amx    AMX-INT8 tdpbsud on 16 x 16 int32 tiles: 16 output channels x 16 positions x up to 64 input channels
+ *          per instruction (the packed codes below are the B operand as they are; see tile_amx);
  *   vnni   AVX-512 VNNI vpdpbusd: 16 output positions x 4 input channels per instruction, a tile of 8 output
  *          channels x 2 segments of 16 positions (16 accumulators);
  *   avx2   vpmaddwd on the codes split into 16-bit pairs: 8 positions x 2 channels (vpmaddubsw would saturate);
  *   scalar plain int32 loops.
- * All three compute the same int32 sums and the same float rescale, so their outputs are bitwise equal. Images are
+ * All four compute the same int32 sums and the same float rescale, so their outputs are bitwise equal. Images are
  * the parallel tasks; each packs its codes 4 channels to a word on the zero-padded image (see IJob).
  */
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -52,6 +55,10 @@ static const OrtApi* i_api;
 static OrtStatus* ifail(const char* msg) { return IAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_AMX = 3 };
+/* the amx path runs a conv on fewer input channels than this on the vnni tiles (the same sums, bitwise): its tiles
+ * would hold C / 16 of their rows (IntConvGradW) or reduction (IntConv), and resnet20's 3-channel stem took
+ * 1.05-1.3x the vnni tiles' CPU time (one thread, loaded machine) */
+#define AMX_MIN_CHANNELS 16
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define FG_AMX 1
@@ -453,6 +460,7 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   if (j.isa < 0) return ifail("fracgraph IntConv: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
                               "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = wd[0];
+  if (j.isa == ISA_AMX && j.C < AMX_MIN_CHANNELS) j.isa = ISA_VNNI;
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
   if (wd[2] != j.kh || wd[3] != j.kw || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0)
@@ -740,7 +748,9 @@ static OrtStatus* compute_rescale(void* ctx) {
  * word, one word per output channel: [V/4][Kv] words, 0 at the grid's columns wo >= Wo (so those positions add
  * nothing whatever x holds there). Vector lanes are 16 output channels (vnni: vpdpbusd with a broadcast word of 4
  * x codes; avx2: 8 channels, vpmaddwd on 16-bit pairs; scalar: loops); a tile is 8 (c, t) rows x 32 channels or
- * 16 rows x 16 channels, accumulated in registers over an image. */
+ * 16 rows x 16 channels, accumulated in registers over an image. amx: tdpbusd with A = 16 channels of one tap x 64
+ * positions of their planes and B = 16 words of the packed error (its [V4][Kv] layout is tdpbusd's), 16 x 16 int32
+ * tiles accumulated over a group of packed images (dw_amx_pass). */
 typedef struct {
   int isa;
   const float *dy, *x;
@@ -991,8 +1001,8 @@ static void dw_pack_image(const DJob* j, int64_t n, uint8_t* xb, int32_t* gp, in
 
 #if defined(FG_AMX)
 /* packed images an amx group holds at most (at least one): the tiles run over all of them before their sums go
- * out, so small maps, whose image is a few tile steps, do not pay a store per image */
-#define DW_AMX_GROUP_BYTES (1 << 20)
+ * out, so small maps, whose image is a few tile steps, do not pay a store per image; 256 KiB stays in L2 */
+#define DW_AMX_GROUP_BYTES (1 << 18)
 
 static void dw_task_amx(DJob* j, size_t task, int64_t n0, int64_t n1) {
   const int64_t C = j->C, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
@@ -1083,6 +1093,7 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   if (j.isa < 0) return ifail("fracgraph IntConvGradW: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
                               "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = gd[1], j.Ho = gd[2], j.Wo = gd[3];
+  if (j.isa == ISA_AMX && j.C < AMX_MIN_CHANNELS) j.isa = ISA_VNNI;
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
   if (j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0)

@@ -106,6 +106,11 @@ CASES = [
     (2, 12, 7, 40, 3, 1, 2, 2),
     (1, 5, 11, 7, 5, 2, 2, 1),
     (2, 6, 8, 16, 3, 2, 0, 1),    # unpadded stride 2: the last input row and column are never read
+    # the amx path runs convs on >= 16 channels on its tiles (fewer: the vnni tiles): its shape classes again
+    (2, 16, 9, 16, 3, 1, 2, 2),
+    (1, 17, 11, 7, 5, 2, 2, 1),
+    (2, 16, 1, 24, 3, 1, 1, 1),
+    (2, 40, 6, 48, 3, 1, 1, 1),   # 3 channel blocks (the last partial) x 3 output blocks (a pair and one alone)
 ]
 
 
@@ -202,7 +207,7 @@ def dw_builds(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int_gemm, "MIN_DW_POSITIONS", 0)
         mp.setattr(int_gemm, "MIN_DW_MACS_PER_CODE", 0)
-        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))
         mp.setattr(int_gemm, "RULES", {k: v for k, v in int_gemm.RULES.items() if k != "Conv"})
         # fixed weights: with others an activation code can flip between onnxruntime's and PyTorch's float convs
         # (a value on a rounding boundary), which moves a weight gradient by a quantum, past the tolerance, in
@@ -322,7 +327,7 @@ def tile_builds(tmp_path_factory):
     from fracgraph.passes import int_gemm
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))
         mp.setattr(int_gemm, "RULES", {k: v for k, v in int_gemm.RULES.items() if k != "Conv"})
         return build_pair(TileNet(), tmp_path_factory.mktemp("intdw_tile"), (2, 3, 16, 16), off={"int_kernels": False},
                           on={})

@@ -69,6 +69,11 @@ CASES = [
     (2, 8, 1, 24, 3, 1, 1, 1),
     (2, 12, 7, 20, 3, 1, 2, 2),
     (1, 5, 11, 7, 5, 2, 2, 1),
+    # the amx path runs convs on >= 16 channels on its tiles (fewer: the vnni tiles): its shape classes again
+    (2, 16, 9, 16, 3, 1, 2, 2),
+    (1, 17, 11, 7, 5, 2, 2, 1),
+    (2, 16, 1, 24, 3, 1, 1, 1),
+    (2, 72, 5, 20, 3, 1, 1, 1),   # two reduction chunks of 64 channels, the second partial
 ]
 
 
@@ -142,7 +147,7 @@ def builds(tmp_path_factory):
         mp.setattr(int_gemm, "MIN_MACS_PER_CODE", 0)
         mp.setattr(int_gemm, "MIN_POSITIONS", 0)       # ConvZoo's maps are smaller than 8x8 too
         mp.setattr(int_gemm, "MIN_STRIDED_CHANNELS", 0)   # and a strided stem would stay float
-        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))   # the pass on CPUs without VNNI too
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))   # the pass on CPUs without VNNI too
         mp.setattr(int_gemm, "MIN_DW_POSITIONS", 10**9)   # forward convs only (weight gradients: test_int_conv_grad_w.py)
         return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
 
@@ -309,7 +314,7 @@ def gpt_builds(tmp_path_factory):
     d = tmp_path_factory.mktemp("intgpt")
     path = export_gpt(d / "gpt.onnx", seed=0, **SIZES)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))
         return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_matmul=key)))
                 for key in (False, True)}, SIZES
 
