@@ -55,10 +55,17 @@ static const OrtApi* i_api;
 static OrtStatus* ifail(const char* msg) { return IAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_AMX = 3 };
-/* the amx path runs a conv on fewer input channels than this on the vnni tiles (the same sums, bitwise): its tiles
- * would hold C / 16 of their rows (IntConvGradW) or reduction (IntConv), and resnet20's 3-channel stem took
- * 1.05-1.3x the vnni tiles' CPU time (one thread, loaded machine) */
-#define AMX_MIN_CHANNELS 16
+/* the amx path runs a conv on fewer input channels than these on the vnni tiles (the same sums, bitwise): below
+ * them the AMX tiles, whose rows (IntConvGradW) or reduction (IntConv, 64 channels) C only partly fills, were no
+ * faster (bench/kernel_probes.py --only intdw,intconv --cpu-time --threads 1: the 3-channel stems 1.05-1.8x the
+ * vnni tiles' time; IntConv on 16 and 32 channels 0.97-1.17x, on 64 0.57-0.86x; IntConvGradW on 16-64 channels
+ * 0.79-0.89x). FRACGRAPH_AMX_MIN_CHANNELS overrides both (the tests set 1, to run every shape on the tiles). */
+#define AMX_MIN_CHANNELS_DW 16
+#define AMX_MIN_CHANNELS_FW 64
+static int64_t amx_min_channels(int64_t dflt) {
+  const char* e = getenv("FRACGRAPH_AMX_MIN_CHANNELS");
+  return e && *e ? atoll(e) : dflt;
+}
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define FG_AMX 1
@@ -460,7 +467,7 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   if (j.isa < 0) return ifail("fracgraph IntConv: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
                               "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = wd[0];
-  if (j.isa == ISA_AMX && j.C < AMX_MIN_CHANNELS) j.isa = ISA_VNNI;
+  if (j.isa == ISA_AMX && j.C < amx_min_channels(AMX_MIN_CHANNELS_FW)) j.isa = ISA_VNNI;
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
   if (wd[2] != j.kh || wd[3] != j.kw || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0)
@@ -1093,7 +1100,7 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   if (j.isa < 0) return ifail("fracgraph IntConvGradW: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
                               "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = gd[1], j.Ho = gd[2], j.Wo = gd[3];
-  if (j.isa == ISA_AMX && j.C < AMX_MIN_CHANNELS) j.isa = ISA_VNNI;
+  if (j.isa == ISA_AMX && j.C < amx_min_channels(AMX_MIN_CHANNELS_DW)) j.isa = ISA_VNNI;
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
   if (j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0)

@@ -120,6 +120,7 @@ CASES = [
 def test_kernel_matches_float64_weight_gradient(monkeypatch, path, case, bits):
     skip_unless(path)
     monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: every shape on the AMX tiles (default: 16 / 64)
     gq, gm, gs, xq, xm, xs = operands(case, *bits)
     n, c, h, kout, k, stride, pad, dil = case
     dw = int_dw(gq, gm, gs, xq, xm, xs, k, stride, pad, dil)
@@ -164,6 +165,7 @@ def test_large_map_sums_stay_exact(monkeypatch, path):
     int32 bound) and adds the tasks in int64."""
     skip_unless(path)
     monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: on the AMX tiles, though the map has one channel
     rng = np.random.default_rng(5)
     x = np.where(rng.random((64, 1, 142, 142)) < 0.999, 1.0, 0.0).astype(np.float32)
     g = np.where(rng.random((64, 1, 142, 142)) < 0.999, -1.0, 1.0).astype(np.float32)
