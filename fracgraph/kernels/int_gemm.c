@@ -56,12 +56,13 @@ static OrtStatus* ifail(const char* msg) { return IAPI(CreateStatus, CreateStatu
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_AMX = 3 };
 /* the amx path runs a conv on fewer input channels than these on the vnni tiles (the same sums, bitwise): below
- * them the AMX tiles, whose rows (IntConvGradW) or reduction (IntConv, 64 channels) C only partly fills, were no
- * faster (bench/kernel_probes.py --only intdw,intconv --cpu-time --threads 1: the 3-channel stems 1.05-1.8x the
- * vnni tiles' time; IntConv on 16 and 32 channels 0.97-1.17x, on 64 0.57-0.86x; IntConvGradW on 16-64 channels
- * 0.79-0.89x). FRACGRAPH_AMX_MIN_CHANNELS overrides both (the tests set 1, to run every shape on the tiles). */
+ * them the AMX tiles, whose rows (IntConvGradW) or reduction (IntConv, 64 channels) C only partly fills, were not
+ * faster (bench/kernel_probes.py --only intdw,intconv --cpu-time --threads 1, resnet20's shapes, three runs on a
+ * loaded machine, AMX tiles / vnni tiles: IntConv on 16 channels 1.07-1.17x, on 32 0.80-1.07x, on 64 0.57-0.71x;
+ * the 3-channel stems 0.99-1.8x; IntConvGradW on 16-64 channels 0.79-1.02x). FRACGRAPH_AMX_MIN_CHANNELS
+ * overrides both (the tests set 1, to run every shape on the tiles). */
 #define AMX_MIN_CHANNELS_DW 16
-#define AMX_MIN_CHANNELS_FW 64
+#define AMX_MIN_CHANNELS_FW 32
 static int64_t amx_min_channels(int64_t dflt) {
   const char* e = getenv("FRACGRAPH_AMX_MIN_CHANNELS");
   return e && *e ? atoll(e) : dflt;

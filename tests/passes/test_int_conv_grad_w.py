@@ -120,7 +120,7 @@ CASES = [
 def test_kernel_matches_float64_weight_gradient(monkeypatch, path, case, bits):
     skip_unless(path)
     monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
-    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: every shape on the AMX tiles (default: 16 / 64)
+    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: every shape on the AMX tiles (default: 16 / 32)
     gq, gm, gs, xq, xm, xs = operands(case, *bits)
     n, c, h, kout, k, stride, pad, dil = case
     dw = int_dw(gq, gm, gs, xq, xm, xs, k, stride, pad, dil)

@@ -83,7 +83,7 @@ CASES = [
 def test_kernel_matches_float64_conv(monkeypatch, path, case, bits):
     skip_unless(path)
     monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
-    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: every shape on the AMX tiles (default: 16 / 64)
+    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: every shape on the AMX tiles (default: 16 / 32)
     n, c, h, k, ks, stride, pad, dil = case
     rng = np.random.default_rng(hash(case) % 2**32 + bits)
     x = (rng.standard_normal((n, c, h, h)) * 1.5 + 0.3).astype(np.float32)
