@@ -58,8 +58,8 @@ enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_AMX = 3 };
 /* the amx path runs a conv on fewer input channels than these on the vnni tiles (the same sums, bitwise): below
  * them the AMX tiles, whose rows (IntConvGradW) or reduction (IntConv, 64 channels) C only partly fills, were not
  * faster (bench/kernel_probes.py --only intdw,intconv --cpu-time --threads 1, resnet20's shapes, three runs on a
- * loaded machine, AMX tiles / vnni tiles: IntConv on 16 channels 1.07-1.17x, on 32 0.80-1.07x, on 64 0.57-0.71x;
- * the 3-channel stems 0.99-1.8x; IntConvGradW on 16-64 channels 0.79-1.02x). FRACGRAPH_AMX_MIN_CHANNELS
+ * loaded machine, AMX tiles / vnni tiles: IntConv on 16 channels 1.07-1.17x, on 32 0.80-1.07x, on 64 0.57-0.86x;
+ * the 3-channel stems 0.99-1.8x; IntConvGradW on 16-64 channels 0.79-1.09x). FRACGRAPH_AMX_MIN_CHANNELS
  * overrides both (the tests set 1, to run every shape on the tiles). */
 #define AMX_MIN_CHANNELS_DW 16
 #define AMX_MIN_CHANNELS_FW 32
