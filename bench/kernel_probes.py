@@ -21,11 +21,12 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
   parallel executor (2 inter-op threads with 1 or 2 intra-op threads);
 - torch: PyTorch's resnet20 FP32 step by op (the convolution backward that ORT's ConvGrad is compared with);
 - intconv: a quantized conv's forward on resnet20's shapes (8-bit fake-quantized operands): Conv and NCHWc in
-  FP32 vs fracgraph's IntConv on each integer path this CPU has (vnni, avx2, scalar) and onnxruntime's
-  ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost);
+  FP32 vs fracgraph's IntConv on each integer path this CPU has (amx, vnni, avx2, scalar) and onnxruntime's
+  ConvInteger (u8 x u8, codes only: no correction terms, so a lower bound of its cost); --cpu-time and
+  --int-paths apply;
 - intdw: a quantized conv's weight gradient on resnet20's shapes (8-bit operands, the error stochastically
   rounded): the float form passes/conv_grad_w.py picks (and onnxruntime's ConvGrad) vs fracgraph's IntConvGradW
-  on each integer path; --cpu-time and --match apply;
+  on each integer path; --cpu-time, --match and --int-paths apply;
 - intmatmul: a quantized MatMul forward on the GPT's shapes (8 bits): FP32 MatMul vs IntCodesU8/S8 +
   onnxruntime's MatMulInteger + IntMatMulRescale (what passes/int_gemm.py writes), and MatMulInteger alone;
 - gelu: the GELU gradient on convnext_atto's and the GPT's largest GELU tensors: onnxruntime's com.microsoft
@@ -51,6 +52,7 @@ from onnx import helper as h
 
 SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]   # resnet20's stages: batch, channels, spatial
 DW_MATCH: list[str] = []   # --match for the probes that filter their own shape lists (intdw)
+INT_PATHS: list[str] = ["amx", "vnni", "avx2", "scalar"]   # --int-paths: IntConv / IntConvGradW's paths to time
 FG = "ai.fracgraph"   # fracgraph's fused ops (fracgraph/kernels)
 OPS = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1), h.make_opsetid("com.microsoft.nchwc", 1),
        h.make_opsetid(FG, 1)]
@@ -725,7 +727,7 @@ def probe_intconv(r: Runner, rng):
     from fracgraph.runtime import nchwc_block_size
 
     lib = ctypes.CDLL(str(kernels.library_path()))
-    paths = [p for p, i in (("vnni", 2), ("avx2", 1), ("scalar", 0)) if lib.fg_int_isa_available(i)]
+    paths = [p for p, i in (("amx", 3), ("vnni", 2), ("avx2", 1), ("scalar", 0)) if p in INT_PATHS and lib.fg_int_isa_available(i)]
     B = nchwc_block_size()
     saved = os.environ.get("FRACGRAPH_INT_ISA")
     for n, c, hw, o, k, stride in [(n, c, s, c, 3, 1) for n, c, s in SHAPES] + [(128, 16, 32, 32, 3, 2),
@@ -766,25 +768,27 @@ def probe_intconv(r: Runner, rng):
         sessions = [r.session(m) for _, _, m, _ in rows]
         times = [[] for _ in rows]
         outs = []
+        clock = time.process_time if r.cpu_time else time.perf_counter
         for rep in range(r.reps + 1):
             for i, ((name, path, _, f), sess) in enumerate(zip(rows, sessions)):
                 if path:
                     os.environ["FRACGRAPH_INT_ISA"] = path
-                t0 = time.perf_counter()
+                t0 = clock()
                 out = sess.run(None, f)[0]
                 if rep:
-                    times[i].append(time.perf_counter() - t0)
+                    times[i].append(clock() - t0)
                 else:
                     outs.append(out)
         tb = 1e3 * statistics.median(times[0])
-        print(f"  {n}x{c}x{hw}x{hw} -> {o}, {k}x{k} stride {stride}: Conv {tb:.2f} ms")
+        what = "CPU ms" if r.cpu_time else "ms"
+        print(f"  {n}x{c}x{hw}x{hw} -> {o}, {k}x{k} stride {stride}: Conv {tb:.2f} {what}")
         for (name, _, _, _), ts, out in zip(rows[1:], times[1:], outs[1:]):
             tc = 1e3 * statistics.median(ts)
             agree = ""
             if out.dtype == np.float32:
                 diff = float(np.max(np.abs(out.astype(np.float64) - outs[0])) / max(float(np.max(np.abs(outs[0]))), 1e-30))
                 agree = f"max rel diff {diff:.1e}"
-            print(f"    {name:34s} {tc:7.2f} ms  x{tc / tb:5.2f}  {agree}")
+            print(f"    {name:34s} {tc:7.2f} {what}  x{tc / tb:5.2f}  {agree}")
         if saved is None:
             os.environ.pop("FRACGRAPH_INT_ISA", None)
         else:
@@ -796,7 +800,10 @@ def probe_intconv(r: Runner, rng):
 INTDW_SHAPES = [("stem 3->16 3x3", 128, 3, 32, 16, 3, 1), ("16 3x3", 128, 16, 32, 16, 3, 1),
                 ("32 3x3", 128, 32, 16, 32, 3, 1), ("64 3x3", 128, 64, 8, 64, 3, 1),
                 ("16->32 3x3/2", 128, 16, 32, 32, 3, 2), ("32->64 3x3/2", 128, 32, 16, 64, 3, 2),
-                ("16->32 1x1/2", 128, 16, 32, 32, 1, 2), ("32->64 1x1/2", 128, 32, 16, 64, 1, 2)]
+                ("16->32 1x1/2", 128, 16, 32, 32, 1, 2), ("32->64 1x1/2", 128, 32, 16, 64, 1, 2),
+                # resnet18 at 64x64, batch 32: its 3x3 stages (16x16 .. 2x2 maps; int-gemm declines maps under 8x8)
+                ("r18 64 3x3 16x16", 32, 64, 16, 64, 3, 1), ("r18 128 3x3 8x8", 32, 128, 8, 128, 3, 1),
+                ("r18 256 3x3 4x4", 32, 256, 4, 256, 3, 1), ("r18 512 3x3 2x2", 32, 512, 2, 512, 3, 1)]
 
 
 def probe_intdw(r: Runner, rng):
@@ -807,7 +814,7 @@ def probe_intdw(r: Runner, rng):
     from fracgraph import kernels
     from fracgraph.passes.conv_grad_w import ConvShape, _has_avx512, choose
 
-    paths = [p for p in ("vnni", "avx2", "scalar") if kernels.int_path_available(p)]
+    paths = [p for p in ("amx", "vnni", "avx2", "scalar") if p in INT_PATHS and kernels.int_path_available(p)]
     saved = os.environ.get("FRACGRAPH_INT_ISA")
     what = "CPU ms" if r.cpu_time else "ms"
     for label, n, ci, hw, co, k, s in INTDW_SHAPES:
@@ -982,7 +989,10 @@ def main() -> None:
                                                               "spinning (a shared machine's load moves it far less)")
     ap.add_argument("--match", default="", help="dwshapes/forms: only the shapes whose label contains one of these "
                                                 "comma-separated strings (e.g. 'densenet 1x1,convnext dw')")
+    ap.add_argument("--int-paths", default="amx,vnni,avx2,scalar", help="intconv/intdw: the integer paths to time "
+                                                                         "(those this CPU's build lacks are left out)")
     a = ap.parse_args()
+    INT_PATHS[:] = [p for p in a.int_paths.split(",") if p]
     if a.match:
         keys = [m for m in a.match.split(",") if m]
         DW_MATCH[:] = keys

@@ -152,7 +152,7 @@ def check_int_kernels(art, record: dict | None) -> None:
     if path in kernels.INT_PATHS and not kernels.int_path_available(path):
         raise FracgraphError(f"{art}: the artifacts run their integer convs on the {path} path, which needs the CPU flag "
                              f"{record.get('cpu_flag')} that this CPU lacks; re-run `fracgraph quantize` on this machine, "
-                             f"or with --no-int-kernels, or set FRACGRAPH_INT_ISA=avx2|scalar to run on a slower path")
+                             f"or with --no-int-kernels, or set FRACGRAPH_INT_ISA=vnni|avx2|scalar to run on a slower path")
 
 
 class TrainSession:

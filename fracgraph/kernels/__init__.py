@@ -119,11 +119,13 @@ def set_seed(seed: int) -> None:
 
 
 
-INT_PATHS = {"vnni": (2, "avx512_vnni"), "avx2": (1, "avx2"), "scalar": (0, None)}   # int_gemm.c's paths, CPU flag
+# int_gemm.c's paths, best first (auto takes the first available): its ISA number, the CPU flag it needs
+INT_PATHS = {"amx": (3, "amx_int8"), "vnni": (2, "avx512_vnni"), "avx2": (1, "avx2"), "scalar": (0, None)}
 
 
 def int_path_available(path: str) -> bool:
-    """Whether this machine's build of the library has IntConv's `path` (vnni, avx2 or scalar)."""
+    """Whether this machine's build of the library has IntConv's `path` (amx, vnni, avx2 or scalar); amx also needs
+    the Linux kernel's permission for the tile state, asked once per process (refused: not available)."""
     return bool(_library().fg_int_isa_available(INT_PATHS[path][0]))
 
 
@@ -132,6 +134,6 @@ def int_path() -> str:
     want = os.environ.get("FRACGRAPH_INT_ISA", "auto") or "auto"
     if want != "auto":
         if want not in INT_PATHS:
-            raise FracgraphError(f"FRACGRAPH_INT_ISA={want} is not a path; use auto, vnni, avx2 or scalar")
+            raise FracgraphError(f"FRACGRAPH_INT_ISA={want} is not a path; use auto, amx, vnni, avx2 or scalar")
         return want
     return next(p for p in INT_PATHS if int_path_available(p))

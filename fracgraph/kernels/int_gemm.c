@@ -27,13 +27,16 @@
  *   y = a_k A + b_k Sx + t[p,k],  a_k = s_x s_w[k],  b_k = s_x m_w[k],
  *       t[p,k] = m_x s_w[k] Sw[k,p] + m_x m_w[k] C T[p]   (per call; the rescale runs in double, rounded once)
  *
- * Three paths for the integer sum, picked at run time by FRACGRAPH_INT_ISA (auto | vnni | avx2 | scalar; auto =
- * the best one compiled for this CPU; asking for one not compiled fails in one line):
+ * Four paths for the integer sum, picked at run time by FRACGRAPH_INT_ISA (auto | amx | vnni | avx2 | scalar; auto =
+ * the best one compiled for this CPU, amx only where Linux grants the tile state; asking for one not compiled, or
+ * amx where the permission is refused, fails in one line):
+ *   amx    AMX-INT8 tdpbsud on 16 x 16 int32 tiles: 16 output channels x 16 positions x up to 64 input channels
+ *          per instruction (the packed codes below are the B operand as they are; see tile_amx);
  *   vnni   AVX-512 VNNI vpdpbusd: 16 output positions x 4 input channels per instruction, a tile of 8 output
  *          channels x 2 segments of 16 positions (16 accumulators);
  *   avx2   vpmaddwd on the codes split into 16-bit pairs: 8 positions x 2 channels (vpmaddubsw would saturate);
  *   scalar plain int32 loops.
- * All three compute the same int32 sums and the same float rescale, so their outputs are bitwise equal. Images are
+ * All four compute the same int32 sums and the same float rescale, so their outputs are bitwise equal. Images are
  * the parallel tasks; each packs its codes 4 channels to a word on the zero-padded image (see IJob).
  */
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -51,9 +54,49 @@ static const OrtApi* i_api;
 
 static OrtStatus* ifail(const char* msg) { return IAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_AMX = 3 };
+/* the amx path runs a conv on fewer input channels than these on the vnni tiles (the same sums, bitwise): below
+ * them the AMX tiles, whose rows (IntConvGradW) or reduction (IntConv, 64 channels) C only partly fills, were not
+ * faster (bench/kernel_probes.py --only intdw,intconv --cpu-time --threads 1, resnet20's shapes, three runs on a
+ * loaded machine, AMX tiles / vnni tiles: IntConv on 16 channels 1.07-1.17x, on 32 0.80-1.07x, on 64 0.57-0.86x;
+ * the 3-channel stems 0.99-1.8x; IntConvGradW on 16-64 channels 0.79-1.09x). FRACGRAPH_AMX_MIN_CHANNELS
+ * overrides both (the tests set 1, to run every shape on the tiles). */
+#define AMX_MIN_CHANNELS_DW 16
+#define AMX_MIN_CHANNELS_FW 32
+static int64_t amx_min_channels(int64_t dflt) {
+  const char* e = getenv("FRACGRAPH_AMX_MIN_CHANNELS");
+  return e && *e ? atoll(e) : dflt;
+}
 
-/* which paths this build has (the library is compiled with -march=native for the machine that runs it) */
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define FG_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+/* Linux hands out the AMX tile state only on request, once per process (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA); a refusal (an old kernel, a VM that hides it) means "no AMX". The request is idempotent, so
+ * two threads racing here both get the same answer; the result is stored atomically. */
+static int amx_permission(void) {
+  static int state = 0;   /* 0 not asked, 1 granted, -1 refused */
+  int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+  if (!s) {
+    s = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+    __atomic_store_n(&state, s, __ATOMIC_RELEASE);
+  }
+  return s > 0;
+}
+/* every tile 16 rows x 64 bytes (palette 1); each task loads it on its thread and releases the tiles at its end */
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileCfg;
+static void amx_begin(void) {
+  TileCfg c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
+  _tile_loadconfig(&c);
+}
+#endif
+
+/* which paths this build has (the library is compiled with -march=native for the machine that runs it); amx also
+ * needs the kernel's permission */
 int fg_int_isa_available(int isa) {
   if (isa == ISA_SCALAR) return 1;
 #if defined(__AVX2__)
@@ -62,6 +105,9 @@ int fg_int_isa_available(int isa) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (isa == ISA_VNNI) return 1;
 #endif
+#if defined(FG_AMX)
+  if (isa == ISA_AMX) return amx_permission();
+#endif
   return 0;
 }
 
@@ -69,8 +115,10 @@ int fg_int_isa_available(int isa) {
 static int chosen_isa(void) {
   const char* e = getenv("FRACGRAPH_INT_ISA");
   if (!e || !*e || !strcmp(e, "auto"))
-    return fg_int_isa_available(ISA_VNNI) ? ISA_VNNI : fg_int_isa_available(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
-  int isa = !strcmp(e, "vnni") ? ISA_VNNI : !strcmp(e, "avx2") ? ISA_AVX2 : !strcmp(e, "scalar") ? ISA_SCALAR : -1;
+    return fg_int_isa_available(ISA_AMX) ? ISA_AMX : fg_int_isa_available(ISA_VNNI) ? ISA_VNNI
+         : fg_int_isa_available(ISA_AVX2) ? ISA_AVX2 : ISA_SCALAR;
+  int isa = !strcmp(e, "amx") ? ISA_AMX : !strcmp(e, "vnni") ? ISA_VNNI : !strcmp(e, "avx2") ? ISA_AVX2
+          : !strcmp(e, "scalar") ? ISA_SCALAR : -1;
   return isa >= 0 && fg_int_isa_available(isa) ? isa : -1;
 }
 
@@ -105,6 +153,8 @@ typedef struct {
   const int64_t* seg_in;   /* [nseg]: a segment's first position on the phase grid (ho Wq + wo0) */
   const int64_t* seg_out;  /* [nseg]: its first output position (ho Wo + wo0) */
   const int32_t* seg_n;    /* [nseg]: its length */
+  const int32_t* wamx;     /* amx: [Kv/16][taps][nch][16][kc] words of 4 signed bytes q_w - 128 (0 past K and C) */
+  int64_t kc, nch, C4r;    /* amx: words of a tile's reduction (min(C4, 16)), chunks of 16 words per tap, planes */
   int failed;              /* an image's scratch could not be allocated */
 } IJob;
 
@@ -218,11 +268,102 @@ static void tile_vnni(const IJob* j, const int32_t* xq, const int32_t* sx, int64
 }
 #endif
 
+#if defined(FG_AMX)
+/* AMX, transposed: C[k, p] += sum A[k, 4 c4 + i] B[c4, 4 p + i] on 16 x 16 int32 tiles (rows 16 output channels,
+ * columns 16 positions of a segment), tdpbsud (signed weights, unsigned codes). A: the weights of one tap and
+ * chunk, 16 channels x kc words (wamx); B: kc words c4 of the packed image from the tap's offset, 16 consecutive
+ * positions each (the other paths' packing, rows a plane apart). Tiles: accumulators 0-3, A 4-5 (16 rows x 4 kc
+ * bytes), B 6-7 (kc rows x 64 bytes): 2 channel blocks x 2 segments, or 1 x up to 4. The rescale is the vnni
+ * path's, lane for lane, so the output is bitwise the other paths'. */
+static void amx_begin_fw(int64_t kc) {
+  TileCfg c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 4; ++i) c.colsb[i] = 64, c.rows[i] = 16;
+  for (int i = 4; i < 6; ++i) c.colsb[i] = (uint16_t)(4 * kc), c.rows[i] = 16;
+  for (int i = 6; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = (uint8_t)kc;
+  _tile_loadconfig(&c);
+}
+
+static void tile_amx(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb0, int nk, const int64_t* segs,
+                     int ns, float* y) {
+  const int64_t kc = j->kc, nch = j->nch, blk = 16 * kc, kstride = j->taps * nch * blk;
+  const size_t as = (size_t)kc * 4, bs = (size_t)j->plane * 4;
+  int64_t in[4];
+  for (int h = 0; h < ns; ++h) in[h] = j->seg_in[segs[h]];
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t tap = 0; tap < j->taps; ++tap)
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      const int32_t* w0 = j->wamx + ((kb0 * j->taps + tap) * nch + ch) * blk;
+      const int32_t* x = xq + ch * 16 * j->plane + j->toff[tap];
+      _tile_loadd(4, w0, as);
+      _tile_loadd(6, x + in[0], bs);
+      _tile_dpbsud(0, 4, 6);
+      if (nk == 2) {
+        _tile_loadd(5, w0 + kstride, as);
+        _tile_dpbsud(2, 5, 6);
+        if (ns == 2) {
+          _tile_loadd(7, x + in[1], bs);
+          _tile_dpbsud(1, 4, 7);
+          _tile_dpbsud(3, 5, 7);
+        }
+      } else {
+        if (ns >= 2) { _tile_loadd(7, x + in[1], bs); _tile_dpbsud(1, 4, 7); }
+        if (ns >= 3) { _tile_loadd(6, x + in[2], bs); _tile_dpbsud(2, 4, 6); }
+        if (ns >= 4) { _tile_loadd(7, x + in[3], bs); _tile_dpbsud(3, 4, 7); }
+      }
+    }
+  int32_t acc[4][256];
+  _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64); _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
+  for (int h = 0; h < ns; ++h) {   /* the vnni path's rescale */
+    const int64_t out = j->seg_out[segs[h]];
+    const __mmask16 m = (__mmask16)((1u << j->seg_n[segs[h]]) - 1u);
+    const __m512i sxi = _mm512_maskz_loadu_epi32(m, sx + out);
+    const __m512d sx_lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sxi));
+    const __m512d sx_hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sxi, 1));
+    const __m512i sx128 = _mm512_slli_epi32(sxi, 7);
+    const __mmask8 m_lo = (__mmask8)(m & 0xFF), m_hi = (__mmask8)(m >> 8);
+    for (int kk = 0; kk < nk; ++kk)
+      for (int r = 0; r < 16; ++r) {
+        const int64_t k = (kb0 + kk) * 16 + r;
+        if (k >= j->K) break;
+        const __m512i Ai = _mm512_add_epi32(_mm512_loadu_si512((const void*)(acc[nk == 2 ? 2 * kk + h : h] + 16 * r)), sx128);
+        const __m512d av = _mm512_set1_pd(j->a[k]), bv = _mm512_set1_pd(j->b[k]);
+        const double* t = j->t + (size_t)k * j->P + out;
+        const __m512d lo = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_castsi512_si256(Ai))),
+                                                       _mm512_mul_pd(bv, sx_lo)), _mm512_maskz_loadu_pd(m_lo, t));
+        const __m512d hi = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(Ai, 1))),
+                                                       _mm512_mul_pd(bv, sx_hi)), _mm512_maskz_loadu_pd(m_hi, t + 8));
+        const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+        _mm512_mask_storeu_ps(y + (size_t)k * j->P + out, m, v);
+      }
+  }
+}
+
+/* every tile of one image: channel blocks two at a time over segment pairs, an odd last block over up to 4 */
+static void amx_image(const IJob* j, const int32_t* xq, const int32_t* sx, float* y) {
+  const int64_t nkb = (j->K + 15) / 16, pairs = nkb / 2 * 2;
+  int64_t segs[4];
+  for (int64_t kb = 0; kb < pairs; kb += 2)
+    for (int64_t s0 = 0; s0 < j->nseg; s0 += 2) {
+      const int ns = s0 + 1 < j->nseg ? 2 : 1;
+      for (int h = 0; h < ns; ++h) segs[h] = s0 + h;
+      tile_amx(j, xq, sx, kb, 2, segs, ns, y);
+    }
+  if (pairs < nkb)
+    for (int64_t s0 = 0; s0 < j->nseg; s0 += 4) {
+      const int ns = (int)(j->nseg - s0 < 4 ? j->nseg - s0 : 4);
+      for (int h = 0; h < ns; ++h) segs[h] = s0 + h;
+      tile_amx(j, xq, sx, pairs, 1, segs, ns, y);
+    }
+}
+#endif
+
 /* one image: pack the codes, window sums, every tile, rescale into y[n] (NCHW) */
 static void conv_image(void* p, size_t n) {
   const IJob* j = (const IJob*)p;
   const int64_t C = j->C, H = j->H, W = j->W, Hp = j->Hp, Wp = j->Wp, P = j->P;
-  const size_t words = (size_t)(j->C4 * j->plane) + SLACK;
+  const size_t words = (size_t)((j->isa == ISA_AMX ? j->C4r : j->C4) * j->plane) + SLACK;   /* amx: zero planes to a chunk */
   char* buf = (char*)calloc(1, words * 4 + (size_t)(Hp * Wp) * 4 + (size_t)(P + SLACK) * 4 + (size_t)W * 4 * 4);
   if (!buf) { ((IJob*)p)->failed = 1; return; }
   int32_t* xq = (int32_t*)buf;
@@ -265,6 +406,15 @@ static void conv_image(void* p, size_t n) {
       sx[ho * j->Wo + wo] = s;
     }
   float* y = j->y + (size_t)n * j->K * P;
+#if defined(FG_AMX)
+  if (j->isa == ISA_AMX) {
+    amx_begin_fw(j->kc);
+    amx_image(j, xq, sx, y);
+    _tile_release();
+    free(buf);
+    return;
+  }
+#endif
   for (int64_t kb = 0; kb < j->Kb / RB; ++kb)
     for (int64_t s0 = 0; s0 < j->nseg; s0 += (j->isa == ISA_VNNI ? 2 : 1)) {
       switch (j->isa) {
@@ -316,8 +466,9 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   if ((int64_t)cnt != wd[0]) return ifail("fracgraph IntConv: w_scale must hold one value per output channel");
   j.isa = chosen_isa();
   if (j.isa < 0) return ifail("fracgraph IntConv: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
-                              "(use auto, vnni, avx2 or scalar; vnni needs AVX-512 VNNI, avx2 needs AVX2)");
+                              "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = wd[0];
+  if (j.isa == ISA_AMX && j.C < amx_min_channels(AMX_MIN_CHANNELS_FW)) j.isa = ISA_VNNI;
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
   if (wd[2] != j.kh || wd[3] != j.kw || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0)
@@ -335,6 +486,9 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   j.P = j.Ho * j.Wo;
   j.taps = j.kh * j.kw;
   j.nseg = j.Ho * ((j.Wo + j.lanes - 1) / j.lanes);
+  j.kc = j.C4 < 16 ? j.C4 : 16;              /* amx: a tile's reduction, in words of 4 channels */
+  j.nch = (j.C4 + 15) / 16, j.C4r = j.C4 <= 16 ? j.C4 : j.nch * 16;
+  const int64_t nkb16 = (j.K + 15) / 16;
   const int64_t K = j.K, C = j.C, C4 = j.C4, taps = j.taps, P = j.P;
   int32_t* wsum = (int32_t*)calloc((size_t)(K * taps), sizeof(int32_t));
   double* a = (double*)calloc((size_t)j.Kb, sizeof(double));
@@ -347,10 +501,12 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   int32_t* seg_n = (int32_t*)malloc((size_t)j.nseg * sizeof(int32_t));
   int32_t* wpack = (int32_t*)calloc((size_t)(j.Kb * taps * C4 * 2), sizeof(int32_t));
   int64_t* col_off = (int64_t*)malloc((size_t)j.W * sizeof(int64_t));
+  int32_t* wamx = j.isa == ISA_AMX ? (int32_t*)calloc((size_t)(nkb16 * taps * j.nch * 16 * j.kc), sizeof(int32_t)) : NULL;
   void* yv;
   int64_t yd[4] = {j.N, K, j.Ho, j.Wo};
   st = NULL;
-  if (!wsum || !a || !b || !t || !toff || !tpix || !seg_in || !seg_out || !seg_n || !wpack || !col_off) {
+  if (!wsum || !a || !b || !t || !toff || !tpix || !seg_in || !seg_out || !seg_n || !wpack || !col_off ||
+      (j.isa == ISA_AMX && !wamx)) {
     st = ifail("fracgraph IntConv: out of memory");
     goto done;
   }
@@ -363,7 +519,10 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
         wsum[k * taps + tap] += q;
         const int32_t sq = q - 128;
         const int64_t kb = k / RB, rr = k % RB, c4 = c / 4, i = c % 4;
-        if (j.isa == ISA_AVX2) {   /* word h = i % 2 (channels 0, 2 | 1, 3), half = i / 2 */
+        if (j.isa == ISA_AMX) {
+          uint32_t* wd32 = (uint32_t*)&wamx[(((k / 16) * taps + tap) * j.nch + c4 / 16) * 16 * j.kc + (k % 16) * j.kc + c4 % 16];
+          *wd32 |= ((uint32_t)(uint8_t)(int8_t)sq) << (8 * i);
+        } else if (j.isa == ISA_AVX2) {   /* word h = i % 2 (channels 0, 2 | 1, 3), half = i / 2 */
           uint32_t* wd32 = (uint32_t*)&wpack[(((kb * taps + tap) * C4 + c4) * 2 + i % 2) * RB + rr];
           *wd32 |= ((uint32_t)(uint16_t)(int16_t)sq) << (16 * (i / 2));
         } else {
@@ -404,7 +563,7 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
       for (int64_t k = 0; k < K; ++k)
         t[k * P + q] = (double)j.mx * sw[k] * t[k * P + q] + (double)j.mx * mw[k] * (double)(C * inside);
     }
-  j.wpack = wpack, j.a = a, j.b = b, j.t = t, j.toff = toff, j.tpix = tpix;
+  j.wpack = wpack, j.wamx = wamx, j.a = a, j.b = b, j.t = t, j.toff = toff, j.tpix = tpix;
   j.seg_in = seg_in, j.seg_out = seg_out, j.seg_n = seg_n, j.col_off = col_off;
   if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, yd, 4, &yv))) goto done;
   if ((st = IAPI(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y))) goto done;
@@ -412,7 +571,7 @@ static OrtStatus* compute_int_conv(void* kernel, void* ctx) {
   else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, conv_image, (size_t)j.N, 0, &j);
   if (!st && j.failed) st = ifail("fracgraph IntConv: out of memory");
 done:
-  free(wsum); free(a); free(b); free(t); free(toff); free(tpix); free(seg_in); free(seg_out); free(seg_n); free(wpack); free(col_off);
+  free(wsum); free(a); free(b); free(t); free(toff); free(tpix); free(seg_in); free(seg_out); free(seg_n); free(wpack); free(col_off); free(wamx);
   return st;
 }
 
@@ -597,7 +756,9 @@ static OrtStatus* compute_rescale(void* ctx) {
  * word, one word per output channel: [V/4][Kv] words, 0 at the grid's columns wo >= Wo (so those positions add
  * nothing whatever x holds there). Vector lanes are 16 output channels (vnni: vpdpbusd with a broadcast word of 4
  * x codes; avx2: 8 channels, vpmaddwd on 16-bit pairs; scalar: loops); a tile is 8 (c, t) rows x 32 channels or
- * 16 rows x 16 channels, accumulated in registers over an image. */
+ * 16 rows x 16 channels, accumulated in registers over an image. amx: tdpbusd with A = 16 channels of one tap x 64
+ * positions of their planes and B = 16 words of the packed error (its [V4][Kv] layout is tdpbusd's), 16 x 16 int32
+ * tiles accumulated over a group of packed images (dw_amx_pass). */
 typedef struct {
   int isa;
   const float *dy, *x;
@@ -713,6 +874,85 @@ static void dw_tile_vnni_16x1(const DJob* j, const uint8_t* xb, const uint8_t* z
 }
 #endif
 
+#if defined(FG_AMX)
+/* AMX: C[c, k] += sum_v A[c, v] B[v, k] on 16 x 16 int32 tiles. A (unsigned x codes): 16 channels c0.. of one tap,
+ * each row the 64 consecutive bytes (positions) of its channel's planes from the tap's offset, rows cstride apart;
+ * B (signed errors): 16 words w4 of the packed error [V4][Kv], each row 16 output channels x 4 positions, Kv words
+ * apart (tdpbusd's layout). V4 is a multiple of 16 on this path (the error's extra words are 0). A pass takes up to
+ * 2 row blocks x 2 channel blocks (accumulators 0-3, A in 4-5, B in 6-7), or up to 4 row blocks x 1 channel block,
+ * the A registers reloaded; the integer sums are exact, so the result is bitwise the other paths'. */
+typedef struct { int64_t c0, tap; } DwRows;
+
+/* a group of ng packed images, slot bytes apart (x planes, then the error words at xbytes): the tiles accumulate
+ * over all of them (the task's images keep its sums in int32) and are added into part once */
+typedef struct { const char* base; size_t slot, xbytes; int64_t ng; } DwGroup;
+
+static void dw_amx_pass(const DJob* j, const DwGroup* g, int32_t* part, const DwRows* rb, int nr, int64_t kv0, int nc) {
+  int64_t aoff[4];
+  const size_t as = (size_t)j->cstride, bs = (size_t)j->Kv * 4;
+  for (int r = 0; r < nr; ++r) aoff[r] = rb[r].c0 * j->cstride + j->toff[rb[r].tap];
+  const int64_t steps = j->V4 / 16;
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t im = 0; im < g->ng; ++im) {
+    const uint8_t* xb = (const uint8_t*)g->base + im * g->slot;
+    const int32_t* b = (const int32_t*)(g->base + im * g->slot + g->xbytes) + kv0;
+    const uint8_t* a0 = xb + aoff[0];
+    const uint8_t* a1 = xb + aoff[nr > 1 ? 1 : 0];
+    const uint8_t* a2 = xb + aoff[nr > 2 ? 2 : 0];
+    const uint8_t* a3 = xb + aoff[nr > 3 ? 3 : 0];
+    for (int64_t s = 0; s < steps; ++s, b += 16 * j->Kv) {
+      const int64_t o = 64 * s;
+      _tile_loadd(6, b, bs);
+      if (nc == 2) {
+        _tile_loadd(7, b + 16, bs);
+        _tile_loadd(4, a0 + o, as);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        if (nr == 2) {
+          _tile_loadd(5, a1 + o, as);
+          _tile_dpbusd(2, 5, 6);
+          _tile_dpbusd(3, 5, 7);
+        }
+      } else {
+        _tile_loadd(4, a0 + o, as);
+        _tile_dpbusd(0, 4, 6);
+        if (nr >= 2) { _tile_loadd(5, a1 + o, as); _tile_dpbusd(1, 5, 6); }
+        if (nr >= 3) { _tile_loadd(4, a2 + o, as); _tile_dpbusd(2, 4, 6); }
+        if (nr >= 4) { _tile_loadd(5, a3 + o, as); _tile_dpbusd(3, 5, 6); }
+      }
+    }
+  }
+  int32_t acc[4][256];
+  _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64); _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
+  for (int r = 0; r < nr; ++r)
+    for (int cb = 0; cb < nc; ++cb) {
+      const int32_t* t = acc[nc == 2 ? 2 * r + cb : r];
+      for (int i = 0; i < 16 && rb[r].c0 + i < j->C; ++i) {
+        int32_t* p = part + ((rb[r].c0 + i) * j->taps + rb[r].tap) * j->Kv + kv0 + 16 * cb;
+        _mm512_storeu_si512((void*)p, _mm512_add_epi32(_mm512_loadu_si512((const void*)p), _mm512_loadu_si512((const void*)(t + 16 * i))));
+      }
+    }
+}
+
+/* a group's sums on AMX: every (16 channels, tap) row block against every 16 output channels */
+static void dw_amx_group(const DJob* j, const DwGroup* g, int32_t* part) {
+  DwRows rb[4];
+  const int64_t nkb = j->Kv / 16, ncb = (j->C + 15) / 16, nrows = ncb * j->taps;
+  const int64_t kpairs = nkb / 2 * 2;   /* channel blocks taken two at a time; an odd last one alone */
+  for (int64_t r0 = 0; r0 < nrows; r0 += 2) {
+    const int nr = r0 + 1 < nrows ? 2 : 1;
+    for (int r = 0; r < nr; ++r) rb[r].tap = (r0 + r) / ncb, rb[r].c0 = (r0 + r) % ncb * 16;
+    for (int64_t kb = 0; kb < kpairs; kb += 2) dw_amx_pass(j, g, part, rb, nr, 16 * kb, 2);
+  }
+  if (kpairs < nkb)
+    for (int64_t r0 = 0; r0 < nrows; r0 += 4) {
+      const int nr = (int)(nrows - r0 < 4 ? nrows - r0 : 4);
+      for (int r = 0; r < nr; ++r) rb[r].tap = (r0 + r) / ncb, rb[r].c0 = (r0 + r) % ncb * 16;
+      dw_amx_pass(j, g, part, rb, nr, 16 * kpairs, 1);
+    }
+}
+#endif
+
 /* a row of x's codes: bytes into the channel's planes (consecutive when stride 1, else through xoff) and added to
  * the task's code sums; the loops are written for the compiler's vectorizer */
 static void x_row_direct(const float* restrict v, int64_t n, float m, float inv, uint8_t* restrict dst,
@@ -737,14 +977,79 @@ static void g_row(const float* restrict v, int64_t n, float m, float inv, int8_t
   }
 }
 
+/* one image's codes: x bytes onto its planes (xb), the error words [V4][Kv] (gp, through the byte rows gk), both
+ * added to the task's code sums */
+static void dw_pack_image(const DJob* j, int64_t n, uint8_t* xb, int32_t* gp, int8_t* gk, int32_t* row, int32_t* xsum,
+                          int32_t* gsum) {
+  const int64_t C = j->C, H = j->H, W = j->W, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
+  const int direct = j->sh == 1 && j->sw == 1;
+  const float* x = j->x + (size_t)n * C * H * W;
+  for (int64_t c = 0; c < C; ++c) {
+    uint8_t* xc = xb + c * j->cstride;
+    int32_t* xs = xsum + c * j->cstride;
+    for (int64_t h = 0; h < H; ++h) {
+      const float* xr = x + (c * H + h) * W;
+      if (direct) {
+        const int64_t o = (h + j->ph) * j->Wq + j->pw;
+        x_row_direct(xr, W, j->mx, j->inv_sx, xc + o, xs + o);
+      } else {
+        codes_row(xr, W, j->mx, j->inv_sx, row);
+        const int64_t* off = j->xoff + h * W;
+        for (int64_t w = 0; w < W; ++w) { xc[off[w]] = (uint8_t)row[w]; xs[off[w]] += row[w]; }
+      }
+    }
+  }
+  const float* dy = j->dy + (size_t)n * K * P;
+  for (int64_t k = 0; k < K; ++k)   /* the grid's columns wo >= Wo stay 0 */
+    for (int64_t ho = 0; ho < j->Ho; ++ho)
+      g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo);
+  for (int64_t w4 = 0; w4 < V4; ++w4)   /* [K][V] bytes -> [V/4][Kv] words */
+    for (int64_t k = 0; k < K; ++k) gp[w4 * Kv + k] = load_word((const uint8_t*)gk + (k * V4 + w4) * 4);
+}
+
+#if defined(FG_AMX)
+/* packed images an amx group holds at most (at least one): the tiles run over all of them before their sums go
+ * out, so small maps, whose image is a few tile steps, do not pay a store per image; 256 KiB stays in L2 */
+#define DW_AMX_GROUP_BYTES (1 << 18)
+
+static void dw_task_amx(DJob* j, size_t task, int64_t n0, int64_t n1) {
+  const int64_t C = j->C, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
+  /* A tiles read 16 channels at a time, so the planes cover C rounded up to 16 (the extra ones stay 0) */
+  const size_t xbytes = (size_t)((C + 15) / 16 * 16 * j->cstride);
+  const size_t slot = (xbytes + (size_t)(V4 * Kv) * 4 + 63) / 64 * 64;
+  int64_t G = (int64_t)(DW_AMX_GROUP_BYTES / slot);
+  if (G < 1) G = 1;
+  if (G > n1 - n0) G = n1 - n0;
+  char* buf = (char*)calloc(1, (size_t)G * slot + (size_t)(K * V4 * 4) + (size_t)(j->W * 4));
+  if (!buf) { j->failed = 1; return; }
+  int8_t* gk = (int8_t*)(buf + (size_t)G * slot);
+  int32_t* row = (int32_t*)(gk + K * V4 * 4);
+  int32_t* part = j->part + (size_t)task * j->CT * Kv;
+  int32_t* gsum = j->gsum + (size_t)task * K * P;
+  int32_t* xsum = j->xsum + (size_t)task * C * j->cstride;
+  amx_begin();
+  for (int64_t g0 = n0; g0 < n1; g0 += G) {
+    const DwGroup g = {buf, slot, xbytes, g0 + G < n1 ? G : n1 - g0};
+    for (int64_t i = 0; i < g.ng; ++i)
+      dw_pack_image(j, g0 + i, (uint8_t*)buf + i * slot, (int32_t*)(buf + i * slot + xbytes), gk, row, xsum, gsum);
+    dw_amx_group(j, &g, part);
+  }
+  _tile_release();
+  free(buf);
+}
+#endif
+
 /* one task: its images, one after another: pack, tiles, running sums of the codes */
 static void dw_task(void* p, size_t task) {
   DJob* j = (DJob*)p;
   const int64_t n0 = (int64_t)task * j->chunk, n1 = n0 + j->chunk < j->N ? n0 + j->chunk : j->N;
-  const int64_t C = j->C, H = j->H, W = j->W, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
+#if defined(FG_AMX)
+  if (j->isa == ISA_AMX) { dw_task_amx(j, task, n0, n1); return; }
+#endif
+  const int64_t C = j->C, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
   const size_t xbytes = (size_t)(C * j->cstride), gwords = (size_t)(V4 * Kv);
   /* x planes | a zero row | packed error words | the error codes by channel on the virtual grid | a row of codes */
-  char* buf = (char*)calloc(1, xbytes + (size_t)(4 * V4 + DW_SLACK) + gwords * 4 + (size_t)(K * V4 * 4) + (size_t)(W * 4));
+  char* buf = (char*)calloc(1, xbytes + (size_t)(4 * V4 + DW_SLACK) + gwords * 4 + (size_t)(K * V4 * 4) + (size_t)(j->W * 4));
   if (!buf) { j->failed = 1; return; }
   uint8_t* xb = (uint8_t*)buf;
   uint8_t* zero = xb + xbytes;
@@ -754,30 +1059,8 @@ static void dw_task(void* p, size_t task) {
   int32_t* part = j->part + (size_t)task * j->CT * Kv;
   int32_t* gsum = j->gsum + (size_t)task * K * P;
   int32_t* xsum = j->xsum + (size_t)task * C * j->cstride;
-  const int direct = j->sh == 1 && j->sw == 1;
   for (int64_t n = n0; n < n1; ++n) {
-    const float* x = j->x + (size_t)n * C * H * W;
-    for (int64_t c = 0; c < C; ++c) {
-      uint8_t* xc = xb + c * j->cstride;
-      int32_t* xs = xsum + c * j->cstride;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* xr = x + (c * H + h) * W;
-        if (direct) {
-          const int64_t o = (h + j->ph) * j->Wq + j->pw;
-          x_row_direct(xr, W, j->mx, j->inv_sx, xc + o, xs + o);
-        } else {
-          codes_row(xr, W, j->mx, j->inv_sx, row);
-          const int64_t* off = j->xoff + h * W;
-          for (int64_t w = 0; w < W; ++w) { xc[off[w]] = (uint8_t)row[w]; xs[off[w]] += row[w]; }
-        }
-      }
-    }
-    const float* dy = j->dy + (size_t)n * K * P;
-    for (int64_t k = 0; k < K; ++k)   /* the grid's columns wo >= Wo stay 0 */
-      for (int64_t ho = 0; ho < j->Ho; ++ho)
-        g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo);
-    for (int64_t w4 = 0; w4 < V4; ++w4)   /* [K][V] bytes -> [V/4][Kv] words */
-      for (int64_t k = 0; k < K; ++k) gp[w4 * Kv + k] = load_word((const uint8_t*)gk + (k * V4 + w4) * 4);
+    dw_pack_image(j, n, xb, gp, gk, row, xsum, gsum);
     for (int64_t ct0 = 0; ct0 < j->CT; ct0 += (j->isa == ISA_VNNI && Kv == 16) ? 16 : 8)
       for (int64_t kv0 = 0; kv0 < Kv; kv0 += 32) {
         switch (j->isa) {
@@ -816,8 +1099,9 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   }
   j.isa = chosen_isa();
   if (j.isa < 0) return ifail("fracgraph IntConvGradW: FRACGRAPH_INT_ISA names a path this CPU's build lacks "
-                              "(use auto, vnni, avx2 or scalar; vnni needs AVX-512 VNNI, avx2 needs AVX2)");
+                              "(use auto, amx, vnni, avx2 or scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)");
   j.N = xd[0], j.C = xd[1], j.H = xd[2], j.W = xd[3], j.K = gd[1], j.Ho = gd[2], j.Wo = gd[3];
+  if (j.isa == ISA_AMX && j.C < amx_min_channels(AMX_MIN_CHANNELS_DW)) j.isa = ISA_VNNI;
   j.kh = kern->conv[0], j.kw = kern->conv[1], j.sh = kern->conv[2], j.sw = kern->conv[3];
   j.ph = kern->conv[4], j.pw = kern->conv[5], j.dh = kern->conv[6], j.dw = kern->conv[7];
   if (j.kh < 1 || j.kw < 1 || j.sh < 1 || j.sw < 1 || j.dh < 1 || j.dw < 1 || j.ph < 0 || j.pw < 0)
@@ -839,9 +1123,10 @@ static OrtStatus* compute_int_conv_grad_w(IKernel* kern, void* ctx) {
   j.Hp = reach_h > j.H + j.ph ? reach_h : j.H + j.ph;
   j.Wp = reach_w > j.W + j.pw ? reach_w : j.W + j.pw;
   j.Hq = (j.Hp + j.sh - 1) / j.sh, j.Wq = (j.Wp + j.sw - 1) / j.sw;
-  j.V4 = (j.Ho * j.Wq + 15) / 16 * 4;   /* words of 4 positions, a multiple of 4 (the vnni loop's unroll) */
-  /* a tap reads up to 4 V4 bytes past its offset, whose largest lies inside the last phase */
-  j.cstride = (j.sh * j.sw * j.Hq * j.Wq + j.Wq + DW_SLACK + 63) / 64 * 64;
+  /* words of 4 positions, a multiple of 4 (the vnni loop's unroll), of 16 on amx (a tile's 64 positions) */
+  j.V4 = j.isa == ISA_AMX ? (j.Ho * j.Wq + 63) / 64 * 16 : (j.Ho * j.Wq + 15) / 16 * 4;
+  /* a tap reads up to 4 V4 bytes past its offset, whose largest lies inside the last phase (amx: 48 more) */
+  j.cstride = (j.sh * j.sw * j.Hq * j.Wq + j.Wq + DW_SLACK + (j.isa == ISA_AMX ? 64 : 0) + 63) / 64 * 64;
   j.Kv = (j.K + 15) / 16 * 16;
   /* images per task: int32-safe (P 255 128 per image), DW_TASKS tasks where the batch allows */
   const int64_t safe = (int64_t)(2147483647LL / (j.P * 255LL * 128LL));

@@ -86,7 +86,7 @@ MIN_STRIDED_CHANNELS = 4
 # of the NCHWc conv, AVX2 (vpmaddwd on 16-bit codes) in 1.1-1.6x (--only intconv, one thread), so on a CPU
 # without VNNI the pass leaves the convs as they are (the AVX2 and scalar paths serve artifacts moved there with
 # FRACGRAPH_INT_ISA set, and the tests)
-FAST_PATHS = ("vnni",)
+FAST_PATHS = ("amx", "vnni")   # amx: the same sums on AMX tiles (bench/kernel_probes.py --only intdw / intconv)
 # IntConvGradW packs every activation and error code once per image and then runs K C kh kw Ho Wo multiply-adds;
 # per packed code (C H W + K Ho Wo) resnet20's 1x1 stride-2 shortcuts have 5-11 and took 1.65-1.83x the float
 # form's CPU time, its 3x3 stem 23 (0.51-0.61x), its 3x3 convs 48-72 (0.42-0.86x) (bench/kernel_probes.py --only

@@ -20,11 +20,17 @@ from fracgraph import kernels  # noqa: E402
 
 from conftest import custom_op_session  # noqa: E402
 
-PATHS = ["vnni", "avx2", "scalar"]
+PATHS = ["amx", "vnni", "avx2", "scalar"]
 
 
 def available(path: str) -> bool:
     return kernels.int_path_available(path)
+
+
+def skip_unless(path: str) -> None:
+    if not available(path):
+        pytest.skip(f"this CPU's build has no {path} path" + (" (needs AMX-INT8 and Linux's permission for the tile "
+                                                              "state)" if path == "amx" else ""))
 
 
 def fq_act(x, bits):
@@ -100,6 +106,11 @@ CASES = [
     (2, 12, 7, 40, 3, 1, 2, 2),
     (1, 5, 11, 7, 5, 2, 2, 1),
     (2, 6, 8, 16, 3, 2, 0, 1),    # unpadded stride 2: the last input row and column are never read
+    # the amx path runs convs on >= 16 channels on its tiles (fewer: the vnni tiles): its shape classes again
+    (2, 16, 9, 16, 3, 1, 2, 2),
+    (1, 17, 11, 7, 5, 2, 2, 1),
+    (2, 16, 1, 24, 3, 1, 1, 1),
+    (2, 40, 6, 48, 3, 1, 1, 1),   # 3 channel blocks (the last partial) x 3 output blocks (a pair and one alone)
 ]
 
 
@@ -107,12 +118,15 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("bits", [(8, 8), (4, 6)], ids=["a8g8", "a4g6"])
 def test_kernel_matches_float64_weight_gradient(monkeypatch, path, case, bits):
-    if not available(path):
-        pytest.skip(f"this CPU's build has no {path} path")
+    skip_unless(path)
     monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: every shape on the AMX tiles (default: 16 / 32)
     gq, gm, gs, xq, xm, xs = operands(case, *bits)
     n, c, h, kout, k, stride, pad, dil = case
     dw = int_dw(gq, gm, gs, xq, xm, xs, k, stride, pad, dil)
+    if path == "amx" and available("vnni"):   # the same integer sums and rescale: bitwise the vnni path's output
+        monkeypatch.setenv("FRACGRAPH_INT_ISA", "vnni")
+        np.testing.assert_array_equal(dw, int_dw(gq, gm, gs, xq, xm, xs, k, stride, pad, dil))
     ref = reference_dw(gq, xq, k, stride, pad, dil)
     assert dw.shape == ref.shape == (kout, c, k, k)
     r = n * gq.shape[2] * gq.shape[3]
@@ -144,11 +158,14 @@ def test_threads_do_not_change_the_result(monkeypatch):
                                   int_dw(gq, gm, gs, xq, xm, xs, 3, 2, 1, 1, threads=2))
 
 
-def test_large_map_sums_stay_exact(monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_large_map_sums_stay_exact(monkeypatch, path):
     """142x142 maps at the extreme codes (x code 255, error code 0, i.e. signed -128): each image's sum is near
     -9.3e8, so the 64 images would run 8 to a task (8 tasks) and overflow int32; the kernel takes at most 3 (its
     int32 bound) and adds the tasks in int64."""
-    monkeypatch.delenv("FRACGRAPH_INT_ISA", raising=False)
+    skip_unless(path)
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: on the AMX tiles, though the map has one channel
     rng = np.random.default_rng(5)
     x = np.where(rng.random((64, 1, 142, 142)) < 0.999, 1.0, 0.0).astype(np.float32)
     g = np.where(rng.random((64, 1, 142, 142)) < 0.999, -1.0, 1.0).astype(np.float32)
@@ -192,7 +209,7 @@ def dw_builds(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int_gemm, "MIN_DW_POSITIONS", 0)
         mp.setattr(int_gemm, "MIN_DW_MACS_PER_CODE", 0)
-        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))
         mp.setattr(int_gemm, "RULES", {k: v for k, v in int_gemm.RULES.items() if k != "Conv"})
         # fixed weights: with others an activation code can flip between onnxruntime's and PyTorch's float convs
         # (a value on a rounding boundary), which moves a weight gradient by a quantum, past the tolerance, in
@@ -312,7 +329,7 @@ def tile_builds(tmp_path_factory):
     from fracgraph.passes import int_gemm
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))
         mp.setattr(int_gemm, "RULES", {k: v for k, v in int_gemm.RULES.items() if k != "Conv"})
         return build_pair(TileNet(), tmp_path_factory.mktemp("intdw_tile"), (2, 3, 16, 16), off={"int_kernels": False},
                           on={})

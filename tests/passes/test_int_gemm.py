@@ -19,14 +19,20 @@ from fracgraph import kernels  # noqa: E402
 
 from conftest import custom_op_session  # noqa: E402
 
-PATHS = ["vnni", "avx2", "scalar"]
+PATHS = ["amx", "vnni", "avx2", "scalar"]
 
 
 def available(path: str) -> bool:
     import ctypes
 
     lib = ctypes.CDLL(str(kernels.library_path()))
-    return bool(lib.fg_int_isa_available({"scalar": 0, "avx2": 1, "vnni": 2}[path]))
+    return bool(lib.fg_int_isa_available({"scalar": 0, "avx2": 1, "vnni": 2, "amx": 3}[path]))
+
+
+def skip_unless(path: str) -> None:
+    if not available(path):
+        pytest.skip(f"this CPU's build has no {path} path" + (" (needs AMX-INT8 and Linux's permission for the tile "
+                                                              "state)" if path == "amx" else ""))
 
 
 def fake_quant(x, bits, axes=None):
@@ -63,6 +69,11 @@ CASES = [
     (2, 8, 1, 24, 3, 1, 1, 1),
     (2, 12, 7, 20, 3, 1, 2, 2),
     (1, 5, 11, 7, 5, 2, 2, 1),
+    # the amx path runs convs on >= 16 channels on its tiles (fewer: the vnni tiles): its shape classes again
+    (2, 16, 9, 16, 3, 1, 2, 2),
+    (1, 17, 11, 7, 5, 2, 2, 1),
+    (2, 16, 1, 24, 3, 1, 1, 1),
+    (2, 72, 5, 20, 3, 1, 1, 1),   # two reduction chunks of 64 channels, the second partial
 ]
 
 
@@ -70,9 +81,9 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("bits", [8, 4])
 def test_kernel_matches_float64_conv(monkeypatch, path, case, bits):
-    if not available(path):
-        pytest.skip(f"this CPU's build has no {path} path")
+    skip_unless(path)
     monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+    monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")   # amx: every shape on the AMX tiles (default: 16 / 32)
     n, c, h, k, ks, stride, pad, dil = case
     rng = np.random.default_rng(hash(case) % 2**32 + bits)
     x = (rng.standard_normal((n, c, h, h)) * 1.5 + 0.3).astype(np.float32)
@@ -80,6 +91,10 @@ def test_kernel_matches_float64_conv(monkeypatch, path, case, bits):
     xq, mx, sx = fake_quant(x, bits)
     wq, mw, sw = fake_quant(w, bits, axes=(1, 2, 3))
     y = int_conv(xq, mx, sx, wq, mw.reshape(k, 1, 1, 1), sw.reshape(k, 1, 1, 1), (ks, ks), stride, pad, dil)
+    if path == "amx" and available("vnni"):   # the same integer sums and rescale: bitwise the vnni path's output
+        monkeypatch.setenv("FRACGRAPH_INT_ISA", "vnni")
+        np.testing.assert_array_equal(y, int_conv(xq, mx, sx, wq, mw.reshape(k, 1, 1, 1), sw.reshape(k, 1, 1, 1),
+                                                  (ks, ks), stride, pad, dil))
     ref = reference(xq, wq, stride, pad, dil)
     assert y.shape == ref.shape
     bound = 2.0 ** -20 * c * ks * ks * np.abs(xq).max() * np.abs(wq).max()
@@ -133,7 +148,7 @@ def builds(tmp_path_factory):
         mp.setattr(int_gemm, "MIN_MACS_PER_CODE", 0)
         mp.setattr(int_gemm, "MIN_POSITIONS", 0)       # ConvZoo's maps are smaller than 8x8 too
         mp.setattr(int_gemm, "MIN_STRIDED_CHANNELS", 0)   # and a strided stem would stay float
-        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))   # the pass on CPUs without VNNI too
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))   # the pass on CPUs without VNNI too
         mp.setattr(int_gemm, "MIN_DW_POSITIONS", 10**9)   # forward convs only (weight gradients: test_int_conv_grad_w.py)
         return build_pair(ConvZoo(), tmp_path_factory.mktemp("intgemm"), (2, 3, 9, 9), off={"int_kernels": False}, on={})
 
@@ -232,8 +247,10 @@ def test_cli_no_int_kernels_keeps_the_float_convs(small_model, tmp_path):
     from fracgraph.manifest import Manifest
 
     runner = CliRunner()
-    if kernels.int_path() != "vnni":
-        pytest.skip("without VNNI the default build keeps the float convs (int_gemm.FAST_PATHS)")
+    from fracgraph.passes import int_gemm
+
+    if kernels.int_path() not in int_gemm.FAST_PATHS:
+        pytest.skip("without AMX or VNNI the default build keeps the float convs (int_gemm.FAST_PATHS)")
     for flag, expect in (([], True), (["--no-int-kernels"], False)):
         out = tmp_path / f"art{len(flag)}"
         r = runner.invoke(app, ["quantize", str(small_model[1]), "-o", str(out), *flag])
@@ -298,7 +315,7 @@ def gpt_builds(tmp_path_factory):
     d = tmp_path_factory.mktemp("intgpt")
     path = export_gpt(d / "gpt.onnx", seed=0, **SIZES)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(int_gemm, "FAST_PATHS", ("vnni", "avx2", "scalar"))
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))
         return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_matmul=key)))
                 for key in (False, True)}, SIZES
 
