@@ -328,9 +328,12 @@ def _int_kernels_record(passes: list, opts: BuildOptions) -> dict | None:
     p = next((p for p in passes if isinstance(p, IntGemmPass) and p.name not in opts.skip_passes), None)
     if p is None or not any(c["int"] for c in p.convs + p.weight_grads):
         return None
-    path = kernels.int_path()
-    return {"path": path, "cpu_flag": kernels.INT_PATHS[path][1], "max_bits": MAX_INT_BITS, "convs": p.convs,
-            "weight_grads": p.weight_grads}
+    built = kernels.int_path()
+    # amx runs the same decisions as vnni (int-gemm's rules are the same on both; auto picks amx at run time where
+    # the CPU has it), so artifacts built on an AMX machine need only VNNI
+    path = "vnni" if built == "amx" else built
+    return {"path": path, "cpu_flag": kernels.INT_PATHS[path][1], "built_on": built, "max_bits": MAX_INT_BITS,
+            "convs": p.convs, "weight_grads": p.weight_grads}
 
 
 def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]]:

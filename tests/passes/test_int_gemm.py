@@ -192,7 +192,10 @@ def test_pass_structure_and_manifest(builds):
     assert m_off.extra["int_kernels"] is None
     assert not any(n.op_type == "IntConv" for n in all_nodes(onnx.load(str(off / "training_model.onnx")).graph))
     rec = m_on.extra["int_kernels"]
-    assert rec["path"] == kernels.int_path() and rec["max_bits"] == 8
+    assert rec["built_on"] == kernels.int_path() and rec["max_bits"] == 8
+    # an AMX build needs only VNNI: the same decisions, and auto takes amx at run time where the CPU has it
+    assert rec["path"] == ("vnni" if rec["built_on"] == "amx" else rec["built_on"])
+    assert rec["cpu_flag"] == kernels.INT_PATHS[rec["path"]][1]
     decided = {c["name"]: c for c in rec["convs"]}
     assert {n for n, c in decided.items() if c["int"]} == {"/c0/Conv", "/pw_s2/Conv", "/k5/Conv", "/dil/Conv", "/pad1x1/Conv"}
     assert {decided[n]["reason"] for n in ("/dw_s2/Conv", "/grouped/Conv", "/dw/Conv")} == {"grouped"}
