@@ -1614,43 +1614,6 @@ typedef struct {
   float *cmin, *cmax;  /* BatchNormGradRange: each channel's range of dX */
 } BnJob;
 
-static void bn_grad_channel(void* p, size_t c) {
-  const BnJob* j = (const BnJob*)p;
-  const size_t N = j->N, C = j->C, S = j->S;
-  const float mean = j->mean[c];
-  double sum_dy = 0.0, sum_dy_xmu = 0.0;
-  enum { LANES = 16 };
-  for (size_t n = 0; n < N; ++n) {
-    const float* dy = j->dy + (n * C + c) * S;
-    const float* x = j->x + (n * C + c) * S;
-    float a[LANES] = {0}, b[LANES] = {0};
-    size_t i = 0;
-    for (; i + LANES <= S; i += LANES)
-      for (int l = 0; l < LANES; ++l) {
-        a[l] += dy[i + l];
-        b[l] += dy[i + l] * (x[i + l] - mean);
-      }
-    for (; i < S; ++i) {
-      a[0] += dy[i];
-      b[0] += dy[i] * (x[i] - mean);
-    }
-    for (int l = 0; l < LANES; ++l) {
-      sum_dy += a[l];
-      sum_dy_xmu += b[l];
-    }
-  }
-  const double M = (double)(N * S), inv_std = j->inv_std[c], k = j->scale[c] * inv_std;
-  j->dbias[c] = (float)sum_dy;
-  j->dscale[c] = (float)(sum_dy_xmu * inv_std);
-  const float kd = (float)k, kx = (float)(-k * inv_std * inv_std * sum_dy_xmu / M), k0 = (float)(-k * sum_dy / M);
-  for (size_t n = 0; n < N; ++n) {
-    const float* dy = j->dy + (n * C + c) * S;
-    const float* x = j->x + (n * C + c) * S;
-    float* dx = j->dx + (n * C + c) * S;
-    for (size_t i = 0; i < S; ++i) dx[i] = kd * dy[i] + kx * (x[i] - mean) + k0;
-  }
-}
-
 /* BatchNormGradRange(dY, X, scale, mean, inv_std, B?) -> (dX, dscale, dbias, min, max): BatchNormGrad, and the
  * range of dX (MinMax's min and max). With attribute relu = 1 the forward was BatchNormTrainFused with relu and no
  * residual, and dY is the gradient of its ReLU's output: the ReLU's mask is recomputed from X with the forward's own
@@ -1751,27 +1714,23 @@ static OrtStatus* compute_bn_grad(Kernel* k, void* ctx) {
     if ((st = API(GetTensorMutableData, GetDataFn)((void*)in[i], (void**)src[i]))) return st;
   for (int i = 0; i < 3; ++i)
     if ((st = API(GetTensorMutableData, GetDataFn)(out[i], (void**)dst[i]))) return st;
-  if (k->kind == BN_GRAD_RANGE) {
-    if (!j.N || !j.S) return fail("fracgraph BatchNormGradRange: X is empty");
-    if (k->relu) {
-      const void* bv;
-      if ((st = input_shape(ctx, 5, &bv, other, &r2, &count))) return st;
-      if (count != j.C) return fail("fracgraph BatchNormGradRange: B needs one value per channel");
-      if ((st = API(GetTensorMutableData, GetDataFn)((void*)bv, (void**)&j.bias))) return st;
-    }
-    j.cmin = (float*)malloc(2 * j.C * sizeof(float));
-    if (!j.cmin) return fail("fracgraph BatchNormGradRange: out of memory");
-    j.cmax = j.cmin + j.C;
-    st = NULL;
-    if (j.C > 1) st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_grad_range_channel, j.C, 0, &j);
-    else bn_grad_range_channel(&j, 0);
-    if (!st) st = write_range(ctx, 3, j.cmin, j.cmax, j.C);
-    free(j.cmin);
-    return st;
+  /* BatchNormGrad is BatchNormGradRange without relu, its range left unwritten (the same sums and dX) */
+  if (!j.N || !j.S) return fail("fracgraph BatchNormGrad: X is empty");
+  if (k->kind == BN_GRAD_RANGE && k->relu) {
+    const void* bv;
+    if ((st = input_shape(ctx, 5, &bv, other, &r2, &count))) return st;
+    if (count != j.C) return fail("fracgraph BatchNormGradRange: B needs one value per channel");
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)bv, (void**)&j.bias))) return st;
   }
-  if (j.C > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_grad_channel, j.C, 0, &j);
-  if (j.C == 1) bn_grad_channel(&j, 0);
-  return NULL;
+  j.cmin = (float*)malloc(2 * j.C * sizeof(float));
+  if (!j.cmin) return fail("fracgraph BatchNormGrad: out of memory");
+  j.cmax = j.cmin + j.C;
+  st = NULL;
+  if (j.C > 1) st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_grad_range_channel, j.C, 0, &j);
+  else bn_grad_range_channel(&j, 0);
+  if (!st && k->kind == BN_GRAD_RANGE) st = write_range(ctx, 3, j.cmin, j.cmax, j.C);
+  free(j.cmin);
+  return st;
 }
 
 /* FakeQuantize's min and scale: when they hold one value per channel along one axis of x (x's rank, that axis x's
