@@ -39,6 +39,7 @@ from .passes.fw_quant import FwQuantPass
 from .passes.gather_grad import GatherGradPass
 from .passes.gelu_grad import GeluGradPass
 from .passes.ln_grad import LnGradPass
+from .passes.permute import PermutePass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
 from .passes.int_gemm import IntGemmPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
@@ -340,7 +341,7 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
         kernels.library_path()
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
-    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), LnGradPass(), GeluGradPass()], []
+    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), LnGradPass(), GeluGradPass(), PermutePass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,
