@@ -35,6 +35,7 @@ static const OrtApi* g_api_pm;
 
 #define PM_MAX_RANK 15
 #define PM_TASK 16384   /* about this many elements per task */
+#define PM_MIN_PARALLEL 65536   /* below, one thread: handing tasks to the pool costs more than it saves */
 
 /* The reduced problem. */
 typedef struct {
@@ -157,6 +158,24 @@ static void pm_offsets(const PJob* j, int64_t r, int skip_q, int64_t* in_off, in
   *out_off = oo;
 }
 
+/* a short row inline (the transformers' rows are 32-192 floats: a libc call per row costs about as much) */
+#define PM_INLINE_ROW 512
+static inline void copy_row(float* out, const float* in, int64_t L) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= L; i += 16) _mm512_storeu_ps(out + i, _mm512_loadu_ps(in + i));
+  if (i < L) {
+    const __mmask16 m = (__mmask16)((1u << (L - i)) - 1u);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_maskz_loadu_ps(m, in + i));
+  }
+#else
+#if defined(__AVX__)
+  for (; i + 8 <= L; i += 8) _mm256_storeu_ps(out + i, _mm256_loadu_ps(in + i));
+#endif
+  for (; i < L; ++i) out[i] = in[i];
+#endif
+}
+
 static void pm_rows(const PJob* j, size_t task) {
   const int64_t r0 = (int64_t)task * j->per;
   const int64_t r1 = r0 + j->per < j->rows ? r0 + j->per : j->rows;
@@ -175,7 +194,8 @@ static void pm_rows(const PJob* j, size_t task) {
   }
   float* out = j->y + r0 * j->L;
   for (int64_t r = r0; r < r1; ++r, out += j->L) {
-    memcpy(out, j->x + io, bytes);
+    if (j->L <= PM_INLINE_ROW) copy_row(out, j->x + io, j->L);
+    else memcpy(out, j->x + io, bytes);
     for (int k = s1 - 1; k >= 0; --k) {   /* next row */
       io += j->is[k];
       if (++idx[k] < j->od[k]) break;
@@ -298,7 +318,7 @@ static OrtStatus* pm_compute(void* kernel, void* ctx) {
   if ((st = PAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, odims, rank, &out))) return st;
   if ((st = PAPI(GetTensorMutableData, GetDataFn)(out, (void**)&j.y))) return st;
   if (j.tasks == 0) return NULL;
-  if (j.tasks == 1 || j.n < 2 * PM_TASK) {   /* small: one thread, no hand-off */
+  if (j.tasks == 1 || j.n < PM_MIN_PARALLEL) {   /* small: one thread, no hand-off */
     for (size_t t = 0; t < j.tasks; ++t) pm_task(&j, t);
     return NULL;
   }
