@@ -10,9 +10,10 @@ profiled FW8/BW8 step). `Permute` does the same permutation as one cache-blocked
 (row copies where the innermost axis stays, 8 x 8 register-transposed tiles otherwise; permute.c). A permutation
 moves values only, so the step is bitwise the same with the pass on and off (tests/passes/test_permute.py).
 
-Kept on onnxruntime's Transpose, with the reason in the notes: a Transpose read by a MatMul or Gemm (onnxruntime's
-MatmulTransposeFusion and GemmTransposeFusion may fold it into the GEMM at session creation, which a custom op
-would prevent), one whose input is not a float tensor of known rank, and ranks above 15 (the kernel's perm code).
+Kept on onnxruntime's Transpose, with the reason in the notes: a Transpose read only by MatMuls or Gemms
+(onnxruntime's MatmulTransposeFusion and GemmTransposeFusion may fold it into them at session creation and drop it,
+which a custom op would prevent; one that also has other readers runs anyway, so it is taken), one whose input is
+not a float tensor, and ranks above 15 (the kernel's perm code).
 On with the fused kernels; off with `--no-fused-kernels` or `BuildOptions.skip_passes=("permute",)`.
 """
 
@@ -59,11 +60,12 @@ class PermutePass(Pass):
         for n in graph.node:
             for i in n.input:
                 readers.setdefault(i, []).append(n)
+        outputs = {o.name for o in graph.output}
         pairs, kept = [], {}
         for n in graph.node:
             if n.op_type != "Transpose" or n.domain not in ("", "ai.onnx"):
                 continue
-            why, perm = self._decline(n, types, readers)
+            why, perm = self._decline(n, types, readers, outputs)
             if why:
                 kept[why] = kept.get(why, 0) + 1
                 continue
@@ -78,7 +80,7 @@ class PermutePass(Pass):
         return PassResult(model, bool(pairs), notes)
 
     @staticmethod
-    def _decline(n, types, readers) -> tuple[str | None, list[int]]:
+    def _decline(n, types, readers, outputs) -> tuple[str | None, list[int]]:
         elem, rank = types.get(n.input[0], (None, None))
         if elem != TensorProto.FLOAT:
             return "input not a float tensor (or its type unknown)", []
@@ -93,8 +95,9 @@ class PermutePass(Pass):
             return f"rank above {MAX_RANK}", []
         if sorted(perm) != list(range(len(perm))):
             return "perm is not a permutation", []
-        if any(r.op_type in GEMM_READERS for r in readers.get(n.output[0], [])):
-            return "read by a GEMM (onnxruntime may fold it into the GEMM)", []
+        rs = readers.get(n.output[0], [])
+        if rs and all(r.op_type in GEMM_READERS for r in rs) and n.output[0] not in outputs:
+            return "read only by GEMMs (onnxruntime may fold it into them)", []
         return None, perm
 
     def ensures(self, model):
