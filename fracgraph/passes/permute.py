@@ -13,7 +13,7 @@ moves values only, so the step is bitwise the same with the pass on and off (tes
 Kept on onnxruntime's Transpose, with the reason in the notes: a Transpose read only by MatMuls or Gemms
 (onnxruntime's MatmulTransposeFusion and GemmTransposeFusion may fold it into them at session creation and drop it,
 which a custom op would prevent; one that also has other readers runs anyway, so it is taken), one whose input is
-not a float tensor, and ranks above 15 (the kernel's perm code).
+not a float tensor, and ranks 0 and above 15 (the kernel's perm code).
 On with the fused kernels; off with `--no-fused-kernels` or `BuildOptions.skip_passes=("permute",)`.
 """
 
@@ -91,8 +91,8 @@ class PermutePass(Pass):
             perm = list(range(rank))[::-1]   # ONNX's default: reverse the axes
         if rank is not None and rank != len(perm):
             return "perm's length is not the input's rank", []
-        if len(perm) > MAX_RANK:
-            return f"rank above {MAX_RANK}", []
+        if not perm or len(perm) > MAX_RANK:
+            return f"rank 0 or above {MAX_RANK}", []
         if sorted(perm) != list(range(len(perm))):
             return "perm is not a permutation", []
         rs = readers.get(n.output[0], [])
@@ -106,4 +106,5 @@ class PermutePass(Pass):
             if n.op_type == "Permute" and n.domain == DOMAIN:
                 a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
                 if sorted(decode(a["perm_code"], a["rank"])) != list(range(a["rank"])):
-                    raise AssertionError(f"{n.name}: perm_code {a['perm_code']} is not a permutation of {a['rank']} axes")
+                    raise AssertionError(f"{n.name}: perm_code {a['perm_code']} is not a permutation of "
+                                         f"{a['rank']} axes")

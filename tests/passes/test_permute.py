@@ -110,23 +110,25 @@ def test_code_round_trip():
 
 
 def test_pass_declines_what_it_should():
-    """int64 data and a Transpose read only by a MatMul (onnxruntime may fold it) are kept; the default (reversing)
-    perm and a Transpose read by a MatMul and another op are taken."""
+    """int64 data, a scalar and a Transpose read only by a MatMul (onnxruntime may fold it) are kept; the default
+    (reversing) perm and a Transpose read by a MatMul and another op are taken."""
     nodes = [helper.make_node("Transpose", ["i"], ["it"], name="ti", perm=[1, 0]),
              helper.make_node("Transpose", ["a"], ["at"], name="ta", perm=[1, 0]),
              helper.make_node("MatMul", ["at", "w"], ["mm"], name="mm"),
              helper.make_node("Transpose", ["a"], ["ar"], name="tr"),
              helper.make_node("Transpose", ["a"], ["am"], name="tm", perm=[1, 0]),   # also read by a Relu: runs anyway
-             helper.make_node("MatMul", ["am", "w"], ["mm2"], name="mm2"), helper.make_node("Relu", ["am"], ["rl"])]
+             helper.make_node("MatMul", ["am", "w"], ["mm2"], name="mm2"), helper.make_node("Relu", ["am"], ["rl"]),
+             helper.make_node("Transpose", ["s"], ["st"], name="ts")]   # a scalar (default perm: [])
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3]),
                                        helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
-                                       helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 4])],
+                                       helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 4]),
+                                       helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
                           [helper.make_tensor_value_info(n, t, None) for n, t in
                            (("it", TensorProto.INT64), ("mm", TensorProto.FLOAT), ("ar", TensorProto.FLOAT),
-                            ("mm2", TensorProto.FLOAT), ("rl", TensorProto.FLOAT))])
+                            ("mm2", TensorProto.FLOAT), ("rl", TensorProto.FLOAT), ("st", TensorProto.FLOAT))])
     model, notes = run_passes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), [PermutePass()])
     ops = {n.name: (n.op_type, {a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in model.graph.node}
-    assert ops["ti"][0] == "Transpose" and ops["ta"][0] == "Transpose"
+    assert ops["ti"][0] == ops["ta"][0] == ops["ts"][0] == "Transpose"
     assert ops["tr::permute"] == ("Permute", {"perm_code": perm_code([1, 0]), "rank": 2})
     assert ops["tm::permute"][0] == "Permute"
     assert "[permute] 2 Transpose on fracgraph's Permute" in notes
