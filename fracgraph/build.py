@@ -275,6 +275,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
           + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 or fused else []) \
+          + ([PermutePass()] if fused else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))
@@ -341,7 +342,7 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
         kernels.library_path()
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
-    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), LnGradPass(), GeluGradPass(), PermutePass()], []
+    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), LnGradPass(), GeluGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,

@@ -14,7 +14,9 @@ Kept on onnxruntime's Transpose, with the reason in the notes: a Transpose read 
 (onnxruntime's MatmulTransposeFusion and GemmTransposeFusion may fold it into them at session creation and drop it,
 which a custom op would prevent; one that also has other readers runs anyway, so it is taken), one whose input is
 not a float tensor, and ranks 0 and above 15 (the kernel's perm code).
-On with the fused kernels; off with `--no-fused-kernels` or `BuildOptions.skip_passes=("permute",)`.
+On with the fused kernels; off with `--no-fused-kernels` or `BuildOptions.skip_passes=("permute",)`. Runs after
+every other pass that rewrites Transposes (nchwc-conv folds conv-grad-split's weight Transposes into its
+NchwcWeight reorders, which a Permute would hide from it: tests/passes/test_nchwc_conv.py).
 """
 
 from __future__ import annotations
