@@ -80,14 +80,13 @@ static int pm_plan(PJob* j, const int64_t* dims, const int64_t* perm, int rank) 
     if (keep[perm[k]] >= 0) p1[t++] = keep[perm[k]];
   /* merge runs of output axes whose input axes are consecutive: group g = output axes [start_g, end_g) */
   int group_of_in[PM_MAX_RANK];   /* input axis (after drop) -> group leader's input axis, -1 when merged away */
-  int lead[PM_MAX_RANK], g = 0;   /* output-order leaders: the first input axis of each merged group */
+  int g = 0;                      /* merged groups, in output order */
   int64_t gsize[PM_MAX_RANK];
   for (int k = 0; k < t; ++k) {
     if (k > 0 && p1[k] == p1[k - 1] + 1) {
       gsize[g - 1] *= d1[p1[k]];
       group_of_in[p1[k]] = -1;
     } else {
-      lead[g] = (int)p1[k];
       gsize[g] = d1[p1[k]];
       group_of_in[p1[k]] = g;
       ++g;
@@ -102,7 +101,6 @@ static int pm_plan(PJob* j, const int64_t* dims, const int64_t* perm, int rank) 
     }
   j->s = s;
   for (int k = 0; k < g; ++k) j->p[k] = rank_of_group[k];
-  (void)lead;
   int64_t stride[PM_MAX_RANK];
   int64_t acc = 1;
   for (int a = s - 1; a >= 0; --a) { stride[a] = acc; acc *= j->d[a]; }
