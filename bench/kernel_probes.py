@@ -31,9 +31,11 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
   onnxruntime's MatMulInteger + IntMatMulRescale (what passes/int_gemm.py writes), and MatMulInteger alone;
 - gelu: the GELU gradient on convnext_atto's and the GPT's largest GELU tensors: onnxruntime's com.microsoft
   GeluGrad vs fracgraph's GeluGrad vs PyTorch's gelu backward (aten.gelu_backward, same thread count), the three
-  timed in turn on each rep (rotating order), with each one's error against the float64 derivative.
+  timed in turn on each rep (rotating order), with each one's error against the float64 derivative;
+- transpose: the ViTs' Transposes (batch 32) as onnxruntime's Transpose vs fracgraph's Permute, interleaved,
+  compared bitwise, with a numpy copy of the tensor as the floor; --cpu-time applies.
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu,bnrelu]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu,pool,transpose,bnrelu]
 """
 
 from __future__ import annotations
@@ -980,6 +982,54 @@ def probe_pool(r: Runner, rng):
                   {"dy": dy, "i": idx})
 
 
+# the ViTs' Transposes at batch 32 (label, X shape, perm): vit_tiny (timm: qkv split, K transposed, heads merged,
+# and their gradients) and vit_tv (nn.MultiheadAttention's sequence-first layout and head reshapes), from their
+# training graphs (bench/model_speed.py's exports)
+TRANSPOSE_SHAPES = [("vit_tiny qkv split", (32, 17, 3, 3, 64), (2, 0, 3, 1, 4)),
+                    ("vit_tiny qkv split grad", (3, 32, 3, 17, 64), (1, 3, 0, 2, 4)),
+                    ("vit_tiny K^T", (32, 3, 17, 64), (0, 1, 3, 2)),
+                    ("vit_tiny heads merge", (32, 3, 17, 64), (0, 2, 1, 3)),
+                    ("vit_tv seq-first", (65, 32, 128), (1, 0, 2)),
+                    ("vit_tv qkv", (1, 65, 32, 3, 128), (3, 1, 2, 0, 4)),
+                    ("vit_tv heads", (65, 128, 32), (1, 0, 2)),
+                    ("vit_tv heads merge", (32, 4, 65, 32), (2, 0, 1, 3)),
+                    ("vit_tv K^T grad", (32, 4, 32, 65), (0, 1, 3, 2))]
+
+
+def probe_transpose(r: Runner, rng):
+    """onnxruntime's Transpose vs fracgraph's Permute (passes/permute.py) on the ViTs' shapes, timed in turn on
+    each rep (rotating order), outputs compared bitwise; a numpy copy of the same tensor (one thread) as the floor."""
+    from fracgraph.passes.permute import perm_code
+
+    what = "CPU ms" if r.cpu_time else "ms"
+    print(f"transpose: onnxruntime Transpose vs fracgraph Permute, {what} per call, median")
+    for label, shape, perm in TRANSPOSE_SHAPES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        sessions = {"onnxruntime Transpose": r.session(_model([h.make_node("Transpose", ["x"], ["y"], perm=list(perm))],
+                                                              ["x"], ["y"])),
+                    "fracgraph Permute": r.session(_model([h.make_node("Permute", ["x"], ["y"], domain=FG,
+                                                                       perm_code=perm_code(perm), rank=len(perm))],
+                                                          ["x"], ["y"]))}
+        out = np.empty_like(x)
+        calls = {k: (lambda s=s: s.run(None, {"x": x})[0]) for k, s in sessions.items()}
+        calls["numpy copy (floor)"] = lambda: np.copyto(out, x)
+        names = list(calls)
+        outs = {k: calls[k]() for k in names[:2]}
+        clock = time.process_time if r.cpu_time else time.perf_counter
+        ts = {k: [] for k in names}
+        for rep in range(r.reps):
+            for k in names[rep % 3:] + names[: rep % 3]:
+                t = clock()
+                calls[k]()
+                ts[k].append(clock() - t)
+        same = outs[names[0]].tobytes() == outs[names[1]].tobytes() and outs[names[0]].shape == outs[names[1]].shape
+        base = statistics.median(ts[names[0]])
+        print(f"  {label} {'x'.join(map(str, shape))} perm {list(perm)}: {'bitwise equal' if same else 'DIFFERENT'}")
+        for k in names:
+            tk = statistics.median(ts[k])
+            print(f"    {k:24s} {1e3 * tk:7.3f} {what}  x{tk / base:5.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -1005,7 +1055,7 @@ def main() -> None:
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
               "intconv": probe_intconv, "intdw": probe_intdw, "intmatmul": probe_intmatmul, "gelu": probe_gelu,
-              "pool": probe_pool, "bnrelu": probe_bnrelu}
+              "pool": probe_pool, "transpose": probe_transpose, "bnrelu": probe_bnrelu}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

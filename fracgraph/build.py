@@ -40,6 +40,7 @@ from .passes.fw_quant import FwQuantPass
 from .passes.gather_grad import GatherGradPass
 from .passes.gelu_grad import GeluGradPass
 from .passes.ln_grad import LnGradPass
+from .passes.permute import PermutePass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
 from .passes.int_gemm import IntGemmPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
@@ -275,6 +276,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
           + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 or fused else []) \
+          + ([PermutePass()] if fused else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))

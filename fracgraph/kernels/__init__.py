@@ -1,5 +1,6 @@
 """fracgraph's onnxruntime custom-op library (fused_ops.c; int_gemm.c, the integer GEMMs; gelu.c, the GELU
-gradient; conv_grad_w.c, the channel-tiled conv weight gradient): built here, on first use, with the C compiler.
+gradient; conv_grad_w.c, the channel-tiled conv weight gradient; permute.c, Transpose): built here, on first use,
+with the C compiler.
 
 The training step's elementwise chains (the quantizers' centre, scale, noise, clamp, round, rescale; the range
 statistics; ReluGrad) are ops of domain `ai.fracgraph`, one multithreaded pass each (passes/fused_ops.py). The
@@ -25,7 +26,8 @@ DOMAIN = "ai.fracgraph"
 SOURCE = Path(__file__).with_name("fused_ops.c")
 SOURCES = [SOURCE, Path(__file__).with_name("int_gemm.c"),   # int_gemm.c: IntConv (passes/int_gemm.py)
            Path(__file__).with_name("gelu.c"),                # gelu.c: GeluGrad (passes/gelu_grad.py)
-           Path(__file__).with_name("conv_grad_w.c")]         # conv_grad_w.c: ConvGradWNhwc (passes/conv_grad_w.py)
+           Path(__file__).with_name("conv_grad_w.c"),         # conv_grad_w.c: ConvGradWNhwc (passes/conv_grad_w.py)
+           Path(__file__).with_name("permute.c")]             # permute.c: Permute (passes/permute.py)
 HEADERS = [Path(__file__).with_name("ort_abi.h")]   # included by the sources: part of the cache key
 # -ffp-contract=off: no fused multiply-add, so every step of the chain rounds like onnxruntime's separate ops
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]

@@ -1895,6 +1895,7 @@ static OpDef g_ops[N_KINDS];
 OrtStatus* fg_int_gemm_register(void* domain, const void* api) __attribute__((weak));
 OrtStatus* fg_gelu_register(void* domain, const void* api) __attribute__((weak));   /* gelu.c's GeluGrad */
 OrtStatus* fg_conv_grad_w_register(void* domain, const void* api) __attribute__((weak));   /* conv_grad_w.c */
+OrtStatus* fg_permute_register(void* domain, const void* api) __attribute__((weak));   /* permute.c's Permute */
 
 OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   void* domain;
@@ -1928,5 +1929,6 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   if (fg_int_gemm_register && (st = fg_int_gemm_register(domain, g_api))) return st;
   if (fg_gelu_register && (st = fg_gelu_register(domain, g_api))) return st;
   if (fg_conv_grad_w_register && (st = fg_conv_grad_w_register(domain, g_api))) return st;
+  if (fg_permute_register && (st = fg_permute_register(domain, g_api))) return st;
   return API(AddCustomOpDomain, AddDomainFn)(options, domain);
 }
