@@ -20,7 +20,6 @@ the model code is pure Python): `pip install --no-deps torchvision` is enough.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -52,31 +50,14 @@ def _corpus_names() -> tuple[str, ...]:
 
 
 def _torchvision_models():
-    """torchvision.models' resnet, efficientnet and regnet modules, without running torchvision's __init__ (which
-    loads the compiled ops)."""
-    def stub(name, path):
-        m = types.ModuleType(name)
-        m.__path__ = [str(path)]
-        sys.modules[name] = m
-        return m
+    """torchvision.models' resnet18, efficientnet_b0 and regnet_x_400mf, imported as the corpus imports them
+    (zoo_external.import_torchvision: the package without torchvision's __init__, which loads the compiled ops).
+    A stub of torchvision.models of this script's own, as before, left the corpus' later imports (densenet121)
+    without their models when a direct model was measured first."""
+    from fracgraph import zoo_external
 
-    if "torchvision.models.resnet" not in sys.modules:
-        spec = importlib.util.find_spec("torchvision")
-        if spec is None:
-            raise SystemExit("torchvision is not installed: pip install --no-deps torchvision")
-        root = Path(list(spec.submodule_search_locations)[0])
-        stub("torchvision", root)
-        stub("torchvision.models", root / "models")
-        ops = stub("torchvision.ops", root / "ops")
-        from torchvision.ops.stochastic_depth import StochasticDepth
-
-        ops.StochasticDepth = StochasticDepth
-    import torchvision.models.efficientnet as efficientnet
-    import torchvision.models.regnet as regnet
-    import torchvision.models.resnet as resnet
-
-    return {"resnet18": resnet.resnet18, "efficientnet_b0": efficientnet.efficientnet_b0,
-            "regnet_x_400mf": regnet.regnet_x_400mf}
+    tvm = zoo_external.import_torchvision()
+    return {"resnet18": tvm.resnet18, "efficientnet_b0": tvm.efficientnet_b0, "regnet_x_400mf": tvm.regnet_x_400mf}
 
 
 def torch_model(name: str):
