@@ -278,8 +278,11 @@ def run_int(d: Path, a) -> None:
     dw_names = {w["name"].split("_Grad/")[0] for w in rec.get("weight_grads", []) if w["int"]}
     dw_macs = a.batch * sum(op["macs"] for op in m.ops if op["name"] in dw_names)   # dW: the forward's MACs
     fp_rate, int_rate = gemm_rates(a.threads)
-    print(f"integer convs: {n_int} forward convs on IntConv, {len(dw_names)} weight gradients on IntConvGradW, path "
-          f"{rec.get('path')}; load average {load0:.1f} -> {load1:.1f} over the run")
+    from fracgraph import kernels
+
+    print(f"integer convs: {n_int} forward convs on IntConv, {len(dw_names)} weight gradients on IntConvGradW, run on "
+          f"the {kernels.int_path()} path (the artifacts need {rec.get('path')}); load average {load0:.1f} -> "
+          f"{load1:.1f} over the run")
     print(f"  {'':44s} {'step':>9s} {'/PT FP32':>9s} {'/no-int':>8s} {'peak RSS':>9s}")
     for k, (t, mem) in rows.items():
         ref = rows.get(f"{k} --no-int-kernels")
