@@ -9,8 +9,11 @@ resnet20's step (batch 128) ReluGrad, Relu, Sum, Add and MinMax were 11.5% of th
   BatchNormTrain whose output only an Add (same shapes: no broadcast) and/or a Relu read: BatchNormTrain's own
   statistics and running update, then `+ residual` and `max(., 0)`, and Y's range for the MinMax that read it;
 - `BatchNormGradRange(dY, X, scale, mean, inv_std, B?) -> (dX, dscale, dbias, min, max)` for a BatchNormGrad whose
-  dX a MinMax reads, or whose dY is a ReluGrad (read by it alone) of a fused forward's ReLU without residual: the
-  ReLU's mask is then recomputed from X with the forward's own float operations, so the ReluGrad disappears;
+  dX a MinMax reads, or (with `relu_mask`, `BuildOptions.bn_relu_mask`, off by default) whose dY is a ReluGrad (read
+  by it alone) of a fused forward's ReLU without residual: the ReLU's mask is then recomputed from X with the
+  forward's own float operations, so the ReluGrad disappears. Off by default because it raised densenet121's peak
+  RSS from 1144 to 1514 MB (batch 32, 64x64) for a reason not found yet, while resnet18's and resnet20's did not
+  move;
 - `ReluGradSum(dY1, dY2, X)` for a ReluGrad of onnxruntime's two-input gradient accumulation (`AccumulateGrad_*`
   Sum, which adds gradients of one tensor: one shape), read by the ReluGrad alone.
 
@@ -42,8 +45,9 @@ class BnReluPass(Pass):
     name = "bn-relu"
     fused = 0   # nodes written by the last call
 
-    def __init__(self, shapes: dict | None = None):
+    def __init__(self, shapes: dict | None = None, relu_mask: bool = False):
         self.shapes = shapes or {}
+        self.relu_mask = relu_mask   # BatchNormGradRange's recomputed ReLU mask (BuildOptions.bn_relu_mask): off by default
         self.counts = {}
 
     def call(self, model):
@@ -110,7 +114,7 @@ class BnReluPass(Pass):
             dy, x, scale, mean, inv_std = g.input
             fwd, masked = fused.get(mean, (None, False))
             rg = producer.get(dy)
-            relu = (fwd is not None and masked and ours(rg, "ReluGrad") and rg.input[1] == fwd.output[0]
+            relu = (self.relu_mask and fwd is not None and masked and ours(rg, "ReluGrad") and rg.input[1] == fwd.output[0]
                     and fwd.input[0] == x and fwd.input[1] == scale and fwd.output[4] == inv_std
                     and only_reader(dy, "BatchNormGrad", DOMAIN) is g)
             mm = min_max_of(g.output[0])

@@ -167,8 +167,28 @@ class ResNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
+    """Off, and on with the ReLU-mask fusion (BuildOptions.bn_relu_mask); the default (on, no mask) is `default`."""
     return build_pair(ResNet(), tmp_path_factory.mktemp("bnrelu"), (2, 3, 9, 9),
-                      off={"skip_passes": ("bn-relu",)}, on={})
+                      off={"skip_passes": ("bn-relu",)}, on={"bn_relu_mask": True})
+
+
+@pytest.fixture(scope="module")
+def default(tmp_path_factory):
+    return build_pair(ResNet(), tmp_path_factory.mktemp("bnrelu_default"), (2, 3, 9, 9),
+                      off={"skip_passes": ("bn-relu",)}, on={})[True]
+
+
+def test_default_keeps_the_relu_gradients(builds, default):
+    on = onnx.load(str(default[0] / "training_model.onnx")).graph
+    off = onnx.load(str(builds[False][0] / "training_model.onnx")).graph
+    count = lambda g, op: sum(n.op_type == op for n in g.node)   # noqa: E731
+    assert count(on, "BatchNormTrainFused") == 5 and count(on, "BatchNormGradRange") == 7
+    assert count(on, "ReluGrad") + count(on, "ReluGradSum") == count(off, "ReluGrad")
+    assert all(a.i == 0 for n in on.node if n.op_type == "BatchNormGradRange" for a in n.attribute if a.name == "relu")
+    for bits in ((8, 8, 8), (0, 0, 0)):
+        loss0, grads0, _ = _step(builds[False][0], bits)
+        loss1, grads1, _ = _step(default[0], bits)
+        assert loss0 == loss1 and all(np.array_equal(grads1[k], g) for k, g in grads0.items())
 
 
 def test_pass_structure(builds):
