@@ -12,8 +12,8 @@ resnet20's step (batch 128) ReluGrad, Relu, Sum, Add and MinMax were 11.5% of th
   dX a MinMax reads, or (with `relu_mask`, `BuildOptions.bn_relu_mask`, off by default) whose dY is a ReluGrad (read
   by it alone) of a fused forward's ReLU without residual: the ReLU's mask is then recomputed from X with the
   forward's own float operations, so the ReluGrad disappears. Off by default because it raised densenet121's peak
-  RSS from 1144 to 1514 MB (batch 32, 64x64) for a reason not found yet, while resnet18's and resnet20's did not
-  move;
+  RSS from 1144 to 1514 MB (batch 32, 64x64) under onnxruntime's memory pattern (with the pattern or the arena
+  off the masked build peaks lower than the unmasked one: README), while resnet18's and resnet20's did not move;
 - `ReluGradSum(dY1, dY2, X)` for a ReluGrad of onnxruntime's two-input gradient accumulation (`AccumulateGrad_*`
   Sum, which adds gradients of one tensor: one shape), read by the ReluGrad alone.
 
