@@ -721,6 +721,25 @@ def probe_torch(threads: int, reps: int):
         print(f"  {e.key:40s} {e.self_cpu_time_total / 1e3 / steps:7.1f} ms")
 
 
+def _interleaved(r: Runner, rows):
+    """rows of (name, int path or None, model, feeds), run rep by rep in turn (each under its FRACGRAPH_INT_ISA):
+    each row's times of r.reps runs after a first, untimed one, and that first run's output."""
+    sessions = [r.session(m) for _, _, m, _ in rows]
+    times, outs = [[] for _ in rows], []
+    clock = time.process_time if r.cpu_time else time.perf_counter
+    for rep in range(r.reps + 1):
+        for i, ((_, path, _, f), sess) in enumerate(zip(rows, sessions)):
+            if path:
+                os.environ["FRACGRAPH_INT_ISA"] = path
+            t0 = clock()
+            out = sess.run(None, f)[0]
+            if rep:
+                times[i].append(clock() - t0)
+            else:
+                outs.append(out)
+    return times, outs
+
+
 def probe_intconv(r: Runner, rng):
     print("intconv: quantized conv forward, FP32 Conv vs NCHWc vs IntConv per path vs ConvInteger (8 bits)")
     import ctypes
@@ -767,20 +786,7 @@ def probe_intconv(r: Runner, rng):
         codes = {"x": np.round((x - mx) / sx).astype(np.uint8), "w": np.round((w - mw) / sw).astype(np.uint8)}
         rows.append(("ConvInteger u8 (no corrections)", None, ci, codes))
         # interleaved: one run of each per round, so that a change in the machine's load hits all alike
-        sessions = [r.session(m) for _, _, m, _ in rows]
-        times = [[] for _ in rows]
-        outs = []
-        clock = time.process_time if r.cpu_time else time.perf_counter
-        for rep in range(r.reps + 1):
-            for i, ((name, path, _, f), sess) in enumerate(zip(rows, sessions)):
-                if path:
-                    os.environ["FRACGRAPH_INT_ISA"] = path
-                t0 = clock()
-                out = sess.run(None, f)[0]
-                if rep:
-                    times[i].append(clock() - t0)
-                else:
-                    outs.append(out)
+        times, outs = _interleaved(r, rows)
         tb = 1e3 * statistics.median(times[0])
         what = "CPU ms" if r.cpu_time else "ms"
         print(f"  {n}x{c}x{hw}x{hw} -> {o}, {k}x{k} stride {stride}: Conv {tb:.2f} {what}")
@@ -848,19 +854,7 @@ def probe_intdw(r: Runner, rng):
 
         ref = torch.nn.grad.conv2d_weight(torch.from_numpy(xq).double(), (co, ci, k, k), torch.from_numpy(gq).double(),
                                           stride=s, padding=p).numpy()
-        sessions = [r.session(m) for _, _, m, _ in rows]
-        times, outs = [[] for _ in rows], []
-        clock = time.process_time if r.cpu_time else time.perf_counter
-        for rep in range(r.reps + 1):
-            for i, ((name, path, _, f), sess) in enumerate(zip(rows, sessions)):
-                if path:
-                    os.environ["FRACGRAPH_INT_ISA"] = path
-                t0 = clock()
-                out = sess.run(None, f)[0]
-                if rep:
-                    times[i].append(clock() - t0)
-                else:
-                    outs.append(out)
+        times, outs = _interleaved(r, rows)
         tb = 1e3 * statistics.median(times[0])
         print(f"  {label}: N{n} Ci{ci} {hw}x{hw} -> Co{co} {k}x{k}/{s}")
         for (name, _, _, _), ts, out in zip(rows, times, outs):

@@ -60,18 +60,19 @@ class BnReluPass(Pass):
         outputs = {o.name for o in graph.output}
         ours = lambda n, op: n is not None and n.op_type == op and n.domain == DOMAIN   # noqa: E731
 
+        # consumers: top-level nodes only (a read inside an If branch counts as the If's), so a node found here
+        # can be replaced in graph.node
         def only_reader(t: str, op: str, domain: str = ""):
-            """The one top-level node reading t, of type op (else None); t no graph output."""
+            """The one node reading t, of type op (else None); t no graph output."""
             rs = consumers.get(t, [])
             if t in outputs or len(rs) != 1 or rs[0].op_type != op or rs[0].domain not in (domain, "ai.onnx" if not domain else domain):
                 return None
-            return rs[0] if rs[0] in list_top else None
+            return rs[0]
 
         def min_max_of(t: str):
-            """A top-level MinMax (fracgraph's) reading t, if any."""
-            return next((r for r in consumers.get(t, []) if ours(r, "MinMax") and r in list_top), None)
+            """A MinMax (fracgraph's) reading t, if any."""
+            return next((r for r in consumers.get(t, []) if ours(r, "MinMax")), None)
 
-        list_top = _Members(graph.node)
         pairs, fused, used = [], {}, set()
         counts = {"forward": 0, "residual": 0, "relu": 0, "relu_grad": 0, "grad_range": 0, "relu_grad_sum": 0}
 
@@ -156,12 +157,3 @@ class BnReluPass(Pass):
     def ensures(self, model):
         assert_inputs_defined(model)
 
-
-class _Members:
-    """Membership by identity in a node list (NodeProto has no hash)."""
-
-    def __init__(self, nodes):
-        self.ids = {id(n) for n in nodes}
-
-    def __contains__(self, n):
-        return id(n) in self.ids
