@@ -223,6 +223,22 @@ static void tile_avx2(const IJob* j, const int32_t* xq, const int32_t* sx, int64
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* one output channel k's row of up to 16 positions from `out` (mask m): A = acc + 128 Sx in int32, then
+ * y = a_k A + b_k Sx + t in double, rounded once (store_plain's arithmetic, 16 lanes); the vnni and amx tiles */
+static inline void store_row16(const IJob* j, __m512i acc, __m512i sx128, __m512d sx_lo, __m512d sx_hi, int64_t k,
+                               int64_t out, __mmask16 m, float* y) {
+  const __mmask8 m_lo = (__mmask8)(m & 0xFF), m_hi = (__mmask8)(m >> 8);
+  const __m512i Ai = _mm512_add_epi32(acc, sx128);
+  const __m512d av = _mm512_set1_pd(j->a[k]), bv = _mm512_set1_pd(j->b[k]);
+  const double* t = j->t + (size_t)k * j->P + out;
+  const __m512d lo = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_castsi512_si256(Ai))),
+                                                 _mm512_mul_pd(bv, sx_lo)), _mm512_maskz_loadu_pd(m_lo, t));
+  const __m512d hi = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(Ai, 1))),
+                                                 _mm512_mul_pd(bv, sx_hi)), _mm512_maskz_loadu_pd(m_hi, t + 8));
+  const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+  _mm512_mask_storeu_ps(y + (size_t)k * j->P + out, m, v);
+}
+
 /* two segments of up to 16 positions x RB channels: 16 accumulators, one vpdpbusd per (channel, segment, c4, tap) */
 static void tile_vnni(const IJob* j, const int32_t* xq, const int32_t* sx, int64_t kb, int64_t s0, int64_t s1, float* y) {
   __m512i a0[RB], a1[RB];
@@ -250,19 +266,10 @@ static void tile_vnni(const IJob* j, const int32_t* xq, const int32_t* sx, int64
     const __m512d sx_lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sxi));
     const __m512d sx_hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sxi, 1));
     const __m512i sx128 = _mm512_slli_epi32(sxi, 7);
-    const __mmask8 m_lo = (__mmask8)(m & 0xFF), m_hi = (__mmask8)(m >> 8);
     for (int r = 0; r < RB; ++r) {
       const int64_t k = kb * RB + r;
       if (k >= j->K) break;
-      const __m512i Ai = _mm512_add_epi32(h ? a1[r] : a0[r], sx128);
-      const __m512d av = _mm512_set1_pd(j->a[k]), bv = _mm512_set1_pd(j->b[k]);
-      const double* t = j->t + (size_t)k * j->P + out;
-      const __m512d lo = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_castsi512_si256(Ai))),
-                                                     _mm512_mul_pd(bv, sx_lo)), _mm512_maskz_loadu_pd(m_lo, t));
-      const __m512d hi = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(Ai, 1))),
-                                                     _mm512_mul_pd(bv, sx_hi)), _mm512_maskz_loadu_pd(m_hi, t + 8));
-      const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
-      _mm512_mask_storeu_ps(y + (size_t)k * j->P + out, m, v);
+      store_row16(j, h ? a1[r] : a0[r], sx128, sx_lo, sx_hi, k, out, m, y);
     }
   }
 }
@@ -322,20 +329,12 @@ static void tile_amx(const IJob* j, const int32_t* xq, const int32_t* sx, int64_
     const __m512d sx_lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(sxi));
     const __m512d sx_hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(sxi, 1));
     const __m512i sx128 = _mm512_slli_epi32(sxi, 7);
-    const __mmask8 m_lo = (__mmask8)(m & 0xFF), m_hi = (__mmask8)(m >> 8);
     for (int kk = 0; kk < nk; ++kk)
       for (int r = 0; r < 16; ++r) {
         const int64_t k = (kb0 + kk) * 16 + r;
         if (k >= j->K) break;
-        const __m512i Ai = _mm512_add_epi32(_mm512_loadu_si512((const void*)(acc[nk == 2 ? 2 * kk + h : h] + 16 * r)), sx128);
-        const __m512d av = _mm512_set1_pd(j->a[k]), bv = _mm512_set1_pd(j->b[k]);
-        const double* t = j->t + (size_t)k * j->P + out;
-        const __m512d lo = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_castsi512_si256(Ai))),
-                                                       _mm512_mul_pd(bv, sx_lo)), _mm512_maskz_loadu_pd(m_lo, t));
-        const __m512d hi = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(av, _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(Ai, 1))),
-                                                       _mm512_mul_pd(bv, sx_hi)), _mm512_maskz_loadu_pd(m_hi, t + 8));
-        const __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
-        _mm512_mask_storeu_ps(y + (size_t)k * j->P + out, m, v);
+        store_row16(j, _mm512_loadu_si512((const void*)(acc[nk == 2 ? 2 * kk + h : h] + 16 * r)), sx128, sx_lo, sx_hi,
+                    k, out, m, y);
       }
   }
 }
