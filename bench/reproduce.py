@@ -59,8 +59,12 @@ ROWS = {
     # first ~1,500 steps at cp 1.5-2.5 at this scale, so these start one stage higher; select on --holdout runs
     "pfq-from4": ("PFQ FW(4,6,8)/BW(6,8,8)", dict(schedule="pfq", fw_schedule=[4, 6, 8], bw_schedule=[6, 8, 8])),
     "fractrain-from2": ("FracTrain cp(2,2.5,3)", dict(schedule="fractrain", target_cp_schedule=[2.0, 2.5, 3.0])),
+    # opt-in ablation (issue 15 item 3): the gates also learn from the task loss (`quantize --dfq --task-grad chosen`)
+    "fractrain-taskgrad": ("FracTrain cp(1.5,2,2.5,3), task gradient", dict(schedule="fractrain", target_cp_schedule=[1.5, 2.0, 2.5, 3.0],
+                                                                            artifacts="artifacts-dfq-taskgrad")),
+    "dfq-taskgrad": ("DFQ cp 3, task gradient", dict(schedule="dfq", target_cp=3.0, artifacts="artifacts-dfq-taskgrad")),
 }
-OPT_IN = ("dfq-fp32first", "dfq-bitfusion", "pfq-from4", "fractrain-from2")
+OPT_IN = ("dfq-fp32first", "dfq-bitfusion", "pfq-from4", "fractrain-from2", "fractrain-taskgrad", "dfq-taskgrad")
 DFQ_SCHEDULES = ("dfq", "fractrain")
 BASELINE = "fw8bw8"
 
@@ -90,6 +94,8 @@ def build(a, keys=()) -> None:
         build_artifacts(model, out / "artifacts-dfq-fp32first", BuildOptions(dfq=DfqOptions(), policy=LayerPolicy(first="fp32")))
     if "dfq-bitfusion" in keys and not (out / "artifacts-dfq-bitfusion").exists():
         build_artifacts(model, out / "artifacts-dfq-bitfusion", BuildOptions(dfq=DfqOptions(cost="bitfusion")))
+    if {"fractrain-taskgrad", "dfq-taskgrad"} & set(keys) and not (out / "artifacts-dfq-taskgrad").exists():
+        build_artifacts(model, out / "artifacts-dfq-taskgrad", BuildOptions(dfq=DfqOptions(task_grad="chosen")))
 
 
 def run_row(a, key: str) -> dict:
