@@ -30,6 +30,7 @@ from .passes.bn_grad import BnGradPass
 from .passes.bn_relu import BnReluPass
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
+from .passes.clip_grad import ClipGradPass
 from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
 from .passes.conv_grad_w import ConvGradWPass
 from .passes.dfq_candidates import BnChainPass
@@ -348,7 +349,8 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
         kernels.library_path()
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
-    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), BnReluPass(shapes, opts.bn_relu_mask), LnGradPass(), GeluGradPass()], []
+    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), BnReluPass(shapes, opts.bn_relu_mask), LnGradPass(), GeluGradPass(),
+            ClipGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,

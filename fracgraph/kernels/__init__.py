@@ -27,7 +27,8 @@ SOURCE = Path(__file__).with_name("fused_ops.c")
 SOURCES = [SOURCE, Path(__file__).with_name("int_gemm.c"),   # int_gemm.c: IntConv (passes/int_gemm.py)
            Path(__file__).with_name("gelu.c"),                # gelu.c: GeluGrad (passes/gelu_grad.py)
            Path(__file__).with_name("conv_grad_w.c"),         # conv_grad_w.c: ConvGradWNhwc (passes/conv_grad_w.py)
-           Path(__file__).with_name("permute.c")]             # permute.c: Permute (passes/permute.py)
+           Path(__file__).with_name("permute.c"),             # permute.c: Permute (passes/permute.py)
+           Path(__file__).with_name("clip_grad.c")]           # clip_grad.c: ClipGrad (passes/clip_grad.py)
 HEADERS = [Path(__file__).with_name("ort_abi.h")]   # included by the sources: part of the cache key
 # -ffp-contract=off: no fused multiply-add, so every step of the chain rounds like onnxruntime's separate ops
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
