@@ -35,7 +35,7 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - transpose: the ViTs' Transposes (batch 32) as onnxruntime's Transpose vs fracgraph's Permute, interleaved,
   compared bitwise, with a numpy copy of the tensor as the floor; --cpu-time applies.
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu,pool,transpose,bnrelu]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu,pool,transpose,bnrelu,dwconvt]
 """
 
 from __future__ import annotations
@@ -624,6 +624,32 @@ def probe_dwconv(r: Runner, rng, shapes=None):
                                                          group=c)], ["x", "w"], ["y"])), cands, {"x": inp, "w": wk})
 
 
+DWCONVT_SHAPES = [   # the corpus's strided depthwise convs (label, N, C, H = W of X, k, stride), batch 32, 64x64 input
+    ("mobilenet_v2 dw 3x3 96/2 32x32", 32, 96, 32, 3, 2), ("mobilenet_v2 dw 3x3 144/2 16x16", 32, 144, 16, 3, 2),
+    ("mobilenet_v2 dw 3x3 192/2 8x8", 32, 192, 8, 3, 2), ("mobilenet_v2 dw 3x3 576/2 4x4", 32, 576, 4, 3, 2),
+    ("mobilenet_v3 dw 3x3 16/2 32x32", 32, 16, 32, 3, 2), ("effnet dw 5x5 144/2 16x16", 32, 144, 16, 5, 2),
+    ("mobilenet_v3 dw 5x5 96/2 8x8", 32, 96, 8, 5, 2),
+]
+
+
+def probe_dwconvt(r: Runner, rng, shapes=None):
+    """Strided depthwise dX (conv-grad-split's ConvTranspose with group = C): onnxruntime's ConvTranspose against
+    fracgraph's DepthwiseConvT (nchwc-conv's depthwise-t form)."""
+    print("strided depthwise dX: onnxruntime's ConvTranspose vs fracgraph DepthwiseConvT")
+    for label, n, c, hw, k, st in shapes or DWCONVT_SHAPES:
+        p = k // 2
+        ho = (hw + 2 * p - k) // st + 1
+        dy = rng.standard_normal((n, c, ho, ho)).astype(np.float32)
+        w = rng.standard_normal((c, 1, k, k)).astype(np.float32)
+        op = (hw + 2 * p - k) % st
+        t = h.make_node("DepthwiseConvT", ["dy", "w"], ["y"], domain=FG, kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, dh=1,
+                        dw=1, oh=hw, ow=hw)
+        r.compare(f"{label}: N{n}", ("ConvTranspose", _model([h.make_node(
+            "ConvTranspose", ["dy", "w"], ["y"], kernel_shape=[k, k], pads=[p] * 4, strides=[st] * 2, group=c,
+            output_padding=[op] * 2)], ["dy", "w"], ["y"])),
+            [("fracgraph DepthwiseConvT", _model([t], ["dy", "w"], ["y"]), None)], {"dy": dy, "w": w})
+
+
 def probe_reorder(r: Runner, rng):
     """The NCHWc weight reorder: Reshape + 6-D Transpose + Reshape (onnxruntime) vs NchwcWeight, and an Add over
     the same tensor (what one read and one write cost)."""
@@ -1049,7 +1075,8 @@ def main() -> None:
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
               "intconv": probe_intconv, "intdw": probe_intdw, "intmatmul": probe_intmatmul, "gelu": probe_gelu,
-              "pool": probe_pool, "transpose": probe_transpose, "bnrelu": probe_bnrelu}
+              "pool": probe_pool, "transpose": probe_transpose, "bnrelu": probe_bnrelu,
+              "dwconvt": probe_dwconvt}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):
         if name == "executor":

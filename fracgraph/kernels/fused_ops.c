@@ -1897,6 +1897,7 @@ OrtStatus* fg_gelu_register(void* domain, const void* api) __attribute__((weak))
 OrtStatus* fg_conv_grad_w_register(void* domain, const void* api) __attribute__((weak));   /* conv_grad_w.c */
 OrtStatus* fg_permute_register(void* domain, const void* api) __attribute__((weak));   /* permute.c's Permute */
 OrtStatus* fg_clip_grad_register(void* domain, const void* api) __attribute__((weak));   /* clip_grad.c's ClipGrad */
+OrtStatus* fg_dw_convt_register(void* domain, const void* api) __attribute__((weak));   /* dw_convt.c */
 
 OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   void* domain;
@@ -1932,5 +1933,6 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   if (fg_conv_grad_w_register && (st = fg_conv_grad_w_register(domain, g_api))) return st;
   if (fg_permute_register && (st = fg_permute_register(domain, g_api))) return st;
   if (fg_clip_grad_register && (st = fg_clip_grad_register(domain, g_api))) return st;
+  if (fg_dw_convt_register && (st = fg_dw_convt_register(domain, g_api))) return st;
   return API(AddCustomOpDomain, AddDomainFn)(options, domain);
 }

@@ -40,6 +40,10 @@ ConvTransposes) goes to the form a cost model (`conv_costs`/`choose_form`) says 
   as its adjoint `dX = Col2Im(W^T @ dYt)` on the forward weight itself (no transpose or flip of W), dYt [Co, N*P]
   the one ConvGradWCols already wrote for the conv's weight gradient where conv-grad-w chose im2col-gemm, else an
   Im2Col1x1 of dY;
+- `depthwise-t` (session 10): fracgraph's `DepthwiseConvT(dY, W)` for a depthwise conv's strided dX (kernels/dw_convt.c,
+  on the forward weight itself), whatever the shape: onnxruntime's grouped ConvTranspose runs a single-channel GEMM
+  and col2im per image and channel, and took 1.7-3.8x the kernel's CPU time on the corpus's strided depthwise
+  shapes (`python bench/kernel_probes.py --only dwconvt --threads 2 --cpu-time`);
 - `depthwise`: fracgraph's `DepthwiseConv(X, W)` for a depthwise conv's forward and its stride-1 dX (the flipped
   kernel, `flip=1` on the forward weight itself): vectors along the output row over a zero-padded copy of each
   plane (fused_ops.c). `python bench/kernel_probes.py --only dwconv --cpu-time` (convnext's 7x7, efficientnet's
@@ -117,6 +121,9 @@ def choose_form(s: ConvShape, role: str, nchwc: bool, gemm: bool, avx512: bool =
     base = "NCHWc" if "NCHWc" in c else next(k for k in c if k in ("Conv", "ConvTranspose"))
     if not gemm:
         return base, "fracgraph's kernels not in use"
+    if s.depthwise and role == "dX-strided":
+        return "depthwise-t", ("depthwise strided dX: fracgraph's DepthwiseConvT, 0.26-0.60x onnxruntime's ConvTranspose "
+                               "(one single-channel GEMM per image and channel; bench/kernel_probes.py --only dwconvt)")
     if s.depthwise:
         out_w = s.wo if role == "forward" else s.w
         need = DW_MIN_W if base == "NCHWc" else DW_MIN_W_NO_NCHWC
@@ -165,7 +172,7 @@ class NchwcConvPass(Pass):
         self._producer = {o: n for n in graph.node for o in n.output}
         cols = {n.input[0]: n for n in graph.node if n.op_type == "ConvGradWCols" and n.domain == DOMAIN}
         after: dict[int, list] = {}   # id(ConvGradWCols node) -> dX forms that read its dYt, placed after it
-        n_nchwc = n_gemm = n_dw = 0
+        n_nchwc = n_gemm = n_dw = n_dwt = 0
         for node in list(graph.node):
             if node.domain not in ("", "ai.onnx") or not (node.op_type == "Conv" or (
                     node.op_type == "ConvTranspose" and node.output[0].endswith("::split/dX"))):
@@ -205,6 +212,9 @@ class NchwcConvPass(Pass):
                 self._depthwise(em, node, role, s)
                 pairs.append((node, em.nodes))
                 n_dw += 1
+            elif form == "depthwise-t":
+                pairs.append((node, [self._depthwise_t(node, s)]))
+                n_dwt += 1
             else:
                 notes.append(f"{entry['node']}: kept {form} ({reason})")
             em.nodes = []
@@ -216,6 +226,8 @@ class NchwcConvPass(Pass):
             import_domain(model)
         if n_dw:
             notes.insert(0, f"{n_dw} depthwise conv(s) on fracgraph's DepthwiseConv (shape-aware forms)")
+        if n_dwt:
+            notes.insert(0, f"{n_dwt} strided depthwise dX on fracgraph's DepthwiseConvT (shape-aware forms)")
         if n_gemm:
             notes.insert(0, f"{n_gemm} conv(s) as im2col + one GEMM (shape-aware forms)")
             if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -303,6 +315,14 @@ class NchwcConvPass(Pass):
         if bias:
             b = em.node("Reshape", [node.input[2], em.const([-1, 1, 1], np.int64)], f"{base}/b")
             em.nodes.append(helper.make_node("Add", [out, b], [node.output[0]], name=f"{base}/out"))
+
+    @staticmethod
+    def _depthwise_t(node, s: ConvShape) -> onnx.NodeProto:
+        """DepthwiseConvT(dY, W) for conv-grad-split's strided depthwise dX (a ConvTranspose on the forward weight,
+        output X's spatial size)."""
+        return helper.make_node("DepthwiseConvT", [node.input[0], node.input[1]], [node.output[0]],
+                                name=f"{node.name or node.output[0]}::dwconvt", domain=DOMAIN, kh=s.kh, kw=s.kw,
+                                sh=s.sh, sw=s.sw, ph=s.ph, pw=s.pw, dh=s.dh, dw=s.dw, oh=s.h, ow=s.w)
 
     def _source(self, w: str, group: int) -> tuple[str, int, bool]:
         """(tensor, transpose, flip): W' = w, or conv-grad-split's flip (Slice; kernels above 1x1) of its channel

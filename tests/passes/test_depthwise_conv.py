@@ -83,6 +83,82 @@ def test_flip_is_the_stride1_input_gradient(case):
     assert np.all(np.abs(got - ref) <= bound + 1e-30)
 
 
+# strided dX (DepthwiseConvT, fracgraph/kernels/dw_convt.c): the strided CASES and wider, odd and tiny shapes
+T_CASES = [c for c in CASES if c[5] != (1, 1)] + [
+    (2, 6, 32, 32, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),     # mobilenet_v2's first strided depthwise
+    (2, 5, 70, 67, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),     # rows of 67: three column chunks, odd width
+    (2, 4, 4, 4, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),       # 4x4 -> 2x2
+    (1, 3, 13, 13, (3, 3), (2, 2), (2, 2), (2, 2), (2, 2)),     # dilated and strided
+    (2, 3, 10, 10, (3, 3), (3, 3), (1, 1), (1, 1), (1, 1)),     # stride 3: the plain path only
+    (1, 2, 8, 8, (1, 1), (2, 2), (0, 0), (0, 0), (1, 1)),       # 1x1 stride 2: every other column is 0
+]
+
+
+def _convt_inputs(case, seed=5):
+    n, c, h, w, k, s, p, pe, d = case
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((n, c, h, w))).double().requires_grad_()
+    wt = rng.standard_normal((c, 1, *k)).astype(np.float32)
+    y = F.conv2d(F.pad(x, (p[1], pe[1], p[0], pe[0])), torch.from_numpy(wt).double(), stride=s, dilation=d, groups=c)
+    dy = rng.standard_normal(tuple(y.shape)).astype(np.float32)
+    y.backward(torch.from_numpy(dy).double())
+    attrs = dict(kh=k[0], kw=k[1], sh=s[0], sw=s[1], ph=p[0], pw=p[1], dh=d[0], dw=d[1], oh=h, ow=w)
+    return dy, wt, x.grad.numpy(), attrs
+
+
+def _convt_bound(dy, wt, case, attrs):
+    """Each dX element is a float32 sum of at most kh*kw products: 2 taps eps sum |w dy| (float64, autograd of |.|)."""
+    n, c, h, w, k, s, p, pe, d = case
+    x = torch.zeros((n, c, h, w), dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(F.pad(x, (p[1], pe[1], p[0], pe[0])), torch.from_numpy(np.abs(wt)).double(), stride=s, dilation=d,
+                 groups=c)
+    y.backward(torch.from_numpy(np.abs(dy)).double())
+    return 2 * k[0] * k[1] * EPS * x.grad.numpy()
+
+
+@pytest.mark.parametrize("case", T_CASES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_convt_is_the_strided_input_gradient(case, threads):
+    """DepthwiseConvT(dY, W) is dX of the strided forward conv (PyTorch's float64 autograd)."""
+    dy, wt, ref, attrs = _convt_inputs(case)
+    got = custom_op_session("DepthwiseConvT", ["dy", "w"], ["dx"], threads, **attrs).run(None, dict(dy=dy, w=wt))[0]
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.all(np.abs(got - ref) <= _convt_bound(dy, wt, case, attrs) + 1e-30)
+
+
+@pytest.mark.parametrize("case", T_CASES, ids=str)
+def test_convt_paths_are_bitwise_alike(case):
+    """The AVX-512 stride-2 path and the plain path sum each element's taps in the same order."""
+    import ctypes
+
+    from fracgraph import kernels
+
+    dy, wt, _, attrs = _convt_inputs(case)
+    a = np.array([attrs[k] for k in ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "oh", "ow")], np.int64)
+    f32 = ctypes.POINTER(ctypes.c_float)
+    outs = []
+    for path in (1, 0):
+        out = np.full(dy.shape[:2] + (attrs["oh"], attrs["ow"]), np.nan, np.float32)
+        r = kernels._library().fg_dw_convt(dy.ctypes.data_as(f32), wt.ctypes.data_as(f32), out.ctypes.data_as(f32),
+                                           *(ctypes.c_int64(v) for v in dy.shape),
+                                           a.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), ctypes.c_int(path))
+        outs.append(out if r == 0 else None)
+    if outs[0] is None:
+        assert attrs["sw"] != 2 or not kernels._library().fg_gelu_avx512()
+        pytest.skip("no AVX-512 stride-2 path for this shape or build")
+    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+
+
+def test_convt_refuses_bad_inputs():
+    attrs = dict(kh=3, kw=3, sh=2, sw=2, ph=1, pw=1, dh=1, dw=1, oh=8, ow=8)
+    with pytest.raises(Exception, match="W must be \\[C, 1, kh, kw\\]"):
+        custom_op_session("DepthwiseConvT", ["dy", "w"], ["dx"], 1, **attrs).run(
+            None, dict(dy=np.zeros((2, 5, 4, 4), np.float32), w=np.zeros((4, 1, 3, 3), np.float32)))
+    with pytest.raises(Exception, match="strides and dilations"):
+        custom_op_session("DepthwiseConvT", ["dy", "w"], ["dx"], 1, **{**attrs, "sh": 0}).run(
+            None, dict(dy=np.zeros((2, 5, 4, 4), np.float32), w=np.zeros((5, 1, 3, 3), np.float32)))
+
+
 def test_refuses_bad_inputs():
     case = CASES[0]
     with pytest.raises(Exception, match="W \\[C, 1, kh, kw\\]"):
@@ -111,7 +187,7 @@ DW_CHOICES = [   # shape, role, with NCHWc, without NCHWc
     (_shape(160, 4, 7, 1), "dX", "NCHWc", "depthwise"),            # NCHWc 0.04x, the kernel 0.28x
     (_shape(960, 2, 3, 1), "dX", "NCHWc", "Conv"),                 # the kernel 0.73-1.12x
     (_shape(96, 32, 3, 2), "forward", "NCHWc", "Conv"),            # strided: the kernel 1.9x
-    (_shape(96, 32, 3, 2), "dX-strided", "ConvTranspose", "ConvTranspose"),
+    (_shape(96, 32, 3, 2), "dX-strided", "depthwise-t", "depthwise-t"),   # ConvTranspose: 3.7-5.8x the kernel's time
 ]
 
 
@@ -122,12 +198,15 @@ def test_form_choices(shape, role, form, without_nchwc):
     nchwc = role != "dX-strided"
     assert choose_form(shape, role, nchwc, gemm=True, avx512=True)[0] == form
     assert choose_form(shape, role, False, gemm=True, avx512=True)[0] == without_nchwc
-    assert choose_form(shape, role, nchwc, gemm=True, avx512=False)[0] != "depthwise"   # AVX-512 only
-    assert choose_form(shape, role, nchwc, gemm=False, avx512=True)[0] != "depthwise"
+    assert choose_form(shape, role, nchwc, gemm=True, avx512=False)[0] not in ("depthwise",)   # AVX-512 only
+    assert choose_form(shape, role, nchwc, gemm=False, avx512=True)[0] not in ("depthwise", "depthwise-t")
+    if role == "dX-strided":   # the strided kernel has a plain path too
+        assert choose_form(shape, role, nchwc, gemm=True, avx512=False)[0] == "depthwise-t"
 
 
 class DwNet(torch.nn.Module):
-    """convnext's 7x7 depthwise (biased) on 16 columns, a 3x3 one with dilation 2, and a strided one (kept)."""
+    """convnext's 7x7 depthwise (biased) on 16 columns, a 3x3 one with dilation 2, and a strided one (its forward
+    kept, its dX on DepthwiseConvT)."""
 
     def __init__(self):
         super().__init__()
@@ -159,12 +238,14 @@ def test_pass_takes_the_kernel_and_keeps_the_step(tmp_path):
     got = {(c["node"].split("/")[1], c["role"]): c["form"] for c in manifest.extra["conv_forms"]}
     assert got[("dw7", "forward")] == got[("dw7", "dX")] == "depthwise"
     assert got[("dil", "forward")] == got[("dil", "dX")] == "depthwise"
-    assert got[("s2", "forward")] != "depthwise" and got[("s2", "dX-strided")] == "ConvTranspose"
+    assert got[("s2", "forward")] != "depthwise" and got[("s2", "dX-strided")] == "depthwise-t"
     graph = onnx.load(str(art / "training_model.onnx")).graph
     dwc = [n for n in graph.node if n.op_type == "DepthwiseConv"]
     flips = {n.name.split("/")[1]: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "flip"))
              for n in dwc if "split" in n.name}
     assert len(dwc) == 4 and flips and all(flips.values())   # the dX convs read the forward weight, flipped
+    # the forward conv's (quantized) weight itself, no transpose or flip of it
+    assert [n.input[1] for n in graph.node if n.op_type == "DepthwiseConvT"] == ["/s2/Conv::fq_w1/out"]
     assert not any(n.output[0].endswith("::split/w_flip") and ("dw7" in n.output[0] or "dil" in n.output[0])
                    for n in graph.node)
     # 0 bits: the kernel differs from onnxruntime's conv only in float summation order
