@@ -9,6 +9,7 @@ lacks) updates the parameters in place through their live numpy views: m = mu*m 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 from pathlib import Path
 
@@ -110,18 +111,21 @@ def resolve_threads(threads: int | None = None) -> int:
 class SGDMomentum:
     """PyTorch-equivalent SGD (momentum, weight decay, no dampening) over ORT's live parameter buffers."""
 
-    def __init__(self, state, names: list[str], momentum: float, weight_decay: float):
+    def __init__(self, state, names: list[str], momentum: float, weight_decay: float, threads: int = 0):
         self.state = state
         self.names = names
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.buffers: dict[str, np.ndarray] = {}
         self.lr = 0.1
+        self.threads = threads   # > 0: the fused multithreaded step (kernels/sgd.c) where the library builds
 
     def set_learning_rate(self, lr: float) -> None:
         self.lr = lr
 
     def step(self) -> None:
+        if self.threads and self._fused_step():
+            return
         mu, wd, lr = self.momentum, self.weight_decay, self.lr
         for name in self.names:
             p = self.state.parameters[name]
@@ -134,6 +138,33 @@ class SGDMomentum:
                 m *= mu
                 m += d
             w -= lr * m
+
+    def _fused_step(self) -> bool:
+        """The same update in one multithreaded pass per parameter (kernels/sgd.c), bitwise the numpy form above;
+        False (nothing done) where the kernels library is not available here."""
+        try:
+            lib = kernels._library()
+        except Exception:   # no compiler, or the build failed: the numpy form
+            self.threads = 0
+            return False
+        params = [self.state.parameters[name] for name in self.names]
+        ws, gs = [p.data for p in params], [p.grad for p in params]
+        if any(g is None or not (w.flags.c_contiguous and g.flags.c_contiguous and w.dtype == g.dtype == np.float32)
+               for w, g in zip(ws, gs)):
+            return False
+        first = np.array([name not in self.buffers for name in self.names], np.int32)
+        for name, w in zip(self.names, ws):
+            if name not in self.buffers:
+                self.buffers[name] = np.empty_like(w)
+        ms = [self.buffers[name] for name in self.names]
+        n = len(ws)
+        ptrs = lambda arrs: (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrs])   # noqa: E731
+        sizes = np.array([w.size for w in ws], np.int64)
+        wd = self.weight_decay if self.weight_decay else 0.0
+        lib.fg_sgd_step(ctypes.c_int64(n), ptrs(ws), ptrs(gs), ptrs(ms), sizes.ctypes.data_as(ctypes.c_void_p),
+                        first.ctypes.data_as(ctypes.c_void_p), ctypes.c_float(self.lr), ctypes.c_float(self.momentum),
+                        ctypes.c_float(wd), ctypes.c_int(self.threads))
+        return True
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {f"momentum/{k}": v for k, v in self.buffers.items()}
@@ -201,7 +232,7 @@ class TrainSession:
             with flushed_denormals(self.flush):
                 self.optimizer = api.Optimizer(str(self.art / self.manifest.files["optimizer"]), self.module)
         else:
-            self.optimizer = SGDMomentum(self.state, trainable, opt["momentum"], opt["weight_decay"])
+            self.optimizer = SGDMomentum(self.state, trainable, opt["momentum"], opt["weight_decay"], self.threads)
         self.trainable = trainable
         self._mode = None
         self._input_names: list[str] | None = None
