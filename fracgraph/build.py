@@ -40,6 +40,7 @@ from .passes.fused_ops import FusedOpsPass
 from .passes.fw_quant import FwQuantPass
 from .passes.gather_grad import GatherGradPass
 from .passes.gelu_grad import GeluGradPass
+from .passes.hard_act import HardActPass
 from .passes.ln_grad import LnGradPass
 from .passes.permute import PermutePass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
@@ -350,7 +351,7 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
     return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), BnReluPass(shapes, opts.bn_relu_mask), LnGradPass(), GeluGradPass(),
-            ClipGradPass()], []
+            ClipGradPass(), HardActPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,

@@ -1898,6 +1898,7 @@ OrtStatus* fg_conv_grad_w_register(void* domain, const void* api) __attribute__(
 OrtStatus* fg_permute_register(void* domain, const void* api) __attribute__((weak));   /* permute.c's Permute */
 OrtStatus* fg_clip_grad_register(void* domain, const void* api) __attribute__((weak));   /* clip_grad.c's ClipGrad */
 OrtStatus* fg_dw_convt_register(void* domain, const void* api) __attribute__((weak));   /* dw_convt.c */
+OrtStatus* fg_hard_act_register(void* domain, const void* api) __attribute__((weak));   /* hard_act.c */
 
 OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   void* domain;
@@ -1934,5 +1935,6 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   if (fg_permute_register && (st = fg_permute_register(domain, g_api))) return st;
   if (fg_clip_grad_register && (st = fg_clip_grad_register(domain, g_api))) return st;
   if (fg_dw_convt_register && (st = fg_dw_convt_register(domain, g_api))) return st;
+  if (fg_hard_act_register && (st = fg_hard_act_register(domain, g_api))) return st;
   return API(AddCustomOpDomain, AddDomainFn)(options, domain);
 }
