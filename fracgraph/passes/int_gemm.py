@@ -149,11 +149,8 @@ class _MatMulRule:
 
     @staticmethod
     def integer(node, base, w_shape, xm, xs, wm, ws, out) -> list[onnx.NodeProto]:
-        qa, qb, acc = f"{base}/qa", f"{base}/qb", f"{base}/acc"
-        return [helper.make_node("IntCodesU8", [node.input[0], xm, xs], [qa], name=qa, domain=DOMAIN),
-                helper.make_node("IntCodesS8", [node.input[1], wm, ws], [qb], name=qb, domain=DOMAIN),
-                helper.make_node("MatMulInteger", [qa, qb], [acc], name=acc),
-                helper.make_node("IntMatMulRescale", [acc, qa, qb, xm, xs, wm, ws], [out], name=f"{base}/rescale",
+        """One op: the codes recovered while packing, the int8 GEMM and the rescale in its epilogue."""
+        return [helper.make_node("IntMatMul", [node.input[0], xm, xs, node.input[1], wm, ws], [out], name=f"{base}/mm",
                                  domain=DOMAIN)]
 
 
@@ -246,6 +243,16 @@ def decline_dw(attrs: dict, x_shape, k_out: int | None) -> str | None:
     return None
 
 
+def _gemm_attrs_ok(node) -> str | None:
+    """onnxruntime's MatMul_Grad weight gradient: Gemm(A_2d, dY_2d, transA=1, transB=0, alpha=1) without C."""
+    a = _attrs(node)
+    if a.get("transA", 0) != 1 or a.get("transB", 0) != 0 or float(a.get("alpha", 1.0)) != 1.0:
+        return "not MatMul_Grad's Gemm(A^T, dY)"
+    if len(node.input) > 2 and node.input[2]:
+        return "Gemm with a C input"
+    return None
+
+
 class IntGemmPass(Pass):
     name = "int-gemm"
 
@@ -296,6 +303,9 @@ class IntGemmPass(Pass):
             notes.insert(0, f"{what} forward on integer kernels when act and weight bits are 1..{MAX_BITS}, the float "
                             f"op otherwise")
         dw_pairs, dw_notes = self._weight_grads(model, em, shapes)
+        if self.matmul:
+            mm_pairs, mm_notes = self._matmul_weight_grads(model, em)
+            dw_pairs, dw_notes = dw_pairs + mm_pairs, dw_notes + mm_notes
         replace_nodes(graph, dw_pairs)
         if dw_pairs:
             import_domain(model)
@@ -341,6 +351,62 @@ class IntGemmPass(Pass):
             notes.insert(0, f"{n} conv weight gradients on IntConvGradW when act and grad bits are 1..{MAX_BITS}, "
                             f"their float form otherwise")
         return pairs, notes
+
+    def _matmul_weight_grads(self, model, em: Emitter) -> tuple[list, list[str]]:
+        """Every MatMul weight gradient onnxruntime's gradient builder wrote as Gemm(Reshape(A), Reshape(dY), transA=1)
+        (or on the 2-D tensors themselves) with A a FW quantizer's output and dY a BW quantizer's: the Gemm into the
+        else branch of an If whose then branch is IntMatMulGradW on the same two 2-D tensors."""
+        graph = model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        outputs = {o.name for o in graph.output}
+        pairs, notes, n_int = [], [], 0
+        for node in list(graph.node):
+            if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+                continue
+            x = self._operand(self._through_reshape(node.input[0]), "::fq_a")
+            g = self._operand(self._through_reshape(node.input[1]), "::bwq")
+            if x is None or g is None or not g["prefix"].endswith("::bwq"):
+                continue   # not a quantized activation x quantized error product (e.g. the FP32 head's)
+            name = node.name.split("_Grad/")[0]
+            reason = _gemm_attrs_ok(node) or ("its weight gradient is a graph output" if node.output[0] in outputs
+                                              else None)
+            self.weight_grads.append({"name": name, "float_form": "Gemm", "int": reason is None,
+                                      "reason": reason or "activation and error both <= 8 bits"})
+            if reason is not None:
+                notes.append(f"{name}: weight gradient kept on Gemm ({reason})")
+                continue
+            base = f"{name}::int_dw"
+            cond = self._switch(em, x["bits"], g["bits"])
+            ins = [node.input[0], self._scalar_reader(em, x, "min"), self._scalar_reader(em, x, "scale"),
+                   node.input[1], self._scalar_reader(em, g, "min"), self._scalar_reader(em, g, "scale")]
+            then_out, else_out = f"{base}/dw", f"{base}/dw_float"
+            then_graph = helper.make_graph(
+                [helper.make_node("IntMatMulGradW", ins, [then_out], name=f"{base}/int", domain=DOMAIN)],
+                f"{base}/integer", [], [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)])
+            moved = onnx.NodeProto()
+            moved.CopyFrom(node)
+            moved.output[0] = else_out
+            else_graph = helper.make_graph([moved], f"{base}/float", [],
+                                           [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)])
+            branch = helper.make_node("If", [cond], [node.output[0]], name=f"{base}/switch", then_branch=then_graph,
+                                      else_branch=else_graph)
+            pairs.append((node, em.nodes + [branch]))
+            em.nodes = []
+            n_int += 1
+        if n_int:
+            notes.insert(0, f"{n_int} MatMul weight gradients on IntMatMulGradW when act and grad bits are "
+                            f"1..{MAX_BITS}, their Gemm otherwise")
+        return pairs, notes
+
+    def _through_reshape(self, tensor: str) -> str:
+        n = self.producer.get(tensor)
+        return n.input[0] if n is not None and n.op_type == "Reshape" else tensor
+
+    def _scalar_reader(self, em: Emitter, q: dict, key: str) -> str:
+        """A quantizer's min or scale read through one outer-graph Identity per quantizer (shared by its GEMMs'
+        integer forms), so every later pass sees a reader."""
+        name = f"{q['prefix']}::int_{key}"
+        return name if em.has(name) else em.node("Identity", [q[key]], name)
 
     def _rewrite_dw(self, em: Emitter, name, node, cone, dw, attrs, g, x) -> list[onnx.NodeProto]:
         base = f"{name}::int_dw"
@@ -405,10 +471,13 @@ class IntGemmPass(Pass):
         base = f"{node.name}::int"
         cond = self._switch(em, x["bits"], w["bits"])
         # the quantizers' tensors, read through outer-graph Identities so every later pass sees a reader
-        xm = em.node("Identity", [x["min"]], f"{base}/x_min")
-        xs = em.node("Identity", [x["scale"]], f"{base}/x_scale")
-        wm = em.node("Identity", [w["min"]], f"{base}/w_min")
-        ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
+        if node.op_type == "MatMul":   # shared with the weight gradient's IntMatMulGradW (one Identity a quantizer)
+            xm, xs, wm, ws = (self._scalar_reader(em, q, k) for q in (x, w) for k in ("min", "scale"))
+        else:
+            xm = em.node("Identity", [x["min"]], f"{base}/x_min")
+            xs = em.node("Identity", [x["scale"]], f"{base}/x_scale")
+            wm = em.node("Identity", [w["min"]], f"{base}/w_min")
+            ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
         then_out = f"{base}/y"
         has_bias = len(node.input) > 2 and node.input[2]
         then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws,
