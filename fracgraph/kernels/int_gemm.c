@@ -1266,12 +1266,60 @@ typedef struct {
   int failed;
 } MJob;
 
-/* R's codes of 32 columns (task c): bytes qr - 128 in the [r/4][Npad][4] layout, and their column sums */
+/* the codes of one contiguous row (the forward's L), as bytes; returns their sum */
+static int32_t mm_codes_row(const float* restrict v, int64_t n, float m, float inv, uint8_t* restrict dst) {
+  int32_t s = 0;
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  /* code_of 16 lanes at a time (the compiler does not vectorize the byte store next to the sum): the same
+   * round-to-nearest-even and clamp, so the same codes */
+  const __m512 mv = _mm512_set1_ps(m), iv = _mm512_set1_ps(inv), lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(255.0f);
+  __m512i sv = _mm512_setzero_si512();
+  for (; c + 16 <= n; c += 16) {
+    __m512 u = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(v + c), mv), iv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(u, lo), hi));
+    _mm_storeu_si128((__m128i*)(dst + c), _mm512_cvtepi32_epi8(q));
+    sv = _mm512_add_epi32(sv, q);
+  }
+  s = _mm512_reduce_add_epi32(sv);
+#endif
+  for (; c < n; ++c) {
+    const int32_t q = code_of(v[c], m, inv);
+    dst[c] = (uint8_t)q;
+    s += q;
+  }
+  return s;
+}
+
+/* 4 rows' codes at columns 0..n-1 as words of 4 bytes (byte t: row t's code, xor `flip`: 0x80 per byte makes it the
+ * signed q - 128), each column's 4 codes added to sum */
+static void mm_words4(const float* restrict v0, const float* restrict v1, const float* restrict v2,
+                      const float* restrict v3, const float* restrict m, const float* restrict inv, int64_t n,
+                      uint32_t flip, int32_t* restrict dst, int32_t* restrict sum) {
+  for (int64_t c = 0; c < n; ++c) {
+    const int32_t q0 = code_of(v0[c], m[c], inv[c]), q1 = code_of(v1[c], m[c], inv[c]);
+    const int32_t q2 = code_of(v2[c], m[c], inv[c]), q3 = code_of(v3[c], m[c], inv[c]);
+    dst[c] = (int32_t)(((uint32_t)q0 | (uint32_t)q1 << 8 | (uint32_t)q2 << 16 | (uint32_t)q3 << 24) ^ flip);
+    sum[c] += q0 + q1 + q2 + q3;
+  }
+}
+
+#define MM_PACK_COLS 64   /* columns of R a packing task converts */
+
+/* R's codes of MM_PACK_COLS columns (task c): words of 4 rows' signed bytes qr - 128 in the [r/4][Npad] layout
+ * (0 past Rn and N), and their column sums */
 static void mm_pack_r(void* p, size_t c) {
   MJob* j = (MJob*)p;
-  const int64_t n0 = (int64_t)c * MM_COLS, n1 = n0 + MM_COLS < j->N ? n0 + MM_COLS : j->N, N = j->N, Np = j->Npad;
-  int32_t sum[MM_COLS] = {0};
-  for (int64_t r = 0; r < j->Rn; ++r) {
+  const int64_t n0 = (int64_t)c * MM_PACK_COLS, n1 = n0 + MM_PACK_COLS < j->N ? n0 + MM_PACK_COLS : j->N, N = j->N;
+  const int64_t Np = j->Npad, full = j->Rn / 4;
+  int32_t sum[MM_PACK_COLS] = {0};
+  int32_t* rp = (int32_t*)j->rp;
+  for (int64_t r4 = 0; r4 < full; ++r4) {
+    const float* v = j->R + 4 * r4 * N + n0;
+    mm_words4(v, v + N, v + 2 * N, v + 3 * N, j->mr + n0, j->inv_sr + n0, n1 - n0, 0x80808080u, rp + r4 * Np + n0, sum);
+  }
+  for (int64_t r = 4 * full; r < j->Rn; ++r) {   /* the last rows (fewer than 4): bytes, the rest of the word 0 */
     const float* v = j->R + r * N;
     int8_t* dst = j->rp + ((r >> 2) * Np) * 4 + (r & 3);
     for (int64_t n = n0; n < n1; ++n) {
@@ -1391,17 +1439,20 @@ static void mm_task(void* p, size_t t) {
   if (!lp || (j->Rpad > MM_CHUNK && !wide)) { free(lp); free(wide); j->failed = 1; return; }
   int32_t rl[MM_ROWS] = {0};
   if (j->lr == 1) {   /* rows of L are contiguous (the forward's a) */
-    for (int64_t i = 0; i < ni; ++i) {
-      const float* v = j->L + (i0 + i) * j->li;
-      uint8_t* dst = lp + i * Rp;
-      int32_t s = 0;
-      for (int64_t r = 0; r < j->Rn; ++r) { const int32_t q = code_of(v[r], j->ml, j->inv_sl); dst[r] = (uint8_t)q; s += q; }
-      rl[i] = s;
+    for (int64_t i = 0; i < ni; ++i) rl[i] = mm_codes_row(j->L + (i0 + i) * j->li, j->Rn, j->ml, j->inv_sl, lp + i * Rp);
+  } else {            /* L = a^T (li == 1): 4 rows of a give each of the task's ni columns one word of 4 codes */
+    float mloc[MM_ROWS], iloc[MM_ROWS];
+    int32_t words[MM_ROWS];
+    for (int i = 0; i < MM_ROWS; ++i) mloc[i] = j->ml, iloc[i] = j->inv_sl;
+    const int64_t full = j->Rn / 4, lr = j->lr;
+    for (int64_t r4 = 0; r4 < full; ++r4) {
+      const float* v = j->L + 4 * r4 * lr + i0;
+      mm_words4(v, v + lr, v + 2 * lr, v + 3 * lr, mloc, iloc, ni, 0, words, rl);
+      for (int64_t i = 0; i < ni; ++i) memcpy(lp + i * Rp + 4 * r4, &words[i], 4);
     }
-  } else {            /* L = a^T: each r reads ni consecutive values of a's row r */
-    for (int64_t r = 0; r < j->Rn; ++r) {
-      const float* v = j->L + r * j->lr + i0 * j->li;
-      for (int64_t i = 0; i < ni; ++i) { const int32_t q = code_of(v[i * j->li], j->ml, j->inv_sl); lp[i * Rp + r] = (uint8_t)q; rl[i] += q; }
+    for (int64_t r = 4 * full; r < j->Rn; ++r) {
+      const float* v = j->L + r * lr + i0;
+      for (int64_t i = 0; i < ni; ++i) { const int32_t q = code_of(v[i], j->ml, j->inv_sl); lp[i * Rp + r] = (uint8_t)q; rl[i] += q; }
     }
   }
   int32_t acc[MM_ROWS * MM_COLS];
@@ -1509,7 +1560,7 @@ static OrtStatus* compute_int_matmul(void* ctx, int grad) {
   }
   j.mr = mr, j.inv_sr = inv;
   {
-    const size_t tasks = (size_t)(j.Npad / MM_COLS);
+    const size_t tasks = (size_t)((N + MM_PACK_COLS - 1) / MM_PACK_COLS);
     if (tasks == 1) mm_pack_r(&j, 0);
     else if ((st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, mm_pack_r, tasks, 0, &j))) goto done;
   }
