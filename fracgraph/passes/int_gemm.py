@@ -11,16 +11,18 @@ stays: the fake-quantized float tensors are still computed (the backward reads t
                                 then: IntConv(x_fq, x_min, x_scale, w_fq, w_min, w_scale) [+ b]
                                 else: Conv(x_fq, w_fq[, b])    (on NCHWc kernels when the build uses them)
     MatMul(a_fq, w_fq)    -> If(the same)
-                                then: IntMatMulRescale(MatMulInteger(IntCodesU8(a_fq), IntCodesS8(w_fq)), ...)
+                                then: IntMatMul(a_fq, a_min, a_scale, w_fq, w_min, w_scale)
                                 else: MatMul(a_fq, w_fq)
 
 Convs run on fracgraph's own kernel (onnxruntime 1.19.2's ConvInteger takes u8 weights only and ran at the speed
-of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv); MatMuls on
-onnxruntime's MatMulInteger (MLAS, VNNI where the CPU has it) between fracgraph's code and rescale ops. The
-MatMul form is off by default (`BuildOptions.int_matmul`, `quantize --int-matmul`): alone it runs the GPT's
-linear layers in 0.28-0.89x the float MatMul's time (bench/kernel_probes.py --only intmatmul, one thread), but in
-the zoo GPT's step (d = 128) the artifacts with it took 1.15-1.23x the time of those without, and as much even at
-12 bits, where every If runs its float branch: the If around small GEMMs costs more than the integer GEMM saves.
+of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv). A linear layer's
+MatMul (a [..., M, K] per tensor, w [K, N] per column, the MatMul weight quantizer's MinMaxCols ranges) runs on
+IntMatMul: one op that recovers the codes while packing, runs the int8 products (AMX tiles, or vnni / avx2 / scalar,
+bitwise the same) and rescales in its epilogue, so no code tensors or rescale passes appear in the graph. It is on
+by default (`BuildOptions.int_matmul`, `quantize --no-int-matmul` keeps the float MatMuls): on vit_tiny's and the
+GPT's linear shapes it took 0.37-0.69x MLAS's float MatMul's CPU time (bench/kernel_probes.py --only intmatmul,
+one thread). The older form (IntCodesU8/S8 + onnxruntime's MatMulInteger + IntMatMulRescale, three extra ops and
+their tensors around each GEMM) made the zoo GPT's step 1.15-1.23x slower and is no longer written.
 
 The switch is the same mechanism as quant-branch's: a schedule that moves a block to 12 or 16 bits, or to FP32
 (0 bits), runs the float op of today's graph, without a rebuild. The operands' ranges and scales are read from
@@ -32,8 +34,9 @@ multiply-adds per input code (MIN_MACS_PER_CODE: 1x1 strided convs, where the fl
 convs on fewer than 4 input channels (MIN_STRIDED_CHANNELS: the stems of torchvision's models), MatMuls
 whose weight is not a 2-D matrix. Not matched at all: GEMMs whose operands are not both fw-quant outputs
 (the first conv under `--first fp32`, conv-grad-split's dX convs, which read errors), attention's MatMuls of two
-activations (the codes and rescale around small batched GEMMs cost 3.5x the float MatMul: --only intmatmul),
-per-sample (DFQ) bits, Gemm.
+activations (batched GEMMs of the heads' width; the older code-and-rescale form took 3.5x the float MatMul on the
+score shape, IntMatMul takes one weight matrix and is not measured there),
+per-sample (DFQ) bits, Gemm forwards.
 
 The weight gradient of a conv (dW = sum over images and positions of dY x im2col(X)) reads the error the BW
 quantizer wrote (stochastic rounding, per tensor: dY = s_g g + m_g) and the activation the FW quantizer wrote (per
@@ -52,6 +55,18 @@ from the float form's tensors), a ConvGrad that still computes dX, unknown input
 MIN_DW_POSITIONS or over the int32 bound, and few multiply-adds per packed code (MIN_DW_MACS_PER_CODE: the 1x1
 stride-2 shortcuts). The error GEMM (dX) cannot be integer with today's math: the weight's per-output-channel
 scales lie along its reduction axis, so its sum does not factor into one integer sum and one rescale.
+
+A linear layer's weight gradient, as onnxruntime's gradient builder writes it (MatMul_Grad: Gemm(Reshape(a_fq),
+Reshape(dY), transA=1), or on the 2-D tensors themselves), reads the FW quantizer's activation and the BW quantizer's
+error, both per tensor: it is switched the same way (with `int_matmul`), the Gemm moved into the else branch:
+
+    Gemm(A_2d, dY_2d, transA=1) -> If(0 < act bits <= 8 and 0 < grad bits <= 8)
+                                     then: IntMatMulGradW(A_2d, a_min, a_scale, dY_2d, g_min, g_scale)
+                                     else: Gemm(A_2d, dY_2d, transA=1)
+
+Its error GEMM (FusedMatMul(dY, W^T)) stays float, for the reason above. Not matched: Gemm forwards (torchvision's
+vit_tv writes its attention out-projection as Gemm(x, W, transB=1)) and MatMuls whose weight is transposed after
+its quantizer.
 """
 
 from __future__ import annotations
@@ -258,7 +273,7 @@ class IntGemmPass(Pass):
 
     def __init__(self, shapes: dict[str, list], nchwc_block: int = 1, fused: bool = True, matmul: bool = False):
         self.shapes = shapes              # tensor name -> static shape (the weights)
-        self.matmul = matmul              # MatMuls too (off by default: slower in the GPT step, see the docstring)
+        self.matmul = matmul              # MatMuls (forward and weight gradient) too (build.py turns it on by default)
         self.nchwc_block = nchwc_block    # > 1: a float branch's conv goes onto NCHWc kernels like the others
         self.fused = fused
         self.convs: list[dict] = []       # what the manifest records: each GEMM's name, op type and decision
