@@ -1442,13 +1442,20 @@ static void mm_task(void* p, size_t t) {
     for (int64_t i = 0; i < ni; ++i) rl[i] = mm_codes_row(j->L + (i0 + i) * j->li, j->Rn, j->ml, j->inv_sl, lp + i * Rp);
   } else {            /* L = a^T (li == 1): 4 rows of a give each of the task's ni columns one word of 4 codes */
     float mloc[MM_ROWS], iloc[MM_ROWS];
-    int32_t words[MM_ROWS];
+    int32_t words[16][MM_ROWS];   /* 16 words (64 reduction bytes) of each row, written out as whole cache lines */
     for (int i = 0; i < MM_ROWS; ++i) mloc[i] = j->ml, iloc[i] = j->inv_sl;
     const int64_t full = j->Rn / 4, lr = j->lr;
-    for (int64_t r4 = 0; r4 < full; ++r4) {
-      const float* v = j->L + 4 * r4 * lr + i0;
-      mm_words4(v, v + lr, v + 2 * lr, v + 3 * lr, mloc, iloc, ni, 0, words, rl);
-      for (int64_t i = 0; i < ni; ++i) memcpy(lp + i * Rp + 4 * r4, &words[i], 4);
+    for (int64_t g0 = 0; g0 < full; g0 += 16) {
+      const int64_t ng = full - g0 < 16 ? full - g0 : 16;
+      for (int64_t q = 0; q < ng; ++q) {
+        const float* v = j->L + 4 * (g0 + q) * lr + i0;
+        mm_words4(v, v + lr, v + 2 * lr, v + 3 * lr, mloc, iloc, ni, 0, words[q], rl);
+      }
+      for (int64_t i = 0; i < ni; ++i) {
+        int32_t row[16];
+        for (int64_t q = 0; q < ng; ++q) row[q] = words[q][i];
+        memcpy(lp + i * Rp + 4 * g0, row, (size_t)ng * 4);
+      }
     }
     for (int64_t r = 4 * full; r < j->Rn; ++r) {
       const float* v = j->L + r * lr + i0;
