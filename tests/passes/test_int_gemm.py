@@ -413,3 +413,32 @@ def test_gpt_switch_follows_the_bits_at_run_time(gpt_builds, monkeypatch):
     for bits in [(8, 8, 0), (8, 16, 8), (2, 3, 4)]:
         with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
             step(bits)
+
+
+def test_cli_no_int_matmul_keeps_the_float_linear_gemms(gpt_builds, tmp_path):
+    """`quantize` switches the linear layers' MatMuls by default; --no-int-matmul keeps them (and their Gemm weight
+    gradients) float."""
+    from typer.testing import CliRunner
+
+    from fracgraph.cli import app
+    from fracgraph.manifest import Manifest
+
+    builds, _ = gpt_builds
+    onnx_path = builds[True][0].parent / "gpt.onnx"
+    out = tmp_path / "art"
+    r = CliRunner().invoke(app, ["quantize", str(onnx_path), "-o", str(out), "--no-int-matmul"])
+    assert r.exit_code == 0, r.output
+    assert Manifest.read(out).extra["int_kernels"] is None   # the GPT has no convs: nothing on integers
+    assert builds[True][1].extra["int_kernels"]["convs"]      # ... while the default build has its MatMuls
+
+
+def test_only_matmul_grads_gemm_form_is_matched():
+    from onnx import helper
+
+    from fracgraph.passes.int_gemm import _gemm_attrs_ok
+
+    assert _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"], transA=1)) is None
+    assert "not MatMul_Grad" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"], transA=1, transB=1))
+    assert "not MatMul_Grad" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"]))
+    assert "not MatMul_Grad" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"], transA=1, alpha=0.5))
+    assert "C input" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g", "c"], ["w"], transA=1))
