@@ -20,7 +20,7 @@ MatMul (a [..., M, K] per tensor, w [K, N] per column, the MatMul weight quantiz
 IntMatMul: one op that recovers the codes while packing, runs the int8 products (AMX tiles, or vnni / avx2 / scalar,
 bitwise the same) and rescales in its epilogue, so no code tensors or rescale passes appear in the graph. It is on
 by default (`BuildOptions.int_matmul`, `quantize --no-int-matmul` keeps the float MatMuls): on vit_tiny's and the
-GPT's linear shapes it took 0.37-0.69x MLAS's float MatMul's CPU time (bench/kernel_probes.py --only intmatmul,
+GPT's linear shapes it took 0.37-0.85x MLAS's float MatMul's CPU time on amx (bench/kernel_probes.py --only intmatmul,
 one thread). The older form (IntCodesU8/S8 + onnxruntime's MatMulInteger + IntMatMulRescale, three extra ops and
 their tensors around each GEMM) made the zoo GPT's step 1.15-1.23x slower and is no longer written.
 
