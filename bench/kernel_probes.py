@@ -27,8 +27,10 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - intdw: a quantized conv's weight gradient on resnet20's shapes (8-bit operands, the error stochastically
   rounded): the float form passes/conv_grad_w.py picks (and onnxruntime's ConvGrad) vs fracgraph's IntConvGradW
   on each integer path; --cpu-time, --match and --int-paths apply;
-- intmatmul: a quantized MatMul forward on the GPT's shapes (8 bits): FP32 MatMul vs IntCodesU8/S8 +
-  onnxruntime's MatMulInteger + IntMatMulRescale (what passes/int_gemm.py writes), and MatMulInteger alone;
+- intmatmul: a quantized linear layer's forward and weight-gradient GEMMs on vit_tiny's and the GPT's shapes (8
+  bits): onnxruntime's float MatMul / MatMul_Grad Gemm vs fracgraph's IntMatMul / IntMatMulGradW per integer path
+  (what passes/int_gemm.py writes), and the forward's older IntCodes + MatMulInteger + IntMatMulRescale form;
+  --cpu-time, --match and --int-paths apply;
 - gelu: the GELU gradient on convnext_atto's and the GPT's largest GELU tensors: onnxruntime's com.microsoft
   GeluGrad vs fracgraph's GeluGrad vs PyTorch's gelu backward (aten.gelu_backward, same thread count), the three
   timed in turn on each rep (rotating order), with each one's error against the float64 derivative;
@@ -893,38 +895,68 @@ def probe_intdw(r: Runner, rng):
             os.environ["FRACGRAPH_INT_ISA"] = saved
 
 
+# a linear layer's GEMM shapes (label, rows M, K in, N out): vit_tiny at batch 32 (17 tokens, width 192, MLP 768)
+# and the zoo GPT at batch 32 (context 64, width 128, MLP 512)
+INTMM_SHAPES = [("vit_tiny qkv", 544, 192, 576), ("vit_tiny proj", 544, 192, 192), ("vit_tiny fc1", 544, 192, 768),
+                ("vit_tiny fc2", 544, 768, 192), ("gpt q/k/v/proj", 2048, 128, 128), ("gpt fc", 2048, 128, 512),
+                ("gpt fc_proj", 2048, 512, 128)]
+
+
 def probe_intmatmul(r: Runner, rng):
-    print("intmatmul: quantized MatMul forward, FP32 MatMul vs the integer form (codes, MatMulInteger, rescale)")
-    for m, k, n, batched in [(4096, 128, 128, False), (4096, 128, 512, False), (4096, 512, 128, False),
-                             (None, 64, 64, True)]:
-        if batched:   # attention scores: [B, H, T, d] x [B, H, d, T]
-            a = rng.standard_normal((32, 4, 64, 32)).astype(np.float32)
-            b = rng.standard_normal((32, 4, 32, 64)).astype(np.float32)
-        else:
-            a = rng.standard_normal((m, k)).astype(np.float32)
-            b = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
-        am, as_ = a.min(), np.float32((a.max() - a.min()) / 255)
+    """A quantized linear layer's forward (a @ w, w per column) and weight gradient (a^T @ dY, both per tensor, dY
+    stochastically rounded) on 8-bit fake-quantized operands: onnxruntime's float MatMul / MatMul_Grad Gemm (MLAS)
+    vs fracgraph's IntMatMul / IntMatMulGradW per integer path (and the forward's older form, IntCodes +
+    MatMulInteger + IntMatMulRescale), interleaved rep by rep; each output's max difference from float64."""
+    print("intmatmul: linear layers' forward and weight-gradient GEMMs, float MLAS vs IntMatMul/IntMatMulGradW (8 bits)")
+    from fracgraph import kernels
+
+    paths = [p for p in ("amx", "vnni", "avx2", "scalar") if p in INT_PATHS and kernels.int_path_available(p)]
+    saved = os.environ.get("FRACGRAPH_INT_ISA")
+    what = "CPU ms" if r.cpu_time else "ms"
+    names = ["a", "am", "as", "b", "bm", "bs"]
+    for label, m, k, n in INTMM_SHAPES:
+        if DW_MATCH and not any(t in label for t in DW_MATCH):
+            continue
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        am, as_ = np.float32(a.min()), np.float32((a.max() - a.min()) / 255)
         aq = (np.round((a - am) / as_) * as_ + am).astype(np.float32)
-        axis = None if batched else 0
-        bm = np.asarray(b.min(axis=axis, keepdims=not batched), np.float32)
-        bs = np.asarray((b.max(axis=axis, keepdims=not batched) - bm) / 255, np.float32)
-        bq = (np.round((b - bm) / bs) * bs + bm).astype(np.float32)
-        feeds = {"a": aq, "b": bq}
-        plain = _model([h.make_node("MatMul", ["a", "b"], ["y"])], ["a", "b"], ["y"])
-        names = ["a", "am", "as", "b", "bm", "bs"]
-        nodes = [h.make_node("IntCodesU8", ["a", "am", "as"], ["qa"], domain=FG),
-                 h.make_node("IntCodesS8", ["b", "bm", "bs"], ["qb"], domain=FG),
-                 h.make_node("MatMulInteger", ["qa", "qb"], ["acc"]),
-                 h.make_node("IntMatMulRescale", ["acc", "qa", "qb", "am", "as", "bm", "bs"], ["y"], domain=FG)]
-        ifeeds = dict(zip(names, [aq, np.asarray(am, np.float32), np.asarray(as_), bq, bm, bs]))
-        mi = h.make_model(h.make_graph([h.make_node("MatMulInteger", ["qa", "qb"], ["y"])], "probe",
-                                       [h.make_tensor_value_info("qa", T.UINT8, None), h.make_tensor_value_info("qb", T.INT8, None)],
-                                       [h.make_tensor_value_info("y", T.INT32, None)]), opset_imports=OPS)
-        mi.ir_version = 8
-        codes = {"qa": np.round((a - am) / as_).astype(np.uint8), "qb": (np.round((b - bm) / bs) - 128).astype(np.int8)}
-        r.compare(f"{a.shape} x {b.shape}", ("MatMul FP32", plain),
-                  [("codes + MatMulInteger + rescale", _model(nodes, names, ["y"]), ifeeds),
-                   ("MatMulInteger alone (u8 x s8)", mi, codes)], feeds)
+        w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+        wm = w.min(axis=0).astype(np.float32)
+        ws = ((w.max(axis=0) - wm) / 255).astype(np.float32)
+        wq = (np.round((w - wm) / ws) * ws + wm).astype(np.float32)
+        g = (rng.standard_normal((m, n)) * 1e-3).astype(np.float32)
+        gm, gs = np.float32(g.min()), np.float32((g.max() - g.min()) / 255)
+        gq = (np.round(np.clip((g - gm) / gs + rng.random(g.shape, dtype=np.float32) - 0.5, 0, 255)) * gs + gm).astype(np.float32)
+        fw_feeds = dict(zip(names, [aq, np.asarray(am), np.asarray(as_), wq, wm, ws]))
+        dw_feeds = dict(zip(names, [aq, np.asarray(am), np.asarray(as_), gq, np.asarray(gm), np.asarray(gs)]))
+        old = [h.make_node("IntCodesU8", ["a", "am", "as"], ["qa"], domain=FG),
+               h.make_node("IntCodesS8", ["b", "bm", "bs"], ["qb"], domain=FG),
+               h.make_node("MatMulInteger", ["qa", "qb"], ["acc"]),
+               h.make_node("IntMatMulRescale", ["acc", "qa", "qb", "am", "as", "bm", "bs"], ["y"], domain=FG)]
+        for kind, ref, rows in [
+            ("forward", aq.astype(np.float64) @ wq.astype(np.float64),
+             [("MatMul FP32 (MLAS)", None, _model([h.make_node("MatMul", ["a", "b"], ["y"])], ["a", "b"], ["y"]),
+               {"a": aq, "b": wq})]
+             + [(f"IntMatMul {q}", q, _model([h.make_node("IntMatMul", names, ["y"], domain=FG)], names, ["y"]), fw_feeds)
+                for q in paths]
+             + [("IntCodes + MatMulInteger + rescale", None, _model(old, names, ["y"]), fw_feeds)]),
+            ("weight grad", aq.astype(np.float64).T @ gq.astype(np.float64),
+             [("Gemm transA FP32 (MLAS)", None,
+               _model([h.make_node("Gemm", ["a", "b"], ["y"], transA=1)], ["a", "b"], ["y"]), {"a": aq, "b": gq})]
+             + [(f"IntMatMulGradW {q}", q, _model([h.make_node("IntMatMulGradW", names, ["y"], domain=FG)], names, ["y"]),
+                 dw_feeds) for q in paths])]:
+            times, outs = _interleaved(r, rows)
+            tb = 1e3 * statistics.median(times[0])
+            print(f"  {label} {kind}: [{m}, {k}] x [{k}, {n}]" if kind == "forward" else
+                  f"  {label} {kind}: [{m}, {k}]^T x [{m}, {n}]")
+            for (name, _, _, _), ts, out in zip(rows, times, outs):
+                tc = 1e3 * statistics.median(ts)
+                diff = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+                print(f"    {name:36s} {tc:8.3f} {what}  x{tc / tb:5.2f}  max rel diff from float64 {diff:.1e}")
+    if saved is None:
+        os.environ.pop("FRACGRAPH_INT_ISA", None)
+    else:
+        os.environ["FRACGRAPH_INT_ISA"] = saved
 
 
 GELU_SHAPES = [("convnext_atto stage 1 MLP, batch 32, 64x64", (32, 160, 16, 16)),

@@ -87,7 +87,7 @@ class BuildOptions:
     sr_noise: str = "independent"        # "shared": one noise draw per step for all error quantizers (passes/shared_noise.py)
     fused_kernels: bool = True           # fracgraph custom ops (passes/fused_ops.py, conv_grad_w.py, bn_grad.py); needs a C compiler
     int_kernels: bool = True             # forward convs on integer codes when both operands are <= 8 bits (passes/int_gemm.py)
-    int_matmul: bool = False             # ... and MatMuls (slower in the GPT step: passes/int_gemm.py)
+    int_matmul: bool = True              # ... and the linear layers' MatMuls (forward and weight gradient: passes/int_gemm.py)
     bn_relu_mask: bool = False           # bn-relu also folds the ReLU's gradient into BN's (densenet121: +370 MB peak RSS
                                          # under onnxruntime's memory pattern, README)
     skip_passes: tuple = ()              # training-graph passes left out by name (tests and benches compare on/off)

@@ -11,6 +11,9 @@
  *        float product of the fake-quantized operands (below)
  *   IntConvGradW(dy, dy_min, dy_scale, x, x_min, x_scale) -> dw    the weight gradient on the error and
  *        activation codes (both per tensor); attributes those of IntConv (see its section below)
+ *   IntMatMul(a, a_min, a_scale, w, w_min, w_scale) -> y = a @ w, IntMatMulGradW(a, a_min, a_scale, g, g_min, g_scale)
+ *        -> dw = a^T g: a linear layer's forward and weight-gradient GEMMs, one op each (see their section below;
+ *        IntCodes and IntMatMulRescale are the older form around onnxruntime's MatMulInteger, kept for the probe)
  *
  * x is an activation fake-quantized per tensor (x = s_x q_x + m_x, codes q_x in [0, 255]), w a weight
  * fake-quantized per output channel (w[k] = s_w[k] q_w + m_w[k]); both arrive as the float tensors the fake-quant
@@ -44,6 +47,7 @@
 #endif
 #include <math.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1215,11 +1219,384 @@ done:
   return st;
 }
 
+/* ---- IntMatMul, IntMatMulGradW: the quantized linear layers' GEMMs on codes, one op each ------------------------
+ *
+ *   IntMatMul(a, a_min, a_scale, w, w_min, w_scale) -> y = a @ w
+ *        a [..., M, K] (the leading dims flattened into M) fake-quantized per tensor; w [K, N] fake-quantized per
+ *        column (w_min, w_scale hold N values: the MatMul weight quantizer's MinMaxCols) or per tensor
+ *   IntMatMulGradW(a, a_min, a_scale, g, g_min, g_scale) -> dw = a^T @ g     (onnxruntime's MatMul_Grad Gemm, transA)
+ *        a [..., K] the FW quantizer's activation, g [..., N] the BW quantizer's error (the same leading dims), both
+ *        per tensor (g_min, g_scale may also hold N values); dw [K, N]
+ *
+ * Both are one product Y[i, n] = sum_r L[i, r] R[r, n] of fake-quantized operands read as the float tensors the
+ * graph already has: L = a (forward) or a^T (weight gradient), per tensor, L = s_l ql + m_l; R = w or g,
+ * R[., n] = s_r[n] qr + m_r[n]. The codes are recovered while packing (code_of: round((v - m) / s), exact for values
+ * the quantizer wrote), and
+ *
+ *   Y[i, n] = s_l s_r[n] A + s_l m_r[n] RL[i] + m_l s_r[n] CR[n] + Rn m_l m_r[n]
+ *
+ * with A = sum_r ql qr (exact), RL the row sums of ql, CR the column sums of qr, Rn the reduction length. The integer
+ * sum runs on unsigned ql x signed qr - 128: acc = A - 128 RL, |acc| <= Rn 255 128, int32 for reductions of up to
+ * MM_CHUNK; longer ones run in chunks of MM_CHUNK whose sums add in int64. The epilogue (one function for every path,
+ * so their outputs are bitwise equal) rescales in double, rounded once: A = acc + 128 RL exactly in double.
+ *
+ * Layout: R packed once per call as [Rpad/4][Npad][4] signed bytes (tdpbusd's B layout, and vpdpbusd's vector of 16
+ * columns), 0 past Rn and N; L packed per task as [32][Rpad] unsigned bytes (0 past Rn). A task is 32 rows of Y;
+ * its blocks are 32 x 32: amx 2 x 2 tiles (tdpbusd, 16 x 16 int32 each, 64 reduction bytes per instruction),
+ * vnni 8 rows x 2 vectors of 16 columns at a time (vpdpbusd, a broadcast word of 4 L codes), avx2 4 rows x 4
+ * vectors of 8 columns (vpmaddwd on 16-bit pairs), scalar loops. The error GEMM (dX = dY W^T) is not here: W's
+ * per-column scales lie along its reduction, so its sum does not factor into one integer sum and one rescale. */
+#define MM_ROWS 32
+#define MM_COLS 32
+#define MM_CHUNK 65536   /* 65536 255 128 < 2^31: a chunk's acc fits int32 */
+
+typedef struct {
+  int isa;
+  const float* L;
+  int64_t li, lr;          /* L[i, r] = L[i li + r lr] */
+  const float* R;          /* R[r, n] = R[r N + n] */
+  float* y;                /* [I][N] */
+  int64_t I, Rn, N, Rpad, Npad;
+  float ml, inv_sl;
+  const float* mr;         /* [Npad] per column (a per-tensor value repeated) */
+  const float* inv_sr;     /* [Npad] */
+  int8_t* rp;              /* [Rpad/4][Npad][4] */
+  int32_t* cr;             /* [Npad] */
+  const double *c1, *c2, *c3;   /* [N] s_l s_r, s_l m_r, m_l s_r CR + Rn m_l m_r */
+  int failed;
+} MJob;
+
+/* the codes of one contiguous row (the forward's L), as bytes; returns their sum */
+static int32_t mm_codes_row(const float* restrict v, int64_t n, float m, float inv, uint8_t* restrict dst) {
+  int32_t s = 0;
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  /* code_of 16 lanes at a time (the compiler does not vectorize the byte store next to the sum): the same
+   * round-to-nearest-even and clamp, so the same codes */
+  const __m512 mv = _mm512_set1_ps(m), iv = _mm512_set1_ps(inv), lo = _mm512_setzero_ps(), hi = _mm512_set1_ps(255.0f);
+  __m512i sv = _mm512_setzero_si512();
+  for (; c + 16 <= n; c += 16) {
+    __m512 u = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(v + c), mv), iv),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i q = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(u, lo), hi));
+    _mm_storeu_si128((__m128i*)(dst + c), _mm512_cvtepi32_epi8(q));
+    sv = _mm512_add_epi32(sv, q);
+  }
+  s = _mm512_reduce_add_epi32(sv);
+#endif
+  for (; c < n; ++c) {
+    const int32_t q = code_of(v[c], m, inv);
+    dst[c] = (uint8_t)q;
+    s += q;
+  }
+  return s;
+}
+
+/* 4 rows' codes at columns 0..n-1 as words of 4 bytes (byte t: row t's code, xor `flip`: 0x80 per byte makes it the
+ * signed q - 128), each column's 4 codes added to sum */
+static void mm_words4(const float* restrict v0, const float* restrict v1, const float* restrict v2,
+                      const float* restrict v3, const float* restrict m, const float* restrict inv, int64_t n,
+                      uint32_t flip, int32_t* restrict dst, int32_t* restrict sum) {
+  for (int64_t c = 0; c < n; ++c) {
+    const int32_t q0 = code_of(v0[c], m[c], inv[c]), q1 = code_of(v1[c], m[c], inv[c]);
+    const int32_t q2 = code_of(v2[c], m[c], inv[c]), q3 = code_of(v3[c], m[c], inv[c]);
+    dst[c] = (int32_t)(((uint32_t)q0 | (uint32_t)q1 << 8 | (uint32_t)q2 << 16 | (uint32_t)q3 << 24) ^ flip);
+    sum[c] += q0 + q1 + q2 + q3;
+  }
+}
+
+#define MM_PACK_COLS 64   /* columns of R a packing task converts */
+
+/* R's codes of MM_PACK_COLS columns (task c): words of 4 rows' signed bytes qr - 128 in the [r/4][Npad] layout
+ * (0 past Rn and N), and their column sums */
+static void mm_pack_r(void* p, size_t c) {
+  MJob* j = (MJob*)p;
+  const int64_t n0 = (int64_t)c * MM_PACK_COLS, n1 = n0 + MM_PACK_COLS < j->N ? n0 + MM_PACK_COLS : j->N, N = j->N;
+  const int64_t Np = j->Npad, full = j->Rn / 4;
+  int32_t sum[MM_PACK_COLS] = {0};
+  int32_t* rp = (int32_t*)j->rp;
+  for (int64_t r4 = 0; r4 < full; ++r4) {
+    const float* v = j->R + 4 * r4 * N + n0;
+    mm_words4(v, v + N, v + 2 * N, v + 3 * N, j->mr + n0, j->inv_sr + n0, n1 - n0, 0x80808080u, rp + r4 * Np + n0, sum);
+  }
+  for (int64_t r = 4 * full; r < j->Rn; ++r) {   /* the last rows (fewer than 4): bytes, the rest of the word 0 */
+    const float* v = j->R + r * N;
+    int8_t* dst = j->rp + ((r >> 2) * Np) * 4 + (r & 3);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t q = code_of(v[n], j->mr[n], j->inv_sr[n]);
+      dst[n * 4] = (int8_t)(q - 128);
+      sum[n - n0] += q;
+    }
+  }
+  for (int64_t n = n0; n < n1; ++n) j->cr[n] = sum[n - n0];
+}
+
+static void mm_block_scalar(const MJob* j, const uint8_t* lp, int64_t n0, int64_t r0, int64_t r1, int32_t* acc) {
+  for (int i = 0; i < MM_ROWS; ++i)
+    for (int c = 0; c < MM_COLS; ++c) {
+      int32_t s = 0;
+      for (int64_t r = r0; r < r1; ++r)
+        s += (int32_t)lp[i * j->Rpad + r] * (int32_t)j->rp[((r >> 2) * j->Npad + n0 + c) * 4 + (r & 3)];
+      acc[i * MM_COLS + c] = s;
+    }
+}
+
+static inline int32_t lword(const uint8_t* p) { int32_t w; memcpy(&w, p, 4); return w; }
+
+#if defined(__AVX2__)
+static void mm_block_avx2(const MJob* j, const uint8_t* lp, int64_t n0, int64_t r0, int64_t r1, int32_t* acc) {
+  for (int i0 = 0; i0 < MM_ROWS; i0 += 4) {
+    __m256i a[4][4];
+    for (int k = 0; k < 4; ++k) for (int v = 0; v < 4; ++v) a[k][v] = _mm256_setzero_si256();
+    for (int64_t r4 = r0 >> 2; r4 < r1 >> 2; ++r4) {
+      const int8_t* rrow = j->rp + (r4 * j->Npad + n0) * 4;
+      __m256i r02[4], r13[4];
+      for (int v = 0; v < 4; ++v) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(rrow + 32 * v));
+        r02[v] = _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8);   /* bytes 0, 2 sign-extended */
+        r13[v] = _mm256_srai_epi16(x, 8);                          /* bytes 1, 3 */
+      }
+      for (int k = 0; k < 4; ++k) {
+        const int32_t w = lword(lp + (i0 + k) * j->Rpad + 4 * r4);
+        const __m256i l02 = _mm256_set1_epi32(w & 0x00FF00FF), l13 = _mm256_set1_epi32((int32_t)((uint32_t)w >> 8) & 0x00FF00FF);
+        for (int v = 0; v < 4; ++v)
+          a[k][v] = _mm256_add_epi32(a[k][v], _mm256_add_epi32(_mm256_madd_epi16(l02, r02[v]), _mm256_madd_epi16(l13, r13[v])));
+      }
+    }
+    for (int k = 0; k < 4; ++k)
+      for (int v = 0; v < 4; ++v) _mm256_storeu_si256((__m256i*)(acc + (i0 + k) * MM_COLS + 8 * v), a[k][v]);
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static void mm_block_vnni(const MJob* j, const uint8_t* lp, int64_t n0, int64_t r0, int64_t r1, int32_t* acc) {
+  for (int i0 = 0; i0 < MM_ROWS; i0 += 8) {
+    __m512i a0[8], a1[8];
+    for (int k = 0; k < 8; ++k) a0[k] = a1[k] = _mm512_setzero_si512();
+    for (int64_t r4 = r0 >> 2; r4 < r1 >> 2; ++r4) {
+      const int8_t* rrow = j->rp + (r4 * j->Npad + n0) * 4;
+      const __m512i v0 = _mm512_loadu_si512((const void*)rrow), v1 = _mm512_loadu_si512((const void*)(rrow + 64));
+      for (int k = 0; k < 8; ++k) {
+        const __m512i l = _mm512_set1_epi32(lword(lp + (i0 + k) * j->Rpad + 4 * r4));
+        a0[k] = _mm512_dpbusd_epi32(a0[k], l, v0);
+        a1[k] = _mm512_dpbusd_epi32(a1[k], l, v1);
+      }
+    }
+    for (int k = 0; k < 8; ++k) {
+      _mm512_storeu_si512((void*)(acc + (i0 + k) * MM_COLS), a0[k]);
+      _mm512_storeu_si512((void*)(acc + (i0 + k) * MM_COLS + 16), a1[k]);
+    }
+  }
+}
+#endif
+
+#if defined(FG_AMX)
+/* tiles 0-3 accumulate the block's 2 x 2 16 x 16 quarters, 4-5 hold L's two 16-row halves (64 reduction bytes each),
+ * 6-7 R's two 16-column halves (16 words of 4 reduction bytes each); the task loaded amx_begin's configuration */
+static void mm_block_amx(const MJob* j, const uint8_t* lp, int64_t n0, int64_t r0, int64_t r1, int32_t* acc) {
+  const size_t ls = (size_t)j->Rpad, rs = (size_t)j->Npad * 4;
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t r = r0; r < r1; r += 64) {
+    const int8_t* rrow = j->rp + ((r >> 2) * j->Npad + n0) * 4;
+    _tile_loadd(4, lp + r, ls);
+    _tile_loadd(5, lp + 16 * ls + r, ls);
+    _tile_loadd(6, rrow, rs);
+    _tile_loadd(7, rrow + 64, rs);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+  _tile_stored(0, acc, MM_COLS * 4);
+  _tile_stored(1, acc + 16, MM_COLS * 4);
+  _tile_stored(2, acc + 16 * MM_COLS, MM_COLS * 4);
+  _tile_stored(3, acc + 16 * MM_COLS + 16, MM_COLS * 4);
+}
+#endif
+
+static void mm_block(const MJob* j, const uint8_t* lp, int64_t n0, int64_t r0, int64_t r1, int32_t* acc) {
+  switch (j->isa) {
+#if defined(FG_AMX)
+    case ISA_AMX: mm_block_amx(j, lp, n0, r0, r1, acc); return;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    case ISA_VNNI: mm_block_vnni(j, lp, n0, r0, r1, acc); return;
+#endif
+#if defined(__AVX2__)
+    case ISA_AVX2: mm_block_avx2(j, lp, n0, r0, r1, acc); return;
+#endif
+    default: mm_block_scalar(j, lp, n0, r0, r1, acc); return;
+  }
+}
+
+/* one task: 32 rows of Y; pack their L codes, then every 32-column block: integer sums, the rescale */
+static void mm_task(void* p, size_t t) {
+  MJob* j = (MJob*)p;
+  const int64_t i0 = (int64_t)t * MM_ROWS, ni = j->I - i0 < MM_ROWS ? j->I - i0 : MM_ROWS, Rp = j->Rpad;
+  uint8_t* lp = (uint8_t*)calloc((size_t)(MM_ROWS * Rp), 1);
+  int64_t* wide = j->Rpad > MM_CHUNK ? (int64_t*)malloc(MM_ROWS * MM_COLS * sizeof(int64_t)) : NULL;
+  if (!lp || (j->Rpad > MM_CHUNK && !wide)) { free(lp); free(wide); j->failed = 1; return; }
+  int32_t rl[MM_ROWS] = {0};
+  if (j->lr == 1) {   /* rows of L are contiguous (the forward's a) */
+    for (int64_t i = 0; i < ni; ++i) rl[i] = mm_codes_row(j->L + (i0 + i) * j->li, j->Rn, j->ml, j->inv_sl, lp + i * Rp);
+  } else {            /* L = a^T (li == 1): 4 rows of a give each of the task's ni columns one word of 4 codes */
+    float mloc[MM_ROWS], iloc[MM_ROWS];
+    int32_t words[16][MM_ROWS];   /* 16 words (64 reduction bytes) of each row, written out as whole cache lines */
+    for (int i = 0; i < MM_ROWS; ++i) mloc[i] = j->ml, iloc[i] = j->inv_sl;
+    const int64_t full = j->Rn / 4, lr = j->lr;
+    for (int64_t g0 = 0; g0 < full; g0 += 16) {
+      const int64_t ng = full - g0 < 16 ? full - g0 : 16;
+      for (int64_t q = 0; q < ng; ++q) {
+        const float* v = j->L + 4 * (g0 + q) * lr + i0;
+        mm_words4(v, v + lr, v + 2 * lr, v + 3 * lr, mloc, iloc, ni, 0, words[q], rl);
+      }
+      for (int64_t i = 0; i < ni; ++i) {
+        int32_t row[16];
+        for (int64_t q = 0; q < ng; ++q) row[q] = words[q][i];
+        memcpy(lp + i * Rp + 4 * g0, row, (size_t)ng * 4);
+      }
+    }
+    for (int64_t r = 4 * full; r < j->Rn; ++r) {
+      const float* v = j->L + r * lr + i0;
+      for (int64_t i = 0; i < ni; ++i) { const int32_t q = code_of(v[i], j->ml, j->inv_sl); lp[i * Rp + r] = (uint8_t)q; rl[i] += q; }
+    }
+  }
+  int32_t acc[MM_ROWS * MM_COLS];
+#if defined(FG_AMX)
+  if (j->isa == ISA_AMX) amx_begin();
+#endif
+  for (int64_t n0 = 0; n0 < j->N; n0 += MM_COLS) {
+    const int64_t nn = j->N - n0 < MM_COLS ? j->N - n0 : MM_COLS;
+    if (!wide) mm_block(j, lp, n0, 0, Rp, acc);
+    else {
+      memset(wide, 0, MM_ROWS * MM_COLS * sizeof(int64_t));
+      for (int64_t r0 = 0; r0 < Rp; r0 += MM_CHUNK) {
+        mm_block(j, lp, n0, r0, r0 + MM_CHUNK < Rp ? r0 + MM_CHUNK : Rp, acc);
+        for (int e = 0; e < MM_ROWS * MM_COLS; ++e) wide[e] += acc[e];
+      }
+    }
+    for (int64_t i = 0; i < ni; ++i) {
+      const double rd = (double)rl[i], r128 = 128.0 * rd;
+      float* y = j->y + (i0 + i) * j->N + n0;
+      const double *c1 = j->c1 + n0, *c2 = j->c2 + n0, *c3 = j->c3 + n0;
+      if (!wide) {
+        const int32_t* a = acc + i * MM_COLS;
+        for (int64_t c = 0; c < nn; ++c) y[c] = (float)(c1[c] * ((double)a[c] + r128) + c2[c] * rd + c3[c]);
+      } else {
+        const int64_t* a = wide + i * MM_COLS;
+        for (int64_t c = 0; c < nn; ++c) y[c] = (float)(c1[c] * ((double)a[c] + r128) + c2[c] * rd + c3[c]);
+      }
+    }
+  }
+#if defined(FG_AMX)
+  if (j->isa == ISA_AMX) _tile_release();
+#endif
+  free(lp);
+  free(wide);
+}
+
+static OrtStatus* compute_int_matmul(void* ctx, int grad) {
+  const char* who = grad ? "fracgraph IntMatMulGradW" : "fracgraph IntMatMul";
+  char msg[256];
+  int64_t ad[8], bd[8], d[8], od[8];
+  size_t ar, br, r, an, bn, cnt[4];
+  const float *a, *b, *sc[4];
+  OrtStatus* st;
+  MJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = in_shape(ctx, 0, &a, ad, &ar, &an)) || (st = in_shape(ctx, 3, &b, bd, &br, &bn))) return st;
+  const size_t at[4] = {1, 2, 4, 5};
+  for (int i = 0; i < 4; ++i)
+    if ((st = in_shape(ctx, at[i], &sc[i], d, &r, &cnt[i]))) return st;
+  size_t orank;
+  int64_t K, N, M;
+  if (!grad) {
+    if (ar < 1 || br != 2 || ad[ar - 1] != bd[0]) {
+      snprintf(msg, sizeof msg, "%s: a must be [..., K] and w [K, N] with the same K", who);
+      return ifail(msg);
+    }
+    K = bd[0], N = bd[1], M = 1;
+    for (size_t i = 0; i + 1 < ar; ++i) M *= ad[i];
+    orank = ar;
+    for (size_t i = 0; i + 1 < ar; ++i) od[i] = ad[i];
+    od[ar - 1] = N;
+    j.L = a, j.li = K, j.lr = 1, j.I = M, j.Rn = K;
+  } else {
+    if (ar < 1 || br < 1) return ifail("fracgraph IntMatMulGradW: a and g must have at least one axis");
+    int64_t la = 1, lb = 1;
+    for (size_t i = 0; i + 1 < ar; ++i) la *= ad[i];
+    for (size_t i = 0; i + 1 < br; ++i) lb *= bd[i];
+    if (la != lb) {
+      snprintf(msg, sizeof msg, "%s: a [..., K] and g [..., N] must have the same leading dimensions", who);
+      return ifail(msg);
+    }
+    K = ad[ar - 1], N = bd[br - 1], M = la;
+    orank = 2, od[0] = K, od[1] = N;
+    j.L = a, j.li = 1, j.lr = K, j.I = K, j.Rn = M;
+  }
+  if (cnt[0] != 1 || cnt[1] != 1) { snprintf(msg, sizeof msg, "%s: a_min and a_scale must be scalars", who); return ifail(msg); }
+  if (cnt[2] != cnt[3] || (cnt[2] != 1 && (int64_t)cnt[2] != N)) {
+    snprintf(msg, sizeof msg, "%s: the second operand's min and scale must be scalars or one value per column", who);
+    return ifail(msg);
+  }
+  void* ov;
+  if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, orank, &ov))) return st;
+  if ((st = IAPI(GetTensorMutableData, GetDataFn)(ov, (void**)&j.y))) return st;
+  if (j.I == 0 || N == 0) return NULL;
+  if (j.Rn == 0) { memset(j.y, 0, (size_t)(j.I * N) * sizeof(float)); return NULL; }
+  j.isa = chosen_isa();
+  if (j.isa < 0) {
+    snprintf(msg, sizeof msg, "%s: FRACGRAPH_INT_ISA names a path this CPU's build lacks (use auto, amx, vnni, avx2 or "
+             "scalar; amx needs AMX-INT8 and the kernel's permission, vnni AVX-512 VNNI, avx2 AVX2)", who);
+    return ifail(msg);
+  }
+  j.R = b, j.N = N;
+  j.Rpad = (j.Rn + 63) / 64 * 64, j.Npad = (N + MM_COLS - 1) / MM_COLS * MM_COLS;
+  j.ml = *sc[0], j.inv_sl = 1.0f / *sc[1];
+  const size_t np = (size_t)j.Npad;
+  float* mr = (float*)malloc(np * sizeof(float));
+  float* inv = (float*)malloc(np * sizeof(float));
+  j.rp = (int8_t*)calloc((size_t)j.Rpad * np, 1);
+  j.cr = (int32_t*)calloc(np, sizeof(int32_t));
+  double* coef = (double*)malloc(3 * (size_t)N * sizeof(double));
+  if (!mr || !inv || !j.rp || !j.cr || !coef) { st = ifail("fracgraph IntMatMul: out of memory"); goto done; }
+  for (int64_t n = 0; n < j.Npad; ++n) {
+    const int64_t c = cnt[2] == 1 ? 0 : n < N ? n : 0;
+    mr[n] = sc[2][c], inv[n] = 1.0f / sc[3][c];
+  }
+  j.mr = mr, j.inv_sr = inv;
+  {
+    const size_t tasks = (size_t)((N + MM_PACK_COLS - 1) / MM_PACK_COLS);
+    if (tasks == 1) mm_pack_r(&j, 0);
+    else if ((st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, mm_pack_r, tasks, 0, &j))) goto done;
+  }
+  {
+    const double sl = *sc[1], ml = *sc[0];
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t c = cnt[2] == 1 ? 0 : n;
+      const double sr = sc[3][c], mrn = sc[2][c];
+      coef[n] = sl * sr, coef[N + n] = sl * mrn, coef[2 * N + n] = ml * sr * (double)j.cr[n] + (double)j.Rn * ml * mrn;
+    }
+    j.c1 = coef, j.c2 = coef + N, j.c3 = coef + 2 * N;
+  }
+  {
+    const size_t tasks = (size_t)((j.I + MM_ROWS - 1) / MM_ROWS);
+    if (tasks == 1) mm_task(&j, 0);
+    else st = IAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, mm_task, tasks, 0, &j);
+    if (!st && j.failed) st = ifail("fracgraph IntMatMul: out of memory");
+  }
+done:
+  free(mr); free(inv); free(j.rp); free(j.cr); free(coef);
+  return st;
+}
+
 /* ---- registration ----------------------------------------------------------------------------------------- */
 static const char* const I_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"};
-enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, OP_CONV_GRAD_W, N_IOPS };
-static const char* const I_NAMES[N_IOPS] = {"IntConv", "IntCodesU8", "IntCodesS8", "IntMatMulRescale", "IntConvGradW"};
-static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7, 6};
+enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, OP_CONV_GRAD_W, OP_MATMUL, OP_MATMUL_GRAD_W, N_IOPS };
+static const char* const I_NAMES[N_IOPS] = {"IntConv", "IntCodesU8", "IntCodesS8", "IntMatMulRescale", "IntConvGradW", "IntMatMul",
+                                             "IntMatMulGradW"};
+static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7, 6, 6, 6};
 enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
 
 typedef struct {
@@ -1247,6 +1624,8 @@ static OrtStatus* i_compute(void* kernel, void* ctx) {
     case OP_CONV: return compute_int_conv(kernel, ctx);
     case OP_CONV_GRAD_W: return compute_int_conv_grad_w(k, ctx);
     case OP_RESCALE: return compute_rescale(ctx);
+    case OP_MATMUL: return compute_int_matmul(ctx, 0);
+    case OP_MATMUL_GRAD_W: return compute_int_matmul(ctx, 1);
     default: return compute_codes(ctx, k->kind == OP_CODES_S8);
   }
 }

@@ -11,16 +11,18 @@ stays: the fake-quantized float tensors are still computed (the backward reads t
                                 then: IntConv(x_fq, x_min, x_scale, w_fq, w_min, w_scale) [+ b]
                                 else: Conv(x_fq, w_fq[, b])    (on NCHWc kernels when the build uses them)
     MatMul(a_fq, w_fq)    -> If(the same)
-                                then: IntMatMulRescale(MatMulInteger(IntCodesU8(a_fq), IntCodesS8(w_fq)), ...)
+                                then: IntMatMul(a_fq, a_min, a_scale, w_fq, w_min, w_scale)
                                 else: MatMul(a_fq, w_fq)
 
 Convs run on fracgraph's own kernel (onnxruntime 1.19.2's ConvInteger takes u8 weights only and ran at the speed
-of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv); MatMuls on
-onnxruntime's MatMulInteger (MLAS, VNNI where the CPU has it) between fracgraph's code and rescale ops. The
-MatMul form is off by default (`BuildOptions.int_matmul`, `quantize --int-matmul`): alone it runs the GPT's
-linear layers in 0.28-0.89x the float MatMul's time (bench/kernel_probes.py --only intmatmul, one thread), but in
-the zoo GPT's step (d = 128) the artifacts with it took 1.15-1.23x the time of those without, and as much even at
-12 bits, where every If runs its float branch: the If around small GEMMs costs more than the integer GEMM saves.
+of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv). A linear layer's
+MatMul (a [..., M, K] per tensor, w [K, N] per column, the MatMul weight quantizer's MinMaxCols ranges) runs on
+IntMatMul: one op that recovers the codes while packing, runs the int8 products (AMX tiles, or vnni / avx2 / scalar,
+bitwise the same) and rescales in its epilogue, so no code tensors or rescale passes appear in the graph. It is on
+by default (`BuildOptions.int_matmul`, `quantize --no-int-matmul` keeps the float MatMuls): on vit_tiny's and the
+GPT's linear shapes it took 0.37-0.85x MLAS's float MatMul's CPU time on amx (bench/kernel_probes.py --only intmatmul,
+one thread). The older form (IntCodesU8/S8 + onnxruntime's MatMulInteger + IntMatMulRescale, three extra ops and
+their tensors around each GEMM) made the zoo GPT's step 1.15-1.23x slower and is no longer written.
 
 The switch is the same mechanism as quant-branch's: a schedule that moves a block to 12 or 16 bits, or to FP32
 (0 bits), runs the float op of today's graph, without a rebuild. The operands' ranges and scales are read from
@@ -32,8 +34,9 @@ multiply-adds per input code (MIN_MACS_PER_CODE: 1x1 strided convs, where the fl
 convs on fewer than 4 input channels (MIN_STRIDED_CHANNELS: the stems of torchvision's models), MatMuls
 whose weight is not a 2-D matrix. Not matched at all: GEMMs whose operands are not both fw-quant outputs
 (the first conv under `--first fp32`, conv-grad-split's dX convs, which read errors), attention's MatMuls of two
-activations (the codes and rescale around small batched GEMMs cost 3.5x the float MatMul: --only intmatmul),
-per-sample (DFQ) bits, Gemm.
+activations (batched GEMMs of the heads' width; the older code-and-rescale form took 3.5x the float MatMul on the
+score shape, IntMatMul takes one weight matrix and is not measured there),
+per-sample (DFQ) bits, Gemm forwards.
 
 The weight gradient of a conv (dW = sum over images and positions of dY x im2col(X)) reads the error the BW
 quantizer wrote (stochastic rounding, per tensor: dY = s_g g + m_g) and the activation the FW quantizer wrote (per
@@ -52,6 +55,18 @@ from the float form's tensors), a ConvGrad that still computes dX, unknown input
 MIN_DW_POSITIONS or over the int32 bound, and few multiply-adds per packed code (MIN_DW_MACS_PER_CODE: the 1x1
 stride-2 shortcuts). The error GEMM (dX) cannot be integer with today's math: the weight's per-output-channel
 scales lie along its reduction axis, so its sum does not factor into one integer sum and one rescale.
+
+A linear layer's weight gradient, as onnxruntime's gradient builder writes it (MatMul_Grad: Gemm(Reshape(a_fq),
+Reshape(dY), transA=1), or on the 2-D tensors themselves), reads the FW quantizer's activation and the BW quantizer's
+error, both per tensor: it is switched the same way (with `int_matmul`), the Gemm moved into the else branch:
+
+    Gemm(A_2d, dY_2d, transA=1) -> If(0 < act bits <= 8 and 0 < grad bits <= 8)
+                                     then: IntMatMulGradW(A_2d, a_min, a_scale, dY_2d, g_min, g_scale)
+                                     else: Gemm(A_2d, dY_2d, transA=1)
+
+Its error GEMM (FusedMatMul(dY, W^T)) stays float, for the reason above. Not matched: Gemm forwards (torchvision's
+vit_tv writes its attention out-projection as Gemm(x, W, transB=1)) and MatMuls whose weight is transposed after
+its quantizer.
 """
 
 from __future__ import annotations
@@ -149,11 +164,8 @@ class _MatMulRule:
 
     @staticmethod
     def integer(node, base, w_shape, xm, xs, wm, ws, out) -> list[onnx.NodeProto]:
-        qa, qb, acc = f"{base}/qa", f"{base}/qb", f"{base}/acc"
-        return [helper.make_node("IntCodesU8", [node.input[0], xm, xs], [qa], name=qa, domain=DOMAIN),
-                helper.make_node("IntCodesS8", [node.input[1], wm, ws], [qb], name=qb, domain=DOMAIN),
-                helper.make_node("MatMulInteger", [qa, qb], [acc], name=acc),
-                helper.make_node("IntMatMulRescale", [acc, qa, qb, xm, xs, wm, ws], [out], name=f"{base}/rescale",
+        """One op: the codes recovered while packing, the int8 GEMM and the rescale in its epilogue."""
+        return [helper.make_node("IntMatMul", [node.input[0], xm, xs, node.input[1], wm, ws], [out], name=f"{base}/mm",
                                  domain=DOMAIN)]
 
 
@@ -246,12 +258,22 @@ def decline_dw(attrs: dict, x_shape, k_out: int | None) -> str | None:
     return None
 
 
+def _gemm_attrs_ok(node) -> str | None:
+    """onnxruntime's MatMul_Grad weight gradient: Gemm(A_2d, dY_2d, transA=1, transB=0, alpha=1) without C."""
+    a = _attrs(node)
+    if a.get("transA", 0) != 1 or a.get("transB", 0) != 0 or float(a.get("alpha", 1.0)) != 1.0:
+        return "not MatMul_Grad's Gemm(A^T, dY)"
+    if len(node.input) > 2 and node.input[2]:
+        return "Gemm with a C input"
+    return None
+
+
 class IntGemmPass(Pass):
     name = "int-gemm"
 
     def __init__(self, shapes: dict[str, list], nchwc_block: int = 1, fused: bool = True, matmul: bool = False):
         self.shapes = shapes              # tensor name -> static shape (the weights)
-        self.matmul = matmul              # MatMuls too (off by default: slower in the GPT step, see the docstring)
+        self.matmul = matmul              # MatMuls (forward and weight gradient) too (build.py turns it on by default)
         self.nchwc_block = nchwc_block    # > 1: a float branch's conv goes onto NCHWc kernels like the others
         self.fused = fused
         self.convs: list[dict] = []       # what the manifest records: each GEMM's name, op type and decision
@@ -296,6 +318,9 @@ class IntGemmPass(Pass):
             notes.insert(0, f"{what} forward on integer kernels when act and weight bits are 1..{MAX_BITS}, the float "
                             f"op otherwise")
         dw_pairs, dw_notes = self._weight_grads(model, em, shapes)
+        if self.matmul:
+            mm_pairs, mm_notes = self._matmul_weight_grads(model, em)
+            dw_pairs, dw_notes = dw_pairs + mm_pairs, dw_notes + mm_notes
         replace_nodes(graph, dw_pairs)
         if dw_pairs:
             import_domain(model)
@@ -341,6 +366,62 @@ class IntGemmPass(Pass):
             notes.insert(0, f"{n} conv weight gradients on IntConvGradW when act and grad bits are 1..{MAX_BITS}, "
                             f"their float form otherwise")
         return pairs, notes
+
+    def _matmul_weight_grads(self, model, em: Emitter) -> tuple[list, list[str]]:
+        """Every MatMul weight gradient onnxruntime's gradient builder wrote as Gemm(Reshape(A), Reshape(dY), transA=1)
+        (or on the 2-D tensors themselves) with A a FW quantizer's output and dY a BW quantizer's: the Gemm into the
+        else branch of an If whose then branch is IntMatMulGradW on the same two 2-D tensors."""
+        graph = model.graph
+        self.producer = {o: n for n in graph.node for o in n.output}
+        outputs = {o.name for o in graph.output}
+        pairs, notes, n_int = [], [], 0
+        for node in list(graph.node):
+            if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+                continue
+            x = self._operand(self._through_reshape(node.input[0]), "::fq_a")
+            g = self._operand(self._through_reshape(node.input[1]), "::bwq")
+            if x is None or g is None or not g["prefix"].endswith("::bwq"):
+                continue   # not a quantized activation x quantized error product (e.g. the FP32 head's)
+            name = node.name.split("_Grad/")[0]
+            reason = _gemm_attrs_ok(node) or ("its weight gradient is a graph output" if node.output[0] in outputs
+                                              else None)
+            self.weight_grads.append({"name": name, "float_form": "Gemm", "int": reason is None,
+                                      "reason": reason or "activation and error both <= 8 bits"})
+            if reason is not None:
+                notes.append(f"{name}: weight gradient kept on Gemm ({reason})")
+                continue
+            base = f"{name}::int_dw"
+            cond = self._switch(em, x["bits"], g["bits"])
+            ins = [node.input[0], self._scalar_reader(em, x, "min"), self._scalar_reader(em, x, "scale"),
+                   node.input[1], self._scalar_reader(em, g, "min"), self._scalar_reader(em, g, "scale")]
+            then_out, else_out = f"{base}/dw", f"{base}/dw_float"
+            then_graph = helper.make_graph(
+                [helper.make_node("IntMatMulGradW", ins, [then_out], name=f"{base}/int", domain=DOMAIN)],
+                f"{base}/integer", [], [helper.make_tensor_value_info(then_out, TensorProto.FLOAT, None)])
+            moved = onnx.NodeProto()
+            moved.CopyFrom(node)
+            moved.output[0] = else_out
+            else_graph = helper.make_graph([moved], f"{base}/float", [],
+                                           [helper.make_tensor_value_info(else_out, TensorProto.FLOAT, None)])
+            branch = helper.make_node("If", [cond], [node.output[0]], name=f"{base}/switch", then_branch=then_graph,
+                                      else_branch=else_graph)
+            pairs.append((node, em.nodes + [branch]))
+            em.nodes = []
+            n_int += 1
+        if n_int:
+            notes.insert(0, f"{n_int} MatMul weight gradients on IntMatMulGradW when act and grad bits are "
+                            f"1..{MAX_BITS}, their Gemm otherwise")
+        return pairs, notes
+
+    def _through_reshape(self, tensor: str) -> str:
+        n = self.producer.get(tensor)
+        return n.input[0] if n is not None and n.op_type == "Reshape" else tensor
+
+    def _scalar_reader(self, em: Emitter, q: dict, key: str) -> str:
+        """A quantizer's min or scale read through one outer-graph Identity per quantizer (shared by its GEMMs'
+        integer forms), so every later pass sees a reader."""
+        name = f"{q['prefix']}::int_{key}"
+        return name if em.has(name) else em.node("Identity", [q[key]], name)
 
     def _rewrite_dw(self, em: Emitter, name, node, cone, dw, attrs, g, x) -> list[onnx.NodeProto]:
         base = f"{name}::int_dw"
@@ -405,10 +486,13 @@ class IntGemmPass(Pass):
         base = f"{node.name}::int"
         cond = self._switch(em, x["bits"], w["bits"])
         # the quantizers' tensors, read through outer-graph Identities so every later pass sees a reader
-        xm = em.node("Identity", [x["min"]], f"{base}/x_min")
-        xs = em.node("Identity", [x["scale"]], f"{base}/x_scale")
-        wm = em.node("Identity", [w["min"]], f"{base}/w_min")
-        ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
+        if node.op_type == "MatMul":   # shared with the weight gradient's IntMatMulGradW (one Identity a quantizer)
+            xm, xs, wm, ws = (self._scalar_reader(em, q, k) for q in (x, w) for k in ("min", "scale"))
+        else:
+            xm = em.node("Identity", [x["min"]], f"{base}/x_min")
+            xs = em.node("Identity", [x["scale"]], f"{base}/x_scale")
+            wm = em.node("Identity", [w["min"]], f"{base}/w_min")
+            ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
         then_out = f"{base}/y"
         has_bias = len(node.input) > 2 and node.input[2]
         then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws,

@@ -330,6 +330,20 @@ def test_gpt_weight_matmuls_on_integers(gpt_builds):
     mats = [c for c in rec["convs"] if c["op_type"] == "MatMul"]
     # q, k, v, proj, fc, fc_proj per layer (the head stays FP32 by the default policy; QK^T and AV are not matched)
     assert len(mats) == 6 * sizes["layers"] and all(c["int"] for c in mats)
+    # their weight gradients: onnxruntime's MatMul_Grad Gemm(A^T, dY), each switched to IntMatMulGradW
+    grads = [c for c in rec["weight_grads"] if c["float_form"] == "Gemm"]
+    assert sorted(c["name"] for c in grads) == sorted(c["name"] for c in mats) and all(c["int"] for c in grads)
+    import onnx
+
+    graph = onnx.load(str(builds[True][0] / "training_model.onnx")).graph
+    ops = {}
+    for n in graph.node:
+        if n.op_type == "If" and "::int" in n.name:
+            branches = {a.name: a.g for a in n.attribute}
+            ops.setdefault(tuple(x.op_type for x in branches["then_branch"].node), []).append(
+                tuple(x.op_type for x in branches["else_branch"].node))
+    # one op a branch: the fused integer GEMM, or the float op it replaces
+    assert ops == {("IntMatMul",): [("MatMul",)] * len(mats), ("IntMatMulGradW",): [("Gemm",)] * len(grads)}
 
 
 @pytest.mark.parametrize("bits", [(8, 8, 0), (4, 4, 0), (6, 8, 0), (12, 12, 0), (16, 8, 16)])
@@ -351,3 +365,80 @@ def test_gpt_step_integer_matmuls_equal_float_ones(gpt_builds, bits):
     for name, g in g0.items():
         ref = g0[name.replace("k.bias", "q.bias")] if name.endswith("attn.k.bias") else g   # ~0 by shift invariance
         assert np.linalg.norm(g1[name] - g) <= 1e-5 * np.linalg.norm(ref), name
+
+
+@pytest.mark.parametrize("bits", [(8, 16, 8), (4, 12, 6)])
+def test_gpt_integer_weight_gradients_equal_float_ones(gpt_builds, bits):
+    """Weight bits above 8: the forward runs its float branch in both builds, so the loss and every error (with its
+    stochastic rounding, replayed from the same seed) are the float build's bitwise, and only the weight gradients of
+    the quantized linear layers come from IntMatMulGradW: within float rounding of the Gemm's (a wrong error code
+    would move an entry by a quantizer step, far more)."""
+    builds, sizes = gpt_builds
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, sizes["vocab"], (3, sizes["context"])).astype(np.int64)
+    labels = rng.integers(0, sizes["vocab"], (3, sizes["context"])).astype(np.int64)
+    got = {}
+    for key, (art, m) in builds.items():
+        sess = TrainSession(art, seed=0, threads=1)
+        outs = sess.forward_backward(ids, labels, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
+        got[key] = float(outs[0]), {n: sess.gradient(n) for n in sess.trainable}
+    (l0, g0), (l1, g1) = got[False], got[True]
+    assert l1 == l0
+    weights = {c["name"] for c in builds[True][1].extra["int_kernels"]["weight_grads"]}
+    differ = []
+    for name, g in g0.items():
+        if np.array_equal(g1[name], g):
+            continue
+        differ.append(name)
+        assert np.linalg.norm(g1[name] - g) <= 1e-5 * np.linalg.norm(g), name
+    # the integer branch ran: exactly the switched layers' weights differ (in the last bits)
+    assert differ and all(n.endswith(".weight") and any(n.startswith(w.strip("/").split("/MatMul")[0].replace("/", "."))
+                                                        for w in weights) for n in differ), differ
+
+
+def test_gpt_switch_follows_the_bits_at_run_time(gpt_builds, monkeypatch):
+    """IntMatMul runs when act and weight bits are 1..8, IntMatMulGradW when act and grad bits are: a path that
+    cannot run makes exactly those steps fail."""
+    builds, sizes = gpt_builds
+    art, m = builds[True]
+    ids = np.zeros((2, sizes["context"]), np.int64)
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")
+    sess = TrainSession(art, seed=0, threads=1)
+
+    def step(bits):
+        sess.forward_backward(ids, ids, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
+
+    for bits in [(0, 0, 0), (12, 8, 8), (8, 12, 12), (16, 16, 16)]:
+        step(bits)
+    for bits in [(8, 8, 0), (8, 16, 8), (2, 3, 4)]:
+        with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
+            step(bits)
+
+
+def test_cli_no_int_matmul_keeps_the_float_linear_gemms(gpt_builds, tmp_path):
+    """`quantize` switches the linear layers' MatMuls by default; --no-int-matmul keeps them (and their Gemm weight
+    gradients) float."""
+    from typer.testing import CliRunner
+
+    from fracgraph.cli import app
+    from fracgraph.manifest import Manifest
+
+    builds, _ = gpt_builds
+    onnx_path = builds[True][0].parent / "gpt.onnx"
+    out = tmp_path / "art"
+    r = CliRunner().invoke(app, ["quantize", str(onnx_path), "-o", str(out), "--no-int-matmul"])
+    assert r.exit_code == 0, r.output
+    assert Manifest.read(out).extra["int_kernels"] is None   # the GPT has no convs: nothing on integers
+    assert builds[True][1].extra["int_kernels"]["convs"]      # ... while the default build has its MatMuls
+
+
+def test_only_matmul_grads_gemm_form_is_matched():
+    from onnx import helper
+
+    from fracgraph.passes.int_gemm import _gemm_attrs_ok
+
+    assert _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"], transA=1)) is None
+    assert "not MatMul_Grad" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"], transA=1, transB=1))
+    assert "not MatMul_Grad" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"]))
+    assert "not MatMul_Grad" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"], transA=1, alpha=0.5))
+    assert "C input" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g", "c"], ["w"], transA=1))
