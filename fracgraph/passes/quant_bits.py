@@ -14,8 +14,9 @@ cannot be planned in the outer memory pattern): ~12-15 ms of vit_tiny's ~200 ms 
 (kernels/fused_ops.c), which computes levels, scale and hi itself with the same float operations in the same order
 (so every value is bitwise the chain's) and at bits <= 0 copies x (the If's else branch; an SR node's generator
 does not advance, as the If never ran it). min and max are read before their detaching Clip(0, m, m), which
-returns m. Scalars another node reads (the activation ranges' EMA reads min and range, int-gemm's IntConv min and
-scale, a quantizer this pass declined its levels) stay; the rest of the chain is removed once nothing reads it.
+returns m, and so are the Clips' other readers (the backward graph is built: the stop-gradient has done its work).
+Scalars another node reads (the activation ranges' EMA reads min and range, int-gemm's IntConv min and scale, a
+quantizer this pass declined its levels) stay; the rest of the chain is removed once nothing reads it.
 The backward graph is already built: ste-grad gave each quantizer its straight-through edge, so nothing in it
 reads the scalars (where something does, they stay).
 
@@ -66,6 +67,7 @@ class QuantBitsPass(Pass):
             candidates.update(n.output[0] for n in dead if n is not None)
             count += 1
         replace_nodes(graph, pairs)
+        self._bypass_detach(graph, candidates)
         removed = self._prune(graph, candidates)
         notes.insert(0, f"{count} quantizers as one node with their scalars and bits switch "
                         f"({count} selects and {removed} scalar nodes removed)")
@@ -157,13 +159,32 @@ class QuantBitsPass(Pass):
         return True
 
     def _peel(self, t: str) -> str:
-        """m for the stop-gradient Clip(c, m, m) (quantizers.detach_scalar), which returns m; else t itself."""
+        """m for the stop-gradient Clip(c, m, m) of a scalar constant c (quantizers.detach_scalar), which returns m
+        (for any m but NaN); else t itself."""
         n = self.producer.get(t)
-        if n is not None and n.op_type == "Clip" and len(n.input) == 3 and n.input[1] == n.input[2]:
+        if n is not None and n.op_type == "Clip" and len(n.input) == 3 and n.input[1] == n.input[2] \
+                and n.input[0] in self.consts:
             return n.input[1]
         return t
 
     # -- the scalars nothing reads any more ----------------------------------------------------------------------
+    def _bypass_detach(self, graph, candidates: set) -> None:
+        """The quantizers' stop-gradient Clip(c, m, m) (value m) as a plain edge: its readers (the activation ranges'
+        EMA, int-gemm's Identities) read m itself. The backward graph is built, so the stop-gradient has done its
+        work; a Clip that is a graph output or that a subgraph reads from the outer scope stays."""
+        raw = {t: self._peel(t) for t in candidates}
+        raw = {t: m for t, m in raw.items() if m != t}
+        if not raw:
+            return
+        keep = {o.name for o in graph.output}
+        for n in graph.node:
+            keep.update(i for i in node_inputs(n)[len(n.input):] if i in raw)   # subgraphs' outer reads
+        raw = {t: m for t, m in raw.items() if t not in keep}
+        for n in graph.node:
+            for k, i in enumerate(n.input):
+                if i in raw:
+                    n.input[k] = raw[i]
+
     @staticmethod
     def _prune(graph, candidates: set) -> int:
         """Remove the candidate nodes (named by their first output) whose outputs nothing reads (subgraphs' outer

@@ -157,9 +157,13 @@ def test_conv_structure(conv_pair):
     note = next(n for n in conv_pair[True][1].extra["notes"] if n.startswith("[quant-bits]"))
     removed = int(note.split(" and ")[-1].split()[0])   # each If became one node; the scalars went
     assert note.startswith("[quant-bits] 24 quantizers as one node") and len(off.node) - len(on.node) == removed > 100
-    # what another node reads stays: the activation ranges' EMA (min, range) and the IntConvs' min and scale
+    # what another node reads stays: the activation ranges' EMA (min, range) and the IntConvs' min and scale; the
+    # stop-gradient Clips of min and max are gone, their readers read the MinMax outputs
     names = {o for n in on.node for o in n.output}
-    assert {"/c0/Conv::fq_a0/min", "/c0/Conv::fq_a0/range"} <= names
+    assert "/c0/Conv::fq_a0/range" in names and "/c0/Conv::fq_a0/min" not in names
+    assert not any(n.op_type == "Clip" and "::fq_" in n.name for n in on.node)
+    assert [n.input for n in on.node if n.name == "/c0/Conv::fq_a0/ema_min/diff"] == [["/c0/Conv::fq_a0/min_raw",
+                                                                                       "/c0/Conv::fq_a0.run_min"]]
     int_reads = {i for n in on.node if "::int" in n.name for i in n.input}   # ::int/, ::int_dw/
     scales = [n.output[0] for n in on.node if n.output[0].endswith("/scale")]
     assert scales and all(s in int_reads for s in scales)   # a scale no IntConv reads is gone
