@@ -167,6 +167,12 @@ def measure(name: str, a) -> dict:
         quantize_s = time.perf_counter() - t0
         a.model_now = name
         configs = [("fracgraph FW8/BW8", "art", None)] + [(f"fracgraph without {p}", f"art-{p}", None) for p in a.off]
+        nodes = {}   # the training graph's top-level nodes and Ifs of each configuration built here
+        for label, kind, _ in configs:
+            import onnx
+
+            g = onnx.load(str(d / kind / "training_model.onnx"), load_external_data=False).graph
+            nodes[label] = (len(g.node), sum(n.op_type == "If" for n in g.node))
         if a.baseline:   # the other checkout builds its own artifacts, and its worker imports it first
             code = ("import sys; from fracgraph.build import BuildOptions, build_artifacts; "
                     "build_artifacts(sys.argv[1], sys.argv[2], BuildOptions(fw=8, bw=8), force=True)")
@@ -195,7 +201,7 @@ def measure(name: str, a) -> dict:
         finally:
             for w in workers:
                 w.close()
-        out = {"quantize_s": quantize_s, "rounds": rounds}
+        out = {"quantize_s": quantize_s, "rounds": rounds, "nodes": nodes}
         if a.profile:
             from fracgraph.profile import profile_step, render
 
@@ -239,6 +245,7 @@ def main() -> None:
         results[name] = r = measure(name, a)
         print(f"  conv weight-gradient forms: {r['dw_forms']}; forward/dX forms: {r['conv_forms']}; "
               f"quantize {r['quantize_s']:.1f} s")
+        print("  training graph: " + "; ".join(f"{k} {n} nodes ({i} If)" for k, (n, i) in r["nodes"].items()))
         for label in r["rounds"][0]:
             if label == "PyTorch FP32":
                 continue

@@ -47,6 +47,7 @@ from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
 from .passes.int_gemm import IntGemmPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.qdq_act import QdqActPass
+from .passes.quant_bits import QuantBitsPass
 from .passes.quant_branch import QuantBranchPass
 from .passes.relu_grad import ReluGradLoweringPass
 from .passes.shared_noise import SharedNoisePass
@@ -278,6 +279,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + fused \
           + _int_gemm_passes(opts, fused, shapes, nchwc_block) \
           + ([QuantBranchPass(), QdqActPass(), ReluGradLoweringPass()] if opts.fast_backward else []) \
+          + ([QuantBitsPass()] if fused else []) \
           + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 or fused else []) \
           + ([PermutePass()] if fused else []) \

@@ -40,7 +40,7 @@ def test_profile_command_json(small_model, tmp_path):
     assert r.exit_code == 0, r.output
     prof = json.loads(r.output)
     types = {o["op_type"] for o in prof["ops"]}
-    assert {"Conv", "SRQuantize", "FakeQuantize", "MinMax"} <= types and "Round" not in types   # fused ops are listed (weight quantizers too)
+    assert {"Conv", "SRQuantizeBits", "FakeQuantizeBits", "MinMax"} <= types and "Round" not in types   # fused ops are listed (weight quantizers too)
     assert "ConvGradWCols" in types   # the small model's strided convs' dW (passes/conv_grad_w.py's im2col-gemm)
     assert sum(o["percent"] for o in prof["ops"]) == pytest.approx(100.0, abs=0.1)
     assert prof["step_ms"] > 0 and prof["graph_ms"] > 0 and prof["threads"] == 1

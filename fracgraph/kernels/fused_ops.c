@@ -42,6 +42,12 @@
  *   Col2Im(cols) -> Y [N, C, h, w]             its adjoint: sums cols' taps back onto the image; same attributes
  *   DepthwiseConv(X, W) -> Y                   depthwise conv (W [C, 1, kh, kw]); attributes kh .. dw, ph_end,
  *                                              pw_end, flip (W's taps reversed: a stride-1 dX conv)
+ *   FakeQuantizeBits(x, min, max, bits)        FakeQuantize with its scalars and its bits > 0 switch (passes/
+ *   SRQuantizeBits(x, min, max, bits)          quant_bits.py): attributes lo, eps, slack (optional), salt (SR);
+ *   SRQuantizeNoiseBits(x, min, max, bits, noise)   levels = max(2^bits - 1, 1), scale = max((max - min) / levels,
+ *                                              eps), hi = levels + slack (levels without slack), in the chain's
+ *                                              order (quantizers.py); bits <= 0 (or NaN): y = x, and an SR node's
+ *                                              generator call count does not advance (its If never ran it)
  *
  * The quantizers compute, per element and in this order (quantizers.py's chain, each operation IEEE-rounded;
  * the library is compiled with -ffp-contract=off so that no multiply-add is fused; noise = 0 for FakeQuantize):
@@ -98,12 +104,14 @@ void fg_set_seed(uint64_t seed) { g_seed = seed; }
 /* ---- the kernels --------------------------------------------------------------------------------------- */
 enum Kind { SR_RNG, SR_NOISE, FAKE_QUANT, MIN_MAX, RELU_GRAD, CONV_GRAD_W, BN_GRAD, CONV_COLS, DW_GRAD_W, NCHWC_WEIGHT,
             IM2COL, COL2IM, MIN_MAX_ROWS, MAX_POOL, DW_CONV, MIN_MAX_COLS, MAX_POOL_GRAD, LN_GRAD, BN_TRAIN,
-            BN_TRAIN_FUSED, BN_GRAD_RANGE, RELU_GRAD_SUM, N_KINDS };
+            BN_TRAIN_FUSED, BN_GRAD_RANGE, RELU_GRAD_SUM, FQ_BITS, SR_BITS, SR_NOISE_BITS, N_KINDS };
 
 typedef struct {
   int kind;
   float lo;
-  float eps, momentum;   /* BN_TRAIN, BN_TRAIN_FUSED */
+  float eps, momentum;   /* BN_TRAIN, BN_TRAIN_FUSED; eps: the quantizers' scale floor (FQ_BITS .. SR_NOISE_BITS) */
+  float slack;           /* FQ_BITS .. SR_NOISE_BITS: hi = levels + slack when has_slack, else levels */
+  int has_slack;
   int64_t relu;          /* BN_TRAIN_FUSED, BN_GRAD_RANGE */
   uint64_t salt;
   uint64_t calls;
@@ -1733,9 +1741,10 @@ static OrtStatus* compute_bn_grad(Kernel* k, void* ctx) {
   return st;
 }
 
-/* FakeQuantize's min and scale: when they hold one value per channel along one axis of x (x's rank, that axis x's
- * size, every other axis 1), points j->mnv and j->sv at them and reads hi; scalars leave j->mnv NULL. */
-static OrtStatus* channel_inputs(void* ctx, Job* j, const int64_t* dims, size_t rank) {
+/* FakeQuantize's min and scale (FakeQuantizeBits': min and max): when they hold one value per channel along one
+ * axis of x (x's rank, that axis x's size, every other axis 1), points j->mnv and *second at them and sets
+ * j->channels and j->inner; scalars leave j->mnv NULL. */
+static OrtStatus* channel_pair(void* ctx, Job* j, const int64_t* dims, size_t rank, const float** second) {
   const void *mv, *sv;
   int64_t md[16], sd[16];
   size_t mr, sr, mc, sc, axis = rank;
@@ -1748,15 +1757,97 @@ static OrtStatus* channel_inputs(void* ctx, Job* j, const int64_t* dims, size_t 
     if (ok && md[r] != 1) axis = r;
   }
   if (!ok || axis == rank)
-    return fail("fracgraph FakeQuantize: min and scale must be scalars or per channel along one axis of x "
+    return fail("fracgraph FakeQuantize: min and scale (max) must be scalars or per channel along one axis of x "
                 "(x's rank, 1 on every other axis)");
   j->channels = (size_t)dims[axis];
   j->inner = 1;
   for (size_t r = axis + 1; r < rank; ++r) j->inner *= (size_t)dims[r];
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)mv, (void**)&j->mnv)) ||
-      (st = API(GetTensorMutableData, GetDataFn)((void*)sv, (void**)&j->sv)) || (st = scalar_input(ctx, 3, &j->hi)))
+      (st = API(GetTensorMutableData, GetDataFn)((void*)sv, (void**)second)))
     return st;
   return NULL;
+}
+
+static OrtStatus* channel_inputs(void* ctx, Job* j, const int64_t* dims, size_t rank) {
+  OrtStatus* st = channel_pair(ctx, j, dims, rank, &j->sv);
+  if (!st && j->mnv) st = scalar_input(ctx, 3, &j->hi);
+  return st;
+}
+
+static void copy_chunk(void* p, size_t c) {
+  const Job* j = (const Job*)p;
+  size_t a = c * CHUNK, b = a + CHUNK < j->n ? a + CHUNK : j->n;
+  memcpy(j->y + a, j->x + a, (b - a) * sizeof(float));
+}
+
+/* 2^b as onnxruntime's Pow(2, b) computes it (std::pow, i.e. powf): an integer b in [-126, 127] gives the power of
+ * two exactly either way, which ldexpf writes without relying on how the compiler treats powf of a constant base */
+static float pow2f(float b) {
+  if (b == floorf(b) && b >= -126.0f && b <= 127.0f) return ldexpf(1.0f, (int)b);
+  volatile float two = 2.0f;
+  return powf(two, b);
+}
+
+/* FakeQuantizeBits, SRQuantizeBits, SRQuantizeNoiseBits: the scalars of quantizers.py's chain, each op in its order
+ * and float rounding, then the fused quantizer's pass over x; bits <= 0: the If's else branch, y = x. */
+static OrtStatus* compute_quant_bits(Kernel* k, void* ctx) {
+  const void *xv, *bv, *nv;
+  void* yv;
+  int64_t dims[16], bd[16], nd[16];
+  size_t rank, n, br, bn, nr, nn;
+  const float* bp;
+  const float* mxv = NULL;
+  float* sbuf = NULL;
+  OrtStatus* st;
+  Job j;
+  memset(&j, 0, sizeof j);
+  if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
+  if ((st = input_shape(ctx, 3, &bv, bd, &br, &bn))) return st;
+  if (bn != 1) return fail("fracgraph quantizer kernels: bits must be a scalar (per-sample bits keep their chain)");
+  if ((st = API(GetTensorMutableData, GetDataFn)((void*)bv, (void**)&bp))) return st;
+  const float bits = bp[0];
+  j.n = n;
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &yv))) return st;
+  if ((st = API(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y))) return st;
+  if (!(bits > 0.0f)) {   /* Greater(bits, 0) false: the FP32 passthrough */
+    size_t chunks = (n + CHUNK - 1) / CHUNK;
+    if (chunks > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, copy_chunk, chunks, 0, &j);
+    if (n) copy_chunk(&j, 0);
+    return NULL;
+  }
+  /* levels = Max(Pow(2, b) - 1, 1); hi = levels + slack (Add) or levels */
+  float lv = pow2f(bits) - 1.0f;
+  lv = lv < 1.0f ? 1.0f : lv;
+  j.hi = k->has_slack ? lv + k->slack : lv;
+  j.lo = k->lo;
+  if ((st = channel_pair(ctx, &j, dims, rank, &mxv))) return st;
+  if (j.mnv) {   /* per channel: scale_c = Max((max_c - min_c) / levels, eps) */
+    if (k->kind != FQ_BITS) return fail("fracgraph SRQuantizeBits: min and max must be scalars");
+    sbuf = (float*)malloc(j.channels * sizeof(float));
+    if (!sbuf) return fail("fracgraph kernels: out of memory");
+    for (size_t c = 0; c < j.channels; ++c) {
+      const float s = (mxv[c] - j.mnv[c]) / lv;
+      sbuf[c] = s < k->eps ? k->eps : s;
+    }
+    j.sv = sbuf;
+  } else {
+    float mx;
+    if ((st = scalar_input(ctx, 1, &j.mn)) || (st = scalar_input(ctx, 2, &mx))) return st;
+    const float s = (mx - j.mn) / lv;
+    j.s = s < k->eps ? k->eps : s;
+  }
+  j.kind = k->kind == FQ_BITS ? FAKE_QUANT : k->kind == SR_BITS ? SR_RNG : SR_NOISE;
+  if (k->kind == SR_NOISE_BITS) {
+    if ((st = input_shape(ctx, 4, &nv, nd, &nr, &nn))) return st;
+    if (nn != n) return fail("fracgraph kernels: the second tensor has another element count than the first");
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)nv, (void**)&j.aux))) return st;
+  }
+  if (k->kind == SR_BITS) j.key = mix(g_seed ^ mix(k->salt ^ mix(k->calls)));
+  k->calls++;
+  st = parallel(ctx, &j);
+  free(sbuf);
+  return st;
 }
 
 static OrtStatus* compute(void* kernel, void* ctx) {
@@ -1780,6 +1871,7 @@ static OrtStatus* compute(void* kernel, void* ctx) {
   if (k->kind == MAX_POOL_GRAD) return compute_max_pool_grad(ctx);
   if (k->kind == LN_GRAD) return compute_ln_grad(ctx);
   if (k->kind == DW_CONV) return compute_dw_conv(k, ctx);
+  if (k->kind >= FQ_BITS) return compute_quant_bits(k, ctx);
   if ((st = input_shape(ctx, 0, &xv, dims, &rank, &n))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x))) return st;
   j.n = n;
@@ -1816,9 +1908,10 @@ static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "Fak
                                            "NchwcWeight", "Im2Col", "Col2Im", "MinMaxRows", "MaxPoolIdx",
                                            "DepthwiseConv", "MinMaxCols", "MaxPoolIdxGrad", "LayerNormGrad",
                                            "BatchNormTrain", "BatchNormTrainFused", "BatchNormGradRange",
-                                           "ReluGradSum"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 5, 5, 6, 6, 3};
-static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1, 3, 5, 7, 5, 1};
+                                           "ReluGradSum", "FakeQuantizeBits", "SRQuantizeBits",
+                                           "SRQuantizeNoiseBits"};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 5, 5, 6, 6, 3, 4, 4, 5};
+static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1, 3, 5, 7, 5, 1, 1, 1, 1};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
 static const char* const COL_ATTRS[12] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "h", "w", "ho", "wo"};
@@ -1839,7 +1932,16 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
   int64_t salt = 0;
   if (!k) return fail("fracgraph kernels: out of memory");
   k->kind = kind_of(op);
-  if (k->kind <= FAKE_QUANT && (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "lo", &k->lo))) { free(k); return st; }
+  const int bits_op = k->kind >= FQ_BITS;
+  if ((k->kind <= FAKE_QUANT || bits_op) && (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "lo", &k->lo))) { free(k); return st; }
+  if (bits_op && (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "eps", &k->eps))) { free(k); return st; }
+  if (bits_op) {   /* optional: without it hi = levels (the error quantizers' clamp) */
+    k->has_slack = 1;
+    if ((st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "slack", &k->slack))) {
+      API(ReleaseStatus, ReleaseFn)(st);
+      k->has_slack = 0;
+    }
+  }
   if ((k->kind == BN_TRAIN || k->kind == BN_TRAIN_FUSED) &&
       ((st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "epsilon", &k->eps)) ||
        (st = API(KernelInfoGetAttribute_float, AttrFloatFn)(info, "momentum", &k->momentum)))) {
@@ -1851,7 +1953,7 @@ static OrtStatus* create(const OrtCustomOp* op, const OrtApi* api, const void* i
     free(k);
     return st;
   }
-  if (k->kind == SR_RNG && (st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "salt", &salt))) { free(k); return st; }
+  if ((k->kind == SR_RNG || k->kind == SR_BITS) && (st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "salt", &salt))) { free(k); return st; }
   k->salt = (uint64_t)salt;
   if (k->kind == CONV_GRAD_W || k->kind == CONV_COLS || k->kind == DW_GRAD_W)
     for (int a = 0; a < (k->kind == CONV_COLS ? 9 : 8); ++a)

@@ -25,8 +25,9 @@ What onnxruntime runs as several full passes over a tensor, this pass replaces b
 
 Chains are matched by their node names and wiring (quantizers.py names every op `<prefix>/<step>`) and only when
 no intermediate is read outside the chain; anything else is kept and the notes say why. The range statistics
-and the bits > 0 switch are untouched; quant-branch moves a fused quantizer under its If like the chain. Runs
-after ste-grad (which needs the FW chains) and before quant-branch.
+and the bits > 0 switch are untouched; quant-branch moves a fused quantizer under its If like the chain, and
+quant-bits (passes/quant_bits.py) then makes the If, the quantizer and its scalars one node. Runs after ste-grad
+(which needs the FW chains) and before quant-branch.
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ def test_training_graph_has_stochastic_bw_quantizers_and_ema(art):
     tm = onnx.load(str(art / "training_model.onnx"))
     names = {n.name for n in tm.graph.node}
     assert not any(gradient_node_name(g) in names for g in ("/stem/Conv", "/conv1/Conv"))
-    # one noise source per error quantizer: onnxruntime's generator, or the fused kernel's own (passes/fused_ops.py)
-    assert sum(1 for n in all_nodes(tm.graph) if n.op_type in ("RandomUniformLike", "SRQuantize")) == 4
+    # one noise source per error quantizer: onnxruntime's generator, or the fused kernel's own (passes/fused_ops.py,
+    # passes/quant_bits.py)
+    assert sum(1 for n in all_nodes(tm.graph) if n.op_type in ("RandomUniformLike", "SRQuantize", "SRQuantizeBits")) == 4
     assert sum(1 for n in tm.graph.node if n.op_type == "InPlaceAccumulatorV2" and "ema" in n.name) == 6
     assert "fracgraph::act_ranges_updated" in {o.name for o in tm.graph.output}
 

@@ -25,6 +25,7 @@ nn = torch.nn
 from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.passes.base import all_nodes  # noqa: E402
 from fracgraph.passes.conv_grad_split import ConvGradSplitPass  # noqa: E402
+from fracgraph.passes.quant_bits import FUSED_BITS  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
 
 from conftest import STE, ErrorReplay, GradQ, export, fq_ref, seed_noise  # noqa: E402
@@ -186,8 +187,10 @@ def test_ste_grad_removes_the_quantizer_backward(builds):
     assert not any(n.op_type == "DivGrad" for n in after.node)
     assert not any(n.op_type == "Where" for n in after.node)                        # quant-branch
     selects = [n for n in before.node if n.op_type == "Where" and n.input[0].endswith("::on") and "_Grad/" not in n.name]
-    assert sum(n.op_type == "If" and not n.name.endswith(("::int/switch", "::int_dw/switch")) for n in after.node) \
-        == len(selects) == 3 * 8   # act, weight, error of 8 convs (int-gemm's conv and weight-gradient switches aside)
+    # each an If (int-gemm's conv and weight-gradient switches aside), or one node with its switch (quant-bits)
+    assert sum(n.op_type == "If" and not n.name.endswith(("::int/switch", "::int_dw/switch"))
+               or n.op_type in FUSED_BITS.values() for n in after.node) \
+        == len(selects) == 3 * 8   # act, weight, error of 8 convs
     notes = [n for n in builds[True][1].extra["notes"] if n.startswith("[ste-grad]")]
     assert any("/c0/Conv::fq_a0: kept: no gradient" in n for n in notes)     # the data input needs no gradient
 
