@@ -106,8 +106,13 @@ def _artifacts(gpt_model, tmp_path_factory, mode, embeddings="fp32"):
     # element across a stochastic-rounding boundary than onnxruntime's does at (8, 8, 8) here, and that flip reaches
     # four gradients (blocks.0's q and k), past the one the assertion below allows; the pass is checked by
     # tests/passes/test_gelu_grad.py (the kernel against float64, the step with the pass on and off)
+    # the integer MatMuls (int_matmul) left out for the same reason: their exact integer sums differ from PyTorch's
+    # float sums by rounding, which moves error elements across stochastic-rounding boundaries; with one noise draw
+    # (the one quant-bits' node order gives at (8, 8, 8)) a flip in the top layer's error reached all 33 gradients.
+    # They are checked against the float MatMuls with FP32 errors in tests/passes/test_int_gemm.py (loss and every
+    # gradient to 1e-5) and against float64 in tests/passes/test_int_matmul.py.
     build_artifacts(gpt_model[1], out, BuildOptions(expose_noise=mode == "exposed", skip_passes=("gelu-grad",),
-                                                    policy=LayerPolicy(embeddings=embeddings)))
+                                                    int_matmul=False, policy=LayerPolicy(embeddings=embeddings)))
     return out
 
 
