@@ -18,7 +18,7 @@ that the threads of the step before (PyTorch's OpenMP threads spin ~0.2 s by def
     python bench/step_time.py --int [--steps 5] [--bits-sweep 8/8,4/6,...]
         # integer convs and weight gradients (issue 18): the default artifacts and --no-int-kernels ones per precision FW/BW, the 0-bit
         # step, PyTorch eager FP32, and the step's GEMMs at this CPU's measured FP32 and int8 GEMM rates
-    python bench/step_time.py --corpus [--corpus-models a,b] [--corpus-size 64] [--corpus-batch 32]
+    python bench/step_time.py --corpus [--corpus-models a,b] [--corpus-rounds 2] [--corpus-size 64] [--corpus-batch 32]
         # the model corpus (fracgraph/zoo_external.py): FW8/BW8 step of the default artifacts against PyTorch
         # eager FP32 of the same torch module, batch 32, 64x64, plus resnet20 batch 128; peak RSS of each worker
 """
@@ -324,9 +324,10 @@ def prepare(directory: Path, default_only: bool = False) -> None:
                                      optimizer=ort_artifacts.OptimType.SGD, artifact_directory=str(directory / "plain"))
 
 
-def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple[float, float]]:
+def run_interleaved(configs: list[tuple], directory: Path, a,
+                    times: dict[str, list[float]] | None = None) -> dict[str, tuple[float, float]]:
     """configs: (label, kind, ORT session tuning[, extra environment[, corpus model, size, batch]]); returns
-    label -> (median s, peak RSS MB).
+    label -> (median s, peak RSS MB); `times`, if given, receives each label's step times in step order.
     A pilot worker starts first and is not reported: the first worker started ran ~5% slower than identical
     later ones even with the ballast (`--noise-check 4`: 352 ms against 333-337)."""
     workers = [Worker(*c[:2], directory, a, *c[2:]) for c in [("pilot", "zero", {})] + configs]
@@ -344,6 +345,8 @@ def run_interleaved(configs: list[tuple], directory: Path, a) -> dict[str, tuple
                 w.step()
         rows = {w.label: (statistics.median(w.times), w.finish()) for w in workers}
         rows.pop("pilot")
+        if times is not None:
+            times.update({w.label: list(w.times) for w in workers if w.label != "pilot"})
         return rows
     finally:
         for w in workers:
@@ -369,8 +372,14 @@ def prepare_corpus(directory: Path, names: list[str], size: int) -> dict[str, st
 
 
 def run_corpus(d: Path, a) -> None:
-    """Each corpus model's FW8/BW8 step against PyTorch eager FP32 of the same module (its own interleaved run
-    with the pilot; --corpus-batch, --corpus-size), then resnet20 at --batch."""
+    """Each corpus model's FW8/BW8 step against PyTorch eager FP32 of the same module, then resnet20 at --batch.
+
+    A model's comparison is --corpus-rounds separate interleaved runs (fresh worker processes each, the models
+    taken in turn, so a slow stretch of the machine or a slow process lands on one round of a model, not on all
+    of it), --steps alternated steps each. Within a run the two workers' steps alternate, so the k-th fracgraph
+    step and the k-th PyTorch step saw nearly the same load: the ratio of each such pair is the unit of
+    comparison. The table gives the medians of the step times, the median of all paired ratios and their range
+    over the rounds (each round's median paired ratio): a model is under 1.0x when its whole range is."""
     from fracgraph import zoo_external
 
     names = a.corpus_models.split(",") if a.corpus_models else [e.name for e in zoo_external.CORPUS]
@@ -378,29 +387,60 @@ def run_corpus(d: Path, a) -> None:
     names = [n for n in names if n not in legacy]
     failed = prepare_corpus(d, names, a.corpus_size)
     print(f"model corpus, batch {a.corpus_batch}, {a.corpus_size}x{a.corpus_size} inputs, {a.threads} threads, "
-          f"median of {a.steps} interleaved steps (resnet20: batch {a.batch}, 32x32)")
-    print("| model | fracgraph FW8/BW8 ms | PyTorch eager FP32 ms | / PyTorch FP32 | peak RSS MB fracgraph | "
-          "peak RSS MB PyTorch |\n|---|---|---|---|---|---|", flush=True)
-    for n in names:
-        if n in failed:
-            print(f"| {n} | not built: {failed[n]} | | | | |", flush=True)
+          f"{a.corpus_rounds} rounds of {a.steps} alternated steps per model (resnet20: batch {a.batch}, 32x32); "
+          f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
+    models = [n for n in names if n not in failed] + ["resnet20"]
+    runs: dict[str, list[dict]] = {n: [] for n in models}
+    mem: dict[str, tuple[float, float]] = {}
+    errors: dict[str, str] = {}
+    for r in range(a.corpus_rounds):
+        for n in models:
+            if n in errors:
+                continue
+            if n == "resnet20":
+                configs = [("fg", "after", {}), ("pt", "torch_fp32", {})]
+            else:
+                size = max(a.corpus_size, zoo_external.entry(n).min_size)
+                configs = [("fg", "corpus_fg", {}, None, n, size, a.corpus_batch),
+                           ("pt", "corpus_torch", {}, None, n, size, a.corpus_batch)]
+            times: dict[str, list[float]] = {}
+            try:
+                rows = run_interleaved(configs, d, a, times)
+            except Exception as exc:
+                errors[n] = str(exc).splitlines()[0][:200]
+                continue
+            runs[n].append(times)
+            mem[n] = (max(rows["fg"][1], mem.get(n, (0, 0))[0]), max(rows["pt"][1], mem.get(n, (0, 0))[1]))
+            print(f"  round {r + 1} {n}: fracgraph {1000 * rows['fg'][0]:.0f} ms, PyTorch {1000 * rows['pt'][0]:.0f} ms, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print("| model | fracgraph FW8/BW8 ms | PyTorch eager FP32 ms | / PyTorch FP32 (paired) | per round | "
+          "peak RSS MB fracgraph | peak RSS MB PyTorch |\n|---|---|---|---|---|---|---|")
+    table = []
+    for n in names + ["resnet20"]:
+        label = n if n != "resnet20" else f"resnet20 (zoo, batch {a.batch}, 32x32)"
+        size = a.corpus_size if n == "resnet20" else max(a.corpus_size, zoo_external.entry(n).min_size)
+        if size != a.corpus_size:
+            label += f" ({size}x{size})"
+        if n in failed or (n in errors and not runs[n]):
+            why = f"not built: {failed[n]}" if n in failed else f"step failed: {errors[n]}"
+            print(f"| {label} | {why} | | | | | |", flush=True)
+            table.append({"model": n, "error": why})
             continue
-        size = max(a.corpus_size, zoo_external.entry(n).min_size)
-        try:
-            rows = run_interleaved([("fg", "corpus_fg", {}, None, n, size, a.corpus_batch),
-                                    ("pt", "corpus_torch", {}, None, n, size, a.corpus_batch)], d, a)
-        except Exception as exc:
-            print(f"| {n} | step failed: {str(exc).splitlines()[0][:200]} | | | | |", flush=True)
-            continue
-        (tf, mf), (tp, mp) = rows["fg"], rows["pt"]
-        print(f"| {n}{'' if size == a.corpus_size else f' ({size}x{size})'} | {1000 * tf:.0f} | {1000 * tp:.0f} | "
-              f"{tf / tp:.2f} | {mf:.0f} | {mp:.0f} |", flush=True)
-    rows = run_interleaved([("fg", "after", {}), ("pt", "torch_fp32", {})], d, a)
-    (tf, mf), (tp, mp) = rows["fg"], rows["pt"]
-    print(f"| resnet20 (zoo, batch {a.batch}, 32x32) | {1000 * tf:.0f} | {1000 * tp:.0f} | {tf / tp:.2f} | {mf:.0f} | "
-          f"{mp:.0f} |")
+        fg = [t for run in runs[n] for t in run["fg"]]
+        pt = [t for run in runs[n] for t in run["pt"]]
+        paired = [f / p for run in runs[n] for f, p in zip(run["fg"], run["pt"])]
+        per_round = [statistics.median(f / p for f, p in zip(run["fg"], run["pt"])) for run in runs[n]]
+        row = {"model": n, "fracgraph_ms": 1000 * statistics.median(fg), "pytorch_ms": 1000 * statistics.median(pt),
+               "ratio": statistics.median(paired), "ratio_rounds": per_round,
+               "peak_rss_mb_fracgraph": mem[n][0], "peak_rss_mb_pytorch": mem[n][1]}
+        table.append(row)
+        print(f"| {label} | {row['fracgraph_ms']:.0f} | {row['pytorch_ms']:.0f} | {row['ratio']:.2f} | "
+              f"{'-'.join(f'{x:.2f}' for x in sorted(per_round))} | {mem[n][0]:.0f} | {mem[n][1]:.0f} |", flush=True)
     if legacy:
         print(f"not timed (no PyTorch module to compare with): {', '.join(legacy)}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rounds": a.corpus_rounds, "steps": a.steps, "threads": a.threads,
+                                            "batch": a.corpus_batch, "size": a.corpus_size, "rows": table}, indent=1))
 
 
 def main() -> None:
@@ -421,6 +461,9 @@ def main() -> None:
     ap.add_argument("--corpus-models", help="comma-separated corpus names (default: every torchvision/timm model)")
     ap.add_argument("--corpus-size", type=int, default=64)
     ap.add_argument("--corpus-batch", type=int, default=32)
+    ap.add_argument("--corpus-rounds", type=int, default=2, metavar="R",
+                    help="--corpus: separate interleaved runs per model (fresh processes each)")
+    ap.add_argument("--json", metavar="PATH", help="--corpus: also write the table here")
     ap.add_argument("--int", action="store_true", help="integer convs (issue 18): per precision, against --no-int-kernels")
     ap.add_argument("--bits-sweep", default="8/8,8/6,6/8,6/6,4/8,4/6", metavar="FW/BW,...",
                     help="--int: the precisions (FW = activation and weight bits, BW = error bits)")
