@@ -83,19 +83,8 @@ static void clip_chunk(void* p, size_t c) {
 static OrtStatus* cfail(const char* msg) { return CAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
 static OrtStatus* c_input(void* ctx, size_t index, const float** data, int64_t* dims, size_t* rank, size_t* count) {
-  const void* v;
-  void* info;
-  OrtStatus* st;
-  if ((st = CAPI(KernelContext_GetInput, GetInputFn)(ctx, index, &v))) return st;
-  if ((st = CAPI(GetTensorTypeAndShape, TypeShapeFn)(v, &info))) return st;
-  if (!(st = CAPI(GetDimensionsCount, DimCountFn)(info, rank))) {
-    if (*rank > 16) st = cfail("fracgraph ClipGrad: tensors above rank 16 are not supported");
-    else if (!(st = CAPI(GetDimensions, DimsFn)(info, dims, *rank)))
-      st = CAPI(GetTensorShapeElementCount, ElemCountFn)(info, count);
-  }
-  CAPI(ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
-  if (st) return st;
-  return CAPI(GetTensorMutableData, GetDataFn)((void*)v, (void**)data);
+  return fg_float_input(g_api_clip, ctx, index, "fracgraph ClipGrad: tensors above rank 16 are not supported", data,
+                        dims, rank, count);
 }
 
 static OrtStatus* clip_compute(void* kernel, void* ctx) {
@@ -123,41 +112,9 @@ static OrtStatus* clip_compute(void* kernel, void* ctx) {
 }
 
 /* ---- registration -------------------------------------------------------------------------------------------- */
-static OrtCustomOp g_clip_op;
-static OrtStatus* c_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
-  (void)op, (void)api, (void)info;
-  *out = &g_clip_op;   /* stateless: the kernel handle is never dereferenced */
-  return NULL;
-}
-static void c_destroy(void* k) { (void)k; }
-static const char* c_name(const OrtCustomOp* op) { (void)op; return "ClipGrad"; }
-static const char* c_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int c_float(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 1; }
-static size_t c_n_in(const OrtCustomOp* op) { (void)op; return 4; }
-static size_t c_n_out(const OrtCustomOp* op) { (void)op; return 1; }
-static int c_zero(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
-static int c_one(const OrtCustomOp* op) { (void)op; return 1; }
+static FgOp g_clip_op;
 
 OrtStatus* fg_clip_grad_register(void* domain, const void* api) {
-  OrtCustomOp* op = &g_clip_op;
   g_api_clip = (const OrtApi*)api;
-  memset(op, 0, sizeof *op);
-  op->version = 16;
-  op->GetName = c_name;
-  op->GetExecutionProviderType = c_provider;
-  op->GetInputType = c_float;
-  op->GetInputTypeCount = c_n_in;
-  op->GetOutputType = c_float;
-  op->GetOutputTypeCount = c_n_out;
-  op->KernelDestroy = c_destroy;
-  op->GetInputCharacteristic = c_zero;
-  op->GetOutputCharacteristic = c_zero;
-  op->GetInputMemoryType = c_zero;
-  op->GetVariadicInputMinArity = c_one;
-  op->GetVariadicInputHomogeneity = c_one;
-  op->GetVariadicOutputMinArity = c_one;
-  op->GetVariadicOutputHomogeneity = c_one;
-  op->CreateKernelV2 = c_create;
-  op->KernelComputeV2 = clip_compute;
-  return CAPI(CustomOpDomain_Add, DomainAddFn)(domain, op);
+  return fg_op_add(g_api_clip, domain, &g_clip_op, "ClipGrad", 4, 1, 0, fg_op_stateless, fg_op_keep, clip_compute);
 }

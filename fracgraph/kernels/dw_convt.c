@@ -164,7 +164,7 @@ int fg_dw_convt(const float* dy, const float* w, float* dx, int64_t n, int64_t c
                           attrs[9]}, n, c, ho, wo, n * c, 0};
   if (j.a.sh < 1 || j.a.sw < 1 || j.a.dh < 1 || j.a.dw < 1) return 1;
   if (path == 1 && !(j.vector = vector_ok(&j.a, wo))) return 2;
-  if (n * c) dwt_task(&j, 0);
+  if (n && c) dwt_task(&j, 0);
   return 0;
 }
 
@@ -178,23 +178,14 @@ typedef struct {
 } DwtKernel;
 
 static OrtStatus* d_input(void* ctx, size_t index, const float** data, int64_t* dims, size_t* rank) {
-  const void* v;
-  void* info;
-  OrtStatus* st;
-  if ((st = DAPI(KernelContext_GetInput, GetInputFn)(ctx, index, &v))) return st;
-  if ((st = DAPI(GetTensorTypeAndShape, TypeShapeFn)(v, &info))) return st;
-  if (!(st = DAPI(GetDimensionsCount, DimCountFn)(info, rank))) {
-    if (*rank != 4) st = dfail("fracgraph DepthwiseConvT: dY and W must be 4-D");
-    else st = DAPI(GetDimensions, DimsFn)(info, dims, 4);
-  }
-  DAPI(ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
-  if (st) return st;
-  return DAPI(GetTensorMutableData, GetDataFn)((void*)v, (void**)data);
+  OrtStatus* st = fg_float_input(g_api_dwt, ctx, index, "fracgraph DepthwiseConvT: dY and W must be 4-D", data, dims,
+                                 rank, NULL);
+  return st ? st : *rank != 4 ? dfail("fracgraph DepthwiseConvT: dY and W must be 4-D") : NULL;
 }
 
 static OrtStatus* dwt_compute(void* kernel, void* ctx) {
   const DwtKernel* k = (const DwtKernel*)kernel;
-  int64_t yd[4], wd[4];
+  int64_t yd[16], wd[16];   /* fg_float_input writes up to rank 16 before the rank-4 check */
   size_t rank;
   void* out;
   OrtStatus* st;
@@ -225,7 +216,7 @@ static OrtStatus* dwt_compute(void* kernel, void* ctx) {
 }
 
 /* ---- registration -------------------------------------------------------------------------------------------- */
-static OrtCustomOp g_dwt_op;
+static FgOp g_dwt_op;
 static OrtStatus* d_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
   (void)op, (void)api;
   DwtKernel* k = (DwtKernel*)calloc(1, sizeof *k);
@@ -245,35 +236,7 @@ static OrtStatus* d_create(const OrtCustomOp* op, const OrtApi* api, const void*
   *out = k;
   return NULL;
 }
-static void d_destroy(void* k) { free(k); }
-static const char* d_name(const OrtCustomOp* op) { (void)op; return "DepthwiseConvT"; }
-static const char* d_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int d_float(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 1; }
-static size_t d_n_in(const OrtCustomOp* op) { (void)op; return 2; }
-static size_t d_n_out(const OrtCustomOp* op) { (void)op; return 1; }
-static int d_zero(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
-static int d_one(const OrtCustomOp* op) { (void)op; return 1; }
-
 OrtStatus* fg_dw_convt_register(void* domain, const void* api) {
-  OrtCustomOp* op = &g_dwt_op;
   g_api_dwt = (const OrtApi*)api;
-  memset(op, 0, sizeof *op);
-  op->version = 16;
-  op->GetName = d_name;
-  op->GetExecutionProviderType = d_provider;
-  op->GetInputType = d_float;
-  op->GetInputTypeCount = d_n_in;
-  op->GetOutputType = d_float;
-  op->GetOutputTypeCount = d_n_out;
-  op->KernelDestroy = d_destroy;
-  op->GetInputCharacteristic = d_zero;
-  op->GetOutputCharacteristic = d_zero;
-  op->GetInputMemoryType = d_zero;
-  op->GetVariadicInputMinArity = d_one;
-  op->GetVariadicInputHomogeneity = d_one;
-  op->GetVariadicOutputMinArity = d_one;
-  op->GetVariadicOutputHomogeneity = d_one;
-  op->CreateKernelV2 = d_create;
-  op->KernelComputeV2 = dwt_compute;
-  return DAPI(CustomOpDomain_Add, DomainAddFn)(domain, op);
+  return fg_op_add(g_api_dwt, domain, &g_dwt_op, "DepthwiseConvT", 2, 1, 0, d_create, fg_op_free, dwt_compute);
 }

@@ -221,33 +221,19 @@ static void gelu_chunk(void* p, size_t c) {
 
 static OrtStatus* gfail(const char* msg) { return GAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
-static OrtStatus* g_shape(void* ctx, size_t index, const void** v, int64_t* dims, size_t* rank, size_t* count) {
-  void* info;
-  OrtStatus* st;
-  if ((st = GAPI(KernelContext_GetInput, GetInputFn)(ctx, index, v))) return st;
-  if ((st = GAPI(GetTensorTypeAndShape, TypeShapeFn)(*v, &info))) return st;
-  if (!(st = GAPI(GetDimensionsCount, DimCountFn)(info, rank))) {
-    if (*rank > 16) st = gfail("fracgraph GeluGrad: tensors above rank 16 are not supported");
-    else if (!(st = GAPI(GetDimensions, DimsFn)(info, dims, *rank)))
-      st = GAPI(GetTensorShapeElementCount, ElemCountFn)(info, count);
-  }
-  GAPI(ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
-  return st;
-}
 
 static OrtStatus* gelu_compute(void* kernel, void* ctx) {
   (void)kernel;
-  const void *dyv, *xv;
   void* out;
   int64_t dims[16], xdims[16];
   size_t rank, xrank, n, xn;
   OrtStatus* st;
   GJob j;
-  if ((st = g_shape(ctx, 0, &dyv, dims, &rank, &n)) || (st = g_shape(ctx, 1, &xv, xdims, &xrank, &xn))) return st;
-  if (xn != n) return gfail("fracgraph GeluGrad: dY and X have different element counts");
-  if ((st = GAPI(GetTensorMutableData, GetDataFn)((void*)dyv, (void**)&j.dy)) ||
-      (st = GAPI(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
+  static const char* const too_high = "fracgraph GeluGrad: tensors above rank 16 are not supported";
+  if ((st = fg_float_input(g_api_gelu, ctx, 0, too_high, &j.dy, dims, &rank, &n)) ||
+      (st = fg_float_input(g_api_gelu, ctx, 1, too_high, &j.x, xdims, &xrank, &xn)))
     return st;
+  if (xn != n) return gfail("fracgraph GeluGrad: dY and X have different element counts");
   if ((st = GAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, xdims, xrank, &out))) return st;
   if ((st = GAPI(GetTensorMutableData, GetDataFn)(out, (void**)&j.dx))) return st;
   j.n = n;
@@ -260,41 +246,9 @@ static OrtStatus* gelu_compute(void* kernel, void* ctx) {
 }
 
 /* ---- registration -------------------------------------------------------------------------------------------- */
-static OrtCustomOp g_gelu_op;
-static OrtStatus* g_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
-  (void)op, (void)api, (void)info;
-  *out = &g_gelu_op;   /* stateless: the kernel handle is never dereferenced */
-  return NULL;
-}
-static void g_destroy(void* k) { (void)k; }
-static const char* g_name(const OrtCustomOp* op) { (void)op; return "GeluGrad"; }
-static const char* g_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int g_float(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 1; }
-static size_t g_n_in(const OrtCustomOp* op) { (void)op; return 2; }
-static size_t g_n_out(const OrtCustomOp* op) { (void)op; return 1; }
-static int g_zero(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
-static int g_one(const OrtCustomOp* op) { (void)op; return 1; }
+static FgOp g_gelu_op;
 
 OrtStatus* fg_gelu_register(void* domain, const void* api) {
-  OrtCustomOp* op = &g_gelu_op;
   g_api_gelu = (const OrtApi*)api;
-  memset(op, 0, sizeof *op);
-  op->version = 16;
-  op->GetName = g_name;
-  op->GetExecutionProviderType = g_provider;
-  op->GetInputType = g_float;
-  op->GetInputTypeCount = g_n_in;
-  op->GetOutputType = g_float;
-  op->GetOutputTypeCount = g_n_out;
-  op->KernelDestroy = g_destroy;
-  op->GetInputCharacteristic = g_zero;
-  op->GetOutputCharacteristic = g_zero;
-  op->GetInputMemoryType = g_zero;
-  op->GetVariadicInputMinArity = g_one;
-  op->GetVariadicInputHomogeneity = g_one;
-  op->GetVariadicOutputMinArity = g_one;
-  op->GetVariadicOutputHomogeneity = g_one;
-  op->CreateKernelV2 = g_create;
-  op->KernelComputeV2 = gelu_compute;
-  return GAPI(CustomOpDomain_Add, DomainAddFn)(domain, op);
+  return fg_op_add(g_api_gelu, domain, &g_gelu_op, "GeluGrad", 2, 1, 0, fg_op_stateless, fg_op_keep, gelu_compute);
 }

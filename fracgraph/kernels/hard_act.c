@@ -119,19 +119,8 @@ static void hard_chunk(void* p, size_t c) {
 static OrtStatus* hfail(const char* msg) { return HAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
 static OrtStatus* h_input(void* ctx, size_t index, const float** data, int64_t* dims, size_t* rank, size_t* count) {
-  const void* v;
-  void* info;
-  OrtStatus* st;
-  if ((st = HAPI(KernelContext_GetInput, GetInputFn)(ctx, index, &v))) return st;
-  if ((st = HAPI(GetTensorTypeAndShape, TypeShapeFn)(v, &info))) return st;
-  if (!(st = HAPI(GetDimensionsCount, DimCountFn)(info, rank))) {
-    if (*rank > 16) st = hfail("fracgraph HardAct: tensors above rank 16 are not supported");
-    else if (!(st = HAPI(GetDimensions, DimsFn)(info, dims, *rank)))
-      st = HAPI(GetTensorShapeElementCount, ElemCountFn)(info, count);
-  }
-  HAPI(ReleaseTensorTypeAndShapeInfo, ReleaseFn)(info);
-  if (st) return st;
-  return HAPI(GetTensorMutableData, GetDataFn)((void*)v, (void**)data);
+  return fg_float_input(g_api_hard, ctx, index, "fracgraph HardAct: tensors above rank 16 are not supported", data,
+                        dims, rank, count);
 }
 
 static OrtStatus* hard_compute(void* kernel, void* ctx) {
@@ -159,18 +148,14 @@ static OrtStatus* hard_compute(void* kernel, void* ctx) {
 }
 
 /* ---- registration -------------------------------------------------------------------------------------------- */
-typedef struct {
-  OrtCustomOp op;
-  int grad;
-} HardOpDef;
-static HardOpDef g_hard_ops[2];
+static FgOp g_hard_ops[2];   /* tag: 0 HardAct, 1 HardActGrad */
 
 static OrtStatus* h_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
   (void)api;
   HardKernel* k = (HardKernel*)calloc(1, sizeof *k);
   OrtStatus* st;
   if (!k) return hfail("fracgraph HardAct: out of memory");
-  k->grad = ((const HardOpDef*)op)->grad;
+  k->grad = ((const FgOp*)op)->tag;
   if ((st = HAPI(KernelInfoGetAttribute_float, AttrFloatFn)(info, "alpha", &k->alpha)) ||
       (st = HAPI(KernelInfoGetAttribute_float, AttrFloatFn)(info, "beta", &k->beta)) ||
       (st = HAPI(KernelInfoGetAttribute_int64, AttrIntFn)(info, "swish", &k->swish))) {
@@ -180,40 +165,9 @@ static OrtStatus* h_create(const OrtCustomOp* op, const OrtApi* api, const void*
   *out = k;
   return NULL;
 }
-static void h_destroy(void* k) { free(k); }
-static const char* h_name(const OrtCustomOp* op) { return ((const HardOpDef*)op)->grad ? "HardActGrad" : "HardAct"; }
-static const char* h_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int h_float(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 1; }
-static size_t h_n_in(const OrtCustomOp* op) { return ((const HardOpDef*)op)->grad ? 2 : 1; }
-static size_t h_n_out(const OrtCustomOp* op) { (void)op; return 1; }
-static int h_zero(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
-static int h_one(const OrtCustomOp* op) { (void)op; return 1; }
-
 OrtStatus* fg_hard_act_register(void* domain, const void* api) {
   g_api_hard = (const OrtApi*)api;
-  for (int g = 0; g < 2; ++g) {
-    OrtCustomOp* op = &g_hard_ops[g].op;
-    memset(&g_hard_ops[g], 0, sizeof g_hard_ops[g]);
-    g_hard_ops[g].grad = g;
-    op->version = 16;
-    op->GetName = h_name;
-    op->GetExecutionProviderType = h_provider;
-    op->GetInputType = h_float;
-    op->GetInputTypeCount = h_n_in;
-    op->GetOutputType = h_float;
-    op->GetOutputTypeCount = h_n_out;
-    op->KernelDestroy = h_destroy;
-    op->GetInputCharacteristic = h_zero;
-    op->GetOutputCharacteristic = h_zero;
-    op->GetInputMemoryType = h_zero;
-    op->GetVariadicInputMinArity = h_one;
-    op->GetVariadicInputHomogeneity = h_one;
-    op->GetVariadicOutputMinArity = h_one;
-    op->GetVariadicOutputHomogeneity = h_one;
-    op->CreateKernelV2 = h_create;
-    op->KernelComputeV2 = hard_compute;
-    OrtStatus* st = HAPI(CustomOpDomain_Add, DomainAddFn)(domain, op);
-    if (st) return st;
-  }
-  return NULL;
+  OrtStatus* st = fg_op_add(g_api_hard, domain, &g_hard_ops[0], "HardAct", 1, 1, 0, h_create, fg_op_free, hard_compute);
+  return st ? st : fg_op_add(g_api_hard, domain, &g_hard_ops[1], "HardActGrad", 2, 1, 1, h_create, fg_op_free,
+                             hard_compute);
 }
