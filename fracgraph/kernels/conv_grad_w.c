@@ -364,7 +364,7 @@ static OrtStatus* cw_compute(void* kernel, void* ctx) {
 
 /* ---- registration -------------------------------------------------------------------------------------------- */
 static const char* const CW_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
-static OrtCustomOp g_cw_op;
+static FgOp g_cw_op;
 
 static OrtStatus* cw_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
   (void)op, (void)api;
@@ -376,35 +376,7 @@ static OrtStatus* cw_create(const OrtCustomOp* op, const OrtApi* api, const void
   *out = k;
   return NULL;
 }
-static void cw_destroy(void* k) { free(k); }
-static const char* cw_name(const OrtCustomOp* op) { (void)op; return "ConvGradWNhwc"; }
-static const char* cw_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int cw_float(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return FLOAT_T; }
-static size_t cw_n_in(const OrtCustomOp* op) { (void)op; return 2; }
-static size_t cw_n_out(const OrtCustomOp* op) { (void)op; return 1; }
-static int cw_zero(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
-static int cw_one(const OrtCustomOp* op) { (void)op; return 1; }
-
 OrtStatus* fg_conv_grad_w_register(void* domain, const void* api) {
-  OrtCustomOp* op = &g_cw_op;
   g_api_cw = (const OrtApi*)api;
-  memset(op, 0, sizeof *op);
-  op->version = 16;
-  op->GetName = cw_name;
-  op->GetExecutionProviderType = cw_provider;
-  op->GetInputType = cw_float;
-  op->GetInputTypeCount = cw_n_in;
-  op->GetOutputType = cw_float;
-  op->GetOutputTypeCount = cw_n_out;
-  op->KernelDestroy = cw_destroy;
-  op->GetInputCharacteristic = cw_zero;
-  op->GetOutputCharacteristic = cw_zero;
-  op->GetInputMemoryType = cw_zero;
-  op->GetVariadicInputMinArity = cw_one;
-  op->GetVariadicInputHomogeneity = cw_one;
-  op->GetVariadicOutputMinArity = cw_one;
-  op->GetVariadicOutputHomogeneity = cw_one;
-  op->CreateKernelV2 = cw_create;
-  op->KernelComputeV2 = cw_compute;
-  return CAPI(CustomOpDomain_Add, DomainAddFn)(domain, op);
+  return fg_op_add(g_api_cw, domain, &g_cw_op, "ConvGradWNhwc", 2, 1, 0, cw_create, fg_op_free, cw_compute);
 }

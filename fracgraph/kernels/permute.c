@@ -324,7 +324,7 @@ static OrtStatus* pm_compute(void* kernel, void* ctx) {
 }
 
 /* ---- registration -------------------------------------------------------------------------------------------- */
-static OrtCustomOp g_pm_op;
+static FgOp g_pm_op;
 
 static OrtStatus* pm_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
   (void)op, (void)api;
@@ -346,34 +346,7 @@ static OrtStatus* pm_create(const OrtCustomOp* op, const OrtApi* api, const void
   *out = k;
   return NULL;
 }
-static void pm_destroy(void* k) { free(k); }
-static const char* pm_name(const OrtCustomOp* op) { (void)op; return "Permute"; }
-static const char* pm_provider(const OrtCustomOp* op) { (void)op; return "CPUExecutionProvider"; }
-static int pm_float(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return FLOAT_T; }
-static size_t pm_one_count(const OrtCustomOp* op) { (void)op; return 1; }
-static int pm_zero(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
-static int pm_one(const OrtCustomOp* op) { (void)op; return 1; }
-
 OrtStatus* fg_permute_register(void* domain, const void* api) {
-  OrtCustomOp* op = &g_pm_op;
   g_api_pm = (const OrtApi*)api;
-  memset(op, 0, sizeof *op);
-  op->version = 16;
-  op->GetName = pm_name;
-  op->GetExecutionProviderType = pm_provider;
-  op->GetInputType = pm_float;
-  op->GetInputTypeCount = pm_one_count;
-  op->GetOutputType = pm_float;
-  op->GetOutputTypeCount = pm_one_count;
-  op->KernelDestroy = pm_destroy;
-  op->GetInputCharacteristic = pm_zero;
-  op->GetOutputCharacteristic = pm_zero;
-  op->GetInputMemoryType = pm_zero;
-  op->GetVariadicInputMinArity = pm_one;
-  op->GetVariadicInputHomogeneity = pm_one;
-  op->GetVariadicOutputMinArity = pm_one;
-  op->GetVariadicOutputHomogeneity = pm_one;
-  op->CreateKernelV2 = pm_create;
-  op->KernelComputeV2 = pm_compute;
-  return PAPI(CustomOpDomain_Add, DomainAddFn)(domain, op);
+  return fg_op_add(g_api_pm, domain, &g_pm_op, "Permute", 1, 1, 0, pm_create, fg_op_free, pm_compute);
 }
