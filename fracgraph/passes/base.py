@@ -127,6 +127,17 @@ def all_nodes(graph: onnx.GraphProto):
                 yield from all_nodes(a.g)
 
 
+def graph_links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """(producer, consumers) of the graph's own nodes: tensor -> the node writing it, tensor -> the nodes reading
+    it (in graph order; a node reading a tensor twice is listed twice)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    return producer, consumers
+
+
 def upstream_nodes(producer: dict, start: str, stop: str) -> list[onnx.NodeProto]:
     """The nodes `start` depends on, walking back through `producer` (tensor -> node) and not past `stop`."""
     found, stack, seen = {}, [start], set()

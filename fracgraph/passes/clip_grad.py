@@ -16,14 +16,13 @@ is read elsewhere is kept, and the notes say so.
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from ..kernels import DOMAIN
 from ..quantizers import Emitter   # its const() writes initializers
-from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
+from .base import Pass, PassResult, assert_inputs_defined, graph_links, opset, replace_nodes
 from .fused_ops import import_domain
 
 _CMP = {"GreaterOrEqual": 1, "LessOrEqual": 2}   # comparison -> the Clip input it compares X with (lo, hi)
@@ -36,11 +35,7 @@ class ClipGradPass(Pass):
     def call(self, model):
         graph = model.graph
         em = Emitter(graph, opset(model))
-        producer = {o: n for n in graph.node for o in n.output}
-        consumers = defaultdict(list)
-        for n in graph.node:
-            for i in n.input:
-                consumers[i].append(n)
+        producer, consumers = graph_links(graph)
         outputs = {o.name for o in graph.output}
         clips = {n.name: n for n in graph.node if n.op_type == "Clip" and n.domain in ("", "ai.onnx")}
         pairs, notes, inf = [], [], {}

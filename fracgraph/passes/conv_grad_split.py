@@ -15,14 +15,13 @@ gradient, e.g. the first conv) is left alone.
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..quantizers import Emitter
-from .base import Pass, PassResult, assert_inputs_defined, opset, replace_nodes
+from .base import Pass, PassResult, assert_inputs_defined, graph_links, opset, replace_nodes
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -41,10 +40,7 @@ class ConvGradSplitPass(Pass):
         weight_shapes = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
                          for i in graph.input}
         weight_shapes.update({t.name: list(t.dims) for t in graph.initializer})
-        consumers = defaultdict(list)
-        for n in graph.node:
-            for i in n.input:
-                consumers[i].append(n)
+        consumers = graph_links(graph)[1]
         graph_outputs = {o.name for o in graph.output}
         notes, pairs = [], []
         for node in list(graph.node):

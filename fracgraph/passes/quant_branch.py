@@ -9,12 +9,11 @@ the noise and anything else read outside the chain stay in the outer graph (subg
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 import onnx
 from onnx import TensorProto, helper
 
-from .base import Pass, PassResult, assert_inputs_defined, replace_nodes
+from .base import Pass, PassResult, assert_inputs_defined, graph_links, replace_nodes
 
 _ELEMENTWISE = {"Sub", "Div", "Add", "Clip", "Round", "Mul",
                 "SRQuantize", "SRQuantizeNoise", "FakeQuantize"}   # + the fused quantizers (passes/fused_ops.py)
@@ -25,11 +24,7 @@ class QuantBranchPass(Pass):
 
     def call(self, model):
         graph = model.graph
-        producer = {o: n for n in graph.node for o in n.output}
-        consumers = defaultdict(list)
-        for n in graph.node:
-            for i in n.input:
-                consumers[i].append(n)
+        producer, consumers = graph_links(graph)
         outputs = {o.name for o in graph.output}
         order = {id(n): i for i, n in enumerate(graph.node)}
         notes, pairs = [], []
