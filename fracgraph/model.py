@@ -213,7 +213,21 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         inferred = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:
         raise FracgraphError(f"shape inference failed: {str(e).splitlines()[0][:300]}")
-    return _symbolic_shapes(inferred)
+    return _probe_shapes(_symbolic_shapes(inferred))
+
+
+def _gemm_shapes_partial(model: onnx.ModelProto) -> bool:
+    """Does a GEMM read or write a tensor with more than one dim (the batch) not static?"""
+    known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    inits = {t.name for t in model.graph.initializer}
+
+    def partial(name: str) -> bool:
+        v = known.get(name)
+        return name not in inits and (v is None or not v.type.tensor_type.HasField("shape")
+                                      or _static_dims(v) < len(v.type.tensor_type.shape.dim) - 1)
+
+    return any(n.op_type in GEMM_OPS and any(partial(x) for x in list(n.input[:1]) + list(n.output[:1]))
+               for n in model.graph.node)
 
 
 def _static_dims(vi: onnx.ValueInfoProto) -> int:
@@ -225,17 +239,15 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX's data propagation stops at arithmetic on shapes (Div, ...), as in torch's export of `chunk`, `split`
     and channel shuffles (`x.view(b, g, c // g, h, w)` with a dynamic batch): the Slice/Reshape outputs, and every
     GEMM after them, lose their static dims and would be kept FP32. Where a GEMM reads or writes such a tensor,
-    onnxruntime's symbolic shape inference (sympy) fills in the dims it can prove; any failure keeps ONNX's."""
+    onnxruntime's symbolic shape inference (sympy) fills in the dims it can prove; any failure keeps ONNX's.
+
+    Only its numbers are taken. Its symbols are not: to finish at all it needs `auto_merge`, which unifies
+    symbolic dims it cannot prove different, and onnxruntime's memory planner reuses a buffer between tensors
+    whose dims carry the same symbol. In Swin (pad to the window, attention, crop) it gave a crop's output the
+    symbols of a padded map elsewhere, and the step failed ("Shape mismatch attempting to re-use buffer", 8 vs
+    14). A dim it leaves symbolic keeps ONNX's (its own unique name, or the input's batch symbol)."""
     known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    inits = {t.name for t in model.graph.initializer}
-
-    def partial(name: str) -> bool:
-        v = known.get(name)
-        return name not in inits and (v is None or _static_dims(v) < len(v.type.tensor_type.shape.dim) - 1
-                                      or not v.type.tensor_type.HasField("shape"))
-
-    if not any(n.op_type in GEMM_OPS and any(partial(x) for x in list(n.input[:1]) + list(n.output[:1]))
-               for n in model.graph.node):
+    if not _gemm_shapes_partial(model):
         return model
     try:
         import logging
@@ -255,7 +267,87 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     for v in model.graph.value_info:
         if v.name in better:
-            v.type.tensor_type.shape.CopyFrom(better[v.name].type.tensor_type.shape)
+            for mine, theirs in zip(v.type.tensor_type.shape.dim, better[v.name].type.tensor_type.shape.dim):
+                if theirs.HasField("dim_value") and not mine.HasField("dim_value"):
+                    mine.dim_value = theirs.dim_value   # (clears the dim_param: a oneof)
+    return model
+
+
+# Ops whose output shape can depend on the input's values: a probe run proves nothing about their dims.
+_DATA_DEPENDENT_SHAPE = {"NonZero", "Unique", "Compress", "TopK", "NonMaxSuppression", "Loop", "If", "Scan",
+                         "StringSplit", "RegexFullMatch"}
+_PROBE_MAX_ELEMENTS = 1 << 24   # per sample, over the graph inputs
+
+
+def _probe_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The last resort for dims neither inference gets: run the model in onnxruntime at batch 1 and 2 and read
+    every tensor's shape. A dim that is the same in both runs is the static dim; one that differs (the batch, or
+    a product with it) stays as inference left it.
+
+    Both inferences stop where a shape is computed from `Shape()` through ops they do not evaluate: timm's "same"
+    padding (`F.pad` with pads from `x.shape`, the tf_* EfficientNets and MixNets: 49 of tf_efficientnet_b0's 82
+    GEMMs were kept FP32 as "not static"), Swin's padding to the window and patch merging. Only run where a GEMM
+    still has such a tensor, every graph input is static but for its first dim, and no op has a value-dependent
+    output shape; any failure (an op onnxruntime cannot run, memory) keeps the inferred shapes."""
+    g = model.graph
+    if not _gemm_shapes_partial(model) or any(n.op_type in _DATA_DEPENDENT_SHAPE for n in g.node):
+        return model
+    inits = {t.name for t in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    shapes = []
+    for i in inputs:
+        t = i.type.tensor_type
+        dims = list(t.shape.dim) if t.HasField("shape") else None
+        if dims is None or not dims or any(not d.HasField("dim_value") for d in dims[1:]):
+            return model
+        shapes.append([d.dim_value if d.HasField("dim_value") else None for d in dims])
+    if sum(int(np.prod([d for d in s[1:]], dtype=np.int64)) for s in shapes) > _PROBE_MAX_ELEMENTS:
+        return model
+    known = {v.name: v for v in list(g.value_info) + list(g.output)}
+    targets = [o for n in g.node for o in n.output if o and o in known and known[o].type.HasField("tensor_type")
+               and (not known[o].type.tensor_type.HasField("shape")
+                    or any(not d.HasField("dim_value") for d in known[o].type.tensor_type.shape.dim))]
+    if not targets:
+        return model
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    outs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, known[t].type.tensor_type.elem_type, None)
+                              for t in targets if t not in outs)
+    try:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        rng = np.random.default_rng(0)
+        runs = []
+        for batch in (1, 2):
+            feed = {}
+            for i, s in zip(inputs, shapes):
+                shape = [batch if s[0] is None else s[0]] + s[1:]
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                feed[i.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                                else np.zeros(shape, dtype))
+            runs.append(dict(zip(names, (np.shape(v) for v in sess.run(names, feed)))))
+    except Exception:   # an op onnxruntime cannot run, memory: keep what inference found
+        return model
+    batch_syms = {d.dim_param for i in inputs for d in i.type.tensor_type.shape.dim if d.HasField("dim_param")}
+    for t in targets:
+        s1, s2 = runs[0].get(t), runs[1].get(t)
+        v = known[t]
+        if s1 is None or s2 is None or len(s1) != len(s2):
+            continue
+        shape = v.type.tensor_type.shape
+        if not v.type.tensor_type.HasField("shape") or len(shape.dim) != len(s1):
+            v.type.tensor_type.ClearField("shape")
+            shape = v.type.tensor_type.shape
+            for _ in s1:
+                shape.dim.add()
+        for d, a, b in zip(shape.dim, s1, s2):
+            if a == b and not d.HasField("dim_value") and d.dim_param not in batch_syms:
+                d.dim_value = a
     return model
 
 

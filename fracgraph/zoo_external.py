@@ -89,6 +89,16 @@ def _tv_vit(classes: int, size: int):
                              num_classes=classes)
 
 
+def _tv_swin(classes: int, size: int):
+    """A small Swin (torchvision's class, swin_t's layout at a tenth of its width): shifted windows (roll and an
+    attention mask), maps padded up to the 7x7 window and cropped back, patch merging."""
+    import_torchvision()
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8],
+                           window_size=[7, 7], num_classes=classes)
+
+
 def _timm(name: str, img_size: bool = False, **kw):
     def build(classes: int, size: int):
         extra = dict(img_size=size) if img_size else {}
@@ -118,6 +128,8 @@ CORPUS: tuple[Entry, ...] = (
     Entry("ghostnet_050", "timm", "Ghost modules (cheap-op concat, Slice), SE", _timm("ghostnet_050")),
     Entry("mobilevit_xxs", "timm", "MobileViT: unfold/fold attention between convs, SiLU", _timm("mobilevit_xxs"),
           min_size=64),
+    Entry("swin_micro", "torchvision", "Swin: shifted windows (roll, attention mask), window pad and crop, patch "
+          "merging", _tv_swin),
 )
 
 

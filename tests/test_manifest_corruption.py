@@ -69,18 +69,22 @@ def test_damaged_manifest_is_one_line(art, tmp_path, kind):
         assert r.exit_code == 2 and len(lines) == 1 and "manifest" in lines[0], (kind, args[0], r.output, r.exception)
 
 
-@pytest.mark.parametrize("symbolic", [True, False])
-def test_gemm_without_static_shapes_keeps_a_readable_manifest(tmp_path, monkeypatch, symbolic):
+@pytest.mark.parametrize("how", ["symbolic", "probe", "none"])
+def test_gemm_without_static_shapes_keeps_a_readable_manifest(tmp_path, monkeypatch, how):
     """A GEMM whose input shape only a Div on Shape() gives (torch's chunk/split/channel-shuffle export): ONNX's
-    data propagation stops at the Div, onnxruntime's symbolic shape inference proves [batch, 32] and the GEMM is
-    given an op-table row. Where no inference can (here: the symbolic step switched off), it is kept FP32 with a decision but
-    no op-table row, and the manifest must still read (it did not: ShuffleNet's artifacts were refused)."""
+    data propagation stops at the Div, onnxruntime's symbolic shape inference proves [batch, 32] (and, with it
+    switched off, the probe run at batch 1 and 2 measures it) and the GEMM is given an op-table row. Where neither
+    can (here: both switched off), it is kept FP32 with a decision but no op-table row, and the manifest must
+    still read (it did not: ShuffleNet's artifacts were refused)."""
     from fracgraph import model as fg_model
     from fracgraph.build import build_artifacts
     from fracgraph.manifest import Manifest
 
-    if not symbolic:
+    if how != "symbolic":
         monkeypatch.setattr(fg_model, "_symbolic_shapes", lambda m: m)
+    if how == "none":
+        monkeypatch.setattr(fg_model, "_probe_shapes", lambda m: m)
+    symbolic = how != "none"
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -105,3 +106,71 @@ def test_opset_above_21_is_converted_or_refused(tmp_path):
         assert "opset 22" in str(e)
     else:
         assert next(i.version for i in out.opset_import if i.domain == "") == 21
+
+
+def _same_pad_net():
+    """timm's "same" padding: the pads of a strided conv computed from x.shape at run time (F.pad), as in the tf_*
+    EfficientNets; ONNX's data propagation and onnxruntime's symbolic inference both stop at the pad arithmetic."""
+    import torch
+    import torch.nn.functional as F
+
+    class SamePad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1 = torch.nn.Conv2d(3, 8, 3, stride=2)
+            self.c2 = torch.nn.Conv2d(8, 16, 3, stride=2)
+            self.fc = torch.nn.Linear(16, 10)
+
+        @staticmethod
+        def pad(x, k, s):   # timm's get_same_padding, its tensor branch (the one an export traces)
+            ih, iw = x.shape[-2:]
+            ph, pw = (torch.clamp(((torch.as_tensor(v) / s).ceil() - 1) * s + k - v, min=0).int() for v in (ih, iw))
+            return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+        def forward(self, x):
+            x = torch.relu(self.c1(self.pad(x, 3, 2)))
+            x = torch.relu(self.c2(self.pad(x, 3, 2)))
+            return self.fc(x.mean((2, 3)))
+
+    return SamePad().eval()
+
+
+def test_probe_run_gives_the_dims_inference_cannot(tmp_path):
+    """Shapes from `Shape()` arithmetic neither inference evaluates: the probe run (batch 1 and 2) makes the convs'
+    operands static, so they are quantized; every dim it writes is the one onnxruntime computes at another batch,
+    and the artifacts train."""
+    import torch
+
+    from fracgraph import model as fg_model
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.runtime import TrainSession
+
+    net = _same_pad_net()
+    path = tmp_path / "same.onnx"
+    torch.onnx.export(net, torch.randn(2, 3, 15, 15), path, dynamo=False, training=torch.onnx.TrainingMode.EVAL,
+                      do_constant_folding=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}, "y": {0: "N"}}, opset_version=17)
+    without = fg_model._symbolic_shapes(onnx.shape_inference.infer_shapes(onnx.load(path), data_prop=True))
+    assert fg_model._gemm_shapes_partial(without)          # the case: inference alone leaves a conv's shapes open
+    m = load_model(path)
+    assert not fg_model._gemm_shapes_partial(m)
+    # each dim the model now declares is what onnxruntime computes at batch 5 (not one of the probed batches)
+    declared = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                for v in m.graph.value_info}
+    names = [n for n in declared if any(x is not None for x in declared[n])]
+    probe = onnx.ModelProto.FromString(m.SerializeToString())
+    elem = {v.name: v.type.tensor_type.elem_type for v in m.graph.value_info}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem[n], None) for n in names)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(names, {"x": np.random.default_rng(0).standard_normal((5, 3, 15, 15)).astype(np.float32)})
+    for n, v in zip(names, outs):
+        assert all(d is None or d == got for d, got in zip(declared[n], v.shape)), (n, declared[n], v.shape)
+    manifest = build_artifacts(path, tmp_path / "art", BuildOptions())
+    assert [d.quantized for d in manifest.decisions] == [True, True, False]   # the classifier stays FP32
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3, 15, 15)).astype(np.float32), rng.integers(0, 10, 4).astype(np.int64)
+    sess = TrainSession(tmp_path / "art", threads=1, seed=0)
+    bits = np.full((manifest.n_blocks, 3), 8, np.float32)
+    losses = [sess.step(x, y, bits, 0.05)[0] for _ in range(3)]
+    assert np.all(np.isfinite(losses)) and losses[2] < losses[0], losses
