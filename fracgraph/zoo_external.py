@@ -128,6 +128,8 @@ CORPUS: tuple[Entry, ...] = (
     Entry("ghostnet_050", "timm", "Ghost modules (cheap-op concat, Slice), SE", _timm("ghostnet_050")),
     Entry("mobilevit_xxs", "timm", "MobileViT: unfold/fold attention between convs, SiLU", _timm("mobilevit_xxs"),
           min_size=64),
+    Entry("tf_efficientnet_b0", "timm", "TensorFlow 'same' padding: Pad with pads computed from Shape() at run time",
+          _timm("tf_efficientnet_b0")),
     Entry("swin_micro", "torchvision", "Swin: shifted windows (roll, attention mask), window pad and crop, patch "
           "merging", _tv_swin),
 )
