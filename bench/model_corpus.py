@@ -13,6 +13,7 @@ Per model, in its own process (a crash or a hang costs that row only):
   the same (normalized) model, interleaved one step each, in the same process.
 
     python bench/model_corpus.py [--size 64] [--batch 32] [--steps 5] [--threads 2] [--models a,b] [--json OUT]
+        # --models also takes any torchvision / timm architecture as tv:NAME or timm:NAME
 """
 
 from __future__ import annotations

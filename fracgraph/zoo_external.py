@@ -278,8 +278,30 @@ ALL: tuple[Entry, ...] = CORPUS + LEGACY
 BY_NAME = {e.name: e for e in ALL}
 
 
+def _timm_any(name: str):
+    """A timm model by name; ViT-like ones take the input size (`img_size`), convnets refuse the keyword."""
+    def build(classes: int, size: int):
+        timm = import_timm()
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=classes, img_size=size)
+        except TypeError:
+            return timm.create_model(name, pretrained=False, num_classes=classes)
+    return build
+
+
 def entry(name: str) -> Entry:
-    try:
+    """A corpus entry, or any torchvision / timm architecture by name: `tv:regnet_y_400mf`, `timm:deit_tiny_patch16_224`
+    (random weights, as the corpus; for trying a model outside it with bench/model_corpus.py or step_time.py)."""
+    if name in BY_NAME:
         return BY_NAME[name]
-    except KeyError:
-        raise FracgraphError(f"no corpus model {name!r}; choose from {', '.join(BY_NAME)}") from None
+    source, _, arch = name.partition(":")
+    if arch and source in ("tv", "timm"):
+        if source == "tv":
+            if not callable(getattr(import_torchvision(), arch, None)):
+                raise FracgraphError(f"torchvision.models has no model {arch!r}")
+            return Entry(name, "torchvision", "outside the corpus", _tv(arch))
+        if arch not in import_timm().list_models():
+            raise FracgraphError(f"timm has no model {arch!r} (timm.list_models() lists them)")
+        return Entry(name, "timm", "outside the corpus", _timm_any(arch))
+    raise FracgraphError(f"no corpus model {name!r}; choose from {', '.join(BY_NAME)}, or name any torchvision or "
+                         f"timm model as tv:NAME or timm:NAME")

@@ -98,3 +98,18 @@ def test_vit_exports_with_attention_composed(tmp_path):
     ops = {n.op_type for n in m.graph.node}
     assert {"MatMul", "Softmax", "LayerNormalization"} <= ops
     assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+def test_any_torchvision_or_timm_model_by_name():
+    """`tv:NAME` / `timm:NAME` reach architectures outside the corpus (ViT-like timm models get the input size);
+    an unknown name is one FracgraphError naming the way to list them."""
+    from fracgraph.errors import FracgraphError
+
+    _torchvision_or_skip()
+    assert zx.entry("resnet18") is zx.BY_NAME["resnet18"]
+    assert type(zx.entry("tv:regnet_y_400mf").build(10, 32)).__name__ == "RegNet"
+    vit = zx.entry("timm:deit_tiny_patch16_224").build(10, 32)     # img_size=32 taken: 4 patches of 16
+    assert vit.patch_embed.num_patches == 4
+    for bad in ("tv:no_such_net", "timm:no_such_net", "nope"):
+        with pytest.raises(FracgraphError):
+            zx.entry(bad)
