@@ -37,6 +37,8 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - pool: googlenet's 13 max pools (and squeezenet's, resnet18's) with indices: onnxruntime's MaxPool (with and
   without indices) vs fracgraph's MaxPoolIdx, and MaxPoolGrad vs MaxPoolIdxGrad, in turn rep by rep, bitwise
   compared; --baseline DIR adds that checkout's MaxPoolIdx (today's kernel); --cpu-time applies;
+- ifcost: an If's own cost per call (IF_CHAIN chained Adds, plain vs each in an If vs all in one If) on a scalar and
+  on mobilevit-sized tensors; --cpu-time applies;
 - transpose: the ViTs' Transposes (batch 32) as onnxruntime's Transpose vs fracgraph's Permute, interleaved,
   compared bitwise, with a numpy copy of the tensor as the floor; --cpu-time applies.
 
@@ -1157,6 +1159,45 @@ def probe_transpose(r: Runner, rng):
             print(f"    {k:24s} {1e3 * tk:7.3f} {what}  x{tk / base:5.2f}")
 
 
+# the per-node cost of an If against a plain node: (label, tensor shape) run through IF_CHAIN nodes
+IF_SHAPES = [("scalar", (1,)), ("mobilevit-sized activation", (32, 64, 8, 8)), ("token activation", (32, 17, 192))]
+IF_CHAIN = 100
+
+
+def probe_ifcost(r: Runner, rng):
+    """What an If costs onnxruntime per call beyond its branch: a chain of IF_CHAIN Adds against the same Adds each
+    inside If(cond) (else: Sub), cond a bool input (true), and against IF_CHAIN Adds in one If; run in turn rep by
+    rep. (mobilevit_xxs's training graph runs 289 Ifs per step: int-gemm's integer/float switches.)"""
+    print(f"If overhead: {IF_CHAIN} chained Adds, plain vs each in its own If vs all in one If "
+          f"({'CPU' if r.cpu_time else 'wall'} ms, median of {r.reps}, interleaved)")
+    for label, shape in IF_SHAPES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        c = h.make_tensor("c", T.FLOAT, [], [0.5])
+        plain = _model([h.make_node("Add", [f"t{i}", "c"], [f"t{i + 1}"]) for i in range(IF_CHAIN)], ["t0"],
+                       [f"t{IF_CHAIN}"], [c])
+        nodes = []
+        for i in range(IF_CHAIN):
+            br = [h.make_graph([h.make_node(op, [f"t{i}", "c"], [f"b{i}{op}"])], f"g{i}{op}", [], [_vi(f"b{i}{op}")])
+                  for op in ("Add", "Sub")]
+            nodes.append(h.make_node("If", ["cond"], [f"t{i + 1}"], then_branch=br[0], else_branch=br[1]))
+        each = _model(nodes, ["t0"], [f"t{IF_CHAIN}"], [c])
+        each.graph.input.append(h.make_tensor_value_info("cond", T.BOOL, []))
+        body = [h.make_node("Add", [f"t{i}", "c"], [f"t{i + 1}"]) for i in range(IF_CHAIN)]
+        one = _model([h.make_node("If", ["cond"], [f"t{IF_CHAIN}"],
+                                  then_branch=h.make_graph(body, "then", [], [_vi(f"t{IF_CHAIN}")]),
+                                  else_branch=h.make_graph([h.make_node("Sub", ["t0", "c"], ["e"])], "else", [], [_vi("e")]))],
+                     ["t0"], [f"t{IF_CHAIN}"], [c])
+        one.graph.input.append(h.make_tensor_value_info("cond", T.BOOL, []))
+        f = {"t0": x}
+        fc = {"t0": x, "cond": np.array(True)}
+        rows = [("plain Adds", None, plain, f), ("each Add in an If", None, each, fc), ("all Adds in one If", None, one, fc)]
+        times, outs = _interleaved(r, rows)
+        ts = [1e3 * statistics.median(t) for t in times]
+        assert all(np.array_equal(o, outs[0]) for o in outs)
+        print(f"  {label} {shape}: " + ", ".join(f"{n} {t:.3f} ms" for (n, *_), t in zip(rows, ts))
+              + f"; per If {1e3 * (ts[1] - ts[0]) / IF_CHAIN:.1f} us, per plain Add {1e3 * ts[0] / IF_CHAIN:.1f} us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -1185,7 +1226,7 @@ def main() -> None:
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
               "intconv": probe_intconv, "intdw": probe_intdw, "intmatmul": probe_intmatmul, "gelu": probe_gelu,
-              "pool": probe_pool, "transpose": probe_transpose, "bnrelu": probe_bnrelu,
+              "pool": probe_pool, "ifcost": probe_ifcost, "transpose": probe_transpose, "bnrelu": probe_bnrelu,
               "dwconvt": probe_dwconvt}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):

@@ -792,7 +792,8 @@ static OrtStatus* compute_cols(Kernel* k, void* ctx) {
  * whose tap lies inside the image (two unsigned compares) load it (a plain masked load where the lanes' taps are
  * consecutive floats, as in a stride-1 "same" pool, else a masked gather), and a lane takes it where it is strictly
  * greater (the scalar loop's compare, in its tap order: the same values and indices, lane by lane). Tasks are
- * runs of 16-window chunks; without AVX-512 (or past 2^30 elements) runs of planes take the scalar loop. */
+ * runs of 16-window chunks; without AVX-512, past 2^30 elements, or where the table would outgrow the output (an
+ * odd plane size over fewer than 16 planes) runs of planes take the scalar loop. */
 typedef struct {
   const float* x;
   float* y;
@@ -903,7 +904,9 @@ static OrtStatus* run_max_pool(PoolJob* j, void* ctx) {
   j->pp = j->R * 16 / P;                   /* planes per period */
   /* int32 offsets: the tensor, a period's planes and the windows' reach must stay far from 2^31 */
   const int64_t reach = (j->kh * j->dh + j->ph + j->sh) * (j->W + 1) + j->kw * j->dw + j->pw + j->sw;
-  if (j->planes * plane < (1LL << 30) && (j->pp + 1) * plane < (1LL << 30) && reach < (1LL << 28) && j->R <= (1 << 20)) {
+  /* and the table (16 R lanes) no larger than the output: odd plane sizes over few planes take the scalar loop */
+  if (j->planes * plane < (1LL << 30) && (j->pp + 1) * plane < (1LL << 30) && reach < (1LL << 28) &&
+      16 * j->R <= j->total) {
     int32_t* tab = (int32_t*)malloc(sizeof(int32_t) * 3 * 16 * (size_t)j->R);
     if (!tab) return fail("fracgraph MaxPoolIdx: out of memory");
     int32_t *off = tab, *hs = tab + 16 * j->R, *ws = tab + 32 * j->R;

@@ -150,7 +150,8 @@ def test_max_pool_is_onnxruntimes_values_and_indices(case, ties):
 
 
 # (X shape, kernel, stride, pad, ceil_mode) as PyTorch writes them: googlenet's pools at small batch, odd sizes
-# (plane sizes that are not multiples or divisors of the 16-window chunk, so chunks start mid-plane and mid-row)
+# (plane sizes that are not multiples or divisors of the 16-window chunk, so chunks start mid-plane and mid-row;
+# (3, 3, 5, 5)'s 25-window planes over 9 planes take the scalar loop, as do POOLS' (2, 3, 7, 7) and (1, 2, 7, 45))
 TORCH_POOLS = [((2, 5, 8, 8), 3, 1, 1, True), ((3, 7, 4, 4), 3, 1, 1, True), ((3, 5, 2, 2), 3, 1, 1, True),
                ((2, 3, 32, 32), 3, 2, 0, True), ((3, 5, 4, 4), 2, 2, 0, True), ((2, 3, 7, 9), 3, 2, 1, True),
                ((3, 3, 5, 5), 3, 1, 1, False), ((2, 5, 13, 11), 3, 2, 0, False), ((2, 3, 6, 5), 2, 1, 0, True)]
