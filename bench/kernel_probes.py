@@ -34,6 +34,11 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - gelu: the GELU gradient on convnext_atto's and the GPT's largest GELU tensors: onnxruntime's com.microsoft
   GeluGrad vs fracgraph's GeluGrad vs PyTorch's gelu backward (aten.gelu_backward, same thread count), the three
   timed in turn on each rep (rotating order), with each one's error against the float64 derivative;
+- pool: googlenet's 13 max pools (and squeezenet's, resnet18's) with indices: onnxruntime's MaxPool (with and
+  without indices) vs fracgraph's MaxPoolIdx, and MaxPoolGrad vs MaxPoolIdxGrad, in turn rep by rep, bitwise
+  compared; --baseline DIR adds that checkout's MaxPoolIdx (today's kernel); --cpu-time applies;
+- ifcost: an If's own cost per call (IF_CHAIN chained Adds, plain vs each in an If vs all in one If) on a scalar and
+  on mobilevit-sized tensors; --cpu-time applies;
 - transpose: the ViTs' Transposes (batch 32) as onnxruntime's Transpose vs fracgraph's Permute, interleaved,
   compared bitwise, with a numpy copy of the tensor as the floor; --cpu-time applies.
 
@@ -998,29 +1003,94 @@ def probe_gelu(r: Runner, rng):
             print(f"    {k:24s} {1e3 * tk:7.3f} ms  x{tk / base:5.2f}  error {err:.1e}")
 
 
-# max pools with their indices (label, X shape, kernel, stride, pad, ceil_mode): squeezenet's and googlenet's
-# ceil-mode pools and resnet18's stem pool, at batch 32 and 64x64 inputs
-POOL_SHAPES = [("squeezenet 3x3/2 ceil", (32, 64, 31, 31), 3, 2, 0, 1), ("googlenet 3x3/1 pad 1 ceil", (32, 192, 16, 16), 3, 1, 1, 1),
-               ("resnet18 stem 3x3/2 pad 1", (32, 64, 32, 32), 3, 2, 1, 0)]
+# max pools with their indices (label, X shape, kernel, stride, pad, ceil_mode, count in the model): googlenet's
+# 13 pools (torchvision, batch 32, 64x64 inputs: stem/stage pools 3x3/2 and 2x2/2 ceil, inception branch pools
+# 3x3/1 pad 1 ceil; 4b-4d's three 512-channel ones as one row counted 3 times), squeezenet's and resnet18's
+POOL_SHAPES = [("googlenet maxpool1 3x3/2 ceil", (32, 64, 32, 32), 3, 2, 0, 1, 1),
+               ("googlenet maxpool2 3x3/2 ceil", (32, 192, 16, 16), 3, 2, 0, 1, 1),
+               ("googlenet 3a pool 3x3/1 pad 1", (32, 192, 8, 8), 3, 1, 1, 1, 1),
+               ("googlenet 3b pool 3x3/1 pad 1", (32, 256, 8, 8), 3, 1, 1, 1, 1),
+               ("googlenet maxpool3 3x3/2 ceil", (32, 480, 8, 8), 3, 2, 0, 1, 1),
+               ("googlenet 4a pool 3x3/1 pad 1", (32, 480, 4, 4), 3, 1, 1, 1, 1),
+               ("googlenet 4b-4d pool 3x3/1 pad 1", (32, 512, 4, 4), 3, 1, 1, 1, 3),
+               ("googlenet 4e pool 3x3/1 pad 1", (32, 528, 4, 4), 3, 1, 1, 1, 1),
+               ("googlenet maxpool4 2x2/2 ceil", (32, 832, 4, 4), 2, 2, 0, 1, 1),
+               ("googlenet 5a/5b pool 3x3/1 pad 1", (32, 832, 2, 2), 3, 1, 1, 1, 2),
+               ("squeezenet 3x3/2 ceil", (32, 64, 31, 31), 3, 2, 0, 1, 1),
+               ("resnet18 stem 3x3/2 pad 1", (32, 64, 32, 32), 3, 2, 1, 0, 1)]
+POOL_BASELINE: list[str] = []   # --baseline: a checkout whose kernel library is timed as "today's" MaxPoolIdx
+
+
+def _baseline_library(checkout: str) -> str:
+    """The kernel library of another checkout (built by its own venv's fracgraph, in its cache): its path."""
+    import subprocess
+
+    py = Path(checkout) / ".venv" / "bin" / "python"
+    r = subprocess.run([str(py), "-c", "from fracgraph import kernels; print(kernels.library_path())"],
+                       capture_output=True, text=True, cwd=checkout)
+    if r.returncode:
+        raise SystemExit(f"--baseline {checkout}: cannot build its kernel library ({r.stderr.strip()[-200:]})")
+    return r.stdout.strip().splitlines()[-1]
 
 
 def probe_pool(r: Runner, rng):
-    """MaxPool with its Indices output (the training graph's form): onnxruntime's vs fracgraph's MaxPoolIdx (values
-    and indices compared); the gradient: onnxruntime's MaxPoolGrad vs MaxPoolIdxGrad on those indices."""
-    print("max pool with indices, and its gradient: onnxruntime vs fracgraph")
-    for label, shape, k, st, p, ceil in POOL_SHAPES:
+    """MaxPool with its Indices output (the training graph's form): onnxruntime's 2-output MaxPool, its 1-output
+    MaxPool (no indices: MLAS's pool, a floor), --baseline's MaxPoolIdx (today's) and this tree's, run in turn rep
+    by rep; the gradient: onnxruntime's MaxPoolGrad vs --baseline's and this tree's MaxPoolIdxGrad on those indices.
+    Values and indices compared bitwise with onnxruntime's; the per-model total weights each row by its count."""
+    import onnxruntime as ort
+
+    from fracgraph import kernels
+
+    libs = [("MaxPoolIdx", str(kernels.library_path()))]
+    if POOL_BASELINE:
+        libs.insert(0, ("MaxPoolIdx (baseline)", _baseline_library(POOL_BASELINE[0])))
+
+    def sess(model, lib=None):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = r.threads
+        if r.cpu_time:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        if lib:
+            so.register_custom_ops_library(lib)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def interleave(rows, feeds):
+        """rows of (name, session, feeds or None): r.reps timed runs each after an untimed one, in turn"""
+        clock = time.process_time if r.cpu_time else time.perf_counter
+        times, outs = [[] for _ in rows], []
+        for rep in range(r.reps + 1):
+            for i, (_, se, f) in enumerate(rows):
+                t0 = clock()
+                out = se.run(None, f or feeds)
+                if rep:
+                    times[i].append(clock() - t0)
+                else:
+                    outs.append(out)
+        return [1e3 * statistics.median(t) for t in times], outs
+
+    print(f"max pool with indices, and its gradient ({'CPU' if r.cpu_time else 'wall'} ms, median of {r.reps}, "
+          f"interleaved): onnxruntime vs fracgraph")
+    totals: dict[str, float] = {}
+    for label, shape, k, st, p, ceil, count in POOL_SHAPES:
         x = rng.standard_normal(shape).astype(np.float32)
         attrs = dict(kernel_shape=[k, k], strides=[st, st], pads=[p] * 4, ceil_mode=ceil)
         ours = dict(kh=k, kw=k, sh=st, sw=st, ph=p, pw=p, dh=1, dw=1, ph_end=p, pw_end=p, ceil_mode=ceil)
         base = _model([h.make_node("MaxPool", ["x"], ["y", "i"], **attrs)], ["x"], ["y", "i"])
         base.graph.output[1].type.tensor_type.elem_type = T.INT64
+        plain = _model([h.make_node("MaxPool", ["x"], ["y"], **attrs)], ["x"], ["y"])
         fg = _model([h.make_node("MaxPoolIdx", ["x"], ["y", "i"], domain=FG, **ours)], ["x"], ["y", "i"])
         fg.graph.output[1].type.tensor_type.elem_type = T.INT64
-        print(f"  {label}: {shape}")
-        r.compare("forward", ("MaxPool", base), [("MaxPoolIdx", fg, None)], {"x": x})
-        import onnxruntime as ort
-
-        y, idx = ort.InferenceSession(base.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        rows = [("MaxPool (indices)", sess(base), None), ("MaxPool (no indices)", sess(plain), None)]
+        rows += [(name, sess(fg, lib), None) for name, lib in libs]
+        ts, outs = interleave(rows, {"x": x})
+        y, idx = outs[0]
+        print(f"  {label}: {shape}, x{count}")
+        for (name, _, _), t, o in zip(rows, ts, outs):
+            same = np.array_equal(o[0], y) and (len(o) < 2 or np.array_equal(o[1], idx))
+            print(f"    forward  {name:24s} {t:7.3f} ms  x{t / ts[0]:5.2f}  {'bitwise equal' if same else 'DIFFERS'}")
+            totals["forward " + name] = totals.get("forward " + name, 0.0) + count * t * (label.startswith("googlenet"))
         dy = rng.standard_normal(y.shape).astype(np.float32)
         grad = _model([h.make_node("MaxPoolGrad", ["dy", "i"], ["dx"], **attrs)], ["dy", "i"], ["dx"])
         grad.graph.input[1].type.tensor_type.elem_type = T.INT64
@@ -1029,9 +1099,16 @@ def probe_pool(r: Runner, rng):
         fgrad = _model([h.make_node("MaxPoolIdxGrad", ["dy", "i", "s"], ["dx"], domain=FG)], ["dy", "i", "s"], ["dx"])
         fgrad.graph.input[1].type.tensor_type.elem_type = T.INT64
         fgrad.graph.input[2].type.tensor_type.elem_type = T.INT64
-        r.compare("gradient", ("MaxPoolGrad", grad), [("MaxPoolIdxGrad", fgrad, {"dy": dy, "i": idx,
-                                                                              "s": np.asarray(shape, np.int64)})],
-                  {"dy": dy, "i": idx})
+        ffeeds = {"dy": dy, "i": idx, "s": np.asarray(shape, np.int64)}
+        rows = [("MaxPoolGrad", sess(grad), None)] + [(name + "Grad", sess(fgrad, lib), ffeeds) for name, lib in libs]
+        ts, outs = interleave(rows, {"dy": dy, "i": idx})
+        for (name, _, _), t, o in zip(rows, ts, outs):
+            same = np.array_equal(o[0], outs[0][0])
+            print(f"    gradient {name:24s} {t:7.3f} ms  x{t / ts[0]:5.2f}  {'bitwise equal' if same else 'DIFFERS'}")
+            totals["gradient " + name] = totals.get("gradient " + name, 0.0) + count * t * (label.startswith("googlenet"))
+    print("  googlenet's 13 pools, each row times its count:")
+    for name, t in totals.items():
+        print(f"    {name:34s} {t:8.3f} ms")
 
 
 # the ViTs' Transposes at batch 32 (label, X shape, perm): vit_tiny (timm: qkv split, K transposed, heads merged,
@@ -1082,6 +1159,45 @@ def probe_transpose(r: Runner, rng):
             print(f"    {k:24s} {1e3 * tk:7.3f} {what}  x{tk / base:5.2f}")
 
 
+# the per-node cost of an If against a plain node: (label, tensor shape) run through IF_CHAIN nodes
+IF_SHAPES = [("scalar", (1,)), ("mobilevit-sized activation", (32, 64, 8, 8)), ("token activation", (32, 17, 192))]
+IF_CHAIN = 100
+
+
+def probe_ifcost(r: Runner, rng):
+    """What an If costs onnxruntime per call beyond its branch: a chain of IF_CHAIN Adds against the same Adds each
+    inside If(cond) (else: Sub), cond a bool input (true), and against IF_CHAIN Adds in one If; run in turn rep by
+    rep. (mobilevit_xxs's training graph runs 289 Ifs per step: int-gemm's integer/float switches.)"""
+    print(f"If overhead: {IF_CHAIN} chained Adds, plain vs each in its own If vs all in one If "
+          f"({'CPU' if r.cpu_time else 'wall'} ms, median of {r.reps}, interleaved)")
+    for label, shape in IF_SHAPES:
+        x = rng.standard_normal(shape).astype(np.float32)
+        c = h.make_tensor("c", T.FLOAT, [], [0.5])
+        plain = _model([h.make_node("Add", [f"t{i}", "c"], [f"t{i + 1}"]) for i in range(IF_CHAIN)], ["t0"],
+                       [f"t{IF_CHAIN}"], [c])
+        nodes = []
+        for i in range(IF_CHAIN):
+            br = [h.make_graph([h.make_node(op, [f"t{i}", "c"], [f"b{i}{op}"])], f"g{i}{op}", [], [_vi(f"b{i}{op}")])
+                  for op in ("Add", "Sub")]
+            nodes.append(h.make_node("If", ["cond"], [f"t{i + 1}"], then_branch=br[0], else_branch=br[1]))
+        each = _model(nodes, ["t0"], [f"t{IF_CHAIN}"], [c])
+        each.graph.input.append(h.make_tensor_value_info("cond", T.BOOL, []))
+        body = [h.make_node("Add", [f"t{i}", "c"], [f"t{i + 1}"]) for i in range(IF_CHAIN)]
+        one = _model([h.make_node("If", ["cond"], [f"t{IF_CHAIN}"],
+                                  then_branch=h.make_graph(body, "then", [], [_vi(f"t{IF_CHAIN}")]),
+                                  else_branch=h.make_graph([h.make_node("Sub", ["t0", "c"], ["e"])], "else", [], [_vi("e")]))],
+                     ["t0"], [f"t{IF_CHAIN}"], [c])
+        one.graph.input.append(h.make_tensor_value_info("cond", T.BOOL, []))
+        f = {"t0": x}
+        fc = {"t0": x, "cond": np.array(True)}
+        rows = [("plain Adds", None, plain, f), ("each Add in an If", None, each, fc), ("all Adds in one If", None, one, fc)]
+        times, outs = _interleaved(r, rows)
+        ts = [1e3 * statistics.median(t) for t in times]
+        assert all(np.array_equal(o, outs[0]) for o in outs)
+        print(f"  {label} {shape}: " + ", ".join(f"{n} {t:.3f} ms" for (n, *_), t in zip(rows, ts))
+              + f"; per If {1e3 * (ts[1] - ts[0]) / IF_CHAIN:.1f} us, per plain Add {1e3 * ts[0] / IF_CHAIN:.1f} us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -1091,10 +1207,13 @@ def main() -> None:
                                                               "spinning (a shared machine's load moves it far less)")
     ap.add_argument("--match", default="", help="dwshapes/forms: only the shapes whose label contains one of these "
                                                 "comma-separated strings (e.g. 'densenet 1x1,convnext dw')")
+    ap.add_argument("--baseline", default="", help="pool: a checkout (with its .venv) whose MaxPoolIdx is timed "
+                                                    "in turn with this tree's (e.g. /work/wt/base11)")
     ap.add_argument("--int-paths", default="amx,vnni,avx2,scalar", help="intconv/intdw: the integer paths to time "
                                                                          "(those this CPU's build lacks are left out)")
     a = ap.parse_args()
     INT_PATHS[:] = [p for p in a.int_paths.split(",") if p]
+    POOL_BASELINE[:] = [a.baseline] if a.baseline else []
     if a.match:
         keys = [m for m in a.match.split(",") if m]
         DW_MATCH[:] = keys
@@ -1107,7 +1226,7 @@ def main() -> None:
               "bn": probe_bn, "dw": probe_dw, "dwshapes": probe_dwshapes,
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
               "intconv": probe_intconv, "intdw": probe_intdw, "intmatmul": probe_intmatmul, "gelu": probe_gelu,
-              "pool": probe_pool, "transpose": probe_transpose, "bnrelu": probe_bnrelu,
+              "pool": probe_pool, "ifcost": probe_ifcost, "transpose": probe_transpose, "bnrelu": probe_bnrelu,
               "dwconvt": probe_dwconvt}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):

@@ -779,15 +779,31 @@ static OrtStatus* compute_cols(Kernel* k, void* ctx) {
 
 /* ---- MaxPoolIdx: max pool with the indices onnxruntime's MaxPoolGrad reads ---------------------------------- */
 /* onnxruntime 1.19's MaxPool with an Indices output runs a generic per-element loop (5% of resnet18's profiled
- * step for one 3x3/2 pool); this is the same loop per (image, channel) plane as tasks. Each window keeps its first
- * strict maximum, starting from the lowest float with index (h, w) = (-1, -1), and the index is
- * plane * H * W + h * W + w over the whole tensor (storage order 0): onnxruntime's MaxPool values and indices,
- * bitwise (tests/passes/test_fused_ops.py compares both). */
+ * step for one 3x3/2 pool). Each window keeps its first strict maximum over its taps in row-major order, starting
+ * from the lowest float with index (h, w) = (-1, -1), and the index is plane * H * W + h * W + w over the whole
+ * tensor (storage order 0): onnxruntime's MaxPool values and indices, bitwise (tests/passes/test_fused_ops.py
+ * compares both).
+ *
+ * The AVX-512 path (session 11) takes the output as one flat array of N*C*Ho*Wo windows, 16 at a time, whatever the
+ * plane size: googlenet's pools are 16x16 down to 2x2 planes, where a vector along one output row (the session-6
+ * path) never filled and every window ran the scalar loop (12.5% of googlenet's profiled step). The 16 lanes' window
+ * geometry repeats with period lcm(Ho*Wo, 16) outputs, so it is tabulated once per call: per lane, the window's
+ * first tap (hs, ws) and its input offset from the period's first plane. Each tap is then one vector step: lanes
+ * whose tap lies inside the image (two unsigned compares) load it (a plain masked load where the lanes' taps are
+ * consecutive floats, as in a stride-1 "same" pool, else a masked gather), and a lane takes it where it is strictly
+ * greater (the scalar loop's compare, in its tap order: the same values and indices, lane by lane). Tasks are
+ * runs of 16-window chunks; without AVX-512, past 2^30 elements, or where the table would outgrow the output (an
+ * odd plane size over fewer than 16 planes) runs of planes take the scalar loop. */
 typedef struct {
   const float* x;
   float* y;
   int64_t* idx;
   int64_t H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t planes, per;       /* scalar path: planes per task */
+  /* vector path */
+  int64_t chunks, per_chunks, R, pp, total;   /* 16-window chunks, chunks per task, period in chunks and in planes */
+  const int32_t *off, *hs, *ws;               /* [R][16] each */
+  int contiguous;                             /* every chunk's lanes read consecutive floats */
 } PoolJob;
 
 /* one output row's windows [ow0, ow1) on the scalar path (the first strict maximum in row-major tap order) */
@@ -813,51 +829,109 @@ static void pool_row(const PoolJob* j, const float* x, int64_t oh, int64_t ow0, 
   }
 }
 
-static void pool_plane(void* p, size_t t) {
+/* the scalar path: planes [t * per, (t + 1) * per) */
+static void pool_planes(void* p, size_t t) {
   const PoolJob* j = (const PoolJob*)p;
-  const int64_t H = j->H, W = j->W, Wo = j->Wo;
-  const float* x = j->x + (int64_t)t * H * W;
-  float* y = j->y + (int64_t)t * j->Ho * Wo;
-  int64_t* id = j->idx + (int64_t)t * j->Ho * Wo;
-  const int64_t base = (int64_t)t * H * W;
-  /* output columns whose windows lie inside the row: [lo, hi) */
-  int64_t lo = (j->pw + j->sw - 1) / j->sw, hi = (W - 1 - (j->kw - 1) * j->dw + j->pw) / j->sw + 1;
-  hi = hi < Wo ? hi : Wo;
-  if (hi < lo || W - 1 - (j->kw - 1) * j->dw + j->pw < 0) hi = lo = Wo;
-  for (int64_t oh = 0; oh < j->Ho; ++oh) {
-    int64_t v0 = lo;
+  const int64_t p0 = (int64_t)t * j->per, p1 = p0 + j->per < j->planes ? p0 + j->per : j->planes;
+  for (int64_t q = p0; q < p1; ++q) {
+    const float* x = j->x + q * j->H * j->W;
+    float* y = j->y + q * j->Ho * j->Wo;
+    int64_t* id = j->idx + q * j->Ho * j->Wo;
+    for (int64_t oh = 0; oh < j->Ho; ++oh) pool_row(j, x, oh, 0, j->Wo, y, id, q * j->H * j->W);
+  }
+}
+
 #if defined(__AVX512F__)
-    /* 16 windows of the row at a time, taps in row-major order, each lane keeping its first strict maximum: the
-     * scalar loop's values and indices lane by lane */
-    if (H * W < (1LL << 31)) {
-      int64_t hs = oh * j->sh - j->ph;
-      const int64_t he = hs + j->kh * j->dh < H ? hs + j->kh * j->dh : H;
-      while (hs < 0) hs += j->dh;
-      const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32((int)j->sw));
-      for (; v0 + 16 <= hi; v0 += 16) {
-        __m512 m = _mm512_set1_ps(-FLT_MAX);
-        __m512i at = _mm512_set1_epi32((int)(-W - 1));
-        for (int64_t h = hs; h < he; h += j->dh)
-          for (int64_t b = 0; b < j->kw; ++b) {
-            const int64_t w0 = v0 * j->sw - j->pw + b * j->dw;
-            const __m512i pos = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(h * W + w0)));
-            const __m512 v = j->sw == 1 ? _mm512_loadu_ps(x + h * W + w0) : _mm512_i32gather_ps(pos, x, 4);
-            const __mmask16 gt = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ);
-            m = _mm512_mask_mov_ps(m, gt, v);
-            at = _mm512_mask_mov_epi32(at, gt, pos);
-          }
-        _mm512_storeu_ps(y + oh * Wo + v0, m);
-        const __m512i b64 = _mm512_set1_epi64(base);
-        _mm512_storeu_si512((void*)(id + oh * Wo + v0), _mm512_add_epi64(b64, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(at))));
-        _mm512_storeu_si512((void*)(id + oh * Wo + v0 + 8),
-                            _mm512_add_epi64(b64, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(at, 1))));
+/* the vector path: chunks [t * per_chunks, ...) of 16 windows of the flat output */
+static void pool_chunks(void* p, size_t t) {
+  const PoolJob* j = (const PoolJob*)p;
+  const int64_t c0 = (int64_t)t * j->per_chunks, c1 = c0 + j->per_chunks < j->chunks ? c0 + j->per_chunks : j->chunks;
+  const __m512i Hv = _mm512_set1_epi32((int)j->H), Wv = _mm512_set1_epi32((int)j->W);
+  const __m512i empty = _mm512_set1_epi32((int)(-j->W - 1));
+  const int64_t plane = j->H * j->W;
+  int64_t r = c0 % j->R, period = c0 / j->R;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t first = c * 16, left = j->total - first;
+    const __mmask16 lanes = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    const int32_t pb = (int32_t)(period * j->pp * plane);   /* the period's first plane's offset */
+    const __m512i off = _mm512_add_epi32(_mm512_loadu_si512((const void*)(j->off + r * 16)), _mm512_set1_epi32(pb));
+    const __m512i hs = _mm512_loadu_si512((const void*)(j->hs + r * 16)), ws = _mm512_loadu_si512((const void*)(j->ws + r * 16));
+    /* a window over padding only: its plane's offset + (h, w) = (-1, -1), i.e. off - hs * W - ws - W - 1 */
+    __m512i at = _mm512_add_epi32(_mm512_sub_epi32(_mm512_sub_epi32(off, _mm512_mullo_epi32(hs, Wv)), ws), empty);
+    __m512 m = _mm512_set1_ps(-FLT_MAX);
+    const int32_t lane0 = j->off[r * 16] + pb;
+    for (int64_t a = 0; a < j->kh; ++a) {
+      const __mmask16 inh = _mm512_mask_cmplt_epu32_mask(lanes, _mm512_add_epi32(hs, _mm512_set1_epi32((int)(a * j->dh))), Hv);
+      if (!inh) continue;
+      for (int64_t b = 0; b < j->kw; ++b) {
+        const int32_t tap = (int32_t)(a * j->dh * j->W + b * j->dw);
+        const __mmask16 in = _mm512_mask_cmplt_epu32_mask(inh, _mm512_add_epi32(ws, _mm512_set1_epi32((int)(b * j->dw))), Wv);
+        if (!in) continue;
+        const __m512i pos = _mm512_add_epi32(off, _mm512_set1_epi32(tap));
+        const __m512 v = j->contiguous ? _mm512_maskz_loadu_ps(in, j->x + lane0 + tap)
+                                       : _mm512_mask_i32gather_ps(m, in, pos, j->x, 4);
+        const __mmask16 gt = _mm512_mask_cmp_ps_mask(in, v, m, _CMP_GT_OQ);
+        m = _mm512_mask_mov_ps(m, gt, v);
+        at = _mm512_mask_mov_epi32(at, gt, pos);
       }
     }
-#endif
-    pool_row(j, x, oh, 0, lo < Wo ? lo : Wo, y, id, base);
-    pool_row(j, x, oh, v0 < Wo ? v0 : Wo, Wo, y, id, base);
+    _mm512_mask_storeu_ps(j->y + first, lanes, m);
+    _mm512_mask_storeu_epi64(j->idx + first, (__mmask8)lanes, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(at)));
+    _mm512_mask_storeu_epi64(j->idx + first + 8, (__mmask8)(lanes >> 8), _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(at, 1)));
+    if (++r == j->R) r = 0, ++period;
   }
+}
+#endif
+
+/* tasks of about POOL_TASK windows (at least one plane or chunk each) */
+enum { POOL_TASK = 4096 };
+
+static int64_t gcd64(int64_t a, int64_t b) {
+  while (b) {
+    const int64_t t = a % b;
+    a = b, b = t;
+  }
+  return a;
+}
+
+/* runs MaxPoolIdx's job j (x, y, idx and the geometry set) on the session's threads */
+static OrtStatus* run_max_pool(PoolJob* j, void* ctx) {
+  const int64_t P = j->Ho * j->Wo, plane = j->H * j->W;
+  j->total = j->planes * P;
+  OrtStatus* st = NULL;
+#if defined(__AVX512F__)
+  j->R = P / gcd64(P, 16);                 /* lcm(P, 16) / 16 chunks per period */
+  j->pp = j->R * 16 / P;                   /* planes per period */
+  /* int32 offsets: the tensor, a period's planes and the windows' reach must stay far from 2^31 */
+  const int64_t reach = (j->kh * j->dh + j->ph + j->sh) * (j->W + 1) + j->kw * j->dw + j->pw + j->sw;
+  /* and the table (16 R lanes) no larger than the output: odd plane sizes over few planes take the scalar loop */
+  if (j->planes * plane < (1LL << 30) && (j->pp + 1) * plane < (1LL << 30) && reach < (1LL << 28) &&
+      16 * j->R <= j->total) {
+    int32_t* tab = (int32_t*)malloc(sizeof(int32_t) * 3 * 16 * (size_t)j->R);
+    if (!tab) return fail("fracgraph MaxPoolIdx: out of memory");
+    int32_t *off = tab, *hs = tab + 16 * j->R, *ws = tab + 32 * j->R;
+    int contiguous = 1;
+    for (int64_t g = 0; g < 16 * j->R; ++g) {
+      const int64_t q = g / P, o = g % P, oh = o / j->Wo, ow = o % j->Wo;
+      hs[g] = (int32_t)(oh * j->sh - j->ph), ws[g] = (int32_t)(ow * j->sw - j->pw);
+      off[g] = (int32_t)(q * plane + (int64_t)hs[g] * j->W + ws[g]);
+      if (g % 16 && off[g] != off[g - 1] + 1) contiguous = 0;
+    }
+    j->off = off, j->hs = hs, j->ws = ws, j->contiguous = contiguous;
+    j->chunks = (j->total + 15) / 16;
+    j->per_chunks = POOL_TASK / 16;
+    const size_t tasks = (size_t)((j->chunks + j->per_chunks - 1) / j->per_chunks);
+    if (tasks > 1) st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_chunks, tasks, 0, j);
+    else if (tasks == 1) pool_chunks(j, 0);
+    free(tab);
+    return st;
+  }
+#endif
+  j->per = P >= POOL_TASK ? 1 : POOL_TASK / P;
+  const size_t tasks = (size_t)((j->planes + j->per - 1) / j->per);
+  if (tasks > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_planes, tasks, 0, j);
+  if (tasks == 1) pool_planes(j, 0);
+  return st;
 }
 
 static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
@@ -888,10 +962,8 @@ static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
       (st = API(GetTensorMutableData, GetDataFn)(iv, (void**)&j.idx)) ||
       (st = API(GetTensorMutableData, GetDataFn)((void*)xv, (void**)&j.x)))
     return st;
-  const size_t planes = (size_t)(d[0] * d[1]);
-  if (planes > 1) return API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_plane, planes, 0, &j);
-  if (planes == 1) pool_plane(&j, 0);
-  return NULL;
+  j.planes = d[0] * d[1];
+  return run_max_pool(&j, ctx);
 }
 
 /* ---- LayerNormGrad ---------------------------------------------------------------------------------------- */
@@ -1002,18 +1074,23 @@ typedef struct {
   const int64_t* idx;
   float* dx;
   int64_t plane_in, plane_out;   /* H * W, Ho * Wo */
+  int64_t planes, per;           /* planes per task (session 11: one task per plane cost more than googlenet's 2x2
+                                    and 4x4 planes' adds) */
 } PoolGradJob;
 
-static void pool_grad_plane(void* p, size_t t) {
+static void pool_grad_planes(void* p, size_t t) {
   PoolGradJob* j = (PoolGradJob*)p;
-  float* dx = j->dx + (int64_t)t * j->plane_in;
-  const float* dy = j->dy + (int64_t)t * j->plane_out;
-  const int64_t* id = j->idx + (int64_t)t * j->plane_out;
-  const int64_t base = (int64_t)t * j->plane_in;
-  memset(dx, 0, sizeof(float) * (size_t)j->plane_in);
-  for (int64_t o = 0; o < j->plane_out; ++o) {
-    const int64_t i = id[o] - base;
-    if (i >= 0 && i < j->plane_in) dx[i] += dy[o];   /* else an empty window's (below) */
+  const int64_t p0 = (int64_t)t * j->per, p1 = p0 + j->per < j->planes ? p0 + j->per : j->planes;
+  memset(j->dx + p0 * j->plane_in, 0, sizeof(float) * (size_t)((p1 - p0) * j->plane_in));
+  for (int64_t q = p0; q < p1; ++q) {
+    float* dx = j->dx + q * j->plane_in;
+    const float* dy = j->dy + q * j->plane_out;
+    const int64_t* id = j->idx + q * j->plane_out;
+    const int64_t base = q * j->plane_in;
+    for (int64_t o = 0; o < j->plane_out; ++o) {
+      const int64_t i = id[o] - base;
+      if (i >= 0 && i < j->plane_in) dx[i] += dy[o];   /* else an empty window's (above) */
+    }
   }
 }
 
@@ -1041,9 +1118,12 @@ static OrtStatus* compute_max_pool_grad(void* ctx) {
       (st = API(GetTensorMutableData, GetDataFn)((void*)iv, (void**)&j.idx)))
     return st;
   j.plane_in = xs[2] * xs[3], j.plane_out = d[2] * d[3];
-  const size_t planes = (size_t)(d[0] * d[1]);
-  if (planes > 1 && (st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_grad_plane, planes, 0, &j))) return st;
-  if (planes == 1) pool_grad_plane(&j, 0);
+  j.planes = d[0] * d[1];
+  const int64_t work = j.plane_in > j.plane_out ? j.plane_in : j.plane_out;
+  j.per = work >= POOL_TASK ? 1 : POOL_TASK / work;
+  const size_t tasks = (size_t)((j.planes + j.per - 1) / j.per);
+  if (tasks > 1 && (st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, pool_grad_planes, tasks, 0, &j))) return st;
+  if (tasks == 1) pool_grad_planes(&j, 0);
   return NULL;
 }
 

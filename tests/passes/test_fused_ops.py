@@ -94,7 +94,12 @@ POOLS = [((2, 8, 16, 16), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 0), ((3, 5, 9, 1
          ((2, 3, 7, 7), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), ((1, 2, 6, 9), (2, 2), (2, 3), (1, 0, 0, 1), (1, 1), 1),
          # rows of 16 and more windows: the AVX-512 path (contiguous loads at stride 1, gathers at 2, dilation)
          ((2, 3, 9, 47), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1), ((1, 2, 5, 40), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 0),
-         ((1, 2, 7, 45), (2, 3), (1, 2), (0, 1, 1, 0), (1, 2), 0)]
+         ((1, 2, 7, 45), (2, 3), (1, 2), (0, 1, 1, 0), (1, 2), 0),
+         # googlenet's planes (session 11's flat 16-window chunks): 8x8, 4x4 and 2x2 inception pools (3x3/1 pad 1,
+         # a chunk spanning 4 planes at 2x2), its stem's 32x32 -> 16x16 and 4x4 -> 2x2 ceil pools, a 1x1 plane
+         ((2, 5, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), ((3, 7, 4, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+         ((3, 5, 2, 2), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1), ((2, 3, 32, 32), (3, 3), (2, 2), (0, 0, 0, 0), (1, 1), 1),
+         ((3, 5, 4, 4), (2, 2), (2, 2), (0, 0, 0, 0), (1, 1), 1), ((5, 7, 1, 1), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 0)]
 
 
 @pytest.mark.parametrize("case", POOLS, ids=str)
@@ -142,6 +147,50 @@ def test_max_pool_is_onnxruntimes_values_and_indices(case, ties):
     dx = ort.InferenceSession(gm.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
         None, {"x": x, "dy": dy, "i": i1})[0]
     assert dx.shape == x.shape and np.array_equal(dx.ravel(), ref)
+
+
+# (X shape, kernel, stride, pad, ceil_mode) as PyTorch writes them: googlenet's pools at small batch, odd sizes
+# (plane sizes that are not multiples or divisors of the 16-window chunk, so chunks start mid-plane and mid-row;
+# (3, 3, 5, 5)'s 25-window planes over 9 planes take the scalar loop, as do POOLS' (2, 3, 7, 7) and (1, 2, 7, 45))
+TORCH_POOLS = [((2, 5, 8, 8), 3, 1, 1, True), ((3, 7, 4, 4), 3, 1, 1, True), ((3, 5, 2, 2), 3, 1, 1, True),
+               ((2, 3, 32, 32), 3, 2, 0, True), ((3, 5, 4, 4), 2, 2, 0, True), ((2, 3, 7, 9), 3, 2, 1, True),
+               ((3, 3, 5, 5), 3, 1, 1, False), ((2, 5, 13, 11), 3, 2, 0, False), ((2, 3, 6, 5), 2, 1, 0, True)]
+
+
+@pytest.mark.parametrize("case", TORCH_POOLS, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_max_pool_against_torch_indices_and_backward(case, threads):
+    """MaxPoolIdx's values and indices are PyTorch's max_pool2d(return_indices=True) (its in-plane indices offset by
+    the plane, on ties too), and MaxPoolIdxGrad's dX is PyTorch's backward through it, on 1 and 2 threads."""
+    from onnx import TensorProto, helper
+
+    shape, k, st, p, ceil = case
+    rng = np.random.default_rng(11)
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph([helper.make_node("MaxPoolIdx", ["x"], ["y", "i"], domain=kernels.DOMAIN, kh=k, kw=k, sh=st,
+                                            sw=st, ph=p, pw=p, dh=1, dw=1, ph_end=p, pw_end=p, ceil_mode=int(ceil)),
+                           helper.make_node("Shape", ["x"], ["s"]),
+                           helper.make_node("MaxPoolIdxGrad", ["dy", "i", "s"], ["dx"], domain=kernels.DOMAIN)], "g",
+                          [vi("x", TensorProto.FLOAT, None), vi("dy", TensorProto.FLOAT, None)],
+                          [vi("y", TensorProto.FLOAT, None), vi("i", TensorProto.INT64, None), vi("dx", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    m.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    kernels.register(so)
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    for ties in (False, True):
+        x = (rng.integers(-2, 2, shape) if ties else rng.standard_normal(shape)).astype(np.float32)
+        xt = torch.from_numpy(x).requires_grad_()
+        yt, it = torch.nn.functional.max_pool2d(xt, k, st, p, ceil_mode=ceil, return_indices=True)
+        dy = rng.standard_normal(tuple(yt.shape)).astype(np.float32)
+        yt.backward(torch.from_numpy(dy))
+        y, i, dx = sess.run(None, {"x": x, "dy": dy})
+        planes = np.arange(shape[0] * shape[1]).reshape(shape[0], shape[1], 1, 1) * shape[2] * shape[3]
+        assert np.array_equal(y, yt.detach().numpy()) and np.array_equal(i, it.numpy() + planes)
+        # the same dY elements added into each dX element: at most ceil(k / st)^2 terms, in dY's order here
+        bound = 4 * np.finfo(np.float32).eps * ((k + st - 1) // st) ** 2 * float(np.abs(dy).max())
+        assert dx.shape == x.shape and np.abs(dx - xt.grad.numpy()).max() <= bound
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11, 13), (2, 16, 40, 40)])
