@@ -40,7 +40,10 @@
  *   avx2   vpmaddwd on the codes split into 16-bit pairs: 8 positions x 2 channels (vpmaddubsw would saturate);
  *   scalar plain int32 loops.
  * All four compute the same int32 sums and the same float rescale, so their outputs are bitwise equal. Images are
- * the parallel tasks; each packs its codes 4 channels to a word on the zero-padded image (see IJob).
+ * the parallel tasks; each packs its codes 4 channels to a word on the zero-padded image (see IJob). The codes are
+ * recovered 16 floats at a time (codes16, AVX-512, masked at a row's end: resnet20's rows are 32, 16 and 8 wide,
+ * which the compiler's vectorized loops left mostly to their scalar tails) on every path but scalar, which keeps
+ * code_of's loops: the same arithmetic, so the same codes, and the tests compare the paths bitwise.
  */
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
