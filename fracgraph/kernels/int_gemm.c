@@ -40,7 +40,10 @@
  *   avx2   vpmaddwd on the codes split into 16-bit pairs: 8 positions x 2 channels (vpmaddubsw would saturate);
  *   scalar plain int32 loops.
  * All four compute the same int32 sums and the same float rescale, so their outputs are bitwise equal. Images are
- * the parallel tasks; each packs its codes 4 channels to a word on the zero-padded image (see IJob).
+ * the parallel tasks; each packs its codes 4 channels to a word on the zero-padded image (see IJob). The codes are
+ * recovered 16 floats at a time (codes16, AVX-512, masked at a row's end: resnet20's rows are 32, 16 and 8 wide,
+ * which the compiler's vectorized loops left mostly to their scalar tails) on every path but scalar, which keeps
+ * code_of's loops: the same arithmetic, so the same codes, and the tests compare the paths bitwise.
  */
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -168,6 +171,20 @@ static inline int32_t code_of(float v, float m, float inv_s) {
   float u = nearbyintf((v - m) * inv_s);
   return (int32_t)(u < 0.0f ? 0.0f : u > 255.0f ? 255.0f : u);
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* The codes of 16 floats at once (IntConv's and IntConvGradW's packing, session 11): code_of's arithmetic lane for
+ * lane (v - m, times 1 / s, round to nearest even, clamp to [0, 255]; separate sub and mul as the scalar code under
+ * -ffp-contract=off), so the same codes; lanes outside `k` are not read and come out 0. The scalar path
+ * (FRACGRAPH_INT_ISA=scalar) keeps code_of's loops, so the tests' bitwise comparison of the paths covers both. */
+#define FG_VPACK 1
+static inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+static inline __m512i codes16(const float* v, __mmask16 k, __m512 mv, __m512 iv) {
+  const __m512 u = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, v), mv), iv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_maskz_cvttps_epi32(k, _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(255.0f)));
+}
+#endif
 
 /* rescale one output channel's sums of one segment into y: A = acc + 128 Sx, y = a A + b Sx + t in double (the
  * terms can be far larger than y and cancel; in float that cost ~10x the error of a float conv), rounded once */
@@ -367,47 +384,70 @@ static void conv_image(void* p, size_t n) {
   const IJob* j = (const IJob*)p;
   const int64_t C = j->C, H = j->H, W = j->W, Hp = j->Hp, Wp = j->Wp, P = j->P;
   const size_t words = (size_t)((j->isa == ISA_AMX ? j->C4r : j->C4) * j->plane) + SLACK;   /* amx: zero planes to a chunk */
-  char* buf = (char*)calloc(1, words * 4 + (size_t)(Hp * Wp) * 4 + (size_t)(P + SLACK) * 4 + (size_t)W * 4 * 4);
+  char* buf = (char*)calloc(1, words * 4 + (size_t)(Hp * Wp) * 4 + (size_t)(P + SLACK) * 4 + (size_t)W * 5 * 4);
   if (!buf) { ((IJob*)p)->failed = 1; return; }
   int32_t* xq = (int32_t*)buf;
   int32_t* colsum = xq + words;
   int32_t* sx = colsum + Hp * Wp;
-  int32_t* qrow = sx + P + SLACK;   /* 4 rows of codes */
+  int32_t* qrow = sx + P + SLACK;   /* a row of words, then (scalar path) 4 rows of codes */
   const float* x = j->x + (size_t)n * C * H * W;
   const float mx = j->mx, inv = j->inv_sx;
   for (int64_t c4 = 0; c4 < j->C4; ++c4)
     for (int64_t h = 0; h < H; ++h) {
-      for (int i = 0; i < 4; ++i) {
-        const int64_t c = c4 * 4 + i;
-        int32_t* q = qrow + i * W;
-        if (c < C) {
-          const float* xr = x + (c * H + h) * W;
-          for (int64_t w = 0; w < W; ++w) q[w] = code_of(xr[w], mx, inv);
-        } else {
-          memset(q, 0, (size_t)W * 4);
-        }
-      }
       const int64_t hp = h + j->ph;
       int32_t* cs = colsum + hp * Wp + j->pw;
-      for (int64_t w = 0; w < W; ++w) cs[w] += qrow[w] + qrow[W + w] + qrow[2 * W + w] + qrow[3 * W + w];
       int32_t* plane = xq + c4 * j->plane;
-      if (j->sh == 1 && j->sw == 1) {
-        int32_t* dst = plane + hp * j->Wq + j->pw;
+      /* stride 1: the words go straight onto the row; strided: into qrow, then to each column's phase */
+      int32_t* dst = j->sh == 1 && j->sw == 1 ? plane + hp * j->Wq + j->pw : qrow;
+#if defined(FG_VPACK)
+      if (j->isa != ISA_SCALAR) {
+        const __m512 mv = _mm512_set1_ps(mx), iv = _mm512_set1_ps(inv);
+        for (int64_t w = 0; w < W; w += 16) {
+          const __mmask16 k = lanes_mask(W - w);
+          __m512i q[4];
+          for (int i = 0; i < 4; ++i)
+            q[i] = c4 * 4 + i < C ? codes16(x + ((c4 * 4 + i) * H + h) * W + w, k, mv, iv) : _mm512_setzero_si512();
+          const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(q[0], q[1]), _mm512_add_epi32(q[2], q[3]));
+          _mm512_mask_storeu_epi32(cs + w, k, _mm512_add_epi32(_mm512_maskz_loadu_epi32(k, cs + w), sum));
+          const __m512i word = _mm512_or_si512(_mm512_or_si512(q[0], _mm512_slli_epi32(q[1], 8)),
+                                               _mm512_or_si512(_mm512_slli_epi32(q[2], 16), _mm512_slli_epi32(q[3], 24)));
+          _mm512_mask_storeu_epi32(dst + w, k, word);
+        }
+      } else
+#endif
+      {
+        int32_t* qc = qrow + W;   /* 4 rows of codes after the row of words */
+        for (int i = 0; i < 4; ++i) {
+          const int64_t c = c4 * 4 + i;
+          int32_t* q = qc + i * W;
+          if (c < C) {
+            const float* xr = x + (c * H + h) * W;
+            for (int64_t w = 0; w < W; ++w) q[w] = code_of(xr[w], mx, inv);
+          } else {
+            memset(q, 0, (size_t)W * 4);
+          }
+        }
+        for (int64_t w = 0; w < W; ++w) cs[w] += qc[w] + qc[W + w] + qc[2 * W + w] + qc[3 * W + w];
         for (int64_t w = 0; w < W; ++w)
-          dst[w] = qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
-      } else {   /* strided: the row's phase and grid row, each column's phase and grid column */
-        int32_t* dst = plane + (hp % j->sh) * j->sw * j->Hq * j->Wq + (hp / j->sh) * j->Wq;
-        for (int64_t w = 0; w < W; ++w)
-          dst[j->col_off[w]] = qrow[w] | qrow[W + w] << 8 | qrow[2 * W + w] << 16 | qrow[3 * W + w] << 24;
+          dst[w] = qc[w] | qc[W + w] << 8 | qc[2 * W + w] << 16 | qc[3 * W + w] << 24;
+      }
+      if (dst == qrow) {   /* strided: the row's phase and grid row, each column's phase and grid column */
+        int32_t* row = plane + (hp % j->sh) * j->sw * j->Hq * j->Wq + (hp / j->sh) * j->Wq;
+        for (int64_t w = 0; w < W; ++w) row[j->col_off[w]] = qrow[w];
       }
     }
-  for (int64_t ho = 0; ho < j->Ho; ++ho)   /* window sums of the codes (pads are 0) */
-    for (int64_t wo = 0; wo < j->Wo; ++wo) {
-      const int32_t* cs = colsum + ho * j->sh * Wp + wo * j->sw;
-      int32_t s = 0;
-      for (int64_t tap = 0; tap < j->taps; ++tap) s += cs[j->tpix[tap]];
-      sx[ho * j->Wo + wo] = s;
+  /* window sums of the codes (pads are 0), tap by tap over a row of outputs (integers: any order is exact) */
+  for (int64_t ho = 0; ho < j->Ho; ++ho) {
+    int32_t* s = sx + ho * j->Wo;
+    memset(s, 0, (size_t)j->Wo * 4);
+    for (int64_t tap = 0; tap < j->taps; ++tap) {
+      const int32_t* cs = colsum + ho * j->sh * Wp + j->tpix[tap];
+      if (j->sw == 1)
+        for (int64_t wo = 0; wo < j->Wo; ++wo) s[wo] += cs[wo];
+      else
+        for (int64_t wo = 0; wo < j->Wo; ++wo) s[wo] += cs[wo * j->sw];
     }
+  }
   float* y = j->y + (size_t)n * j->K * P;
 #if defined(FG_AMX)
   if (j->isa == ISA_AMX) {
@@ -959,7 +999,20 @@ static void dw_amx_group(const DJob* j, const DwGroup* g, int32_t* part) {
 /* a row of x's codes: bytes into the channel's planes (consecutive when stride 1, else through xoff) and added to
  * the task's code sums; the loops are written for the compiler's vectorizer */
 static void x_row_direct(const float* restrict v, int64_t n, float m, float inv, uint8_t* restrict dst,
-                         int32_t* restrict sum) {
+                         int32_t* restrict sum, int vec) {
+#if defined(FG_VPACK)
+  if (vec) {
+    const __m512 mv = _mm512_set1_ps(m), iv = _mm512_set1_ps(inv);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 k = lanes_mask(n - i);
+      const __m512i q = codes16(v + i, k, mv, iv);
+      _mm_mask_storeu_epi8(dst + i, k, _mm512_cvtepi32_epi8(q));
+      _mm512_mask_storeu_epi32(sum + i, k, _mm512_add_epi32(_mm512_maskz_loadu_epi32(k, sum + i), q));
+    }
+    return;
+  }
+#endif
+  (void)vec;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t q = code_of(v[i], m, inv);
     dst[i] = (uint8_t)q;
@@ -967,12 +1020,38 @@ static void x_row_direct(const float* restrict v, int64_t n, float m, float inv,
   }
 }
 
-static void codes_row(const float* restrict v, int64_t n, float m, float inv, int32_t* restrict q) {
+static void codes_row(const float* restrict v, int64_t n, float m, float inv, int32_t* restrict q, int vec) {
+#if defined(FG_VPACK)
+  if (vec) {
+    const __m512 mv = _mm512_set1_ps(m), iv = _mm512_set1_ps(inv);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 k = lanes_mask(n - i);
+      _mm512_mask_storeu_epi32(q + i, k, codes16(v + i, k, mv, iv));
+    }
+    return;
+  }
+#endif
+  (void)vec;
   for (int64_t i = 0; i < n; ++i) q[i] = code_of(v[i], m, inv);
 }
 
 /* a row of the error's codes: signed bytes g - 128 onto the channel's virtual-grid row, added to the code sums */
-static void g_row(const float* restrict v, int64_t n, float m, float inv, int8_t* restrict dst, int32_t* restrict sum) {
+static void g_row(const float* restrict v, int64_t n, float m, float inv, int8_t* restrict dst, int32_t* restrict sum,
+                  int vec) {
+#if defined(FG_VPACK)
+  if (vec) {
+    const __m512 mv = _mm512_set1_ps(m), iv = _mm512_set1_ps(inv);
+    const __m512i off = _mm512_set1_epi32(128);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 k = lanes_mask(n - i);
+      const __m512i q = codes16(v + i, k, mv, iv);
+      _mm_mask_storeu_epi8(dst + i, k, _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, off)));
+      _mm512_mask_storeu_epi32(sum + i, k, _mm512_add_epi32(_mm512_maskz_loadu_epi32(k, sum + i), q));
+    }
+    return;
+  }
+#endif
+  (void)vec;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t q = code_of(v[i], m, inv);
     dst[i] = (int8_t)(q - 128);
@@ -985,7 +1064,7 @@ static void g_row(const float* restrict v, int64_t n, float m, float inv, int8_t
 static void dw_pack_image(const DJob* j, int64_t n, uint8_t* xb, int32_t* gp, int8_t* gk, int32_t* row, int32_t* xsum,
                           int32_t* gsum) {
   const int64_t C = j->C, H = j->H, W = j->W, K = j->K, Kv = j->Kv, P = j->P, V4 = j->V4;
-  const int direct = j->sh == 1 && j->sw == 1;
+  const int direct = j->sh == 1 && j->sw == 1, vec = j->isa != ISA_SCALAR;
   const float* x = j->x + (size_t)n * C * H * W;
   for (int64_t c = 0; c < C; ++c) {
     uint8_t* xc = xb + c * j->cstride;
@@ -994,9 +1073,9 @@ static void dw_pack_image(const DJob* j, int64_t n, uint8_t* xb, int32_t* gp, in
       const float* xr = x + (c * H + h) * W;
       if (direct) {
         const int64_t o = (h + j->ph) * j->Wq + j->pw;
-        x_row_direct(xr, W, j->mx, j->inv_sx, xc + o, xs + o);
+        x_row_direct(xr, W, j->mx, j->inv_sx, xc + o, xs + o, vec);
       } else {
-        codes_row(xr, W, j->mx, j->inv_sx, row);
+        codes_row(xr, W, j->mx, j->inv_sx, row, vec);
         const int64_t* off = j->xoff + h * W;
         for (int64_t w = 0; w < W; ++w) { xc[off[w]] = (uint8_t)row[w]; xs[off[w]] += row[w]; }
       }
@@ -1005,7 +1084,20 @@ static void dw_pack_image(const DJob* j, int64_t n, uint8_t* xb, int32_t* gp, in
   const float* dy = j->dy + (size_t)n * K * P;
   for (int64_t k = 0; k < K; ++k)   /* the grid's columns wo >= Wo stay 0 */
     for (int64_t ho = 0; ho < j->Ho; ++ho)
-      g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo);
+      g_row(dy + k * P + ho * j->Wo, j->Wo, j->mg, j->inv_sg, gk + k * V4 * 4 + ho * j->Wq, gsum + k * P + ho * j->Wo, vec);
+#if defined(FG_VPACK)
+  if (vec && K * V4 < (1LL << 31)) {   /* [K][V] bytes -> [V/4][Kv] words, 16 channels' words a gather */
+    const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int32_t)V4));
+    for (int64_t w4 = 0; w4 < V4; ++w4)
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = lanes_mask(K - k);
+        const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)(k * V4 + w4)));
+        _mm512_mask_storeu_epi32(gp + w4 * Kv + k, m, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, gk, 4));
+      }
+    return;
+  }
+#endif
   for (int64_t w4 = 0; w4 < V4; ++w4)   /* [K][V] bytes -> [V/4][Kv] words */
     for (int64_t k = 0; k < K; ++k) gp[w4 * Kv + k] = load_word((const uint8_t*)gk + (k * V4 + w4) * 4);
 }

@@ -151,6 +151,36 @@ def test_paths_agree_exactly():
         np.testing.assert_array_equal(y, first, err_msg=path)
 
 
+@pytest.mark.parametrize("case", [(2, 8, 19, 16, 3, 1, 1, 1), (3, 5, 21, 24, 3, 2, 1, 1), (1, 20, 35, 8, 3, 1, 1, 1),
+                                  (2, 16, 10, 40, 1, 1, 0, 1)], ids=lambda c: "x".join(map(str, c)))
+def test_code_recovery_rounds_half_to_even_and_clamps_on_every_path(monkeypatch, case):
+    """IntConvGradW recovers both operands' codes as clip(round_half_even((v - m) / s), 0, 255): vectorized (16
+    lanes, masked row tails, the error's transpose by gathers) on the vnni/avx2/amx paths, code_of's loops on scalar.
+    Operands that are not fake-quantized values (multiples of 1/2 from -8 to 263, m = 0, s = 1: ties and values out
+    of range) give every path the same output, bitwise, and a float64 weight gradient of numpy's codes to the
+    output's float32 rounding."""
+    n, c, h, kout, k, stride, pad, dil = case
+    rng = np.random.default_rng(list(case))
+    ho = conv_out(h, k, stride, pad, dil)
+    x = (rng.integers(-16, 527, (n, c, h, h)) / 2).astype(np.float32)
+    g = (rng.integers(-16, 527, (n, kout, ho, ho)) / 2).astype(np.float32)
+    one, zero = np.float32(1), np.float32(0)
+    outs = {}
+    for path in [p for p in PATHS if available(p)]:
+        monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+        monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")
+        outs[path] = int_dw(g, zero, one, x, zero, one, k, stride, pad, dil)
+    assert "scalar" in outs and len(outs) > 1 or pytest.skip("only the scalar path on this CPU")
+    for path, y in outs.items():
+        np.testing.assert_array_equal(y, outs["scalar"], err_msg=path)
+    codes = lambda v: np.clip(np.round(v.astype(np.float64)), 0, 255).astype(np.float32)  # noqa: E731  half to even
+    ref = reference_dw(codes(g), codes(x), k, stride, pad, dil)
+    # integer operands, m = 0, s = 1: the rescale is exact in double, so only the output's float32 rounding remains
+    bound = 2.0 ** -23 * np.abs(ref).max()
+    assert np.abs(outs["scalar"] - ref).max() <= bound
+    assert 255 > 8 * bound   # a code off by one moves an entry by the other operand's code, up to 255
+
+
 def test_threads_do_not_change_the_result(monkeypatch):
     monkeypatch.delenv("FRACGRAPH_INT_ISA", raising=False)
     gq, gm, gs, xq, xm, xs = operands((20, 16, 8, 32, 3, 2, 1, 1), 8, 8, seed=4)

@@ -120,6 +120,34 @@ def test_paths_agree_exactly_on_integer_sums(monkeypatch):
         np.testing.assert_array_equal(y, first, err_msg=path)
 
 
+@pytest.mark.parametrize("case", [(2, 8, 19, 16, 3, 1, 1, 1), (2, 5, 21, 16, 3, 2, 1, 1), (1, 6, 35, 8, 3, 1, 1, 1),
+                                  (1, 40, 13, 32, 3, 1, 1, 1)], ids=lambda c: "x".join(map(str, c)))
+def test_code_recovery_rounds_half_to_even_and_clamps_on_every_path(monkeypatch, case):
+    """IntConv recovers the codes as clip(round_half_even((x - m) / s), 0, 255): vectorized (16 lanes, masked row
+    tails) on the vnni/avx2/amx paths, code_of's loop on scalar. Activations that are not fake-quantized values
+    (multiples of 1/2 from -8 to 263 with m = 0, s = 1: ties and values out of range) give every path the same
+    output, bitwise, within the bound of a float64 conv of numpy's codes."""
+    n, c, h, k, ks, stride, pad, dil = case
+    rng = np.random.default_rng(list(case))
+    x = (rng.integers(-16, 527, (n, c, h, h)) / 2).astype(np.float32)
+    w = (rng.standard_normal((k, c, ks, ks)) * 0.2).astype(np.float32)
+    wq, mw, sw = fake_quant(w, 8, axes=(1, 2, 3))
+    mx, sx = np.asarray(0, np.float32), np.asarray(1, np.float32)
+    outs = {}
+    for path in [p for p in PATHS if available(p)]:
+        monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+        monkeypatch.setenv("FRACGRAPH_AMX_MIN_CHANNELS", "1")
+        outs[path] = int_conv(x, mx, sx, wq, mw.reshape(k, 1, 1, 1), sw.reshape(k, 1, 1, 1), (ks, ks), stride, pad, dil)
+    assert "scalar" in outs and len(outs) > 1 or pytest.skip("only the scalar path on this CPU")
+    for path, y in outs.items():
+        np.testing.assert_array_equal(y, outs["scalar"], err_msg=path)
+    codes = np.clip(np.round(x.astype(np.float64)), 0, 255).astype(np.float32)   # numpy rounds half to even
+    ref = reference(codes, wq, stride, pad, dil)
+    bound = 2.0 ** -20 * c * ks * ks * 255 * np.abs(wq).max()
+    assert np.abs(outs["scalar"] - ref).max() <= bound
+    assert np.abs(wq).max() > 8 * bound   # a code off by one under the largest weight moves an output by max|w|
+
+
 def test_unknown_or_missing_path_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")
     x = np.zeros((1, 4, 3, 3), np.float32)
