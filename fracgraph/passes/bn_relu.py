@@ -16,6 +16,14 @@ resnet20's step (batch 128) ReluGrad, Relu, Sum, Add and MinMax were 11.5% of th
   off the masked build peaks lower than the unmasked one: README), while resnet18's and resnet20's did not move;
 - `ReluGradSum(dY1, dY2, X)` for a ReluGrad of onnxruntime's two-input gradient accumulation (`AccumulateGrad_*`
   Sum, which adds gradients of one tensor: one shape), read by the ReluGrad alone.
+- `BatchNormGradSplit(dY, X, scale, mean, inv_std, B?, lengths) -> (dscale, dbias, dX_0, ..., dX_k-1)` for a
+  BatchNormGrad whose dX only onnxruntime's SplitTraining along the channel axis reads: a batch norm reading a
+  Concat (a pre-activation net: DenseNet's layers), whose gradient is the Split of dX into the Concat's inputs.
+  Each channel's dX goes straight into its piece, so neither the whole dX nor the Split's copy is written; with
+  `relu_mask` it takes the ReLU's gradient as BatchNormGradRange does;
+- `SumRange(x_0, ..., x_k-1) -> (Y, min, max)` for an `AccumulateGrad_*` Sum (k >= 2, one shape) that a MinMax
+  reads (a feature map read by many later layers, its error quantizer's range): onnxruntime's order of the sum,
+  one read of each input per cache-sized chunk, and the range of the chunk just written.
 
 Every value is bitwise the unfused chain's (the same float operations on the same operands; min and max are exact),
 up to the sign of a zero and NaN propagation: the fused ReLU writes +0 for every y <= 0 and 0 for a NaN, where
