@@ -40,9 +40,11 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
 - ifcost: an If's own cost per call (IF_CHAIN chained Adds, plain vs each in an If vs all in one If) on a scalar and
   on mobilevit-sized tensors; --cpu-time applies;
 - transpose: the ViTs' Transposes (batch 32) as onnxruntime's Transpose vs fracgraph's Permute, interleaved,
-  compared bitwise, with a numpy copy of the tensor as the floor; --cpu-time applies.
+  compared bitwise, with a numpy copy of the tensor as the floor; --cpu-time applies;
+- bnconcat: bn-relu's pre-activation forms on densenet121's shapes: BatchNormGrad + Split vs BatchNormGradSplit,
+  Sum of k gradients + MinMax vs SumRange, bitwise; --cpu-time applies.
 
-    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu,pool,transpose,bnrelu,dwconvt]
+    python bench/kernel_probes.py [--threads 2] [--reps 20] [--only nchwc,relu,qdq,noise,sr,bn,dw,dwshapes,fwshapes,forms,reorder,executor,torch,intconv,intdw,intmatmul,gelu,pool,ifcost,transpose,bnrelu,bnconcat,dwconvt]
 """
 
 from __future__ import annotations
@@ -301,6 +303,38 @@ def probe_bnrelu(r: Runner, rng):
     for n, c, s in shapes:
         feeds = {k: rng.standard_normal((n, c, s, s)).astype(np.float32) for k in ("a", "c", "x")}
         r.compare(f"{n}x{c}x{s}x{s}", ("Sum + ReluGrad", base), [("ReluGradSum", own, None)], feeds, exact=True)
+
+
+def probe_bnconcat(r: Runner, rng):
+    """bn-relu's pre-activation forms on densenet121's shapes (batch 32, 64x64: each block's first, middle and
+    last concatenated input): BatchNormGrad + Split of dX into the Concat's pieces (the layer's input is the
+    Concat of the block's input, 64-256 channels, and growth-32 feature maps) vs BatchNormGradSplit, and a feature
+    map's gradient accumulation Sum of k gradients + MinMax vs SumRange; every output bitwise equal."""
+    print("bn-relu: backward BatchNormGrad -> Split (a Concat's gradient)")
+    gin = ["dy", "x", "scale", "mean", "inv_std"]
+    for n, c0, c, s in [(32, 64, 128, 16), (32, 64, 256, 16), (32, 128, 320, 8), (32, 256, 640, 4), (32, 256, 1024, 4)]:
+        lengths = [c0] + [32] * ((c - c0) // 32)
+        pieces = [f"p{i}" for i in range(len(lengths))]
+        init = [h.make_tensor("lengths", T.INT64, [len(lengths)], lengths)]
+        base = _model([h.make_node("BatchNormGrad", gin, ["dx", "ds", "db"], domain=FG),
+                       h.make_node("Split", ["dx", "lengths"], pieces, axis=1)], gin, pieces, init)
+        own = _model([h.make_node("BatchNormGradSplit", gin + ["", "lengths"], ["ds", "db", *pieces], domain=FG,
+                                  relu=0, pieces=len(lengths))], gin, pieces, init)
+        x = (rng.standard_normal((n, c, s, s)) * 2 + 0.5).astype(np.float32)
+        feeds = {"dy": rng.standard_normal(x.shape).astype(np.float32), "x": x,
+                 "scale": rng.standard_normal(c).astype(np.float32), "mean": x.mean((0, 2, 3)).astype(np.float32),
+                 "inv_std": (1 / np.sqrt(x.var((0, 2, 3)) + 1e-5)).astype(np.float32)}
+        r.compare(f"{n}x{c}x{s}x{s} in {len(lengths)} pieces", ("BatchNormGrad + Split", base),
+                  [("BatchNormGradSplit", own, None)], feeds, exact=True)
+    print("bn-relu: backward Sum(k gradients) -> MinMax (a feature map read by k later layers)")
+    for n, c, s, k in [(32, 32, 16, 2), (32, 32, 16, 6), (32, 32, 8, 12), (32, 32, 4, 24), (32, 64, 16, 7)]:
+        names = [f"g{i}" for i in range(k)]
+        base = _model([h.make_node("Sum", names, ["y"]), h.make_node("MinMax", ["y"], ["lo", "hi"], domain=FG)],
+                      names, ["y", "lo", "hi"])
+        own = _model([h.make_node("SumRange", names, ["y", "lo", "hi"], domain=FG, n=k)], names, ["y", "lo", "hi"])
+        feeds = {g: rng.standard_normal((n, c, s, s)).astype(np.float32) for g in names}
+        r.compare(f"{n}x{c}x{s}x{s}, {k} gradients", ("Sum + MinMax", base), [("SumRange", own, None)], feeds,
+                  exact=True)
 
 
 def probe_dw(r: Runner, rng):
@@ -1227,6 +1261,7 @@ def main() -> None:
               "fwshapes": probe_fwshapes, "reorder": probe_reorder, "dwconv": probe_dwconv, "forms": probe_forms,
               "intconv": probe_intconv, "intdw": probe_intdw, "intmatmul": probe_intmatmul, "gelu": probe_gelu,
               "pool": probe_pool, "ifcost": probe_ifcost, "transpose": probe_transpose, "bnrelu": probe_bnrelu,
+              "bnconcat": probe_bnconcat,
               "dwconvt": probe_dwconvt}
     print(f"{a.threads} threads, median of {a.reps} runs per kernel")
     for name in a.only.split(","):

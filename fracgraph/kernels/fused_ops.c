@@ -1700,7 +1700,21 @@ typedef struct {
   size_t N, C, S;   /* batch, channels, spatial size */
   const float* bias;   /* BatchNormGradRange with relu: the forward's B */
   float *cmin, *cmax;  /* BatchNormGradRange: each channel's range of dX */
+  float** pieces;      /* BatchNormGradSplit: dX's pieces along the channel axis (else NULL: dX whole) */
+  const size_t *piece, *poff, *plen;   /* BatchNormGradSplit: each channel's piece; each piece's first channel, size */
 } BnJob;
+
+/* where channel c of image 0 goes in dX, and the distance between images: dX's own layout, or the piece of the
+ * channel axis that holds c (BatchNormGradSplit: the Split of dX written directly) */
+static inline float* bn_dx_base(const BnJob* j, size_t c, size_t* stride) {
+  if (!j->pieces) {
+    *stride = j->C * j->S;
+    return j->dx + c * j->S;
+  }
+  const size_t p = j->piece[c];
+  *stride = j->plen[p] * j->S;
+  return j->pieces[p] + (c - j->poff[p]) * j->S;
+}
 
 /* BatchNormGradRange(dY, X, scale, mean, inv_std, B?) -> (dX, dscale, dbias, min, max): BatchNormGrad, and the
  * range of dX (MinMax's min and max). With attribute relu = 1 the forward was BatchNormTrainFused with relu and no
@@ -1742,12 +1756,14 @@ static void bn_grad_range_channel(void* p, size_t c) {
   const float kd = (float)k, kx = (float)(-k * inv_std * inv_std * sum_dy_xmu / M), k0 = (float)(-k * sum_dy / M);
   enum { L = 16 };
   float lo_l[L], hi_l[L];
+  size_t dstride;
+  float* const dx0 = bn_dx_base(j, c, &dstride);
   for (int l = 0; l < L; ++l) lo_l[l] = INFINITY, hi_l[l] = -INFINITY;
 #define BN_GRAD_ROW(G)                                                                  \
   for (size_t n = 0; n < N; ++n) {                                                     \
     const float* dy = j->dy + (n * C + c) * S;                                         \
     const float* x = j->x + (n * C + c) * S;                                           \
-    float* dx = j->dx + (n * C + c) * S;                                               \
+    float* dx = dx0 + n * dstride;                                                     \
     size_t i = 0;                                                                      \
     for (; i + L <= S; i += L)                                                         \
       for (int l = 0; l < L; ++l) {                                                    \
@@ -2082,6 +2098,8 @@ OrtStatus* fg_clip_grad_register(void* domain, const void* api) __attribute__((w
 OrtStatus* fg_dw_convt_register(void* domain, const void* api) __attribute__((weak));   /* dw_convt.c */
 OrtStatus* fg_hard_act_register(void* domain, const void* api) __attribute__((weak));   /* hard_act.c */
 
+static OrtStatus* fg_bn_concat_register(void* domain);   /* BatchNormGradSplit, SumRange: the end of this file */
+
 OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   void* domain;
   OrtStatus* st;
@@ -2118,5 +2136,236 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   if (fg_clip_grad_register && (st = fg_clip_grad_register(domain, g_api))) return st;
   if (fg_dw_convt_register && (st = fg_dw_convt_register(domain, g_api))) return st;
   if (fg_hard_act_register && (st = fg_hard_act_register(domain, g_api))) return st;
+  if ((st = fg_bn_concat_register(domain))) return st;
   return API(AddCustomOpDomain, AddDomainFn)(options, domain);
+}
+
+/* ---- BatchNormGradSplit and SumRange (passes/bn_relu.py: a batch norm reading a Concat, and the gradient
+ * accumulation of the Concat's inputs) ------------------------------------------------------------------------
+ *
+ *   BatchNormGradSplit(dY, X, scale, mean, inv_std, B?, lengths) -> (dscale, dbias, dX_0, ..., dX_k-1)
+ *       BatchNormGrad (BatchNormGradRange with attribute relu: the fused forward's ReLU mask recomputed from X)
+ *       whose dX onnxruntime's SplitTraining cuts along the channel axis (a Concat's gradient): each channel's dX
+ *       goes straight into its piece (lengths: int64, one size per piece, the Split's own input; attribute
+ *       pieces = k), so dX is never written whole and the Split's copy disappears. Bitwise BatchNormGrad's dX.
+ *   SumRange(x_0, ..., x_k-1) -> (Y, min, max)   onnxruntime's Sum of k >= 2 tensors of one shape (no
+ *       broadcasting; attribute n = k) and Y's range (MinMax's): y = ((x_0 + x_1) + x_2) + ..., the order of
+ *       onnxruntime's variadic Sum (its first two inputs, then each next one added to the running output), so Y
+ *       is bitwise onnxruntime's; but one read of each input and one write of Y per cache-sized chunk, where
+ *       onnxruntime's Sum reads and writes Y once per input, and MinMax reads it again. */
+typedef struct {
+  int kind;   /* 0: BatchNormGradSplit, 1: SumRange */
+  int64_t relu, pieces, n;
+} BcKernel;
+
+static OrtStatus* bc_tensor(void* ctx, size_t i, const void** v, int64_t* dims, size_t* rank, size_t* count, void** data) {
+  OrtStatus* st;
+  if ((st = input_shape(ctx, i, v, dims, rank, count))) return st;
+  return API(GetTensorMutableData, GetDataFn)((void*)*v, data);
+}
+
+static OrtStatus* compute_bn_grad_split(BcKernel* k, void* ctx) {
+  const void* in;
+  void* out;
+  int64_t dims[16], other[16], pdims[16];
+  size_t rank, r2, n, count;
+  const int64_t* lengths;
+  OrtStatus* st;
+  BnJob j;
+  memset(&j, 0, sizeof j);
+  if ((st = bc_tensor(ctx, 0, &in, dims, &rank, &n, (void**)&j.dy)) ||
+      (st = bc_tensor(ctx, 1, &in, other, &r2, &count, (void**)&j.x)))
+    return st;
+  if (rank < 2 || count != n) return fail("fracgraph BatchNormGradSplit: dY and X must be one (N, C, ...) shape");
+  j.N = (size_t)dims[0], j.C = (size_t)dims[1], j.S = (j.N && j.C) ? n / (j.N * j.C) : 0;
+  if (!j.N || !j.S) return fail("fracgraph BatchNormGradSplit: X is empty");
+  const float** per[3] = {&j.scale, &j.mean, &j.inv_std};
+  for (size_t i = 2; i < 5; ++i) {
+    if ((st = bc_tensor(ctx, i, &in, other, &r2, &count, (void**)per[i - 2]))) return st;
+    if (count != j.C) return fail("fracgraph BatchNormGradSplit: scale, mean and inv_std need one value per channel");
+  }
+  if (k->relu) {
+    if ((st = bc_tensor(ctx, 5, &in, other, &r2, &count, (void**)&j.bias))) return st;
+    if (count != j.C) return fail("fracgraph BatchNormGradSplit: B needs one value per channel");
+  }
+  if ((st = bc_tensor(ctx, 6, &in, other, &r2, &count, (void**)&lengths))) return st;
+  const size_t K = (size_t)k->pieces;
+  if (count != K) return fail("fracgraph BatchNormGradSplit: lengths needs one size per output piece");
+  size_t total = 0;
+  for (size_t p = 0; p < K; ++p) {
+    if (lengths[p] <= 0) return fail("fracgraph BatchNormGradSplit: every piece needs at least one channel");
+    total += (size_t)lengths[p];
+  }
+  if (total != j.C) return fail("fracgraph BatchNormGradSplit: the pieces' lengths must add up to X's channels");
+  int64_t cdims[1] = {(int64_t)j.C};
+  if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, cdims, 1, &out)) ||
+      (st = API(GetTensorMutableData, GetDataFn)(out, (void**)&j.dscale)) ||
+      (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, cdims, 1, &out)) ||
+      (st = API(GetTensorMutableData, GetDataFn)(out, (void**)&j.dbias)))
+    return st;
+  /* one block: the pieces' pointers, each channel's piece, each piece's offset and size, the channels' ranges */
+  void* mem = malloc(K * sizeof(float*) + (j.C + 2 * K) * sizeof(size_t) + 2 * j.C * sizeof(float));
+  if (!mem) return fail("fracgraph BatchNormGradSplit: out of memory");
+  j.pieces = (float**)mem;
+  size_t* piece = (size_t*)(j.pieces + K);
+  size_t *poff = piece + j.C, *plen = poff + K;
+  j.cmin = (float*)(plen + K), j.cmax = j.cmin + j.C;
+  j.piece = piece, j.poff = poff, j.plen = plen;
+  memcpy(pdims, dims, rank * sizeof(int64_t));
+  size_t c0 = 0;
+  st = NULL;
+  for (size_t p = 0; p < K && !st; ++p) {
+    poff[p] = c0, plen[p] = (size_t)lengths[p];
+    for (size_t c = c0; c < c0 + plen[p]; ++c) piece[c] = p;
+    c0 += plen[p];
+    pdims[1] = lengths[p];
+    if (!(st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 2 + p, pdims, rank, &out)))
+      st = API(GetTensorMutableData, GetDataFn)(out, (void**)&j.pieces[p]);
+  }
+  if (!st) {
+    if (j.C > 1) st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, bn_grad_range_channel, j.C, 0, &j);
+    else bn_grad_range_channel(&j, 0);
+  }
+  free(mem);
+  return st;
+}
+
+#define SUM_CHUNK 4096   /* elements per task: every input's slice and Y's stay in L1/L2 while they are added */
+
+typedef struct {
+  const float** x;
+  size_t k, n;
+  float* y;
+  float *part_min, *part_max;
+} SumJob;
+
+static void sum_range_chunk(void* p, size_t t) {
+  const SumJob* j = (const SumJob*)p;
+  const size_t a = t * SUM_CHUNK, b = a + SUM_CHUNK < j->n ? a + SUM_CHUNK : j->n;
+  float* y = j->y;
+  const float *x0 = j->x[0], *x1 = j->x[1];
+  for (size_t i = a; i < b; ++i) y[i] = x0[i] + x1[i];
+  for (size_t q = 2; q < j->k; ++q) {
+    const float* xq = j->x[q];
+    for (size_t i = a; i < b; ++i) y[i] = y[i] + xq[i];
+  }
+  lane_min_max(y + a, b - a, &j->part_min[t], &j->part_max[t]);
+}
+
+static OrtStatus* compute_sum_range(BcKernel* k, void* ctx) {
+  const void* in;
+  void *yv, *lv, *hv;
+  int64_t dims[16], other[16];
+  size_t rank, r2, n, count;
+  float *lo, *hi;
+  OrtStatus* st;
+  SumJob j;
+  const size_t K = (size_t)k->n;
+  if (K < 2) return fail("fracgraph SumRange: needs at least two inputs");
+  j.x = (const float**)malloc(K * sizeof(float*));
+  if (!j.x) return fail("fracgraph SumRange: out of memory");
+  st = bc_tensor(ctx, 0, &in, dims, &rank, &n, (void**)&j.x[0]);
+  for (size_t q = 1; q < K && !st; ++q) {
+    if ((st = bc_tensor(ctx, q, &in, other, &r2, &count, (void**)&j.x[q]))) break;
+    int same = r2 == rank && count == n;
+    for (size_t r = 0; same && r < rank; ++r) same = other[r] == dims[r];
+    if (!same) st = fail("fracgraph SumRange: every input must have the first one's shape (no broadcasting)");
+  }
+  if (!st && !n) st = fail("fracgraph SumRange: the tensors are empty");
+  if (!st && !(st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &yv)) &&
+      !(st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, NULL, 0, &lv)) &&
+      !(st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 2, NULL, 0, &hv)) &&
+      !(st = API(GetTensorMutableData, GetDataFn)(yv, (void**)&j.y)) &&
+      !(st = API(GetTensorMutableData, GetDataFn)(lv, (void**)&lo)))
+    st = API(GetTensorMutableData, GetDataFn)(hv, (void**)&hi);
+  if (st) {
+    free(j.x);
+    return st;
+  }
+  j.k = K, j.n = n;
+  const size_t tasks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
+  j.part_min = (float*)malloc(2 * tasks * sizeof(float));
+  if (!j.part_min) {
+    free(j.x);
+    return fail("fracgraph SumRange: out of memory");
+  }
+  j.part_max = j.part_min + tasks;
+  if (tasks > 1) st = API(KernelContext_ParallelFor, ParallelForFn)(ctx, sum_range_chunk, tasks, 0, &j);
+  else sum_range_chunk(&j, 0);
+  if (!st) {
+    float a = j.part_min[0], b = j.part_max[0];
+    for (size_t t = 1; t < tasks; ++t) {
+      a = j.part_min[t] < a ? j.part_min[t] : a;
+      b = j.part_max[t] > b ? j.part_max[t] : b;
+    }
+    *lo = a, *hi = b;
+  }
+  free(j.part_min);
+  free(j.x);
+  return st;
+}
+
+static OrtCustomOp g_bc_ops[2];
+static const char* bc_name(const OrtCustomOp* op) { return op == &g_bc_ops[0] ? "BatchNormGradSplit" : "SumRange"; }
+static OrtStatus* bc_create(const OrtCustomOp* op, const OrtApi* api, const void* info, void** out) {
+  (void)api;
+  BcKernel* k = (BcKernel*)calloc(1, sizeof(BcKernel));
+  OrtStatus* st;
+  if (!k) return fail("fracgraph kernels: out of memory");
+  k->kind = op == &g_bc_ops[0] ? 0 : 1;
+  if (k->kind == 0 && ((st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "relu", &k->relu)) ||
+                       (st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "pieces", &k->pieces)))) {
+    free(k);
+    return st;
+  }
+  if (k->kind == 1 && (st = API(KernelInfoGetAttribute_int64, AttrIntFn)(info, "n", &k->n))) {
+    free(k);
+    return st;
+  }
+  *out = k;
+  return NULL;
+}
+static OrtStatus* bc_compute(void* kernel, void* ctx) {
+  BcKernel* k = (BcKernel*)kernel;
+  return k->kind == 0 ? compute_bn_grad_split(k, ctx) : compute_sum_range(k, ctx);
+}
+/* BatchNormGradSplit: 7 inputs (B optional, lengths int64), outputs dscale, dbias and the variadic pieces;
+ * SumRange: one variadic float input, outputs Y, min, max */
+static int bc_in_type(const OrtCustomOp* op, size_t i) { return op == &g_bc_ops[0] && i == 6 ? INT64_T : FLOAT_T; }
+static size_t bc_n_in(const OrtCustomOp* op) { return op == &g_bc_ops[0] ? 7 : 1; }
+static int bc_out_type(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return FLOAT_T; }
+static size_t bc_n_out(const OrtCustomOp* op) { (void)op; return 3; }
+static int bc_in_char(const OrtCustomOp* op, size_t i) {   /* 0 required, 1 optional, 2 variadic */
+  return op == &g_bc_ops[0] ? (i == 5 ? 1 : 0) : 2;
+}
+static int bc_out_char(const OrtCustomOp* op, size_t i) { return op == &g_bc_ops[0] && i == 2 ? 2 : 0; }
+static int bc_zero(const OrtCustomOp* op, size_t i) { (void)op, (void)i; return 0; }
+static int bc_min_arity(const OrtCustomOp* op) { return op == &g_bc_ops[0] ? 1 : 2; }
+static int bc_one(const OrtCustomOp* op) { (void)op; return 1; }
+
+static OrtStatus* fg_bn_concat_register(void* domain) {
+  OrtStatus* st;
+  for (int i = 0; i < 2; ++i) {
+    OrtCustomOp* op = &g_bc_ops[i];
+    memset(op, 0, sizeof *op);
+    op->version = 16;
+    op->GetName = bc_name;
+    op->GetExecutionProviderType = provider;
+    op->GetInputType = bc_in_type;
+    op->GetInputTypeCount = bc_n_in;
+    op->GetOutputType = bc_out_type;
+    op->GetOutputTypeCount = bc_n_out;
+    op->KernelDestroy = destroy;
+    op->GetInputCharacteristic = bc_in_char;
+    op->GetOutputCharacteristic = bc_out_char;
+    op->GetInputMemoryType = bc_zero;
+    op->GetVariadicInputMinArity = bc_min_arity;
+    op->GetVariadicInputHomogeneity = bc_one;
+    op->GetVariadicOutputMinArity = bc_one;
+    op->GetVariadicOutputHomogeneity = bc_one;
+    op->CreateKernelV2 = bc_create;
+    op->KernelComputeV2 = bc_compute;
+    if ((st = API(CustomOpDomain_Add, DomainAddFn)(domain, op))) return st;
+  }
+  return NULL;
 }

@@ -16,6 +16,14 @@ resnet20's step (batch 128) ReluGrad, Relu, Sum, Add and MinMax were 11.5% of th
   off the masked build peaks lower than the unmasked one: README), while resnet18's and resnet20's did not move;
 - `ReluGradSum(dY1, dY2, X)` for a ReluGrad of onnxruntime's two-input gradient accumulation (`AccumulateGrad_*`
   Sum, which adds gradients of one tensor: one shape), read by the ReluGrad alone.
+- `BatchNormGradSplit(dY, X, scale, mean, inv_std, B?, lengths) -> (dscale, dbias, dX_0, ..., dX_k-1)` for a
+  BatchNormGrad whose dX only onnxruntime's SplitTraining along the channel axis reads: a batch norm reading a
+  Concat (a pre-activation net: DenseNet's layers), whose gradient is the Split of dX into the Concat's inputs.
+  Each channel's dX goes straight into its piece, so neither the whole dX nor the Split's copy is written; with
+  `relu_mask` it takes the ReLU's gradient as BatchNormGradRange does;
+- `SumRange(x_0, ..., x_k-1) -> (Y, min, max)` for an `AccumulateGrad_*` Sum (k >= 2, one shape) that a MinMax
+  reads (a feature map read by many later layers, its error quantizer's range): onnxruntime's order of the sum,
+  one read of each input per cache-sized chunk, and the range of the chunk just written.
 
 Every value is bitwise the unfused chain's (the same float operations on the same operands; min and max are exact),
 up to the sign of a zero and NaN propagation: the fused ReLU writes +0 for every y <= 0 and 0 for a NaN, where
@@ -39,6 +47,14 @@ def _same_shape(shapes: dict, a: str, b: str) -> bool:
     """Both shapes known and equal (a dynamic batch axis, None in both, counts as equal: both come from the batch)."""
     sa, sb = shapes.get(a), shapes.get(b)
     return sa is not None and sa == sb and all(d is not None for d in sa[1:])
+
+
+def _channel_split(split, g) -> bool:
+    """onnxruntime's SplitTraining of g's dX along the channel axis (1), its sizes an input (the Concat's
+    per-input lengths), every piece and both of g's parameter gradients named (BatchNormGradSplit writes them all)."""
+    axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
+    return (axis == 1 and len(split.input) == 2 and bool(split.input[1]) and all(split.output)
+            and all(g.output[1:3]) and len(g.output) == 3)
 
 
 class BnReluPass(Pass):
@@ -74,7 +90,8 @@ class BnReluPass(Pass):
             return next((r for r in consumers.get(t, []) if ours(r, "MinMax")), None)
 
         pairs, fused, used = [], {}, set()
-        counts = {"forward": 0, "residual": 0, "relu": 0, "relu_grad": 0, "grad_range": 0, "relu_grad_sum": 0}
+        counts = {"forward": 0, "residual": 0, "relu": 0, "relu_grad": 0, "grad_range": 0, "relu_grad_sum": 0,
+                  "grad_split": 0, "split_relu_grad": 0, "sum_range": 0}
 
         # -- forward: BatchNormTrain [-> Add(residual)] [-> Relu] [-> MinMax] ---------------------------------------
         for bn in [n for n in graph.node if ours(n, "BatchNormTrain")]:
@@ -119,6 +136,18 @@ class BnReluPass(Pass):
                     and fwd.input[0] == x and fwd.input[1] == scale and fwd.output[4] == inv_std
                     and only_reader(dy, "BatchNormGrad", DOMAIN) is g)
             mm = min_max_of(g.output[0])
+            split = only_reader(g.output[0], "SplitTraining", "com.microsoft")
+            if mm is None and split is not None and _channel_split(split, g):
+                # a batch norm reading a Concat (a pre-activation net's layer): dX goes straight into the pieces of
+                # the Concat's gradient, and the Split's copy of it disappears
+                ins = [rg.input[0] if relu else dy, x, scale, mean, inv_std, fwd.input[2] if relu else "", split.input[1]]
+                pairs.append((g, [helper.make_node("BatchNormGradSplit", ins, [g.output[1], g.output[2], *split.output],
+                                                   name=f"{g.name}::split", domain=DOMAIN, relu=int(relu),
+                                                   pieces=len(split.output))]))
+                pairs += [(r, []) for r in ([rg] if relu else []) + [split]]
+                counts["grad_split"] += 1
+                counts["split_relu_grad"] += relu
+                continue
             if not relu and mm is None:
                 continue
             rng = list(mm.output) if mm is not None else [f"{g.name}::fused/min", f"{g.name}::fused/max"]
@@ -141,8 +170,23 @@ class BnReluPass(Pass):
             pairs.append((s, []))
             counts["relu_grad_sum"] += 1
 
+        # -- backward: MinMax(Sum(dY_0, ..., dY_k-1)), one tensor's gradient accumulation and its error range -----
+        taken = {id(n) for n, _ in pairs}
+        for s in [n for n in graph.node if n.op_type == "Sum" and n.domain in ("", "ai.onnx") and id(n) not in taken]:
+            mm = min_max_of(s.output[0])
+            # AccumulateGrad_: onnxruntime's gradient accumulation, every input a gradient of one tensor (one shape)
+            if mm is None or id(mm) in taken or not s.name.startswith("AccumulateGrad_") or len(s.input) < 2 \
+                    or not all(s.input):
+                continue
+            pairs.append((s, [helper.make_node("SumRange", list(s.input), [s.output[0], *mm.output],
+                                               name=f"{s.name}::range", domain=DOMAIN, n=len(s.input))]))
+            pairs.append((mm, []))
+            taken.add(id(mm))
+            counts["sum_range"] += 1
+
         self.counts = counts
-        self.fused = counts["forward"] + counts["grad_range"] + counts["relu_grad_sum"]
+        self.fused = counts["forward"] + counts["grad_range"] + counts["relu_grad_sum"] + counts["grad_split"] \
+            + counts["sum_range"]
         if not pairs:
             return PassResult(model, False, [])
         replace_nodes(graph, pairs)
@@ -152,7 +196,9 @@ class BnReluPass(Pass):
             f"bn-relu: {counts['forward']} BatchNormTrain fused forward ({counts['residual']} with the residual Add, "
             f"{counts['relu']} with the ReLU, every one with its output's range); {counts['grad_range']} BatchNormGrad "
             f"with dX's range ({counts['relu_grad']} with the ReLU's gradient); {counts['relu_grad_sum']} ReluGrad "
-            f"with the gradient Sum"])
+            f"with the gradient Sum; {counts['grad_split']} BatchNormGrad writing a Concat's gradient pieces "
+            f"({counts['split_relu_grad']} with the ReLU's gradient); {counts['sum_range']} gradient Sums with their "
+            f"range"])
 
     def ensures(self, model):
         assert_inputs_defined(model)
