@@ -14,7 +14,8 @@ the kernel it replaces, in one process, on resnet20's tensor shapes, and its val
   batch 32, 64x64; resnet20): ConvGrad vs ConvGradW vs ConvGradWCols + MatMul vs ConvGradWNhwc vs
   DepthwiseConvGradW (the forms passes/conv_grad_w.py chooses from);
 - fwshapes: resnet18's forward 3x3 convs as Conv, NCHWc and im2col + MatMul; reorder: the NCHWc weight reorder
-  as onnxruntime's Transpose vs fracgraph's NchwcWeight;
+  as onnxruntime's Transpose vs fracgraph's NchwcWeight, and NchwcWeight on every layout of regnet_x_400mf's
+  weights (and resnet18's largest) against an Add over the same tensor, interleaved (--cpu-time applies);
 - forms: every forward and dX form of nchwc-conv (Conv/ConvTranspose, NCHWc, im2col-gemm on Im2Col/Col2Im) on
   resnet18, regnet and resnet20 shapes, with the pass's modelled costs and choice;
 - executor (needs a training step): the resnet20 FW8/BW8 step with onnxruntime's sequential executor vs its
@@ -711,6 +712,47 @@ def probe_reorder(r: Runner, rng):
         add = _model([h.make_node("Add", ["w", "w"], ["y"])], ["w"], ["y"])
         r.compare(f"{c}x{c}x3x3", ("Reshape/Transpose/Reshape", ort),
                   [("fracgraph NchwcWeight", own, None), ("(Add of the same tensor)", add, None)], {"w": w})
+    # session 11: every weight layout the nchwc-conv pass writes on regnet_x_400mf (forward: plain; the dX conv's:
+    # transpose = the group count, flipped) and resnet18's largest, NchwcWeight against an Add over the same tensor
+    # (one read and one write: the floor), rep by rep in turn; the layout checked against numpy's
+    print("NchwcWeight by layout (regnet_x_400mf's weights, resnet18's largest), interleaved with an Add of the same tensor")
+    for name, shape, blocked_in, transpose, flip in REORDER_SHAPES:
+        w = rng.standard_normal(shape).astype(np.float32)
+        own = _model([h.make_node("NchwcWeight", ["w"], ["y"], domain=FG, block=B, blocked_in=blocked_in,
+                                  transpose=transpose, flip=flip)], ["w"], ["y"])
+        add = _model([h.make_node("Add", ["w", "w"], ["y"])], ["w"], ["y"])
+        (ta, tn), (_, out) = _interleaved(r, [("Add", None, add, {"w": w}), ("NchwcWeight", None, own, {"w": w})])
+        ta, tn = 1e3 * statistics.median(ta), 1e3 * statistics.median(tn)
+        same = np.array_equal(out, nchwc_weight_reference(w, B, blocked_in, transpose, flip))
+        print(f"  {name:42s} Add {ta:6.3f} ms  NchwcWeight {tn:6.3f} ms  x{tn / ta:5.2f}  "
+              f"{'layout bitwise equal' if same else 'LAYOUT DIFFERS'}")
+
+
+REORDER_SHAPES = [   # (label, W's shape, blocked_in, transpose, flip), as the pass writes them for B = 16
+    ("regnet stem 32x3x3x3 (OIHWBo)", (32, 3, 3, 3), 0, 0, 0),
+    ("regnet 1x1 400x400", (400, 400, 1, 1), 1, 0, 0),
+    ("regnet 1x1 400x400, dX (transposed)", (400, 400, 1, 1), 1, 1, 0),
+    ("regnet 1x1 400x160", (400, 160, 1, 1), 1, 0, 0),
+    ("regnet 1x1 400x160, dX", (400, 160, 1, 1), 1, 1, 0),
+    ("regnet grouped 400x16x3x3 (25 groups)", (400, 16, 3, 3), 1, 0, 0),
+    ("regnet grouped 400x16x3x3, dX (25 groups, flip)", (400, 16, 3, 3), 1, 25, 1),
+    ("regnet grouped 160x16x3x3, dX (10 groups, flip)", (160, 16, 3, 3), 1, 10, 1),
+    ("resnet18 512x512x3x3", (512, 512, 3, 3), 1, 0, 0),
+    ("resnet18 512x512x3x3, dX (transposed, flip)", (512, 512, 3, 3), 1, 1, 1),
+]
+
+
+def nchwc_weight_reference(w, B, blocked_in, transpose, flip):
+    """numpy's NchwcWeight: W' (W with its channel axes swapped within each of `transpose` groups, kernel reversed
+    where `flip`) in the OIHWBiBo (blocked_in) or OIHWBo layout, W''s logical shape."""
+    g = max(transpose, 1)
+    wl = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(0, 2, 1, 3, 4).reshape(
+        g * w.shape[1], w.shape[0] // g, *w.shape[2:]) if transpose else w
+    wl = wl[:, :, ::-1, ::-1] if flip else wl
+    o, c, kh, kw = wl.shape
+    if blocked_in:
+        return wl.reshape(o // B, B, c // B, B, kh, kw).transpose(0, 2, 4, 5, 3, 1).reshape(o, c, kh, kw)
+    return wl.reshape(o // B, B, c, kh, kw).transpose(0, 2, 3, 4, 1).reshape(o, c, kh, kw)
 
 
 def probe_executor(threads: int, reps: int):

@@ -1444,31 +1444,59 @@ static OrtStatus* compute_dw_conv(Kernel* k, void* ctx) {
  * OIHWBiBo [O/B, C/B, kh, kw, Bi, Bo] (blocked_in) or OIHWBo [O/B, C, kh, kw, Bo]. onnxruntime's Transpose
  * runs the 6-D permutation of OIHWBiBo at a fraction of memory speed (bench/kernel_probes.py --only reorder);
  * this writes the output in order, one output-channel block per task. */
+#define NCHWC_MAX_BLOCK 64   /* onnxruntime's blocks are 8 (AVX2) and 16 (AVX-512) */
 typedef struct {
   const float* w;
   float* out;
   int64_t O, C, kh, kw, B, blocked_in, transpose, flip, Ow, Cw;   /* Ow x Cw: W's own channel dims; transpose: G or 0 */
 } WtJob;
 
+/* Per task one output-channel block ob. The source offset of W''s element (o, c, tap) separates into A[o] + c S + tap
+ * (plain: A = o Cw taps, S = taps; transposed: A = (g C Cw + o - g Cw) taps, S = Cw taps, g = o / Cw), so the B
+ * offsets of the block are computed once per task and each output vector [bo] (one c and tap) is B loads at fixed
+ * offsets from one pointer: one AVX-512 gather where B is 16, one copy where they are consecutive (a 1x1 dX
+ * weight). Session 11: the loop before computed every index, g's 64-bit division included, per element, and ran the
+ * transposed weights of regnet's dX convs at 4-9x the time of an Add over the tensor (bench/kernel_probes.py --only
+ * reorder). */
 static void weight_block(void* p, size_t ob) {
   const WtJob* j = (const WtJob*)p;
-  const int64_t B = j->B, C = j->C, kh = j->kh, kw = j->kw, taps = kh * kw;
+  const int64_t B = j->B, C = j->C, kh = j->kh, kw = j->kw, taps = kh * kw, Cw = j->Cw;
   const int64_t bi_n = j->blocked_in ? B : 1, cb_n = j->blocked_in ? C / B : C;
+  const int64_t S = j->transpose ? Cw * taps : taps;
+  int64_t A[NCHWC_MAX_BLOCK];
+  int contiguous = 1, small = 1;
+  for (int64_t bo = 0; bo < B; ++bo) {
+    const int64_t o = (int64_t)ob * B + bo, g = j->transpose ? o / Cw : 0;
+    A[bo] = j->transpose ? (g * C * Cw + o - g * Cw) * taps : o * Cw * taps;
+    contiguous &= A[bo] == A[0] + bo;
+    small &= A[bo] - A[0] >= 0 && A[bo] - A[0] <= INT32_MAX;
+  }
+  const float* w0 = j->w + A[0];
   float* out = j->out + (int64_t)ob * B * C * taps;
+#if defined(__AVX512F__)
+  if (B == 16 && small && !contiguous) {
+    int32_t d[16];
+    for (int bo = 0; bo < 16; ++bo) d[bo] = (int32_t)(A[bo] - A[0]);
+    const __m512i idx = _mm512_loadu_si512(d);
+    for (int64_t cb = 0; cb < cb_n; ++cb)
+      for (int64_t t = 0; t < taps; ++t) {
+        const float* src = w0 + cb * bi_n * S + (j->flip ? taps - 1 - t : t);
+        for (int64_t bi = 0; bi < bi_n; ++bi, out += 16) _mm512_storeu_ps(out, _mm512_i32gather_ps(idx, src + bi * S, 4));
+      }
+    return;
+  }
+#endif
   for (int64_t cb = 0; cb < cb_n; ++cb)
-    for (int64_t a = 0; a < kh; ++a)
-      for (int64_t b = 0; b < kw; ++b) {
-        const int64_t sa = j->flip ? kh - 1 - a : a, sb = j->flip ? kw - 1 - b : b;
-        for (int64_t bi = 0; bi < bi_n; ++bi) {
-          const int64_t c = cb * bi_n + bi;
-          for (int64_t bo = 0; bo < B; ++bo) {
-            const int64_t o = (int64_t)ob * B + bo;
-            const int64_t g = j->transpose ? o / j->Cw : 0;   /* W''s output channel o is W's input channel o - g Cg */
-            const int64_t wo = j->transpose ? g * j->C + c : o, wc = j->transpose ? o - g * j->Cw : c;
-            *out++ = j->w[((wo * j->Cw + wc) * kh + sa) * kw + sb];
-          }
+    for (int64_t t = 0; t < taps; ++t) {
+      const float* src = w0 + cb * bi_n * S + (j->flip ? taps - 1 - t : t);
+      for (int64_t bi = 0; bi < bi_n; ++bi, out += B) {
+        if (contiguous) {
+          memcpy(out, src + bi * S, (size_t)B * sizeof(float));
+        } else {
+          for (int64_t bo = 0; bo < B; ++bo) out[bo] = src[bi * S + A[bo] - A[0]];
         }
       }
+    }
 }
 
 static OrtStatus* compute_nchwc_weight(Kernel* k, void* ctx) {
@@ -1486,8 +1514,8 @@ static OrtStatus* compute_nchwc_weight(Kernel* k, void* ctx) {
   if (j.transpose < 0 || (j.transpose && j.Ow % j.transpose))
     return fail("fracgraph NchwcWeight: transpose must be 0 or a group count that divides the output channels");
   j.O = j.transpose ? j.transpose * j.Cw : j.Ow, j.C = j.transpose ? j.Ow / j.transpose : j.Cw;
-  if (j.B < 1 || j.O % j.B || (j.blocked_in && j.C % j.B))
-    return fail("fracgraph NchwcWeight: the channel counts must be multiples of the block");
+  if (j.B < 1 || j.B > NCHWC_MAX_BLOCK || j.O % j.B || (j.blocked_in && j.C % j.B))
+    return fail("fracgraph NchwcWeight: the block must be 1-64 and the channel counts multiples of it");
   int64_t od[4] = {j.O, j.C, j.kh, j.kw};
   if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, 4, &ov))) return st;
   if ((st = API(GetTensorMutableData, GetDataFn)(ov, (void**)&j.out)) ||

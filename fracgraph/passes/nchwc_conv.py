@@ -22,7 +22,10 @@ With fracgraph's kernels (the default), the reorder is one `NchwcWeight(W)` (fus
 Transpose and Reshape: onnxruntime's 6-D Transpose ran resnet18's 512x512x3x3 reorder at ~40x the time of an
 Add over the same tensor (bench/kernel_probes.py --only reorder), 28% of resnet18's step before. It also folds
 in conv-grad-split's channel transpose and kernel flip of the weight of a stride-1 dX conv (whose Transpose and
-Slice are then dropped), so that weight is read once per step instead of three times.
+Slice are then dropped), so that weight is read once per step instead of three times. Since session 11 the kernel
+computes its source offsets once per output-channel block (an AVX-512 gather per output vector): 1.0-1.6x the
+time of an Add over the weight on every layout regnet_x_400mf and resnet18 use, where the transposed (dX) layouts
+took 5.7-13x (`bench/kernel_probes.py --only reorder --cpu-time`).
 
 B is the block size of the machine that builds (`runtime.nchwc_block_size`); the manifest records it and a
 session on a CPU with another block size refuses the artifacts (the reorder would be wrong there).

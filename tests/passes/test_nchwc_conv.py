@@ -106,8 +106,14 @@ def test_weight_reorders_are_one_fracgraph_kernel(builds):
 
 @pytest.mark.parametrize("shape,blocked_in,transpose,flip", [
     ((32, 48, 3, 3), 1, 0, 0), ((32, 3, 7, 7), 0, 0, 0), ((48, 32, 3, 3), 1, 1, 1), ((32, 1, 5, 5), 0, 0, 1),
-    ((16, 32, 1, 1), 1, 1, 1), ((32, 16, 1, 3), 1, 0, 1), ((64, 32, 3, 3), 1, 2, 1), ((96, 16, 3, 3), 1, 3, 0)])
-def test_nchwc_weight_kernel_is_the_layout(shape, blocked_in, transpose, flip):
+    ((16, 32, 1, 1), 1, 1, 1), ((32, 16, 1, 3), 1, 0, 1), ((64, 32, 3, 3), 1, 2, 1), ((96, 16, 3, 3), 1, 3, 0),
+    # regnet_x_400mf's: the grouped 3x3 (group width 16) and its dX weight, the 1x1s and theirs, the stem
+    ((400, 16, 3, 3), 1, 0, 0), ((400, 16, 3, 3), 1, 25, 1), ((400, 400, 1, 1), 1, 0, 0), ((400, 400, 1, 1), 1, 1, 0),
+    ((160, 64, 1, 1), 1, 1, 0), ((32, 3, 3, 3), 0, 0, 0),
+    # groups narrower than the block: the group changes within an output-channel block of the transposed weight
+    ((64, 8, 3, 3), 1, 2, 1), ((64, 8, 1, 1), 1, 2, 0)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nchwc_weight_kernel_is_the_layout(shape, blocked_in, transpose, flip, threads):
     """NchwcWeight against numpy's reshape/transpose of the layout the pass writes without it (exact: a copy);
     transpose = G swaps the channel axes within each of G groups (a grouped conv's dX weight)."""
     from conftest import custom_op_session
@@ -124,7 +130,8 @@ def test_nchwc_weight_kernel_is_the_layout(shape, blocked_in, transpose, flip):
         ref = wl.reshape(o // B, B, c // B, B, kh, kw).transpose(0, 2, 4, 5, 3, 1).reshape(o, c, kh, kw)
     else:
         ref = wl.reshape(o // B, B, c, kh, kw).transpose(0, 2, 3, 4, 1).reshape(o, c, kh, kw)
-    sess = custom_op_session("NchwcWeight", ["w"], ["y"], 2, block=B, blocked_in=blocked_in, transpose=transpose, flip=flip)
+    sess = custom_op_session("NchwcWeight", ["w"], ["y"], threads, block=B, blocked_in=blocked_in, transpose=transpose,
+                             flip=flip)
     np.testing.assert_array_equal(sess.run(None, {"w": w})[0], ref)
 
 
