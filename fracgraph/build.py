@@ -352,8 +352,10 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
         kernels.library_path()
     except FracgraphError as e:
         return [], [f"fused-ops: the step stays on onnxruntime's own ops ({e})"]
-    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), BnReluPass(shapes, opts.bn_relu_mask), LnGradPass(), GeluGradPass(),
-            ClipGradPass(), HardActPass()], []
+    # clip-grad and hard-act before bn-relu: a HardSwish's input gradient is the Sum of its two gradients, which
+    # bn-relu's SumRange would otherwise take first (where a MinMax reads it) and hard-act then no longer finds
+    return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), ClipGradPass(), HardActPass(),
+            BnReluPass(shapes, opts.bn_relu_mask), LnGradPass(), GeluGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,
