@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 from onnx import TensorProto, helper  # noqa: E402
 from torch import nn  # noqa: E402
@@ -28,15 +28,8 @@ D = kernels.DOMAIN
 
 def _split_session(nodes, inputs, outputs, threads, lengths):
     """_session with an int64 initializer `lengths` (the Split's sizes)."""
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-                              [helper.make_tensor("lengths", TensorProto.INT64, [len(lengths)], lengths)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(D, 1)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    kernels.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return _session(nodes, inputs, outputs, threads,
+                    [helper.make_tensor("lengths", TensorProto.INT64, [len(lengths)], lengths)])
 
 
 # (shape, lengths of the channel pieces): odd sizes, one piece, single-channel pieces, a 1x1 map

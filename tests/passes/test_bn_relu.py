@@ -21,9 +21,10 @@ from test_speed_passes import _step, build_pair  # noqa: E402
 D = kernels.DOMAIN
 
 
-def _session(nodes, inputs, outputs, threads):
+def _session(nodes, inputs, outputs, threads, initializers=()):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs])
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+                              list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(D, 1)])
     model.ir_version = 8
     so = ort.SessionOptions()
