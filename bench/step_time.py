@@ -390,6 +390,8 @@ def run_corpus(d: Path, a) -> None:
           f"{a.corpus_rounds} rounds of {a.steps} alternated steps per model (resnet20: batch {a.batch}, 32x32); "
           f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     models = [n for n in names if n not in failed] + ["resnet20"]
+    sizes = {n: a.corpus_size if n == "resnet20" else max(a.corpus_size, zoo_external.entry(n).min_size)
+             for n in names + ["resnet20"]}
     runs: dict[str, list[dict]] = {n: [] for n in models}
     mem: dict[str, tuple[float, float]] = {}
     errors: dict[str, str] = {}
@@ -400,9 +402,8 @@ def run_corpus(d: Path, a) -> None:
             if n == "resnet20":
                 configs = [("fg", "after", {}), ("pt", "torch_fp32", {})]
             else:
-                size = max(a.corpus_size, zoo_external.entry(n).min_size)
-                configs = [("fg", "corpus_fg", {}, None, n, size, a.corpus_batch),
-                           ("pt", "corpus_torch", {}, None, n, size, a.corpus_batch)]
+                configs = [("fg", "corpus_fg", {}, None, n, sizes[n], a.corpus_batch),
+                           ("pt", "corpus_torch", {}, None, n, sizes[n], a.corpus_batch)]
             times: dict[str, list[float]] = {}
             try:
                 rows = run_interleaved(configs, d, a, times)
@@ -418,9 +419,8 @@ def run_corpus(d: Path, a) -> None:
     table = []
     for n in names + ["resnet20"]:
         label = n if n != "resnet20" else f"resnet20 (zoo, batch {a.batch}, 32x32)"
-        size = a.corpus_size if n == "resnet20" else max(a.corpus_size, zoo_external.entry(n).min_size)
-        if size != a.corpus_size:
-            label += f" ({size}x{size})"
+        if sizes[n] != a.corpus_size:
+            label += f" ({sizes[n]}x{sizes[n]})"
         if n in failed or (n in errors and not runs[n]):
             why = f"not built: {failed[n]}" if n in failed else f"step failed: {errors[n]}"
             print(f"| {label} | {why} | | | | | |", flush=True)
@@ -433,9 +433,12 @@ def run_corpus(d: Path, a) -> None:
         row = {"model": n, "fracgraph_ms": 1000 * statistics.median(fg), "pytorch_ms": 1000 * statistics.median(pt),
                "ratio": statistics.median(paired), "ratio_rounds": per_round,
                "peak_rss_mb_fracgraph": mem[n][0], "peak_rss_mb_pytorch": mem[n][1]}
+        if n in errors:   # a later round failed after an earlier one ran: the row holds the rounds that ran
+            row["error"] = f"round {len(runs[n]) + 1} failed: {errors[n]}"
         table.append(row)
         print(f"| {label} | {row['fracgraph_ms']:.0f} | {row['pytorch_ms']:.0f} | {row['ratio']:.2f} | "
-              f"{'-'.join(f'{x:.2f}' for x in sorted(per_round))} | {mem[n][0]:.0f} | {mem[n][1]:.0f} |", flush=True)
+              f"{'-'.join(f'{x:.2f}' for x in sorted(per_round))}{' (' + row['error'] + ')' if 'error' in row else ''} | "
+              f"{mem[n][0]:.0f} | {mem[n][1]:.0f} |", flush=True)
     if legacy:
         print(f"not timed (no PyTorch module to compare with): {', '.join(legacy)}")
     if a.json:
