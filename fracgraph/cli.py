@@ -193,27 +193,41 @@ def _int_list(text: str, what: str) -> list[int]:
         _fail(f"{what} must be comma-separated integers, e.g. 3,4,6,8")
 
 
+# options that train and sweep share: one definition, the same flags, defaults and help in both
+_STATIC_FW = typer.Option(8, "--fw", help="Static FW bits (0 = FP32).")
+_STATIC_BW = typer.Option(8, "--bw", help="Static BW bits (0 = FP32).")
+_FW_SCHEDULE = typer.Option("3,4,6,8", "--fw-schedule", help="PFQ FW bits per stage.")
+_BW_SCHEDULE = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage.")
+_EPS = typer.Option(0.05, "--eps", help="PFQ epsilon.")
+_ALPHA = typer.Option(0.3, "--alpha", help="PFQ alpha.")
+_EPOCH_ITERS = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint).")
+_TRAIN_BATCH = typer.Option(128, "--batch")
+_LR = typer.Option(0.1, "--lr")
+_TRAIN_SEED = typer.Option(0, "--seed")
+_EVAL_BATCHES = typer.Option(None, "--eval-batches", help="Limit test batches per evaluation.")
+
+
 @app.command()
 @cli_errors
 def train(
     target: str = typer.Argument(..., help="An artifact directory, or an ONNX model (quantized into RUN/artifacts)."),
     output: str = typer.Option(..., "-o", "--output", help="Run directory."),
     schedule: str = typer.Option("static", "--schedule", help="static, pfq, dfq (DFQ artifacts, one cp target) or fractrain (PFQ indicator advances the cp target)."),
-    fw: int = typer.Option(8, "--fw", help="Static FW bits (0 = FP32)."),
-    bw: int = typer.Option(8, "--bw", help="Static BW bits (0 = FP32)."),
-    fw_schedule: str = typer.Option("3,4,6,8", "--fw-schedule", help="PFQ FW bits per stage."),
-    bw_schedule: str = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage."),
-    eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
-    alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
+    fw: int = _STATIC_FW,
+    bw: int = _STATIC_BW,
+    fw_schedule: str = _FW_SCHEDULE,
+    bw_schedule: str = _BW_SCHEDULE,
+    eps: float = _EPS,
+    alpha: float = _ALPHA,
     pfq_noise_floor: float = typer.Option(0.0, "--pfq-noise-floor", help="PFQ/FracTrain indicator: a threshold is never below this many standard errors of the epoch's mean loss (relative to the loss scale); 0 = the authors' thresholds. See README 'Reproduction'."),
     data: str = typer.Option(None, "--data", help="cifar10:PATH, cifar100:PATH, imagefolder:PATH, npz:PATH, text:PATH (UTF-8, for a language model); default: scikit-learn digits."),
     iters: int = typer.Option(200, "--iters", help="Training iterations."),
-    epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),
-    batch: int = typer.Option(128, "--batch"),
-    lr: float = typer.Option(0.1, "--lr"),
+    epoch_iters: int = _EPOCH_ITERS,
+    batch: int = _TRAIN_BATCH,
+    lr: float = _LR,
     lr_schedule: str = typer.Option("step", "--lr-schedule", help="step (x0.1 at 50%/75%), cosine or constant."),
-    seed: int = typer.Option(0, "--seed"),
-    eval_batches: int = typer.Option(None, "--eval-batches", help="Limit test batches per evaluation."),
+    seed: int = _TRAIN_SEED,
+    eval_batches: int = _EVAL_BATCHES,
     holdout: int = typer.Option(0, "--holdout", help="Evaluate on N training images held out of training (a fixed subset) instead of the test set, to choose settings without looking at the test images; summary.json says eval_split."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default: an epoch)."),
     momentum: float = typer.Option(None, "--momentum", help="SGD momentum (default: the artifacts', 0.9)."),
@@ -462,20 +476,20 @@ def sweep(
     threads: int = typer.Option(None, "--threads", help="CPU threads per point (default: CPUs / --workers)."),
     baseline: str = typer.Option(None, "--baseline", help="Point the report measures savings against (default: the first)."),
     schedule: str = typer.Option("static", "--schedule", help="static, pfq, dfq or fractrain (set DFQ parameters with --grid, e.g. target_cp=3)."),
-    fw: int = typer.Option(8, "--fw", help="Static FW bits (0 = FP32)."),
-    bw: int = typer.Option(8, "--bw", help="Static BW bits (0 = FP32)."),
-    fw_schedule: str = typer.Option("3,4,6,8", "--fw-schedule", help="PFQ FW bits per stage."),
-    bw_schedule: str = typer.Option("6,6,8,8", "--bw-schedule", help="PFQ BW bits per stage."),
-    eps: float = typer.Option(0.05, "--eps", help="PFQ epsilon."),
-    alpha: float = typer.Option(0.3, "--alpha", help="PFQ alpha."),
+    fw: int = _STATIC_FW,
+    bw: int = _STATIC_BW,
+    fw_schedule: str = _FW_SCHEDULE,
+    bw_schedule: str = _BW_SCHEDULE,
+    eps: float = _EPS,
+    alpha: float = _ALPHA,
     data: str = typer.Option(None, "--data", help="As for train; default: scikit-learn digits."),
     iters: int = typer.Option(200, "--iters", help="Training iterations per point."),
-    epoch_iters: int = typer.Option(50, "--epoch-iters", help="Iterations per 'epoch' (PFQ indicator, eval, checkpoint)."),
-    batch: int = typer.Option(128, "--batch"),
-    lr: float = typer.Option(0.1, "--lr"),
+    epoch_iters: int = _EPOCH_ITERS,
+    batch: int = _TRAIN_BATCH,
+    lr: float = _LR,
     lr_schedule: str = typer.Option("step", "--lr-schedule", help="step, cosine or constant."),
-    seed: int = typer.Option(0, "--seed"),
-    eval_batches: int = typer.Option(None, "--eval-batches", help="Limit test batches per evaluation."),
+    seed: int = _TRAIN_SEED,
+    eval_batches: int = _EVAL_BATCHES,
 ) -> None:
     """Train a grid of configurations as Ray tasks; results table, accuracy-vs-cost Pareto plot and HTML report."""
     from rich.console import Console
