@@ -26,6 +26,7 @@ from .lowering.gradients import check_differentiable, explain_build_error
 from .model import load_model, lowering_notes
 from .passes.act_range_ema import ActRangeEmaPass
 from .passes.base import all_nodes, run_passes
+from .passes.bias_grad import BiasGradPass
 from .passes.bn_grad import BnGradPass
 from .passes.bn_relu import BnReluPass
 from .passes.bw_marker import BwMarkerPass
@@ -355,7 +356,7 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
     # clip-grad and hard-act before bn-relu: a HardSwish's input gradient is the Sum of its two gradients, which
     # bn-relu's SumRange would otherwise take first (where a MinMax reads it) and hard-act then no longer finds
     return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), ClipGradPass(), HardActPass(),
-            BnReluPass(shapes, opts.bn_relu_mask), LnGradPass(), GeluGradPass()], []
+            BnReluPass(shapes, opts.bn_relu_mask), LnGradPass(), GeluGradPass(), BiasGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,

@@ -265,10 +265,10 @@ def test_salt_is_stable_and_distinct():
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """ConvZoo with fused ops off and on; conv-grad-w, bn-grad, bn-relu, int-gemm, quant-bits (which makes each fused
-    quantizer its *Bits form: tests/passes/test_quant_bits.py) and nchwc-conv (not bitwise: its forms put
+    """ConvZoo with fused ops off and on; conv-grad-w, bn-grad, bn-relu, int-gemm, bias-grad, quant-bits (which makes each
+    fused quantizer its *Bits form: tests/passes/test_quant_bits.py) and nchwc-conv (not bitwise: its forms put
     ConvZoo's depthwise conv on fracgraph's DepthwiseConv; each has its own tests) left out."""
-    skip = {"skip_passes": ("conv-grad-w", "bn-grad", "bn-relu", "int-gemm", "nchwc-conv", "quant-bits")}
+    skip = {"skip_passes": ("conv-grad-w", "bn-grad", "bn-relu", "int-gemm", "nchwc-conv", "quant-bits", "bias-grad")}
     return build_pair(ConvZoo(), tmp_path_factory.mktemp("fused"), (2, 3, 9, 9),
                       off={"fused_kernels": False, **skip}, on={"fused_kernels": True, **skip})
 
