@@ -393,7 +393,10 @@ def _hf(arch: str):
     def build(vocab: int, context: int):
         cls, cfg = _hf_config(arch, vocab, context)
         cfg.use_cache = False
-        cfg.tie_word_embeddings = getattr(cfg, "tie_word_embeddings", False)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # GPT-2's 50256 etc. outside a small vocabulary
+            v = getattr(cfg, k, None)
+            if isinstance(v, int) and v >= vocab:
+                setattr(cfg, k, None)
         model = cls(cfg)
         model.hf_context = context
         return model
@@ -406,7 +409,7 @@ HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def export_hf(model, path: str | os.PathLike, context: int, vocab: int) -> Path:
     """Write a transformers LM as ONNX the way an exporter of HF models does: TorchScript exporter, EVAL mode, no
     constant folding, opset 17, `use_cache=False`, `return_dict=False`; inputs the token ids [batch, context] and
-    whichever of `attention_mask`, `token_type_ids` the model's forward takes (int64, [batch, context]); output
+    whichever of `attention_mask`, `token_type_ids` (models with a token-type table) the model's forward takes (int64, [batch, context]); output
     `logits` [batch, context, vocab]; the batch dynamic."""
     import inspect
     import tempfile
@@ -417,7 +420,10 @@ def export_hf(model, path: str | os.PathLike, context: int, vocab: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     params = inspect.signature(model.forward).parameters
-    names = [n for n in HF_INPUTS if n in params]
+    # token types only where the model has a token-type table (BERT-like encoders); GPT-2's forward takes them too
+    # but reads them through its word embeddings, and exporters of decoders leave them out
+    types = getattr(model.config, "type_vocab_size", 0) or 0
+    names = [n for n in HF_INPUTS if n in params and (n != "token_type_ids" or types > 0)]
     ids = (torch.arange(2 * context).reshape(2, context) * 7 + 3) % vocab
     feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
