@@ -237,7 +237,9 @@ def main() -> None:
     names = a.models.split(",") if a.models else [e.name for e in zx.ALL]
     for n in names:
         zx.entry(n)
-    print(f"model corpus: {len(names)} models, input {a.size}x{a.size}, batch {a.batch}, {a.threads} threads, "
+    hf = [n for n in names if n.startswith("hf:")]
+    lm = f"; language models: context {a.context}, vocabulary {a.vocab}" if hf else ""
+    print(f"model corpus: {len(names)} models, input {a.size}x{a.size}{lm}, batch {a.batch}, {a.threads} threads, "
           f"lr {a.lr}, median of {a.steps} interleaved steps")
     print(HEADER, flush=True)
     rows = []
