@@ -146,7 +146,7 @@ def run_one(a) -> dict:
             task = manifest.task_info()
             ids = rng.integers(0, task.num_classes, (a.batch, task.context + 1))
             x, y = ids[:, :-1].astype(task.input_dtype), ids[:, 1:].astype(np.int64)
-            row["extra_inputs"] = [f"{x['name']} ({x['fill']})" for x in task.extra_inputs]
+            row["extra_inputs"] = [f"{e['name']} ({e['fill']})" for e in task.extra_inputs]
         else:
             x = rng.standard_normal((a.batch, *[int(v) for v in manifest.input_shape])).astype(np.float32)
             y = rng.integers(0, manifest.num_classes, a.batch).astype(np.int64)
