@@ -45,17 +45,22 @@ def one_line(exc: BaseException) -> str:
 
 
 def plain_artifacts(model_path: Path, out: Path):
-    """The unquantized onnxruntime-training artifacts of the same normalized model (SGD, cross-entropy)."""
+    """The unquantized onnxruntime-training artifacts of the same normalized model (SGD, cross-entropy; a language
+    model: its extra inputs filled in-graph and the mean token cross-entropy, as `quantize` does)."""
     from onnxruntime.training import artifacts as ort_artifacts
 
-    from fracgraph.build import _output_classes, classify_initializers
+    from fracgraph.build import classify_initializers, model_task
     from fracgraph.model import load_model
+    from fracgraph.task import lm_loss_block
 
-    model, _classes, _head = _output_classes(load_model(model_path))   # the same logits head the quantizer trains
+    model, task, _head = model_task(load_model(model_path))   # the same logits head the quantizer trains
     tr, fr = classify_initializers(model)
     out.mkdir()
-    ort_artifacts.generate_artifacts(model, requires_grad=tr, frozen_params=fr,
-                                     loss=ort_artifacts.LossType.CrossEntropyLoss,
+    loss, loss_inputs = ort_artifacts.LossType.CrossEntropyLoss, None
+    if task.is_lm:
+        loss, loss_inputs = lm_loss_block(), [model.graph.output[0].name]
+    ort_artifacts.generate_artifacts(model, requires_grad=tr, frozen_params=fr, loss=loss,
+                                     loss_input_names=loss_inputs,
                                      optimizer=ort_artifacts.OptimType.SGD, artifact_directory=str(out))
 
 
@@ -100,10 +105,12 @@ def run_one(a) -> dict:
 
     e = zx.entry(a.one)
     row: dict = {"model": e.name, "source": e.source, "covers": e.covers}
+    lm = e.source == "huggingface"   # a language model: vocabulary --vocab, context --context
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         try:
-            model_path = zx.export_entry(e, d / f"{e.name}.onnx", classes=a.classes, size=a.size)
+            model_path = zx.export_entry(e, d / f"{e.name}.onnx", classes=a.vocab if lm else a.classes,
+                                         size=a.context if lm else a.size)
         except zx.SourceMissing as exc:
             row["error"] = f"skipped: {exc}"
             return row
@@ -135,8 +142,14 @@ def run_one(a) -> dict:
         row["gemms_total"] = len(manifest.decisions)
 
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((a.batch, *[int(v) for v in manifest.input_shape])).astype(np.float32)
-        y = rng.integers(0, manifest.num_classes, a.batch).astype(np.int64)
+        if lm:   # random token ids [B, T] in the model's dtype, next-token labels [B, T]
+            task = manifest.task_info()
+            ids = rng.integers(0, task.num_classes, (a.batch, task.context + 1))
+            x, y = ids[:, :-1].astype(task.input_dtype), ids[:, 1:].astype(np.int64)
+            row["extra_inputs"] = [f"{e['name']} ({e['fill']})" for e in task.extra_inputs]
+        else:
+            x = rng.standard_normal((a.batch, *[int(v) for v in manifest.input_shape])).astype(np.float32)
+            y = rng.integers(0, manifest.num_classes, a.batch).astype(np.int64)
         try:
             sess = TrainSession(d / "art", threads=a.threads, seed=0)
             bits = np.full((sess.manifest.n_blocks, 3), 8, np.float32)
@@ -204,6 +217,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--context", type=int, default=32, help="hf: language models' context T")
+    ap.add_argument("--vocab", type=int, default=96, help="hf: language models' vocabulary (>= 65: tinyshakespeare)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
     ap.add_argument("--settle", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=0.01)
@@ -222,7 +237,9 @@ def main() -> None:
     names = a.models.split(",") if a.models else [e.name for e in zx.ALL]
     for n in names:
         zx.entry(n)
-    print(f"model corpus: {len(names)} models, input {a.size}x{a.size}, batch {a.batch}, {a.threads} threads, "
+    hf = [n for n in names if n.startswith("hf:")]
+    lm = f"; language models: context {a.context}, vocabulary {a.vocab}" if hf else ""
+    print(f"model corpus: {len(names)} models, input {a.size}x{a.size}{lm}, batch {a.batch}, {a.threads} threads, "
           f"lr {a.lr}, median of {a.steps} interleaved steps")
     print(HEADER, flush=True)
     rows = []
@@ -230,7 +247,7 @@ def main() -> None:
     for n in names:
         e = zx.entry(n)
         cmd = [sys.executable, __file__, "--one", n, "--size", str(max(a.size, e.min_size)), "--batch", str(a.batch),
-               "--classes", str(a.classes), "--steps", str(a.steps), "--settle", str(a.settle), "--lr", str(a.lr),
+               "--classes", str(a.classes), "--context", str(a.context), "--vocab", str(a.vocab), "--steps", str(a.steps), "--settle", str(a.settle), "--lr", str(a.lr),
                "--threads", str(a.threads)]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)

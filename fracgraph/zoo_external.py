@@ -145,12 +145,14 @@ def torch_model(entry: Entry, classes: int = 10, size: int = 64, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = entry.build(classes, size)
-    model.input_shape = (3, size, size)
+    if entry.source != "huggingface":   # a HF language model: classes = vocabulary, size = context
+        model.input_shape = (3, size, size)
     return model.eval()
 
 
 def export_entry(entry: Entry, path: str | os.PathLike, classes: int = 10, size: int = 64, seed: int = 0) -> Path:
-    """Write the entry as ONNX at input [N, 3, size, size]."""
+    """Write the entry as ONNX at input [N, 3, size, size] (a HF language model: token ids [N, size], vocabulary
+    `classes`)."""
     path = Path(path)
     if size < entry.min_size:
         raise FracgraphError(f"{entry.name} needs inputs of at least {entry.min_size}x{entry.min_size}, not {size}")
@@ -165,6 +167,8 @@ def export_entry(entry: Entry, path: str | os.PathLike, classes: int = 10, size:
     import torch
 
     model = torch_model(entry, classes, size, seed)
+    if entry.source == "huggingface":
+        return export_hf(model, path, context=size, vocab=classes)
     # eval-mode nn.MultiheadAttention takes a fused fast path (aten::_native_multi_head_attention) that the
     # TorchScript exporter cannot write; the composed path exports as MatMul/Softmax
     fast = torch.backends.mha.get_fastpath_enabled()
@@ -295,6 +299,11 @@ def entry(name: str) -> Entry:
     if name in BY_NAME:
         return BY_NAME[name]
     source, _, arch = name.partition(":")
+    if arch and source == "hf":
+        if arch not in HF_ARCHS:
+            raise FracgraphError(f"no hf: architecture {arch!r}; choose from {', '.join(HF_ARCHS)}")
+        return Entry(name, "huggingface", "transformers LM (random weights, 2 layers, width 64)", _hf(arch),
+                     min_size=8)
     if arch and source in ("tv", "timm"):
         if source == "tv":
             if not callable(getattr(import_torchvision(), arch, None)):
@@ -304,4 +313,140 @@ def entry(name: str) -> Entry:
             raise FracgraphError(f"timm has no model {arch!r} (timm.list_models() lists them)")
         return Entry(name, "timm", "outside the corpus", _timm_any(arch))
     raise FracgraphError(f"no corpus model {name!r}; choose from {', '.join(BY_NAME)}, or name any torchvision or "
-                         f"timm model as tv:NAME or timm:NAME")
+                         f"timm model as tv:NAME or timm:NAME, or a transformers language model as hf:ARCH "
+                         f"({', '.join(HF_ARCHS)})")
+
+
+# --------------------------------------------------------------------------------------------------- HuggingFace
+
+def import_transformers():
+    """`transformers` (pip install -e '.[hf]'). Its model modules import `torchvision.transforms` when torchvision is
+    installed (image utils), which fails with the registry's CUDA torchvision wheels and the CPU torch: the same
+    shim as the corpus (`import_torchvision`) goes first."""
+    if importlib.util.find_spec("transformers") is None:
+        raise SourceMissing("transformers is not installed: pip install -e '.[hf]' (transformers 5.x)")
+    if importlib.util.find_spec("torchvision") is not None:
+        import_torchvision()
+    import transformers
+
+    return transformers
+
+
+# The small shapes every hf: entry is built at: 2 layers, width 64 (4 heads), context `size` (the bench's --size,
+# default 64), vocabulary `classes` (the bench uses 96 for LMs: tinyshakespeare's 65 characters fit).
+_HF_SMALL = dict(layers=2, width=64, heads=4, ffn=128)
+
+
+def _hf_config(arch: str, vocab: int, context: int):
+    """(model class name, config) of a small random-weight `arch`; one entry per architecture family."""
+    tr = import_transformers()
+    L, W, H, F = (_HF_SMALL[k] for k in ("layers", "width", "heads", "ffn"))
+    llama_like = dict(vocab_size=vocab, hidden_size=W, intermediate_size=F, num_hidden_layers=L,
+                      num_attention_heads=H, num_key_value_heads=H // 2, max_position_embeddings=context)
+    bert_like = dict(vocab_size=vocab, hidden_size=W, num_hidden_layers=L, num_attention_heads=H,
+                     intermediate_size=F, max_position_embeddings=context)
+    table = {
+        "gpt2": ("GPT2LMHeadModel", lambda: tr.GPT2Config(vocab_size=vocab, n_positions=context, n_embd=W, n_layer=L,
+                                                          n_head=H)),
+        "gpt_neo": ("GPTNeoForCausalLM", lambda: tr.GPTNeoConfig(
+            vocab_size=vocab, max_position_embeddings=context, hidden_size=W, num_layers=L, num_heads=H,
+            attention_types=[[["global", "local"], L // 2]], window_size=context // 4, intermediate_size=F)),
+        "gpt_neox": ("GPTNeoXForCausalLM", lambda: tr.GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=W, num_hidden_layers=L, num_attention_heads=H, intermediate_size=F,
+            max_position_embeddings=context, rotary_pct=0.25)),
+        "opt": ("OPTForCausalLM", lambda: tr.OPTConfig(
+            vocab_size=vocab, hidden_size=W, num_hidden_layers=L, ffn_dim=F, num_attention_heads=H,
+            word_embed_proj_dim=W, max_position_embeddings=context)),
+        "llama": ("LlamaForCausalLM", lambda: tr.LlamaConfig(**llama_like)),
+        "mistral": ("MistralForCausalLM", lambda: tr.MistralConfig(**llama_like, sliding_window=context // 2)),
+        "qwen2": ("Qwen2ForCausalLM", lambda: tr.Qwen2Config(**llama_like)),
+        "qwen3": ("Qwen3ForCausalLM", lambda: tr.Qwen3Config(**llama_like, head_dim=W // H)),
+        "gemma": ("GemmaForCausalLM", lambda: tr.GemmaConfig(**llama_like, head_dim=W // H)),
+        "phi": ("PhiForCausalLM", lambda: tr.PhiConfig(
+            vocab_size=vocab, hidden_size=W, intermediate_size=F, num_hidden_layers=L, num_attention_heads=H,
+            max_position_embeddings=context, partial_rotary_factor=0.5)),
+        "phi3": ("Phi3ForCausalLM", lambda: tr.Phi3Config(**llama_like)),
+        "bloom": ("BloomForCausalLM", lambda: tr.BloomConfig(vocab_size=vocab, hidden_size=W, n_layer=L, n_head=H)),
+        "falcon": ("FalconForCausalLM", lambda: tr.FalconConfig(
+            vocab_size=vocab, hidden_size=W, num_hidden_layers=L, num_attention_heads=H, max_position_embeddings=context)),
+        "gptj": ("GPTJForCausalLM", lambda: tr.GPTJConfig(vocab_size=vocab, n_positions=context, n_embd=W, n_layer=L,
+                                                          n_head=H, rotary_dim=W // H // 2)),
+        "bert": ("BertForMaskedLM", lambda: tr.BertConfig(**bert_like)),
+        "roberta": ("RobertaForMaskedLM", lambda: tr.RobertaConfig(**{**bert_like,
+                                                                        "max_position_embeddings": context + 2})),
+        "distilbert": ("DistilBertForMaskedLM", lambda: tr.DistilBertConfig(
+            vocab_size=vocab, dim=W, n_layers=L, n_heads=H, hidden_dim=F, max_position_embeddings=context)),
+        "albert": ("AlbertForMaskedLM", lambda: tr.AlbertConfig(**bert_like, embedding_size=32)),
+        "electra": ("ElectraForMaskedLM", lambda: tr.ElectraConfig(**bert_like, embedding_size=32)),
+    }
+    if arch not in table:
+        raise FracgraphError(f"no hf: architecture {arch!r}; choose from {', '.join(HF_ARCHS)}")
+    cls, cfg = table[arch]
+    return getattr(tr, cls), cfg()
+
+
+HF_ARCHS = ("gpt2", "gpt_neo", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3",
+            "bloom", "falcon", "gptj", "bert", "roberta", "distilbert", "albert", "electra")
+
+
+def _hf(arch: str):
+    def build(vocab: int, context: int):
+        cls, cfg = _hf_config(arch, vocab, context)
+        cfg.use_cache = False
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # GPT-2's 50256 etc. outside a small vocabulary
+            v = getattr(cfg, k, None)
+            if isinstance(v, int) and v >= vocab:
+                setattr(cfg, k, None)
+        model = cls(cfg)
+        model.hf_context = context
+        return model
+    return build
+
+
+HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def export_hf(model, path: str | os.PathLike, context: int, vocab: int) -> Path:
+    """Write a transformers LM as ONNX the way an exporter of HF models does: TorchScript exporter, EVAL mode, no
+    constant folding, opset 17, `use_cache=False`, `return_dict=False`; inputs the token ids [batch, context] and
+    whichever of `attention_mask`, `token_type_ids` (models with a token-type table) the model's forward takes (int64, [batch, context]); output
+    `logits` [batch, context, vocab]; the batch dynamic."""
+    import inspect
+    import tempfile
+    import warnings
+
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = inspect.signature(model.forward).parameters
+    # token types only where the model has a token-type table (BERT-like encoders); GPT-2's forward takes them too
+    # but reads them through its word embeddings, and exporters of decoders leave them out
+    types = getattr(model.config, "type_vocab_size", 0) or 0
+    names = [n for n in HF_INPUTS if n in params and (n != "token_type_ids" or types > 0)]
+    ids = (torch.arange(2 * context).reshape(2, context) * 7 + 3) % vocab
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+    class Wrap(torch.nn.Module):   # positional inputs -> keywords; the logits only
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *xs):
+            return self.m(**dict(zip(names, xs)), use_cache=False, return_dict=False)[0] \
+                if "use_cache" in params else self.m(**dict(zip(names, xs)), return_dict=False)[0]
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Wrap(model.eval()), tuple(feeds[n] for n in names), tmp, dynamo=False,
+                              export_params=True, training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False,
+                              opset_version=17, input_names=names, output_names=["logits"],
+                              dynamic_axes={**{n: {0: "batch"} for n in names}, "logits": {0: "batch"}})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
