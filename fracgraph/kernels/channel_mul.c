@@ -50,7 +50,7 @@ static void cm_task(void* p, size_t t) {
       lane[w] += dy[s + w] * a[s + w];
     }
     double u = 0.0;
-    for (size_t w = 0; w < (S < CM_LANES ? S : CM_LANES); ++w) u += lane[w];   /* the lanes a plane wrote */
+    for (size_t w = 0; w < CM_LANES; ++w) u += lane[w];
     j->plane[q] = u;
   }
 }

@@ -124,10 +124,9 @@ static void lnc_grad_task(void* p, size_t t) {
   float *ps = lanes, *pb = lanes + C * LNC_LANES;
   for (size_t s = a; s < b; s += LNC_LANES) lnc_grad_block(j, n, s, b - s < LNC_LANES ? b - s : LNC_LANES, ps, pb);
   double* part = j->part + t * 2 * C;
-  const size_t used = b - a < LNC_LANES ? b - a : LNC_LANES;   /* lanes a task of few positions wrote (tiny maps) */
   for (size_t c = 0; c < C; ++c) {
     double u = 0.0, v = 0.0;
-    for (size_t w = 0; w < used; ++w) u += ps[c * LNC_LANES + w], v += pb[c * LNC_LANES + w];
+    for (size_t w = 0; w < LNC_LANES; ++w) u += ps[c * LNC_LANES + w], v += pb[c * LNC_LANES + w];
     part[c] = u, part[C + c] = v;
   }
   free(lanes);
