@@ -31,6 +31,7 @@ from .passes.bn_grad import BnGradPass
 from .passes.bn_relu import BnReluPass
 from .passes.bw_marker import BwMarkerPass
 from .passes.bw_quant import BwQuantPass
+from .passes.channel_mul import ChannelMulPass
 from .passes.clip_grad import ClipGradPass
 from .passes.conv_grad_split import ConvGradSplitPass, forward_shapes
 from .passes.conv_grad_w import ConvGradWPass
@@ -42,6 +43,7 @@ from .passes.fw_quant import FwQuantPass
 from .passes.gather_grad import GatherGradPass
 from .passes.gelu_grad import GeluGradPass
 from .passes.hard_act import HardActPass
+from .passes.ln_channels import LnChannelsPass
 from .passes.ln_grad import LnGradPass
 from .passes.permute import PermutePass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
@@ -356,7 +358,8 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
     # clip-grad and hard-act before bn-relu: a HardSwish's input gradient is the Sum of its two gradients, which
     # bn-relu's SumRange would otherwise take first (where a MinMax reads it) and hard-act then no longer finds
     return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), ClipGradPass(), HardActPass(),
-            BnReluPass(shapes, opts.bn_relu_mask), LnGradPass(), GeluGradPass(), BiasGradPass()], []
+            BnReluPass(shapes, opts.bn_relu_mask), LnChannelsPass(), LnGradPass(), GeluGradPass(), ChannelMulPass(),
+            BiasGradPass()], []
 
 
 def _generate(model: onnx.ModelProto, directory: Path, trainable, frozen, opts: BuildOptions, gate=None,

@@ -2126,6 +2126,8 @@ OrtStatus* fg_clip_grad_register(void* domain, const void* api) __attribute__((w
 OrtStatus* fg_dw_convt_register(void* domain, const void* api) __attribute__((weak));   /* dw_convt.c */
 OrtStatus* fg_hard_act_register(void* domain, const void* api) __attribute__((weak));   /* hard_act.c */
 OrtStatus* fg_bias_grad_register(void* domain, const void* api) __attribute__((weak));   /* bias_grad.c */
+OrtStatus* fg_ln_channels_register(void* domain, const void* api) __attribute__((weak));   /* ln_channels.c */
+OrtStatus* fg_channel_mul_register(void* domain, const void* api) __attribute__((weak));   /* channel_mul.c */
 
 static OrtStatus* fg_bn_concat_register(void* domain);   /* BatchNormGradSplit, SumRange: the end of this file */
 
@@ -2166,6 +2168,8 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   if (fg_dw_convt_register && (st = fg_dw_convt_register(domain, g_api))) return st;
   if (fg_hard_act_register && (st = fg_hard_act_register(domain, g_api))) return st;
   if (fg_bias_grad_register && (st = fg_bias_grad_register(domain, g_api))) return st;
+  if (fg_ln_channels_register && (st = fg_ln_channels_register(domain, g_api))) return st;
+  if (fg_channel_mul_register && (st = fg_channel_mul_register(domain, g_api))) return st;
   if ((st = fg_bn_concat_register(domain))) return st;
   return API(AddCustomOpDomain, AddDomainFn)(options, domain);
 }
