@@ -73,6 +73,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -119,7 +120,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 class _ConvRule:
     @staticmethod
-    def decline(node, w_shape, y_shape=None) -> str | None:
+    def decline(node, w_shape, y_shape=None, shapes=None) -> str | None:
         a = _attrs(node)
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return "auto_pad"
@@ -157,7 +158,7 @@ class _ConvRule:
 
 class _MatMulRule:
     @staticmethod
-    def decline(node, w_shape, y_shape=None) -> str | None:
+    def decline(node, w_shape, y_shape=None, shapes=None) -> str | None:
         if not w_shape or len(w_shape) != 2 or any(not d for d in w_shape):
             return "weight not a static 2-D matrix"
         return None
@@ -169,7 +170,38 @@ class _MatMulRule:
                                  domain=DOMAIN)]
 
 
-RULES = {"Conv": _ConvRule, "MatMul": _MatMulRule}   # one entry per op type the pass puts on integers
+class _GemmRule:
+    """ONNX Gemm(a, w[, c]) as a linear layer writes it (torchvision's exports: transB = 1, w [N, K] quantized per
+    row, i.e. per output channel; transB = 0, w [K, N] per column): IntGemm, the bias added in its epilogue."""
+
+    @staticmethod
+    def decline(node, w_shape, y_shape=None, shapes=None) -> str | None:
+        a = _attrs(node)
+        if a.get("transA", 0) != 0:
+            return "transA = 1 (the activation transposed)"
+        has_c = len(node.input) > 2 and bool(node.input[2])
+        if float(a.get("alpha", 1.0)) != 1.0 or (has_c and float(a.get("beta", 1.0)) != 1.0):
+            return "alpha or beta not 1"
+        if not w_shape or len(w_shape) != 2 or any(not d for d in w_shape):
+            return "weight not a static 2-D matrix"
+        if has_c:
+            n = w_shape[0] if a.get("transB", 0) else w_shape[1]
+            c_shape = (shapes or {}).get(node.input[2])
+            if c_shape is None or any(not isinstance(d, int) for d in c_shape):
+                return "bias shape unknown"
+            size = int(np.prod(c_shape)) if c_shape else 1
+            if size not in (1, n) or (size == n and n > 1 and c_shape[-1] != n):
+                return f"bias of shape {list(c_shape)} is not one value per output column"
+        return None
+
+    @staticmethod
+    def integer(node, base, w_shape, xm, xs, wm, ws, out, bias) -> list[onnx.NodeProto]:
+        return [helper.make_node("IntGemm", [node.input[0], xm, xs, node.input[1], wm, ws, bias], [out],
+                                 name=f"{base}/gemm", domain=DOMAIN, trans_b=int(_attrs(node).get("transB", 0)))]
+
+
+RULES = {"Conv": _ConvRule, "MatMul": _MatMulRule, "Gemm": _GemmRule}   # one entry per op type the pass puts on integers
+LINEAR = (_MatMulRule, _GemmRule)   # the linear layers' forms, switched with `matmul` (quantize --int-matmul)
 
 _DW_ATTRS = ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")
 
@@ -290,6 +322,11 @@ class IntGemmPass(Pass):
         self.producer = {o: n for n in graph.node for o in n.output}
         em = Emitter(graph, opset(model))
         shapes = dict(self.shapes)
+        for i in graph.input:   # the trainable parameters are the training graph's inputs (a Gemm's bias)
+            if i.name not in shapes and i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                if all(dims):
+                    shapes[i.name] = dims
         shapes.update({t.name: list(t.dims) for t in graph.initializer})
         notes, pairs, self.convs = [], [], []
         counts = defaultdict(int)
@@ -297,12 +334,12 @@ class IntGemmPass(Pass):
         self.conv_weights = {n.name: shapes.get(n.input[1]) for n in graph.node if n.op_type == "Conv" and len(n.input) > 1}
         for node in list(graph.node):
             rule = RULES.get(node.op_type)
-            if rule is None or node.domain not in ("", "ai.onnx") or (rule is _MatMulRule and not self.matmul):
+            if rule is None or node.domain not in ("", "ai.onnx") or (rule in LINEAR and not self.matmul):
                 continue
             x, w = self._operand(node.input[0], "::fq_a"), self._operand(node.input[1], "::fq_w")
             if x is None or w is None:
                 continue   # not an activation x quantized weight GEMM (see the module docstring): nothing to say
-            reason = rule.decline(node, shapes.get(node.input[1]), shapes.get(node.output[0]))
+            reason = rule.decline(node, shapes.get(node.input[1]), shapes.get(node.output[0]), shapes)
             self.convs.append({"name": node.name, "op_type": node.op_type, "int": reason is None,
                                "reason": reason or "both operands <= 8 bits"})
             if reason is not None:
@@ -486,7 +523,7 @@ class IntGemmPass(Pass):
         base = f"{node.name}::int"
         cond = self._switch(em, x["bits"], w["bits"])
         # the quantizers' tensors, read through outer-graph Identities so every later pass sees a reader
-        if node.op_type == "MatMul":   # shared with the weight gradient's IntMatMulGradW (one Identity a quantizer)
+        if node.op_type in ("MatMul", "Gemm"):   # shared with the weight gradient's IntMatMulGradW (one Identity a quantizer)
             xm, xs, wm, ws = (self._scalar_reader(em, q, k) for q in (x, w) for k in ("min", "scale"))
         else:
             xm = em.node("Identity", [x["min"]], f"{base}/x_min")
@@ -495,8 +532,13 @@ class IntGemmPass(Pass):
             ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
         then_out = f"{base}/y"
         has_bias = len(node.input) > 2 and node.input[2]
-        then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws,
-                                  f"{base}/y_nobias" if has_bias else then_out)
+        if rule is _GemmRule:   # the bias goes into IntGemm's epilogue (a Gemm without C: 0)
+            then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws, then_out,
+                                      node.input[2] if has_bias else em.const(0.0))
+            has_bias = False
+        else:
+            then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws,
+                                      f"{base}/y_nobias" if has_bias else then_out)
         if has_bias:
             b4 = em.node("Reshape", [node.input[2], em.const([1, -1, 1, 1], "int64")], f"{base}/bias")
             then_nodes.append(helper.make_node("Add", [f"{base}/y_nobias", b4], [then_out], name=f"{base}/add_bias"))
