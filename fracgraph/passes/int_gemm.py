@@ -406,8 +406,9 @@ class IntGemmPass(Pass):
 
     def _matmul_weight_grads(self, model, em: Emitter) -> tuple[list, list[str]]:
         """Every MatMul weight gradient onnxruntime's gradient builder wrote as Gemm(Reshape(A), Reshape(dY), transA=1)
-        (or on the 2-D tensors themselves) with A a FW quantizer's output and dY a BW quantizer's: the Gemm into the
-        else branch of an If whose then branch is IntMatMulGradW on the same two 2-D tensors."""
+        (or on the 2-D tensors themselves) with A a FW quantizer's output and dY a BW quantizer's, and every transB = 1
+        Gemm's, written Gemm(dY, A, transA=1) (dW = dY^T A, [N, K]): the Gemm into the else branch of an If whose then
+        branch is IntMatMulGradW on the same two 2-D tensors in the Gemm's order (both per tensor)."""
         graph = model.graph
         self.producer = {o: n for n in graph.node for o in n.output}
         outputs = {o.name for o in graph.output}
@@ -417,6 +418,12 @@ class IntGemmPass(Pass):
                 continue
             x = self._operand(self._through_reshape(node.input[0]), "::fq_a")
             g = self._operand(self._through_reshape(node.input[1]), "::bwq")
+            if x is None and g is None:   # a transB = 1 Gemm's weight gradient dW = dY^T A: Gemm(dY, A, transA=1)
+                g = self._operand(self._through_reshape(node.input[0]), "::bwq")
+                x = self._operand(self._through_reshape(node.input[1]), "::fq_a")
+                first, second = (g, x)
+            else:
+                first, second = (x, g)
             if x is None or g is None or not g["prefix"].endswith("::bwq"):
                 continue   # not a quantized activation x quantized error product (e.g. the FP32 head's)
             name = node.name.split("_Grad/")[0]
@@ -429,8 +436,8 @@ class IntGemmPass(Pass):
                 continue
             base = f"{name}::int_dw"
             cond = self._switch(em, x["bits"], g["bits"])
-            ins = [node.input[0], self._scalar_reader(em, x, "min"), self._scalar_reader(em, x, "scale"),
-                   node.input[1], self._scalar_reader(em, g, "min"), self._scalar_reader(em, g, "scale")]
+            ins = [node.input[0], self._scalar_reader(em, first, "min"), self._scalar_reader(em, first, "scale"),
+                   node.input[1], self._scalar_reader(em, second, "min"), self._scalar_reader(em, second, "scale")]
             then_out, else_out = f"{base}/dw", f"{base}/dw_float"
             then_graph = helper.make_graph(
                 [helper.make_node("IntMatMulGradW", ins, [then_out], name=f"{base}/int", domain=DOMAIN)],

@@ -523,6 +523,19 @@ def test_gemm_forwards_on_int_gemm(gemm_builds):
             switched[n.name.split("::")[0]] = (op.op_type, {a.name: a.i for a in op.attribute}, list(op.input), fl.op_type)
     assert switched["fc1"][0] == "IntGemm" and switched["fc1"][1] == {"trans_b": 1} and switched["fc1"][2][6] == "b1"
     assert switched["fc2"][0] == "IntGemm" and switched["fc2"][1] == {"trans_b": 0} and switched["fc2"][3] == "Gemm"
+    # the weight gradients: fc2's Gemm(A, dY, transA=1) (MatMul_Grad's form) and fc1's Gemm(dY, A, transA=1)
+    grads = {c["name"]: c for c in m.extra["int_kernels"]["weight_grads"]}
+    assert grads["fc1"]["int"] and grads["fc2"]["int"] and "head" not in grads, grads
+    dws = {}
+    for n in graph.node:
+        if n.op_type == "If" and n.name.endswith("::int_dw/switch"):
+            (op,) = {a.name: a.g for a in n.attribute}["then_branch"].node
+            dws[n.name.split("::")[0]] = (op.op_type, list(op.input))
+    assert {k: v[0] for k, v in dws.items()} == {"fc1": "IntMatMulGradW", "fc2": "IntMatMulGradW"}
+    # each operand's (min, scale) is its own quantizer's: the error's first in fc1 (dY^T A), the activation's in fc2
+    (_, i1), (_, i2) = dws["fc1"], dws["fc2"]
+    assert "::bwq" in i1[1] and "::bwq" in i1[2] and "::fq_a" in i1[4] and "::fq_a" in i1[5], i1
+    assert "::fq_a" in i2[1] and "::fq_a" in i2[2] and "::bwq" in i2[4] and "::bwq" in i2[5], i2
     assert gemm_builds[False][1].extra["int_kernels"] is None or not any(
         c["op_type"] == "Gemm" for c in gemm_builds[False][1].extra["int_kernels"]["convs"])
 
@@ -584,3 +597,24 @@ def test_gemm_switch_follows_the_bits_at_run_time(gemm_builds, monkeypatch):
     for bits in [(8, 8, 0), (2, 3, 4), (8, 12, 8)]:
         with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
             step(bits)
+
+
+@pytest.mark.parametrize("bits", [(8, 16, 8), (4, 12, 6)])
+def test_gemm_integer_weight_gradients_equal_float_ones(gemm_builds, bits):
+    """Weight bits above 8: both builds run the float forward, so the loss and every error (its stochastic rounding
+    replayed from the same seed) are the float build's bitwise; only fc1's and fc2's weight gradients come from
+    IntMatMulGradW, within float rounding of the Gemm's (a wrong error code would move an entry by a quantizer step)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 6).astype(np.int64)
+    got = {}
+    for key, (art, m) in gemm_builds.items():
+        sess = TrainSession(art, seed=0, threads=1)
+        outs = sess.forward_backward(x, y, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
+        got[key] = float(outs[0]), {n: sess.gradient(n) for n in sess.trainable}
+    (l0, g0), (l1, g1) = got[False], got[True]
+    assert l1 == l0
+    differ = sorted(n for n, g in g0.items() if not np.array_equal(g1[n], g))
+    assert differ == ["w1", "w2"], differ
+    for name in differ:
+        assert np.linalg.norm(g1[name] - g0[name]) <= 1e-5 * np.linalg.norm(g0[name]), name
