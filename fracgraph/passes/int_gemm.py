@@ -1,4 +1,4 @@
-"""Training-graph pass: quantized forward GEMMs (Conv, MatMul) on integer codes, chosen at run time from the
+"""Training-graph pass: quantized forward GEMMs (Conv, MatMul, Gemm) on integer codes, chosen at run time from the
 precision input (fracgraph/kernels/int_gemm.c).
 
 FracTrain's forward GEMM reads an activation and a weight that are both fake-quantized (fw-quant): the values are
@@ -13,6 +13,9 @@ stays: the fake-quantized float tensors are still computed (the backward reads t
     MatMul(a_fq, w_fq)    -> If(the same)
                                 then: IntMatMul(a_fq, a_min, a_scale, w_fq, w_min, w_scale)
                                 else: MatMul(a_fq, w_fq)
+    Gemm(a_fq, w_fq[, c]) -> If(the same)      (transA 0, alpha 1, beta 1; transB 1: w [N, K] per row, 0: per column)
+                                then: IntGemm(a_fq, a_min, a_scale, w_fq, w_min, w_scale, c or 0; trans_b)
+                                else: Gemm(a_fq, w_fq[, c])
 
 Convs run on fracgraph's own kernel (onnxruntime 1.19.2's ConvInteger takes u8 weights only and ran at the speed
 of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv). A linear layer's
@@ -36,7 +39,10 @@ whose weight is not a 2-D matrix. Not matched at all: GEMMs whose operands are n
 (the first conv under `--first fp32`, conv-grad-split's dX convs, which read errors), attention's MatMuls of two
 activations (batched GEMMs of the heads' width; the older code-and-rescale form took 3.5x the float MatMul on the
 score shape, IntMatMul takes one weight matrix and is not measured there),
-per-sample (DFQ) bits, Gemm forwards.
+per-sample (DFQ) bits. A Gemm-form linear layer (torchvision's exports write nn.Linear as Gemm(x, W, b, transB=1))
+runs on IntGemm, IntMatMul's kernels with the weight read transposed while packing and the bias added in the
+double-precision epilogue (so y is rounded once); declined: transA, alpha or beta not 1, a bias that is not one
+value per output column.
 
 The weight gradient of a conv (dW = sum over images and positions of dY x im2col(X)) reads the error the BW
 quantizer wrote (stochastic rounding, per tensor: dY = s_g g + m_g) and the activation the FW quantizer wrote (per
@@ -64,9 +70,10 @@ error, both per tensor: it is switched the same way (with `int_matmul`), the Gem
                                      then: IntMatMulGradW(A_2d, a_min, a_scale, dY_2d, g_min, g_scale)
                                      else: Gemm(A_2d, dY_2d, transA=1)
 
-Its error GEMM (FusedMatMul(dY, W^T)) stays float, for the reason above. Not matched: Gemm forwards (torchvision's
-vit_tv writes its attention out-projection as Gemm(x, W, transB=1)) and MatMuls whose weight is transposed after
-its quantizer.
+A transB = 1 Gemm's weight gradient, which onnxruntime writes Gemm(dY, A, transA=1) (dW = dY^T A, [N, K]), is
+switched the same way (IntMatMulGradW(dY, g_min, g_scale, A, a_min, a_scale): both per tensor). Its error GEMM
+(FusedMatMul(dY, W^T), or the Gemm's dA) stays float, for the reason above. Not matched: MatMuls whose weight is
+transposed after its quantizer (vit_tv's attention in-projection).
 """
 
 from __future__ import annotations
