@@ -987,7 +987,8 @@ def probe_intmatmul(r: Runner, rng):
     """A quantized linear layer's forward (a @ w, w per column) and weight gradient (a^T @ dY, both per tensor, dY
     stochastically rounded) on 8-bit fake-quantized operands: onnxruntime's float MatMul / MatMul_Grad Gemm (MLAS)
     vs fracgraph's IntMatMul / IntMatMulGradW per integer path (and the forward's older form, IntCodes +
-    MatMulInteger + IntMatMulRescale), interleaved rep by rep; each output's max difference from float64."""
+    MatMulInteger + IntMatMulRescale), and the same forward in Gemm form (Gemm(a, w^T, bias, transB=1), torchvision's
+    export) vs IntGemm, interleaved rep by rep; each output's max difference from float64."""
     print("intmatmul: linear layers' forward and weight-gradient GEMMs, float MLAS vs IntMatMul/IntMatMulGradW (8 bits)")
     from fracgraph import kernels
 
@@ -1009,6 +1010,10 @@ def probe_intmatmul(r: Runner, rng):
         gm, gs = np.float32(g.min()), np.float32((g.max() - g.min()) / 255)
         gq = (np.round(np.clip((g - gm) / gs + rng.random(g.shape, dtype=np.float32) - 0.5, 0, 255)) * gs + gm).astype(np.float32)
         fw_feeds = dict(zip(names, [aq, np.asarray(am), np.asarray(as_), wq, wm, ws]))
+        # the Gemm form of the same layer (torchvision's exports): w^T [N, K] per row, a bias of N values
+        wt, bias = np.ascontiguousarray(wq.T), (rng.standard_normal(n) * 0.1).astype(np.float32)
+        gnames = names + ["c"]
+        gemm_feeds = dict(zip(gnames, [aq, np.asarray(am), np.asarray(as_), wt, wm, ws, bias]))
         dw_feeds = dict(zip(names, [aq, np.asarray(am), np.asarray(as_), gq, np.asarray(gm), np.asarray(gs)]))
         old = [h.make_node("IntCodesU8", ["a", "am", "as"], ["qa"], domain=FG),
                h.make_node("IntCodesS8", ["b", "bm", "bs"], ["qb"], domain=FG),
@@ -1021,6 +1026,12 @@ def probe_intmatmul(r: Runner, rng):
              + [(f"IntMatMul {q}", q, _model([h.make_node("IntMatMul", names, ["y"], domain=FG)], names, ["y"]), fw_feeds)
                 for q in paths]
              + [("IntCodes + MatMulInteger + rescale", None, _model(old, names, ["y"]), fw_feeds)]),
+            ("Gemm transB forward", aq.astype(np.float64) @ wq.astype(np.float64) + bias.astype(np.float64),
+             [("Gemm transB + bias FP32 (MLAS)", None,
+               _model([h.make_node("Gemm", ["a", "b", "c"], ["y"], transB=1)], ["a", "b", "c"], ["y"]),
+               {"a": aq, "b": wt, "c": bias})]
+             + [(f"IntGemm {q}", q, _model([h.make_node("IntGemm", gnames, ["y"], domain=FG, trans_b=1)], gnames, ["y"]),
+                 gemm_feeds) for q in paths]),
             ("weight grad", aq.astype(np.float64).T @ gq.astype(np.float64),
              [("Gemm transA FP32 (MLAS)", None,
                _model([h.make_node("Gemm", ["a", "b"], ["y"], transA=1)], ["a", "b"], ["y"]), {"a": aq, "b": gq})]
@@ -1029,6 +1040,7 @@ def probe_intmatmul(r: Runner, rng):
             times, outs = _interleaved(r, rows)
             tb = 1e3 * statistics.median(times[0])
             print(f"  {label} {kind}: [{m}, {k}] x [{k}, {n}]" if kind == "forward" else
+                  f"  {label} {kind}: [{m}, {k}] x [{n}, {k}]^T + bias" if kind.startswith("Gemm") else
                   f"  {label} {kind}: [{m}, {k}]^T x [{m}, {n}]")
             for (name, _, _, _), ts, out in zip(rows, times, outs):
                 tc = 1e3 * statistics.median(ts)

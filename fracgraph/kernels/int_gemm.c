@@ -13,6 +13,8 @@
  *        activation codes (both per tensor); attributes those of IntConv (see its section below)
  *   IntMatMul(a, a_min, a_scale, w, w_min, w_scale) -> y = a @ w, IntMatMulGradW(a, a_min, a_scale, g, g_min, g_scale)
  *        -> dw = a^T g: a linear layer's forward and weight-gradient GEMMs, one op each (see their section below;
+ *        IntGemm(a, a_min, a_scale, w, w_min, w_scale, bias) -> y = a @ w^T + bias (attribute trans_b = 1; 0: a @ w
+ *        + bias), the forward of a Gemm-form linear layer (torchvision's exports);
  *        IntCodes and IntMatMulRescale are the older form around onnxruntime's MatMulInteger, kept for the probe)
  *
  * x is an activation fake-quantized per tensor (x = s_x q_x + m_x, codes q_x in [0, 255]), w a weight
@@ -131,6 +133,7 @@ static int chosen_isa(void) {
 
 typedef struct {
   int64_t conv[8];   /* kh, kw, sh, sw, ph, pw, dh, dw */
+  int64_t trans_b;   /* IntGemm: w is [N, K] (Gemm's transB = 1) */
   int kind;          /* which op (the registration's OP_ enum) */
 } IKernel;
 
@@ -1317,6 +1320,10 @@ done:
  *        a [..., M, K] (the leading dims flattened into M) fake-quantized per tensor; w [K, N] fake-quantized per
  *        column (w_min, w_scale hold N values: the MatMul weight quantizer's MinMaxCols) or per tensor
  *   IntMatMulGradW(a, a_min, a_scale, g, g_min, g_scale) -> dw = a^T @ g     (onnxruntime's MatMul_Grad Gemm, transA)
+ *   IntGemm(a, a_min, a_scale, w, w_min, w_scale, bias) -> y = a @ w^T + bias   (ONNX Gemm(a, w, bias, transB=1); with
+ *        attribute trans_b = 0, a @ w + bias): a [M, K] per tensor; w [N, K] fake-quantized per row (the Gemm weight
+ *        quantizer's ranges, one per output channel), or [K, N] per column; bias N values or one (a Gemm without C
+ *        gets a 0), added in the double-precision epilogue, so y is rounded once
  *        a [..., K] the FW quantizer's activation, g [..., N] the BW quantizer's error (the same leading dims), both
  *        per tensor (g_min, g_scale may also hold N values); dw [K, N]
  *
@@ -1346,7 +1353,8 @@ typedef struct {
   int isa;
   const float* L;
   int64_t li, lr;          /* L[i, r] = L[i li + r lr] */
-  const float* R;          /* R[r, n] = R[r N + n] */
+  const float* R;          /* R[r, n] = R[r N + n], or R[n Rn + r] when rt (IntGemm's trans_b: w is [N, K]) */
+  int rt;
   float* y;                /* [I][N] */
   int64_t I, Rn, N, Rpad, Npad;
   float ml, inv_sl;
@@ -1407,6 +1415,26 @@ static void mm_pack_r(void* p, size_t c) {
   const int64_t Np = j->Npad, full = j->Rn / 4;
   int32_t sum[MM_PACK_COLS] = {0};
   int32_t* rp = (int32_t*)j->rp;
+  if (j->rt) {   /* R[r, n] = w[n, r]: column n's 4 rows of a word are 4 consecutive floats of w's row n */
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* v = j->R + n * j->Rn;
+      const float m = j->mr[n], inv = j->inv_sr[n];
+      int32_t s = 0;
+      for (int64_t r4 = 0; r4 < full; ++r4) {
+        const int32_t q0 = code_of(v[4 * r4], m, inv), q1 = code_of(v[4 * r4 + 1], m, inv);
+        const int32_t q2 = code_of(v[4 * r4 + 2], m, inv), q3 = code_of(v[4 * r4 + 3], m, inv);
+        rp[r4 * Np + n] = (int32_t)(((uint32_t)q0 | (uint32_t)q1 << 8 | (uint32_t)q2 << 16 | (uint32_t)q3 << 24) ^ 0x80808080u);
+        s += q0 + q1 + q2 + q3;
+      }
+      for (int64_t r = 4 * full; r < j->Rn; ++r) {   /* the last rows (fewer than 4): bytes, the rest of the word 0 */
+        const int32_t q = code_of(v[r], m, inv);
+        j->rp[((r >> 2) * Np + n) * 4 + (r & 3)] = (int8_t)(q - 128);
+        s += q;
+      }
+      j->cr[n] = s;
+    }
+    return;
+  }
   for (int64_t r4 = 0; r4 < full; ++r4) {
     const float* v = j->R + 4 * r4 * N + n0;
     mm_words4(v, v + N, v + 2 * N, v + 3 * N, j->mr + n0, j->inv_sr + n0, n1 - n0, 0x80808080u, rp + r4 * Np + n0, sum);
@@ -1588,8 +1616,9 @@ static void mm_task(void* p, size_t t) {
   free(wide);
 }
 
-static OrtStatus* compute_int_matmul(void* ctx, int grad) {
-  const char* who = grad ? "fracgraph IntMatMulGradW" : "fracgraph IntMatMul";
+/* grad: IntMatMulGradW; gemm: IntGemm (trans_b: its w is [N, K]; input 6 the bias) */
+static OrtStatus* compute_int_matmul(void* ctx, int grad, int gemm, int trans_b) {
+  const char* who = grad ? "fracgraph IntMatMulGradW" : gemm ? "fracgraph IntGemm" : "fracgraph IntMatMul";
   char msg[256];
   int64_t ad[8], bd[8], d[8], od[8];
   size_t ar, br, r, an, bn, cnt[4];
@@ -1603,7 +1632,22 @@ static OrtStatus* compute_int_matmul(void* ctx, int grad) {
     if ((st = in_shape(ctx, at[i], &sc[i], d, &r, &cnt[i]))) return st;
   size_t orank;
   int64_t K, N, M;
-  if (!grad) {
+  const float* bias = NULL;
+  size_t nbias = 0;
+  if (gemm) {
+    if (ar != 2 || br != 2 || ad[1] != bd[trans_b ? 1 : 0]) {
+      snprintf(msg, sizeof msg, "%s: a must be [M, K] and w %s with the same K", who, trans_b ? "[N, K]" : "[K, N]");
+      return ifail(msg);
+    }
+    if ((st = in_shape(ctx, 6, &bias, d, &r, &nbias))) return st;
+    K = ad[1], N = bd[trans_b ? 0 : 1], M = ad[0];
+    if (nbias != 1 && (int64_t)nbias != N) {
+      snprintf(msg, sizeof msg, "%s: the bias must hold one value per output column (%lld) or one in all", who, (long long)N);
+      return ifail(msg);
+    }
+    orank = 2, od[0] = M, od[1] = N;
+    j.L = a, j.li = K, j.lr = 1, j.I = M, j.Rn = K, j.rt = trans_b != 0;
+  } else if (!grad) {
     if (ar < 1 || br != 2 || ad[ar - 1] != bd[0]) {
       snprintf(msg, sizeof msg, "%s: a must be [..., K] and w [K, N] with the same K", who);
       return ifail(msg);
@@ -1636,7 +1680,11 @@ static OrtStatus* compute_int_matmul(void* ctx, int grad) {
   if ((st = IAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, od, orank, &ov))) return st;
   if ((st = IAPI(GetTensorMutableData, GetDataFn)(ov, (void**)&j.y))) return st;
   if (j.I == 0 || N == 0) return NULL;
-  if (j.Rn == 0) { memset(j.y, 0, (size_t)(j.I * N) * sizeof(float)); return NULL; }
+  if (j.Rn == 0) {
+    for (int64_t i = 0; i < j.I; ++i)
+      for (int64_t n = 0; n < N; ++n) j.y[i * N + n] = bias ? bias[nbias == 1 ? 0 : n] : 0.0f;
+    return NULL;
+  }
   j.isa = chosen_isa();
   if (j.isa < 0) {
     snprintf(msg, sizeof msg, "%s: FRACGRAPH_INT_ISA names a path this CPU's build lacks (use auto, amx, vnni, avx2 or "
@@ -1669,6 +1717,7 @@ static OrtStatus* compute_int_matmul(void* ctx, int grad) {
       const int64_t c = cnt[2] == 1 ? 0 : n;
       const double sr = sc[3][c], mrn = sc[2][c];
       coef[n] = sl * sr, coef[N + n] = sl * mrn, coef[2 * N + n] = ml * sr * (double)j.cr[n] + (double)j.Rn * ml * mrn;
+      if (bias) coef[2 * N + n] += (double)bias[nbias == 1 ? 0 : n];
     }
     j.c1 = coef, j.c2 = coef + N, j.c3 = coef + 2 * N;
   }
@@ -1685,10 +1734,10 @@ done:
 
 /* ---- registration ----------------------------------------------------------------------------------------- */
 static const char* const I_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw"};
-enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, OP_CONV_GRAD_W, OP_MATMUL, OP_MATMUL_GRAD_W, N_IOPS };
+enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, OP_CONV_GRAD_W, OP_MATMUL, OP_MATMUL_GRAD_W, OP_GEMM, N_IOPS };
 static const char* const I_NAMES[N_IOPS] = {"IntConv", "IntCodesU8", "IntCodesS8", "IntMatMulRescale", "IntConvGradW", "IntMatMul",
-                                             "IntMatMulGradW"};
-static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7, 6, 6, 6};
+                                             "IntMatMulGradW", "IntGemm"};
+static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7, 6, 6, 6, 7};
 enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
 
 typedef struct {
@@ -1707,6 +1756,10 @@ static OrtStatus* i_create(const OrtCustomOp* op, const OrtApi* api, const void*
   if (k->kind == OP_CONV || k->kind == OP_CONV_GRAD_W)
     for (int a = 0; a < 8; ++a)
       if ((st = IAPI(KernelInfoGetAttribute_int64, AttrIntFn)(info, I_ATTRS[a], &k->conv[a]))) { free(k); return st; }
+  if (k->kind == OP_GEMM) {
+    if ((st = IAPI(KernelInfoGetAttribute_int64, AttrIntFn)(info, "trans_b", &k->trans_b))) { free(k); return st; }
+    if (k->trans_b != 0 && k->trans_b != 1) { free(k); return ifail("fracgraph IntGemm: trans_b must be 0 or 1"); }
+  }
   *out = k;
   return NULL;
 }
@@ -1716,8 +1769,9 @@ static OrtStatus* i_compute(void* kernel, void* ctx) {
     case OP_CONV: return compute_int_conv(kernel, ctx);
     case OP_CONV_GRAD_W: return compute_int_conv_grad_w(k, ctx);
     case OP_RESCALE: return compute_rescale(ctx);
-    case OP_MATMUL: return compute_int_matmul(ctx, 0);
-    case OP_MATMUL_GRAD_W: return compute_int_matmul(ctx, 1);
+    case OP_MATMUL: return compute_int_matmul(ctx, 0, 0, 0);
+    case OP_MATMUL_GRAD_W: return compute_int_matmul(ctx, 1, 0, 0);
+    case OP_GEMM: return compute_int_matmul(ctx, 0, 1, (int)k->trans_b);
     default: return compute_codes(ctx, k->kind == OP_CODES_S8);
   }
 }

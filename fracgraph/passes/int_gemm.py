@@ -1,4 +1,4 @@
-"""Training-graph pass: quantized forward GEMMs (Conv, MatMul) on integer codes, chosen at run time from the
+"""Training-graph pass: quantized forward GEMMs (Conv, MatMul, Gemm) on integer codes, chosen at run time from the
 precision input (fracgraph/kernels/int_gemm.c).
 
 FracTrain's forward GEMM reads an activation and a weight that are both fake-quantized (fw-quant): the values are
@@ -13,6 +13,9 @@ stays: the fake-quantized float tensors are still computed (the backward reads t
     MatMul(a_fq, w_fq)    -> If(the same)
                                 then: IntMatMul(a_fq, a_min, a_scale, w_fq, w_min, w_scale)
                                 else: MatMul(a_fq, w_fq)
+    Gemm(a_fq, w_fq[, c]) -> If(the same)      (transA 0, alpha 1, beta 1; transB 1: w [N, K] per row, 0: per column)
+                                then: IntGemm(a_fq, a_min, a_scale, w_fq, w_min, w_scale, c or 0; trans_b)
+                                else: Gemm(a_fq, w_fq[, c])
 
 Convs run on fracgraph's own kernel (onnxruntime 1.19.2's ConvInteger takes u8 weights only and ran at the speed
 of its FP32 NCHWc conv, without the correction terms: bench/kernel_probes.py --only intconv). A linear layer's
@@ -36,7 +39,10 @@ whose weight is not a 2-D matrix. Not matched at all: GEMMs whose operands are n
 (the first conv under `--first fp32`, conv-grad-split's dX convs, which read errors), attention's MatMuls of two
 activations (batched GEMMs of the heads' width; the older code-and-rescale form took 3.5x the float MatMul on the
 score shape, IntMatMul takes one weight matrix and is not measured there),
-per-sample (DFQ) bits, Gemm forwards.
+per-sample (DFQ) bits. A Gemm-form linear layer (torchvision's exports write nn.Linear as Gemm(x, W, b, transB=1))
+runs on IntGemm, IntMatMul's kernels with the weight read transposed while packing and the bias added in the
+double-precision epilogue (so y is rounded once); declined: transA, alpha or beta not 1, a bias that is not one
+value per output column.
 
 The weight gradient of a conv (dW = sum over images and positions of dY x im2col(X)) reads the error the BW
 quantizer wrote (stochastic rounding, per tensor: dY = s_g g + m_g) and the activation the FW quantizer wrote (per
@@ -64,15 +70,17 @@ error, both per tensor: it is switched the same way (with `int_matmul`), the Gem
                                      then: IntMatMulGradW(A_2d, a_min, a_scale, dY_2d, g_min, g_scale)
                                      else: Gemm(A_2d, dY_2d, transA=1)
 
-Its error GEMM (FusedMatMul(dY, W^T)) stays float, for the reason above. Not matched: Gemm forwards (torchvision's
-vit_tv writes its attention out-projection as Gemm(x, W, transB=1)) and MatMuls whose weight is transposed after
-its quantizer.
+A transB = 1 Gemm's weight gradient, which onnxruntime writes Gemm(dY, A, transA=1) (dW = dY^T A, [N, K]), is
+switched the same way (IntMatMulGradW(dY, g_min, g_scale, A, a_min, a_scale): both per tensor). Its error GEMM
+(FusedMatMul(dY, W^T), or the Gemm's dA) stays float, for the reason above. Not matched: MatMuls whose weight is
+transposed after its quantizer (vit_tv's attention in-projection).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -119,7 +127,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 class _ConvRule:
     @staticmethod
-    def decline(node, w_shape, y_shape=None) -> str | None:
+    def decline(node, w_shape, y_shape=None, shapes=None) -> str | None:
         a = _attrs(node)
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             return "auto_pad"
@@ -157,7 +165,7 @@ class _ConvRule:
 
 class _MatMulRule:
     @staticmethod
-    def decline(node, w_shape, y_shape=None) -> str | None:
+    def decline(node, w_shape, y_shape=None, shapes=None) -> str | None:
         if not w_shape or len(w_shape) != 2 or any(not d for d in w_shape):
             return "weight not a static 2-D matrix"
         return None
@@ -169,7 +177,38 @@ class _MatMulRule:
                                  domain=DOMAIN)]
 
 
-RULES = {"Conv": _ConvRule, "MatMul": _MatMulRule}   # one entry per op type the pass puts on integers
+class _GemmRule:
+    """ONNX Gemm(a, w[, c]) as a linear layer writes it (torchvision's exports: transB = 1, w [N, K] quantized per
+    row, i.e. per output channel; transB = 0, w [K, N] per column): IntGemm, the bias added in its epilogue."""
+
+    @staticmethod
+    def decline(node, w_shape, y_shape=None, shapes=None) -> str | None:
+        a = _attrs(node)
+        if a.get("transA", 0) != 0:
+            return "transA = 1 (the activation transposed)"
+        has_c = len(node.input) > 2 and bool(node.input[2])
+        if float(a.get("alpha", 1.0)) != 1.0 or (has_c and float(a.get("beta", 1.0)) != 1.0):
+            return "alpha or beta not 1"
+        if not w_shape or len(w_shape) != 2 or any(not d for d in w_shape):
+            return "weight not a static 2-D matrix"
+        if has_c:
+            n = w_shape[0] if a.get("transB", 0) else w_shape[1]
+            c_shape = (shapes or {}).get(node.input[2])
+            if c_shape is None or any(not isinstance(d, int) for d in c_shape):
+                return "bias shape unknown"
+            size = int(np.prod(c_shape)) if c_shape else 1
+            if size not in (1, n) or (size == n and n > 1 and c_shape[-1] != n):
+                return f"bias of shape {list(c_shape)} is not one value per output column"
+        return None
+
+    @staticmethod
+    def integer(node, base, w_shape, xm, xs, wm, ws, out, bias) -> list[onnx.NodeProto]:
+        return [helper.make_node("IntGemm", [node.input[0], xm, xs, node.input[1], wm, ws, bias], [out],
+                                 name=f"{base}/gemm", domain=DOMAIN, trans_b=int(_attrs(node).get("transB", 0)))]
+
+
+RULES = {"Conv": _ConvRule, "MatMul": _MatMulRule, "Gemm": _GemmRule}   # one entry per op type the pass puts on integers
+LINEAR = (_MatMulRule, _GemmRule)   # the linear layers' forms, switched with `matmul` (quantize --int-matmul)
 
 _DW_ATTRS = ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")
 
@@ -290,6 +329,11 @@ class IntGemmPass(Pass):
         self.producer = {o: n for n in graph.node for o in n.output}
         em = Emitter(graph, opset(model))
         shapes = dict(self.shapes)
+        for i in graph.input:   # the trainable parameters are the training graph's inputs (a Gemm's bias)
+            if i.name not in shapes and i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                if all(dims):
+                    shapes[i.name] = dims
         shapes.update({t.name: list(t.dims) for t in graph.initializer})
         notes, pairs, self.convs = [], [], []
         counts = defaultdict(int)
@@ -297,12 +341,12 @@ class IntGemmPass(Pass):
         self.conv_weights = {n.name: shapes.get(n.input[1]) for n in graph.node if n.op_type == "Conv" and len(n.input) > 1}
         for node in list(graph.node):
             rule = RULES.get(node.op_type)
-            if rule is None or node.domain not in ("", "ai.onnx") or (rule is _MatMulRule and not self.matmul):
+            if rule is None or node.domain not in ("", "ai.onnx") or (rule in LINEAR and not self.matmul):
                 continue
             x, w = self._operand(node.input[0], "::fq_a"), self._operand(node.input[1], "::fq_w")
             if x is None or w is None:
                 continue   # not an activation x quantized weight GEMM (see the module docstring): nothing to say
-            reason = rule.decline(node, shapes.get(node.input[1]), shapes.get(node.output[0]))
+            reason = rule.decline(node, shapes.get(node.input[1]), shapes.get(node.output[0]), shapes)
             self.convs.append({"name": node.name, "op_type": node.op_type, "int": reason is None,
                                "reason": reason or "both operands <= 8 bits"})
             if reason is not None:
@@ -369,8 +413,9 @@ class IntGemmPass(Pass):
 
     def _matmul_weight_grads(self, model, em: Emitter) -> tuple[list, list[str]]:
         """Every MatMul weight gradient onnxruntime's gradient builder wrote as Gemm(Reshape(A), Reshape(dY), transA=1)
-        (or on the 2-D tensors themselves) with A a FW quantizer's output and dY a BW quantizer's: the Gemm into the
-        else branch of an If whose then branch is IntMatMulGradW on the same two 2-D tensors."""
+        (or on the 2-D tensors themselves) with A a FW quantizer's output and dY a BW quantizer's, and every transB = 1
+        Gemm's, written Gemm(dY, A, transA=1) (dW = dY^T A, [N, K]): the Gemm into the else branch of an If whose then
+        branch is IntMatMulGradW on the same two 2-D tensors in the Gemm's order (both per tensor)."""
         graph = model.graph
         self.producer = {o: n for n in graph.node for o in n.output}
         outputs = {o.name for o in graph.output}
@@ -380,6 +425,12 @@ class IntGemmPass(Pass):
                 continue
             x = self._operand(self._through_reshape(node.input[0]), "::fq_a")
             g = self._operand(self._through_reshape(node.input[1]), "::bwq")
+            if x is None and g is None:   # a transB = 1 Gemm's weight gradient dW = dY^T A: Gemm(dY, A, transA=1)
+                g = self._operand(self._through_reshape(node.input[0]), "::bwq")
+                x = self._operand(self._through_reshape(node.input[1]), "::fq_a")
+                first, second = (g, x)
+            else:
+                first, second = (x, g)
             if x is None or g is None or not g["prefix"].endswith("::bwq"):
                 continue   # not a quantized activation x quantized error product (e.g. the FP32 head's)
             name = node.name.split("_Grad/")[0]
@@ -392,8 +443,8 @@ class IntGemmPass(Pass):
                 continue
             base = f"{name}::int_dw"
             cond = self._switch(em, x["bits"], g["bits"])
-            ins = [node.input[0], self._scalar_reader(em, x, "min"), self._scalar_reader(em, x, "scale"),
-                   node.input[1], self._scalar_reader(em, g, "min"), self._scalar_reader(em, g, "scale")]
+            ins = [node.input[0], self._scalar_reader(em, first, "min"), self._scalar_reader(em, first, "scale"),
+                   node.input[1], self._scalar_reader(em, second, "min"), self._scalar_reader(em, second, "scale")]
             then_out, else_out = f"{base}/dw", f"{base}/dw_float"
             then_graph = helper.make_graph(
                 [helper.make_node("IntMatMulGradW", ins, [then_out], name=f"{base}/int", domain=DOMAIN)],
@@ -486,7 +537,7 @@ class IntGemmPass(Pass):
         base = f"{node.name}::int"
         cond = self._switch(em, x["bits"], w["bits"])
         # the quantizers' tensors, read through outer-graph Identities so every later pass sees a reader
-        if node.op_type == "MatMul":   # shared with the weight gradient's IntMatMulGradW (one Identity a quantizer)
+        if node.op_type in ("MatMul", "Gemm"):   # shared with the weight gradient's IntMatMulGradW (one Identity a quantizer)
             xm, xs, wm, ws = (self._scalar_reader(em, q, k) for q in (x, w) for k in ("min", "scale"))
         else:
             xm = em.node("Identity", [x["min"]], f"{base}/x_min")
@@ -495,8 +546,13 @@ class IntGemmPass(Pass):
             ws = em.node("Identity", [w["scale"]], f"{base}/w_scale")
         then_out = f"{base}/y"
         has_bias = len(node.input) > 2 and node.input[2]
-        then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws,
-                                  f"{base}/y_nobias" if has_bias else then_out)
+        if rule is _GemmRule:   # the bias goes into IntGemm's epilogue (a Gemm without C: 0)
+            then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws, then_out,
+                                      node.input[2] if has_bias else em.const(0.0))
+            has_bias = False
+        else:
+            then_nodes = rule.integer(node, base, shapes[node.input[1]], xm, xs, wm, ws,
+                                      f"{base}/y_nobias" if has_bias else then_out)
         if has_bias:
             b4 = em.node("Reshape", [node.input[2], em.const([1, -1, 1, 1], "int64")], f"{base}/bias")
             then_nodes.append(helper.make_node("Add", [f"{base}/y_nobias", b4], [then_out], name=f"{base}/add_bias"))

@@ -470,3 +470,151 @@ def test_only_matmul_grads_gemm_form_is_matched():
     assert "not MatMul_Grad" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"]))
     assert "not MatMul_Grad" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g"], ["w"], transA=1, alpha=0.5))
     assert "C input" in _gemm_attrs_ok(helper.make_node("Gemm", ["a", "g", "c"], ["w"], transA=1))
+
+
+# -- Gemm-form linear layers (torchvision's exports: Gemm(x, W, b, transB=1)) on IntGemm -----------------------------
+def _gemm_mlp(path):
+    """x [N, 12] -> Gemm(transB=1, bias) -> Relu -> Gemm(transB=0, no C) -> Relu -> Gemm(transB=1, bias) head."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.4).astype(np.float32), n) for n, s in
+             [("w1", (40, 12)), ("b1", (40,)), ("w2", (40, 24)), ("w3", (10, 24)), ("b3", (10,))]]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("Gemm", ["r1", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], name="head", transB=1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gemm_builds(tmp_path_factory):
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.passes import int_gemm
+
+    d = tmp_path_factory.mktemp("intgemm")
+    path = _gemm_mlp(d / "mlp.onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int_gemm, "FAST_PATHS", tuple(kernels.INT_PATHS))
+        return {key: (d / str(key), build_artifacts(path, d / str(key), BuildOptions(int_matmul=key)))
+                for key in (False, True)}
+
+
+def test_gemm_forwards_on_int_gemm(gemm_builds):
+    import onnx
+
+    art, m = gemm_builds[True]
+    rec = m.extra["int_kernels"]["convs"]
+    gemms = {c["name"]: c for c in rec if c["op_type"] == "Gemm"}
+    assert set(gemms) >= {"fc1", "fc2"} and gemms["fc1"]["int"] and gemms["fc2"]["int"], rec
+    graph = onnx.load(str(art / "training_model.onnx")).graph
+    switched = {}
+    for n in graph.node:
+        if n.op_type == "If" and n.name.endswith("::int/switch"):
+            br = {a.name: a.g for a in n.attribute}
+            (op,), (fl,) = br["then_branch"].node, br["else_branch"].node
+            switched[n.name.split("::")[0]] = (op.op_type, {a.name: a.i for a in op.attribute}, list(op.input), fl.op_type)
+    assert switched["fc1"][0] == "IntGemm" and switched["fc1"][1] == {"trans_b": 1} and switched["fc1"][2][6] == "b1"
+    assert switched["fc2"][0] == "IntGemm" and switched["fc2"][1] == {"trans_b": 0} and switched["fc2"][3] == "Gemm"
+    # the weight gradients: fc2's Gemm(A, dY, transA=1) (MatMul_Grad's form) and fc1's Gemm(dY, A, transA=1)
+    grads = {c["name"]: c for c in m.extra["int_kernels"]["weight_grads"]}
+    assert grads["fc1"]["int"] and grads["fc2"]["int"] and "head" not in grads, grads
+    dws = {}
+    for n in graph.node:
+        if n.op_type == "If" and n.name.endswith("::int_dw/switch"):
+            (op,) = {a.name: a.g for a in n.attribute}["then_branch"].node
+            dws[n.name.split("::")[0]] = (op.op_type, list(op.input))
+    assert {k: v[0] for k, v in dws.items()} == {"fc1": "IntMatMulGradW", "fc2": "IntMatMulGradW"}
+    # each operand's (min, scale) is its own quantizer's: the error's first in fc1 (dY^T A), the activation's in fc2
+    (_, i1), (_, i2) = dws["fc1"], dws["fc2"]
+    assert "::bwq" in i1[1] and "::bwq" in i1[2] and "::fq_a" in i1[4] and "::fq_a" in i1[5], i1
+    assert "::fq_a" in i2[1] and "::fq_a" in i2[2] and "::bwq" in i2[4] and "::bwq" in i2[5], i2
+    assert gemm_builds[False][1].extra["int_kernels"] is None or not any(
+        c["op_type"] == "Gemm" for c in gemm_builds[False][1].extra["int_kernels"]["convs"])
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 0), (4, 6, 0), (12, 12, 0)])
+def test_gemm_step_integer_forwards_equal_float_ones(gemm_builds, bits):
+    """FP32 errors: the integer forward gives the float build's loss, logits and every gradient to float rounding
+    (one wrong code would move a logit by a quantizer step); at 12 bits the float branch runs."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 6).astype(np.int64)
+    got = {}
+    for key, (art, m) in gemm_builds.items():
+        sess = TrainSession(art, seed=0, threads=1)
+        outs = sess.forward_backward(x, y, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
+        got[key] = float(outs[0]), np.asarray(outs[1]), {n: sess.gradient(n) for n in sess.trainable}
+    (l0, y0, g0), (l1, y1, g1) = got[False], got[True]
+    assert abs(l1 - l0) <= 1e-6 * abs(l0) and np.abs(y1 - y0).max() <= 1e-5 * np.abs(y0).max()
+    for name, g in g0.items():
+        assert np.linalg.norm(g1[name] - g) <= 1e-5 * np.linalg.norm(g), name
+    if bits[0] > 8:
+        assert l1 == l0 and np.array_equal(y1, y0)
+
+
+def test_gemm_rule_declines_what_int_gemm_cannot_run():
+    from onnx import helper
+
+    from fracgraph.passes.int_gemm import _GemmRule
+
+    ok = helper.make_node("Gemm", ["a", "w", "c"], ["y"], transB=1)
+    assert _GemmRule.decline(ok, [8, 4], None, {"c": [8]}) is None
+    assert _GemmRule.decline(ok, [8, 4], None, {"c": [1, 8]}) is None
+    assert _GemmRule.decline(ok, [8, 4], None, {"c": [1]}) is None
+    assert "not one value per output column" in _GemmRule.decline(ok, [8, 4], None, {"c": [5, 8]})
+    assert "not one value per output column" in _GemmRule.decline(ok, [8, 4], None, {"c": [4]})
+    assert "bias shape unknown" in _GemmRule.decline(ok, [8, 4], None, {})
+    assert "transA" in _GemmRule.decline(helper.make_node("Gemm", ["a", "w"], ["y"], transA=1), [8, 4])
+    assert "alpha or beta" in _GemmRule.decline(helper.make_node("Gemm", ["a", "w"], ["y"], alpha=2.0), [8, 4])
+    assert "alpha or beta" in _GemmRule.decline(helper.make_node("Gemm", ["a", "w", "c"], ["y"], beta=0.5), [8, 4],
+                                                None, {"c": [4]})
+    assert _GemmRule.decline(helper.make_node("Gemm", ["a", "w"], ["y"], beta=0.5), [8, 4]) is None   # no C: beta unused
+    assert "static 2-D" in _GemmRule.decline(helper.make_node("Gemm", ["a", "w"], ["y"]), None)
+
+
+def test_gemm_switch_follows_the_bits_at_run_time(gemm_builds, monkeypatch):
+    """IntGemm runs exactly when act and weight bits are 1..8 (and fc2's weight gradient, the MatMul_Grad form
+    Gemm(A, dY, transA=1) of a transB = 0 Gemm, on IntMatMulGradW when act and grad bits are): a path that cannot run
+    fails those steps alone."""
+    art, m = gemm_builds[True]
+    x, y = np.zeros((2, 12), np.float32), np.zeros(2, np.int64)
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", "sse9")
+    sess = TrainSession(art, seed=0, threads=1)
+
+    def step(bits):
+        sess.forward_backward(x, y, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
+
+    for bits in [(0, 0, 0), (12, 8, 8), (16, 16, 16)]:
+        step(bits)
+    for bits in [(8, 8, 0), (2, 3, 4), (8, 12, 8)]:
+        with pytest.raises(Exception, match="FRACGRAPH_INT_ISA names a path"):
+            step(bits)
+
+
+@pytest.mark.parametrize("bits", [(8, 16, 8), (4, 12, 6)])
+def test_gemm_integer_weight_gradients_equal_float_ones(gemm_builds, bits):
+    """Weight bits above 8: both builds run the float forward, so the loss and every error (its stochastic rounding
+    replayed from the same seed) are the float build's bitwise; only fc1's and fc2's weight gradients come from
+    IntMatMulGradW, within float rounding of the Gemm's (a wrong error code would move an entry by a quantizer step)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 6).astype(np.int64)
+    got = {}
+    for key, (art, m) in gemm_builds.items():
+        sess = TrainSession(art, seed=0, threads=1)
+        outs = sess.forward_backward(x, y, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
+        got[key] = float(outs[0]), {n: sess.gradient(n) for n in sess.trainable}
+    (l0, g0), (l1, g1) = got[False], got[True]
+    assert l1 == l0
+    differ = sorted(n for n, g in g0.items() if not np.array_equal(g1[n], g))
+    assert differ == ["w1", "w2"], differ
+    for name in differ:
+        assert np.linalg.norm(g1[name] - g0[name]) <= 1e-5 * np.linalg.norm(g0[name]), name

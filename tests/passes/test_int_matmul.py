@@ -124,3 +124,80 @@ def test_bad_shapes_fail_in_one_line(op, a_shape, b_shape, bn, message):
     with pytest.raises(Exception, match=message):
         run(op, np.zeros(a_shape, np.float32), np.zeros((), np.float32), one, np.zeros(b_shape, np.float32),
             np.zeros(bn, np.float32), np.ones(bn, np.float32))
+
+
+# -- IntGemm: ONNX Gemm(a, w, bias, transB) forwards (torchvision's linear layers) ------------------------------------
+def run_gemm(a, am, as_, w, wm, ws, bias, trans_b=1, threads=2):
+    sess = custom_op_session("IntGemm", ["a", "am", "as", "w", "wm", "ws", "b"], ["y"], threads=threads, trans_b=trans_b)
+    return sess.run(None, {"a": a, "am": am, "as": as_, "w": w, "wm": wm, "ws": ws, "b": bias})[0]
+
+
+def gemm_operands(m, k, n, abits, wbits, trans_b, seed):
+    """a [M, K] per tensor; w [N, K] per row (the Gemm weight quantizer's ranges under transB = 1) or [K, N] per
+    column; a bias of N values."""
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((m, k)) + 0.7).astype(np.float32)
+    w = (rng.standard_normal((n, k) if trans_b else (k, n)) * 0.3 - 0.1).astype(np.float32)
+    aq, am, as_ = fake_quant(a, abits)
+    wq, wm, ws = fake_quant(w, wbits, axes=(1,) if trans_b else (0,))
+    bias = (rng.standard_normal(n) * 2).astype(np.float32)
+    return aq, am, as_, wq, wm.reshape(-1), ws.reshape(-1), bias
+
+
+# (M, K, N): vit_tv's shapes scaled down (tokens x width), K and N off 16/64, M off 16 and 32, a 1 x 1
+GEMM_CASES = [(37, 64, 48), (51, 100, 70), (5, 33, 129), (1, 2, 1)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", range(len(GEMM_CASES)))
+@pytest.mark.parametrize("bits", [(8, 8), (4, 6)])
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_gemm_forward_matches_float64(monkeypatch, path, case, bits, trans_b):
+    skip_unless(path)
+    monkeypatch.setenv("FRACGRAPH_INT_ISA", path)
+    m, k, n = GEMM_CASES[case]
+    aq, am, as_, wq, wm, ws, bias = gemm_operands(m, k, n, *bits, trans_b, seed=20 + case)
+    y = run_gemm(aq, am, as_, wq, wm, ws, bias, trans_b)
+    w64 = wq.astype(np.float64).T if trans_b else wq.astype(np.float64)
+    ref = aq.astype(np.float64) @ w64 + bias.astype(np.float64)
+    # the bias adds its own float rounding (an ulp of the output) to the product's bound
+    check(y, ref, k, np.abs(aq).max(), np.abs(wq).max(), ws.min() * np.abs(aq).max())
+
+
+def test_gemm_paths_agree_bitwise_and_a_scalar_bias_broadcasts():
+    import os
+
+    outs = {}
+    aq, am, as_, wq, wm, ws, bias = gemm_operands(45, 200, 90, 8, 8, 1, seed=5)
+    one = np.array([0.25], np.float32)
+    for path in [p for p in PATHS if available(p)]:
+        os.environ["FRACGRAPH_INT_ISA"] = path
+        try:
+            outs[path] = (run_gemm(aq, am, as_, wq, wm, ws, bias), run_gemm(aq, am, as_, wq, wm, ws, one))
+        finally:
+            del os.environ["FRACGRAPH_INT_ISA"]
+    first = next(iter(outs.values()))
+    assert len(outs) >= 2
+    for path, (y, y1) in outs.items():
+        np.testing.assert_array_equal(y, first[0], err_msg=path)
+        np.testing.assert_array_equal(y1, first[1], err_msg=path)
+    # the same product with the bias moved: y - bias == y1 - 0.25 up to the output's rounding
+    ref = aq.astype(np.float64) @ wq.astype(np.float64).T
+    check(first[1], ref + 0.25, 200, np.abs(aq).max(), np.abs(wq).max(), ws.min() * np.abs(aq).max())
+    # and the transposed packing is the untransposed one's: IntMatMul on w^T (per column) with the bias added
+    y_mm = run("IntMatMul", aq, am, as_, np.ascontiguousarray(wq.T), wm, ws)
+    assert np.abs(first[0] - (y_mm.astype(np.float64) + bias)).max() <= 2.0 ** -20 * 200 * np.abs(aq).max() * np.abs(wq).max()
+
+
+@pytest.mark.parametrize("a_shape,w_shape,bn,nb,trans_b,message", [
+    ((4, 8), (3, 9), 3, 3, 1, "a must be \\[M, K\\] and w \\[N, K\\] with the same K"),
+    ((4, 8), (9, 3), 3, 3, 0, "a must be \\[M, K\\] and w \\[K, N\\] with the same K"),
+    ((2, 4, 8), (3, 8), 3, 3, 1, "a must be \\[M, K\\]"),
+    ((4, 8), (3, 8), 3, 2, 1, "the bias must hold one value per output column \\(3\\) or one in all"),
+    ((4, 8), (3, 8), 2, 3, 1, "one value per column"),
+])
+def test_gemm_bad_shapes_fail_in_one_line(a_shape, w_shape, bn, nb, trans_b, message):
+    one = np.ones((), np.float32)
+    with pytest.raises(Exception, match=message):
+        run_gemm(np.zeros(a_shape, np.float32), np.zeros((), np.float32), one, np.zeros(w_shape, np.float32),
+                 np.zeros(bn, np.float32), np.ones(bn, np.float32), np.zeros(nb, np.float32), trans_b)
