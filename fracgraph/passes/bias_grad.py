@@ -27,16 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..kernels import DOMAIN
 from .base import Pass, PassResult, assert_inputs_defined, graph_links, replace_nodes
 from .fused_ops import import_domain
-
-
-def _ranks(graph) -> dict[str, tuple[int, int | None]]:
-    """tensor -> (element type, rank or None) where the graph says."""
-    out = {}
-    for v in list(graph.input) + list(graph.value_info) + list(graph.output):
-        t = v.type.tensor_type
-        out[v.name] = (t.elem_type, len(t.shape.dim) if t.HasField("shape") else None)
-    out.update({t.name: (t.data_type, len(t.dims)) for t in graph.initializer})
-    return out
+from .permute import _types as _ranks   # tensor -> (element type, rank or None)
 
 
 def _constants(graph, producer) -> dict[str, list[int]]:
