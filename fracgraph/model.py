@@ -235,6 +235,28 @@ def _static_dims(vi: onnx.ValueInfoProto) -> int:
     return sum(d.HasField("dim_value") for d in t.shape.dim) if t.HasField("shape") else -1
 
 
+def _run_symbolic_inference(engine, model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`SymbolicShapeInference.infer_shapes(model, auto_merge=True)` without its side effect: when inference is
+    incomplete (an op it does not know, a dim it cannot prove), onnxruntime 1.19's `infer_shapes` saves the whole
+    model as `sym_shape_infer_temp.onnx` plus a uuid-named external-data file of all its weights into the current
+    directory before it raises, and fracgraph would leave those in the user's working directory (110 MB for a
+    timm Swin). The same steps are run here and an incomplete result is None (ONNX's shapes are kept)."""
+    from onnxruntime.tools.symbolic_shape_infer import get_opset
+
+    opset = get_opset(model)
+    if not opset or opset < 7:
+        return None
+    sym = engine(2**31 - 1, True, False, 0)   # int_max, auto_merge, guess_output_rank, verbose
+    sym._preprocess(model)
+    complete = False
+    while sym.run_:
+        complete = sym._infer_impl()
+    if not complete:
+        return None
+    sym._update_output_from_vi()
+    return sym.out_mp_
+
+
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX's data propagation stops at arithmetic on shapes (Div, ...), as in torch's export of `chunk`, `split`
     and channel shuffles (`x.view(b, g, c // g, h, w)` with a dynamic batch): the Slice/Reshape outputs, and every
@@ -255,7 +277,7 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
-        sym = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        sym = _run_symbolic_inference(SymbolicShapeInference, model)
     except Exception:   # sympy missing, an op it does not know, a conflict it cannot merge
         return model
     if sym is None:

@@ -174,3 +174,32 @@ def test_probe_run_gives_the_dims_inference_cannot(tmp_path):
     bits = np.full((manifest.n_blocks, 3), 8, np.float32)
     losses = [sess.step(x, y, bits, 0.05)[0] for _ in range(3)]
     assert np.all(np.isfinite(losses)) and losses[2] < losses[0], losses
+
+
+
+def test_symbolic_inference_leaves_no_files(tmp_path, monkeypatch):
+    """onnxruntime's `SymbolicShapeInference.infer_shapes` saves the whole model (a `sym_shape_infer_temp.onnx` and
+    a uuid-named file of all its weights) into the current directory when its inference is incomplete (here: an op
+    it does not know); fracgraph must leave the user's directory as it was, and keep ONNX's shapes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fracgraph import model as fg_model
+
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n)
+              for v, n in [([1], "i1"), (2, "two"), ([-1], "m1"), ([2], "k2")]]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i1"], ["d"]),
+             helper.make_node("Div", ["d", "two"], ["dh"]), helper.make_node("Concat", ["m1", "k2", "dh"], ["shp"], axis=0),
+             helper.make_node("Reshape", ["x", "shp"], ["r"]),   # [N, 2, 64/2]: data propagation stops at the Div
+             helper.make_node("Unknown", ["r"], ["r2"], domain="user.ops"),
+             helper.make_node("MatMul", ["r2", "W"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones((32, 8), np.float32), "W")] + consts)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("user.ops", 1)])
+    m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    assert fg_model._gemm_shapes_partial(m)          # so symbolic inference runs, and cannot finish
+    before = m.SerializeToString()
+    monkeypatch.chdir(tmp_path)
+    out = fg_model._symbolic_shapes(m)
+    assert list(tmp_path.iterdir()) == []
+    assert out.SerializeToString() == before
