@@ -181,8 +181,6 @@ def test_symbolic_inference_leaves_no_files(tmp_path, monkeypatch):
     """onnxruntime's `SymbolicShapeInference.infer_shapes` saves the whole model (a `sym_shape_infer_temp.onnx` and
     a uuid-named file of all its weights) into the current directory when its inference is incomplete (here: an op
     it does not know); fracgraph must leave the user's directory as it was, and keep ONNX's shapes."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from fracgraph import model as fg_model
 
     consts = [numpy_helper.from_array(np.array(v, np.int64), n)
