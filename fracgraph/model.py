@@ -217,7 +217,9 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _gemm_shapes_partial(model: onnx.ModelProto) -> bool:
-    """Does a GEMM read or write a tensor with more than one dim (the batch) not static?"""
+    """Does a GEMM read or write a tensor with more than one dim (the batch) not static? Both operands count: an
+    activation right operand (attention's K^T and V) must have its dims too, as in multi-query attention, where
+    Falcon's K^T is broadcast over the heads from a [batch, 1, d, T] whose 1 the exporter computes from shapes."""
     known = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
     inits = {t.name for t in model.graph.initializer}
 
@@ -226,7 +228,7 @@ def _gemm_shapes_partial(model: onnx.ModelProto) -> bool:
         return name not in inits and (v is None or not v.type.tensor_type.HasField("shape")
                                       or _static_dims(v) < len(v.type.tensor_type.shape.dim) - 1)
 
-    return any(n.op_type in GEMM_OPS and any(partial(x) for x in list(n.input[:1]) + list(n.output[:1]))
+    return any(n.op_type in GEMM_OPS and any(partial(x) for x in list(n.input[:2]) + list(n.output[:1]))
                for n in model.graph.node)
 
 

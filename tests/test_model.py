@@ -201,3 +201,4 @@ def test_symbolic_inference_leaves_no_files(tmp_path, monkeypatch):
     out = fg_model._symbolic_shapes(m)
     assert list(tmp_path.iterdir()) == []
     assert out.SerializeToString() == before
+
