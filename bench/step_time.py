@@ -21,6 +21,11 @@ that the threads of the step before (PyTorch's OpenMP threads spin ~0.2 s by def
     python bench/step_time.py --corpus [--corpus-models a,b] [--corpus-rounds 2] [--corpus-size 64] [--corpus-batch 32]
         # the model corpus (fracgraph/zoo_external.py): FW8/BW8 step of the default artifacts against PyTorch
         # eager FP32 of the same torch module, batch 32, 64x64, plus resnet20 batch 128; peak RSS of each worker
+    python bench/step_time.py --corpus --corpus-models hf:gpt2,hf:llama,... [--corpus-context 32] [--corpus-vocab 96]
+                              [--corpus-width 64]
+        # transformers language models (zoo_external hf:ARCH, random weights): the default artifacts' FW8/BW8
+        # step against the transformers model's PyTorch eager FP32 step (the same weights, batch and token ids, the
+        # mean next-token cross-entropy, SGD momentum 0.9 / weight decay 1e-4 as the artifacts' default optimizer)
 """
 
 from __future__ import annotations
@@ -110,12 +115,65 @@ def torch_step(model, x, y, quantized: bool):
     return step
 
 
+def hf_torch_step(model, ids, labels, lr: float = 0.01):
+    """The PyTorch eager FP32 training step of a transformers LM as fracgraph's default artifacts train it: the
+    forward on the token ids (with the inputs the export takes: an all-ones attention mask, zero token types), the
+    mean cross-entropy of the logits [B, T, V] against the labels [B, T], backward, and SGD with the artifacts'
+    default momentum 0.9 and weight decay 1e-4 on every parameter. The model stays in eval mode, the mode it was
+    exported in: the export holds no dropout (and HF LMs have no batch norm), so both sides compute the same
+    function; gradients flow all the same. The attention is the model's default implementation (recorded as
+    `pytorch_attn`: sdpa in transformers 5, PyTorch's fused scaled_dot_product_attention). The step returns the
+    loss before the update."""
+    import torch
+    import torch.nn.functional as F
+
+    from fracgraph import zoo_external
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    ids = torch.from_numpy(ids.astype(np.int64))
+    labels = torch.from_numpy(labels.astype(np.int64))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    kw = {n: feeds[n] for n in zoo_external.hf_input_names(model)}
+    if "use_cache" in __import__("inspect").signature(model.forward).parameters:
+        kw["use_cache"] = False
+    model.eval()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(**kw, return_dict=False)[0]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def lm_batch(batch: int, context: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random token ids [batch, context] and their next tokens [batch, context] (int64), seed 0: both sides'."""
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, context + 1))
+    return ids[:, :-1].astype(np.int64), ids[:, 1:].astype(np.int64)
+
+
+def corpus_entry(name: str, width: int):
+    """The zoo_external entry; an hf: language model at --corpus-width."""
+    from fracgraph import zoo_external
+
+    if name.startswith("hf:"):
+        return zoo_external.hf_entry(name[3:], width)
+    return zoo_external.entry(name)
+
+
 # -- workers ------------------------------------------------------------------------------------------------
 def make_step(kind: str, directory: Path, batch: int, threads: int, tuning: dict, model: str | None = None,
-              size: int = 32):
+              size: int = 32, vocab: int = 96, width: int = 64):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int64)
+    lm = kind.startswith("corpus_") and model.startswith("hf:")   # size = the context, vocab the classes
+    if lm:
+        x, y = lm_batch(batch, size, vocab)
+    else:
+        x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int64)
     if kind == "corpus_fg":    # the default artifacts of a corpus model (prepare_corpus)
         from onnxruntime.training import api  # noqa: F401
 
@@ -123,6 +181,8 @@ def make_step(kind: str, directory: Path, batch: int, threads: int, tuning: dict
 
         sess = TrainSession(directory / f"art_{model}", threads=threads, seed=0, tuning=tuning)
         bits = np.full((sess.manifest.n_blocks, 3), 8, np.float32)
+        if lm:
+            x = x.astype(sess.manifest.task_info().input_dtype)
         return lambda: sess.step(x, y, bits, 0.01)
     if kind == "corpus_torch":
         import torch
@@ -130,7 +190,12 @@ def make_step(kind: str, directory: Path, batch: int, threads: int, tuning: dict
         from fracgraph import zoo_external
 
         torch.set_num_threads(threads)
-        net = zoo_external.torch_model(zoo_external.entry(model), classes=10, size=size, seed=0)
+        e = corpus_entry(model, width)
+        if lm:
+            net = zoo_external.torch_model(e, classes=vocab, size=size, seed=0)
+            print(f"info attn {net.config._attn_implementation}", flush=True)
+            return hf_torch_step(net, x, y)
+        net = zoo_external.torch_model(e, classes=10, size=size, seed=0)
         return torch_step(net, x, y, quantized=False)
     if kind in ("after", "before", "zero", "shared", "ort_ops", "noint"):
         from onnxruntime.training import api  # noqa: F401  (import outside TrainSession, see fracgraph/profile.py)
@@ -179,23 +244,26 @@ def peak_rss_mb() -> float:
 def worker(a) -> None:
     """Set up one configuration, then run one timed step per line read from stdin (the first rounds are the
     warm-up, which the parent runs only once every worker is up)."""
-    step = make_step(a.worker, Path(a.dir), a.batch, a.threads, json.loads(a.tuning), a.model, a.size)
+    step = make_step(a.worker, Path(a.dir), a.batch, a.threads, json.loads(a.tuning), a.model, a.size, a.vocab,
+                     a.width)
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
-        print(json.dumps({"s": time.perf_counter() - t}), flush=True)
+        # wall time, and the process's CPU time (all its threads): the latter is less moved by other processes
+        print(json.dumps({"s": time.perf_counter() - t, "cpu": time.process_time() - c}), flush=True)
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 class Worker:
     def __init__(self, label: str, kind: str, directory: Path, a, tuning: dict, env: dict | None = None,
                  model: str | None = None, size: int = 32, batch: int | None = None):
-        self.label, self.times = label, []
+        self.label, self.times, self.cpu, self.info = label, [], [], {}
         cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(directory), "--batch", str(batch or a.batch),
-               "--threads", str(a.threads), "--tuning", json.dumps(tuning), "--size", str(size)]
+               "--threads", str(a.threads), "--tuning", json.dumps(tuning), "--size", str(size),
+               "--vocab", str(getattr(a, "corpus_vocab", 96)), "--width", str(getattr(a, "corpus_width", 64))]
         cmd += ["--model", model] if model else []
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -203,6 +271,10 @@ class Worker:
 
     def _expect(self, what: str) -> str:
         line = self.proc.stdout.readline()
+        while line.startswith("info "):   # "info KEY VALUE": what the worker set up (PyTorch's attention)
+            _, k, v = line.split(maxsplit=2)
+            self.info[k] = v.strip()
+            line = self.proc.stdout.readline()
         if not line.startswith(what) and not line.startswith("{"):
             raise RuntimeError(f"{self.label}: worker said {line!r}")
         return line
@@ -210,7 +282,9 @@ class Worker:
     def step(self) -> None:
         self.proc.stdin.write("step\n")
         self.proc.stdin.flush()
-        self.times.append(json.loads(self._expect("{"))["s"])
+        r = json.loads(self._expect("{"))
+        self.times.append(r["s"])
+        self.cpu.append(r["cpu"])
 
     def finish(self) -> float:
         self.proc.stdin.write("quit\n")
@@ -324,10 +398,12 @@ def prepare(directory: Path, default_only: bool = False) -> None:
                                      optimizer=ort_artifacts.OptimType.SGD, artifact_directory=str(directory / "plain"))
 
 
-def run_interleaved(configs: list[tuple], directory: Path, a,
-                    times: dict[str, list[float]] | None = None) -> dict[str, tuple[float, float]]:
+def run_interleaved(configs: list[tuple], directory: Path, a, times: dict[str, list[float]] | None = None,
+                    cpu: dict[str, list[float]] | None = None,
+                    info: dict[str, dict] | None = None) -> dict[str, tuple[float, float]]:
     """configs: (label, kind, ORT session tuning[, extra environment[, corpus model, size, batch]]); returns
-    label -> (median s, peak RSS MB); `times`, if given, receives each label's step times in step order.
+    label -> (median s, peak RSS MB); `times`, if given, receives each label's step times in step order, `cpu`
+    their process CPU times, `info` what each worker reported about its set-up.
     A pilot worker starts first and is not reported: the first worker started ran ~5% slower than identical
     later ones even with the ballast (`--noise-check 4`: 352 ms against 333-337)."""
     workers = [Worker(*c[:2], directory, a, *c[2:]) for c in [("pilot", "zero", {})] + configs]
@@ -337,6 +413,7 @@ def run_interleaved(configs: list[tuple], directory: Path, a,
                 w.step()
         for w in workers:
             w.times.clear()
+            w.cpu.clear()
         for i in range(a.steps):
             # rotate who goes first: a worker's step is slower right after some others (threads still spinning),
             # so every configuration takes every position equally often
@@ -347,6 +424,10 @@ def run_interleaved(configs: list[tuple], directory: Path, a,
         rows.pop("pilot")
         if times is not None:
             times.update({w.label: list(w.times) for w in workers if w.label != "pilot"})
+        if cpu is not None:
+            cpu.update({w.label: list(w.cpu) for w in workers if w.label != "pilot"})
+        if info is not None:
+            info.update({w.label: dict(w.info) for w in workers if w.label != "pilot"})
         return rows
     finally:
         for w in workers:
@@ -354,16 +435,22 @@ def run_interleaved(configs: list[tuple], directory: Path, a,
                 w.proc.kill()
 
 
-def prepare_corpus(directory: Path, names: list[str], size: int) -> dict[str, str]:
-    """Export and quantize (default options) each corpus model; returns name -> error for those that fail."""
+def prepare_corpus(directory: Path, names: list[str], size: int, a=None) -> dict[str, str]:
+    """Export and quantize (default options) each corpus model; returns name -> error for those that fail. An hf:
+    language model is exported at context --corpus-context, vocabulary --corpus-vocab, width --corpus-width."""
     from fracgraph import zoo_external
     from fracgraph.build import BuildOptions, build_artifacts
 
     failed = {}
     for n in names:
-        e = zoo_external.entry(n)
         try:
-            path = zoo_external.export_entry(e, directory / f"{n}.onnx", classes=10, size=max(size, e.min_size))
+            if n.startswith("hf:"):
+                e = corpus_entry(n, a.corpus_width)
+                path = zoo_external.export_entry(e, directory / f"{n}.onnx", classes=a.corpus_vocab,
+                                                 size=a.corpus_context)
+            else:
+                e = zoo_external.entry(n)
+                path = zoo_external.export_entry(e, directory / f"{n}.onnx", classes=10, size=max(size, e.min_size))
             build_artifacts(path, directory / f"art_{n}", BuildOptions())
         except Exception as exc:   # a row, not a crash: the model corpus bench says why
             msg = (str(exc).strip().splitlines() or [""])[0]
@@ -372,27 +459,38 @@ def prepare_corpus(directory: Path, names: list[str], size: int) -> dict[str, st
 
 
 def run_corpus(d: Path, a) -> None:
-    """Each corpus model's FW8/BW8 step against PyTorch eager FP32 of the same module, then resnet20 at --batch.
+    """Each corpus model's FW8/BW8 step against PyTorch eager FP32 of the same module, then resnet20 at --batch
+    (left out when every model is an hf: language model).
 
     A model's comparison is --corpus-rounds separate interleaved runs (fresh worker processes each, the models
     taken in turn, so a slow stretch of the machine or a slow process lands on one round of a model, not on all
     of it), --steps alternated steps each. Within a run the two workers' steps alternate, so the k-th fracgraph
     step and the k-th PyTorch step saw nearly the same load: the ratio of each such pair is the unit of
     comparison. The table gives the medians of the step times, the median of all paired ratios and their range
-    over the rounds (each round's median paired ratio): a model is under 1.0x when its whole range is."""
+    over the rounds (each round's median paired ratio): a model is under 1.0x when its whole range is. The same
+    paired ratio of the steps' process CPU times is given too (less moved by other processes' load than wall time
+    when the step runs at 1 thread; at more threads it also counts spin-waiting)."""
     from fracgraph import zoo_external
 
     names = a.corpus_models.split(",") if a.corpus_models else [e.name for e in zoo_external.CORPUS]
-    legacy = [n for n in names if zoo_external.entry(n).source == "legacy"]
+    legacy = [n for n in names if not n.startswith("hf:") and zoo_external.entry(n).source == "legacy"]
     names = [n for n in names if n not in legacy]
-    failed = prepare_corpus(d, names, a.corpus_size)
-    print(f"model corpus, batch {a.corpus_batch}, {a.corpus_size}x{a.corpus_size} inputs, {a.threads} threads, "
-          f"{a.corpus_rounds} rounds of {a.steps} alternated steps per model (resnet20: batch {a.batch}, 32x32); "
+    lms = [n for n in names if n.startswith("hf:")]
+    failed = prepare_corpus(d, names, a.corpus_size, a)
+    with_r20 = len(lms) < len(names) or not names
+    lm_note = (f"; language models: context {a.corpus_context}, vocabulary {a.corpus_vocab}, width "
+               f"{a.corpus_width}, 2 layers, 4 heads" if lms else "")
+    print(f"model corpus, batch {a.corpus_batch}, {a.corpus_size}x{a.corpus_size} inputs{lm_note}, {a.threads} threads, "
+          f"{a.corpus_rounds} rounds of {a.steps} alternated steps per model"
+          f"{f' (resnet20: batch {a.batch}, 32x32)' if with_r20 else ''}; "
           f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
-    models = [n for n in names if n not in failed] + ["resnet20"]
-    sizes = {n: a.corpus_size if n == "resnet20" else max(a.corpus_size, zoo_external.entry(n).min_size)
-             for n in names + ["resnet20"]}
+    models = [n for n in names if n not in failed] + (["resnet20"] if with_r20 else [])
+    sizes = {n: a.corpus_size if n == "resnet20" else a.corpus_context if n in lms else
+             max(a.corpus_size, zoo_external.entry(n).min_size) for n in names + ["resnet20"]}
     runs: dict[str, list[dict]] = {n: [] for n in models}
+    cpus: dict[str, list[dict]] = {n: [] for n in models}
+    attn: dict[str, str] = {}
+    loads: list[float] = [os.getloadavg()[0]]
     mem: dict[str, tuple[float, float]] = {}
     errors: dict[str, str] = {}
     for r in range(a.corpus_rounds):
@@ -405,45 +503,64 @@ def run_corpus(d: Path, a) -> None:
                 configs = [("fg", "corpus_fg", {}, None, n, sizes[n], a.corpus_batch),
                            ("pt", "corpus_torch", {}, None, n, sizes[n], a.corpus_batch)]
             times: dict[str, list[float]] = {}
+            cpu: dict[str, list[float]] = {}
+            info: dict[str, dict] = {}
             try:
-                rows = run_interleaved(configs, d, a, times)
+                rows = run_interleaved(configs, d, a, times, cpu, info)
             except Exception as exc:
                 errors[n] = str(exc).splitlines()[0][:200]
                 continue
             runs[n].append(times)
+            cpus[n].append(cpu)
+            if "attn" in info.get("pt", {}):
+                attn[n] = info["pt"]["attn"]
             mem[n] = (max(rows["fg"][1], mem.get(n, (0, 0))[0]), max(rows["pt"][1], mem.get(n, (0, 0))[1]))
+            loads.append(os.getloadavg()[0])
             print(f"  round {r + 1} {n}: fracgraph {1000 * rows['fg'][0]:.0f} ms, PyTorch {1000 * rows['pt'][0]:.0f} ms, "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+                  f"load {loads[-1]:.1f}", flush=True)
+    print(f"load average over the runs: {min(loads):.1f}-{max(loads):.1f}")
     print("| model | fracgraph FW8/BW8 ms | PyTorch eager FP32 ms | / PyTorch FP32 (paired) | per round | "
-          "peak RSS MB fracgraph | peak RSS MB PyTorch |\n|---|---|---|---|---|---|---|")
+          "/ PyTorch, CPU time (paired) | per round | peak RSS MB fracgraph | peak RSS MB PyTorch |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     table = []
-    for n in names + ["resnet20"]:
+    for n in names + (["resnet20"] if with_r20 else []):
         label = n if n != "resnet20" else f"resnet20 (zoo, batch {a.batch}, 32x32)"
-        if sizes[n] != a.corpus_size:
+        if n not in lms and sizes[n] != a.corpus_size:
             label += f" ({sizes[n]}x{sizes[n]})"
+        if n in attn:
+            label += f" (PyTorch attention: {attn[n]})"
         if n in failed or (n in errors and not runs[n]):
             why = f"not built: {failed[n]}" if n in failed else f"step failed: {errors[n]}"
-            print(f"| {label} | {why} | | | | | |", flush=True)
+            print(f"| {label} | {why} | | | | | | | |", flush=True)
             table.append({"model": n, "error": why})
             continue
         fg = [t for run in runs[n] for t in run["fg"]]
         pt = [t for run in runs[n] for t in run["pt"]]
         paired = [f / p for run in runs[n] for f, p in zip(run["fg"], run["pt"])]
         per_round = [statistics.median(f / p for f, p in zip(run["fg"], run["pt"])) for run in runs[n]]
+        paired_cpu = [f / p for run in cpus[n] for f, p in zip(run["fg"], run["pt"])]
+        per_round_cpu = [statistics.median(f / p for f, p in zip(run["fg"], run["pt"])) for run in cpus[n]]
         row = {"model": n, "fracgraph_ms": 1000 * statistics.median(fg), "pytorch_ms": 1000 * statistics.median(pt),
                "ratio": statistics.median(paired), "ratio_rounds": per_round,
+               "ratio_cpu": statistics.median(paired_cpu), "ratio_cpu_rounds": per_round_cpu,
                "peak_rss_mb_fracgraph": mem[n][0], "peak_rss_mb_pytorch": mem[n][1]}
+        if n in attn:
+            row["pytorch_attn"] = attn[n]
         if n in errors:   # a later round failed after an earlier one ran: the row holds the rounds that ran
             row["error"] = f"round {len(runs[n]) + 1} failed: {errors[n]}"
         table.append(row)
+        rng_ = lambda xs: '-'.join(f'{x:.2f}' for x in sorted(xs))   # noqa: E731
         print(f"| {label} | {row['fracgraph_ms']:.0f} | {row['pytorch_ms']:.0f} | {row['ratio']:.2f} | "
-              f"{'-'.join(f'{x:.2f}' for x in sorted(per_round))}{' (' + row['error'] + ')' if 'error' in row else ''} | "
-              f"{mem[n][0]:.0f} | {mem[n][1]:.0f} |", flush=True)
+              f"{rng_(per_round)}{' (' + row['error'] + ')' if 'error' in row else ''} | {row['ratio_cpu']:.2f} | "
+              f"{rng_(per_round_cpu)} | {mem[n][0]:.0f} | {mem[n][1]:.0f} |", flush=True)
     if legacy:
         print(f"not timed (no PyTorch module to compare with): {', '.join(legacy)}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"rounds": a.corpus_rounds, "steps": a.steps, "threads": a.threads,
-                                            "batch": a.corpus_batch, "size": a.corpus_size, "rows": table}, indent=1))
+        out = {"rounds": a.corpus_rounds, "steps": a.steps, "threads": a.threads, "batch": a.corpus_batch,
+               "size": a.corpus_size, "load": [min(loads), max(loads)], "rows": table}
+        if lms:
+            out.update(context=a.corpus_context, vocab=a.corpus_vocab, width=a.corpus_width)
+        Path(a.json).write_text(json.dumps(out, indent=1))
 
 
 def main() -> None:
@@ -463,6 +580,11 @@ def main() -> None:
                     help="the model corpus against PyTorch eager FP32 (and resnet20 at --batch)")
     ap.add_argument("--corpus-models", help="comma-separated corpus names (default: every torchvision/timm model)")
     ap.add_argument("--corpus-size", type=int, default=64)
+    ap.add_argument("--corpus-context", type=int, default=32,
+                    help="hf: language models' context (default: model_corpus.py's, the README HF table's)")
+    ap.add_argument("--corpus-vocab", type=int, default=96, help="hf: language models' vocabulary")
+    ap.add_argument("--corpus-width", type=int, default=64,
+                    help="hf: language models' width (64 = zoo_external's hf:ARCH; 4 heads, MLP 2 x width)")
     ap.add_argument("--corpus-batch", type=int, default=32)
     ap.add_argument("--corpus-rounds", type=int, default=2, metavar="R",
                     help="--corpus: separate interleaved runs per model (fresh processes each)")
@@ -473,6 +595,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=32, help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, default=96, help=argparse.SUPPRESS)
+    ap.add_argument("--width", type=int, default=64, help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--tuning", default="{}", help=argparse.SUPPRESS)
     a = ap.parse_args()

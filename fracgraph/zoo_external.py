@@ -302,8 +302,7 @@ def entry(name: str) -> Entry:
     if arch and source == "hf":
         if arch not in HF_ARCHS:
             raise FracgraphError(f"no hf: architecture {arch!r}; choose from {', '.join(HF_ARCHS)}")
-        return Entry(name, "huggingface", "transformers LM (random weights, 2 layers, width 64)", _hf(arch),
-                     min_size=8)
+        return hf_entry(arch)
     if arch and source in ("tv", "timm"):
         if source == "tv":
             if not callable(getattr(import_torchvision(), arch, None)):
@@ -334,13 +333,25 @@ def import_transformers():
 
 # The small shapes every hf: entry is built at: 2 layers, width 64 (4 heads), context `size` (the bench's --size,
 # default 64), vocabulary `classes` (the bench uses 96 for LMs: tinyshakespeare's 65 characters fit).
+# `hf_entry(arch, width)` scales the width (4 heads of width/4, MLP 2 x width) for steps that GEMMs dominate.
 _HF_SMALL = dict(layers=2, width=64, heads=4, ffn=128)
 
 
-def _hf_config(arch: str, vocab: int, context: int):
+def hf_entry(arch: str, width: int = _HF_SMALL["width"]) -> Entry:
+    """The entry `hf:ARCH` (width 64), or the same architecture at another width (a multiple of 16)."""
+    if arch not in HF_ARCHS:
+        raise FracgraphError(f"no hf: architecture {arch!r}; choose from {', '.join(HF_ARCHS)}")
+    if width < 16 or width % 16:
+        raise FracgraphError(f"hf: width must be a multiple of 16 (4 heads with an even head size), not {width}")
+    return Entry(f"hf:{arch}", "huggingface", f"transformers LM (random weights, 2 layers, width {width})",
+                 _hf(arch, width), min_size=8)
+
+
+def _hf_config(arch: str, vocab: int, context: int, width: int = _HF_SMALL["width"]):
     """(model class name, config) of a small random-weight `arch`; one entry per architecture family."""
     tr = import_transformers()
-    L, W, H, F = (_HF_SMALL[k] for k in ("layers", "width", "heads", "ffn"))
+    L, H = _HF_SMALL["layers"], _HF_SMALL["heads"]
+    W, F = width, width * _HF_SMALL["ffn"] // _HF_SMALL["width"]
     llama_like = dict(vocab_size=vocab, hidden_size=W, intermediate_size=F, num_hidden_layers=L,
                       num_attention_heads=H, num_key_value_heads=H // 2, max_position_embeddings=context)
     bert_like = dict(vocab_size=vocab, hidden_size=W, num_hidden_layers=L, num_attention_heads=H,
@@ -389,9 +400,9 @@ HF_ARCHS = ("gpt2", "gpt_neo", "gpt_neox", "opt", "llama", "mistral", "qwen2", "
             "bloom", "falcon", "gptj", "bert", "roberta", "distilbert", "albert", "electra")
 
 
-def _hf(arch: str):
+def _hf(arch: str, width: int = _HF_SMALL["width"]):
     def build(vocab: int, context: int):
-        cls, cfg = _hf_config(arch, vocab, context)
+        cls, cfg = _hf_config(arch, vocab, context, width)
         cfg.use_cache = False
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):   # GPT-2's 50256 etc. outside a small vocabulary
             v = getattr(cfg, k, None)
@@ -404,6 +415,17 @@ def _hf(arch: str):
 
 
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def hf_input_names(model) -> list[str]:
+    """The inputs of HF_INPUTS that `export_hf` gives the model: those its forward takes, token types only where the
+    model has a token-type table (BERT-like encoders; GPT-2's forward takes them too but reads them through its word
+    embeddings, and exporters of decoders leave them out)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    types = getattr(model.config, "type_vocab_size", 0) or 0
+    return [n for n in HF_INPUTS if n in params and (n != "token_type_ids" or types > 0)]
 
 
 def export_hf(model, path: str | os.PathLike, context: int, vocab: int) -> Path:
@@ -420,10 +442,7 @@ def export_hf(model, path: str | os.PathLike, context: int, vocab: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     params = inspect.signature(model.forward).parameters
-    # token types only where the model has a token-type table (BERT-like encoders); GPT-2's forward takes them too
-    # but reads them through its word embeddings, and exporters of decoders leave them out
-    types = getattr(model.config, "type_vocab_size", 0) or 0
-    names = [n for n in HF_INPUTS if n in params and (n != "token_type_ids" or types > 0)]
+    names = hf_input_names(model)
     ids = (torch.arange(2 * context).reshape(2, context) * 7 + 3) % vocab
     feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
