@@ -155,6 +155,17 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     for init in graph.initializer:
         const[init.name] = None  # known constant; value loaded lazily
     graph_inputs = {i.name for i in graph.input}
+    # a float weight read by more than one node is a shared (tied) weight: folding one reader (the head's Transpose
+    # of the token embedding it shares) would write a copy that trains as a parameter of its own. Identity readers
+    # do not count: the TorchScript exporter writes distinct parameters that happen to hold equal values (LayerNorm
+    # ones, zero biases) as Identity(one of them), and those must become the separate parameters they are.
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Identity":
+            for x in set(node.input):
+                readers[x] = readers.get(x, 0) + 1
+    shared = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) > 1
+              and readers.get(t.name, 0) > 1 and t.name not in graph_inputs}
     new_inits: list[onnx.TensorProto] = []
     keep = []
     for node in graph.node:
@@ -163,6 +174,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
             and node.op_type not in _NONDETERMINISTIC
             and node.op_type not in CONTROL_FLOW
             and all((not x) or (x in const and x not in graph_inputs) for x in node.input)
+            and not any(x in shared for x in node.input)
         )
         if not foldable:
             keep.append(node)

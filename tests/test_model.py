@@ -202,3 +202,32 @@ def test_symbolic_inference_leaves_no_files(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     assert out.SerializeToString() == before
 
+
+
+def test_tied_weight_stays_one_initializer_and_identity_copies_split():
+    """A weight read by two nodes (a token table E gathered by ids and, through Transpose, the head's MatMul) stays
+    one initializer: the Transpose is kept, not folded into a copy that would train on its own. Identity(W) (how
+    the TorchScript exporter writes a parameter equal in value to another, e.g. LayerNorm ones) still folds into
+    an initializer of its own name: distinct parameters stay distinct."""
+    rng = np.random.default_rng(0)
+    E = numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "E")
+    W = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"], name="embed"),
+             helper.make_node("Identity", ["W"], ["W2"], name="dedup"),
+             helper.make_node("MatMul", ["emb", "W"], ["h1"], name="mm1"),
+             helper.make_node("MatMul", ["h1", "W2"], ["h2"], name="mm2"),
+             helper.make_node("Transpose", ["E"], ["Et"], name="head_t", perm=[1, 0]),
+             helper.make_node("MatMul", ["h2", "Et"], ["y"], name="head")]
+    g = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 5])], [E, W])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    ids = np.array([[0, 4, 2], [1, 1, 3]], np.int64)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    out = load_model(m)
+    inits = {t.name for t in out.graph.initializer}
+    assert inits == {"E", "W", "W2"}    # no folded copy of E; W2 its own parameter
+    assert [list(n.input) for n in out.graph.node if n.op_type == "Transpose"] == [["E"]]
+    assert not any(n.op_type == "Identity" for n in out.graph.node)
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, want)
