@@ -4,6 +4,7 @@
  * calls fg_gelu_register to add this file's op to the domain "ai.fracgraph", written by passes/gelu_grad.py:
  *
  *   GeluGrad(dY, X) -> dX        dX = dY * g(X),  g(x) = Phi(x) + x phi(x)   (the exact, erf GELU's derivative)
+ *   FastGeluGrad(dY, X) -> dX    dX = dY * f(X),  the derivative of the tanh approximation (below)
  *
  * onnxruntime 1.19.2 runs its GeluGrad as one Eigen expression on one thread (about 4x PyTorch's gelu backward per
  * call, 12% of convnext_atto's step). Here the tensor is cut into chunks run on the session's threads, each chunk
@@ -118,6 +119,42 @@ static void gelu_grad_plain(const float* dy, const float* x, float* dx, size_t a
   for (size_t i = a; i < b; ++i) dx[i] = gelu_grad_c(dy[i], x[i]);
 }
 
+/* ---- FastGeluGrad: the tanh GELU's derivative ------------------------------------------------------------------
+ * GPT-2's gelu_new (also GPT-Neo, GPT-J, Phi, BLOOM), which onnxruntime fuses into com.microsoft FastGelu,
+ * y = x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Its gradient op FastGeluGrad runs on one thread in
+ * onnxruntime 1.19.2 (31% of GPT-2's FW8/BW8 step at width 256, context 128). With E = exp(-2|u|) and
+ * s = 1 / (1 + E): 1 + tanh(u) = 2s (u >= 0) or 2Es (u < 0), 1 - tanh(u)^2 = 4 E s^2, so
+ *
+ *   f(x) = (x > 0 ? s : E s) + 2 x E s^2 u'(x),   u'(x) = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+ *
+ * with no cancellation inside a term (u's sign is x's): each term is accurate relative to itself. E's argument
+ * carries u's rounding (5 U relative: x^2, the two constants, the fma and the product), i.e. 10 U |u| relative
+ * in E. Beyond |u| = 42 (|x| > 9.2) E (< 3e-37) and the second term (< 5e-35) are taken as 0: f = 1 or 0; x = +-inf
+ * gives dY or 0 (the limits), NaN gives NaN. tests/passes/test_gelu_grad.py derives the bound. */
+#define FG_KA 0.797884560802865356f    /* sqrt(2/pi) */
+#define FG_KAG 0.0356774081363001f     /* sqrt(2/pi) * 0.044715 */
+#define FG_KB 0.107032224408900f       /* 3 * sqrt(2/pi) * 0.044715 */
+#define FG_UMAX 42.0f                  /* beyond: E = exp(-2|u|) < 3e-37 taken as 0 (exp_c's range ends at -84.5) */
+
+static inline float fast_gelu_grad_c(float dy, float x) {
+  const float x2 = x * x;
+  const float u = x * fmaf(FG_KAG, x2, FG_KA);
+  const float a = fabsf(u);
+  const float ac = a < FG_UMAX ? a : FG_UMAX;    /* NaN -> FG_UMAX: the math below stays finite */
+  float e = exp_c(-2.0f * ac, 0.0f);
+  const int beyond = a > FG_UMAX;                 /* +-inf included, NaN not */
+  if (beyond) e = 0.0f;
+  const float s = 1.0f / (1.0f + e);
+  const float first = x > 0.0f ? s : e * s;
+  float second = ((2.0f * x) * ((e * s) * s)) * fmaf(FG_KB, x2, FG_KA);
+  if (beyond) second = 0.0f;
+  return dy * (first + second);
+}
+
+static void fast_gelu_grad_plain(const float* dy, const float* x, float* dx, size_t a, size_t b) {
+  for (size_t i = a; i < b; ++i) dx[i] = fast_gelu_grad_c(dy[i], x[i]);
+}
+
 /* ---- the AVX-512 path: the same operations, 16 lanes ---------------------------------------------------------- */
 #if defined(__AVX512F__)
 static inline __m512 exp_v(__m512 v, __m512 c) {
@@ -166,6 +203,35 @@ static inline __m512 gelu_grad_v(__m512 dy, __m512 x) {
   return _mm512_mul_ps(dy, g);
 }
 
+static inline __m512 fast_gelu_grad_v(__m512 dy, __m512 x) {
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  const __m512 u = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_set1_ps(FG_KAG), x2, _mm512_set1_ps(FG_KA)));
+  const __m512 a = _mm512_abs_ps(u);
+  const __m512 umax = _mm512_set1_ps(FG_UMAX);
+  const __m512 ac = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, umax, _CMP_LT_OQ), umax, a);
+  const __mmask16 beyond = _mm512_cmp_ps_mask(a, umax, _CMP_GT_OQ);
+  __m512 e = exp_v(_mm512_mul_ps(_mm512_set1_ps(-2.0f), ac), _mm512_setzero_ps());
+  e = _mm512_mask_mov_ps(e, beyond, _mm512_setzero_ps());
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+  const __m512 es = _mm512_mul_ps(e, s);
+  const __m512 first = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), es, s);
+  __m512 second = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(2.0f), x), _mm512_mul_ps(es, s)),
+                                _mm512_fmadd_ps(_mm512_set1_ps(FG_KB), x2, _mm512_set1_ps(FG_KA)));
+  second = _mm512_mask_mov_ps(second, beyond, _mm512_setzero_ps());
+  return _mm512_mul_ps(dy, _mm512_add_ps(first, second));
+}
+
+static void fast_gelu_grad_avx512(const float* dy, const float* x, float* dx, size_t a, size_t b) {
+  size_t i = a;
+  for (; i + 16 <= b; i += 16)
+    _mm512_storeu_ps(dx + i, fast_gelu_grad_v(_mm512_loadu_ps(dy + i), _mm512_loadu_ps(x + i)));
+  if (i < b) {
+    const __mmask16 m = (__mmask16)((1u << (b - i)) - 1u);
+    _mm512_mask_storeu_ps(dx + i, m, fast_gelu_grad_v(_mm512_maskz_loadu_ps(m, dy + i), _mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
 static void gelu_grad_avx512(const float* dy, const float* x, float* dx, size_t a, size_t b) {
   size_t i = a;
   for (; i + 16 <= b; i += 16)
@@ -200,6 +266,20 @@ int fg_gelu_grad(const float* dy, const float* x, float* dx, size_t n, int path)
   return 0;
 }
 
+/* FastGeluGrad's kernel on plain arrays, as fg_gelu_grad. */
+int fg_fast_gelu_grad(const float* dy, const float* x, float* dx, size_t n, int path) {
+  if (path == 1) {
+#if defined(__AVX512F__)
+    fast_gelu_grad_avx512(dy, x, dx, 0, n);
+    return 0;
+#else
+    return 1;
+#endif
+  }
+  fast_gelu_grad_plain(dy, x, dx, 0, n);
+  return 0;
+}
+
 /* ---- the op -------------------------------------------------------------------------------------------------- */
 #define GELU_CHUNK 16384   /* elements per task: a multiple of 16, 64 KB of each tensor */
 
@@ -207,33 +287,37 @@ typedef struct {
   const float *dy, *x;
   float* dx;
   size_t n;
+  int fast;   /* 1: FastGeluGrad */
 } GJob;
 
 static void gelu_chunk(void* p, size_t c) {
   const GJob* j = (const GJob*)p;
   const size_t a = c * GELU_CHUNK, b = a + GELU_CHUNK < j->n ? a + GELU_CHUNK : j->n;
 #if defined(__AVX512F__)
-  gelu_grad_avx512(j->dy, j->x, j->dx, a, b);
+  (j->fast ? fast_gelu_grad_avx512 : gelu_grad_avx512)(j->dy, j->x, j->dx, a, b);
 #else
-  gelu_grad_plain(j->dy, j->x, j->dx, a, b);
+  (j->fast ? fast_gelu_grad_plain : gelu_grad_plain)(j->dy, j->x, j->dx, a, b);
 #endif
 }
 
 static OrtStatus* gfail(const char* msg) { return GAPI(CreateStatus, CreateStatusFn)(1, msg); }
 
 
-static OrtStatus* gelu_compute(void* kernel, void* ctx) {
-  (void)kernel;
+static OrtStatus* gelu_run(void* ctx, int fast) {
   void* out;
   int64_t dims[16], xdims[16];
   size_t rank, xrank, n, xn;
   OrtStatus* st;
   GJob j;
-  static const char* const too_high = "fracgraph GeluGrad: tensors above rank 16 are not supported";
+  j.fast = fast;
+  const char* const too_high = fast ? "fracgraph FastGeluGrad: tensors above rank 16 are not supported"
+                                    : "fracgraph GeluGrad: tensors above rank 16 are not supported";
   if ((st = fg_float_input(g_api_gelu, ctx, 0, too_high, &j.dy, dims, &rank, &n)) ||
       (st = fg_float_input(g_api_gelu, ctx, 1, too_high, &j.x, xdims, &xrank, &xn)))
     return st;
-  if (xn != n) return gfail("fracgraph GeluGrad: dY and X have different element counts");
+  if (xn != n)
+    return gfail(fast ? "fracgraph FastGeluGrad: dY and X have different element counts"
+                      : "fracgraph GeluGrad: dY and X have different element counts");
   if ((st = GAPI(KernelContext_GetOutput, GetOutputFn)(ctx, 0, xdims, xrank, &out))) return st;
   if ((st = GAPI(GetTensorMutableData, GetDataFn)(out, (void**)&j.dx))) return st;
   j.n = n;
@@ -245,10 +329,24 @@ static OrtStatus* gelu_compute(void* kernel, void* ctx) {
   return GAPI(KernelContext_ParallelFor, ParallelForFn)(ctx, gelu_chunk, tasks, 0, &j);
 }
 
+static OrtStatus* gelu_compute(void* kernel, void* ctx) {
+  (void)kernel;
+  return gelu_run(ctx, 0);
+}
+
+static OrtStatus* fast_gelu_compute(void* kernel, void* ctx) {
+  (void)kernel;
+  return gelu_run(ctx, 1);
+}
+
 /* ---- registration -------------------------------------------------------------------------------------------- */
-static FgOp g_gelu_op;
+static FgOp g_gelu_op, g_fast_gelu_op;
 
 OrtStatus* fg_gelu_register(void* domain, const void* api) {
   g_api_gelu = (const OrtApi*)api;
-  return fg_op_add(g_api_gelu, domain, &g_gelu_op, "GeluGrad", 2, 1, 0, fg_op_stateless, fg_op_keep, gelu_compute);
+  OrtStatus* st = fg_op_add(g_api_gelu, domain, &g_gelu_op, "GeluGrad", 2, 1, 0, fg_op_stateless, fg_op_keep,
+                            gelu_compute);
+  if (st) return st;
+  return fg_op_add(g_api_gelu, domain, &g_fast_gelu_op, "FastGeluGrad", 2, 1, 0, fg_op_stateless, fg_op_keep,
+                   fast_gelu_compute);
 }

@@ -1,4 +1,4 @@
-"""GeluGrad (fracgraph/kernels/gelu.c) against the float64 GELU derivative, with an error bound derived from its
+"""GeluGrad and FastGeluGrad (fracgraph/kernels/gelu.c) against the float64 GELU derivatives, with an error bound derived from its
 approximation's parts; its two paths (AVX-512, plain C) bitwise alike; its non-finite values against onnxruntime's
 com.microsoft GeluGrad; and the gelu-grad pass: loss and every gradient of a GELU model's step with the pass on and
 off (another erf, so within float rounding at 0 bits, the tolerance of tests/passes/test_speed_passes.py)."""
@@ -6,6 +6,7 @@ off (another erf, so within float rounding at 0 bits, the tolerance of tests/pas
 from __future__ import annotations
 
 import ctypes
+import math
 
 import numpy as np
 import onnx
@@ -197,6 +198,153 @@ def test_pass_keeps_loss_and_every_gradient(builds, bits, tol):
     loss1, grads1, _ = _step(builds[True][0], bits)
     assert loss0 == loss1
     assert grads0.keys() == grads1.keys() and len(grads0) == 8
+    for name, g in grads0.items():
+        err = np.linalg.norm(grads1[name] - g) / max(np.linalg.norm(g), 1e-12)
+        assert err <= tol, f"{name}: relative gradient error {err:.2e}"
+
+
+# ---- FastGeluGrad: the tanh approximation's derivative (GPT-2's gelu_new) ------------------------------------------
+KA, GAMMA = np.sqrt(2 / np.pi), 0.044715
+TINY_FAST = 1e-34       # |u| > 42: E and the second term taken as 0; true values below 3e-37 and 5.5e-35
+
+
+def ref_fast(x):
+    """float64 f(x) = (1 + tanh u)/2 + x (1 - tanh^2 u) u'/2 as gelu.c's two terms, (f, |first| + |second|, |u|)."""
+    xd = x.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        u = KA * (xd + GAMMA * xd ** 3)
+        e = np.exp(-2 * np.abs(u))
+        s = 1 / (1 + e)
+        first = np.where(xd > 0, s, e * s)
+        second = np.where(np.abs(u) > 42, 0.0, 2 * xd * e * s * s * KA * (1 + 3 * GAMMA * xd * xd))
+    return first + second, np.abs(first) + np.abs(second), np.abs(u)
+
+
+def fast_bound(x):
+    """gelu.c's FastGeluGrad error, relative to the size of f's terms (see the C comment):
+    - u = x fma(KAG, x^2, KA): KA, KAG rounded to float, x^2, the fma, the product: 5 U relative, so E = exp(-2|u|)
+      carries 10 U |u| relative from its argument, plus the exp's EXP_ULPS U: d_E = (3 + 10 |u|) U;
+    - s = 1 / (1 + E): 1 + E and the division, 2 U, plus E's d_E scaled by E / (1 + E) <= 1: d_s <= 2 U + d_E;
+    - first = s, or E s (+ U): <= d_E + d_s + U;
+    - second = ((2x)((E s) s)) u', u' = fma(KB, x^2, KA) (KB, KA, x^2, the fma: 3 U, positive terms): d_E + 2 d_s +
+      3 U (products) + 3 U;
+    - the sum: U. The largest, 3 d_E + 11 U + U = (21 + 30 |u|) U, bounds every term."""
+    _, size, au = ref_fast(x)
+    return np.where(au > 42, TINY_FAST, (21 + 30 * np.minimum(au, 42)) * U * size)
+
+
+def fast_kernel(dy, x, path):
+    lib = kernels._library()
+    dy, x = np.ascontiguousarray(dy, np.float32), np.ascontiguousarray(x, np.float32)
+    out = np.full_like(x, np.nan)
+    r = lib.fg_fast_gelu_grad(dy.ctypes.data_as(F32P), x.ctypes.data_as(F32P), out.ctypes.data_as(F32P),
+                              ctypes.c_size_t(x.size), ctypes.c_int(path))
+    return None if r else out
+
+
+def fast_sample():
+    dy, x = sample()
+    x = np.concatenate([x, np.array([9.2, -9.2, 9.3, -9.3, 9.25, -9.25], np.float32)])   # around |u| = 42
+    return np.concatenate([dy, np.ones(6, np.float32)]), x
+
+
+@pytest.mark.parametrize("path", [1, 0])
+def test_fast_kernel_within_derived_bound(path):
+    dy, x = fast_sample()
+    dx = fast_kernel(dy, x, path)
+    if dx is None:
+        pytest.skip("this build has no AVX-512 path (the CPU lacks AVX-512F)")
+    finite = np.isfinite(x)
+    f, _, _ = ref_fast(x[finite])
+    dyd = dy[finite].astype(np.float64)
+    err = np.abs(dx[finite] - dyd * f)
+    bound = np.abs(dyd) * fast_bound(x[finite]) + U * np.abs(dyd * f) + 2.0 ** -126
+    worst = np.argmax(err / bound)
+    assert (err <= bound).all(), f"x={x[finite][worst]!r}: {dx[finite][worst]!r} vs {dyd[worst] * f[worst]!r}"
+
+
+def test_fast_paths_are_bitwise_alike_and_limits():
+    dy, x = fast_sample()
+    fast, plain = fast_kernel(dy, x, 1), fast_kernel(dy, x, 0)
+    if fast is not None:
+        assert np.array_equal(fast.view(np.uint32), plain.view(np.uint32))
+    xs = np.array([np.inf, -np.inf, np.nan, 0.0], np.float32)
+    out = fast_kernel(np.full(4, 3.0, np.float32), xs, 0)
+    assert out[0] == 3.0 and out[1] == 0.0 and np.isnan(out[2]) and out[3] == 1.5   # f(+-inf) = 1, 0; f(0) = 1/2
+
+
+def ort_fast_gelu_grad(dy, x):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("FastGeluGrad", ["dy", "x"], ["dx"], domain="com.microsoft")], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("dy", "x")],
+                              [helper.make_tensor_value_info("dx", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, dict(dy=dy, x=x))[0]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_op_runs_the_kernel_and_is_onnxruntimes_function(threads):
+    """Every chunk (three of 16384 and a tail) is the kernel's; and onnxruntime's FastGeluGrad computes the same
+    function: within its own float rounding (absolute ~1e-7 of its 0.5 (1 + tanh) form) of ours."""
+    rng = np.random.default_rng(threads)
+    x = (rng.standard_normal((3, 5, 70, 41)) * 2).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    (dx,) = custom_op_session("FastGeluGrad", ["dy", "x"], ["dx"], threads).run(None, dict(dy=dy, x=x))
+    ref = fast_kernel(dy, x, 1 if kernels._library().fg_gelu_avx512() else 0)
+    assert dx.shape == x.shape and np.array_equal(dx.view(np.uint32), ref.reshape(x.shape).view(np.uint32))
+    np.testing.assert_allclose(dx, ort_fast_gelu_grad(dy, x), rtol=1e-5, atol=2e-6 * np.abs(dy).max())
+    with pytest.raises(Exception, match="different element counts"):
+        custom_op_session("FastGeluGrad", ["dy", "x"], ["dx"], threads).run(None, dict(dy=dy[:1], x=x))
+
+
+def gelu_new(x):
+    """transformers' NewGELUActivation (GPT-2's gelu_new), written as it is: onnxruntime fuses this expression into
+    FastGelu (torch's gelu(approximate="tanh") exports as another pattern, which it leaves unfused)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class TanhGeluNet(torch.nn.Module):
+    """A conv stem and GPT-2's MLP shape: Linear, tanh GELU, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc0 = torch.nn.Linear(8, 24)
+        self.fc1 = torch.nn.Linear(24, 4)
+
+    def forward(self, x):
+        x = gelu_new(self.c0(x)).mean((2, 3))
+        return self.fc1(gelu_new(self.fc0(x)))
+
+
+@pytest.fixture(scope="module")
+def fast_builds(tmp_path_factory):
+    return build_pair(TanhGeluNet(), tmp_path_factory.mktemp("fast_gelu"), (2, 3, 9, 9),
+                      off={"skip_passes": ("gelu-grad",)}, on={})
+
+
+def test_fast_pass_structure(fast_builds):
+    def grads(key):
+        graph = onnx.load(str(fast_builds[key][0] / "training_model.onnx")).graph
+        return [(n.domain, n.name) for n in graph.node if n.op_type == "FastGeluGrad"]
+
+    off, on = grads(False), grads(True)
+    assert len(off) == 2 and {d for d, _ in off} == {"com.microsoft"}
+    assert sorted(on) == sorted((kernels.DOMAIN, f"{name}::gelu_grad") for _, name in off)
+    assert "[gelu-grad] 2 FastGeluGrad on fracgraph's FastGeluGrad" in fast_builds[True][1].extra["notes"]
+
+
+@pytest.mark.parametrize("bits,tol", [((0, 0, 0), 1e-5), ((8, 8, 8), 5e-2)])
+def test_fast_pass_keeps_loss_and_every_gradient(fast_builds, bits, tol):
+    """As test_pass_keeps_loss_and_every_gradient, for the tanh GELU."""
+    loss0, grads0, _ = _step(fast_builds[False][0], bits)
+    loss1, grads1, _ = _step(fast_builds[True][0], bits)
+    assert loss0 == loss1
+    assert grads0.keys() == grads1.keys() and len(grads0) == 6
     for name, g in grads0.items():
         err = np.linalg.norm(grads1[name] - g) / max(np.linalg.norm(g), 1e-12)
         assert err <= tol, f"{name}: relative gradient error {err:.2e}"
