@@ -8,7 +8,7 @@ LayerNormChannels + LayerNormChannelsGrad and ChannelMulGrad. Each is one onnxru
 inputs; the two alternate rep by rep and the script prints the median and the 10th-90th percentiles of after/before per
 shape, in CPU time of this process (--cpu-time, the default: robust to a loaded machine at --threads 1) or wall.
 
-    python bench/cnx_probes.py [--reps 20] [--threads 1] [--wall]
+    python bench/cnx_probes.py [--reps 20] [--threads 1] [--wall] [--only ln|scale] [--shapes 32x320x2x2,...]
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = [(32, 40, 16, 16), (32, 80, 8, 8), (32, 160, 4, 4), (32, 320, 2, 2)]
+# convnext_atto's four stages at 64x64 input, then maps the kernels' tiny-map paths take at other sizes: 7x7 (the
+# last stage of a 224-px ConvNeXt), 3x3 (a 96-px input) and 1x1 (a 32-px input)
+SHAPES = [(32, 40, 16, 16), (32, 80, 8, 8), (32, 160, 4, 4), (32, 320, 2, 2), (32, 320, 7, 7), (32, 320, 3, 3),
+          (32, 320, 1, 1)]
 
 
 def session(nodes, inputs, outputs, threads):
@@ -86,13 +89,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--wall", action="store_true", help="wall time instead of this process's CPU time")
+    ap.add_argument("--only", choices=("ln", "scale"), help="one of the two rewrites")
+    ap.add_argument("--shapes", help="comma-separated NxCxHxW shapes instead of the default list")
     a = ap.parse_args()
+    shapes = [tuple(map(int, x.split("x"))) for x in a.shapes.split(",")] if a.shapes else SHAPES
+    pairs = [(k, label, make) for k, label, make in (("ln", "LayerNorm2d fwd+bwd", ln_pair),
+                                                       ("scale", "layer-scale grad", scale_pair))
+             if a.only in (None, k)]
     clock = time.perf_counter if a.wall else time.process_time
     print(f"{'wall' if a.wall else 'CPU'} time, {a.threads} threads, {a.reps} alternated reps, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| op | shape | before ms | after ms | after / before (median, 10th-90th percentile) |\n|---|---|---|---|---|")
-    for label, make in (("LayerNorm2d fwd+bwd", ln_pair), ("layer-scale grad", scale_pair)):
-        for shape in SHAPES:
+    for _, label, make in pairs:
+        for shape in shapes:
             before, after, feeds = make(shape, a.threads)
             tb, ta = [], []
             for r in range(a.reps + 2):
