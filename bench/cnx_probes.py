@@ -9,6 +9,7 @@ inputs; the two alternate rep by rep and the script prints the median and the 10
 shape, in CPU time of this process (--cpu-time, the default: robust to a loaded machine at --threads 1) or wall.
 
     python bench/cnx_probes.py [--reps 20] [--threads 1] [--wall] [--only ln|scale] [--shapes 32x320x2x2,...]
+                               [--library OTHER_BUILD.so]
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ SHAPES = [(32, 40, 16, 16), (32, 80, 8, 8), (32, 160, 4, 4), (32, 320, 2, 2), (3
           (32, 320, 1, 1)]
 
 
+LIBRARY = None   # --library: another build of the kernels (e.g. main's, from the kernel cache) in place of this one
+
+
 def session(nodes, inputs, outputs, threads):
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -43,7 +47,10 @@ def session(nodes, inputs, outputs, threads):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    kernels.register(so)
+    if LIBRARY:
+        so.register_custom_ops_library(LIBRARY)
+    else:
+        kernels.register(so)
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -91,14 +98,18 @@ def main() -> None:
     ap.add_argument("--wall", action="store_true", help="wall time instead of this process's CPU time")
     ap.add_argument("--only", choices=("ln", "scale"), help="one of the two rewrites")
     ap.add_argument("--shapes", help="comma-separated NxCxHxW shapes instead of the default list")
+    ap.add_argument("--library", help="a kernel library (.so) to run instead of this checkout's build, e.g. "
+                    "another checkout's from the kernel cache: the same probe before and after a kernel change")
     a = ap.parse_args()
+    global LIBRARY
+    LIBRARY = a.library
     shapes = [tuple(map(int, x.split("x"))) for x in a.shapes.split(",")] if a.shapes else SHAPES
     pairs = [(k, label, make) for k, label, make in (("ln", "LayerNorm2d fwd+bwd", ln_pair),
                                                        ("scale", "layer-scale grad", scale_pair))
              if a.only in (None, k)]
     clock = time.perf_counter if a.wall else time.process_time
     print(f"{'wall' if a.wall else 'CPU'} time, {a.threads} threads, {a.reps} alternated reps, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}" + (f", kernels {a.library}" if a.library else ""))
     print("| op | shape | before ms | after ms | after / before (median, 10th-90th percentile) |\n|---|---|---|---|---|")
     for _, label, make in pairs:
         for shape in shapes:
