@@ -76,26 +76,19 @@ static void lnc_task_span(const LncJob* j, size_t t, size_t* n0, size_t* n1, siz
   }
 }
 
-/* The forward of positions [s0, s0 + W) of image n, W <= LNC_LANES. */
-static void lnc_fwd_block(const LncJob* j, size_t n, size_t s0, size_t W) {
+/* The forward of positions [s0, s0 + W) of image n, W <= LNC_LANES; inlined with W = 16 (a constant: each loop
+ * over w one vector) and with the partial block's W (lnc_fwd_block). */
+static inline __attribute__((always_inline)) void lnc_fwd_w(const LncJob* j, size_t n, size_t s0, size_t W) {
   const size_t C = j->C, S = j->S;
   const float* x = j->x + n * C * S + s0;
   float* y = j->y + n * C * S + s0;
   double sum[LNC_LANES] = {0}, sq[LNC_LANES] = {0};
   float mu[LNC_LANES], is[LNC_LANES];
-  if (W == LNC_LANES) {
-    for (size_t c = 0; c < C; ++c)
-      for (size_t w = 0; w < LNC_LANES; ++w) {
-        const double v = x[c * S + w];
-        sum[w] += v, sq[w] += v * v;
-      }
-  } else {
-    for (size_t c = 0; c < C; ++c)
-      for (size_t w = 0; w < W; ++w) {
-        const double v = x[c * S + w];
-        sum[w] += v, sq[w] += v * v;
-      }
-  }
+  for (size_t c = 0; c < C; ++c)
+    for (size_t w = 0; w < W; ++w) {
+      const double v = x[c * S + w];
+      sum[w] += v, sq[w] += v * v;
+    }
   for (size_t w = 0; w < W; ++w) {
     const double m = sum[w] / (double)C;
     double var = sq[w] / (double)C - m * m;
@@ -109,6 +102,11 @@ static void lnc_fwd_block(const LncJob* j, size_t n, size_t s0, size_t W) {
     const float sc = j->scale[c], bi = j->bias ? j->bias[c] : 0.0f;
     for (size_t w = 0; w < W; ++w) y[c * S + w] = (x[c * S + w] - mu[w]) * is[w] * sc + bi;
   }
+}
+
+static void lnc_fwd_block(const LncJob* j, size_t n, size_t s0, size_t W) {
+  if (W == LNC_LANES) lnc_fwd_w(j, n, s0, LNC_LANES);
+  else lnc_fwd_w(j, n, s0, W);
 }
 
 /* ---- maps under 16 positions (ConvNeXt's 2x2 and 1x1 stages, a 3x3 one): an image's C * S values are contiguous,
@@ -197,8 +195,10 @@ static void lnc_fwd_task(void* p, size_t t) {
   }
 }
 
-/* The gradient of positions [s0, s0 + W) of image n; ps, pb: the task's [C][LNC_LANES] lane sums. */
-static void lnc_grad_block(const LncJob* j, size_t n, size_t s0, size_t W, float* ps, float* pb) {
+/* The gradient of positions [s0, s0 + W) of image n; ps, pb: the task's [C][LNC_LANES] lane sums. Inlined twice
+ * (lnc_grad_block): with W = 16, a constant, each loop over w is one vector; and with the partial block's W. */
+static inline __attribute__((always_inline)) void lnc_grad_w(const LncJob* j, size_t n, size_t s0, size_t W,
+                                                             float* ps, float* pb) {
   const size_t C = j->C, S = j->S;
   const size_t off = n * C * S + s0;
   const float *x = j->x + off, *dy = j->dy + off;
@@ -230,6 +230,11 @@ static void lnc_grad_block(const LncJob* j, size_t n, size_t s0, size_t W, float
 /* The gradient of image n of a map under 16 positions: dx, and the image's dscale, dbias terms added to the
  * task's double sums ps, pb [C] (each product rounded once, to float, then added in double in position order;
  * tmp: C * S floats). */
+static void lnc_grad_block(const LncJob* j, size_t n, size_t s0, size_t W, float* ps, float* pb) {
+  if (W == LNC_LANES) lnc_grad_w(j, n, s0, LNC_LANES, ps, pb);
+  else lnc_grad_w(j, n, s0, W, ps, pb);
+}
+
 static void lnc_grad_tiny(const LncJob* j, size_t n, double* ps, double* pb, float* tmp) {
   const size_t C = j->C, S = j->S, P = j->P, E = C * S, R = E - E % P;
   const float *x = j->x + n * E, *dy = j->dy + n * E, *sc = j->scx;
