@@ -9,7 +9,7 @@ inputs; the two alternate rep by rep and the script prints the median and the 10
 shape, in CPU time of this process (--cpu-time, the default: robust to a loaded machine at --threads 1) or wall.
 
     python bench/cnx_probes.py [--reps 20] [--threads 1] [--wall] [--only ln|scale] [--shapes 32x320x2x2,...]
-                               [--library OTHER_BUILD.so]
+                               [--library OTHER_BUILD.so] [--against OTHER_BUILD.so]
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ SHAPES = [(32, 40, 16, 16), (32, 80, 8, 8), (32, 160, 4, 4), (32, 320, 2, 2), (3
 
 
 LIBRARY = None   # --library: another build of the kernels (e.g. main's, from the kernel cache) in place of this one
+AGAINST = None   # --against: "before" is the same rewrite on this other build of the kernels
 
 
-def session(nodes, inputs, outputs, threads):
+def session(nodes, inputs, outputs, threads, library=None):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -47,8 +48,8 @@ def session(nodes, inputs, outputs, threads):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    if LIBRARY:
-        so.register_custom_ops_library(LIBRARY)
+    if library or LIBRARY:
+        so.register_custom_ops_library(library or LIBRARY)
     else:
         kernels.register(so)
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -73,6 +74,8 @@ def ln_pair(shape, threads):
     feeds = dict(x=rng.standard_normal(shape, np.float32), dy=rng.standard_normal(shape, np.float32),
                  s=np.ones(shape[1], np.float32), b=np.zeros(shape[1], np.float32))
     outs = ["y", "dx", "ds", "db"]
+    if AGAINST:
+        return session(after, list(feeds), outs, threads, AGAINST), session(after, list(feeds), outs, threads), feeds
     return session(before, list(feeds), outs, threads), session(after, list(feeds), outs, threads), feeds
 
 
@@ -88,7 +91,12 @@ def scale_pair(shape, threads):
     rng = np.random.default_rng(0)
     feeds = dict(dy=rng.standard_normal(shape, np.float32), a=rng.standard_normal(shape, np.float32),
                  g=rng.standard_normal((1, shape[1], 1, 1), np.float32))
-    return session(before, list(feeds), ["da", "dg"], threads), session(after, list(feeds), ["da", "dg"], threads), feeds
+    if AGAINST:
+        before, against = after, AGAINST
+    else:
+        against = None
+    return (session(before, list(feeds), ["da", "dg"], threads, against), session(after, list(feeds), ["da", "dg"], threads),
+            feeds)
 
 
 def main() -> None:
@@ -100,16 +108,19 @@ def main() -> None:
     ap.add_argument("--shapes", help="comma-separated NxCxHxW shapes instead of the default list")
     ap.add_argument("--library", help="a kernel library (.so) to run instead of this checkout's build, e.g. "
                     "another checkout's from the kernel cache: the same probe before and after a kernel change")
+    ap.add_argument("--against", help="a kernel library (.so): 'before' is then the same rewrite run on it (each in its "
+                    "own session, alternated rep by rep in this process): this build's kernels against another's")
     a = ap.parse_args()
-    global LIBRARY
-    LIBRARY = a.library
+    global LIBRARY, AGAINST
+    LIBRARY, AGAINST = a.library, a.against
     shapes = [tuple(map(int, x.split("x"))) for x in a.shapes.split(",")] if a.shapes else SHAPES
     pairs = [(k, label, make) for k, label, make in (("ln", "LayerNorm2d fwd+bwd", ln_pair),
                                                        ("scale", "layer-scale grad", scale_pair))
              if a.only in (None, k)]
     clock = time.perf_counter if a.wall else time.process_time
     print(f"{'wall' if a.wall else 'CPU'} time, {a.threads} threads, {a.reps} alternated reps, "
-          f"load average {os.getloadavg()[0]:.1f}" + (f", kernels {a.library}" if a.library else ""))
+          f"load average {os.getloadavg()[0]:.1f}" + (f", kernels {a.library}" if a.library else "")
+          + (f", before = the same rewrite on {a.against}" if a.against else ""))
     print("| op | shape | before ms | after ms | after / before (median, 10th-90th percentile) |\n|---|---|---|---|---|")
     for _, label, make in pairs:
         for shape in shapes:
