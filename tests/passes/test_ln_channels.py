@@ -22,9 +22,10 @@ EPS = np.finfo(np.float32).eps
 # with a partial one, one image, rank 5 (30 positions: two images a task); maps under 16 positions (the flat path
 # over channels, runs of lcm(S, 16) elements): ConvNeXt's stage-3 2x2 x 320 with 40 images (12 a task: 4 tasks),
 # 1x1 with a partial vector (33 channels), 3x3 (runs of 144, a partial run and a partial vector), 3x5 (runs of
-# 240, a partial one), rank 3 with fewer elements than a run (7 x 13); 4x4 (one vector per image, 4 images a task)
+# 240, a partial one), rank 3 with fewer elements than a run (7 x 13), an image smaller than one vector (3 x 2x2);
+# 4x4 (one vector per image, 4 images a task)
 SHAPES = [(2, 5, 7, 7), (3, 40, 9, 9), (40, 320, 2, 2), (1, 24, 17, 3), (3, 7, 13), (2, 3, 2, 3, 5),
-          (3, 33, 1, 1), (5, 70, 3, 3), (2, 17, 3, 5), (6, 48, 4, 4)]
+          (3, 33, 1, 1), (5, 70, 3, 3), (2, 17, 3, 5), (5, 3, 2, 2), (6, 48, 4, 4)]
 
 
 def operands(shape, seed):
