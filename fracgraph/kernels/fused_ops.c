@@ -980,40 +980,44 @@ typedef struct {
   size_t R, D;
 } LnJob;
 
+/* One row; restrict parameters: with the job struct's pointers (which may alias, to the compiler) the last loop
+ * was not vectorized ("versioning for alias required"); each element's arithmetic is the same either way, so the
+ * results are bitwise those of the scalar loop. */
+static inline void ln_grad_row(const float* restrict dy, const float* restrict x, const float* restrict scale,
+                               float* restrict dx, float* restrict ps, float* restrict pb, size_t D, float mu, float is) {
+  enum { LANES = 16 };
+  float sa[LANES] = {0}, sab[LANES] = {0};
+  size_t i = 0;
+  for (; i + LANES <= D; i += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      const float av = dy[i + l] * scale[i + l], bv = (x[i + l] - mu) * is;
+      sa[l] += av;
+      sab[l] += av * bv;
+    }
+  for (; i < D; ++i) {
+    const float av = dy[i] * scale[i], bv = (x[i] - mu) * is;
+    sa[0] += av;
+    sab[0] += av * bv;
+  }
+  double ma = 0.0, mab = 0.0;
+  for (int l = 0; l < LANES; ++l) ma += sa[l], mab += sab[l];
+  const float fa = (float)(ma / (double)D), fab = (float)(mab / (double)D);
+  for (size_t d = 0; d < D; ++d) {
+    const float bv = (x[d] - mu) * is;
+    dx[d] = is * (dy[d] * scale[d] - fa - bv * fab);
+    ps[d] += dy[d] * bv;
+    pb[d] += dy[d];
+  }
+}
+
 static void ln_grad_block(void* p, size_t blk) {
   const LnJob* j = (const LnJob*)p;
   const size_t D = j->D, r0 = blk * LN_ROWS, r1 = r0 + LN_ROWS < j->R ? r0 + LN_ROWS : j->R;
   float* ps = j->part + blk * 2 * D;
   float* pb = ps + D;
   memset(ps, 0, sizeof(float) * 2 * D);
-  enum { LANES = 16 };
-  for (size_t r = r0; r < r1; ++r) {
-    const float *dy = j->dy + r * D, *x = j->x + r * D;
-    float* dx = j->dx + r * D;
-    const float mu = j->mean[r], is = j->inv_std[r];
-    float sa[LANES] = {0}, sab[LANES] = {0};
-    size_t i = 0;
-    for (; i + LANES <= D; i += LANES)
-      for (int l = 0; l < LANES; ++l) {
-        const float av = dy[i + l] * j->scale[i + l], bv = (x[i + l] - mu) * is;
-        sa[l] += av;
-        sab[l] += av * bv;
-      }
-    for (; i < D; ++i) {
-      const float av = dy[i] * j->scale[i], bv = (x[i] - mu) * is;
-      sa[0] += av;
-      sab[0] += av * bv;
-    }
-    double ma = 0.0, mab = 0.0;
-    for (int l = 0; l < LANES; ++l) ma += sa[l], mab += sab[l];
-    const float fa = (float)(ma / (double)D), fab = (float)(mab / (double)D);
-    for (size_t d = 0; d < D; ++d) {
-      const float bv = (x[d] - mu) * is;
-      dx[d] = is * (dy[d] * j->scale[d] - fa - bv * fab);
-      ps[d] += dy[d] * bv;
-      pb[d] += dy[d];
-    }
-  }
+  for (size_t r = r0; r < r1; ++r)
+    ln_grad_row(j->dy + r * D, j->x + r * D, j->scale, j->dx + r * D, ps, pb, D, j->mean[r], j->inv_std[r]);
 }
 
 static OrtStatus* compute_ln_grad(void* ctx) {
