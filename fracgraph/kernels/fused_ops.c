@@ -2132,6 +2132,7 @@ OrtStatus* fg_hard_act_register(void* domain, const void* api) __attribute__((we
 OrtStatus* fg_bias_grad_register(void* domain, const void* api) __attribute__((weak));   /* bias_grad.c */
 OrtStatus* fg_ln_channels_register(void* domain, const void* api) __attribute__((weak));   /* ln_channels.c */
 OrtStatus* fg_channel_mul_register(void* domain, const void* api) __attribute__((weak));   /* channel_mul.c */
+OrtStatus* fg_layer_norm_register(void* domain, const void* api) __attribute__((weak));   /* layer_norm.c */
 
 static OrtStatus* fg_bn_concat_register(void* domain);   /* BatchNormGradSplit, SumRange: the end of this file */
 
@@ -2174,6 +2175,7 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   if (fg_bias_grad_register && (st = fg_bias_grad_register(domain, g_api))) return st;
   if (fg_ln_channels_register && (st = fg_ln_channels_register(domain, g_api))) return st;
   if (fg_channel_mul_register && (st = fg_channel_mul_register(domain, g_api))) return st;
+  if (fg_layer_norm_register && (st = fg_layer_norm_register(domain, g_api))) return st;
   if ((st = fg_bn_concat_register(domain))) return st;
   return API(AddCustomOpDomain, AddDomainFn)(options, domain);
 }
