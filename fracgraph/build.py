@@ -46,6 +46,7 @@ from .passes.hard_act import HardActPass
 from .passes.ln_channels import LnChannelsPass
 from .passes.ln_forward import LnForwardPass
 from .passes.ln_grad import LnGradPass
+from .passes.ln_grad_sum import LnGradSumPass
 from .passes.permute import PermutePass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
 from .passes.int_gemm import IntGemmPass
@@ -359,7 +360,8 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
     # clip-grad and hard-act before bn-relu: a HardSwish's input gradient is the Sum of its two gradients, which
     # bn-relu's SumRange would otherwise take first (where a MinMax reads it) and hard-act then no longer finds
     return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), ClipGradPass(), HardActPass(),
-            BnReluPass(shapes, opts.bn_relu_mask), LnChannelsPass(), LnForwardPass(), LnGradPass(), GeluGradPass(), ChannelMulPass(),
+            BnReluPass(shapes, opts.bn_relu_mask), LnChannelsPass(), LnForwardPass(), LnGradPass(),
+            LnGradSumPass(), GeluGradPass(), ChannelMulPass(),
             BiasGradPass()], []
 
 

@@ -14,7 +14,8 @@
  *   MaxPoolIdx(X) -> (Y, Indices int64)         2-D max pool with onnxruntime's MaxPool indices (storage order 0,
  *                                              read by its MaxPoolGrad); attributes kh .. dw, ph_end, pw_end and
  *                                              (optional) ceil_mode
- *   LayerNormGrad(dY, X, scale, mean, inv_std) -> (dX, dscale, dbias)   onnxruntime's LayerNormalizationGrad
+ *   LayerNormGrad(dY, X, scale, mean, inv_std, R?) -> (dX, dscale, dbias)   onnxruntime's LayerNormalizationGrad
+ *                                              (+ R, X's shape, when given: the Sum of dX with the residual's gradient)
  *                                              (normalized over the last axes, scale's size), rows as tasks
  *   MaxPoolIdxGrad(dY, Indices, shape) -> dX    its gradient: dX (of X's shape, the int64 `shape`) zero but at each
  *                                              window's index, where dY adds up (onnxruntime's MaxPoolGrad)
@@ -976,6 +977,7 @@ static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
 enum { LN_ROWS = 32 };
 typedef struct {
   const float *dy, *x, *scale, *mean, *inv_std;
+  const float* res;   /* the optional sixth input R: dX + R is written (onnxruntime's Sum of the two), else NULL */
   float *dx, *part;   /* part: [blocks][2][D] partial dscale, dbias */
   size_t R, D;
 } LnJob;
@@ -984,7 +986,8 @@ typedef struct {
  * was not vectorized ("versioning for alias required"); each element's arithmetic is the same either way, so the
  * results are bitwise those of the scalar loop. */
 static inline void ln_grad_row(const float* restrict dy, const float* restrict x, const float* restrict scale,
-                               float* restrict dx, float* restrict ps, float* restrict pb, size_t D, float mu, float is) {
+                               const float* restrict res, float* restrict dx, float* restrict ps, float* restrict pb,
+                               size_t D, float mu, float is) {
   enum { LANES = 16 };
   float sa[LANES] = {0}, sab[LANES] = {0};
   size_t i = 0;
@@ -1008,6 +1011,8 @@ static inline void ln_grad_row(const float* restrict dy, const float* restrict x
     ps[d] += dy[d] * bv;
     pb[d] += dy[d];
   }
+  if (res)   /* dX rounded to float first, then the add: what the Sum of the stored dX and R computes */
+    for (size_t d = 0; d < D; ++d) dx[d] = dx[d] + res[d];
 }
 
 static void ln_grad_block(void* p, size_t blk) {
@@ -1017,7 +1022,8 @@ static void ln_grad_block(void* p, size_t blk) {
   float* pb = ps + D;
   memset(ps, 0, sizeof(float) * 2 * D);
   for (size_t r = r0; r < r1; ++r)
-    ln_grad_row(j->dy + r * D, j->x + r * D, j->scale, j->dx + r * D, ps, pb, D, j->mean[r], j->inv_std[r]);
+    ln_grad_row(j->dy + r * D, j->x + r * D, j->scale, j->res ? j->res + r * D : NULL, j->dx + r * D, ps, pb, D,
+                j->mean[r], j->inv_std[r]);
 }
 
 static OrtStatus* compute_ln_grad(void* ctx) {
@@ -1037,6 +1043,17 @@ static OrtStatus* compute_ln_grad(void* ctx) {
   for (size_t i = 3; i < 5; ++i) {
     if ((st = input_shape(ctx, i, &in[i], other, &r2, &count))) return st;
     if (count != j.R) return fail("fracgraph LayerNormGrad: mean and inv_std need one value per normalized row");
+  }
+  const void* rv = NULL;
+  if ((st = API(KernelContext_GetInput, GetInputFn)(ctx, 5, &rv))) return st;
+  if (rv) {   /* R: dY's shape exactly (the Sum it replaces had no broadcasting) */
+    int64_t rd[16];
+    size_t rr, rc;
+    if ((st = input_shape(ctx, 5, &rv, rd, &rr, &rc))) return st;
+    int same = rr == rank && rc == n;
+    for (size_t r = 0; same && r < rank; ++r) same = rd[r] == dims[r];
+    if (!same) return fail("fracgraph LayerNormGrad: R must have dY's shape");
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)rv, (void**)&j.res))) return st;
   }
   if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &out[0])) ||
       (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, sdims, srank, &out[1])) ||
@@ -2038,7 +2055,7 @@ static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "Fak
                                            "BatchNormTrain", "BatchNormTrainFused", "BatchNormGradRange",
                                            "ReluGradSum", "FakeQuantizeBits", "SRQuantizeBits",
                                            "SRQuantizeNoiseBits"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 5, 5, 6, 6, 3, 4, 4, 5};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 6, 5, 6, 6, 3, 4, 4, 5};
 static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1, 3, 5, 7, 5, 1, 1, 1, 1};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
@@ -2110,9 +2127,9 @@ static int float_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == M
 static int output_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == MAX_POOL && i == 1 ? INT64_T : FLOAT_T; }
 static size_t n_inputs(const OrtCustomOp* op) { return N_INPUTS[kind_of(op)]; }
 static size_t n_outputs(const OrtCustomOp* op) { return N_OUTPUTS[kind_of(op)]; }
-/* 0 required, 1 optional: the fused batch norms' sixth input (the residual; B, read only with relu) */
+/* 0 required, 1 optional: the fused batch norms' sixth input (the residual; B, read only with relu), LayerNormGrad's R */
 static int required(const OrtCustomOp* op, size_t i) {
-  return (kind_of(op) == BN_TRAIN_FUSED || kind_of(op) == BN_GRAD_RANGE) && i == 5;
+  return (kind_of(op) == BN_TRAIN_FUSED || kind_of(op) == BN_GRAD_RANGE || kind_of(op) == LN_GRAD) && i == 5;
 }
 static int required_out(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
 static int mem_default(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
