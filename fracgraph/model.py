@@ -146,8 +146,47 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         seen.add(name)
 
 
+def _node_key(node: onnx.NodeProto) -> tuple:
+    return (node.domain, node.op_type, tuple(node.input),
+            tuple(a.SerializeToString(deterministic=True) for a in sorted(node.attribute, key=lambda a: a.name)))
+
+
+def _tied_weights(graph: onnx.GraphProto) -> tuple[set[str], dict[str, str]]:
+    """A float initializer read by more than one node is a tied weight (GPT-2's token table, read by the embedding's
+    Gather and, through a Transpose, by the LM head; ALBERT's shared layers, each weight read by one Transpose per
+    use). Folding a node of it into an initializer would give the fold's readers a copy that trains as a parameter
+    of its own, and the model would be untied. Returns (nodes that must stay in the graph, by name; aliases
+    {duplicate's output: first's output} for identical nodes of the weight, which fold to one shared initializer).
+    `Identity` readers do not tie: the TorchScript exporter writes an Identity for each parameter it deduplicated
+    because its value equals another's (zero biases, unit LayerNorm scales at initialization), and those are
+    separate parameters in the model."""
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for x in set(node.input):
+            if x in floats:
+                readers.setdefault(x, []).append(node)
+    keep: set[str] = set()
+    alias: dict[str, str] = {}
+    for nodes in readers.values():
+        tied = [n for n in nodes if n.op_type != "Identity"]
+        if len(tied) < 2:
+            continue
+        groups: dict[tuple, list[onnx.NodeProto]] = {}
+        for n in tied:
+            groups.setdefault(_node_key(n), []).append(n)
+        if len(groups) > 1:   # read in different ways (Gather and Transpose): every reader stays a node
+            keep.update(n.name for n in tied)
+        else:                 # the same node repeated (one Transpose per use): one fold, shared
+            first, *rest = tied
+            for n in rest:
+                alias.update(zip(n.output, first.output))
+    return keep, alias
+
+
 def _fold_constants(model: onnx.ModelProto) -> None:
-    """Turn Constant nodes and constant-only deterministic subgraphs into initializers."""
+    """Turn Constant nodes and constant-only deterministic subgraphs into initializers, keeping tied weights tied
+    (`_tied_weights`)."""
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
@@ -155,11 +194,15 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     for init in graph.initializer:
         const[init.name] = None  # known constant; value loaded lazily
     graph_inputs = {i.name for i in graph.input}
+    tied_keep, alias = _tied_weights(graph)
     new_inits: list[onnx.TensorProto] = []
     keep = []
     for node in graph.node:
+        if node.output and all(o in alias for o in node.output if o):
+            continue          # a repeat of a folded node of a tied weight: its readers read the first's initializer
         foldable = (
             node.domain in ("", "ai.onnx")
+            and node.name not in tied_keep
             and node.op_type not in _NONDETERMINISTIC
             and node.op_type not in CONTROL_FLOW
             and all((not x) or (x in const and x not in graph_inputs) for x in node.input)
@@ -190,6 +233,14 @@ def _fold_constants(model: onnx.ModelProto) -> None:
             arr = np.asarray(v)
             const[name] = arr
             new_inits.append(numpy_helper.from_array(arr, name))
+    if alias:
+        for node in keep:
+            for k, x in enumerate(node.input):
+                if x in alias:
+                    node.input[k] = alias[x]
+        for o in graph.output:
+            if o.name in alias:   # a repeat that is a graph output: an Identity of the shared initializer
+                keep.append(onnx.helper.make_node("Identity", [alias[o.name]], [o.name], name=f"fg::tied/{o.name}"))
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)

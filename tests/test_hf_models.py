@@ -95,5 +95,28 @@ def test_hf_model_trains_on_text_and_exports(hf_art, tmp_path):
 def test_unknown_hf_architecture_is_one_line():
     from fracgraph.errors import FracgraphError
 
-    with pytest.raises(FracgraphError, match="no hf: architecture 'nope'; choose from gpt2"):
+    with pytest.raises(FracgraphError, match="no hf: architecture 'nope': name a transformers model type"):
         zx.entry("hf:nope")
+
+
+@pytest.mark.parametrize("arch", ["starcoder2", "deberta-v2"])
+def test_any_transformers_model_type_by_name(arch, tmp_path):
+    """A model type outside the 19 hand-made configs (`hf:MODEL_TYPE`) gets transformers' default config with the
+    common size names set small, its causal-LM (Starcoder2) or masked-LM (DeBERTa-v2) class; it exports, every GEMM
+    but the head quantizes, and the FP32 eval graph gives the model's logits."""
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.runtime import TrainSession
+
+    e = zx.entry(f"hf:{arch}")
+    model = zx.torch_model(e, classes=V, size=T, seed=0)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    zx.export_entry(e, tmp_path / "m.onnx", classes=V, size=T, seed=0)
+    m = build_artifacts(tmp_path / "m.onnx", tmp_path / "art", BuildOptions(optimizer="adamw", weight_decay=0.0))
+    assert [x.op for x in m.decisions if not x.quantized] == [m.decisions[-1].op]     # the head only
+    sess = TrainSession(tmp_path / "art", seed=0)
+    ids = np.random.default_rng(0).integers(0, V, (2, T)).astype(np.int64)
+    _, logits = sess.evaluate(ids, np.zeros((2, T), np.int64), np.zeros((m.n_blocks, 3), np.float32))
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(2, T, dtype=torch.long),
+                     return_dict=False)[0].numpy()
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
