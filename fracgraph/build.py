@@ -50,6 +50,7 @@ from .passes.ln_grad_sum import LnGradSumPass
 from .passes.permute import PermutePass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
 from .passes.int_gemm import IntGemmPass
+from .passes.int_bias import IntBiasPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.qdq_act import QdqActPass
 from .passes.quant_bits import QuantBitsPass
@@ -288,6 +289,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 or fused else []) \
           + ([PermutePass()] if fused else []) \
+          + ([IntBiasPass()] if fused and opts.int_kernels else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))
