@@ -74,6 +74,11 @@ _PARAM_INPUTS = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "PRelu": (1,),
     "Add": (0, 1), "Mul": (0, 1), "Gather": (0,),   # Gather: an embedding table read by token ids
+    # a parameter used as data: ViTs' class token (Expand, Concat), a table gathered or sliced, a learned mask or
+    # offset; all differentiable in onnxruntime-training
+    "Expand": (0,), "Concat": tuple(range(64)), "Tile": (0,), "Slice": (0,), "Sub": (0, 1), "Div": (0,),
+    "Where": (1, 2), "Pad": (0,), "Reshape": (0,), "Transpose": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
+    "Flatten": (0,), "Identity": (0,), "Cast": (0,),
 }
 _FROZEN_INPUTS = {"BatchNormalization": (3, 4)}
 
@@ -115,12 +120,15 @@ def _register_gradients() -> None:
 
 def classify_initializers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """(trainable, frozen) initializer names; everything else stays a graph constant."""
+    from .model import folded_constants
+
     inits = {t.name: t for t in model.graph.initializer}
+    constants = set(folded_constants(model))
     trainable, frozen = [], []
     for node in model.graph.node:
         for i, x in enumerate(node.input):
             t = inits.get(x)
-            if t is None or t.data_type != onnx.TensorProto.FLOAT or x.startswith("fg::"):
+            if t is None or t.data_type != onnx.TensorProto.FLOAT or x.startswith("fg::") or x in constants:
                 continue
             if i in _FROZEN_INPUTS.get(node.op_type, ()):
                 if x not in frozen:

@@ -146,6 +146,18 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         seen.add(name)
 
 
+# Folding a node of a parameter makes its output the parameter that trains. That is the same training only where the
+# node re-lays the parameter out one to one (W^T for a MatMul, a reshaped layer scale): a Gather of it (Swin's
+# relative-position bias table, gathered to [heads, N, N] by a constant index) would train every gathered copy of an
+# entry apart, a Mul by a constant would change its step size. Those stay nodes, and the gradient reaches the
+# parameter through them, as in PyTorch.
+_RELAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def _is_float_cast(node: onnx.NodeProto) -> bool:   # Gemma's `weight.float()` of a float weight: the identity
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+
+
 def _node_key(node: onnx.NodeProto) -> tuple:
     return (node.domain, node.op_type, tuple(node.input),
             tuple(a.SerializeToString(deterministic=True) for a in sorted(node.attribute, key=lambda a: a.name)))
@@ -195,6 +207,13 @@ def _fold_constants(model: onnx.ModelProto) -> None:
         const[init.name] = None  # known constant; value loaded lazily
     graph_inputs = {i.name for i in graph.input}
     tied_keep, alias = _tied_weights(graph)
+    # A PyTorch export writes every parameter as an initializer (export_params); its Constant nodes are traced Python
+    # values and non-persistent buffers (RoPE's inv_freq), which PyTorch never trains: what is folded from them alone
+    # is recorded (CONSTANTS) so that build.classify_initializers does not make it a parameter. Other producers
+    # (old converters) may write weights as Constant/ConstantOfShape nodes, which stay trainable.
+    from_torch = model.producer_name == "pytorch"
+    param_derived = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    constants: list[str] = []
     new_inits: list[onnx.TensorProto] = []
     keep = []
     for node in graph.node:
@@ -203,6 +222,7 @@ def _fold_constants(model: onnx.ModelProto) -> None:
         foldable = (
             node.domain in ("", "ai.onnx")
             and node.name not in tied_keep
+            and (node.op_type in _RELAYOUT or _is_float_cast(node) or not any(x in param_derived for x in node.input if x))
             and node.op_type not in _NONDETERMINISTIC
             and node.op_type not in CONTROL_FLOW
             and all((not x) or (x in const and x not in graph_inputs) for x in node.input)
@@ -229,10 +249,15 @@ def _fold_constants(model: onnx.ModelProto) -> None:
             except Exception:
                 keep.append(node)
                 continue
+        derived = any(x in param_derived for x in node.input if x)
         for name, v in zip(node.output, values):
             arr = np.asarray(v)
             const[name] = arr
             new_inits.append(numpy_helper.from_array(arr, name))
+            if derived:
+                param_derived.add(name)
+            elif from_torch and arr.dtype == np.float32:
+                constants.append(name)
     if alias:
         for node in keep:
             for k, x in enumerate(node.input):
@@ -249,6 +274,24 @@ def _fold_constants(model: onnx.ModelProto) -> None:
         live = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(live)
+        constants = [c for c in constants if c in used]
+    if constants:
+        import json
+
+        old = folded_constants(model)
+        for k in reversed([k for k, p in enumerate(model.metadata_props) if p.key == CONSTANTS]):
+            del model.metadata_props[k]
+        model.metadata_props.add(key=CONSTANTS, value=json.dumps(sorted(set(old) | set(constants))))
+
+
+CONSTANTS = "fracgraph.constants"
+
+
+def folded_constants(model: onnx.ModelProto) -> list[str]:
+    """Initializers folded from a PyTorch export's Constant nodes alone: constants of the model, never trained."""
+    import json
+
+    return next((json.loads(p.value) for p in model.metadata_props if p.key == CONSTANTS), [])
 
 
 def _check_control_flow(graph: onnx.GraphProto) -> None:

@@ -47,6 +47,16 @@ def test_hf_export_quantizes_and_matches_pytorch(hf_art):
     quantized = [x for x in m.decisions if x.quantized]
     per_layer = {"gpt2": 6, "llama": 9, "falcon": 6}[arch]   # q/k/v (fused in GPT-2, Falcon), o, QK^T, AV, MLP
     assert len(quantized) == 2 * per_layer and len(m.decisions) == 2 * per_layer + 1
+    # what trains is the model's parameters, each once: GPT-2's tied head not a copy, RoPE's inv_freq (a buffer the
+    # exporter writes as a Constant) not at all
+    from fracgraph.build import classify_initializers
+    from fracgraph.model import load_model
+
+    loaded = load_model(d / "m.onnx")
+    trainable, _ = classify_initializers(loaded)
+    sizes = {t.name: int(np.prod(t.dims)) for t in loaded.graph.initializer}
+    assert sum(sizes[x] for x in trainable) == sum(p.numel() for p in model.parameters())
+    assert len(trainable) == len(list(model.parameters()))
     sess = TrainSession(d / "art", seed=0)
     ids = np.random.default_rng(0).integers(0, V, (3, T)).astype(np.int64)
     _, logits = sess.evaluate(ids, np.zeros((3, T), np.int64), np.zeros((m.n_blocks, 3), np.float32))
