@@ -44,10 +44,13 @@ from .passes.gather_grad import GatherGradPass
 from .passes.gelu_grad import GeluGradPass
 from .passes.hard_act import HardActPass
 from .passes.ln_channels import LnChannelsPass
+from .passes.ln_forward import LnForwardPass
 from .passes.ln_grad import LnGradPass
+from .passes.ln_grad_sum import LnGradSumPass
 from .passes.permute import PermutePass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
 from .passes.int_gemm import IntGemmPass
+from .passes.int_bias import IntBiasPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.qdq_act import QdqActPass
 from .passes.quant_bits import QuantBitsPass
@@ -294,6 +297,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 or fused else []) \
           + ([PermutePass()] if fused else []) \
+          + ([IntBiasPass()] if fused and opts.int_kernels else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))
@@ -366,7 +370,8 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
     # clip-grad and hard-act before bn-relu: a HardSwish's input gradient is the Sum of its two gradients, which
     # bn-relu's SumRange would otherwise take first (where a MinMax reads it) and hard-act then no longer finds
     return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), ClipGradPass(), HardActPass(),
-            BnReluPass(shapes, opts.bn_relu_mask), LnChannelsPass(), LnGradPass(), GeluGradPass(), ChannelMulPass(),
+            BnReluPass(shapes, opts.bn_relu_mask), LnChannelsPass(), LnForwardPass(), LnGradPass(),
+            LnGradSumPass(), GeluGradPass(), ChannelMulPass(),
             BiasGradPass()], []
 
 

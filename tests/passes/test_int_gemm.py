@@ -370,8 +370,11 @@ def test_gpt_weight_matmuls_on_integers(gpt_builds):
             branches = {a.name: a.g for a in n.attribute}
             ops.setdefault(tuple(x.op_type for x in branches["then_branch"].node), []).append(
                 tuple(x.op_type for x in branches["else_branch"].node))
-    # one op a branch: the fused integer GEMM, or the float op it replaces
-    assert ops == {("IntMatMul",): [("MatMul",)] * len(mats), ("IntMatMulGradW",): [("Gemm",)] * len(grads)}
+    # one op a branch: the fused integer GEMM, or the float op it replaces; every GPT linear has a bias, which
+    # int-bias (passes/int_bias.py) takes into the switch: IntMatMul's seventh input, an Add after the float MatMul
+    assert ops == {("IntMatMul",): [("MatMul", "Add")] * len(mats), ("IntMatMulGradW",): [("Gemm",)] * len(grads)}
+    assert all(len(x.input) == 7 for n in graph.node if n.op_type == "If" for a in n.attribute for x in a.g.node
+               if x.op_type == "IntMatMul")
 
 
 @pytest.mark.parametrize("bits", [(8, 8, 0), (4, 4, 0), (6, 8, 0), (12, 12, 0), (16, 8, 16)])
