@@ -40,6 +40,7 @@ from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fused_ops import FusedOpsPass
 from .passes.fw_quant import FwQuantPass
+from .passes.embedding_padding import EmbeddingPaddingPass, padding_rows
 from .passes.gather_grad import GatherGradPass
 from .passes.gelu_grad import GeluGradPass
 from .passes.hard_act import HardActPass
@@ -288,6 +289,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             BwQuantPass([(d["name"], d.get("bits_key", b)) for d, b in quant_plan], PRECISION_INPUT, opts.expose_noise,
                         gate.grad_bits_const if gate is not None else None, opts.expose_errors),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
+            EmbeddingPaddingPass(*padding_rows(model, trainable)),
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
           + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
