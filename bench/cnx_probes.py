@@ -8,7 +8,8 @@ LayerNormChannels + LayerNormChannelsGrad and ChannelMulGrad. Each is one onnxru
 inputs; the two alternate rep by rep and the script prints the median and the 10th-90th percentiles of after/before per
 shape, in CPU time of this process (--cpu-time, the default: robust to a loaded machine at --threads 1) or wall.
 
-    python bench/cnx_probes.py [--reps 20] [--threads 1] [--wall]
+    python bench/cnx_probes.py [--reps 20] [--threads 1] [--wall] [--only ln|scale] [--shapes 32x320x2x2,...]
+                               [--library OTHER_BUILD.so] [--against OTHER_BUILD.so]
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = [(32, 40, 16, 16), (32, 80, 8, 8), (32, 160, 4, 4), (32, 320, 2, 2)]
+# convnext_atto's four stages at 64x64 input, then maps the kernels' tiny-map paths take at other sizes: 7x7 (the
+# last stage of a 224-px ConvNeXt), 3x3 (a 96-px input) and 1x1 (a 32-px input)
+SHAPES = [(32, 40, 16, 16), (32, 80, 8, 8), (32, 160, 4, 4), (32, 320, 2, 2), (32, 320, 7, 7), (32, 320, 3, 3),
+          (32, 320, 1, 1)]
 
 
-def session(nodes, inputs, outputs, threads):
+LIBRARY = None   # --library: another build of the kernels (e.g. main's, from the kernel cache) in place of this one
+AGAINST = None   # --against: "before" is the same rewrite on this other build of the kernels
+
+
+def session(nodes, inputs, outputs, threads, library=None):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -40,7 +48,10 @@ def session(nodes, inputs, outputs, threads):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    kernels.register(so)
+    if library or LIBRARY:
+        so.register_custom_ops_library(library or LIBRARY)
+    else:
+        kernels.register(so)
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -63,6 +74,8 @@ def ln_pair(shape, threads):
     feeds = dict(x=rng.standard_normal(shape, np.float32), dy=rng.standard_normal(shape, np.float32),
                  s=np.ones(shape[1], np.float32), b=np.zeros(shape[1], np.float32))
     outs = ["y", "dx", "ds", "db"]
+    if AGAINST:
+        return session(after, list(feeds), outs, threads, AGAINST), session(after, list(feeds), outs, threads), feeds
     return session(before, list(feeds), outs, threads), session(after, list(feeds), outs, threads), feeds
 
 
@@ -78,7 +91,12 @@ def scale_pair(shape, threads):
     rng = np.random.default_rng(0)
     feeds = dict(dy=rng.standard_normal(shape, np.float32), a=rng.standard_normal(shape, np.float32),
                  g=rng.standard_normal((1, shape[1], 1, 1), np.float32))
-    return session(before, list(feeds), ["da", "dg"], threads), session(after, list(feeds), ["da", "dg"], threads), feeds
+    if AGAINST:
+        before, against = after, AGAINST
+    else:
+        against = None
+    return (session(before, list(feeds), ["da", "dg"], threads, against), session(after, list(feeds), ["da", "dg"], threads),
+            feeds)
 
 
 def main() -> None:
@@ -86,13 +104,26 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--wall", action="store_true", help="wall time instead of this process's CPU time")
+    ap.add_argument("--only", choices=("ln", "scale"), help="one of the two rewrites")
+    ap.add_argument("--shapes", help="comma-separated NxCxHxW shapes instead of the default list")
+    ap.add_argument("--library", help="a kernel library (.so) to run instead of this checkout's build, e.g. "
+                    "another checkout's from the kernel cache: the same probe before and after a kernel change")
+    ap.add_argument("--against", help="a kernel library (.so): 'before' is then the same rewrite run on it (each in its "
+                    "own session, alternated rep by rep in this process): this build's kernels against another's")
     a = ap.parse_args()
+    global LIBRARY, AGAINST
+    LIBRARY, AGAINST = a.library, a.against
+    shapes = [tuple(map(int, x.split("x"))) for x in a.shapes.split(",")] if a.shapes else SHAPES
+    pairs = [(k, label, make) for k, label, make in (("ln", "LayerNorm2d fwd+bwd", ln_pair),
+                                                       ("scale", "layer-scale grad", scale_pair))
+             if a.only in (None, k)]
     clock = time.perf_counter if a.wall else time.process_time
     print(f"{'wall' if a.wall else 'CPU'} time, {a.threads} threads, {a.reps} alternated reps, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}" + (f", kernels {a.library}" if a.library else "")
+          + (f", before = the same rewrite on {a.against}" if a.against else ""))
     print("| op | shape | before ms | after ms | after / before (median, 10th-90th percentile) |\n|---|---|---|---|---|")
-    for label, make in (("LayerNorm2d fwd+bwd", ln_pair), ("layer-scale grad", scale_pair)):
-        for shape in SHAPES:
+    for _, label, make in pairs:
+        for shape in shapes:
             before, after, feeds = make(shape, a.threads)
             tb, ta = [], []
             for r in range(a.reps + 2):

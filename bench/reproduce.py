@@ -231,9 +231,19 @@ def main() -> None:
     ap.add_argument("-o", "--out", default="bench-out/reproduce")
     a = ap.parse_args()
 
+    from fracgraph.errors import FracgraphError
+
     if a.one:
-        run_row(a, a.one)
+        try:
+            run_row(a, a.one)
+        except FracgraphError as e:   # bad input: one line in the row's log, not a traceback
+            raise SystemExit(f"{a.one}: {e}")
         return
+    data = Path(a.data.partition(":")[2] or a.data).expanduser()
+    if not a.table_only and not data.exists():   # before any artifacts are built or rows launched
+        print(f"reproduce.py: --data {a.data}: {data} does not exist; pass --data imagefolder:PATH/cifar10-jpeg.tar.gz "
+              f"(../shared/data beside the checkout has it)", file=sys.stderr)
+        sys.exit(2)
     if not a.table_only:
         keys = [k.strip() for k in a.rows.split(",")] if a.rows else [k for k in ROWS if k not in OPT_IN]
         bad = [k for k in keys if k not in ROWS]

@@ -40,14 +40,18 @@ from .passes.dfq_gate import DfqGatePass, DfqOptions
 from .passes.eval_graph import BnEvalFixPass, EvalRangesPass
 from .passes.fused_ops import FusedOpsPass
 from .passes.fw_quant import FwQuantPass
+from .passes.embedding_padding import EmbeddingPaddingPass, padding_rows
 from .passes.gather_grad import GatherGradPass
 from .passes.gelu_grad import GeluGradPass
 from .passes.hard_act import HardActPass
 from .passes.ln_channels import LnChannelsPass
+from .passes.ln_forward import LnForwardPass
 from .passes.ln_grad import LnGradPass
+from .passes.ln_grad_sum import LnGradSumPass
 from .passes.permute import PermutePass
 from .passes.int_gemm import MAX_BITS as MAX_INT_BITS
 from .passes.int_gemm import IntGemmPass
+from .passes.int_bias import IntBiasPass
 from .passes.nchwc_conv import NCHWC_DOMAIN, NchwcConvPass
 from .passes.qdq_act import QdqActPass
 from .passes.quant_bits import QuantBitsPass
@@ -71,6 +75,11 @@ _PARAM_INPUTS = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1),
     "BatchNormalization": (1, 2), "LayerNormalization": (1, 2), "InstanceNormalization": (1, 2), "PRelu": (1,),
     "Add": (0, 1), "Mul": (0, 1), "Gather": (0,),   # Gather: an embedding table read by token ids
+    # a parameter used as data: ViTs' class token (Expand, Concat), a table gathered or sliced, a learned mask or
+    # offset; all differentiable in onnxruntime-training
+    "Expand": (0,), "Concat": tuple(range(64)), "Tile": (0,), "Slice": (0,), "Sub": (0, 1), "Div": (0,),
+    "Where": (1, 2), "Pad": (0,), "Reshape": (0,), "Transpose": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
+    "Flatten": (0,), "Identity": (0,), "Cast": (0,),
 }
 _FROZEN_INPUTS = {"BatchNormalization": (3, 4)}
 
@@ -112,12 +121,15 @@ def _register_gradients() -> None:
 
 def classify_initializers(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """(trainable, frozen) initializer names; everything else stays a graph constant."""
+    from .model import folded_constants
+
     inits = {t.name: t for t in model.graph.initializer}
+    constants = set(folded_constants(model))
     trainable, frozen = [], []
     for node in model.graph.node:
         for i, x in enumerate(node.input):
             t = inits.get(x)
-            if t is None or t.data_type != onnx.TensorProto.FLOAT or x.startswith("fg::"):
+            if t is None or t.data_type != onnx.TensorProto.FLOAT or x.startswith("fg::") or x in constants:
                 continue
             if i in _FROZEN_INPUTS.get(node.op_type, ()):
                 if x not in frozen:
@@ -277,6 +289,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
             BwQuantPass([(d["name"], d.get("bits_key", b)) for d, b in quant_plan], PRECISION_INPUT, opts.expose_noise,
                         gate.grad_bits_const if gate is not None else None, opts.expose_errors),
             ActRangeEmaPass(fw.points, opts.act_range_momentum),
+            EmbeddingPaddingPass(*padding_rows(model, trainable)),
         ] + ([SharedNoisePass(shapes)] if opts.sr_noise == "shared" else []) \
           + ([SteGradPass(fw.points, fw.readers, fw.range_owner), ConvGradSplitPass(shapes)] if opts.fast_backward else []) \
           + fused \
@@ -286,6 +299,7 @@ def build_artifacts(model_path, out_dir, options: BuildOptions | None = None, fo
           + ([GatherGradPass()] if opts.fast_backward else []) \
           + ([NchwcConvPass(shapes, nchwc_block, fused=bool(fused))] if nchwc_block > 1 or fused else []) \
           + ([PermutePass()] if fused else []) \
+          + ([IntBiasPass()] if fused and opts.int_kernels else []) \
           + ([BnChainPass()] if gate is not None and gate.candidates else [])
         train_model, n2 = run_passes(train_model, [p for p in train_passes if p.name not in opts.skip_passes])
         onnx.save(train_model, str(tmp / TRAINING))
@@ -358,7 +372,8 @@ def _fused_ops_passes(opts: BuildOptions, shapes: dict) -> tuple[list, list[str]
     # clip-grad and hard-act before bn-relu: a HardSwish's input gradient is the Sum of its two gradients, which
     # bn-relu's SumRange would otherwise take first (where a MinMax reads it) and hard-act then no longer finds
     return [FusedOpsPass(), ConvGradWPass(shapes), BnGradPass(), ClipGradPass(), HardActPass(),
-            BnReluPass(shapes, opts.bn_relu_mask), LnChannelsPass(), LnGradPass(), GeluGradPass(), ChannelMulPass(),
+            BnReluPass(shapes, opts.bn_relu_mask), LnChannelsPass(), LnForwardPass(), LnGradPass(),
+            LnGradSumPass(), GeluGradPass(), ChannelMulPass(),
             BiasGradPass()], []
 
 

@@ -146,8 +146,59 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         seen.add(name)
 
 
+# Folding a node of a parameter makes its output the parameter that trains. That is the same training only where the
+# node re-lays the parameter out one to one (W^T for a MatMul, a reshaped layer scale): a Gather of it (Swin's
+# relative-position bias table, gathered to [heads, N, N] by a constant index) would train every gathered copy of an
+# entry apart, a Mul by a constant would change its step size. Those stay nodes, and the gradient reaches the
+# parameter through them, as in PyTorch.
+_RELAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def _is_float_cast(node: onnx.NodeProto) -> bool:   # Gemma's `weight.float()` of a float weight: the identity
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+
+
+def _node_key(node: onnx.NodeProto) -> tuple:
+    return (node.domain, node.op_type, tuple(node.input),
+            tuple(a.SerializeToString(deterministic=True) for a in sorted(node.attribute, key=lambda a: a.name)))
+
+
+def _tied_weights(graph: onnx.GraphProto) -> tuple[set[str], dict[str, str]]:
+    """A float initializer read by more than one node is a tied weight (GPT-2's token table, read by the embedding's
+    Gather and, through a Transpose, by the LM head; ALBERT's shared layers, each weight read by one Transpose per
+    use). Folding a node of it into an initializer would give the fold's readers a copy that trains as a parameter
+    of its own, and the model would be untied. Returns (nodes that must stay in the graph, by name; aliases
+    {duplicate's output: first's output} for identical nodes of the weight, which fold to one shared initializer).
+    `Identity` readers do not tie: the TorchScript exporter writes an Identity for each parameter it deduplicated
+    because its value equals another's (zero biases, unit LayerNorm scales at initialization), and those are
+    separate parameters in the model."""
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for x in set(node.input):
+            if x in floats:
+                readers.setdefault(x, []).append(node)
+    keep: set[str] = set()
+    alias: dict[str, str] = {}
+    for nodes in readers.values():
+        tied = [n for n in nodes if n.op_type != "Identity"]
+        if len(tied) < 2:
+            continue
+        groups: dict[tuple, list[onnx.NodeProto]] = {}
+        for n in tied:
+            groups.setdefault(_node_key(n), []).append(n)
+        if len(groups) > 1:   # read in different ways (Gather and Transpose): every reader stays a node
+            keep.update(n.name for n in tied)
+        else:                 # the same node repeated (one Transpose per use): one fold, shared
+            first, *rest = tied
+            for n in rest:
+                alias.update(zip(n.output, first.output))
+    return keep, alias
+
+
 def _fold_constants(model: onnx.ModelProto) -> None:
-    """Turn Constant nodes and constant-only deterministic subgraphs into initializers."""
+    """Turn Constant nodes and constant-only deterministic subgraphs into initializers, keeping tied weights tied
+    (`_tied_weights`)."""
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
@@ -155,26 +206,26 @@ def _fold_constants(model: onnx.ModelProto) -> None:
     for init in graph.initializer:
         const[init.name] = None  # known constant; value loaded lazily
     graph_inputs = {i.name for i in graph.input}
-    # a float weight read by more than one node is a shared (tied) weight: folding one reader (the head's Transpose
-    # of the token embedding it shares) would write a copy that trains as a parameter of its own. Identity readers
-    # do not count: the TorchScript exporter writes distinct parameters that happen to hold equal values (LayerNorm
-    # ones, zero biases) as Identity(one of them), and those must become the separate parameters they are.
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        if node.op_type != "Identity":
-            for x in set(node.input):
-                readers[x] = readers.get(x, 0) + 1
-    shared = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) > 1
-              and readers.get(t.name, 0) > 1 and t.name not in graph_inputs}
+    tied_keep, alias = _tied_weights(graph)
+    # A PyTorch export writes every parameter as an initializer (export_params); its Constant nodes are traced Python
+    # values and non-persistent buffers (RoPE's inv_freq), which PyTorch never trains: what is folded from them alone
+    # is recorded (CONSTANTS) so that build.classify_initializers does not make it a parameter. Other producers
+    # (old converters) may write weights as Constant/ConstantOfShape nodes, which stay trainable.
+    from_torch = model.producer_name == "pytorch"
+    param_derived = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    constants: list[str] = []
     new_inits: list[onnx.TensorProto] = []
     keep = []
     for node in graph.node:
+        if node.output and all(o in alias for o in node.output if o):
+            continue          # a repeat of a folded node of a tied weight: its readers read the first's initializer
         foldable = (
             node.domain in ("", "ai.onnx")
+            and node.name not in tied_keep
+            and (node.op_type in _RELAYOUT or _is_float_cast(node) or not any(x in param_derived for x in node.input if x))
             and node.op_type not in _NONDETERMINISTIC
             and node.op_type not in CONTROL_FLOW
             and all((not x) or (x in const and x not in graph_inputs) for x in node.input)
-            and not any(x in shared for x in node.input)
         )
         if not foldable:
             keep.append(node)
@@ -198,10 +249,23 @@ def _fold_constants(model: onnx.ModelProto) -> None:
             except Exception:
                 keep.append(node)
                 continue
+        derived = any(x in param_derived for x in node.input if x)
         for name, v in zip(node.output, values):
             arr = np.asarray(v)
             const[name] = arr
             new_inits.append(numpy_helper.from_array(arr, name))
+            if derived:
+                param_derived.add(name)
+            elif from_torch and arr.dtype == np.float32:
+                constants.append(name)
+    if alias:
+        for node in keep:
+            for k, x in enumerate(node.input):
+                if x in alias:
+                    node.input[k] = alias[x]
+        for o in graph.output:
+            if o.name in alias:   # a repeat that is a graph output: an Identity of the shared initializer
+                keep.append(onnx.helper.make_node("Identity", [alias[o.name]], [o.name], name=f"fg::tied/{o.name}"))
     if len(keep) != len(graph.node):
         del graph.node[:]
         graph.node.extend(keep)
@@ -210,6 +274,24 @@ def _fold_constants(model: onnx.ModelProto) -> None:
         live = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(live)
+        constants = [c for c in constants if c in used]
+    if constants:
+        import json
+
+        old = folded_constants(model)
+        for k in reversed([k for k, p in enumerate(model.metadata_props) if p.key == CONSTANTS]):
+            del model.metadata_props[k]
+        model.metadata_props.add(key=CONSTANTS, value=json.dumps(sorted(set(old) | set(constants))))
+
+
+CONSTANTS = "fracgraph.constants"
+
+
+def folded_constants(model: onnx.ModelProto) -> list[str]:
+    """Initializers folded from a PyTorch export's Constant nodes alone: constants of the model, never trained."""
+    import json
+
+    return next((json.loads(p.value) for p in model.metadata_props if p.key == CONSTANTS), [])
 
 
 def _check_control_flow(graph: onnx.GraphProto) -> None:

@@ -300,9 +300,11 @@ def entry(name: str) -> Entry:
         return BY_NAME[name]
     source, _, arch = name.partition(":")
     if arch and source == "hf":
-        if arch not in HF_ARCHS:
-            raise FracgraphError(f"no hf: architecture {arch!r}; choose from {', '.join(HF_ARCHS)}")
-        return hf_entry(arch)
+        if arch not in HF_ARCHS and arch not in import_transformers().CONFIG_MAPPING:
+            raise FracgraphError(f"no hf: architecture {arch!r}: name a transformers model type (as in a config's "
+                                 f"`model_type`, e.g. {', '.join(HF_ARCHS[:6])}, ...)")
+        return Entry(name, "huggingface", "transformers LM (random weights, 2 layers, width 64)"
+                     + ("" if arch in HF_ARCHS else ", generic small config"), _hf(arch), min_size=8)
     if arch and source in ("tv", "timm"):
         if source == "tv":
             if not callable(getattr(import_torchvision(), arch, None)):
@@ -338,9 +340,12 @@ _HF_SMALL = dict(layers=2, width=64, heads=4, ffn=128)
 
 
 def hf_entry(arch: str, width: int = _HF_SMALL["width"]) -> Entry:
-    """The entry `hf:ARCH` (width 64), or the same architecture at another width (a multiple of 16)."""
+    """The entry `hf:ARCH` (width 64), or one of the 19 hand-made configs (HF_ARCHS) at another width (a multiple
+    of 16); any other transformers model type at width 64 only (its generic config, `_hf_generic`)."""
+    if width == _HF_SMALL["width"]:
+        return entry(f"hf:{arch}")
     if arch not in HF_ARCHS:
-        raise FracgraphError(f"no hf: architecture {arch!r}; choose from {', '.join(HF_ARCHS)}")
+        raise FracgraphError(f"hf: width {width} is for the hand-made configs only ({', '.join(HF_ARCHS)}), not {arch!r}")
     if width < 16 or width % 16:
         raise FracgraphError(f"hf: width must be a multiple of 16 (4 heads with an even head size), not {width}")
     return Entry(f"hf:{arch}", "huggingface", f"transformers LM (random weights, 2 layers, width {width})",
@@ -391,9 +396,35 @@ def _hf_config(arch: str, vocab: int, context: int, width: int = _HF_SMALL["widt
         "electra": ("ElectraForMaskedLM", lambda: tr.ElectraConfig(**bert_like, embedding_size=32)),
     }
     if arch not in table:
-        raise FracgraphError(f"no hf: architecture {arch!r}; choose from {', '.join(HF_ARCHS)}")
+        return _hf_generic(tr, arch, vocab, context)
     cls, cfg = table[arch]
     return getattr(tr, cls), cfg()
+
+
+# the common config names of a transformers architecture's sizes (a config's `attribute_map` maps its own names,
+# GPT-2's n_embd etc., onto these); MoE sizes for the mixture-of-experts families
+_HF_GENERIC = dict(hidden_size=_HF_SMALL["width"], num_hidden_layers=_HF_SMALL["layers"],
+                   num_attention_heads=_HF_SMALL["heads"], num_key_value_heads=_HF_SMALL["heads"] // 2,
+                   head_dim=_HF_SMALL["width"] // _HF_SMALL["heads"], intermediate_size=_HF_SMALL["ffn"],
+                   ffn_dim=_HF_SMALL["ffn"], n_inner=_HF_SMALL["ffn"], d_ff=_HF_SMALL["ffn"], embedding_size=_HF_SMALL["width"],
+                   num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=_HF_SMALL["ffn"] // 2,
+                   shared_expert_intermediate_size=_HF_SMALL["ffn"] // 2)
+
+
+def _hf_generic(tr, arch: str, vocab: int, context: int):
+    """Any other transformers model type (`hf:starcoder2`, `hf:deberta-v2`, ...): its default config with the sizes
+    it has under the common names set small, its causal-LM class (else its masked-LM class). Best effort: an
+    architecture whose sizes go by other names, or that ties them (rotary dims, ...), can fail in its own
+    constructor or export, which the benches report in one line."""
+    cfg = tr.AutoConfig.for_model(arch)
+    sizes = dict(_HF_GENERIC, vocab_size=vocab, max_position_embeddings=context + 2, n_positions=context + 2)
+    for k, v in sizes.items():
+        if hasattr(cfg, k) or k in getattr(cfg, "attribute_map", {}):
+            setattr(cfg, k, v)
+    for mapping in (tr.MODEL_FOR_CAUSAL_LM_MAPPING, tr.MODEL_FOR_MASKED_LM_MAPPING):
+        if type(cfg) in mapping:
+            return mapping[type(cfg)], cfg
+    raise FracgraphError(f"hf:{arch} has no causal or masked language-model class in transformers")
 
 
 HF_ARCHS = ("gpt2", "gpt_neo", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "phi3",

@@ -47,6 +47,16 @@ def test_hf_export_quantizes_and_matches_pytorch(hf_art):
     quantized = [x for x in m.decisions if x.quantized]
     per_layer = {"gpt2": 6, "llama": 9, "falcon": 6}[arch]   # q/k/v (fused in GPT-2, Falcon), o, QK^T, AV, MLP
     assert len(quantized) == 2 * per_layer and len(m.decisions) == 2 * per_layer + 1
+    # what trains is the model's parameters, each once: GPT-2's tied head not a copy, RoPE's inv_freq (a buffer the
+    # exporter writes as a Constant) not at all
+    from fracgraph.build import classify_initializers
+    from fracgraph.model import load_model
+
+    loaded = load_model(d / "m.onnx")
+    trainable, _ = classify_initializers(loaded)
+    sizes = {t.name: int(np.prod(t.dims)) for t in loaded.graph.initializer}
+    assert sum(sizes[x] for x in trainable) == sum(p.numel() for p in model.parameters())
+    assert len(trainable) == len(list(model.parameters()))
     sess = TrainSession(d / "art", seed=0)
     ids = np.random.default_rng(0).integers(0, V, (3, T)).astype(np.int64)
     _, logits = sess.evaluate(ids, np.zeros((3, T), np.int64), np.zeros((m.n_blocks, 3), np.float32))
@@ -95,5 +105,28 @@ def test_hf_model_trains_on_text_and_exports(hf_art, tmp_path):
 def test_unknown_hf_architecture_is_one_line():
     from fracgraph.errors import FracgraphError
 
-    with pytest.raises(FracgraphError, match="no hf: architecture 'nope'; choose from gpt2"):
+    with pytest.raises(FracgraphError, match="no hf: architecture 'nope': name a transformers model type"):
         zx.entry("hf:nope")
+
+
+@pytest.mark.parametrize("arch", ["starcoder2", "deberta-v2"])
+def test_any_transformers_model_type_by_name(arch, tmp_path):
+    """A model type outside the 19 hand-made configs (`hf:MODEL_TYPE`) gets transformers' default config with the
+    common size names set small, its causal-LM (Starcoder2) or masked-LM (DeBERTa-v2) class; it exports, every GEMM
+    but the head quantizes, and the FP32 eval graph gives the model's logits."""
+    from fracgraph.build import BuildOptions, build_artifacts
+    from fracgraph.runtime import TrainSession
+
+    e = zx.entry(f"hf:{arch}")
+    model = zx.torch_model(e, classes=V, size=T, seed=0)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    zx.export_entry(e, tmp_path / "m.onnx", classes=V, size=T, seed=0)
+    m = build_artifacts(tmp_path / "m.onnx", tmp_path / "art", BuildOptions(optimizer="adamw", weight_decay=0.0))
+    assert [x.op for x in m.decisions if not x.quantized] == [m.decisions[-1].op]     # the head only
+    sess = TrainSession(tmp_path / "art", seed=0)
+    ids = np.random.default_rng(0).integers(0, V, (2, T)).astype(np.int64)
+    _, logits = sess.evaluate(ids, np.zeros((2, T), np.int64), np.zeros((m.n_blocks, 3), np.float32))
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(2, T, dtype=torch.long),
+                     return_dict=False)[0].numpy()
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))

@@ -89,6 +89,25 @@ def test_fast_subset_quantizes_and_trains(name, tmp_path):
     assert np.all(np.isfinite(losses)) and losses[2] < losses[0], losses
 
 
+# What trains is what PyTorch trains: every parameter, each once, and no buffer or traced constant. swin_micro:
+# its relative-position bias table is gathered to [heads, N, N] by a constant index (folding that Gather trained
+# 62,496 gathered copies apart from the table); vit_tv: the class token reaches the graph only through an Expand
+# and a Concat (it was not trained at all).
+@pytest.mark.parametrize("name", ["swin_micro", "vit_tv", "mobilenet_v3_small"])
+def test_trainable_parameters_are_the_models(name, tmp_path):
+    from fracgraph.build import classify_initializers
+    from fracgraph.model import load_model
+
+    _torchvision_or_skip()
+    e = zx.entry(name)
+    net = zx.torch_model(e, classes=10, size=32)
+    m = load_model(zx.export_entry(e, tmp_path / f"{name}.onnx", classes=10, size=32))
+    trainable, _ = classify_initializers(m)
+    sizes = {t.name: int(np.prod(t.dims)) for t in m.graph.initializer}
+    assert sum(sizes[x] for x in trainable) == sum(p.numel() for p in net.parameters())
+    assert len(trainable) == len(list(net.parameters()))
+
+
 def test_vit_exports_with_attention_composed(tmp_path):
     """Eval-mode nn.MultiheadAttention's fused fast path cannot be exported; export_entry turns it off (and back)."""
     torch = pytest.importorskip("torch")

@@ -34,7 +34,8 @@ SOURCES = [SOURCE, Path(__file__).with_name("int_gemm.c"),   # int_gemm.c: IntCo
            Path(__file__).with_name("hard_act.c"),            # hard_act.c: HardAct(Grad) (passes/hard_act.py)
            Path(__file__).with_name("bias_grad.c"),           # bias_grad.c: ColSum, MinMaxColSum (passes/bias_grad.py)
            Path(__file__).with_name("ln_channels.c"),         # ln_channels.c: LayerNormChannels(Grad) (passes/ln_channels.py)
-           Path(__file__).with_name("channel_mul.c")]         # channel_mul.c: ChannelMulGrad (passes/channel_mul.py)
+           Path(__file__).with_name("channel_mul.c"),         # channel_mul.c: ChannelMulGrad (passes/channel_mul.py)
+           Path(__file__).with_name("layer_norm.c")]          # layer_norm.c: LayerNorm (passes/ln_forward.py)
 HEADERS = [Path(__file__).with_name("ort_abi.h")]   # included by the sources: part of the cache key
 # -ffp-contract=off: no fused multiply-add, so every step of the chain rounds like onnxruntime's separate ops
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]

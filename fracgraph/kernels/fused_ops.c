@@ -14,7 +14,8 @@
  *   MaxPoolIdx(X) -> (Y, Indices int64)         2-D max pool with onnxruntime's MaxPool indices (storage order 0,
  *                                              read by its MaxPoolGrad); attributes kh .. dw, ph_end, pw_end and
  *                                              (optional) ceil_mode
- *   LayerNormGrad(dY, X, scale, mean, inv_std) -> (dX, dscale, dbias)   onnxruntime's LayerNormalizationGrad
+ *   LayerNormGrad(dY, X, scale, mean, inv_std, R?) -> (dX, dscale, dbias)   onnxruntime's LayerNormalizationGrad
+ *                                              (+ R, X's shape, when given: the Sum of dX with the residual's gradient)
  *                                              (normalized over the last axes, scale's size), rows as tasks
  *   MaxPoolIdxGrad(dY, Indices, shape) -> dX    its gradient: dX (of X's shape, the int64 `shape`) zero but at each
  *                                              window's index, where dY adds up (onnxruntime's MaxPoolGrad)
@@ -976,9 +977,43 @@ static OrtStatus* compute_max_pool(Kernel* k, void* ctx) {
 enum { LN_ROWS = 32 };
 typedef struct {
   const float *dy, *x, *scale, *mean, *inv_std;
+  const float* res;   /* the optional sixth input R: dX + R is written (onnxruntime's Sum of the two), else NULL */
   float *dx, *part;   /* part: [blocks][2][D] partial dscale, dbias */
   size_t R, D;
 } LnJob;
+
+/* One row; restrict parameters: with the job struct's pointers (which may alias, to the compiler) the last loop
+ * was not vectorized ("versioning for alias required"); each element's arithmetic is the same either way, so the
+ * results are bitwise those of the scalar loop. */
+static inline void ln_grad_row(const float* restrict dy, const float* restrict x, const float* restrict scale,
+                               const float* restrict res, float* restrict dx, float* restrict ps, float* restrict pb,
+                               size_t D, float mu, float is) {
+  enum { LANES = 16 };
+  float sa[LANES] = {0}, sab[LANES] = {0};
+  size_t i = 0;
+  for (; i + LANES <= D; i += LANES)
+    for (int l = 0; l < LANES; ++l) {
+      const float av = dy[i + l] * scale[i + l], bv = (x[i + l] - mu) * is;
+      sa[l] += av;
+      sab[l] += av * bv;
+    }
+  for (; i < D; ++i) {
+    const float av = dy[i] * scale[i], bv = (x[i] - mu) * is;
+    sa[0] += av;
+    sab[0] += av * bv;
+  }
+  double ma = 0.0, mab = 0.0;
+  for (int l = 0; l < LANES; ++l) ma += sa[l], mab += sab[l];
+  const float fa = (float)(ma / (double)D), fab = (float)(mab / (double)D);
+  for (size_t d = 0; d < D; ++d) {
+    const float bv = (x[d] - mu) * is;
+    dx[d] = is * (dy[d] * scale[d] - fa - bv * fab);
+    ps[d] += dy[d] * bv;
+    pb[d] += dy[d];
+  }
+  if (res)   /* dX rounded to float first, then the add: what the Sum of the stored dX and R computes */
+    for (size_t d = 0; d < D; ++d) dx[d] = dx[d] + res[d];
+}
 
 static void ln_grad_block(void* p, size_t blk) {
   const LnJob* j = (const LnJob*)p;
@@ -986,34 +1021,9 @@ static void ln_grad_block(void* p, size_t blk) {
   float* ps = j->part + blk * 2 * D;
   float* pb = ps + D;
   memset(ps, 0, sizeof(float) * 2 * D);
-  enum { LANES = 16 };
-  for (size_t r = r0; r < r1; ++r) {
-    const float *dy = j->dy + r * D, *x = j->x + r * D;
-    float* dx = j->dx + r * D;
-    const float mu = j->mean[r], is = j->inv_std[r];
-    float sa[LANES] = {0}, sab[LANES] = {0};
-    size_t i = 0;
-    for (; i + LANES <= D; i += LANES)
-      for (int l = 0; l < LANES; ++l) {
-        const float av = dy[i + l] * j->scale[i + l], bv = (x[i + l] - mu) * is;
-        sa[l] += av;
-        sab[l] += av * bv;
-      }
-    for (; i < D; ++i) {
-      const float av = dy[i] * j->scale[i], bv = (x[i] - mu) * is;
-      sa[0] += av;
-      sab[0] += av * bv;
-    }
-    double ma = 0.0, mab = 0.0;
-    for (int l = 0; l < LANES; ++l) ma += sa[l], mab += sab[l];
-    const float fa = (float)(ma / (double)D), fab = (float)(mab / (double)D);
-    for (size_t d = 0; d < D; ++d) {
-      const float bv = (x[d] - mu) * is;
-      dx[d] = is * (dy[d] * j->scale[d] - fa - bv * fab);
-      ps[d] += dy[d] * bv;
-      pb[d] += dy[d];
-    }
-  }
+  for (size_t r = r0; r < r1; ++r)
+    ln_grad_row(j->dy + r * D, j->x + r * D, j->scale, j->res ? j->res + r * D : NULL, j->dx + r * D, ps, pb, D,
+                j->mean[r], j->inv_std[r]);
 }
 
 static OrtStatus* compute_ln_grad(void* ctx) {
@@ -1033,6 +1043,17 @@ static OrtStatus* compute_ln_grad(void* ctx) {
   for (size_t i = 3; i < 5; ++i) {
     if ((st = input_shape(ctx, i, &in[i], other, &r2, &count))) return st;
     if (count != j.R) return fail("fracgraph LayerNormGrad: mean and inv_std need one value per normalized row");
+  }
+  const void* rv = NULL;
+  if ((st = API(KernelContext_GetInput, GetInputFn)(ctx, 5, &rv))) return st;
+  if (rv) {   /* R: dY's shape exactly (the Sum it replaces had no broadcasting) */
+    int64_t rd[16];
+    size_t rr, rc;
+    if ((st = input_shape(ctx, 5, &rv, rd, &rr, &rc))) return st;
+    int same = rr == rank && rc == n;
+    for (size_t r = 0; same && r < rank; ++r) same = rd[r] == dims[r];
+    if (!same) return fail("fracgraph LayerNormGrad: R must have dY's shape");
+    if ((st = API(GetTensorMutableData, GetDataFn)((void*)rv, (void**)&j.res))) return st;
   }
   if ((st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 0, dims, rank, &out[0])) ||
       (st = API(KernelContext_GetOutput, GetOutputFn)(ctx, 1, sdims, srank, &out[1])) ||
@@ -2034,7 +2055,7 @@ static const char* const NAMES[N_KINDS] = {"SRQuantize", "SRQuantizeNoise", "Fak
                                            "BatchNormTrain", "BatchNormTrainFused", "BatchNormGradRange",
                                            "ReluGradSum", "FakeQuantizeBits", "SRQuantizeBits",
                                            "SRQuantizeNoiseBits"};
-static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 5, 5, 6, 6, 3, 4, 4, 5};
+static const size_t N_INPUTS[N_KINDS] = {4, 5, 4, 1, 2, 2, 5, 2, 2, 1, 1, 1, 1, 1, 2, 1, 3, 6, 5, 6, 6, 3, 4, 4, 5};
 static const size_t N_OUTPUTS[N_KINDS] = {1, 1, 1, 2, 1, 1, 3, 2, 1, 1, 1, 1, 2, 2, 1, 2, 1, 3, 5, 7, 5, 1, 1, 1, 1};
 static const char* const WEIGHT_ATTRS[4] = {"block", "blocked_in", "transpose", "flip"};
 static const char* const CONV_ATTRS[9] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "group"};
@@ -2106,9 +2127,9 @@ static int float_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == M
 static int output_type(const OrtCustomOp* op, size_t i) { return kind_of(op) == MAX_POOL && i == 1 ? INT64_T : FLOAT_T; }
 static size_t n_inputs(const OrtCustomOp* op) { return N_INPUTS[kind_of(op)]; }
 static size_t n_outputs(const OrtCustomOp* op) { return N_OUTPUTS[kind_of(op)]; }
-/* 0 required, 1 optional: the fused batch norms' sixth input (the residual; B, read only with relu) */
+/* 0 required, 1 optional: the fused batch norms' sixth input (the residual; B, read only with relu), LayerNormGrad's R */
 static int required(const OrtCustomOp* op, size_t i) {
-  return (kind_of(op) == BN_TRAIN_FUSED || kind_of(op) == BN_GRAD_RANGE) && i == 5;
+  return (kind_of(op) == BN_TRAIN_FUSED || kind_of(op) == BN_GRAD_RANGE || kind_of(op) == LN_GRAD) && i == 5;
 }
 static int required_out(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
 static int mem_default(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
@@ -2128,6 +2149,7 @@ OrtStatus* fg_hard_act_register(void* domain, const void* api) __attribute__((we
 OrtStatus* fg_bias_grad_register(void* domain, const void* api) __attribute__((weak));   /* bias_grad.c */
 OrtStatus* fg_ln_channels_register(void* domain, const void* api) __attribute__((weak));   /* ln_channels.c */
 OrtStatus* fg_channel_mul_register(void* domain, const void* api) __attribute__((weak));   /* channel_mul.c */
+OrtStatus* fg_layer_norm_register(void* domain, const void* api) __attribute__((weak));   /* layer_norm.c */
 
 static OrtStatus* fg_bn_concat_register(void* domain);   /* BatchNormGradSplit, SumRange: the end of this file */
 
@@ -2170,6 +2192,7 @@ OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   if (fg_bias_grad_register && (st = fg_bias_grad_register(domain, g_api))) return st;
   if (fg_ln_channels_register && (st = fg_ln_channels_register(domain, g_api))) return st;
   if (fg_channel_mul_register && (st = fg_channel_mul_register(domain, g_api))) return st;
+  if (fg_layer_norm_register && (st = fg_layer_norm_register(domain, g_api))) return st;
   if ((st = fg_bn_concat_register(domain))) return st;
   return API(AddCustomOpDomain, AddDomainFn)(options, domain);
 }

@@ -1316,9 +1316,10 @@ done:
 
 /* ---- IntMatMul, IntMatMulGradW: the quantized linear layers' GEMMs on codes, one op each ------------------------
  *
- *   IntMatMul(a, a_min, a_scale, w, w_min, w_scale) -> y = a @ w
+ *   IntMatMul(a, a_min, a_scale, w, w_min, w_scale, b?) -> y = a @ w (+ b)
  *        a [..., M, K] (the leading dims flattened into M) fake-quantized per tensor; w [K, N] fake-quantized per
- *        column (w_min, w_scale hold N values: the MatMul weight quantizer's MinMaxCols) or per tensor
+ *        column (w_min, w_scale hold N values: the MatMul weight quantizer's MinMaxCols) or per tensor; b, optional,
+ *        N values: added in float to y as rounded (onnxruntime's Add after the MatMul, bitwise; passes/int_bias.py)
  *   IntMatMulGradW(a, a_min, a_scale, g, g_min, g_scale) -> dw = a^T @ g     (onnxruntime's MatMul_Grad Gemm, transA)
  *   IntGemm(a, a_min, a_scale, w, w_min, w_scale, bias) -> y = a @ w^T + bias   (ONNX Gemm(a, w, bias, transB=1); with
  *        attribute trans_b = 0, a @ w + bias): a [M, K] per tensor; w [N, K] fake-quantized per row (the Gemm weight
@@ -1363,6 +1364,7 @@ typedef struct {
   int8_t* rp;              /* [Rpad/4][Npad][4] */
   int32_t* cr;             /* [Npad] */
   const double *c1, *c2, *c3;   /* [N] s_l s_r, s_l m_r, m_l s_r CR + Rn m_l m_r */
+  const float* badd;            /* IntMatMul's optional b [N]: y rounded to float, then + b (NULL: none) */
   int failed;
 } MJob;
 
@@ -1600,9 +1602,23 @@ static void mm_task(void* p, size_t t) {
       const double rd = (double)rl[i], r128 = 128.0 * rd;
       float* y = j->y + (i0 + i) * j->N + n0;
       const double *c1 = j->c1 + n0, *c2 = j->c2 + n0, *c3 = j->c3 + n0;
-      if (!wide) {
+      if (!wide && j->badd) {   /* the rounded product, then onnxruntime's Add of the bias: two roundings */
+        const int32_t* a = acc + i * MM_COLS;
+        const float* bb = j->badd + n0;
+        for (int64_t c = 0; c < nn; ++c) {
+          const float v = (float)(c1[c] * ((double)a[c] + r128) + c2[c] * rd + c3[c]);
+          y[c] = v + bb[c];
+        }
+      } else if (!wide) {
         const int32_t* a = acc + i * MM_COLS;
         for (int64_t c = 0; c < nn; ++c) y[c] = (float)(c1[c] * ((double)a[c] + r128) + c2[c] * rd + c3[c]);
+      } else if (j->badd) {
+        const int64_t* a = wide + i * MM_COLS;
+        const float* bb = j->badd + n0;
+        for (int64_t c = 0; c < nn; ++c) {
+          const float v = (float)(c1[c] * ((double)a[c] + r128) + c2[c] * rd + c3[c]);
+          y[c] = v + bb[c];
+        }
       } else {
         const int64_t* a = wide + i * MM_COLS;
         for (int64_t c = 0; c < nn; ++c) y[c] = (float)(c1[c] * ((double)a[c] + r128) + c2[c] * rd + c3[c]);
@@ -1654,6 +1670,16 @@ static OrtStatus* compute_int_matmul(void* ctx, int grad, int gemm, int trans_b)
     }
     K = bd[0], N = bd[1], M = 1;
     for (size_t i = 0; i + 1 < ar; ++i) M *= ad[i];
+    const void* bv = NULL;   /* the optional bias b: N values, added after rounding */
+    if ((st = IAPI(KernelContext_GetInput, GetInputFn)(ctx, 6, &bv))) return st;
+    if (bv) {
+      size_t nb;
+      if ((st = in_shape(ctx, 6, &j.badd, d, &r, &nb))) return st;
+      if ((int64_t)nb != N) {
+        snprintf(msg, sizeof msg, "%s: the bias must hold one value per output column (%lld)", who, (long long)N);
+        return ifail(msg);
+      }
+    }
     orank = ar;
     for (size_t i = 0; i + 1 < ar; ++i) od[i] = ad[i];
     od[ar - 1] = N;
@@ -1682,7 +1708,7 @@ static OrtStatus* compute_int_matmul(void* ctx, int grad, int gemm, int trans_b)
   if (j.I == 0 || N == 0) return NULL;
   if (j.Rn == 0) {
     for (int64_t i = 0; i < j.I; ++i)
-      for (int64_t n = 0; n < N; ++n) j.y[i * N + n] = bias ? bias[nbias == 1 ? 0 : n] : 0.0f;
+      for (int64_t n = 0; n < N; ++n) j.y[i * N + n] = bias ? bias[nbias == 1 ? 0 : n] : j.badd ? 0.0f + j.badd[n] : 0.0f;
     return NULL;
   }
   j.isa = chosen_isa();
@@ -1737,7 +1763,7 @@ static const char* const I_ATTRS[8] = {"kh", "kw", "sh", "sw", "ph", "pw", "dh",
 enum { OP_CONV, OP_CODES_U8, OP_CODES_S8, OP_RESCALE, OP_CONV_GRAD_W, OP_MATMUL, OP_MATMUL_GRAD_W, OP_GEMM, N_IOPS };
 static const char* const I_NAMES[N_IOPS] = {"IntConv", "IntCodesU8", "IntCodesS8", "IntMatMulRescale", "IntConvGradW", "IntMatMul",
                                              "IntMatMulGradW", "IntGemm"};
-static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7, 6, 6, 6, 7};
+static const size_t I_NIN[N_IOPS] = {6, 3, 3, 7, 6, 7, 6, 7};
 enum { T_FLOAT = 1, T_UINT8 = 2, T_INT8 = 3, T_INT32 = 6 };
 
 typedef struct {
@@ -1790,6 +1816,8 @@ static size_t i_n_in(const OrtCustomOp* op) { return I_NIN[ikind(op)]; }
 static size_t i_n_out(const OrtCustomOp* op) { (void)op; return 1; }
 static int i_zero(const OrtCustomOp* op, size_t i) { (void)op; (void)i; return 0; }
 static int i_one(const OrtCustomOp* op) { (void)op; return 1; }
+/* 0 required, 1 optional: IntMatMul's seventh input, the bias (passes/int_bias.py) */
+static int i_optional(const OrtCustomOp* op, size_t i) { return ikind(op) == OP_MATMUL && i == 6; }
 
 OrtStatus* fg_int_gemm_register(void* domain, const void* api) {
   OrtStatus* st;
@@ -1806,7 +1834,7 @@ OrtStatus* fg_int_gemm_register(void* domain, const void* api) {
     op->GetOutputType = i_out_type;
     op->GetOutputTypeCount = i_n_out;
     op->KernelDestroy = i_destroy;
-    op->GetInputCharacteristic = i_zero;
+    op->GetInputCharacteristic = i_optional;
     op->GetOutputCharacteristic = i_zero;
     op->GetInputMemoryType = i_zero;
     op->GetVariadicInputMinArity = i_one;

@@ -17,10 +17,12 @@ from test_speed_passes import _step, build_pair  # noqa: E402
 
 EPS = np.finfo(np.float32).eps
 
-# [N, C, S...] and g's shape: planes off the 16 lanes (7x7), tiny planes (2x2, many per task), planes above a task
-# (160x160 > 16384), rank 3 and 2, g as [C, 1, 1]
+# [N, C, S...] and g's shape: planes off the 16 lanes (7x7: three vectors and a tail), tiny planes below a vector
+# (2x2, 1x1, 13, 15: the per-plane double path, many planes per task), a plane of exactly one vector (4x4),
+# planes above a task (160x160 > 16384), rank 3 and 2, g as [C, 1, 1]
 CASES = [((2, 5, 7, 7), (1, 5, 1, 1)), ((32, 320, 2, 2), (1, 320, 1, 1)), ((2, 3, 160, 160), (1, 3, 1, 1)),
-         ((3, 6, 13), (1, 6, 1)), ((5, 9), (1, 9)), ((2, 4, 3, 5), (4, 1, 1))]
+         ((3, 6, 13), (1, 6, 1)), ((5, 9), (1, 9)), ((2, 4, 3, 5), (4, 1, 1)), ((6, 160, 4, 4), (1, 160, 1, 1)),
+         ((7, 320, 1, 1), (1, 320, 1, 1))]
 
 
 @pytest.mark.parametrize("shape,gshape", CASES, ids=str)

@@ -370,8 +370,11 @@ def test_gpt_weight_matmuls_on_integers(gpt_builds):
             branches = {a.name: a.g for a in n.attribute}
             ops.setdefault(tuple(x.op_type for x in branches["then_branch"].node), []).append(
                 tuple(x.op_type for x in branches["else_branch"].node))
-    # one op a branch: the fused integer GEMM, or the float op it replaces
-    assert ops == {("IntMatMul",): [("MatMul",)] * len(mats), ("IntMatMulGradW",): [("Gemm",)] * len(grads)}
+    # one op a branch: the fused integer GEMM, or the float op it replaces; every GPT linear has a bias, which
+    # int-bias (passes/int_bias.py) takes into the switch: IntMatMul's seventh input, an Add after the float MatMul
+    assert ops == {("IntMatMul",): [("MatMul", "Add")] * len(mats), ("IntMatMulGradW",): [("Gemm",)] * len(grads)}
+    assert all(len(x.input) == 7 for n in graph.node if n.op_type == "If" for a in n.attribute for x in a.g.node
+               if x.op_type == "IntMatMul")
 
 
 @pytest.mark.parametrize("bits", [(8, 8, 0), (4, 4, 0), (6, 8, 0), (12, 12, 0), (16, 8, 16)])
@@ -389,10 +392,21 @@ def test_gpt_step_integer_matmuls_equal_float_ones(gpt_builds, bits):
         outs = sess.forward_backward(ids, labels, np.tile(np.array(bits, np.float32), (m.n_blocks, 1)))
         got[key] = float(outs[0]), np.asarray(outs[1]), {n: sess.gradient(n) for n in sess.trainable}
     (l0, y0, g0), (l1, y1, g1) = got[False], got[True]
-    assert abs(l1 - l0) <= 1e-6 * abs(l0) and np.abs(y1 - y0).max() <= 1e-5 * np.abs(y0).max()
+    # The integer GEMM's sum is exact and the float one's is not, so a GEMM output can differ in its last bits, and
+    # where the next activation quantizer rounds that output at a code boundary it takes the neighbouring code: one
+    # step of a 6-bit code is 1/63 of the range. Whether any value of this batch lies that close to a boundary depends
+    # on the float GEMM's summation order, which differs between CPUs (MLAS's kernels per ISA): on an AMD EPYC (AVX-512)
+    # one flip at FW6 moved the logits by 2e-4 of their range, and no flip occurred on the Intel machines before. The
+    # bounds therefore allow a few code flips (1e-3 of the logits' range, 1e-3 of each gradient's norm), which is still
+    # far below what a wrong scale, zero point or code would give (tens of percent). A flipped activation a[t, c]
+    # also enters the next GEMM's weight gradient A^T dY directly, as one step times dY[t] in row c: with 24 tokens
+    # that is about one percent of the gradient's norm (measured: 0.9% on blocks.1.attn.proj.weight), hence 5%.
+    quantized = bits[0] < 12                      # 12-16 bits: the float branch, the same ops in both builds
+    y_tol, g_tol = (2e-3, 5e-2) if quantized else (1e-5, 1e-5)
+    assert abs(l1 - l0) <= (1e-4 if quantized else 1e-6) * abs(l0) and np.abs(y1 - y0).max() <= y_tol * np.abs(y0).max()
     for name, g in g0.items():
         ref = g0[name.replace("k.bias", "q.bias")] if name.endswith("attn.k.bias") else g   # ~0 by shift invariance
-        assert np.linalg.norm(g1[name] - g) <= 1e-5 * np.linalg.norm(ref), name
+        assert np.linalg.norm(g1[name] - g) <= g_tol * np.linalg.norm(ref), name
 
 
 @pytest.mark.parametrize("bits", [(8, 16, 8), (4, 12, 6)])

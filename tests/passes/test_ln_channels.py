@@ -18,9 +18,14 @@ from test_speed_passes import _step, build_pair  # noqa: E402
 
 EPS = np.finfo(np.float32).eps
 
-# [N, C, S...]: positions off the 16 lanes and the 64-position tasks (7x7 = 49, 9x9 = 81), a ConvNeXt stage-3 map
-# (2x2 = 4 positions, 320 channels), several 16-lane blocks with a partial one, one image, rank 3 and rank 5
-SHAPES = [(2, 5, 7, 7), (3, 40, 9, 9), (4, 320, 2, 2), (1, 24, 17, 3), (3, 7, 13), (2, 3, 2, 3, 5)]
+# [N, C, S...]: positions off the 16 lanes and the 64-position tasks (7x7 = 49, 9x9 = 81), several 16-lane blocks
+# with a partial one, one image, rank 5 (30 positions: two images a task); maps under 16 positions (the flat path
+# over channels, runs of lcm(S, 16) elements): ConvNeXt's stage-3 2x2 x 320 with 40 images (12 a task: 4 tasks),
+# 1x1 with a partial vector (33 channels), 3x3 (runs of 144, a partial run and a partial vector), 3x5 (runs of
+# 240, a partial one), rank 3 with fewer elements than a run (7 x 13), an image smaller than one vector (3 x 2x2);
+# 4x4 (one vector per image, 4 images a task)
+SHAPES = [(2, 5, 7, 7), (3, 40, 9, 9), (40, 320, 2, 2), (1, 24, 17, 3), (3, 7, 13), (2, 3, 2, 3, 5),
+          (3, 33, 1, 1), (5, 70, 3, 3), (2, 17, 3, 5), (5, 3, 2, 2), (6, 48, 4, 4)]
 
 
 def operands(shape, seed):
@@ -98,10 +103,17 @@ def test_gradient_matches_float64_within_bound(shape):
     # larger than |a| + |b| max|a b| + max|a| per element, times inv_std
     terms = np.abs(a) + np.abs(b) * np.abs(a * b).max(1, keepdims=True) + np.abs(a).max(1, keepdims=True)
     assert np.all(np.abs(dx - rdx) <= 10 * EPS * i64 * terms)
-    # dscale, dbias: float lanes of at most 4 terms each (a task's 64 positions), then double: 6 roundings
+    # dscale, dbias: each term d * b to 3 roundings (x - mean, * inv_std, * d); maps of 16 positions or more: float
+    # lanes of at most 4 terms each (3 roundings), then double, then float: 7 roundings of the terms' size
     axes = (0, *range(2, len(shape)))
-    assert np.all(np.abs(ds - (d64 * b).sum(axes)) <= 8 * EPS * np.abs(d64 * b).sum(axes))
-    assert np.all(np.abs(db - d64.sum(axes)) <= 8 * EPS * np.abs(d64).sum(axes))
+    terms_ds, terms_db = np.abs(d64 * b).sum(axes), np.abs(d64).sum(axes)
+    assert np.all(np.abs(ds - (d64 * b).sum(axes)) <= 8 * EPS * terms_ds)
+    assert np.all(np.abs(db - d64.sum(axes)) <= 8 * EPS * terms_db)
+    if np.prod(shape[2:]) < 16:
+        # maps under 16 positions: the terms added in double (n terms: n 2^-53 relative), one rounding to float
+        n = dy.size // c
+        assert np.all(np.abs(ds - (d64 * b).sum(axes)) <= (4 * EPS + n * 2.0 ** -53) * terms_ds)
+        assert np.all(np.abs(db - d64.sum(axes)) <= (EPS + n * 2.0 ** -53) * terms_db)
     assert c == scale.size
 
 

@@ -63,6 +63,53 @@ def test_kernel_matches_float64_within_bound(shape, seed):
     assert np.all(np.abs(db - rdb) <= 34 * EPS * np.abs(dy).sum(0))
 
 
+def kernel_order(dy, x, scale, mean, inv_std, rows_per_block=32, lanes=16):
+    """The kernel's arithmetic in its own order, in numpy float32 (each array op rounds like the C statement): each
+    row's sums of a = dY scale and a b in 16 float lanes over the 16-element chunks, then the tail into lane 0, the
+    lanes added in double; dX = inv_std ((a - mean(a)) - b mean(a b)); dscale and dbias as float sums down the rows
+    of each 32-row block, the blocks added in double in block order. The vectorized row loop must give exactly this."""
+    rows, d = dy.shape
+    a = dy * scale
+    b = (x - mean) * inv_std
+    ab = a * b
+    sa, sab = np.zeros((rows, lanes), np.float32), np.zeros((rows, lanes), np.float32)
+    full = d // lanes * lanes
+    for i in range(0, full, lanes):
+        sa += a[:, i:i + lanes]
+        sab += ab[:, i:i + lanes]
+    for i in range(full, d):
+        sa[:, 0] += a[:, i]
+        sab[:, 0] += ab[:, i]
+    ma, mab = np.zeros(rows), np.zeros(rows)
+    for l in range(lanes):
+        ma += sa[:, l].astype(np.float64)
+        mab += sab[:, l].astype(np.float64)
+    fa, fab = (ma / d).astype(np.float32)[:, None], (mab / d).astype(np.float32)[:, None]
+    dx = inv_std * ((a - fa) - b * fab)
+    acc_s, acc_b = np.zeros(d), np.zeros(d)
+    for r0 in range(0, rows, rows_per_block):
+        ps, pb = np.zeros(d, np.float32), np.zeros(d, np.float32)
+        for r in range(r0, min(r0 + rows_per_block, rows)):
+            ps += dy[r] * b[r]
+            pb += dy[r]
+        acc_s += ps
+        acc_b += pb
+    return dx, acc_s.astype(np.float32), acc_b.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,seed", CASES + [((32, 17, 192), 6)], ids=str)
+def test_kernel_is_its_order_bit_for_bit(shape, seed):
+    """Bitwise the float32 model of the kernel's order (kernel_order): the row loop's vectorization (restrict
+    operands, session 13) changes no value, and any later change to the order shows here, not only in a bound."""
+    d, rows = shape[-1], int(np.prod(shape[:-1]))
+    dy, x, scale, mean, inv_std = operands(rows, d, seed)
+    sess = custom_op_session("LayerNormGrad", ["dy", "x", "scale", "mean", "inv_std"], ["dx", "ds", "db"], 2)
+    dx, ds, db = sess.run(None, dict(dy=dy, x=x, scale=scale, mean=mean, inv_std=inv_std))
+    want = kernel_order(dy, x, scale, mean, inv_std)
+    for got, ref in zip((dx, ds, db), want):
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 def test_kernel_refuses_mismatched_statistics():
     dy, x, scale, mean, inv_std = operands(6, 16, 0)
     sess = custom_op_session("LayerNormGrad", ["dy", "x", "scale", "mean", "inv_std"], ["dx", "ds", "db"], 1)
