@@ -171,7 +171,7 @@ def _tied_weights(graph: onnx.GraphProto) -> tuple[set[str], dict[str, str]]:
     {duplicate's output: first's output} for identical nodes of the weight, which fold to one shared initializer).
     `Identity` readers do not tie: the TorchScript exporter writes an Identity for each parameter it deduplicated
     because its value equals another's (zero biases, unit LayerNorm scales at initialization), and those are
-    separate parameters in the model."""
+    separate parameters in the model. Nor do Shape and Size readers, which read no values."""
     floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -181,7 +181,7 @@ def _tied_weights(graph: onnx.GraphProto) -> tuple[set[str], dict[str, str]]:
     keep: set[str] = set()
     alias: dict[str, str] = {}
     for nodes in readers.values():
-        tied = [n for n in nodes if n.op_type != "Identity"]
+        tied = [n for n in nodes if n.op_type not in ("Identity", "Shape", "Size")]   # Shape/Size read no values
         if len(tied) < 2:
             continue
         groups: dict[tuple, list[onnx.NodeProto]] = {}
