@@ -11,7 +11,9 @@ The padding row is recognized from the weights: a table read by a Gather whose r
 one, which is all zeros (what PyTorch's init writes and its training keeps). The lookup's gradient (onnxruntime's
 `GatherGrad`, before gather-grad rewrites it) is multiplied by a constant mask that zeroes that row. Other
 gradients of the same table (a tied LM head) are summed apart and keep the row's, as PyTorch's do. A table with no
-zero row, or with several, is left as it is (a zero-initialized table is not padding) and the notes say which.
+zero row, or with several, is left as it is (a zero-initialized table is not padding). With the embedding
+quantizers on (policy "embeddings": "quantize") the mask applies to the quantized table's gradient, which the
+straight-through estimator hands the table unchanged.
 Always on: it changes what trains, not how fast.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
-from .base import Pass, PassResult, assert_inputs_defined, graph_links
+from .base import Pass, PassResult, assert_inputs_defined, graph_links, replace_nodes
 
 
 def padding_row(table: np.ndarray) -> int | None:
@@ -31,17 +33,40 @@ def padding_row(table: np.ndarray) -> int | None:
     return int(np.flatnonzero(zero)[0]) if zero.sum() == 1 else None
 
 
+def _upstream_table(x: str, producer: dict, inits: dict, trainable, depth: int = 12) -> str | None:
+    """The one trainable table (rank >= 2) among the few nodes above `x` (a table's quantizer), else None."""
+    seen, frontier, found = set(), [x], set()
+    for _ in range(depth):
+        nxt = []
+        for name in frontier:
+            node = producer.get(name)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            for i in node.input:
+                if i in inits:
+                    if i in trainable and len(inits[i].dims) >= 2:
+                        found.add(i)
+                elif i:
+                    nxt.append(i)
+        frontier = nxt
+    return found.pop() if len(found) == 1 else None
+
+
 def padding_rows(model, trainable) -> tuple[dict[str, int], dict[str, tuple]]:
-    """({table: padding row}, {table: its shape}) for the trainable tables a Gather reads in the forward model
-    (whose initializers hold the weights; in the training graph they are inputs)."""
+    """({gathered tensor: padding row}, {gathered tensor: its table's shape}) for the trainable tables a Gather
+    reads in the forward model (whose initializers hold the weights; in the training graph they are inputs): the
+    table itself, or its fake-quantized value (policy "embeddings": "quantize"), found up the first inputs."""
     inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
     rows, shapes = {}, {}
     for node in model.graph.node:
         x = node.input[0] if node.op_type == "Gather" and node.input else None
-        if x in inits and x in trainable and x not in rows:
-            row = padding_row(numpy_helper.to_array(inits[x]))
+        table = x if x in inits else _upstream_table(x, producer, inits, trainable) if x is not None else None
+        if x is not None and table in inits and table in trainable and x not in rows:
+            row = padding_row(numpy_helper.to_array(inits[table]))
             if row is not None:
-                rows[x], shapes[x] = row, tuple(inits[x].dims)
+                rows[x], shapes[x] = row, tuple(inits[table].dims)
     return rows, shapes
 
 
@@ -53,7 +78,7 @@ class EmbeddingPaddingPass(Pass):
 
     def call(self, model):
         graph = model.graph
-        producer, consumers = graph_links(graph)
+        producer, _ = graph_links(graph)
         notes, pairs = [], []
         for node in list(graph.node):
             if node.op_type != "GatherGrad" or node.domain != "com.microsoft":
@@ -72,11 +97,9 @@ class EmbeddingPaddingPass(Pass):
             raw = f"{q}/lookup_grad"
             node.output[0] = raw
             pairs.append((node, [node, helper.make_node("Mul", [raw, f"{q}/mask"], [out], name=f"{q}/mul")]))
-            notes.append(f"{shape.input[0]}: row {row} is all zeros (a padding_idx): its lookups' gradient masked")
+            notes.append(f"{node.name}: row {row} of the table is all zeros (a padding_idx): its lookups' gradient masked")
         if not pairs:
             return PassResult(model, False, notes)
-        from .base import replace_nodes
-
         replace_nodes(graph, pairs)
         return PassResult(model, True, notes)
 

@@ -44,15 +44,19 @@ def test_padding_row_is_the_single_zero_row():
     assert padding_row(np.zeros((5, 3), np.float32)) is None   # a zero-initialized table trains every row
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_padded_lookups_train_as_in_pytorch(tmp_path, momentum):
+@pytest.mark.parametrize("momentum,embeddings", [(0.0, "fp32"), (0.9, "fp32"), (0.0, "quantize")])
+def test_padded_lookups_train_as_in_pytorch(tmp_path, momentum, embeddings):
+    """At 0 bits, so with the embedding quantizers in the graph ("quantize") their straight-through identity."""
+    from fracgraph.policy import LayerPolicy
+
     net = PaddedLM().eval()
     ids = torch.arange(2 * T).reshape(2, T) % V
     torch.onnx.export(net, (ids,), tmp_path / "m.onnx", dynamo=False, training=torch.onnx.TrainingMode.EVAL,
                       do_constant_folding=False, input_names=["ids"], output_names=["logits"],
                       dynamic_axes={"ids": {0: "B"}, "logits": {0: "B"}}, opset_version=17)
-    m = build_artifacts(tmp_path / "m.onnx", tmp_path / "art", BuildOptions(momentum=momentum, weight_decay=0.0))
-    assert sum("row 1 is all zeros" in n for n in m.extra["notes"]) == 2          # both tables
+    m = build_artifacts(tmp_path / "m.onnx", tmp_path / "art", BuildOptions(momentum=momentum, weight_decay=0.0,
+                                                                             policy=LayerPolicy(embeddings=embeddings)))
+    assert sum("row 1 of the table is all zeros" in n for n in m.extra["notes"]) == 2          # both tables
     sess = TrainSession(tmp_path / "art", seed=0)
     rng = np.random.default_rng(0)
     seq = rng.integers(0, V, (4, T + 1))
@@ -72,6 +76,7 @@ def test_padded_lookups_train_as_in_pytorch(tmp_path, momentum):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     # without the mask the padding rows take the 1/sqrt(1e-12)-scaled LayerNorm gradient and step 2 explodes
     off = build_artifacts(tmp_path / "m.onnx", tmp_path / "off", BuildOptions(momentum=momentum, weight_decay=0.0,
+                                                                               policy=LayerPolicy(embeddings=embeddings),
                                                                                skip_passes=("embedding-padding",)))
     sess = TrainSession(tmp_path / "off", seed=0)
     unmasked = [float(sess.step(seq[:, :-1], seq[:, 1:], bits, lr)[0]) for _ in range(2)]
