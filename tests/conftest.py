@@ -77,14 +77,17 @@ def seed_noise(art) -> None:
     onnx.save(model, path)
 
 
-def custom_op_session(op: str, inputs: list[str], outputs: list[str], threads: int = 2, **attrs):
-    """An onnxruntime session running the single fracgraph custom op `op` (fracgraph/kernels) on float tensors."""
+def custom_op_session(op: str, inputs: list[str], outputs: list[str], threads: int = 2, op_domain: str | None = None,
+                      **attrs):
+    """An onnxruntime session running the single op `op` on float tensors: a fracgraph custom op (fracgraph/kernels;
+    the default domain) or, with `op_domain=""`, onnxruntime's own, with the same session settings."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from fracgraph import kernels
 
-    graph = helper.make_graph([helper.make_node(op, inputs, outputs, domain=kernels.DOMAIN, **attrs)], "g",
+    domain = kernels.DOMAIN if op_domain is None else op_domain
+    graph = helper.make_graph([helper.make_node(op, inputs, outputs, domain=domain, **attrs)], "g",
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
@@ -227,3 +230,33 @@ class MacsModel:
         from fracgraph.hwmodels import Cost
 
         return Cost()
+
+
+def f32_bits(a):
+    """A float32 array's bit patterns (uint32): compare with np.array_equal for bitwise equality (NaN, -0.0)."""
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+def assert_steps_bitwise(step_off, step_on, n_grads: int):
+    """Two steps' (loss, {gradient name: array}, {noise name: array}) the same bit for bit, with `n_grads` gradients."""
+    (loss0, grads0, noise0), (loss1, grads1, noise1) = step_off, step_on
+    assert loss0 == loss1
+    assert grads0.keys() == grads1.keys() and len(grads0) == n_grads
+    for name, g in grads0.items():
+        assert np.array_equal(f32_bits(grads1[name]), f32_bits(g)), name
+    assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
+
+
+def torch_sgd_losses(net, loss_of, steps: int, lr: float, momentum: float = 0.0) -> list[float]:
+    """The losses of `steps` torch.optim.SGD steps of `net` (every parameter), `loss_of(net)` the step's loss."""
+    import torch
+
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of(net)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses

@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import torch_sgd_losses  # noqa: E402
 from fracgraph.build import BuildOptions, build_artifacts, classify_initializers  # noqa: E402
 from fracgraph.model import load_model  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
@@ -62,14 +63,8 @@ def test_tied_weights_train_as_in_pytorch(tmp_path):
     bits = np.zeros((art.n_blocks, 3), np.float32)
     lr = 0.5
     ours = [float(sess.step(ids[:, :-1], ids[:, 1:], bits, lr)[0]) for _ in range(3)]
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
     x, y = torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:])
-    theirs = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(x).reshape(-1, V), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        theirs.append(float(loss))
+    theirs = torch_sgd_losses(net, lambda n: torch.nn.functional.cross_entropy(n(x).reshape(-1, V), y.reshape(-1)),
+                              3, lr)
     # float32 sums of a few terms: a few ulps of the loss; an untied head or shared layer moves step 3 by ~1e-2
     np.testing.assert_allclose(ours, theirs, rtol=2e-5)

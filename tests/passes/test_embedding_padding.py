@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import torch_sgd_losses  # noqa: E402
 from fracgraph.build import BuildOptions, build_artifacts  # noqa: E402
 from fracgraph.passes.embedding_padding import padding_row  # noqa: E402
 from fracgraph.runtime import TrainSession  # noqa: E402
@@ -64,15 +65,9 @@ def test_padded_lookups_train_as_in_pytorch(tmp_path, momentum, embeddings):
     bits = np.zeros((m.n_blocks, 3), np.float32)
     lr = 0.05
     ours = [float(sess.step(seq[:, :-1], seq[:, 1:], bits, lr)[0]) for _ in range(4)]
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     x, y = torch.from_numpy(seq[:, :-1]), torch.from_numpy(seq[:, 1:])
-    theirs = []
-    for _ in range(4):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(net(x).reshape(-1, V), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        theirs.append(float(loss))
+    theirs = torch_sgd_losses(net, lambda n: torch.nn.functional.cross_entropy(n(x).reshape(-1, V), y.reshape(-1)),
+                              4, lr, momentum)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     # without the mask the padding rows take the 1/sqrt(1e-12)-scaled LayerNorm gradient and step 2 explodes
     off = build_artifacts(tmp_path / "m.onnx", tmp_path / "off", BuildOptions(momentum=momentum, weight_decay=0.0,

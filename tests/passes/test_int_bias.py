@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import custom_op_session  # noqa: E402
+from conftest import assert_steps_bitwise, custom_op_session, f32_bits  # noqa: E402
 from fracgraph import kernels  # noqa: E402
 from test_int_gemm import PATHS, available  # noqa: E402
 from test_int_matmul import operands  # noqa: E402
@@ -23,8 +23,6 @@ from test_speed_passes import _step, build_pair  # noqa: E402
 INS = ["a", "am", "as", "b", "bm", "bs"]
 
 
-def bits(a):
-    return np.ascontiguousarray(a).view(np.uint32)
 
 
 def run(feeds, threads, bias=None):
@@ -46,7 +44,7 @@ def test_bias_is_the_add_bit_for_bit(a_shape, w_shape):
         try:
             for threads in (1, 2):
                 y = run(feeds, threads)
-                assert np.array_equal(bits(run(feeds, threads, b)), bits(y + b)), path   # numpy: one float add
+                assert np.array_equal(f32_bits(run(feeds, threads, b)), f32_bits(y + b)), path   # numpy: one float add
         finally:
             del os.environ["FRACGRAPH_INT_ISA"]
 
@@ -92,10 +90,5 @@ def test_pass_structure(builds):
 @pytest.mark.parametrize("step_bits", [(0, 0, 0), (8, 8, 8), (4, 4, 6)])
 @pytest.mark.parametrize("batch", [5, 3])
 def test_pass_keeps_loss_and_every_gradient(builds, step_bits, batch):
-    loss0, grads0, noise0 = _step(builds[False][0], step_bits, shape=(batch, 3, 3, 3), classes=4)
-    loss1, grads1, noise1 = _step(builds[True][0], step_bits, shape=(batch, 3, 3, 3), classes=4)
-    assert loss0 == loss1
-    assert grads0.keys() == grads1.keys() and len(grads0) == 6
-    for name, g in grads0.items():
-        assert np.array_equal(bits(grads1[name]), bits(g)), name
-    assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
+    assert_steps_bitwise(_step(builds[False][0], step_bits, shape=(batch, 3, 3, 3), classes=4),
+                         _step(builds[True][0], step_bits, shape=(batch, 3, 3, 3), classes=4), 6)

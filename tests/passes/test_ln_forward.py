@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
+from conftest import assert_steps_bitwise, custom_op_session, f32_bits  # noqa: E402
 from fracgraph import kernels  # noqa: E402
 
 from test_ln_grad import LnNet  # noqa: E402
@@ -20,23 +21,11 @@ from test_speed_passes import _step, build_pair  # noqa: E402
 
 
 def session(op: str, axis: int, eps: float, threads: int):
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    node = helper.make_node(op, ["x", "s", "b"], ["y", "m", "i"], domain=kernels.DOMAIN if op == "LayerNorm" else "",
-                            axis=axis, epsilon=eps)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "xsb"],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "ymi"])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    kernels.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    """fracgraph's LayerNorm or onnxruntime's LayerNormalization alone, with the same session settings."""
+    return custom_op_session(op, ["x", "s", "b"], ["y", "m", "i"], threads, op_domain=None if op == "LayerNorm" else "",
+                             axis=axis, epsilon=eps)
 
 
-def bits(a):
-    return np.ascontiguousarray(a).view(np.uint32)
 
 
 # (shape, axis, eps): vit_tiny's [B, 17, 192] (544 rows: 8 tasks of 64, 68 groups of 8), a 197-token ViT, rows off
@@ -57,7 +46,7 @@ def test_kernel_is_onnxruntimes_layer_norm_bit_for_bit(shape, axis, eps):
     for threads in (1, 2):
         got = session("LayerNorm", axis, eps, threads).run(None, feeds)
         for g, w in zip(got, want):
-            assert g.shape == w.shape and np.array_equal(bits(g), bits(w))
+            assert g.shape == w.shape and np.array_equal(f32_bits(g), f32_bits(w))
     # and the formula against float64 (what both compute): Y within the float sums' rounding, relative to the row
     x64 = x.reshape(-1, int(np.prod(norm))).astype(np.float64)
     mean = x64.mean(1, keepdims=True)
@@ -98,10 +87,5 @@ def test_pass_structure(builds):
 def test_pass_keeps_loss_and_every_gradient(builds, step_bits, batch):
     """Y, mean and inv_std are onnxruntime's bits, so the whole step is: loss and all 10 gradients equal, at batch
     sizes other than the export's."""
-    loss0, grads0, noise0 = _step(builds[False][0], step_bits, shape=(batch, 3, 3, 3), classes=4)
-    loss1, grads1, noise1 = _step(builds[True][0], step_bits, shape=(batch, 3, 3, 3), classes=4)
-    assert loss0 == loss1
-    assert grads0.keys() == grads1.keys() and len(grads0) == 10
-    for name, g in grads0.items():
-        assert np.array_equal(bits(grads1[name]), bits(g)), name
-    assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
+    assert_steps_bitwise(_step(builds[False][0], step_bits, shape=(batch, 3, 3, 3), classes=4),
+                         _step(builds[True][0], step_bits, shape=(batch, 3, 3, 3), classes=4), 10)

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import custom_op_session  # noqa: E402
+from conftest import assert_steps_bitwise, custom_op_session, f32_bits  # noqa: E402
 from fracgraph import kernels  # noqa: E402
 from test_ln_grad import CASES, LnNet, operands  # noqa: E402
 from test_speed_passes import _step, build_pair  # noqa: E402
@@ -19,8 +19,6 @@ from test_speed_passes import _step, build_pair  # noqa: E402
 INS = ["dy", "x", "scale", "mean", "inv_std"]
 
 
-def bits(a):
-    return np.ascontiguousarray(a).view(np.uint32)
 
 
 @pytest.mark.parametrize("shape,seed", CASES + [((32, 17, 192), 6)], ids=str)
@@ -33,8 +31,8 @@ def test_residual_input_is_the_sum_bit_for_bit(shape, seed):
     dx, ds, db = custom_op_session("LayerNormGrad", INS, ["dx", "ds", "db"], 1).run(None, feeds)
     for threads in (1, 2):
         got = custom_op_session("LayerNormGrad", INS + ["r"], ["dx", "ds", "db"], threads).run(None, dict(feeds, r=r))
-        assert np.array_equal(bits(got[0]), bits(dx + r))   # numpy's float32 add: one rounding, the Sum's
-        assert np.array_equal(bits(got[1]), bits(ds)) and np.array_equal(bits(got[2]), bits(db))
+        assert np.array_equal(f32_bits(got[0]), f32_bits(dx + r))   # numpy's float32 add: one rounding, the Sum's
+        assert np.array_equal(f32_bits(got[1]), f32_bits(ds)) and np.array_equal(f32_bits(got[2]), f32_bits(db))
 
 
 def test_residual_of_another_shape_is_refused():
@@ -67,10 +65,5 @@ def test_pass_structure(builds):
 @pytest.mark.parametrize("step_bits", [(0, 0, 0), (8, 8, 8), (4, 4, 6)])
 @pytest.mark.parametrize("batch", [5, 3])
 def test_pass_keeps_loss_and_every_gradient(builds, step_bits, batch):
-    loss0, grads0, noise0 = _step(builds[False][0], step_bits, shape=(batch, 3, 3, 3), classes=4)
-    loss1, grads1, noise1 = _step(builds[True][0], step_bits, shape=(batch, 3, 3, 3), classes=4)
-    assert loss0 == loss1
-    assert grads0.keys() == grads1.keys() and len(grads0) == 10
-    for name, g in grads0.items():
-        assert np.array_equal(bits(grads1[name]), bits(g)), name
-    assert noise0.keys() == noise1.keys() and all(np.array_equal(noise0[k], noise1[k]) for k in noise0)
+    assert_steps_bitwise(_step(builds[False][0], step_bits, shape=(batch, 3, 3, 3), classes=4),
+                         _step(builds[True][0], step_bits, shape=(batch, 3, 3, 3), classes=4), 10)
